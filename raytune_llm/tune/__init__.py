@@ -1,0 +1,1 @@
+"""raytune_llm.tune."""
