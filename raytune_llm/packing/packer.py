@@ -314,8 +314,16 @@ class PackedStream:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Yield rows from the current position on, updating `state_dict()` as rows go out."""
         for records_after, buf in self._windows():
+            self._window_loaded()
             rows = split_rows(pack_window(buf, self.seq_len, self.pad_id, self.seed, self._state["window"]))
             for r in range(self._state["rows"], len(rows)):
                 self._state["rows"] = r + 1
                 yield rows[r]
             self._state = {"records": records_after, "window": self._state["window"] + 1, "rows": 0}
+            self._window_finished()
+
+    def _window_loaded(self) -> None:
+        """Hook: the source has just been read up to the end of the current window."""
+
+    def _window_finished(self) -> None:
+        """Hook: every row of the current window has been yielded and the position moved past it."""
