@@ -1,0 +1,189 @@
+"""Causal attention for packed and unpacked batches: one entry point over a fast path and fallbacks.
+
+A packed row holds several examples whose `position_ids` restart at 0; document ids are
+`cumsum(position_ids == 0)` and a query may only see keys of its own document. `AttnMeta` is built
+once per model forward (one host sync to learn whether any row is packed) and shared by every layer.
+
+Paths, first that applies:
+
+1. Unpacked, no padding mask, no active window: SDPA `is_causal=True` (flash backend on CUDA).
+2. CUDA, packed, no padding mask: `torch.nn.attention.varlen.varlen_attn` (flash varlen; causal is
+   `window_size=(-1, 0)`; on the H200 it is within ~30% of compiled FlexAttention and needs no compile,
+   see DESIGN.md), else FlexAttention with a document mask, else SDPA looped per document.
+3. Everything else (the CPU lane, padding masks, sliding windows): SDPA with a dense boolean mask
+   `causal & same_document & inside_window & key_is_real`. Each query also sees itself so a fully
+   padded row gives finite (ignored) outputs instead of NaN.
+
+Tensors follow HF's attention layout: q `[B, Hq, S, D]`, k/v `[B, Hk, S, D]`; the result is
+`[B, S, Hq, D]` like HF's attention interfaces return.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnMeta:
+    """Per-forward attention metadata shared by all layers.
+
+    Attributes:
+        doc_ids: `[B, S]` int document index of each token (0-based per row).
+        packed: some row holds more than one document.
+        key_mask: `[B, S]` bool, False at padding keys (from a user 2D attention_mask), or None.
+        cache: per-window dense masks built lazily and reused by every layer of the forward.
+    """
+
+    doc_ids: torch.Tensor
+    packed: bool
+    key_mask: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+
+def build_attn_meta(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, seq_len: int, device
+) -> AttnMeta:
+    """Derive document ids (and a padding mask) once per forward.
+
+    Args:
+        position_ids: `[B, S]` or `[1, S]` positions; restarts at 0 mark new documents; None = one document.
+        attention_mask: HF 2D `[B, S]` mask (1 = real token) or None; an all-ones mask is dropped.
+        batch: B.
+        seq_len: S.
+        device: where the tensors live.
+
+    Returns:
+        An AttnMeta.
+
+    Raises:
+        ValueError: a mask or position_ids that is not 2D `[B, S]`.
+    """
+    if position_ids is None:
+        doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+        packed = False
+    else:
+        if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len:
+            raise ValueError(
+                f"position_ids must be [batch, seq_len]=[{batch}, {seq_len}], got {tuple(position_ids.shape)}"
+            )
+        starts = position_ids == 0
+        # The first token opens document 0 whatever its position (a row may continue an earlier one).
+        doc_ids = starts.long().cumsum(-1) - starts[:, :1].long()
+        doc_ids = doc_ids.expand(batch, seq_len)
+        packed = bool(starts[:, 1:].any())
+    key_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"the fused path takes a 2D [batch, seq_len] attention_mask, got {attention_mask.dim()}D")
+        key_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if bool(key_mask.all()):
+            key_mask = None
+    return AttnMeta(doc_ids=doc_ids, packed=packed, key_mask=key_mask)
+
+
+def dense_mask(meta: AttnMeta, window: int | None) -> torch.Tensor:
+    """Boolean `[B, 1, S, S]` mask, True where a query may attend (cached on `meta` per window).
+
+    Args:
+        meta: the forward's AttnMeta.
+        window: keys a query sees, itself included; None = unbounded.
+
+    Returns:
+        `causal & same_document & inside_window & key_is_real`, with the diagonal always allowed.
+    """
+    if window in meta.cache:
+        return meta.cache[window]
+    doc = meta.doc_ids
+    s = doc.shape[-1]
+    idx = torch.arange(s, device=doc.device)
+    allowed = (idx[None, :] <= idx[:, None])[None] & (doc[:, :, None] == doc[:, None, :])
+    if window is not None:
+        allowed = allowed & (idx[:, None] - idx[None, :] < window)[None]
+    if meta.key_mask is not None:
+        allowed = allowed & meta.key_mask[:, None, :]
+    allowed = allowed | torch.eye(s, dtype=torch.bool, device=doc.device)[None]
+    mask = allowed[:, None]
+    meta.cache[window] = mask
+    return mask
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
+    if "cu" not in meta.cache:
+        b, s = meta.doc_ids.shape
+        # Global document index over the flattened batch; row r's docs are offset past row r-1's.
+        per_row = meta.doc_ids[:, -1] + 1
+        offsets = torch.cumsum(per_row, 0) - per_row
+        flat = (meta.doc_ids + offsets[:, None]).reshape(-1)
+        lengths = torch.bincount(flat)
+        cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+        meta.cache["cu"] = (cu, int(lengths.max()))
+    return meta.cache["cu"]
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _per_document_sdpa(q, k, v, meta: AttnMeta, scaling: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    doc = meta.doc_ids.cpu()
+    for row in range(q.shape[0]):
+        bounds = torch.nonzero(torch.diff(doc[row], prepend=doc[row, :1] - 1)).flatten().tolist() + [q.shape[2]]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            out[row : row + 1, :, a:b] = F.scaled_dot_product_attention(
+                q[row : row + 1, :, a:b],
+                k[row : row + 1, :, a:b],
+                v[row : row + 1, :, a:b],
+                is_causal=True,
+                scale=scaling,
+            )
+    return out
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scaling: float, window: int | None = None
+) -> torch.Tensor:
+    """Causal (document-masked, optionally windowed) attention.
+
+    Args:
+        q: `[B, Hq, S, D]` queries (RoPE applied).
+        k: `[B, Hk, S, D]` keys, Hq divisible by Hk (GQA).
+        v: `[B, Hk, S, D]` values.
+        meta: AttnMeta of this forward.
+        scaling: softmax scale (HF's `module.scaling`, usually D**-0.5).
+        window: sliding window (keys seen, itself included) or None.
+
+    Returns:
+        `[B, S, Hq, D]` attention output.
+    """
+    b, hq, s, d = q.shape
+    n_rep = hq // k.shape[1]
+    if window is not None and s <= window:
+        window = None  # a window longer than the row changes nothing
+    k = _repeat_kv(k, n_rep)
+    v = _repeat_kv(v, n_rep)
+    if not meta.packed and meta.key_mask is None and window is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        return out.transpose(1, 2)
+    if q.is_cuda and meta.key_mask is None and window is None:
+        varlen_attn, _ = _varlen_fn()
+        if varlen_attn is not None:
+            cu, max_len = _cu_seqlens(meta)
+            flat = [t.transpose(1, 2).reshape(b * s, hq, d) for t in (q, k, v)]
+            out = varlen_attn(*flat, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0))
+            return out.reshape(b, s, hq, d)
+        return _per_document_sdpa(q, k, v, meta, scaling).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(meta, window), scale=scaling)
+    return out.transpose(1, 2)

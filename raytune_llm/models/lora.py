@@ -1,0 +1,185 @@
+"""LoRA attachment in PEFT's own format, and reading a PEFT LoRA layer into the kernels' LoRAWeight.
+
+Adapters are attached with `peft.get_peft_model`, so `save_pretrained` writes a standard adapter that
+`PeftModel.from_pretrained` loads unchanged, with or without raytune_llm.
+
+Dtype policy: PEFT keeps `lora_A` / `lora_B` in fp32 (`autocast_adapter_dtype=True`); we keep them so,
+as fp32 master parameters for the optimizer (r=16 adapters of an 8B model are ~42M parameters, 168 MB).
+The fused kernels cast A and B to the activation (compute) dtype, so the adapter math runs in bf16 on
+tensor cores on the GPU, and gradients come back in fp32 to the fp32 parameters.
+
+`lora_weight(module)` returns the LoRAWeight the kernels take, or a reason string when the layer must
+stay on PEFT's stock forward: dropout > 0 (the kernels do not sample masks), a LoRA bias, DoRA, a
+merged or disabled adapter, several active adapters, or a base weight that is neither a plain Linear
+nor a bitsandbytes NF4 Linear4bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SHORT = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters.
+
+    Attributes:
+        r: rank (> 0).
+        alpha: scaling numerator; the update is `B @ A * alpha / r` (or `/ sqrt(r)` with rsLoRA).
+        dropout: dropout on the adapter input; > 0 keeps that layer on PEFT's stock (slower) path.
+        target_modules: module names to adapt; short names q,k,v,o,gate,up,down are accepted.
+        use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        bias: PEFT's bias mode ("none", "lora_only", "all"); anything but "none" takes the stock path.
+    """
+
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGETS)
+    use_rslora: bool = False
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in ("none", "lora_only", "all"):
+            raise ValueError(f"lora.bias must be 'none', 'lora_only' or 'all', got {self.bias!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty: name at least one module, e.g. q_proj")
+        self.target_modules = tuple(_SHORT.get(t, t) for t in self.target_modules)
+
+    @classmethod
+    def coerce(cls, value: LoraSpec | dict | None) -> LoraSpec | None:
+        """Accept a LoraSpec, a plain dict of its fields, or None.
+
+        Raises:
+            ValueError: unknown keys in the dict, or a bad value.
+        """
+        if value is None or isinstance(value, LoraSpec):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"lora must be a LoraSpec, a dict or None, got {type(value).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown lora key(s) {unknown}: expected some of {sorted(known)}")
+        return cls(**value)
+
+
+def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
+    """Wrap a causal LM in a PEFT LoRA model.
+
+    Args:
+        model: a transformers causal LM (bf16/fp32 or bitsandbytes 4-bit).
+        spec: the LoRA hyper-parameters.
+
+    Returns:
+        A `peft.PeftModelForCausalLM` with only the adapters trainable.
+
+    Raises:
+        ValueError: no module of the model matches `spec.target_modules`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in spec.target_modules if t not in names]
+    if len(missing) == len(spec.target_modules):
+        raise ValueError(f"lora.target_modules {list(spec.target_modules)} match no module of this model")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=[t for t in spec.target_modules if t in names],
+        use_rslora=spec.use_rslora,
+        bias=spec.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _base_weight(base: torch.nn.Module) -> tuple[Any, str | None]:
+    """The kernels' view of a frozen base Linear: a dense tensor or an NF4Weight."""
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return None, f"base layer {type(base).__name__} has no weight"
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return None, "bitsandbytes repacked this weight for CPU inference (eval, no grad)"
+        if getattr(quant_state, "quant_type", None) != "nf4":
+            return None, f"4-bit base of type {getattr(quant_state, 'quant_type', '?')!r}, only nf4 is fused"
+        try:
+            from raytune_llm.kernels.nf4 import NF4Weight
+        except ImportError:
+            return None, "kernels.nf4 is not available"
+        return NF4Weight.from_bnb(weight), None
+    if type(base) is not torch.nn.Linear:
+        return None, f"base layer {type(base).__name__} is not a plain Linear or an NF4 Linear4bit"
+    return weight, None
+
+
+def lora_weight(module: torch.nn.Module) -> tuple[Any, torch.Tensor | None, str | None]:
+    """Read a PEFT LoRA Linear into the kernels' LoRAWeight.
+
+    Args:
+        module: a projection (PEFT `lora.Linear`, possibly over a bnb `Linear4bit`).
+
+    Returns:
+        `(LoRAWeight, base_bias, None)` when the layer can run fused (base_bias is the frozen base
+        Linear's bias or None), else `(None, None, reason)`.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return None, None, "peft is not installed"
+    if not isinstance(module, LoraLayer):
+        return None, None, "not a LoRA layer"
+    if module.merged:
+        return None, None, "adapter is merged into the base weight"
+    if module.disable_adapters:
+        return None, None, "adapters are disabled"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return None, None, f"{len(active)} active adapters (fused path takes exactly one)"
+    name = active[0]
+    dropout = module.lora_dropout[name]
+    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+        return None, None, f"lora dropout {dropout.p} > 0"
+    if module.use_dora.get(name, False):
+        return None, None, "DoRA"
+    if getattr(module, "lora_bias", {}).get(name, False) or module.lora_B[name].bias is not None:
+        return None, None, "LoRA bias"
+    base = module.get_base_layer()
+    if getattr(base, "bias", None) is not None and base.bias.requires_grad:
+        return None, None, "trainable base bias (lora bias mode 'all' / 'lora_only')"
+    base_w, reason = _base_weight(base)
+    if reason is not None:
+        return None, None, reason
+    try:
+        from raytune_llm.kernels.lora import LoRAWeight
+    except ImportError:
+        return None, None, "kernels.lora is not available"
+    w = LoRAWeight(
+        base=base_w, A=module.lora_A[name].weight, B=module.lora_B[name].weight, scaling=float(module.scaling[name])
+    )
+    return w, getattr(base, "bias", None), None

@@ -1,0 +1,397 @@
+"""Swap the fused kernels into a transformers (+ PEFT) causal LM, per instance and reversibly.
+
+`patch(model)` replaces the `forward` of module instances (never a class, never a transformers module
+global) and records the originals on the model so `unpatch(model)` restores them exactly:
+
+- every RMSNorm of the decoder (input / post-attention / final, and Qwen3's q/k norms) -> kernels.rms_norm;
+- each attention: q/k/v through kernels.lora_qkv, RoPE through kernels.rope, attention through
+  models.attention (document-masked for packed rows), o_proj through kernels.lora_linear;
+- each MLP -> kernels.lora_mlp (or stock projections + kernels.swiglu when a projection cannot fuse);
+- the inner model's forward: builds the attention metadata once, runs the layers (checkpointed when
+  asked, see models.checkpointing) and never builds HF's 4D mask;
+- the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy and
+  logits are never materialised (`.logits` is None); without labels, logits as HF computes them.
+
+What cannot fuse falls back per layer, per call, to the stock module (a LoRA projection with dropout > 0
+or a bias, DoRA, merged adapters, a missing kernel); the returned PatchReport lists what was replaced
+and what stayed stock, with the reason. Generation (a KV cache), `output_attentions` /
+`output_hidden_states`, or a 4D mask run the original forwards, so `generate` keeps working.
+An architecture outside the four families is left entirely stock with one warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention
+from raytune_llm.models.checkpointing import check_mode, checkpoint_layer
+from raytune_llm.models.families import FamilySpec, family_of
+from raytune_llm.models.lora import lora_weight
+
+_STATE = "_raytune_patch_state"
+
+
+@dataclass
+class PatchReport:
+    """What `patch` did.
+
+    Attributes:
+        family: the family name, or None for an unsupported architecture.
+        replaced: `"module.path: kernel"` for each forward swapped in.
+        stock: module path -> reason it keeps its stock forward (or a stock sub-step).
+        gradient_checkpointing: the mode the patched forward runs ("off", "on", "offload").
+    """
+
+    family: str | None
+    replaced: list[str] = field(default_factory=list)
+    stock: dict[str, str] = field(default_factory=dict)
+    gradient_checkpointing: str = "off"
+
+    def __str__(self) -> str:
+        lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
+        lines += [f"  stock {name}: {why}" for name, why in self.stock.items()]
+        return "\n".join(lines)
+
+
+def _op(module: str, name: str) -> Callable | None:
+    """A kernels functional, or the reference of the same name while its kernel file is missing."""
+    for path in (f"raytune_llm.kernels.{module}", "raytune_llm.kernels.reference"):
+        try:
+            fn = getattr(importlib.import_module(path), name, None)
+        except ImportError:
+            fn = None
+        if fn is not None:
+            return fn
+    return None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _set_forward(state: dict, module: torch.nn.Module, fn: Callable) -> None:
+    state["originals"].append((module, module.__dict__.get("forward")))
+    module.forward = types.MethodType(fn, module)
+
+
+def _original(state: dict, module: torch.nn.Module) -> Callable:
+    """The forward `module` had before patching, bound to it."""
+    for m, own in state["originals"]:
+        if m is module:
+            return own if own is not None else types.MethodType(type(module).forward, module)
+    raise KeyError("module was not patched")
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _fused_weights(modules: list[torch.nn.Module]) -> tuple[list, list] | None:
+    weights, biases = [], []
+    for m in modules:
+        w, b, reason = lora_weight(m)
+        if reason is not None:
+            return None
+        weights.append(w)
+        biases.append(b)
+    return weights, biases
+
+
+def _reasons(prefix: str, names: list[str], modules: list[torch.nn.Module]) -> str | None:
+    for name, m in zip(names, modules):
+        _, _, reason = lora_weight(m)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def _patch_norm(state: dict, report: PatchReport, name: str, norm: torch.nn.Module, rms_norm: Callable) -> None:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None or getattr(norm, "weight", None) is None:
+        report.stock[name] = f"{type(norm).__name__} has no weight/eps"
+        return
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, eps)
+
+    _set_forward(state, norm, forward)
+    report.replaced.append(f"{name}: rms_norm")
+
+
+def _patch_attention(
+    state: dict, report: PatchReport, name: str, attn, family: FamilySpec, layer_idx: int, ops
+) -> None:
+    config = attn.config
+    window = family.sliding_window(config, layer_idx)
+    original = _original_later(state, attn)
+    qkv_mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    why = _reasons(name, ["q_proj", "k_proj", "v_proj"], qkv_mods)
+    if why is None and ops["lora_qkv"] is None:
+        why = "kernels.lora_qkv not available"
+    if why:
+        report.stock[f"{name}.qkv"] = why
+    why_o = _reasons(name, ["o_proj"], [attn.o_proj])
+    if why_o is None and ops["lora_linear"] is None:
+        why_o = "kernels.lora_linear not available"
+    if why_o:
+        report.stock[f"{name}.o_proj"] = why_o
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if not isinstance(attention_mask, AttnMeta) or past_key_values is not None:
+            return original()(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        b, s, _ = hidden_states.shape
+        qkv = _fused_weights(qkv_mods) if ops["lora_qkv"] is not None else None
+        if qkv is not None:
+            (wq, wk, wv), (bq, bk, bv) = qkv
+            q, k, v = ops["lora_qkv"](hidden_states, wq, wk, wv)
+            q, k, v = _add_bias(q, bq), _add_bias(k, bk), _add_bias(v, bv)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q = q.view(b, s, -1, self.head_dim)
+        k = k.view(b, s, -1, self.head_dim)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
+        if family.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        # Contiguous copies: the RoPE kernel may rotate in place, and these are fresh tensors it may own.
+        q = q.transpose(1, 2).contiguous()
+        k = k.transpose(1, 2).contiguous()
+        cos, sin = position_embeddings
+        q, k = ops["rope"](q, k, cos, sin)
+        out = causal_attention(q, k, v, attention_mask, self.scaling, window).reshape(b, s, -1)
+        wo = _fused_weights([self.o_proj]) if ops["lora_linear"] is not None else None
+        if wo is not None:
+            out = _add_bias(ops["lora_linear"](out, wo[0][0]), wo[1][0])
+        else:
+            out = self.o_proj(out)
+        return out, None
+
+    _set_forward(state, attn, forward)
+    report.replaced.append(f"{name}: attention (lora_qkv, rope, causal_attention, lora_linear)")
+
+
+def _original_later(state: dict, module: torch.nn.Module) -> Callable[[], Callable]:
+    """Look the original forward up at call time (it is recorded by the `_set_forward` that follows)."""
+    return lambda: _original(state, module)
+
+
+def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
+    if getattr(mlp.config, "hidden_act", "silu") != "silu":
+        report.stock[name] = f"activation {mlp.config.hidden_act!r} is not SiLU"
+        return
+    mods = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    why = _reasons(name, ["gate_proj", "up_proj", "down_proj"], mods)
+    if why is None and ops["lora_mlp"] is None:
+        why = "kernels.lora_mlp not available"
+    if why is None and any(getattr(m.get_base_layer(), "bias", None) is not None for m in mods):
+        why = "MLP base bias (inside the activation, cannot be added after the fused kernel)"
+    if why:
+        report.stock[f"{name}.fused"] = f"{why}; projections stock, swiglu fused"
+
+    def forward(self, x):
+        fused = _fused_weights(mods) if ops["lora_mlp"] is not None else None
+        if fused is not None and all(b is None for b in fused[1]):
+            return ops["lora_mlp"](x, *fused[0])
+        return self.down_proj(ops["swiglu"](self.gate_proj(x), self.up_proj(x)))
+
+    _set_forward(state, mlp, forward)
+    report.replaced.append(f"{name}: lora_mlp")
+
+
+def _layer_fn(layer, meta: AttnMeta, position_embeddings, position_ids) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        out = layer(hidden, attention_mask=meta, position_ids=position_ids, position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _stock_call(kwargs: dict) -> bool:
+    """Calls the fused path does not serve: generation with a cache, per-layer outputs, 4D masks."""
+    mask = kwargs.get("attention_mask")
+    return bool(
+        kwargs.get("past_key_values") is not None
+        or kwargs.get("use_cache")
+        or kwargs.get("output_attentions")
+        or kwargs.get("output_hidden_states")
+        or (mask is not None and mask.dim() != 2)
+    )
+
+
+def _patch_inner(state: dict, report: PatchReport, inner, mode: str) -> None:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    original = _original_later(state, inner)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        if _stock_call({**kwargs, "attention_mask": attention_mask}):
+            return original()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(s, device=hidden.device)[None]
+        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device)
+        cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
+        position_embeddings = (cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+        checkpointing = mode != "off" and self.training and torch.is_grad_enabled()
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            run = _layer_fn(layer, meta, position_embeddings, position_ids)
+            hidden = checkpoint_layer(run, hidden, offload=mode == "offload") if checkpointing else run(hidden)
+        hidden = self.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    _set_forward(state, inner, forward)
+    report.replaced.append(f"model: layer loop (attention metadata once, gradient_checkpointing={mode})")
+
+
+def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    head = lm.get_output_embeddings()
+    fused_loss = ops["fused_linear_cross_entropy"] is not None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        fused_loss, why = False, f"lm_head is {type(head).__name__} (fused loss takes a plain bias-free Linear)"
+    elif head.weight.requires_grad:
+        fused_loss, why = False, "lm_head weight is trainable"
+    else:
+        why = "kernels.fused_linear_cross_entropy not available"
+    if not fused_loss:
+        report.stock["lm_head.loss"] = why
+    original = _original_later(state, lm)
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
+    ):
+        if _stock_call({**kwargs, "attention_mask": attention_mask}) or not fused_loss and labels is not None:
+            return original()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                **kwargs,
+            )
+        num_items = kwargs.get("num_items_in_batch")
+        logits_to_keep = kwargs.get("logits_to_keep", 0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
+        hidden = out.last_hidden_state
+        loss = logits = None
+        if labels is not None:
+            # HF's ForCausalLMLoss shift: pad one ignored label at the end, drop the first.
+            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+            flat_h = hidden.reshape(-1, hidden.shape[-1])
+            loss = ops["fused_linear_cross_entropy"](flat_h, self.lm_head.weight, shifted.reshape(-1))
+            if num_items is not None:
+                count = (shifted != -100).sum()
+                loss = loss * count / torch.as_tensor(num_items, device=loss.device)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+        result = CausalLMOutputWithPast(loss=loss, logits=logits)
+        return result.to_tuple() if kwargs.get("return_dict") is False else result
+
+    _set_forward(state, lm, forward)
+    report.replaced.append("lm_head: fused_linear_cross_entropy" if fused_loss else "lm_head: stock loss")
+
+
+def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> PatchReport:
+    """Swap the fused kernels into a causal LM of the Llama, Mistral, Qwen2 or Qwen3 family.
+
+    Args:
+        model: a transformers causal LM or a PEFT model wrapping one (LoRA attached or not; bnb NF4 or dense).
+        gradient_checkpointing: "off", "on" or "offload"; None keeps HF's setting ("on" if the model has
+            gradient checkpointing enabled). HF's own checkpointing is switched off either way: the patched
+            layer loop checkpoints each layer itself.
+
+    Returns:
+        A PatchReport. Patching an already patched model returns its existing report.
+
+    Raises:
+        ValueError: a bad gradient_checkpointing mode.
+    """
+    lm = _unwrap(model)
+    if _STATE in lm.__dict__:
+        return lm.__dict__[_STATE]["report"]
+    if gradient_checkpointing is None:
+        gradient_checkpointing = "on" if getattr(lm, "is_gradient_checkpointing", False) else "off"
+    check_mode(gradient_checkpointing)
+    family = family_of(lm)
+    inner = getattr(lm, "model", None)
+    if family is None or not all(hasattr(inner, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")):
+        model_type = getattr(lm.config, "model_type", type(lm).__name__)
+        warnings.warn(
+            f"raytune_llm: architecture {model_type!r} is not one of llama/mistral/qwen2/qwen3; "
+            "training on stock transformers modules (no fused kernels)",
+            stacklevel=2,
+        )
+        return PatchReport(family=None, stock={"model": f"unsupported architecture {model_type!r}"})
+
+    ops = {
+        "rms_norm": _op("rms_norm", "rms_norm"),
+        "rope": _op("rope", "rope"),
+        "swiglu": _op("swiglu", "swiglu"),
+        "fused_linear_cross_entropy": _op("cross_entropy", "fused_linear_cross_entropy"),
+        "lora_qkv": _op("lora", "lora_qkv"),
+        "lora_linear": _op("lora", "lora_linear"),
+        "lora_mlp": _op("lora", "lora_mlp"),
+    }
+    if getattr(lm, "is_gradient_checkpointing", False):
+        lm.gradient_checkpointing_disable()
+    state: dict[str, Any] = {"originals": []}
+    report = PatchReport(family=family.name, gradient_checkpointing=gradient_checkpointing)
+    fuse_attention = not getattr(lm.config, "attention_dropout", 0.0)
+    for i, layer in enumerate(inner.layers):
+        prefix = f"model.layers.{i}"
+        for norm_name in ("input_layernorm", "post_attention_layernorm"):
+            _patch_norm(state, report, f"{prefix}.{norm_name}", getattr(layer, norm_name), ops["rms_norm"])
+        if family.qk_norm:
+            _patch_norm(state, report, f"{prefix}.self_attn.q_norm", layer.self_attn.q_norm, ops["rms_norm"])
+            _patch_norm(state, report, f"{prefix}.self_attn.k_norm", layer.self_attn.k_norm, ops["rms_norm"])
+        if fuse_attention:
+            _patch_attention(state, report, f"{prefix}.self_attn", layer.self_attn, family, i, ops)
+        _patch_mlp(state, report, f"{prefix}.mlp", layer.mlp, ops)
+    _patch_norm(state, report, "model.norm", inner.norm, ops["rms_norm"])
+    if fuse_attention:
+        _patch_inner(state, report, inner, gradient_checkpointing)
+    else:
+        report.stock["model"] = "attention_dropout > 0: stock attention and HF's layer loop"
+    _patch_lm(state, report, lm, ops)
+    state["report"] = report
+    lm.__dict__[_STATE] = state
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Restore every forward `patch` replaced (a no-op on an unpatched model).
+
+    Args:
+        model: the model given to `patch` (PEFT wrapper or causal LM).
+    """
+    lm = _unwrap(model)
+    state = lm.__dict__.pop(_STATE, None)
+    if state is None:
+        return
+    for module, own in reversed(state["originals"]):
+        if own is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own

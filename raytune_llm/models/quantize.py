@@ -1,0 +1,95 @@
+"""NF4 quantization through bitsandbytes: the loading config, and one Linear quantized as it is built.
+
+The base model is quantized by bitsandbytes itself (QLoRA's NF4 with double quantization, blocksize 64),
+so the stored layout is exactly what transformers + PEFT + bitsandbytes would hold and the fused NF4
+dequant kernel reads it through `NF4Weight.from_bnb`. `quant_storage` matters under DeepSpeed ZeRO-3:
+the packed storage dtype must equal the dtype ZeRO partitions (bf16) or weights silently become random
+(DESIGN.md, "ZeRO-3 + QLoRA pitfalls").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+QUANT_MODES = (None, "nf4")
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Validate the `quantize` argument.
+
+    Raises:
+        ValueError: anything but None or "nf4".
+    """
+    if quantize not in QUANT_MODES:
+        raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+
+
+def bnb_config(compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8) -> Any:
+    """The BitsAndBytesConfig of QLoRA: NF4, double quantization, the given compute dtype.
+
+    Args:
+        compute_dtype: dtype bitsandbytes dequantizes to (bf16 on the GPU, fp32 in CPU tests).
+        quant_storage: storage dtype of the packed 4-bit data (bf16 for ZeRO-3, uint8 otherwise).
+
+    Returns:
+        A `transformers.BitsAndBytesConfig`.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
+    )
+
+
+def quantize_linear(
+    linear: torch.nn.Linear,
+    compute_dtype: torch.dtype,
+    device: torch.device | str,
+    quant_storage: torch.dtype = torch.uint8,
+) -> torch.nn.Module:
+    """Replace a dense Linear by a bitsandbytes NF4 Linear4bit holding the same (quantized) weight.
+
+    The dense weight is quantized on `device` (bitsandbytes quantizes when the parameter moves there)
+    and may be freed by the caller right after, so a model built layer by layer never holds more than
+    one dense Linear at a time.
+
+    Args:
+        linear: the dense layer (any device; its weight is read once).
+        compute_dtype: Linear4bit compute dtype.
+        device: where the quantized layer lives.
+        quant_storage: packed storage dtype.
+
+    Returns:
+        A `bitsandbytes.nn.Linear4bit` on `device`, frozen.
+    """
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.data.to(device=device, dtype=compute_dtype),
+        requires_grad=False,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        module=q,
+    )
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.data.to(device=device, dtype=compute_dtype), requires_grad=False)
+    # Params4bit quantizes on its first move to a non-meta device; force it on the CPU as well.
+    q.weight = q.weight._quantize(device) if not q.weight.bnb_quantized else q.weight
+    return q.to(device)
