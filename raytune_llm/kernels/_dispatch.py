@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["interpret_mode", "use_triton"]
+__all__ = ["MAX_FUSED_SIZE", "interpret_mode", "row_block_settings", "triton_next_power_of_2", "use_triton"]
 
 
 def interpret_mode() -> bool:
@@ -39,3 +39,43 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if interpret_mode():
         return True
     return bool(present) and all(t.is_cuda for t in present)
+
+
+# One row per program, the whole row in registers: beyond 65536 elements (128 KiB of bf16) a row
+# no longer fits the register file of one block even at 32 warps, so callers must loop over blocks.
+MAX_FUSED_SIZE = 65536
+
+
+def row_block_settings(n_cols: int) -> tuple[int, int]:
+    """Block size and warp count for a kernel that handles one row of ``n_cols`` per program.
+
+    The block is the next power of two of the row (Triton's ``tl.arange`` needs a power of two);
+    warps grow with it so each thread keeps ~8-16 elements (a 128-bit vector of bf16 per load),
+    the same steps as Liger-Kernel's ``calculate_settings``: 4096 -> 8 warps, 8192 -> 16.
+
+    Args:
+        n_cols: row width.
+
+    Returns:
+        ``(BLOCK, num_warps)``.
+
+    Raises:
+        ValueError: when the row is wider than ``MAX_FUSED_SIZE``.
+    """
+    block = triton_next_power_of_2(n_cols)
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(f"row width {n_cols} exceeds the fused maximum {MAX_FUSED_SIZE}; loop over blocks instead")
+    if block >= 32768:
+        warps = 32
+    elif block >= 8192:
+        warps = 16
+    elif block >= 2048:
+        warps = 8
+    else:
+        warps = 4
+    return block, warps
+
+
+def triton_next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``); ``triton.next_power_of_2`` without importing triton."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

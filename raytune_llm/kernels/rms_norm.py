@@ -1,0 +1,212 @@
+"""Fused RMSNorm (Llama convention), forward and backward Triton kernels.
+
+Forward, per row ``x`` of width ``H`` (all arithmetic in fp32, one rounding to the input dtype)::
+
+    r    = rsqrt(mean(x^2) + eps)            # saved, one fp32 per row
+    xh   = x * r
+    y    = w * xh
+
+Backward, given ``dy`` (write ``g = dy * w``)::
+
+    dy_j/dx_i = w_j * (delta_ij * r + x_j * dr/dx_i),   dr/dx_i = -r^3 * x_i / H
+    dx_i = r * g_i - r^3 * x_i / H * sum_j g_j x_j
+         = r * (g_i - xh_i * mean_j(g_j * xh_j))
+    dw_j = sum over rows of dy_j * xh_j
+
+The backward recomputes ``xh`` from ``x`` and the saved ``r`` (one fp32 per row instead of a saved
+``[N, H]`` tensor). ``dw`` is reduced in two steps: each of ``P`` programs walks a contiguous band
+of rows and keeps its partial sum in fp32 registers, then a ``[P, H]`` sum in torch finishes it
+(``P`` = the SM count on CUDA, so every SM gets one band and the partials stay small).
+
+Shapes: ``x [..., H]``, ``w [H]``; output ``[..., H]`` in ``x.dtype``; ``dw`` in ``w.dtype``.
+Dtype policy: load, upcast to fp32 right after ``tl.load`` (the CPU interpreter gets bf16
+reductions wrong, and fp32 is what Llama computes in), store in the tensor's own dtype. Unlike
+``LlamaRMSNorm``, which rounds ``xh`` to bf16 before multiplying by ``w``, the product is formed in
+fp32 and rounded once, so it is at least as close to the fp32 result.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels._dispatch import row_block_settings, use_triton
+
+__all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(Y_ptr, X_ptr, W_ptr, RSTD_ptr, stride_y, stride_x, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(RSTD_ptr + row, rstd)
+    y = x * rstd * w
+    tl.store(Y_ptr + row * stride_y + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DX_ptr,
+    DW_PART_ptr,
+    DY_ptr,
+    X_ptr,
+    W_ptr,
+    RSTD_ptr,
+    stride_dx,
+    stride_dy,
+    stride_x,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program
+    # A while loop with a row mask instead of range(row_start, min(...)): triton 3.6's interpreter
+    # calls int() on a 1-element array for range() over a runtime bound, which numpy 2.4 rejects;
+    # the last band's few masked rows cost nothing.
+    i = 0
+    while i < rows_per_program:
+        row = row_start + i
+        i += 1
+        m = mask & (row < n_rows)
+        x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY_ptr + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD_ptr + row, mask=row < n_rows, other=0.0)
+        xh = x * rstd
+        g = dy * w
+        dx = rstd * (g - xh * (tl.sum(g * xh, axis=0) / n_cols))
+        tl.store(DX_ptr + row * stride_dx + cols, dx.to(DX_ptr.dtype.element_ty), mask=m)
+        dw_acc += dy * xh
+    tl.store(DW_PART_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., H]`` -> ``[N, H]`` with unit column stride (a copy only when the layout needs one)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _num_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, sms))
+    # Interpreter: programs run one after another, so a few bands are as fast as many.
+    return max(1, min(n_rows, 4))
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        x: ``[..., H]`` activations.
+        weight: ``[H]`` scale.
+        eps: variance epsilon.
+
+    Returns:
+        ``(y [..., H] in x.dtype, rstd [N] fp32)``.
+    """
+    X = _as_rows(x)
+    n_rows, n_cols = X.shape
+    Y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    RSTD = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    BLOCK, num_warps = row_block_settings(n_cols)
+    if n_rows > 0:
+        _rms_norm_fwd_kernel[(n_rows,)](
+            Y, X, weight, RSTD, Y.stride(0), X.stride(0), n_cols, eps, BLOCK=BLOCK, num_warps=num_warps
+        )
+    return Y.view(x.shape), RSTD
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernel.
+
+    Args:
+        dy: upstream gradient, shape of ``x``.
+        x: the forward input.
+        weight: ``[H]`` scale.
+        rstd: ``[N]`` fp32 from :func:`rms_norm_forward`.
+        need_dw: whether to return the weight gradient.
+
+    Returns:
+        ``(dx in x.dtype, dw in weight.dtype or None)``.
+    """
+    X = _as_rows(x)
+    DY = _as_rows(dy)
+    n_rows, n_cols = X.shape
+    DX = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    P = _num_programs(n_rows, x.device)
+    DW_PART = torch.empty((P, n_cols), dtype=torch.float32, device=x.device)
+    BLOCK, num_warps = row_block_settings(n_cols)
+    if n_rows > 0:
+        _rms_norm_bwd_kernel[(P,)](
+            DX,
+            DW_PART,
+            DY,
+            X,
+            weight,
+            rstd,
+            DX.stride(0),
+            DY.stride(0),
+            X.stride(0),
+            n_rows,
+            n_cols,
+            triton.cdiv(n_rows, P),
+            BLOCK=BLOCK,
+            num_warps=num_warps,
+        )
+    dw = DW_PART.sum(0).to(weight.dtype) if need_dw else None
+    return DX.view(x.shape), dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper: saves ``x``, ``w`` and the per-row ``rstd``; recomputes ``xh`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, need_dw=ctx.needs_input_grad[1])
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``w * x * rsqrt(mean(x^2) + eps)``, in ``x.dtype``.
+
+    Runs the Triton kernels on CUDA or under ``TRITON_INTERPRET=1``, otherwise ``reference.rms_norm``.
+
+    Args:
+        x: activations ``[..., H]``.
+        weight: scale ``[H]``.
+        eps: variance epsilon.
+
+    Returns:
+        Normalised activations, shape and dtype of ``x``.
+
+    Raises:
+        ValueError: when ``weight`` is not ``[H]`` or the devices differ.
+    """
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] to match x's last dim, got {list(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"rms_norm: x on {x.device} but weight on {weight.device}")
+    if not use_triton(x, weight):
+        return reference.rms_norm(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
