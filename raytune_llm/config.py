@@ -155,8 +155,8 @@ class TrainSection:
     """Data-parallel Ray Train workers (one GPU each when GPUs exist)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """auto: one GPU per worker when the cluster has GPUs."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker (fractions let 2 workers share a 2-core machine)."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker on CPU-only clusters (fractions let 2 workers share a 2-core machine)."""
     micro_batch_size: int = 8
     """Rows per worker per step."""
     grad_accum: int = 1

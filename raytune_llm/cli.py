@@ -1,0 +1,200 @@
+"""`raytune-llm` command line: train, sweep, export, plan, validate.
+
+Each handler loads the config, calls one orchestration function and returns an exit code. A user
+error (bad config, missing file, bad data, more workers than devices) prints one line on stderr
+and exits 2; `RAYTUNE_LLM_DEBUG=1` shows the traceback instead. `validate` and `plan` import
+neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from raytune_llm.config import ConfigError
+
+    types: list[type[BaseException]] = [ConfigError, FileNotFoundError, NotADirectoryError]
+    for mod, name in (
+        ("raytune_llm.train.driver", "UserError"),
+        ("raytune_llm.packing.validate", "DataError"),
+        ("raytune_llm.export", "ExportError"),
+        ("raytune_llm.sharding.planner", "PlanError"),
+    ):
+        module = sys.modules.get(mod)
+        if module is not None and hasattr(module, name):
+            types.append(getattr(module, name))
+    return tuple(types)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if "\n" not in text else text  # ConfigError lists one problem per line on purpose
+
+
+def _load(args):
+    from raytune_llm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_validate(args) -> int:
+    t0 = time.perf_counter()
+    cfg = _load(args)
+    checked = []
+    if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
+    if cfg.data.path:
+        from raytune_llm.packing.validate import validate_data
+        from raytune_llm.train.driver import resolve_data_paths
+
+        paths = resolve_data_paths(cfg.data.path)
+        stats = validate_data(
+            paths,
+            cfg.data.format,
+            skip_bad_records=cfg.data.on_bad_record == "skip",
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
+        checked.append(f"data: {stats.get('records', 0)} records, {stats.get('bad_records', 0)} bad")
+    print(f"{args.config or 'defaults'}: OK ({time.perf_counter() - t0:.2f} s){'; ' if checked else ''}{'; '.join(checked)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from raytune_llm.train.driver import run_training
+
+    cfg = _load(args)
+    summary = run_training(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    rows = [
+        ("run folder", s["run_dir"]),
+        ("steps", s["steps"]),
+        ("loss first -> final", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["final_loss"] else "-"),
+        (
+            "exact match before -> after",
+            f"{s['exact_match_before']:.3f} -> {s['exact_match_after']:.3f}" if s["exact_match_after"] is not None else "-",
+        ),
+        ("workers", f"{s['workers']} ({'GPU' if s['use_gpu'] else 'CPU'})"),
+        ("exports", ", ".join(f"{k}: {v}" for k, v in s["exports"].items()) or "-"),
+        ("wall time", f"{s['wall_s']} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows))
+
+
+def cmd_sweep(args) -> int:
+    from raytune_llm.tune.sweep import run_sweep
+
+    cfg = _load(args)
+    table = run_sweep(cfg)
+    print(table)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from raytune_llm.export import export
+
+    out = export(args.source, args.format, out=args.out, dtype=args.dtype, gguf_type=args.gguf_type, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from raytune_llm.sharding.planner import plan_from_values
+
+    cfg = _load(args)
+    if not cfg.model.path:
+        hf = {
+            "hidden_size": cfg.model.tiny.hidden_size,
+            "intermediate_size": cfg.model.tiny.intermediate_size,
+            "num_hidden_layers": cfg.model.tiny.num_layers,
+            "num_attention_heads": cfg.model.tiny.num_heads,
+            "num_key_value_heads": cfg.model.tiny.num_kv_heads,
+            "vocab_size": cfg.model.tiny.vocab_size,
+        }
+    else:
+        p = Path(os.path.expanduser(cfg.model.path))
+        p = p if p.suffix == ".json" else p / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"model.path: no config.json at {p}")
+        hf = json.loads(p.read_text())
+    plan = plan_from_values(
+        hf,
+        quant_bits=cfg.quant.bits,
+        lora_rank=cfg.lora.r,
+        lora_targets=list(cfg.lora.target_modules),
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.model.gradient_checkpointing,
+        gpu_mem_gib=cfg.sharding.gpu_memory_gib,
+        gpus_per_node=args.gpus_per_node or cfg.train.num_workers,
+        nodes=args.nodes,
+        fused=cfg.model.fused,
+    )
+    print(plan.table())
+    return 0 if plan.fits else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raytune-llm", description="Fused-kernel LoRA / QLoRA fine-tuning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, required=True):
+        sp.add_argument("config", nargs=None if required else "?", help="run YAML (conf/*.yaml)")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
+
+    sp = sub.add_parser("train", help="fine-tune with Ray Train")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("sweep", help="Ray Tune sweep over the config's `sweep` section")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_sweep)
+    sp = sub.add_parser("validate", help="check a config (and its data) without starting Ray")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_validate)
+    sp = sub.add_parser("plan", help="predict per-GPU memory and pick a sharding strategy")
+    with_config(sp)
+    sp.add_argument("--gpus-per-node", type=int, default=None)
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.set_defaults(fn=cmd_plan)
+    sp = sub.add_parser("export", help="export a run or checkpoint: merged HF, PEFT adapter or GGUF")
+    sp.add_argument("source", help="run folder, checkpoint or adapter folder")
+    sp.add_argument("--format", choices=["hf", "adapter", "gguf"], required=True)
+    sp.add_argument("--out", default=None, help="output folder inside the run folder (default exports/<format>)")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    sp.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing export")
+    sp.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("raytune-llm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("RAYTUNE_LLM_DEBUG") == "1" or not isinstance(exc, _user_error_types()):
+            if os.environ.get("RAYTUNE_LLM_DEBUG") == "1":
+                raise
+            # Unexpected failures: still one line first, then the traceback for the bug report.
+            print(f"raytune-llm: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+            import traceback
+
+            traceback.print_exc()
+            return 1
+        print(f"raytune-llm: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,424 @@
+"""The Ray Train driver: prepare model, tokenizer and data, run the TorchTrainer, then finish the run folder.
+
+`run_training(cfg)` is what `raytune-llm train` calls. It joins the Ray cluster in `RAY_ADDRESS`
+(how `ray job submit` runs it) or `cluster.address`, else starts a local one bound to 127.0.0.1,
+and checks the worker count against the cluster's CPUs/GPUs before anything heavy starts. The
+workers send metrics and checkpoints through `ray.train.report`; everything the run folder gets
+at the end (adapter, metrics.jsonl, TensorBoard events, loss-curve PNG, evaluation, exports) is
+written by the driver from the last checkpoint, so it works the same when workers are on other
+nodes.
+
+Run folder:
+    config.yaml        resolved config (secrets redacted)
+    base_model/        the tiny model built for the embedded default (absent with model.path)
+    tokenizer/         tokenizer trained on the data when neither folder has one
+    data/              the bundled task's train.jsonl / eval.jsonl
+    adapter/           final adapter (PEFT format) + raytune_llm.json (quantization used in training)
+    metrics.jsonl, loss_curve.png, tb/, eval.json, summary.json, exports/<format>/
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytune_llm.config import RunConfig, save_config, to_dict
+
+
+class UserError(RuntimeError):
+    """A problem with the user's input or environment; the CLI prints it as one line."""
+
+
+@dataclass
+class Prepared:
+    """What the driver resolved before training."""
+
+    run_dir: Path
+    model_path: Path
+    tokenizer_path: Path
+    data_paths: list[str]
+    eval_records: list[dict]
+    data_fingerprint: str
+
+
+# ------------------------------------------------------------------------------------ preparing
+
+
+def _fingerprint(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}".encode())
+        if os.path.isfile(p) and st.st_size < 64 << 20:
+            h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
+
+
+def resolve_data_paths(path: str) -> list[str]:
+    """Expand a data path or glob into existing, non-empty inputs, or raise UserError."""
+    matches = sorted(glob.glob(os.path.expanduser(path))) if any(c in path for c in "*?[") else [path]
+    existing = [m for m in matches if os.path.exists(m)]
+    if not existing:
+        raise UserError(f"data.path {path!r}: no such file or folder")
+    for m in existing:
+        if os.path.isfile(m) and os.path.getsize(m) == 0:
+            raise UserError(f"data.path {m!r} is empty")
+    return existing
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Resolve model, tokenizer and data into the run folder (builds the embedded default when asked).
+
+    Raises:
+        UserError: a missing model folder, a missing or empty data file.
+    """
+    from raytune_llm.train import task
+
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    eval_records: list[dict] = []
+    if cfg.data.path:
+        data_paths = resolve_data_paths(cfg.data.path)
+    else:
+        train, eval_records = task.make_split(cfg.data.num_examples, cfg.data.eval_examples, cfg.train.seed)
+        data_paths = [str(task.write_jsonl(train, run_dir / "data" / "train.jsonl"))]
+        task.write_jsonl(eval_records, run_dir / "data" / "eval.jsonl")
+
+    if cfg.model.path:
+        model_path = Path(os.path.expanduser(cfg.model.path)).resolve()
+        if not (model_path / "config.json").is_file():
+            raise UserError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
+    else:
+        model_path = run_dir / "base_model"
+
+    tok_path: Path | None = None
+    if cfg.model.tokenizer_path:
+        tok_path = Path(os.path.expanduser(cfg.model.tokenizer_path)).resolve()
+        if not _has_tokenizer(tok_path):
+            raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
+    elif cfg.model.path and _has_tokenizer(model_path):
+        tok_path = model_path
+    if tok_path is None:
+        tok_path = run_dir / "tokenizer"
+        if not _has_tokenizer(tok_path):
+            from raytune_llm.packing.tokenizer import train_tokenizer
+
+            texts = _texts_for_tokenizer(data_paths, eval_records)
+            train_tokenizer(texts, cfg.model.tiny.vocab_size, tok_path)
+
+    if not cfg.model.path and not (model_path / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        from raytune_llm.models.tiny import build_tiny_model
+
+        tok = AutoTokenizer.from_pretrained(tok_path)
+        t = cfg.model.tiny
+        build_tiny_model(
+            model_path,
+            family="llama",
+            vocab_size=len(tok),
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            max_position_embeddings=max(512, cfg.data.seq_len),
+            seed=cfg.train.seed,
+            initializer_range=1.0 / t.hidden_size**0.5,
+        )
+        tok.save_pretrained(model_path)  # exports and generation find the tokenizer beside the weights
+    return Prepared(run_dir, model_path, tok_path, data_paths, eval_records, _fingerprint(data_paths))
+
+
+def _texts_for_tokenizer(paths: list[str], eval_records: list[dict], limit: int = 20000) -> list[str]:
+    texts: list[str] = []
+    for p in paths:
+        if not p.endswith((".jsonl", ".json")):
+            raise UserError(f"{p}: cannot train a tokenizer from it; set model.tokenizer_path")
+        with open(p) as f:
+            for line in f:
+                if len(texts) >= limit:
+                    break
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    texts.append(" ".join(_strings(rec)))
+    texts += [r["prompt"] + r["completion"] for r in eval_records]
+    return texts
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+def connect_ray(cfg: RunConfig) -> str:
+    """Join `cluster.address` / RAY_ADDRESS, or start a local cluster on 127.0.0.1; return how."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    env = dict(cfg.cluster.runtime_env) if cfg.cluster.runtime_env else None
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return f"joined {address}"
+    # Local cluster: every service on loopback, no dashboard (nothing listens on a public address).
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env=env,
+    )
+    return "local 127.0.0.1"
+
+
+def check_resources(cfg: RunConfig) -> bool:
+    """Decide whether workers get GPUs and check the cluster can place them; return use_gpu.
+
+    Raises:
+        UserError: more workers than GPUs (or CPUs) in the cluster.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 0))
+    use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and gpus > 0)
+    n = cfg.train.num_workers
+    if use_gpu and n > gpus:
+        raise UserError(f"train.num_workers={n} needs {n} GPUs but the cluster has {gpus}; lower train.num_workers")
+    need = n * cfg.train.cpus_per_worker
+    if need > cpus + 1e-9:
+        raise UserError(
+            f"train.num_workers={n} x train.cpus_per_worker={cfg.train.cpus_per_worker} needs {need:g} CPUs "
+            f"but the cluster has {cpus:g}; lower train.num_workers or train.cpus_per_worker"
+        )
+    return use_gpu
+
+
+def _write_adapter_meta(folder: Path, cfg: RunConfig) -> None:
+    meta = {
+        "quant_bits": cfg.quant.bits,
+        "quant_type": "nf4",
+        "double_quant": cfg.quant.double_quant,
+        "blocksize": 64,
+        "compute_dtype": {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
+            cfg.model.dtype
+        ],
+    }
+    (folder / "raytune_llm.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool):
+    """Build the Ray Dataset and run the TorchTrainer; return the Ray Train Result."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytune_llm.packing.stream import build_ray_dataset
+    from raytune_llm.train.worker import train_loop_per_worker
+
+    ds, stats_actor = build_ray_dataset(
+        prep.data_paths,
+        str(prep.tokenizer_path),
+        cfg.data.seq_len,
+        format=cfg.data.format,
+        train_on_prompt=cfg.data.train_on_prompt,
+        overlong=cfg.data.overlong,
+        skip_bad_records=cfg.data.on_bad_record == "skip",
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        seed=cfg.train.seed,
+        num_cpus_per_task=min(1.0, cfg.train.cpus_per_worker),
+    )
+    # Materialise the packed rows once: small next to the model, and it makes every epoch and a
+    # resumed run see exactly the same rows in the same order.
+    ds = ds.materialize()
+    storage = cfg.cluster.storage_path or str(prep.run_dir / "ray")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "model_path": str(prep.model_path),
+            "tokenizer_path": str(prep.tokenizer_path),
+            "data_fingerprint": prep.data_fingerprint,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    try:
+        import ray
+
+        data_stats = ray.get(stats_actor.get.remote())
+    except Exception:  # stats are informative only
+        data_stats = {}
+    return result, data_stats
+
+
+# ------------------------------------------------------------------------------------ finishing
+
+
+def _generate_fn(model, tok, max_new_tokens: int = 3):
+    import torch
+
+    def generate(prompts: list[str]) -> list[str]:
+        outs = []
+        model.eval()
+        with torch.no_grad():
+            for p in prompts:
+                ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                o = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                outs.append(tok.decode(o[0, ids.shape[1] :], skip_special_tokens=True))
+        return outs
+
+    return generate
+
+
+def evaluate(model_path: Path, tokenizer_path: Path, records: list[dict], adapter: Path | None, bits: int) -> float:
+    """Exact-match accuracy of greedy generations on `records` (CPU, fp32), base or base + adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raytune_llm.train.task import exact_match
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if bits == 4:
+        from raytune_llm.models.quantize import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return exact_match(_generate_fn(model, tok), records)
+
+
+def _plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("raytune_llm loss curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _tensorboard(metrics: list[dict], folder: Path) -> None:
+    from tensorboardX import SummaryWriter
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with SummaryWriter(str(folder)) as w:
+        for m in metrics:
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if k in m:
+                    w.add_scalar(f"train/{k}", m[k], m["step"])
+
+
+def run_training(cfg: RunConfig, log=print) -> dict:
+    """Run one fine-tuning job end to end and return its summary (also written to summary.json).
+
+    Raises:
+        UserError: bad input found before training starts.
+    """
+    t0 = time.time()
+    prep = prepare(cfg)
+    log(f"[raytune-llm] run folder {prep.run_dir}")
+    before = None
+    if prep.eval_records:
+        before = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits)
+        log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
+    how = connect_ray(cfg)
+    log(f"[raytune-llm] ray: {how}")
+    use_gpu = check_resources(cfg)
+    result, data_stats = fit(cfg, prep, use_gpu)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        d = Path(d)
+        adapter = prep.run_dir / "adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.copytree(d / "adapter", adapter)
+        shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")
+    _write_adapter_meta(adapter, cfg)
+    metrics = [json.loads(x) for x in (prep.run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    _plot(metrics, prep.run_dir / "loss_curve.png")
+    _tensorboard(metrics, prep.run_dir / "tb")
+    after = None
+    if prep.eval_records:
+        after = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, adapter, cfg.quant.bits)
+        (prep.run_dir / "eval.json").write_text(
+            json.dumps({"exact_match_before": before, "exact_match_after": after, "n": len(prep.eval_records)}) + "\n"
+        )
+    exports = {}
+    for fmt in cfg.export.formats:
+        from raytune_llm.export import export
+
+        exports[fmt] = str(
+            export(prep.run_dir, fmt, dtype=cfg.export.dtype, gguf_type=cfg.export.gguf_type, force=True)
+        )
+    summary = {
+        "run_dir": str(prep.run_dir),
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "first_loss": metrics[0]["loss"] if metrics else None,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "exact_match_before": before,
+        "exact_match_after": after,
+        "workers": cfg.train.num_workers,
+        "use_gpu": use_gpu,
+        "data": data_stats,
+        "exports": exports,
+        "wall_s": round(time.time() - t0, 1),
+    }
+    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

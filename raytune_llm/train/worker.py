@@ -1,0 +1,273 @@
+"""The per-worker training loop that Ray Train runs in each actor (one actor owns one GPU, or CPUs).
+
+Data parallelism is done by hand rather than with DDP: only the LoRA weights train, so after each
+backward the workers all-reduce one flat buffer of adapter gradients (a few MB for an 8B model).
+That avoids DDP's start-up broadcast of every parameter and buffer, which would include the packed
+4-bit base weights, and keeps the arithmetic identical to one worker when the batch is split.
+
+A checkpoint is a folder with the adapter (PEFT format), the optimizer and scheduler states, the
+RNG states, the data position and the metrics so far; it is written under a temporary name,
+marked complete, and handed to `ray.train.report` from rank 0, which persists it to storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+def _dtype(name: str, on_gpu: bool):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to 1, then cosine decay to 0.1 at `total` steps."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _allreduce_grads(params, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, metrics: list[dict]) -> Path:
+    """Write a complete checkpoint into `folder` (created fresh) and mark it complete last."""
+    import torch
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    with (tmp / "metrics.jsonl").open("w") as f:
+        for m in metrics:
+            f.write(json.dumps(m) + "\n")
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
+    """Restore adapter, optimizer, scheduler and RNG from a checkpoint folder; return (state, metrics)."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not (folder / COMPLETE_MARKER).exists():
+        raise RuntimeError(f"checkpoint {folder} is incomplete (no {COMPLETE_MARKER} marker)")
+    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    state = json.loads((folder / STATE_FILE).read_text())
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    return state, metrics
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: build the model, stream this worker's shard, train, report checkpoints.
+
+    Args:
+        loop_config: {"config": resolved RunConfig as a dict, "model_path", "tokenizer_path",
+            "data_fingerprint"}; the typed config travels here, never through globals.
+    """
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from raytune_llm.config import from_dict
+    from raytune_llm.models.load import load_model
+    from raytune_llm.packing.stream import iter_torch_batches
+
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    dtype = _dtype(cfg.model.dtype, on_gpu)
+    torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
+
+    model = load_model(
+        loop_config["model_path"],
+        quantize="nf4" if cfg.quant.bits == 4 else None,
+        lora={
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "target_modules": list(cfg.lora.target_modules),
+            "use_rslora": cfg.lora.use_rslora,
+        },
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        dtype=dtype,
+        device=device,
+        fused=cfg.model.fused,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
+
+    step, consumed, metrics, nonfinite_run, skipped = 0, 0, [], 0, 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state, metrics = load_checkpoint(Path(d), model, optimizer, scheduler)
+        for key in ("seed", "seq_len", "data_fingerprint"):
+            want = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len}.get(key, loop_config["data_fingerprint"])
+            if state.get(key) != want:
+                raise RuntimeError(f"cannot resume: checkpoint {key}={state.get(key)!r} but this run has {want!r}")
+        step, consumed, skipped = state["step"], state["consumed_batches"], state.get("skipped_steps", 0)
+        metrics = [m for m in metrics if m["step"] <= step]
+        if rank == 0:
+            print(f"[raytune-llm] resumed at step {step} (batch {consumed})", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    batch_size = cfg.train.micro_batch_size
+
+    def batches():
+        seen = 0
+        epoch = 0
+        while True:
+            got = 0
+            for batch in iter_torch_batches(shard, batch_size, drop_last=True):
+                got += 1
+                if seen < consumed:
+                    seen += 1
+                    continue
+                seen += 1
+                yield epoch, batch
+            if got == 0:
+                raise RuntimeError("this worker's data shard is empty: more workers than packed rows")
+            epoch += 1
+
+    def report(save: bool) -> None:
+        state = {
+            "step": step,
+            "consumed_batches": consumed,
+            "skipped_steps": skipped,
+            "seed": cfg.train.seed,
+            "seq_len": cfg.data.seq_len,
+            "data_fingerprint": loop_config["data_fingerprint"],
+            "world_size": world,
+        }
+        last = metrics[-1] if metrics else {"step": step}
+        if save and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = save_checkpoint(Path(tmp) / "ckpt", model, optimizer, scheduler, state, metrics)
+                ray.train.report(last, checkpoint=Checkpoint.from_directory(str(folder)))
+        else:
+            ray.train.report(last)
+
+    model.train()
+    it = batches()
+    t_last, tokens_since = time.perf_counter(), 0
+    progress = None
+    if rank == 0 and os.environ.get("RAYTUNE_LLM_PROGRESS", "1") == "1":
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", mininterval=2.0, ncols=90)
+    while step < cfg.train.max_steps:
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        epoch = 0
+        for _ in range(cfg.train.grad_accum):
+            epoch, batch = next(it)
+            consumed += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            loss = out.loss / cfg.train.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+            tokens += int((batch["labels"] != -100).sum())
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.train.on_nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss {loss_value} at step {step + 1}; parameters left unchanged")
+            nonfinite_run += 1
+            skipped += 1
+            if nonfinite_run >= 3:
+                raise FloatingPointError(f"3 non-finite losses in a row (last at step {step + 1}); aborting")
+            step += 1
+            scheduler.step()
+            continue
+        nonfinite_run = 0
+        if world > 1:
+            _allreduce_grads(params, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_since += tokens * world
+        now = time.perf_counter()
+        entry = {
+            "step": step,
+            "loss": loss_value,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "epoch": epoch,
+            "trainable_tokens": tokens * world,
+            "time": time.time(),
+        }
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            entry["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+        metrics.append(entry)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}")
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+            print(f"[raytune-llm] step {step} loss {loss_value:.4f} lr {entry['lr']:.2e}", flush=True)
+        last = step == cfg.train.max_steps
+        if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            report(save=True)
+    if progress is not None:
+        progress.close()
