@@ -17,7 +17,7 @@ nor a bitsandbytes NF4 Linear4bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -117,6 +117,24 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
     return get_peft_model(model, config)
 
 
+class _InterimLoRAWeight(NamedTuple):
+    """Same fields as `kernels.lora.LoRAWeight` (docs/INTERFACES.md); used only while that file is absent,
+    so the references in `kernels.reference` (which read the fields by name) can run the fused path."""
+
+    base: Any
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+def _lora_weight_type() -> type:
+    try:
+        from raytune_llm.kernels.lora import LoRAWeight
+    except ImportError:
+        return _InterimLoRAWeight
+    return LoRAWeight
+
+
 def _base_weight(base: torch.nn.Module) -> tuple[Any, str | None]:
     """The kernels' view of a frozen base Linear: a dense tensor or an NF4Weight."""
     weight = getattr(base, "weight", None)
@@ -175,11 +193,7 @@ def lora_weight(module: torch.nn.Module) -> tuple[Any, torch.Tensor | None, str 
     base_w, reason = _base_weight(base)
     if reason is not None:
         return None, None, reason
-    try:
-        from raytune_llm.kernels.lora import LoRAWeight
-    except ImportError:
-        return None, None, "kernels.lora is not available"
-    w = LoRAWeight(
+    w = _lora_weight_type()(
         base=base_w, A=module.lora_A[name].weight, B=module.lora_B[name].weight, scaling=float(module.scaling[name])
     )
     return w, getattr(base, "bias", None), None

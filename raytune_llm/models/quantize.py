@@ -47,6 +47,57 @@ def bnb_config(compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.ui
     )
 
 
+def quantize_weight(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+    device: torch.device | str,
+    quant_storage: torch.dtype = torch.uint8,
+) -> torch.nn.Module:
+    """Build a frozen bitsandbytes NF4 Linear4bit (double quant, blocksize 64) from a dense weight.
+
+    The dense weight is quantized on `device` and may be freed by the caller right after, so a model
+    built layer by layer never holds more than one dense Linear at a time.
+
+    Args:
+        weight: `[out, in]` dense weight (any device and float dtype).
+        bias: `[out]` or None.
+        compute_dtype: Linear4bit compute dtype; the weight is cast to it before quantizing, as
+            transformers does when it loads a checkpoint in that dtype.
+        device: where the quantized layer lives.
+        quant_storage: packed storage dtype.
+
+    Returns:
+        A `bitsandbytes.nn.Linear4bit` on `device`.
+    """
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            quant_storage=quant_storage,
+        )
+    param = bnb.nn.Params4bit(
+        weight.detach().to(device=device, dtype=compute_dtype),
+        requires_grad=False,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        module=layer,
+    )
+    # Params4bit quantizes on a move to a CUDA/XPU device; call its quantizer directly so the CPU works too.
+    layer.weight = param._quantize(device)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
+    return layer
+
+
 def quantize_linear(
     linear: torch.nn.Linear,
     compute_dtype: torch.dtype,
@@ -55,41 +106,13 @@ def quantize_linear(
 ) -> torch.nn.Module:
     """Replace a dense Linear by a bitsandbytes NF4 Linear4bit holding the same (quantized) weight.
 
-    The dense weight is quantized on `device` (bitsandbytes quantizes when the parameter moves there)
-    and may be freed by the caller right after, so a model built layer by layer never holds more than
-    one dense Linear at a time.
-
     Args:
-        linear: the dense layer (any device; its weight is read once).
+        linear: the dense layer.
         compute_dtype: Linear4bit compute dtype.
         device: where the quantized layer lives.
         quant_storage: packed storage dtype.
 
     Returns:
-        A `bitsandbytes.nn.Linear4bit` on `device`, frozen.
+        A frozen `bitsandbytes.nn.Linear4bit` on `device`.
     """
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=True,
-        quant_type="nf4",
-        quant_storage=quant_storage,
-        device="meta",
-    )
-    q.weight = bnb.nn.Params4bit(
-        linear.weight.data.to(device=device, dtype=compute_dtype),
-        requires_grad=False,
-        compress_statistics=True,
-        quant_type="nf4",
-        quant_storage=quant_storage,
-        module=q,
-    )
-    if linear.bias is not None:
-        q.bias = torch.nn.Parameter(linear.bias.data.to(device=device, dtype=compute_dtype), requires_grad=False)
-    # Params4bit quantizes on its first move to a non-meta device; force it on the CPU as well.
-    q.weight = q.weight._quantize(device) if not q.weight.bnb_quantized else q.weight
-    return q.to(device)
+    return quantize_weight(linear.weight, linear.bias, compute_dtype, device, quant_storage)
