@@ -163,8 +163,13 @@ def _render_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> Rend
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        head = _apply(tokenizer, msgs[:i], True) if i else _apply(tokenizer, [], True)
         upto = _apply(tokenizer, msgs[: i + 1], False)
+        if i:
+            head = _apply(tokenizer, msgs[:i], True)
+        else:
+            # Templates refuse an empty conversation: an opening assistant turn starts where its content does.
+            cut = upto.rfind(m["content"]) if m["content"] else -1
+            head = upto[:cut] if cut >= 0 else upto
         if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
             raise ValueError(
                 "the tokenizer's chat template is not prefix-stable, so assistant turns cannot be located; "

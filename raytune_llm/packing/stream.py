@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from .formats import FORMATS, check_record, detect_format, encode, render
-from .packer import PackedStream, SourceItem, fit_length, has_trainable_token, pack_window, rows_to_arrow
+from .packer import IGNORE_INDEX, PackedStream, SourceItem, fit_length, has_trainable_token, pack_window, rows_to_arrow
 from .readers import count_records, expand_paths, iter_file, iter_records
 from .validate import DataError, DataStats, validate_data
 
@@ -92,46 +92,59 @@ def tokenize_records(
     for rec in records:
         chunk.append(rec)
         if len(chunk) >= _TOKENIZE_CHUNK:
-            yield from _tokenize_chunk(chunk, fmt, tokenizer, seq_len, stats, train_on_prompt, overlong)
+            yield from _apply_events(_tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong), stats)
             chunk = []
-    yield from _tokenize_chunk(chunk, fmt, tokenizer, seq_len, stats, train_on_prompt, overlong)
+    yield from _apply_events(_tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong), stats)
     stats.check_share()
 
 
-def _tokenize_chunk(chunk, fmt, tokenizer, seq_len, stats, train_on_prompt, overlong) -> list[SourceItem]:
-    items: list[SourceItem] = [None] * len(chunk)
+def _apply_events(done: list[tuple[SourceItem, list[tuple]]], stats: DataStats) -> Iterator[SourceItem]:
+    # Counts land when their record is handed on, not when its chunk is tokenized, so the stats
+    # always describe exactly the records consumed: a checkpoint's counts are exact.
+    for item, events in done:
+        stats.counts["records"] += 1
+        for ev in events:
+            if ev[0] == "bad":
+                stats.bad(*ev[1:])
+            else:
+                stats.counts[ev[0]] += ev[1]
+        yield item
+
+
+def _tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong) -> list[tuple[SourceItem, list[tuple]]]:
+    done: list[tuple[SourceItem, list[tuple]]] = [(None, []) for _ in chunk]
     good, rendered = [], []
-    c = stats.counts
     for i, rec in enumerate(chunk):
-        c["records"] += 1
         if rec.error is not None:
-            stats.bad(rec.where, "invalid_json", rec.error)
+            done[i][1].append(("bad", rec.where, "invalid_json", rec.error))
             continue
         problem = check_record(fmt, rec.value)
         if problem is not None:
-            stats.bad(rec.where, *problem)
+            done[i][1].append(("bad", rec.where, *problem))
             continue
         good.append(i)
         rendered.append(render(fmt, rec.value, tokenizer, train_on_prompt))
     for i, ex in zip(good, encode(tokenizer, rendered)):
+        ev = done[i][1]
         n = len(ex.input_ids)
         if n == 0:
-            c["dropped_empty"] += 1
+            ev.append(("dropped_empty", 1))
             continue
         if n > seq_len:
-            c[{"truncate": "overlong_truncated", "drop": "overlong_dropped", "split": "overlong_split"}[overlong]] += 1
+            ev.append(
+                ({"truncate": "overlong_truncated", "drop": "overlong_dropped", "split": "overlong_split"}[overlong], 1)
+            )
         pieces = [p for p in fit_length(ex, seq_len, overlong) if has_trainable_token(p.labels)]
         if not pieces:
             # Over-long drops are counted above; anything else here had no token to learn from.
             if n <= seq_len or overlong != "drop":
-                c["dropped_no_trainable"] += 1
+                ev.append(("dropped_no_trainable", 1))
             continue
-        c["examples"] += len(pieces)
-        for p in pieces:
-            c["tokens"] += len(p.input_ids)
-            c["trainable_tokens"] += int((p.labels[1:] != -100).sum())
-        items[i] = pieces[0] if len(pieces) == 1 else pieces
-    return items
+        ev.append(("examples", len(pieces)))
+        ev.append(("tokens", sum(len(p.input_ids) for p in pieces)))
+        ev.append(("trainable_tokens", sum(int((p.labels[1:] != IGNORE_INDEX).sum()) for p in pieces)))
+        done[i] = (pieces[0] if len(pieces) == 1 else pieces, ev)
+    return done
 
 
 class FileStream(PackedStream):
