@@ -113,3 +113,93 @@ def fused_linear_cross_entropy(
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     count = (labels != ignore_index).sum().clamp(min=1)
     return total / count
+
+
+# ---- LoRA / NF4 ----
+# References for kernels/nf4.py and kernels/lora.py. They take the same NF4Weight / LoRAWeight
+# NamedTuples by duck typing (fields read by name), so this file still imports nothing of ours.
+
+__all__ += ["lora_linear", "lora_mlp", "lora_qkv", "nf4_dequantize"]
+
+
+def nf4_dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NF4 dequantization in plain torch, bit-exact against ``bitsandbytes.functional.dequantize_4bit``.
+
+    Args:
+        w: an ``NF4Weight`` (packed uint8, absmax, nested, code, shape, blocksize, dtype).
+        dtype: output dtype (default ``w.dtype``).
+
+    Returns:
+        ``Tensor[w.shape]``: ``code[q_i] * absmax[i // blocksize]`` in fp32, cast once to ``dtype``.
+    """
+    shape = torch.Size(w.shape)
+    n = shape.numel()
+    packed = w.packed.reshape(-1)
+    # High nibble = even element, low nibble = odd element; an odd n leaves one padding nibble.
+    q = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(-1)[:n].long()
+    absmax = w.absmax.reshape(-1)
+    if w.nested is not None:
+        nb = absmax.numel()
+        scale2 = w.nested.absmax.float().repeat_interleave(w.nested.blocksize)[:nb]
+        # Two roundings (mul, then add) as bitsandbytes does; never an FMA.
+        absmax = w.nested.code.float()[absmax.long()] * scale2
+        absmax = absmax + w.nested.offset.float().reshape(())
+    scale = absmax.float().repeat_interleave(w.blocksize)[:n]
+    return (w.code.float()[q] * scale).to(dtype or w.dtype).reshape(shape)
+
+
+def _lora_base(base, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight ``[out, in]`` in ``dtype`` (NF4 dequantized), never receiving a gradient."""
+    if isinstance(base, torch.Tensor):
+        return base.detach().to(dtype)
+    return nf4_dequantize(base, dtype)
+
+
+def _lora_proj(x: torch.Tensor, w) -> torch.Tensor:
+    """``x @ W^T + scaling * (x @ A^T) @ B^T`` in ``x.dtype`` (A and B cast to it, grads flow back)."""
+    a = w.A.to(x.dtype)
+    b = w.B.to(x.dtype)
+    return x @ _lora_base(w.base, x.dtype).t() + w.scaling * ((x @ a.t()) @ b.t())
+
+
+def lora_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """One LoRA projection (the attention output ``O``).
+
+    Args:
+        x: activations ``[..., in]``.
+        w: a ``LoRAWeight`` (base ``[out, in]`` tensor or NF4Weight, A ``[r, in]``, B ``[out, r]``, scaling).
+
+    Returns:
+        ``x @ W^T + scaling * (x @ A^T) @ B^T``, ``[..., out]`` in ``x.dtype``.
+    """
+    return _lora_proj(x, w)
+
+
+def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Q, K and V LoRA projections of the same input.
+
+    Args:
+        x: activations ``[..., hidden]``.
+        q: ``LoRAWeight`` of the query projection.
+        k: ``LoRAWeight`` of the key projection.
+        v: ``LoRAWeight`` of the value projection.
+
+    Returns:
+        ``(Q, K, V)``, each ``lora_linear(x, ·)``.
+    """
+    return _lora_proj(x, q), _lora_proj(x, k), _lora_proj(x, v)
+
+
+def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """The SwiGLU MLP with LoRA on all three projections: ``down(silu(gate(x)) * up(x))``.
+
+    Args:
+        x: activations ``[..., hidden]``.
+        gate: ``LoRAWeight`` ``[inter, hidden]``.
+        up: ``LoRAWeight`` ``[inter, hidden]``.
+        down: ``LoRAWeight`` ``[hidden, inter]``.
+
+    Returns:
+        ``[..., hidden]`` in ``x.dtype``; the activation is computed as ``LlamaMLP`` does.
+    """
+    return _lora_proj(F.silu(_lora_proj(x, gate)) * _lora_proj(x, up), down)
