@@ -12,7 +12,14 @@ import os
 
 import torch
 
-__all__ = ["MAX_FUSED_SIZE", "interpret_mode", "row_block_settings", "triton_next_power_of_2", "use_triton"]
+__all__ = [
+    "MAX_FUSED_SIZE",
+    "interpret_mode",
+    "kernel_store_dtype",
+    "row_block_settings",
+    "triton_next_power_of_2",
+    "use_triton",
+]
 
 
 def interpret_mode() -> bool:
@@ -79,3 +86,20 @@ def row_block_settings(n_cols: int) -> tuple[int, int]:
 def triton_next_power_of_2(n: int) -> int:
     """Smallest power of two >= ``n`` (1 for ``n <= 1``); ``triton.next_power_of_2`` without importing triton."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def kernel_store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel should write for an output of ``dtype``.
+
+    Triton 3.6's CPU interpreter converts fp32 to bf16 by truncation, not round-to-nearest-even
+    (measured: 4.05637 -> 4.03125, where the GPU and torch give 4.0625), which is up to one bf16 ulp
+    off. Under the interpreter, launchers therefore let bf16 kernels write fp32 and round with torch
+    afterwards; on the GPU the kernel stores bf16 directly (its ``.to(bf16)`` rounds to nearest even).
+
+    Args:
+        dtype: the output tensor's dtype.
+
+    Returns:
+        ``torch.float32`` for bf16 under ``TRITON_INTERPRET=1``, else ``dtype``.
+    """
+    return torch.float32 if dtype == torch.bfloat16 and interpret_mode() else dtype

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels._dispatch import row_block_settings, use_triton
+from raytune_llm.kernels._dispatch import kernel_store_dtype, row_block_settings, use_triton
 
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
 
@@ -118,14 +118,14 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     """
     X = _as_rows(x)
     n_rows, n_cols = X.shape
-    Y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    Y = torch.empty((n_rows, n_cols), dtype=kernel_store_dtype(x.dtype), device=x.device)
     RSTD = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
     if n_rows > 0:
         _rms_norm_fwd_kernel[(n_rows,)](
             Y, X, weight, RSTD, Y.stride(0), X.stride(0), n_cols, eps, BLOCK=BLOCK, num_warps=num_warps
         )
-    return Y.view(x.shape), RSTD
+    return Y.to(x.dtype).view(x.shape), RSTD
 
 
 def rms_norm_backward(
@@ -146,7 +146,7 @@ def rms_norm_backward(
     X = _as_rows(x)
     DY = _as_rows(dy)
     n_rows, n_cols = X.shape
-    DX = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    DX = torch.empty((n_rows, n_cols), dtype=kernel_store_dtype(x.dtype), device=x.device)
     P = _num_programs(n_rows, x.device)
     DW_PART = torch.empty((P, n_cols), dtype=torch.float32, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
@@ -168,7 +168,7 @@ def rms_norm_backward(
             num_warps=num_warps,
         )
     dw = DW_PART.sum(0).to(weight.dtype) if need_dw else None
-    return DX.view(x.shape), dw
+    return DX.to(x.dtype).view(x.shape), dw
 
 
 class RMSNormFunction(torch.autograd.Function):

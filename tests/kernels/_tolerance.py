@@ -109,6 +109,7 @@ def check_against_reference(
     views: Sequence[Callable | None] | None = None,
     names: Sequence[str] | None = None,
     seed: int = 0,
+    no_grad: Sequence[int] = (),
 ) -> None:
     """Run ``kernel_fn`` and ``ref_fn`` on the same inputs and compare outputs and every input gradient.
 
@@ -126,19 +127,25 @@ def check_against_reference(
         views: per argument, a callable applied to the cloned leaf, or None.
         names: per argument, a name for failure messages.
         seed: seed for the upstream gradients.
+        no_grad: indices of floating arguments that take no gradient (e.g. rope's cos/sin).
 
     Raises:
         AssertionError: from :func:`assert_close` on the first mismatch.
     """
     views = list(views) if views is not None else [None] * len(args)
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
-    diff = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in args]
+    diff = [isinstance(a, torch.Tensor) and a.is_floating_point() and i not in no_grad for i, a in enumerate(args)]
+    lowp = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in args]
     dys: list[torch.Tensor] = []
 
     def run(fn: Callable, run_dtype: torch.dtype, round_to: torch.dtype):
         leaves, call = [], []
-        for a, d, v in zip(args, diff, views):
-            if d:
+        for a, d, f, v in zip(args, diff, lowp, views):
+            if f and not d:
+                t = a.detach().to(round_to).to(run_dtype)
+                leaves.append(None)
+                call.append(v(t) if v is not None else t)
+            elif d:
                 leaf = a.detach().to(round_to).to(run_dtype).requires_grad_(True)
                 leaves.append(leaf)
                 t = leaf.clone()
