@@ -1,0 +1,71 @@
+"""SwiGLU kernel against reference.swiglu: output, d gate and d up in fp32 and bf16, odd and strided shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels.swiglu import swiglu
+from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(shape, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # Scale 3 so the sigmoid's saturated tails (|a| > 5) are exercised too.
+    return (3 * torch.randn(*shape, generator=gen)).to(device), torch.randn(*shape, generator=gen).to(device)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 37), (2, 3, 96), (2, 2100)])
+def test_swiglu_matches_reference(dtype, shape):
+    gate, up = _inputs(shape, kernel_device())
+    check_against_reference(swiglu, reference.swiglu, [gate, up], dtype, names=["gate", "up"])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_fused_projection_halves(dtype):
+    # gate and up as the two halves of one fused gate_up projection: row stride 2*I, no copy.
+    dev = kernel_device()
+    gen = torch.Generator().manual_seed(1)
+    gate_up = (2 * torch.randn(2, 5, 2 * 40, generator=gen)).to(dev)
+
+    def kern(gu):
+        g, u = gu.chunk(2, dim=-1)
+        assert not g.is_contiguous()
+        return swiglu(g, u)
+
+    def ref(gu):
+        g, u = gu.chunk(2, dim=-1)
+        return reference.swiglu(g, u)
+
+    check_against_reference(kern, ref, [gate_up], dtype, names=["gate_up"])
+
+
+@needs_triton
+def test_swiglu_transposed_input():
+    # Column stride != 1 takes a contiguous copy; the result must still match.
+    dev = kernel_device()
+    gate, up = _inputs((9, 4), dev, seed=2)
+    check_against_reference(
+        swiglu, reference.swiglu, [gate, up], torch.float32, views=[lambda t: t.t(), lambda t: t.t()]
+    )
+
+
+def test_swiglu_rejects_mismatch():
+    with pytest.raises(ValueError, match="same shape"):
+        swiglu(torch.randn(2, 4), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="cast one"):
+        swiglu(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inter", [14336, 28672])
+def test_swiglu_real_sizes(dtype, inter):
+    gate, up = _inputs((4096, inter), torch.device("cuda"))
+    check_against_reference(swiglu, reference.swiglu, [gate, up], dtype, names=["gate", "up"])
