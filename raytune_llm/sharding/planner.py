@@ -1,0 +1,443 @@
+"""Per-GPU peak memory of a LoRA / QLoRA run, and the data-parallel strategy that fits.
+
+Pure arithmetic on an HF config dict (config.json): no torch, no GPU, so `raytune-llm plan FILE` runs anywhere.
+The prediction is the peak of `torch.cuda.max_memory_allocated` over training steps (the CUDA context and the
+allocator's cache come on top: `usable_gib` keeps a reserve for them).
+
+peak = weights + LoRA state (params, grads, AdamW) + workspace + activations, where activations are the
+larger of two phases of a step:
+
+- loss phase: checkpointed layer inputs + the logits path. The standard stack (transformers + PEFT) holds
+  bf16 logits, their fp32 upcast, fp32 softmax and the fp32 logits gradient: 14 bytes per token per vocab
+  entry (`_STD_LOGIT_BYTES`). The fused path (chunked linear + cross-entropy) never holds whole logits.
+- layer phase: checkpointed inputs + one decoder layer recomputed and back-propagated.
+
+Calibration (ANCHORS.md, Llama-3.1-8B shapes, r=16 on all 7 projections, checkpointing on, H200): the
+standard stack is linear in tokens at 2.08 MB/token with a 6.27 GB intercept (21.7 / 9.8 / 37.5 GiB at 4x2048 /
+1x2048 / 1x16384), which the loss phase reproduces within 1.5%. The fused targets are Unsloth's figures with
+offloaded checkpointing (8.05 / 6.5 / 10.1 / 22.6 GiB at 4x2048 / 1x2048 / 1x16384 / 1x65536: 271 KB/token);
+`_FUSED_LAYER_FACTOR` scales the counted tensors of one layer to that slope. bench/planner_check.py measures
+our own fused model against these predictions on the GPU; refit the two factors from its JSON if it drifts.
+
+Strategies, cheapest first: DDP (also a single GPU), ZeRO-2 (optimizer states and gradients partitioned),
+ZeRO-3 (parameters too: the base model is divided by the GPU count), ZeRO-3 + CPU offload (parameters and
+optimizer states in host memory; others measured it raising GPU memory with QLoRA, so it is the last resort).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+
+CHECKPOINTING = ("off", "on", "offload")
+STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Bytes per weight of a quantized Linear. NF4 with double quant (the project default): 4 bits + one 8-bit
+# absmax per 64-element block + one fp32 scale per 256 blocks = 0.5 + 1/64 + 4/16384 bytes.
+# int8 (LLM.int8): 1 byte + one fp32 row scale (counted per weight as ~0). bf16: 2 bytes.
+_WEIGHT_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0, 16: 2.0}
+# The standard stack's logits path, bytes per token per vocab entry at the loss: bf16 logits (2) + fp32
+# upcast (4) + fp32 log-softmax (4) + fp32 gradient (4). Fits the anchors' 2.08 MB/token slope within 1%.
+_STD_LOGIT_BYTES = 14
+# Fused linear+CE works on row chunks: at most this many rows of fp32 logits and their gradient at once
+# (256 x 128256 x 8 B = 263 MB for Llama 3; below one layer's backward from ~1k tokens on).
+_CE_CHUNK_ROWS = 256
+# One recomputed decoder layer holds the tensors counted in `_layer_bytes_per_token` plus allocator slack and
+# the bits we do not count (rstd, logsumexp, rope tables, LoRA x@A); factors fitted to the anchors:
+# Unsloth's 271 KB/token at 8B shapes for fused, and PEFT's fp32 adapter copies for the standard stack.
+_FUSED_LAYER_FACTOR = 1.16
+_STD_LAYER_FACTOR = 1.6
+# cuBLAS workspace on Hopper (32 MiB); the caching allocator's rounding is inside max_memory_allocated's
+# slack that the anchors' intercept (6.27 GB standard, 6.42 GB Unsloth at 8B) leaves no room for beyond this.
+_FIXED_WORKSPACE = 32 * 1024**2
+# Fraction of the GPU's memory a plan may use: the CUDA context (~0.5 GiB), NCCL buffers and fragmentation of
+# the caching allocator are outside max_memory_allocated.
+_USABLE_FRACTION = 0.92
+_RESERVE_GIB = 1.0
+# ZeRO-3 keeps the current layer gathered and prefetches the next: two layers' weights live at once.
+_ZERO3_LIVE_LAYERS = 2
+
+# Shapes of the models the anchors and benches use (config.json fields the planner reads).
+LLAMA31_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA31_70B = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a decoder-only transformer that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> Shape:
+        """Read a Shape from an HF config dict (a multimodal config's `text_config` is used when present).
+
+        Raises:
+            ValueError: on a missing field or a mixture-of-experts config.
+        """
+        if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+            cfg = cfg["text_config"]
+        if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+            raise ValueError("mixture-of-experts configs are not supported by the planner (dense decoders only)")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if k not in cfg]  # fmt: skip
+        if missing:
+            raise ValueError(f"HF config lacks {', '.join(missing)}: pass the model's config.json")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return cls(
+            hidden=hidden,
+            intermediate=int(cfg["intermediate_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab=int(cfg["vocab_size"]),
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each Linear of one decoder layer."""
+        d, f, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }
+
+
+@dataclass
+class Plan:
+    """A memory plan: the per-GPU breakdown of the chosen strategy, or why nothing fits.
+
+    Attributes:
+        strategy: one of STRATEGIES, or None when nothing fits.
+        fits: whether `strategy` fits the usable memory.
+        reason: why this strategy (or why nothing fits, with what to try).
+        breakdown: component -> bytes per GPU for the chosen strategy (the cheapest-memory one when none fits).
+        usable_bytes: the memory budget per GPU the plan was held against.
+        world_size: GPUs in total.
+        inputs: the arguments the plan was computed from, for the table.
+        alternatives: strategy -> predicted peak bytes for every strategy considered.
+    """
+
+    strategy: str | None
+    fits: bool
+    reason: str
+    breakdown: dict[str, float]
+    usable_bytes: float
+    world_size: int
+    inputs: dict = field(default_factory=dict)
+    alternatives: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> float:
+        """Predicted peak allocated bytes per GPU."""
+        return sum(v for k, v in self.breakdown.items() if not k.startswith("host"))
+
+    @property
+    def peak_gib(self) -> float:
+        """Predicted peak allocated GiB per GPU."""
+        return self.peak_bytes / GIB
+
+    def table(self) -> str:
+        """A text table of the inputs, the per-GPU breakdown, every strategy's peak and the verdict."""
+        lines = ["inputs: " + ", ".join(f"{k}={v}" for k, v in self.inputs.items())]
+        lines.append(f"{'per GPU':<34}{'GiB':>10}")
+        for name, value in self.breakdown.items():
+            lines.append(f"  {name:<32}{value / GIB:>10.2f}")
+        lines.append(f"  {'peak (predicted)':<32}{self.peak_gib:>10.2f}")
+        lines.append(f"  {'usable of the GPU':<32}{self.usable_bytes / GIB:>10.2f}")
+        lines.append("strategies: " + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in self.alternatives.items()))
+        verdict = f"strategy: {self.strategy}" if self.fits else "nothing fits"
+        lines.append(f"{verdict} ({self.world_size} GPU{'s' if self.world_size > 1 else ''}): {self.reason}")
+        return "\n".join(lines)
+
+
+def load_hf_config(path: str | os.PathLike) -> dict:
+    """Read an HF config.json, given the file or the model folder.
+
+    Raises:
+        FileNotFoundError: when there is no config.json there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no HF config.json at {path}")
+    return json.loads(path.read_text())
+
+
+def _weight_bytes(shape: Shape, quant_bits: int) -> tuple[float, float]:
+    """(decoder Linear weights, embeddings + LM head + norms) in bytes; bitsandbytes leaves the latter in bf16."""
+    per_layer = sum(i * o for i, o in shape.projections().values())
+    linear = shape.layers * per_layer * _WEIGHT_BYTES[quant_bits]
+    dense = 2 * shape.vocab * shape.hidden * (1 if shape.tied else 2) + 2 * shape.hidden * (2 * shape.layers + 1)
+    return linear, dense
+
+
+def lora_param_count(shape: Shape, rank: int, targets: tuple[str, ...]) -> int:
+    """Trainable LoRA parameters: r * (in + out) per targeted Linear per layer."""
+    proj = shape.projections()
+    return shape.layers * sum(rank * (proj[t][0] + proj[t][1]) for t in targets)
+
+
+def _layer_bytes_per_token(shape: Shape, fused: bool) -> float:
+    """Bytes per token of one decoder layer recomputed and back-propagated (bf16 activations)."""
+    d, f, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
+    # Saved for backward: both norms' input and output, q, attention output, o input (= attention output
+    # reshaped, shared), k and v, gate, up and silu(gate)*up.
+    saved = 4 * d + 2 * q + 2 * kv + 3 * f
+    # Live while back-propagating: the incoming gradient and the MLP's gate/up gradients.
+    transient = 2 * d + 2 * f
+    return 2 * (saved + transient) * (_FUSED_LAYER_FACTOR if fused else _STD_LAYER_FACTOR)
+
+
+def _activation_bytes(shape: Shape, tokens: int, checkpointing: str, fused: bool) -> tuple[float, float]:
+    """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes."""
+    d, layer = shape.hidden, _layer_bytes_per_token(shape, fused)
+    if checkpointing == "on":
+        stored = shape.layers * 2 * d * tokens
+    elif checkpointing == "offload":
+        stored = 2 * 2 * d * tokens  # one layer input leaving for the host, one coming back
+    else:  # every layer keeps its activations: the layer phase's saved tensors for all layers
+        stored = (shape.layers - 1) * layer * tokens
+    if fused:
+        # hidden-state gradient kept from the fused forward + one chunk of fp32 logits and their gradient
+        loss = 2 * d * tokens + 8 * min(tokens, _CE_CHUNK_ROWS) * shape.vocab
+    else:
+        loss = _STD_LOGIT_BYTES * shape.vocab * tokens
+    # The peak is whichever phase is larger: the loss (stored + logits) or one layer's backward (stored + layer).
+    return stored, max(loss, layer * tokens)
+
+
+def _lora_state_bytes(n: int, strategy: str, world: int) -> tuple[float, float]:
+    """(GPU bytes, host bytes) of LoRA params + grads + AdamW states under a strategy.
+
+    DDP: fp32 params, grads and two AdamW moments (16 B) + DDP's gradient buckets (4 B) when world > 1.
+    ZeRO (bf16 engine): bf16 params and grads (4 B) + fp32 master, moments and grad partition (16 B / world);
+    ZeRO-3 also partitions the bf16 params and grads; offload moves the 16 B / world to the host.
+    """
+    if strategy == "DDP":
+        return n * (16 + (4 if world > 1 else 0)), 0.0
+    shard = 16 * n / world
+    if strategy == "ZeRO-2":
+        return 4 * n + shard, 0.0
+    if strategy == "ZeRO-3":
+        return 4 * n / world + shard, 0.0
+    return 4 * n / world, shard
+
+
+def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, float]:
+    linear, dense = _weight_bytes(shape, a["quant_bits"])
+    n_lora = lora_param_count(shape, a["lora_rank"], a["lora_targets"])
+    lora_gpu, lora_host = _lora_state_bytes(n_lora, strategy, world)
+    tokens = a["seq_len"] * a["micro_batch"]
+    stored, phase = _activation_bytes(shape, tokens, a["checkpointing"], a["fused"])
+    largest_linear = max(i * o for i, o in shape.projections().values())
+    # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
+    dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0
+    weights = linear + dense
+    host = 0.0
+    if strategy in ("ZeRO-3", "ZeRO-3+offload"):
+        live = _ZERO3_LIVE_LAYERS * linear / shape.layers
+        if strategy == "ZeRO-3":
+            weights = weights / world + live
+        else:
+            host = weights / world
+            weights = live + dense / world  # embeddings and head come in as their own gathered params
+    out = {
+        "weights (base model)": weights,
+        "LoRA params+grads+AdamW": lora_gpu,
+        "activations (checkpointed)": stored,
+        "activations (peak phase)": phase,
+        "workspace": _FIXED_WORKSPACE + dequant,
+    }
+    if host or lora_host:
+        out["host: offloaded (not on GPU)"] = host + lora_host
+    return out
+
+
+def plan_from_values(
+    hf_config: dict,
+    quant_bits: int = 4,
+    lora_rank: int = 16,
+    lora_targets: tuple[str, ...] | list[str] | str = ALL_TARGETS,
+    seq_len: int = 2048,
+    micro_batch: int = 1,
+    checkpointing: str = "on",
+    gpu_mem_gib: float = 80.0,
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+    fused: bool = True,
+) -> Plan:
+    """Predict per-GPU peak memory and pick the cheapest strategy that fits.
+
+    Args:
+        hf_config: the model's config.json as a dict (see `load_hf_config`; LLAMA31_8B / LLAMA31_70B for shapes).
+        quant_bits: bits per base weight: 4 (NF4), 8 (LLM.int8) or 16 (bf16 LoRA).
+        lora_rank: LoRA rank r.
+        lora_targets: projection names (q_proj ... down_proj), or "all".
+        seq_len: tokens per sequence (a packed row).
+        micro_batch: sequences per GPU per forward.
+        checkpointing: "off", "on" (layer inputs kept on the GPU) or "offload" (kept in host memory).
+        gpu_mem_gib: memory of one GPU in GiB as nvidia-smi reports it (80 GB H100 -> 79.6, H200 -> 139.8).
+        gpus_per_node: GPUs per node.
+        nodes: nodes.
+        fused: raytune_llm's fused kernels (True) or the standard transformers + PEFT stack (False).
+
+    Returns:
+        The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
+        strategy fits.
+
+    Raises:
+        ValueError: on an unknown value of any argument, with the accepted values.
+    """
+    if quant_bits not in _WEIGHT_BYTES:
+        raise ValueError(f"quant_bits must be one of {sorted(_WEIGHT_BYTES)}, got {quant_bits!r}")
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"lora_targets must be a non-empty subset of {ALL_TARGETS} or 'all', got {unknown or targets}")
+    for name, value in (("lora_rank", lora_rank), ("seq_len", seq_len), ("micro_batch", micro_batch),
+                        ("gpus_per_node", gpus_per_node), ("nodes", nodes)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if gpu_mem_gib <= _RESERVE_GIB:
+        raise ValueError(f"gpu_mem_gib must be above {_RESERVE_GIB}, got {gpu_mem_gib!r}")
+    shape = Shape.from_hf(hf_config)
+    world = gpus_per_node * nodes
+    args = dict(quant_bits=quant_bits, lora_rank=lora_rank, lora_targets=targets, seq_len=seq_len,
+                micro_batch=micro_batch, checkpointing=checkpointing, fused=fused)  # fmt: skip
+    usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
+    inputs = {
+        "layers": shape.layers,
+        "hidden": shape.hidden,
+        "vocab": shape.vocab,
+        "bits": quant_bits,
+        "r": lora_rank,
+        "targets": len(targets),
+        "tokens": f"{micro_batch}x{seq_len}",
+        "checkpointing": checkpointing,
+        "fused": fused,
+        "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
+    }
+
+    breakdowns = {s: _breakdown(shape, s, world, args) for s in STRATEGIES}
+    peaks = {s: sum(v for k, v in b.items() if not k.startswith("host")) for s, b in breakdowns.items()}
+    why = {
+        "DDP": "every GPU holds the whole model and fits; no parameter traffic",
+        "ZeRO-2": "the full model fits but DDP's replicated LoRA states do not; ZeRO-2 partitions them",
+        "ZeRO-3": f"the base model does not fit replicated ({peaks['DDP'] / GIB:.1f} GiB per GPU with DDP); "
+        f"ZeRO-3 divides it over {world} GPUs",
+        "ZeRO-3+offload": "only with parameters and optimizer states in host memory (slow; with QLoRA others "
+        "measured offload raising GPU memory: check with bench/planner_check.py)",
+    }
+    for strategy in STRATEGIES:
+        if world == 1 and strategy in ("ZeRO-2", "ZeRO-3"):
+            continue  # nothing to partition across one GPU
+        if peaks[strategy] <= usable:
+            return Plan(strategy, True, why[strategy], breakdowns[strategy], usable, world, inputs, peaks)
+
+    best = min(peaks, key=peaks.get)
+    b = breakdowns[best]
+    biggest = max((k for k in b if not k.startswith("host")), key=b.get)
+    return Plan(None, False, _nothing_fits(shape, args, world, gpu_mem_gib, usable, best, b, biggest, peaks[best]),
+                b, usable, world, inputs, peaks)  # fmt: skip
+
+
+def _max_tokens(shape: Shape, args: dict, world: int, usable: float, strategy: str) -> int:
+    """The largest micro_batch * seq_len that fits under `strategy` (0 if none), by bisection on tokens."""
+
+    def peak(tokens: int) -> float:
+        b = _breakdown(shape, strategy, world, {**args, "seq_len": tokens, "micro_batch": 1})
+        return sum(v for k, v in b.items() if not k.startswith("host"))
+
+    if peak(1) > usable:
+        return 0
+    lo, hi = 1, 1 << 24
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid) <= usable else (lo, mid - 1)
+    return lo
+
+
+def _nothing_fits(shape, args, world, gpu_mem_gib, usable, best, b, biggest, peak) -> str:
+    tokens = args["seq_len"] * args["micro_batch"]
+    head = (f"nothing fits because {biggest} needs {b[biggest] / GIB:.1f} GiB and the least-memory strategy "
+            f"({best}) peaks at {peak / GIB:.1f} GiB per GPU, over the {usable / GIB:.1f} GiB usable of "
+            f"{gpu_mem_gib:g} GiB")  # fmt: skip
+    tries = []
+    max_tok = _max_tokens(shape, args, world, usable, best)
+    if max_tok == 0:
+        tries.append(f"more GPUs (ZeRO-3 over more than {world}) or larger GPUs")
+        if args["quant_bits"] > 4:
+            tries.append("quant_bits=4 (QLoRA)")
+    else:
+        if tokens > max_tok:
+            tries.append(f"micro_batch x seq_len <= {max_tok:,} tokens (now {tokens:,})")
+        if args["checkpointing"] != "offload":
+            tries.append("checkpointing=offload")
+        if not args["fused"]:
+            tries.append("fused=True (chunked cross-entropy, no whole logits)")
+        if args["quant_bits"] > 4:
+            tries.append("quant_bits=4")
+        tries.append("more GPUs with ZeRO-3")
+    return head + "; try " + ", or ".join(tries)
+
+
+def max_seq_len(hf_config: dict, **kwargs) -> int:
+    """The longest seq_len (at the given micro_batch) for which `plan_from_values` finds a strategy.
+
+    Args:
+        hf_config: as for `plan_from_values`.
+        **kwargs: the other arguments of `plan_from_values` (seq_len is searched).
+
+    Returns:
+        The longest fitting seq_len, 0 when even one token does not fit.
+    """
+    kwargs.pop("seq_len", None)
+    if not plan_from_values(hf_config, seq_len=1, **kwargs).fits:
+        return 0
+    lo, hi = 1, 1 << 24
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if plan_from_values(hf_config, seq_len=mid, **kwargs).fits else (lo, mid - 1)
+    return lo
