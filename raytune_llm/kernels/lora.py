@@ -1,0 +1,440 @@
+"""Fused LoRA projections (O, QKV) and the fused LoRA SwiGLU MLP, with hand-derived backward passes.
+
+One projection (PEFT layout: ``A = lora_A.weight [r, in]``, ``B = lora_B.weight [out, r]``,
+``s = scaling = lora_alpha / r``), for ``X [N, in]`` (leading dims flattened)::
+
+    XA = X A^T                       [N, r]
+    Y  = X W^T + s * XA B^T          [N, out]      W frozen [out, in], dense or NF4
+
+Backward, given ``dY [N, out]``::
+
+    dX = dY W + s * (dY B) A         [N, in]       (the base GEMM, then one rank-r update)
+    dA = s * (dY B)^T X              [r, in]
+    dB = s * dY^T XA                 [out, r]
+    dW = none                        (frozen; NF4 is dequantized again, never saved)
+
+QKV shares one read of ``X``: ``XA`` for all three comes from one GEMM against ``[A_q; A_k; A_v]``,
+and ``dX = sum_p dY_p W_p + [s_q dY_q B_q, s_k dY_k B_k, s_v dY_v B_v] [A_q; A_k; A_v]`` (the three
+rank updates are one GEMM of inner size ``3r``); ``dA_p`` come out of one GEMM the same way.
+
+MLP (``LlamaMLP`` with LoRA on gate, up and down; ``I`` = intermediate size)::
+
+    G = gate(X), U = up(X)           [N, I]        (projections as above)
+    H = silu(G) * U                  [N, I]        silu(g) = g * sigmoid(g)
+    Y = down(H)                      [N, hidden]
+
+Backward, given ``dY``, writing ``sg = sigmoid(G)``::
+
+    dH   = dY W_d + s_d (dY B_d) A_d
+    dA_d = s_d (dY B_d)^T H,     dB_d = s_d dY^T (H A_d^T)
+    dG   = dH * U * sg * (1 + G * (1 - sg))         (d silu(g)/dg = sg + g sg (1 - sg))
+    dU   = dH * silu(G)
+    dA_g = s_g (dG B_g)^T X,     dB_g = s_g dG^T (X A_g^T)      (same for up with dU)
+    dX   = dG W_g + dU W_u + [s_g dG B_g, s_u dU B_u] [A_g; A_u]
+
+Saved for backward, and why: ``X`` (for dA_g/dA_u), the pre-activations ``G`` and ``U`` (the
+activation and its derivative are recomputed from them; saving ``H`` as well would add a third
+``[N, I]`` tensor), the rank-r products ``X [A_g; A_u]^T`` and ``H A_d^T`` (``[N, r]``, so dB costs
+no recompute of a full GEMM), and the (cast) adapters. Not saved: ``H``, any dequantized weight.
+The backward's fused Triton kernel reads ``dH, G, U`` and writes ``H`` over ``dH``, ``dG`` over
+``G`` and ``dU`` over ``U``: no new ``[N, I]`` buffers, which is why running this backward twice
+(``retain_graph=True``) raises instead of silently using overwritten activations.
+
+Dtype policy: all GEMMs run in the compute dtype ``x.dtype`` (bf16 in training: tensor cores,
+fp32 accumulation in cuBLAS), never in fp32 adapters. fp32 master ``A``/``B`` are cast to
+``x.dtype`` inside the op (``r x in`` elements, cheap) and their gradients are returned in
+``A.dtype``/``B.dtype`` (computed in ``x.dtype``, then cast). A dense base of another dtype is cast
+to ``x.dtype``; an NF4 base is dequantized straight to ``x.dtype`` (Triton, kernels/nf4.py). The
+activation kernels load in the tensor dtype, compute in fp32 and round once on store.
+
+Where Triton is used, and where not: the base GEMMs and the rank-r updates stay on cuBLAS
+(``torch.matmul``; ``addmm_`` with ``beta=1`` adds ``s * XA B^T`` in the GEMM's own epilogue, one
+kernel, bf16 tensor cores); the NF4 dequantization and the SwiGLU activation (forward, and the
+backward fused with the activation's recompute, in place) are Triton kernels.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels._dispatch import interpret_mode, use_triton
+from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
+
+__all__ = [
+    "LoRAMLPFunction",
+    "LoRAProjectionsFunction",
+    "LoRAWeight",
+    "lora_linear",
+    "lora_mlp",
+    "lora_qkv",
+    "swiglu_backward_inplace",
+    "swiglu_forward",
+]
+
+# Elementwise kernels: 1024 elements x 4 warps = 8 bf16 (16 B) per thread per access, a full vector
+# load/store; the interpreter pays per program, so it takes larger blocks there.
+_BLOCK = 1024
+_BLOCK_INTERPRET = 16384
+
+
+class LoRAWeight(NamedTuple):
+    """One LoRA-adapted linear layer, in PEFT's layout.
+
+    Attributes:
+        base: the frozen weight ``[out, in]`` (a tensor) or an :class:`~raytune_llm.kernels.nf4.NF4Weight`.
+        A: ``lora_A.weight`` ``[r, in]``.
+        B: ``lora_B.weight`` ``[out, r]``.
+        scaling: ``lora_alpha / r`` (PEFT's ``layer.scaling[adapter]``).
+    """
+
+    base: torch.Tensor | NF4Weight
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+# ---- Triton kernels -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _rne_bf16(x):
+    # The CPU interpreter's fp32 -> bf16 cast truncates; rounding the fp32 bits to nearest even
+    # first makes the cast exact, so interpreter results match the GPU's cvt.rn rounding.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(H_ptr, G_ptr, U_ptr, n_elements, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    if RNE_BF16:
+        h = _rne_bf16(h)
+    tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_inplace_kernel(DH_ptr, G_ptr, U_ptr, n_elements, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # In place: H over dH, dG over G, dU over U (each element read before it is written).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)
+    silu = g * sg
+    h = silu * u
+    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+    du = dh * silu
+    if RNE_BF16:
+        h = _rne_bf16(h)
+        dg = _rne_bf16(dg)
+        du = _rne_bf16(du)
+    tl.store(DH_ptr + offs, h.to(DH_ptr.dtype.element_ty), mask=mask)
+    tl.store(G_ptr + offs, dg.to(G_ptr.dtype.element_ty), mask=mask)
+    tl.store(U_ptr + offs, du.to(U_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+
+def _launch_cfg(t: torch.Tensor) -> tuple[int, bool]:
+    interp = interpret_mode()
+    return (_BLOCK_INTERPRET if interp else _BLOCK), interp and t.dtype == torch.bfloat16
+
+
+def swiglu_forward(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``H = silu(G) * U`` for contiguous ``G``, ``U`` of one shape and dtype (fp32 math, one rounding).
+
+    Args:
+        G: gate pre-activation, contiguous.
+        U: up projection, contiguous, same shape and dtype.
+
+    Returns:
+        ``H``, a new tensor like ``G``.
+    """
+    H = torch.empty_like(G)
+    n = G.numel()
+    if n:
+        block, rne = _launch_cfg(G)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](H, G, U, n, RNE_BF16=rne, BLOCK=block, num_warps=4)
+    return H
+
+
+def swiglu_backward_inplace(dH: torch.Tensor, G: torch.Tensor, U: torch.Tensor) -> None:
+    """Recompute the activation and differentiate it, in place: ``dH <- H``, ``G <- dG``, ``U <- dU``.
+
+    Args:
+        dH: gradient of ``H = silu(G) * U``, contiguous; overwritten with ``H``.
+        G: gate pre-activation, contiguous; overwritten with ``dG``.
+        U: up projection, contiguous; overwritten with ``dU``.
+    """
+    n = G.numel()
+    if n:
+        block, rne = _launch_cfg(G)
+        _swiglu_bwd_inplace_kernel[(triton.cdiv(n, block),)](dH, G, U, n, RNE_BF16=rne, BLOCK=block, num_warps=4)
+
+
+def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight ``[out, in]`` in the compute dtype: NF4 dequantized now (a temporary)."""
+    if isinstance(base, NF4Weight):
+        return nf4_dequantize(base, dtype)
+    return base.detach().to(dtype)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., in]`` -> ``[N, in]`` (a copy only when the view is impossible; matmul takes strides)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _split(t: torch.Tensor, ranks: list[int], dim: int) -> tuple[torch.Tensor, ...]:
+    return torch.split(t, ranks, dim=dim) if len(ranks) > 1 else (t,)
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(ts, dim=0) if len(ts) > 1 else ts[0]
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+
+
+class LoRAProjectionsFunction(torch.autograd.Function):
+    """``P`` LoRA projections of one input (``P = 1``: O; ``P = 3``: QKV).
+
+    ``apply(x, bases, scalings, A_1, B_1, ..., A_P, B_P)``: ``bases`` and ``scalings`` are tuples
+    (no gradients); the adapters are positional so autograd tracks them. Saves ``X``, ``X A^T``
+    (``[N, sum r]``) and the adapters cast to ``x.dtype``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, *adapters: torch.Tensor):
+        dt = x.dtype
+        X = _rows(x)
+        As = [a.to(dt) for a in adapters[0::2]]
+        Bs = [b.to(dt) for b in adapters[1::2]]
+        ranks = [a.shape[0] for a in As]
+        A_cat = _cat(As)
+        XA = X @ A_cat.t()  # one read of X for every projection's adapter
+        outs = []
+        for base, s, B, xa in zip(bases, scalings, Bs, _split(XA, ranks, 1)):
+            Y = X @ _dense(base, dt).t()
+            Y.addmm_(xa, B.t(), alpha=s)  # beta=1: the rank-r update lands in the GEMM's epilogue
+            outs.append(Y.view(*x.shape[:-1], Y.shape[-1]))
+        ctx.save_for_backward(X, XA, A_cat, *Bs)
+        ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
+        ctx.adapter_dtypes = [t.dtype for t in adapters]
+        ctx.x_shape = x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dYs: torch.Tensor):
+        X, XA, A_cat, *Bs = ctx.saved_tensors
+        dt = X.dtype
+        need_x = ctx.needs_input_grad[0]
+        dX = None
+        low = []
+        dYs2 = [_rows(dy).to(dt) for dy in dYs]
+        for base, s, B, dY in zip(ctx.bases, ctx.scalings, Bs, dYs2):
+            if need_x:
+                W = _dense(base, dt)
+                dX = dY @ W if dX is None else dX.addmm_(dY, W)
+                del W
+            low.append((dY @ B).mul_(s))  # s * dY B  [N, r]
+        low_cat = torch.cat(low, dim=1) if len(low) > 1 else low[0]
+        if need_x:
+            dX.addmm_(low_cat, A_cat)  # all rank updates in one GEMM of inner size sum(r)
+            dX = dX.view(ctx.x_shape)
+        grads = []
+        need_a = any(ctx.needs_input_grad[3::2])
+        dA_all = _split(low_cat.t() @ X, ctx.ranks, 0) if need_a else [None] * len(Bs)
+        for i, (s, dY, xa) in enumerate(zip(ctx.scalings, dYs2, _split(XA, ctx.ranks, 1))):
+            dA = dA_all[i].to(ctx.adapter_dtypes[2 * i]) if ctx.needs_input_grad[3 + 2 * i] else None
+            dB = (dY.t() @ xa).mul_(s).to(ctx.adapter_dtypes[2 * i + 1]) if ctx.needs_input_grad[4 + 2 * i] else None
+            grads += [dA, dB]
+        return (dX, None, None, *grads)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """The LoRA SwiGLU MLP; see the module docstring for the math and what is saved.
+
+    ``apply(x, bases, scalings, A_g, B_g, A_u, B_u, A_d, B_d)`` with ``bases``/``scalings`` tuples of
+    three (gate, up, down).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, *adapters: torch.Tensor):
+        dt = x.dtype
+        X = _rows(x)
+        Ag, Bg, Au, Bu, Ad, Bd = (t.to(dt) for t in adapters)
+        sg_, su_, sd_ = scalings
+        ranks = [Ag.shape[0], Au.shape[0]]
+        A_gu = torch.cat((Ag, Au), dim=0)
+        XA = X @ A_gu.t()  # [N, r_g + r_u], one read of X for both adapters
+        xa_g, xa_u = torch.split(XA, ranks, dim=1)
+        G = X @ _dense(bases[0], dt).t()
+        G.addmm_(xa_g, Bg.t(), alpha=sg_)
+        U = X @ _dense(bases[1], dt).t()
+        U.addmm_(xa_u, Bu.t(), alpha=su_)
+        H = swiglu_forward(G, U)
+        HA = H @ Ad.t()  # [N, r_d]
+        Y = H @ _dense(bases[2], dt).t()
+        Y.addmm_(HA, Bd.t(), alpha=sd_)
+        del H  # recomputed in backward from G and U
+        ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
+        ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
+        ctx.adapter_dtypes = [t.dtype for t in adapters]
+        ctx.x_shape = x.shape
+        ctx.consumed = False
+        return Y.view(*x.shape[:-1], Y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dY: torch.Tensor):
+        if ctx.consumed:
+            raise RuntimeError("lora_mlp: backward ran twice on one forward (retain_graph); its saved G/U are reused")
+        ctx.consumed = True
+        X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd = ctx.saved_tensors
+        dt = X.dtype
+        sg_, su_, sd_ = ctx.scalings
+        need = ctx.needs_input_grad
+        dY = _rows(dY).to(dt)
+
+        dYB = (dY @ Bd).mul_(sd_)  # s_d dY B_d  [N, r_d]
+        Wd = _dense(ctx.bases[2], dt)
+        dH = dY @ Wd
+        del Wd
+        dH.addmm_(dYB, Ad)
+        dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[8] else None
+        swiglu_backward_inplace(dH, G, U)  # dH <- H, G <- dG, U <- dU
+        H, dG, dU = dH, G, U
+        dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[7] else None
+        del H, dH
+
+        low = torch.cat(((dG @ Bg).mul_(sg_), (dU @ Bu).mul_(su_)), dim=1)  # [N, r_g + r_u]
+        dX = None
+        if need[0]:
+            Wg = _dense(ctx.bases[0], dt)
+            dX = dG @ Wg
+            del Wg
+            Wu = _dense(ctx.bases[1], dt)
+            dX.addmm_(dU, Wu)
+            del Wu
+            dX.addmm_(low, A_gu)
+            dX = dX.view(ctx.x_shape)
+        dA_g = dA_u = None
+        if need[3] or need[5]:
+            dA_g, dA_u = torch.split(low.t() @ X, ctx.ranks, dim=0)
+            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[3] else None
+            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[5] else None
+        xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
+        dB_g = (dG.t() @ xa_g).mul_(sg_).to(ctx.adapter_dtypes[1]) if need[4] else None
+        dB_u = (dU.t() @ xa_u).mul_(su_).to(ctx.adapter_dtypes[3]) if need[6] else None
+        return (dX, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+
+
+# ---- functionals --------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, ws: tuple[LoRAWeight, ...], names: tuple[str, ...]) -> None:
+    for name, w in zip(names, ws):
+        if not isinstance(w, LoRAWeight):
+            raise TypeError(f"{name}: expected a LoRAWeight, got {type(w).__name__}")
+        out_f, in_f = (tuple(w.base.shape) + (None, None))[:2]
+        if w.A.dim() != 2 or w.B.dim() != 2 or w.B.shape[1] != w.A.shape[0]:
+            raise ValueError(
+                f"{name}: A must be [r, in] and B [out, r], got A {tuple(w.A.shape)}, B {tuple(w.B.shape)}"
+            )
+        if (out_f, in_f) != (w.B.shape[0], w.A.shape[1]):
+            raise ValueError(f"{name}: base {(out_f, in_f)} does not match A {tuple(w.A.shape)} / B {tuple(w.B.shape)}")
+
+
+def _adapters(ws: tuple[LoRAWeight, ...]) -> list[torch.Tensor]:
+    return [t for w in ws for t in (w.A, w.B)]
+
+
+def lora_linear(x: torch.Tensor, w: LoRAWeight) -> torch.Tensor:
+    """One LoRA projection ``x @ W^T + s * (x @ A^T) @ B^T`` (the attention output ``O``).
+
+    Triton path on CUDA or under ``TRITON_INTERPRET=1``, otherwise ``reference.lora_linear``.
+
+    Args:
+        x: activations ``[..., in]`` in the compute dtype.
+        w: the layer (base dense or NF4, A ``[r, in]``, B ``[out, r]``, scaling).
+
+    Returns:
+        ``[..., out]`` in ``x.dtype``. Gradients flow to ``x``, ``A`` and ``B`` (in their dtypes).
+
+    Raises:
+        TypeError, ValueError: on a malformed :class:`LoRAWeight` or mismatched shapes.
+    """
+    _check(x, (w,), ("w",))
+    if x.shape[-1] != w.A.shape[1]:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, the layer expects {w.A.shape[1]}")
+    if not use_triton(x):
+        return reference.lora_linear(x, w)
+    return LoRAProjectionsFunction.apply(x, (w.base,), (float(w.scaling),), *_adapters((w,)))[0]
+
+
+def lora_qkv(
+    x: torch.Tensor, q: LoRAWeight, k: LoRAWeight, v: LoRAWeight
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Q, K and V LoRA projections of one input, sharing the read of ``x`` and its gradient.
+
+    Args:
+        x: activations ``[..., hidden]``.
+        q: query projection.
+        k: key projection.
+        v: value projection.
+
+    Returns:
+        ``(Q, K, V)``, ``[..., out_p]`` each, in ``x.dtype``.
+
+    Raises:
+        TypeError, ValueError: on a malformed :class:`LoRAWeight` or mismatched shapes.
+    """
+    ws = (q, k, v)
+    _check(x, ws, ("q", "k", "v"))
+    if any(x.shape[-1] != w.A.shape[1] for w in ws):
+        raise ValueError(f"lora_qkv: x has {x.shape[-1]} features; q/k/v expect {[w.A.shape[1] for w in ws]}")
+    if not use_triton(x):
+        return reference.lora_qkv(x, q, k, v)
+    return LoRAProjectionsFunction.apply(
+        x, tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws), *_adapters(ws)
+    )
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight) -> torch.Tensor:
+    """The LoRA SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection with its adapter.
+
+    Args:
+        x: activations ``[..., hidden]``.
+        gate: ``[inter, hidden]`` projection.
+        up: ``[inter, hidden]`` projection.
+        down: ``[hidden, inter]`` projection.
+
+    Returns:
+        ``[..., hidden]`` in ``x.dtype``.
+
+    Raises:
+        TypeError, ValueError: on a malformed :class:`LoRAWeight` or mismatched shapes.
+        RuntimeError: when its backward is run twice on one forward (``retain_graph=True``).
+    """
+    ws = (gate, up, down)
+    _check(x, ws, ("gate", "up", "down"))
+    if x.shape[-1] != gate.A.shape[1] or x.shape[-1] != up.A.shape[1]:
+        raise ValueError(f"lora_mlp: x has {x.shape[-1]} features; gate/up expect {gate.A.shape[1]}/{up.A.shape[1]}")
+    if gate.B.shape[0] != up.B.shape[0] or down.A.shape[1] != gate.B.shape[0]:
+        raise ValueError(
+            f"lora_mlp: intermediate sizes disagree: gate {gate.B.shape[0]}, up {up.B.shape[0]}, down {down.A.shape[1]}"
+        )
+    if not use_triton(x):
+        return reference.lora_mlp(x, gate, up, down)
+    return LoRAMLPFunction.apply(x, tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws), *_adapters(ws))

@@ -1,0 +1,261 @@
+"""Fused LoRA ops (O, QKV, MLP) against reference.lora_*, and against real PEFT layers.
+
+Kernel vs reference: forward output, dX and every dA / dB under one upstream gradient, fp32 and bf16
+(flash-attention rule), odd shapes (non-power-of-two widths and ranks, a single row, 3-D input),
+non-contiguous inputs, dense and NF4 bases (QLoRA parity: the fused NF4 path against the reference
+on the dequantized weight). PEFT tests prove the layout: ``lora_A.weight`` is ``A``,
+``lora_B.weight`` is ``B``, ``scaling`` is PEFT's, on an ``nn.Linear``, a transformers ``LlamaMLP``
+and a bitsandbytes ``Linear4bit``.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels.lora import LoRAWeight, lora_linear, lora_mlp, lora_qkv
+from raytune_llm.kernels.nf4 import NF4Weight
+from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (out, in, r, scaling) per projection; widths and ranks deliberately not powers of two.
+HIDDEN, INTER = 24, 40
+SPECS = {
+    "linear": [(HIDDEN, 36, 5, 2.0)],
+    "qkv": [(HIDDEN, HIDDEN, 5, 2.0), (12, HIDDEN, 3, 0.5), (12, HIDDEN, 6, 1.0)],
+    "mlp": [(INTER, HIDDEN, 5, 2.0), (INTER, HIDDEN, 3, 0.5), (HIDDEN, INTER, 4, 1.0)],
+}
+OPS = {"linear": (lora_linear, reference.lora_linear), "qkv": (lora_qkv, reference.lora_qkv)}
+OPS["mlp"] = (lora_mlp, reference.lora_mlp)
+
+
+def _base(out_f, in_f, gen, kind, dtype, device):
+    w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+    if kind == "dense":
+        return w.to(dtype).to(device)  # rounded once: both runs see the same weight values
+    packed, qs = bnbF.quantize_4bit(w.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
+    nf4 = NF4Weight.from_bnb(packed, qs)
+    return nf4._replace(
+        packed=nf4.packed.to(device),
+        absmax=nf4.absmax.to(device),
+        code=nf4.code.to(device),
+        nested=nf4.nested._replace(
+            absmax=nf4.nested.absmax.to(device), code=nf4.nested.code.to(device), offset=nf4.nested.offset.to(device)
+        ),
+    )
+
+
+def _case(op, kind, dtype, device, seed=0, specs=None):
+    """fp32 adapter bases [A_1, B_1, ...], frozen bases and scalings for one op."""
+    gen = torch.Generator().manual_seed(seed)
+    bases, adapters, scalings = [], [], []
+    for out_f, in_f, r, s in specs or SPECS[op]:
+        bases.append(_base(out_f, in_f, gen, kind, dtype, device))
+        adapters += [(torch.randn(r, in_f, generator=gen) / in_f**0.5).to(device)]
+        adapters += [(torch.randn(out_f, r, generator=gen) / r**0.5).to(device)]
+        scalings.append(s)
+    return bases, adapters, scalings
+
+
+def _bind(fn, bases, scalings):
+    """``f(x, A_1, B_1, ...)`` for check_against_reference: the frozen bases ride in the closure."""
+
+    def call(x, *adapters):
+        ws = [LoRAWeight(b, a, bb, s) for b, a, bb, s in zip(bases, adapters[0::2], adapters[1::2], scalings)]
+        return fn(x, *ws)
+
+    return call
+
+
+LAYOUTS = {
+    # name: (x leading shape, view on x, view on each adapter)
+    "rows": ((7,), None, None),
+    "single_row": ((1,), None, None),
+    "batched_strided": ((2, 3), "x_strided", "adapter_t"),
+}
+
+
+def _run_case(op, kind, dtype, layout, device, specs=None):
+    specs = specs or SPECS[op]
+    bases, adapters, scalings = _case(op, kind, dtype, device, specs=specs)
+    lead, xview, aview = LAYOUTS[layout] if isinstance(layout, str) else layout
+    in_f = specs[0][1]
+    gen = torch.Generator().manual_seed(1)
+    views = [None] * (1 + len(adapters))
+    if xview == "x_strided":  # every other column of a [.., 2*in] tensor: non-contiguous rows
+        x = torch.randn(*lead, 2 * in_f, generator=gen).to(device)
+        views[0] = lambda t: t[..., ::2]
+    else:
+        x = torch.randn(*lead, in_f, generator=gen).to(device)
+    if aview == "adapter_t":  # adapters handed in as transposed views (column-major)
+        adapters = [a.t().contiguous() for a in adapters]
+        views[1:] = [lambda t: t.t()] * len(adapters)
+    names = ["x"] + [f"{n}{i}" for i in range(len(bases)) for n in ("A", "B")]
+    fn, ref = OPS[op]
+    check_against_reference(
+        _bind(fn, bases, scalings), _bind(ref, bases, scalings), [x, *adapters], dtype, views, names
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_matches_reference(op, kind, dtype, layout):
+    _run_case(op, kind, dtype, layout, kernel_device())
+
+
+@needs_triton
+def test_fp32_master_adapters_with_bf16_activations():
+    # Mixed precision: fp32 A/B, bf16 x. The op computes in bf16 and returns grads in fp32.
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "nf4", torch.bfloat16, device, seed=4)
+    x = torch.randn(5, HIDDEN, device=device).to(torch.bfloat16).requires_grad_()
+    leaves = [a.clone().requires_grad_() for a in adapters]
+    ref_leaves = [a.clone().requires_grad_() for a in adapters]
+    x_ref = x.detach().clone().requires_grad_()
+    y = _bind(lora_mlp, bases, scalings)(x, *leaves)
+    y_ref = _bind(reference.lora_mlp, bases, scalings)(x_ref, *ref_leaves)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == torch.float32
+        scale = want.grad.abs().max()
+        assert (got.grad - want.grad).abs().max() <= 2e-2 * scale, "bf16 adapter grads drift from the reference"
+
+
+@needs_triton
+def test_mlp_backward_twice_raises():
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "dense", torch.float32, device)
+    leaves = [a.clone().requires_grad_() for a in adapters]
+    y = _bind(lora_mlp, bases, scalings)(torch.randn(3, HIDDEN, device=device, requires_grad=True), *leaves)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        y.sum().backward()
+
+
+def test_shape_errors():
+    w = LoRAWeight(torch.randn(8, 6), torch.randn(2, 6), torch.randn(8, 2), 1.0)
+    with pytest.raises(ValueError, match="expects 6"):
+        lora_linear(torch.randn(3, 5), w)
+    with pytest.raises(ValueError, match=r"A must be \[r, in\]"):
+        lora_linear(torch.randn(3, 6), w._replace(B=torch.randn(8, 3)))
+    with pytest.raises(ValueError, match="does not match"):
+        lora_linear(torch.randn(3, 6), w._replace(base=torch.randn(9, 6)))
+    with pytest.raises(TypeError, match="expected a LoRAWeight"):
+        lora_linear(torch.randn(3, 6), (w.base, w.A, w.B, 1.0))
+    with pytest.raises(ValueError, match="intermediate sizes disagree"):
+        lora_mlp(torch.randn(3, 6), w, w._replace(B=torch.randn(7, 2), base=torch.randn(7, 6)), w)
+
+
+# ---- PEFT layout --------------------------------------------------------------------------------
+
+
+def _peft_lora_weight(layer, base) -> LoRAWeight:
+    return LoRAWeight(base, layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"])
+
+
+def _adapter_grads(layers):
+    return [t.grad for lay in layers for t in (lay.lora_A["default"].weight, lay.lora_B["default"].weight)]
+
+
+def _peft(model, targets, r=5, alpha=15):
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+def _compare_grads(got, want, rtol=1e-4):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g is not None and w is not None, f"grad {i} missing"
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item(), msg=f"grad {i}")
+
+
+def test_matches_peft_linear_and_qkv():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {n: torch.nn.Linear(HIDDEN, o, bias=False) for n, o in (("q", 24), ("k", 12), ("v", 12))}
+    )
+    pm = _peft(model, ["q", "k", "v"])
+    layers = [pm.base_model.model[n] for n in ("q", "k", "v")]
+    ws = [_peft_lora_weight(lay, lay.base_layer.weight) for lay in layers]
+    x = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    want = [lay(x) for lay in layers]
+    torch.autograd.backward(want, [torch.ones_like(w) for w in want])
+    want_g = [x.grad.clone()] + _adapter_grads(layers)
+    pm.zero_grad()
+    x.grad = None
+    got = lora_qkv(x, *ws)
+    torch.autograd.backward(got, [torch.ones_like(g) for g in got])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    _compare_grads([x.grad] + _adapter_grads(layers), want_g)
+    torch.testing.assert_close(lora_linear(x, ws[0]), layers[0](x), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_peft_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(1)
+    mlp = LlamaMLP(
+        LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4, num_key_value_heads=4)
+    )
+    pm = _peft(mlp, ["gate_proj", "up_proj", "down_proj"], r=6, alpha=12)
+    inner = pm.base_model.model
+    layers = [inner.gate_proj, inner.up_proj, inner.down_proj]
+    x = torch.randn(3, 4, HIDDEN, requires_grad=True)
+    want = pm(x)
+    want.backward(torch.ones_like(want))
+    want_g = [x.grad.clone()] + _adapter_grads(layers)
+    pm.zero_grad()
+    x.grad = None
+    got = lora_mlp(x, *(_peft_lora_weight(lay, lay.base_layer.weight) for lay in layers))
+    got.backward(torch.ones_like(got))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _compare_grads([x.grad] + _adapter_grads(layers), want_g)
+
+
+def test_matches_peft_qlora_linear4bit():
+    # QLoRA layout: PEFT's lora.Linear4bit over a real bitsandbytes Linear4bit quantized on the CPU.
+    torch.manual_seed(2)
+    dense = torch.randn(HIDDEN, 40) * 0.1
+    q = bnb.nn.Linear4bit(40, HIDDEN, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    model = torch.nn.ModuleDict({"o": q.to("cpu")})
+    pm = _peft(model, ["o"], r=4, alpha=8)
+    layer = pm.base_model.model["o"]
+    x = torch.randn(6, 40, requires_grad=True)
+    want = layer(x)
+    want.backward(torch.ones_like(want))
+    want_g = [x.grad.clone()] + _adapter_grads([layer])
+    layer.zero_grad()
+    x.grad = None
+    got = lora_linear(x, _peft_lora_weight(layer, NF4Weight.from_bnb(layer.base_layer)))
+    got.backward(torch.ones_like(got))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _compare_grads([x.grad] + _adapter_grads([layer]), want_g)
+
+
+# ---- real sizes (GPU) ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("hidden,inter", [(4096, 14336), (8192, 28672)])
+def test_real_sizes_bf16(hidden, inter, kind):
+    kv = hidden // 4  # 8 kv heads of 128 for 32 (8B) / 64 (70B) query heads
+    specs = {
+        "linear": [(hidden, hidden, 16, 1.0)],
+        "qkv": [(hidden, hidden, 16, 1.0), (kv, hidden, 16, 1.0), (kv, hidden, 16, 1.0)],
+        "mlp": [(inter, hidden, 16, 1.0), (inter, hidden, 16, 1.0), (hidden, inter, 16, 1.0)],
+    }
+    for op in ("linear", "qkv", "mlp"):
+        _run_case(op, kind, torch.bfloat16, ((2, 1024), None, None), torch.device("cuda"), specs[op])
