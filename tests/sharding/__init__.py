@@ -1,0 +1,1 @@
+"""Tests of raytune_llm.sharding: ZeRO configs, DeepSpeed engines under Ray, the memory planner."""
