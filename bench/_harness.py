@@ -6,7 +6,8 @@ What it measures, per (kernel, shape, provider, mode):
   of CUDA events; a per-repetition ``setup`` (fresh inputs, ``.grad = None``, an L2 flush) runs
   outside the events, as ``triton.testing.do_bench`` does;
 - peak memory: ``torch.cuda.max_memory_allocated`` over one extra run, reset after setup, so it
-  is the peak of the operation with its inputs alive (the same convention as Liger's benchmarks);
+  is the peak of the operation with its inputs alive (the same convention as Liger's benchmarks),
+  plus ``peak_extra_mib``, the same minus what was allocated before the run (inputs, cached sources);
 - bandwidth: the minimum bytes the operation must move divided by its time, and that as a fraction
   of the device copy bandwidth measured once per harness (``dst.copy_(src)`` of 1 GiB, 2x bytes).
 
@@ -86,6 +87,7 @@ class Timing:
     ms_p20: float
     ms_p80: float
     peak_mib: float | None
+    peak_extra_mib: float | None = None
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Record:
     ms_p20: float | None = None
     ms_p80: float | None = None
     peak_mib: float | None = None
+    peak_extra_mib: float | None = None
     gbps: float | None = None
     bandwidth_fraction: float | None = None
     headline: bool = False
@@ -232,19 +235,21 @@ class Harness:
             times = [s.elapsed_time(e) for s, e in events]
             state = setup()
             torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             fn(state)
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**20
+            extra = peak - before / 2**20
         else:
             for _ in range(self.reps):
                 state = setup()
                 t0 = time.perf_counter()
                 fn(state)
                 times.append((time.perf_counter() - t0) * 1e3)
-            peak = None
+            peak = extra = None
         qs = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-        return Timing(ms=statistics.median(times), ms_p20=qs[0], ms_p80=qs[3], peak_mib=peak)
+        return Timing(ms=statistics.median(times), ms_p20=qs[0], ms_p80=qs[3], peak_mib=peak, peak_extra_mib=extra)
 
     def _copy_bandwidth(self) -> float:
         """Device copy bandwidth in GB/s (read + write counted), measured once."""
@@ -296,7 +301,7 @@ class Harness:
                 rec = Record(kernel=kernel, shape=shape, provider=pname, mode=mode, headline=headline)
                 records.append(rec)
                 if fn is None:
-                    rec.skipped = "not available here"
+                    rec.skipped = "tiny lane (eager only)" if self.tiny else "not available (liger_kernel absent?)"
                     continue
                 try:
                     timing = self._time_mode(fn, make_inputs, mode, upstream)
@@ -305,7 +310,8 @@ class Harness:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                rec.ms, rec.ms_p20, rec.ms_p80, rec.peak_mib = timing.ms, timing.ms_p20, timing.ms_p80, timing.peak_mib
+                rec.ms, rec.ms_p20, rec.ms_p80 = timing.ms, timing.ms_p20, timing.ms_p80
+                rec.peak_mib, rec.peak_extra_mib = timing.peak_mib, timing.peak_extra_mib
                 if bytes_moved and mode in bytes_moved:
                     rec.gbps = bytes_moved[mode] / (timing.ms * 1e-3) / 1e9
                     rec.bandwidth_fraction = rec.gbps / self.copy_gbps
@@ -358,9 +364,10 @@ def summarize(records: list[Record], goals: dict[str, str], bandwidth_bound: boo
         o = by.get(other)
         return None if ours is None or o is None else round(o.ms / ours.ms, 3)
 
-    def peak(p: str) -> float | None:
+    def peak(p: str, attr: str = "peak_mib") -> float | None:
         r = by.get(p)
-        return None if r is None or r.peak_mib is None else round(r.peak_mib, 1)
+        v = None if r is None else getattr(r, attr)
+        return None if v is None else round(v, 1)
 
     frac = ours.bandwidth_fraction if (ours is not None and bandwidth_bound) else None
     return {
@@ -371,6 +378,8 @@ def summarize(records: list[Record], goals: dict[str, str], bandwidth_bound: boo
         "peak_mib_ours": peak("ours"),
         "peak_mib_liger": peak("liger"),
         "peak_mib_torch": peak("torch"),
+        "peak_extra_mib_ours": peak("ours", "peak_extra_mib"),
+        "peak_extra_mib_liger": peak("liger", "peak_extra_mib"),
         "goals": goals,
     }
 
@@ -380,18 +389,23 @@ def print_table(records: list[Record], copy_gbps: float | None = None) -> None:
     if copy_gbps:
         print(f"device copy bandwidth: {copy_gbps:,.0f} GB/s")
     head = (
-        f"{'kernel':<22} {'shape':<22} {'mode':<8} {'provider':<14} {'ms':>9} {'peak MiB':>10} {'GB/s':>8} {'bw%':>6}"
+        f"{'kernel':<26} {'shape':<30} {'mode':<8} {'provider':<14} {'ms':>9} {'peak MiB':>10} {'+MiB':>9}"
+        f" {'GB/s':>8} {'bw%':>6}"
     )
     print(head)
     print("-" * len(head))
     for r in records:
         if r.skipped:
-            print(f"{r.kernel:<22} {r.shape:<22} {r.mode:<8} {r.provider:<14} skipped: {r.skipped}")
+            print(f"{r.kernel:<26} {r.shape:<30} {r.mode:<8} {r.provider:<14} skipped: {r.skipped}")
             continue
         peak = f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "-"
+        extra = f"{r.peak_extra_mib:,.0f}" if r.peak_extra_mib is not None else "-"
         gbps = f"{r.gbps:,.0f}" if r.gbps is not None else "-"
         frac = f"{100 * r.bandwidth_fraction:.0f}" if r.bandwidth_fraction is not None else "-"
-        print(f"{r.kernel:<22} {r.shape:<22} {r.mode:<8} {r.provider:<14} {r.ms:>9.3f} {peak:>10} {gbps:>8} {frac:>6}")
+        print(
+            f"{r.kernel:<26} {r.shape:<30} {r.mode:<8} {r.provider:<14} {r.ms:>9.3f} {peak:>10} {extra:>9}"
+            f" {gbps:>8} {frac:>6}"
+        )
 
 
 def gpu_slug(env: dict[str, Any]) -> str:

@@ -59,6 +59,7 @@ def assert_close(
     actual: torch.Tensor,
     ref32: torch.Tensor,
     ref_lp: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Compare a kernel output or gradient with the reference under the table above.
 
@@ -68,6 +69,8 @@ def assert_close(
         ref32: the reference computed in fp32 from the same inputs.
         ref_lp: the reference computed in the kernel's low precision; required when ``actual`` is
             not fp32.
+        dtype: the precision the inputs were run in, when it differs from ``actual.dtype`` (an fp32 loss
+            from bf16 inputs is judged by the bf16 rule); default ``actual.dtype``.
 
     Raises:
         AssertionError: with the worst elements and their indices.
@@ -76,14 +79,15 @@ def assert_close(
     a = actual.detach().float().cpu()
     r = ref32.detach().float().cpu()
     assert torch.isfinite(a).all() == torch.isfinite(r).all(), f"{name}: non-finite values differ\n{_worst(a, r)}"
-    if actual.dtype == torch.float32:
+    run_dtype = dtype or actual.dtype
+    if run_dtype == torch.float32:
         ok = (a - r).abs() <= FP32["atol"] + FP32["rtol"] * r.abs()
         if not bool(ok.all()):
             raise AssertionError(
                 f"{name} (fp32): {int((~ok).sum())} of {ok.numel()} elements beyond rtol=atol=1e-5\n{_worst(a, r)}"
             )
         return
-    assert ref_lp is not None, f"{name}: a {actual.dtype} result needs the low-precision reference"
+    assert ref_lp is not None, f"{name}: a {run_dtype} result needs the low-precision reference"
     lp = ref_lp.detach().float().cpu()
     err = (a - r).abs().max().item() if a.numel() else 0.0
     ref_err = (lp - r).abs().max().item() if a.numel() else 0.0
@@ -91,8 +95,8 @@ def assert_close(
     bound = LOWP_FACTOR * ref_err + floor
     if err > bound:
         raise AssertionError(
-            f"{name} ({actual.dtype}): max error {err:.4g} vs fp32 reference exceeds "
-            f"2 x {ref_err:.4g} (reference in {actual.dtype}) + floor {floor:.3g}\n{_worst(a, r)}"
+            f"{name} ({run_dtype}): max error {err:.4g} vs fp32 reference exceeds "
+            f"2 x {ref_err:.4g} (reference in {run_dtype}) + floor {floor:.3g}\n{_worst(a, r)}"
         )
 
 
@@ -166,9 +170,9 @@ def check_against_reference(
     ref32, ref32_g = run(ref_fn, torch.float32, dtype)
     ref_lp, ref_lp_g = (None, [None] * len(args)) if dtype == torch.float32 else run(ref_fn, dtype, dtype)
     for i, (g, r) in enumerate(zip(got, ref32)):
-        assert_close(f"output {i}", g, r, None if ref_lp is None else ref_lp[i])
+        assert_close(f"output {i}", g, r, None if ref_lp is None else ref_lp[i], dtype)
     for name, d, g, r, lp in zip(names, diff, got_g, ref32_g, ref_lp_g):
         if not d:
             continue
         assert g is not None, f"d{name}: the kernel produced no gradient"
-        assert_close(f"d{name}", g, r, lp)
+        assert_close(f"d{name}", g, r, lp, dtype)

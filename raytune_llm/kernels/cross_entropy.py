@@ -1,0 +1,254 @@
+"""Fused LM-head projection + cross-entropy that never holds the full ``[N, V]`` logits.
+
+Forward, for hidden states ``h [N, H]``, head weight ``W [V, H]``, labels ``y [N]``, with
+``M = {i : y_i != ignore_index}`` and ``n = max(|M|, 1)``::
+
+    z_i   = W h_i                                   # logits of token i, [V]
+    lse_i = log sum_v exp(z_iv)
+    L     = (1/n) * sum_{i in M} (lse_i - z_{i, y_i})
+
+Backward (derived per token; ``p_i = softmax(z_i)``, ``e_y`` the one-hot of the label)::
+
+    dL/dz_i = (p_i - e_{y_i}) / n     for i in M, 0 otherwise      (G_i, one row of G [N, V])
+    dL/dh   = G W                                                   [N, H]
+    dL/dW   = G^T h                                                 [V, H]
+    dL/dy   : none (labels are integers)
+
+All three are known during the forward, so the forward computes them there, chunk by chunk (as
+Liger-Kernel does): for each chunk of ``C`` tokens, ``z = h_c @ W^T`` (a torch matmul, fp32
+accumulation inside the GEMM, stored in the input dtype), then one Triton kernel per row makes two
+passes over ``z``: an online max / sum-of-exponentials (fp32) giving ``lse`` and the row loss, then
+``G`` written *in place over the chunk's logits*. ``dL/dh`` for the chunk is one matmul into its
+slice of the ``[N, H]`` gradient; ``dL/dW`` is accumulated with ``addmm_`` only when ``W`` requires
+grad (a frozen LoRA base head never pays for it). The backward only scales the stored gradients by
+the upstream scalar. Peak extra memory: one ``[C, V]`` chunk + ``dL/dh`` (+ ``dL/dW``), never ``[N, V]``.
+
+Dtype policy: logits in the input dtype (bf16 in training), read and reduced in fp32; the loss is
+fp32; ``G`` is stored in the input dtype for the two gradient matmuls; ``dL/dW`` accumulates in
+``W``'s dtype (one rounding per chunk, as Liger's default), ``dL/dh`` in ``h``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels._dispatch import kernel_store_dtype, row_block_settings, triton_next_power_of_2, use_triton
+
+__all__ = [
+    "FusedLinearCrossEntropyFunction",
+    "default_chunk_size",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_forward",
+]
+
+# Vocabulary block per loop step: 32768 fp32 values over 32 warps is 32 registers per thread, the
+# largest block that still leaves room for two resident programs per SM; Llama-3's 128256-entry
+# vocabulary takes 4 steps per pass (Liger uses the same block and warp count).
+_MAX_VOCAB_BLOCK = 32768
+
+
+@triton.jit
+def _ce_row_kernel(
+    LOGITS_ptr,
+    stride_l,
+    LABELS_ptr,
+    LOSS_ptr,
+    DENOM_ptr,
+    n_cols,
+    ignore_index,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS_ptr + row * stride_l
+    label = tl.load(LABELS_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    offs = tl.arange(0, BLOCK)
+
+    # Pass 1: online max and sum of exponentials (rescaled whenever the running max grows).
+    m = tl.zeros([], dtype=tl.float32) - float("inf")
+    d = tl.zeros([], dtype=tl.float32)
+    start = 0
+    while start < n_cols:
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        start += BLOCK
+    lse = m + tl.log(d)
+    z_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    tl.store(LOSS_ptr + row, tl.where(valid, lse - z_label, 0.0))
+
+    # Pass 2: G = (softmax - onehot) / n, over the logits in place; ignored rows get zeros.
+    if COMPUTE_GRAD:
+        scale = tl.where(valid, 1.0, 0.0) / tl.load(DENOM_ptr)
+        start = 0
+        while start < n_cols:
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse)
+            g = tl.where(cols == safe_label, g - 1.0, g) * scale
+            tl.store(row_ptr + cols, g.to(LOGITS_ptr.dtype.element_ty), mask=mask)
+            start += BLOCK
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so that one chunk of logits is about the size of the hidden states.
+
+    ``C = next_pow2(ceil(N / ceil(V / H)))`` (Liger's rule): the ``[C, V]`` logits then cost about
+    as much memory as ``[N, H]``, so the fused op's extra memory stays ~1x the activations while
+    chunks remain large enough (1024 tokens for 32768 x 4096 -> 128256) for efficient GEMMs.
+
+    Args:
+        n_tokens: N.
+        hidden: H.
+        vocab: V.
+
+    Returns:
+        The chunk size, at least 1.
+    """
+    inc = triton.cdiv(vocab, hidden)
+    return max(1, triton_next_power_of_2(triton.cdiv(max(n_tokens, 1), inc)))
+
+
+def fused_linear_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int | None,
+    need_dh: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss and, when asked, both gradients, chunk by chunk.
+
+    Args:
+        hidden: ``[N, H]``.
+        weight: ``[V, H]``.
+        labels: ``[N]`` integer ids.
+        ignore_index: label that takes no part.
+        chunk_size: tokens per chunk (None: :func:`default_chunk_size`).
+        need_dh: compute ``dL/dh``.
+        need_dw: compute ``dL/dW``.
+
+    Returns:
+        ``(loss fp32 scalar, dL/dh [N, H] or None, dL/dW [V, H] or None)`` for an upstream gradient of 1.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    labels = labels.contiguous()
+    denom = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+    loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
+    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    compute_grad = need_dh or need_dw
+    C = chunk_size or default_chunk_size(N, H, V)
+    BLOCK, num_warps = row_block_settings(min(V, _MAX_VOCAB_BLOCK))
+    for start in range(0, N, C):
+        end = min(start + C, N)
+        h_c = hidden[start:end]
+        logits = h_c @ weight.t()
+        # Under the interpreter bf16 round-trips through fp32 (see kernel_store_dtype); a no-op on GPU.
+        logits = logits.to(kernel_store_dtype(logits.dtype))
+        _ce_row_kernel[(end - start,)](
+            logits,
+            logits.stride(0),
+            labels[start:end],
+            loss_rows[start:end],
+            denom,
+            V,
+            ignore_index,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK=BLOCK,
+            num_warps=num_warps,
+        )
+        if not compute_grad:
+            continue
+        G = logits.to(hidden.dtype)
+        if need_dh:
+            torch.mm(G, weight, out=grad_h[start:end])
+        if need_dw:
+            grad_w.addmm_(G.t(), h_c)
+    loss = loss_rows.sum() / denom
+    return loss, grad_h, grad_w
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper: the gradients are made in the forward; the backward scales them by the upstream scalar.
+
+    The scaling is in place, so one forward supports one backward (a second raises).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_size: int | None):
+        loss, grad_h, grad_w = fused_linear_cross_entropy_forward(
+            hidden, weight, labels, ignore_index, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.grads = (grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward can run once per forward (gradients are made in the forward)"
+            )
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        # Scale unconditionally: testing grad_output == 1 on the host would cost a device sync.
+        if grad_h is not None:
+            grad_h.mul_(grad_output.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_output.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, without materialising the logits.
+
+    Runs the chunked Triton path on CUDA or under ``TRITON_INTERPRET=1``, otherwise
+    ``reference.fused_linear_cross_entropy``. The caller shifts labels.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states (flatten ``[B, S, H]`` first).
+        weight: ``[V, H]`` LM head weight, same dtype as ``hidden``.
+        labels: ``[N]`` integer targets.
+        ignore_index: label value excluded from the loss and the count.
+        chunk_size: tokens per chunk; None picks :func:`default_chunk_size`.
+
+    Returns:
+        fp32 scalar: summed loss over counted tokens divided by their count (0.0 when none count).
+
+    Raises:
+        ValueError: on mismatched shapes, dtypes or devices, or a non-positive chunk size.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} "
+            f"and {list(weight.shape)}"
+        )
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"fused_linear_cross_entropy: labels must be [{hidden.shape[0]}], got {list(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"fused_linear_cross_entropy: labels must be integer ids, got {labels.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if len({hidden.device, weight.device, labels.device}) != 1:
+        raise ValueError("fused_linear_cross_entropy: hidden, weight and labels must be on one device")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if not use_triton(hidden, weight, labels):
+        return reference.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size)
+    return FusedLinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, chunk_size)

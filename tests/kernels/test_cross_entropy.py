@@ -1,0 +1,132 @@
+"""Fused linear cross-entropy against reference.fused_linear_cross_entropy: loss, d hidden, d weight.
+
+Covers fp32 and bf16, a single token, odd widths, several chunks, ignored labels (some and all),
+a frozen head (no weight gradient), a strided hidden, a non-unit upstream gradient, and a vocabulary
+wider than one kernel block (the online-softmax loop).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels.cross_entropy import default_chunk_size, fused_linear_cross_entropy
+from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(n, h, v, device, ignore_frac=0.25, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h**0.5 * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+def _chunked(chunk):
+    return lambda h, w, y: fused_linear_cross_entropy(h, w, y, -100, chunk)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 8, 16, None), (7, 12, 37, 3), (16, 24, 100, 5), (5, 16, 64, 1)])
+def test_flce_matches_reference(dtype, n, h, v, chunk):
+    hidden, weight, labels = _inputs(n, h, v, kernel_device())
+    check_against_reference(
+        _chunked(chunk), reference.fused_linear_cross_entropy, [hidden, weight, labels], dtype, names=["h", "w", "y"]
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_flce_frozen_head_strided_hidden_scaled_loss(dtype):
+    # The LoRA case: the head is frozen (no weight gradient is made); hidden is a strided slice; loss * 2.5.
+    hidden, weight, labels = _inputs(9, 2 * 20, 50, kernel_device(), seed=1)
+
+    def kern(h, w, y):
+        assert w.grad_fn is None and not w.requires_grad
+        return 2.5 * fused_linear_cross_entropy(h, w, y, -100, 4)
+
+    def ref(h, w, y):
+        return 2.5 * reference.fused_linear_cross_entropy(h, w, y)
+
+    check_against_reference(
+        kern,
+        ref,
+        [hidden, weight[:, :20].contiguous(), labels],
+        dtype,
+        views=[lambda t: t[:, ::2], None, None],
+        no_grad=(1,),
+    )
+
+
+@needs_triton
+def test_flce_all_ignored_gives_zero_loss_and_zero_grads():
+    hidden, weight, labels = _inputs(4, 8, 16, kernel_device(), ignore_frac=1.1)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    assert h.grad.abs().max().item() == 0.0 and w.grad.abs().max().item() == 0.0
+
+
+@needs_triton
+def test_flce_vocab_wider_than_one_block():
+    # 33000 > the 32768-entry block: the online max/sum must carry across loop steps.
+    hidden, weight, labels = _inputs(3, 8, 33000, kernel_device(), ignore_frac=0.0, seed=2)
+    weight = weight * 3  # spread the logits so the running max moves between blocks
+    check_against_reference(_chunked(2), reference.fused_linear_cross_entropy, [hidden, weight, labels], torch.float32)
+
+
+@needs_triton
+def test_flce_second_backward_raises():
+    hidden, weight, labels = _inputs(3, 8, 16, kernel_device())
+    loss = fused_linear_cross_entropy(hidden.clone().requires_grad_(), weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_flce_rejects_bad_input():
+    with pytest.raises(ValueError, match="labels must be"):
+        fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="need hidden"):
+        fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer ids"):
+        fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3))
+
+
+def test_default_chunk_size_follows_the_memory_rule():
+    # Llama-3 at 32768 tokens: logits chunk [1024, 128256] ~ the size of the [32768, 4096] hidden states.
+    assert default_chunk_size(32768, 4096, 128256) == 1024
+    assert default_chunk_size(1, 4096, 128256) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("h", [4096, 8192])
+def test_flce_real_sizes(dtype, h):
+    hidden, weight, labels = _inputs(2048, h, 128256, torch.device("cuda"))
+    check_against_reference(
+        fused_linear_cross_entropy, reference.fused_linear_cross_entropy, [hidden, weight, labels], dtype
+    )
+
+
+@pytest.mark.gpu
+def test_flce_peak_memory_below_full_logits():
+    # 8192 tokens x 128256 vocab in bf16: full logits alone would be 2 GiB (4 GiB as fp32).
+    dev = torch.device("cuda")
+    hidden, weight, labels = _inputs(8192, 4096, 128256, dev)
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused_linear_cross_entropy(h, w, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 1.0 * 2**30, f"extra peak {extra / 2**30:.2f} GiB"
