@@ -16,7 +16,7 @@ Backward, given ``dy`` (write ``g = dy * w``)::
 The backward recomputes ``xh`` from ``x`` and the saved ``r`` (one fp32 per row instead of a saved
 ``[N, H]`` tensor). ``dw`` is reduced in two steps: each of ``P`` programs walks a contiguous band
 of rows and keeps its partial sum in fp32 registers, then a ``[P, H]`` sum in torch finishes it
-(``P`` = the SM count on CUDA, so every SM gets one band and the partials stay small).
+(``P`` = 4 per SM on CUDA, see ``_num_programs``).
 
 Shapes: ``x [..., H]``, ``w [H]``; output ``[..., H]`` in ``x.dtype``; ``dw`` in ``w.dtype``.
 Dtype policy: load, upcast to fp32 right after ``tl.load`` (the CPU interpreter gets bf16
@@ -99,8 +99,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _num_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
+        # 4 bands per SM rather than Liger's 1: each band walks its rows one after another, so a lone
+        # 8-16-warp program per SM leaves the memory pipe idle between rows; 4 resident programs hide
+        # that latency. Bands of at least 8 rows keep the [P, H] fp32 partials under ~6% of the traffic
+        # (8192 x 4096: 528 partial rows, 8.6 MB against 201 MB moved).
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, sms))
+        return max(1, min(4 * sms, triton.cdiv(n_rows, 8)))
     # Interpreter: programs run one after another, so a few bands are as fast as many.
     return max(1, min(n_rows, 4))
 
