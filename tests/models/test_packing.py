@@ -1,0 +1,70 @@
+"""Packed rows: attention never crosses examples (position_ids restart at 0 per example)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, dense_mask
+from raytune_llm.models.load import load_model
+from tests.models.conftest import VOCAB
+
+LENGTHS = (5, 7, 4)
+
+
+def _packed(examples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.cat(examples)[None]
+    pos = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    return ids, pos
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_changing_one_example_leaves_the_others_unchanged(tiny_paths, family):
+    model = load_model(tiny_paths[family], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    examples = [torch.randint(3, VOCAB, (n,), generator=gen) for n in LENGTHS]
+    changed = list(examples)
+    changed[1] = torch.randint(3, VOCAB, (LENGTHS[1],), generator=gen)
+    with torch.no_grad():
+        logits = model(*_packed(examples)[:1], position_ids=_packed(examples)[1]).logits[0]
+        logits_changed = model(*_packed(changed)[:1], position_ids=_packed(changed)[1]).logits[0]
+        alone = [model(e[None]).logits[0] for e in examples]
+    bounds = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        torch.testing.assert_close(logits[a:b], alone[i], rtol=1e-5, atol=1e-5)
+        if i != 1:
+            torch.testing.assert_close(logits_changed[a:b], logits[a:b], rtol=0, atol=0)
+    assert not torch.allclose(logits_changed[bounds[1] : bounds[2]], logits[bounds[1] : bounds[2]])
+
+
+def test_document_ids_and_dense_mask():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    meta = build_attn_meta(pos, None, 2, 6, "cpu")
+    assert meta.packed
+    assert meta.doc_ids.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    mask = dense_mask(meta, window=None)[:, 0]
+    assert mask[0, 3].tolist() == [False, False, False, True, False, False]
+    assert mask[1].equal(torch.ones(6, 6, dtype=torch.bool).tril())
+    windowed = dense_mask(meta, window=2)[1]
+    assert windowed[0, 5].tolist() == [False, False, False, False, True, True]
+
+
+def test_padding_mask_and_sliding_window_match_explicit_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=gen) for h in (4, 2, 2))
+    key_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    meta = build_attn_meta(None, key_mask, 2, 6, "cpu")
+    out = causal_attention(q, k, v, meta, scaling=8**-0.5, window=3)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-1, -2)) * 8**-0.5
+    i = torch.arange(6)
+    allowed = (i[None] <= i[:, None]) & (i[:, None] - i[None] < 3)
+    allowed = allowed[None, None] & key_mask.bool()[:, None, None, :] | torch.eye(6, dtype=torch.bool)
+    expected = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(meta, AttnMeta) and meta.key_mask is not None
+
+
+def test_bad_position_ids_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="position_ids must be"):
+        build_attn_meta(torch.arange(6), None, 1, 6, "cpu")
