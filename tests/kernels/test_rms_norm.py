@@ -49,3 +49,17 @@ def test_rms_norm_rejects_wrong_weight():
 def test_rms_norm_real_sizes(dtype, h):
     x, w = _inputs((2, 1024), h, torch.device("cuda"))
     check_against_reference(rms_norm, reference.rms_norm, [x, w, 1e-5], dtype, names=["x", "w", "eps"])
+
+
+def test_use_triton_dispatch(monkeypatch):
+    # The one dispatch rule every functional follows: CUDA tensors or TRITON_INTERPRET=1 -> Triton.
+    from raytune_llm.kernels._dispatch import row_block_settings, use_triton
+
+    cpu = torch.zeros(2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not use_triton(cpu) and not use_triton()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton(cpu, None)
+    assert row_block_settings(4096) == (4096, 8) and row_block_settings(37) == (64, 4)
+    with pytest.raises(ValueError, match="exceeds"):
+        row_block_settings(70000)
