@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .formats import FORMATS, check_record, detect_format, encode, render
+from .formats import FORMATS, check_record, detect_format, encode_chunk, render
 from .packer import IGNORE_INDEX, PackedStream, SourceItem, fit_length, has_trainable_token, pack_window, rows_to_arrow
 from .readers import count_records, expand_paths, iter_file, iter_records
 from .validate import DataError, DataStats, validate_data
@@ -98,52 +98,57 @@ def tokenize_records(
     stats.check_share()
 
 
-def _apply_events(done: list[tuple[SourceItem, list[tuple]]], stats: DataStats) -> Iterator[SourceItem]:
+def _apply_events(done: list[tuple], stats: DataStats) -> Iterator[SourceItem]:
     # Counts land when their record is handed on, not when its chunk is tokenized, so the stats
     # always describe exactly the records consumed: a checkpoint's counts are exact.
-    for item, events in done:
-        stats.counts["records"] += 1
-        for ev in events:
-            if ev[0] == "bad":
-                stats.bad(*ev[1:])
-            else:
-                stats.counts[ev[0]] += ev[1]
+    c = stats.counts
+    for item, bad, extra, n_ex, n_tok, n_train in done:
+        c["records"] += 1
+        if bad is not None:
+            stats.bad(*bad)
+        elif extra is not None:
+            c[extra] += 1
+        if n_ex:
+            c["examples"] += n_ex
+            c["tokens"] += n_tok
+            c["trainable_tokens"] += n_train
         yield item
 
 
-def _tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong) -> list[tuple[SourceItem, list[tuple]]]:
-    done: list[tuple[SourceItem, list[tuple]]] = [(None, []) for _ in chunk]
+_OVERLONG_KEY = {"truncate": "overlong_truncated", "drop": "overlong_dropped", "split": "overlong_split"}
+
+
+def _tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong) -> list[tuple]:
+    """Per record: (item, bad event or None, counter key or None, examples, tokens, trainable tokens)."""
+    done: list[tuple] = [(None, None, None, 0, 0, 0)] * len(chunk)
     good, rendered = [], []
     for i, rec in enumerate(chunk):
         if rec.error is not None:
-            done[i][1].append(("bad", rec.where, "invalid_json", rec.error))
+            done[i] = (None, (rec.where, "invalid_json", rec.error), None, 0, 0, 0)
             continue
         problem = check_record(fmt, rec.value)
         if problem is not None:
-            done[i][1].append(("bad", rec.where, *problem))
+            done[i] = (None, (rec.where, *problem), None, 0, 0, 0)
             continue
         good.append(i)
         rendered.append(render(fmt, rec.value, tokenizer, train_on_prompt))
-    for i, ex in zip(good, encode(tokenizer, rendered)):
-        ev = done[i][1]
+    enc = encode_chunk(tokenizer, rendered)
+    for i, ex, n_train in zip(good, enc.examples, enc.trainable.tolist()):
         n = len(ex.input_ids)
         if n == 0:
-            ev.append(("dropped_empty", 1))
-            continue
-        if n > seq_len:
-            ev.append(
-                ({"truncate": "overlong_truncated", "drop": "overlong_dropped", "split": "overlong_split"}[overlong], 1)
-            )
-        pieces = [p for p in fit_length(ex, seq_len, overlong) if has_trainable_token(p.labels)]
-        if not pieces:
-            # Over-long drops are counted above; anything else here had no token to learn from.
-            if n <= seq_len or overlong != "drop":
-                ev.append(("dropped_no_trainable", 1))
-            continue
-        ev.append(("examples", len(pieces)))
-        ev.append(("tokens", sum(len(p.input_ids) for p in pieces)))
-        ev.append(("trainable_tokens", sum(int((p.labels[1:] != IGNORE_INDEX).sum()) for p in pieces)))
-        done[i] = (pieces[0] if len(pieces) == 1 else pieces, ev)
+            done[i] = (None, None, "dropped_empty", 0, 0, 0)
+        elif n <= seq_len:
+            if n_train:
+                done[i] = (ex, None, None, 1, n, n_train)
+            else:
+                done[i] = (None, None, "dropped_no_trainable", 0, 0, 0)
+        else:
+            # Over-long (rare): counted under its policy; the pieces that still train are kept.
+            pieces = [p for p in fit_length(ex, seq_len, overlong) if has_trainable_token(p.labels)]
+            n_tok = sum(len(p.input_ids) for p in pieces)
+            n_tr = sum(int((p.labels[1:] != IGNORE_INDEX).sum()) for p in pieces)
+            item = (pieces[0] if len(pieces) == 1 else pieces) if pieces else None
+            done[i] = (item, None, _OVERLONG_KEY[overlong], len(pieces), n_tok, n_tr)
     return done
 
 
