@@ -1,0 +1,413 @@
+"""One training stack at one shape, in its own process: step time, tokens/s, peak memory, losses.
+
+Stacks (the protocol of shared/ANCHORS.md; every one loads the same random-weight folder):
+
+- ``std_qlora``: transformers + PEFT + bitsandbytes NF4 (double quant, bf16 compute), SDPA,
+  ``gradient_checkpointing_enable(use_reentrant=False)``, no ``prepare_model_for_kbit_training``.
+- ``liger``: the same after ``apply_liger_kernel_to_llama(rope, rms_norm, swiglu, fused_linear_cross_entropy)``.
+- ``unsloth``: ``FastLanguageModel`` 4-bit with its own (offloaded) gradient checkpointing; Unsloth is
+  imported before torch / transformers / peft, as it requires.
+- ``ours``: ``raytune_llm.load_model(path, quantize="nf4", lora=..., gradient_checkpointing=on|offload)``;
+  with ``--synthetic 70b`` the model is built by ``raytune_llm.models.synthetic.build_synthetic_model``
+  (70B shapes, never written to disk).
+
+LoRA r=16, alpha=16, dropout 0 on q, k, v, o, gate, up, down; torch AdamW lr 2e-4; seeded random
+tokens with labels = inputs. A step is forward + backward + optimizer step + zero_grad, bracketed
+by ``torch.cuda.synchronize`` (wall clock; CUDA events recorded beside it). Peak memory is
+``max_memory_allocated`` over the timed steps (reset after warm-up).
+
+``--packed``: every row is ``seq`` tokens of examples whose lengths are drawn in [100, 2000] (``--doc-min``,
+``--doc-max``) from the seed (the last one cut to fit), position ids restart at 0 per example and each example's first label
+is -100 (the shifted loss never predicts across a boundary). Which stack masks attention between
+examples is recorded in ``document_mask``: transformers (std_qlora, liger) detects restarting
+position ids itself when no attention mask is passed and builds a dense block-causal SDPA mask;
+Unsloth gets its padding-free ``packed_seq_lengths``; ours derives document ids from position ids.
+
+The result JSON is written whatever happens (status ``ok`` / ``oom`` / ``error`` / ``skipped``);
+exit status 0 when ok, 3 on out-of-memory, 2 when skipped, 1 on any other failure.
+
+Usage::
+
+    python bench/e2e/run_stack.py --stack ours --model /tmp/rtl_bench/llama31_8b_random --batch 4 --seq 2048 --out r.json
+    python bench/e2e/run_stack.py --tiny --stack std_qlora --model /tmp/tiny --out r.json   # CPU, seq 64, 2 steps
+"""
+
+from __future__ import annotations
+
+import time
+
+T_PROCESS = time.perf_counter()
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    LLAMA31_70B,
+    REPO_ROOT,
+    STACKS,
+    TARGET_MODULES,
+    TINY_70B,
+    environment,
+    flops_per_token,
+    log,
+    offline_env,
+    write_json,
+)
+
+SYNTHETIC = {"70b": LLAMA31_70B, "tiny70b": TINY_70B}
+EXIT_OK, EXIT_ERROR, EXIT_SKIPPED, EXIT_OOM = 0, 1, 2, 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="one stack, one shape, one process")
+    p.add_argument("--stack", required=True, choices=STACKS)
+    p.add_argument("--model", type=Path, default=None, help="HF folder (make_model.py); not with --synthetic")
+    p.add_argument("--synthetic", default=None, help="'70b' / 'tiny70b' or a config JSON path: ours only")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default 4, or 1 with --tiny)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048, or 64 with --tiny)")
+    p.add_argument("--packed", action="store_true", help="rows packed with variable-length examples")
+    p.add_argument("--doc-min", type=int, default=None, help="shortest packed example (default 100, 8 with --tiny)")
+    p.add_argument("--doc-max", type=int, default=None, help="longest packed example (default 2000, 32 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10, or 2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, or 1 with --tiny)")
+    p.add_argument("--ckpt", default="on", choices=("on", "offload", "off"), help="gradient checkpointing mode")
+    p.add_argument("--mem-cap-gib", type=float, default=None, help="set_per_process_memory_fraction to this many GiB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke lane: seq 64, 2 steps, wall clock only")
+    p.add_argument("--out", type=Path, required=True, help="result JSON")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (1 if args.tiny else 4)
+    args.seq = args.seq or (64 if args.tiny else 2048)
+    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.doc_min = args.doc_min or (8 if args.tiny else 100)
+    args.doc_max = args.doc_max or (32 if args.tiny else 2000)
+    if (args.model is None) == (args.synthetic is None):
+        p.error("give exactly one of --model and --synthetic")
+    if args.synthetic and args.stack != "ours":
+        p.error("--synthetic builds the model with raytune_llm.models.synthetic: --stack ours only")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    if args.synthetic:
+        if args.synthetic in SYNTHETIC:
+            return copy.deepcopy(SYNTHETIC[args.synthetic])
+        return json.loads(Path(args.synthetic).read_text())
+    return json.loads((args.model / "config.json").read_text())
+
+
+def make_batches(args: argparse.Namespace, vocab: int, n: int, torch) -> list[dict]:
+    """``n`` seeded batches (CPU tensors); packed rows also carry position ids and example lengths."""
+    batches = []
+    for step in range(n):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if args.packed:
+            pos_rows, lens_all = [], []
+            for r in range(args.batch):
+                lens, total = [], 0
+                while total < args.seq:
+                    n_tok = min(int(torch.randint(args.doc_min, args.doc_max + 1, (1,), generator=g)), args.seq - total)
+                    lens.append(n_tok)
+                    total += n_tok
+                pos_rows.append(torch.cat([torch.arange(n_tok) for n_tok in lens]))
+                starts = torch.tensor([0] + lens[:-1]).cumsum(0)
+                batch["labels"][r, starts] = -100
+                lens_all.extend(lens)
+            batch["position_ids"] = torch.stack(pos_rows)
+            batch["seq_lens"] = lens_all
+        batches.append(batch)
+    return batches
+
+
+def attn_len(batches: list[dict], seq: int) -> float:
+    """Token-weighted attended length for the MFU count: ``seq``, or ``sum(l^2)/sum(l)`` over packed examples."""
+    if "seq_lens" not in batches[0]:
+        return float(seq)
+    lens = [n for b in batches for n in b["seq_lens"]]
+    return sum(n * n for n in lens) / sum(lens)
+
+
+def lora_dict() -> dict:
+    return {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": list(TARGET_MODULES)}
+
+
+def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, dict]:
+    """Build the trainable model of one stack. Returns (model, facts about how it was built)."""
+    facts: dict = {}
+    torch.manual_seed(args.seed)
+    if args.stack == "ours":
+        if args.synthetic:
+            from raytune_llm.models.synthetic import build_synthetic_model
+
+            model = build_synthetic_model(
+                model_config(args),
+                quantize="nf4",
+                lora=lora_dict(),
+                gradient_checkpointing=args.ckpt,
+                dtype=torch.bfloat16,
+                device=device,
+                seed=args.seed,
+            )
+        else:
+            from raytune_llm import load_model
+
+            model = load_model(
+                str(args.model),
+                quantize="nf4",
+                lora=lora_dict(),
+                gradient_checkpointing=args.ckpt,
+                dtype=torch.bfloat16,
+                device=device,
+            )
+        facts["document_mask"] = "ours: document ids from position ids restarting at 0" if args.packed else None
+        return model, facts
+
+    if args.stack == "unsloth":
+        from unsloth import FastLanguageModel
+
+        if args.ckpt != "on":
+            raise NotImplementedError("unsloth runs with its own checkpointing only (--ckpt on)")
+        model, _tok = FastLanguageModel.from_pretrained(
+            model_name=str(args.model), max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=True
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0,
+            target_modules=list(TARGET_MODULES),
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=args.seed,
+        )
+        FastLanguageModel.for_training(model)
+        facts["gradient_checkpointing"] = "unsloth (offloaded to host)"
+        if args.packed:
+            backend = "flash_attn varlen" if importlib.util.find_spec("flash_attn") else None
+            backend = backend or ("xformers block-diagonal" if importlib.util.find_spec("xformers") else None)
+            facts["document_mask"] = f"unsloth: packed_seq_lengths ({backend or 'SDPA, dense block-causal mask'})"
+        return model, facts
+
+    # std_qlora and liger: transformers + PEFT + bitsandbytes
+    if args.ckpt == "offload":
+        raise NotImplementedError("transformers + PEFT has no offloaded checkpointing; --ckpt on or off")
+    if args.stack == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
+        )
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(args.model),
+        quantization_config=bnb,
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        device_map={"": 0 if device == "cuda" else "cpu"},
+    )
+    model.config.use_cache = False
+    if args.ckpt == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(args.seed)
+    config = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGET_MODULES), bias="none", task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, config)
+    model.train()
+    if args.packed:
+        facts["document_mask"] = "transformers: none"
+    return model, facts
+
+
+def forward_kwargs(args: argparse.Namespace, batch: dict, device: str, torch) -> dict:
+    kw = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+    if "position_ids" in batch:
+        kw["position_ids"] = batch["position_ids"].to(device)
+        if args.stack == "unsloth":
+            kw["packed_seq_lengths"] = torch.tensor(batch["seq_lens"], dtype=torch.int32)
+    if args.stack in ("std_qlora", "liger"):
+        kw["use_cache"] = False
+    return kw
+
+
+def run(args: argparse.Namespace, result: dict) -> int:
+    for key, value in offline_env().items():
+        os.environ.setdefault(key, value)
+    missing = {"liger": "liger_kernel", "unsloth": "unsloth"}.get(args.stack)
+    if missing and importlib.util.find_spec(missing) is None:
+        result.update(status="skipped", reason=f"{missing} is not importable in this process")
+        log(f"run_stack {args.stack}: skipped ({result['reason']})")
+        return EXIT_SKIPPED
+    t_import = time.perf_counter()
+    if args.stack == "unsloth":
+        import unsloth  # noqa: F401  (must precede torch / transformers / peft: it patches them on import)
+    import torch
+
+    result["import_s"] = round(time.perf_counter() - t_import, 2)
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    result["environment"] = environment(torch)
+    result["device"] = device
+    if args.tiny and args.stack == "unsloth":
+        result.update(status="skipped", reason="unsloth needs a GPU")
+        return EXIT_SKIPPED
+    if cuda and args.mem_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2**30 / total))
+        result["mem_cap_gib"] = args.mem_cap_gib
+
+    cfg = model_config(args)
+    n_steps = args.warmup + args.steps
+    batches = make_batches(args, cfg["vocab_size"], n_steps, torch)
+    result["attn_len"] = round(attn_len(batches, args.seq), 1)
+    result["flops_per_token"] = flops_per_token(cfg, result["attn_len"])
+    if args.packed:
+        result["packed_docs_per_step"] = [len(b["seq_lens"]) for b in batches]
+        result["packed_lens_step0"] = batches[0]["seq_lens"]
+
+    result["phase"] = "load"
+    t_load = time.perf_counter()
+    model, facts = load_stack(args, torch, device)
+    if cuda:
+        torch.cuda.synchronize()
+    result["load_s"] = round(time.perf_counter() - t_load, 2)
+    result.update(facts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["trainable_params"] = sum(p.numel() for p in params)
+    result["trainable_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in params})
+    if cuda:
+        result["allocated_after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+    log(f"run_stack {args.stack}: loaded in {result['load_s']} s, {result['trainable_params']:,} trainable params")
+    if args.packed and args.stack in ("std_qlora", "liger"):
+        from transformers.masking_utils import find_packed_sequence_indices
+
+        detected = find_packed_sequence_indices(batches[0]["position_ids"]) is not None
+        result["document_mask"] = (
+            "transformers: packed sequence detected from position_ids (dense block-causal SDPA mask)"
+            if detected
+            else "transformers: none (attends across examples)"
+        )
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+
+    times_ms, event_ms, losses = [], [], []
+    result["phase"] = "steps"
+    for step, batch in enumerate(batches):
+        if step == args.warmup and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        kw = forward_kwargs(args, batch, device, torch)
+        if cuda:
+            torch.cuda.synchronize()
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
+        t0 = time.perf_counter()
+        try:
+            loss = model(**kw).loss
+        except TypeError as exc:  # an Unsloth build without the padding-free kwarg: run unmasked, say so
+            if "packed_seq_lengths" not in kw or "packed_seq_lengths" not in str(exc):
+                raise
+            kw.pop("packed_seq_lengths")
+            result["document_mask"] = f"unsloth: none (packed_seq_lengths rejected: {str(exc)[:200]})"
+            loss = model(**kw).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            ev1.record()
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) * 1e3
+        times_ms.append(round(dt, 3))
+        if cuda:
+            event_ms.append(round(ev0.elapsed_time(ev1), 3))
+        losses.append(float(loss.detach().float().cpu()))
+        result["step_ms_all"], result["losses"] = times_ms, losses
+        log(
+            f"run_stack {args.stack}: step {step} {'(warm-up) ' if step < args.warmup else ''}{dt:.0f} ms loss {losses[-1]:.4f}"
+        )
+
+    timed = times_ms[args.warmup :]
+    tokens = args.batch * args.seq
+    result.update(
+        status="ok",
+        phase="done",
+        warmup_ms=times_ms[: args.warmup],
+        step_ms_median=round(statistics.median(timed), 3),
+        step_ms_mean=round(statistics.fmean(timed), 3),
+        step_ms_min=round(min(timed), 3),
+        event_ms_median=round(statistics.median(event_ms[args.warmup :]), 3) if cuda else None,
+        tokens_per_step=tokens,
+        tokens_per_s=round(tokens * len(timed) / (sum(timed) / 1e3), 1),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    shape = f"packed_{args.seq}" if args.packed else f"{args.batch}x{args.seq}"
+    result: dict = {
+        "stack": args.stack,
+        "shape": shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "packed": args.packed,
+        "model": str(args.model) if args.model else None,
+        "synthetic": args.synthetic,
+        "ckpt": args.ckpt,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "lr": args.lr,
+        "doc_len_range": [args.doc_min, args.doc_max] if args.packed else None,
+        "tiny": args.tiny,
+        "lora": lora_dict(),
+        "status": "error",
+        "phase": "start",
+        "repo_root": str(REPO_ROOT),
+    }
+    log(f"run_stack {args.stack} {shape}: start (ckpt {args.ckpt}, {args.warmup}+{args.steps} steps)")
+    try:
+        code = run(args, result)
+    except Exception as exc:  # recorded, never lost: the driver reads the JSON
+        oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+        result["status"] = "oom" if oom else "error"
+        result["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+        result["traceback"] = traceback.format_exc()[-6000:]
+        code = EXIT_OOM if oom else EXIT_ERROR
+        log(f"run_stack {args.stack} {shape}: {result['status']} in phase {result['phase']}: {result['error'][:300]}")
+        if not oom:
+            print(result["traceback"], flush=True)
+    result["process_s"] = round(time.perf_counter() - T_PROCESS, 2)
+    write_json(args.out, result, copy_to_out=False)
+    if result["status"] == "ok":
+        peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "n/a"
+        log(
+            f"run_stack {args.stack} {shape}: {result['tokens_per_s']:,.0f} tokens/s, "
+            f"{result['step_ms_median']:.1f} ms/step, peak {peak}, process {result['process_s']} s"
+        )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
