@@ -10,6 +10,19 @@ from raytune_llm.models.patch import patch, unpatch
 from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
 
 
+def _graph_has(fn, name: str) -> bool:
+    seen, stack = set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
 def _grads(model, mode: str, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
     unpatch(model)
     report = patch(model, gradient_checkpointing=mode)
@@ -17,6 +30,7 @@ def _grads(model, mode: str, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # LoRA dropout draws the same masks in each run
     loss = model(input_ids=ids, labels=ids).loss
+    assert _graph_has(loss.grad_fn, "_CheckpointFunctionBackward") == (mode != "off")
     loss.backward()
     return loss.detach(), lora_grads(model)
 
@@ -34,7 +48,9 @@ def test_checkpointed_and_offloaded_gradients_equal_plain(tiny_paths, dropout):
         for name in g_off:
             # Layer 0's input comes from frozen embeddings: its LoRA grads must still arrive.
             assert g[name].abs().sum() > 0, f"{mode}: no gradient for {name}"
-            torch.testing.assert_close(g[name], g_off[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{mode} {name}: {m}")
+            torch.testing.assert_close(
+                g[name], g_off[name], rtol=1e-6, atol=1e-7, msg=lambda m, mode=mode, name=name: f"{mode} {name}: {m}"
+            )
 
 
 def test_bad_mode_is_a_clear_error(tiny_paths):

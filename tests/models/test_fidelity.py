@@ -45,12 +45,14 @@ def run_fidelity(path, quantize: str | None, steps: int = STEPS) -> None:
         loss_ref = ref(**batch).loss
         out = ours(**batch)
         assert out.logits is None  # the fused loss never materialises logits
-        torch.testing.assert_close(out.loss, loss_ref, **TOL, msg=lambda m: f"step {step} loss: {m}")
+        torch.testing.assert_close(out.loss, loss_ref, **TOL, msg=lambda m, step=step: f"step {step} loss: {m}")
         loss_ref.backward()
         out.loss.backward()
         g_ref, g_ours = lora_grads(ref), lora_grads(ours)
         for name in g_ref:
-            torch.testing.assert_close(g_ours[name], g_ref[name], **TOL, msg=lambda m: f"step {step} {name}: {m}")
+            torch.testing.assert_close(
+                g_ours[name], g_ref[name], **TOL, msg=lambda m, step=step, name=name: f"step {step} {name}: {m}"
+            )
         for opt in (opt_ref, opt_ours):
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -75,6 +77,18 @@ def test_fidelity_interpreted_triton():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}", "-k", "llama or qwen3", "-m", "not slow"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"{__file__}",
+        "-k",
+        "llama or qwen3",
+        "-m",
+        "not slow",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
