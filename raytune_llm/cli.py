@@ -63,7 +63,9 @@ def cmd_validate(args) -> int:
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
         checked.append(f"data: {stats.get('records', 0)} records, {stats.get('bad_records', 0)} bad")
-    print(f"{args.config or 'defaults'}: OK ({time.perf_counter() - t0:.2f} s){'; ' if checked else ''}{'; '.join(checked)}")
+    print(
+        f"{args.config or 'defaults'}: OK ({time.perf_counter() - t0:.2f} s){'; ' if checked else ''}{'; '.join(checked)}"
+    )
     return 0
 
 
@@ -83,7 +85,9 @@ def _print_summary(s: dict) -> None:
         ("loss first -> final", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["final_loss"] else "-"),
         (
             "exact match before -> after",
-            f"{s['exact_match_before']:.3f} -> {s['exact_match_after']:.3f}" if s["exact_match_after"] is not None else "-",
+            f"{s['exact_match_before']:.3f} -> {s['exact_match_after']:.3f}"
+            if s["exact_match_after"] is not None
+            else "-",
         ),
         ("workers", f"{s['workers']} ({'GPU' if s['use_gpu'] else 'CPU'})"),
         ("exports", ", ".join(f"{k}: {v}" for k, v in s["exports"].items()) or "-"),
@@ -191,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RAYTUNE_LLM_DEBUG") == "1":
                 raise
             # Unexpected failures: still one line first, then the traceback for the bug report.
-            print(f"raytune-llm: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+            print(
+                f"raytune-llm: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                file=sys.stderr,
+            )
             import traceback
 
             traceback.print_exc()

@@ -472,7 +472,8 @@ def redact(data):
     secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in _SECRET_MARKERS) and len(v) >= 6}
     if isinstance(data, dict):
         return {
-            k: ("***" if any(m in str(k).upper() for m in _SECRET_MARKERS) and v else redact(v)) for k, v in data.items()
+            k: ("***" if any(m in str(k).upper() for m in _SECRET_MARKERS) and v else redact(v))
+            for k, v in data.items()
         }
     if isinstance(data, list):
         return [redact(v) for v in data]

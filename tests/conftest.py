@@ -23,3 +23,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and n < 2:
             item.add_marker(skip_multi)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster on 127.0.0.1 shared by every Ray test of the session (started on first use)."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+    yield ray
+    # left running for later tests; pytest's exit tears the local cluster down

@@ -77,6 +77,20 @@ def resolve_data_paths(path: str) -> list[str]:
     return existing
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Cheap checks of the user's paths, run before Ray starts.
+
+    Raises:
+        UserError: a missing model or tokenizer folder, a missing or empty data file.
+    """
+    if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
+        raise UserError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
+    if cfg.model.tokenizer_path and not _has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
+        raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
+    if cfg.data.path:
+        resolve_data_paths(cfg.data.path)
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     """Resolve model, tokenizer and data into the run folder (builds the embedded default when asked).
 
@@ -291,24 +305,25 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool):
 # ------------------------------------------------------------------------------------ finishing
 
 
-def _generate_fn(model, tok, max_new_tokens: int = 3):
+def _generate_fn(model, tok, max_new_tokens: int = 3, batch: int = 100):
+    """Greedy generation in left-padded batches (one `generate` call per batch, not per prompt)."""
     import torch
 
     def generate(prompts: list[str]) -> list[str]:
-        outs = []
+        outs: list[str] = []
         model.eval()
+        tok.padding_side = "left"
         with torch.no_grad():
-            for p in prompts:
-                ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            for i in range(0, len(prompts), batch):
+                enc = tok(prompts[i : i + batch], add_special_tokens=False, return_tensors="pt", padding=True)
                 o = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
+                    **enc,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                 )
-                outs.append(tok.decode(o[0, ids.shape[1] :], skip_special_tokens=True))
+                outs += tok.batch_decode(o[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return outs
 
     return generate
@@ -370,15 +385,16 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         UserError: bad input found before training starts.
     """
     t0 = time.time()
+    preflight(cfg)
+    how = connect_ray(cfg)
+    use_gpu = check_resources(cfg)  # fail on impossible placements before anything heavy runs
+    log(f"[raytune-llm] ray: {how}; {cfg.train.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}")
     prep = prepare(cfg)
     log(f"[raytune-llm] run folder {prep.run_dir}")
     before = None
     if prep.eval_records:
         before = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits)
         log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
-    how = connect_ray(cfg)
-    log(f"[raytune-llm] ray: {how}")
-    use_gpu = check_resources(cfg)
     result, data_stats = fit(cfg, prep, use_gpu)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error

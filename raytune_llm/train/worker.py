@@ -209,7 +209,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and os.environ.get("RAYTUNE_LLM_PROGRESS", "1") == "1":
         from tqdm import tqdm
 
-        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", mininterval=2.0, ncols=90)
+        # Ray forwards every carriage-return update as a log line: update ~20 times per run, not per step.
+        every = max(1, cfg.train.max_steps // 20)
+        progress = tqdm(
+            total=cfg.train.max_steps, initial=step, desc="train", mininterval=5.0, miniters=every, ncols=90
+        )
     while step < cfg.train.max_steps:
         loss_sum = torch.zeros((), device=device)
         tokens = 0
@@ -264,7 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.3f}")
-        if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+        if rank == 0 and progress is None and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
             print(f"[raytune-llm] step {step} loss {loss_value:.4f} lr {entry['lr']:.2e}", flush=True)
         last = step == cfg.train.max_steps
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):

@@ -1,0 +1,54 @@
+# raytune_llm: `make demo` trains the embedded default on CPU; `make test` runs the whole suite.
+# Both set up .venv first (torch==2.13.0 before anything that depends on torch: a bare torch
+# requirement would pull a multi-GB CUDA build).
+
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.raytune-llm-installed
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+export RAY_AUTH_MODE ?= token
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup setup-llama demo test test-fast lint format clean
+
+$(STAMP): pyproject.toml requirements/ci.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements/ci.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# llama-cpp-python builds from source (~8 min on 2 cores); only the GGUF test needs it.
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=off" $(BIN)/python -m pip install -q llama-cpp-python==0.3.36
+	touch $(LLAMA_STAMP)
+
+setup-llama: $(LLAMA_STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raytune-llm train conf/quickstart.yaml
+
+# Kernels run under the Triton interpreter on CPU; it must be set before triton decorates anything.
+test: $(STAMP) $(LLAMA_STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x -m "not slow and not ray" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check raytune_llm tests bench
+	$(BIN)/ruff format --check raytune_llm tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format raytune_llm tests bench
+	$(BIN)/ruff check --fix raytune_llm tests bench
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,65 @@
+"""Bad input through the real command line: one clear line on stderr, no traceback, non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=ROOT, timeout=240):
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"), RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run(
+        [sys.executable, "-m", "raytune_llm", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def _assert_one_line_error(out, needle: str):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = [line for line in out.stderr.splitlines() if line.startswith("raytune-llm: error:")]
+    assert lines and needle in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_missing_model_path(tmp_path):
+    out = _run("train", "conf/quickstart.yaml", f"model.path={tmp_path}/nope", f"output_dir={tmp_path}")
+    _assert_one_line_error(out, "is not a Hugging Face model folder")
+
+
+def test_missing_data_file(tmp_path):
+    out = _run("train", "conf/quickstart.yaml", f"data.path={tmp_path}/missing.jsonl", f"output_dir={tmp_path}")
+    _assert_one_line_error(out, "no such file or folder")
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = _run("train", "conf/quickstart.yaml", f"data.path={empty}", f"output_dir={tmp_path}")
+    _assert_one_line_error(out, "is empty")
+
+
+def test_config_typo(tmp_path):
+    out = _run("train", "conf/quickstart.yaml", "train.max_step=3")
+    assert out.returncode == 2 and "did you mean 'train.max_steps'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_record_names_file_and_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    out = _run("validate", "conf/quickstart.yaml", f"data.path={data}")
+    assert out.returncode == 2, out.stderr
+    assert f"{data}:2" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.ray
+def test_more_workers_than_cpus(tmp_path):
+    out = _run(
+        "train", "conf/quickstart.yaml", "train.num_workers=64", "train.cpus_per_worker=1", f"output_dir={tmp_path}"
+    )
+    _assert_one_line_error(out, "train.num_workers=64")
+    assert not (tmp_path / "quickstart" / "base_model").exists()  # failed before building anything

@@ -1,0 +1,113 @@
+"""Config schema: YAML + overrides, every error reported at once with its dotted key, conf/ files load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytune_llm.config import ConfigError, RunConfig, from_dict, load_config, redact, save_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _errors(tmp_path, text: str, overrides=()):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, list(overrides))
+    return exc.value.problems
+
+
+def test_defaults_are_the_quickstart():
+    cfg = load_config(None)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == "quickstart" and cfg.model.path is None and cfg.train.num_workers == 2
+
+
+def test_unknown_keys_at_any_depth_with_suggestion(tmp_path):
+    problems = _errors(tmp_path, "model:\n  pth: /x\n  tiny: {hiden_size: 8}\ntrian: {}\n")
+    text = "\n".join(problems)
+    assert "unknown key 'model.pth'; did you mean 'model.path'?" in text
+    assert "unknown key 'model.tiny.hiden_size'; did you mean 'model.tiny.hidden_size'?" in text
+    assert "unknown key 'trian'; did you mean 'train'?" in text
+    assert len(problems) == 3
+
+
+def test_wrong_types_and_values_name_key_value_and_allowed(tmp_path):
+    problems = _errors(tmp_path, "quant: {bits: 8}\ntrain: {lr: fast, num_workers: 0}\nlora: {dropout: 1.5}\n")
+    text = "\n".join(problems)
+    assert "quant.bits: 8 is not allowed; choose one of 4, 16" in text
+    assert "train.lr: expected a number, got 'fast'" in text
+    assert "lora.dropout must be in [0, 1), got 1.5" in text
+    assert "train.num_workers must be > 0, got 0" in text
+    assert len(problems) == 4
+
+
+def test_all_errors_of_a_file_reported_together(tmp_path):
+    problems = _errors(tmp_path, "train: {num_workers: 0}\nlora: {r: 0}\ndata: {seq_len: -1}\nmodel: {dtype: int8}\n")
+    assert len(problems) == 4
+    keys = ["train.num_workers", "lora.r", "data.seq_len", "model.dtype"]
+    for key in keys:
+        assert any(p.startswith(key) for p in problems), (key, problems)
+
+
+def test_overrides_merge_and_validate(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {max_steps: 10}\n")
+    cfg = load_config(p, ["train.max_steps=7", "quant.bits=4", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.train.max_steps == 7 and cfg.quant.bits == 4 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(p, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="unknown key 'train.max_step'; did you mean 'train.max_steps'"):
+        load_config(p, ["train.max_step=3"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "..", "a\x00b", ""])
+def test_unsafe_run_names_rejected(name):
+    with pytest.raises(ConfigError, match="not a plain name"):
+        from_dict({"name": name})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_conf_file_loads_and_says_how_to_run(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# raytune-llm ") or first.startswith("# ray "), first
+    load_config(path)
+
+
+def test_round_trip_and_saved_config_redacts_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
+    cfg = load_config(None, ["cluster.runtime_env={env_vars: {HF_TOKEN: hf_supersecretvalue, A: b}}"])
+    assert from_dict(to_dict(cfg)) == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "hf_supersecretvalue" not in text and "A: b" in text
+    assert redact({"x": "hf_supersecretvalue"}) == {"x": "***"}
+
+
+def test_validate_command_is_fast_and_needs_no_ray_or_torch():
+    code = (
+        "import sys, time; t=time.perf_counter(); from raytune_llm.cli import main; "
+        "rc = main(['validate', 'conf/quickstart.yaml', 'train.max_steps=5']); "
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'validate imported torch/ray'; "
+        "print('elapsed', time.perf_counter() - t); sys.exit(rc)"
+    )
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    wall = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+    assert wall < 3.0, f"validate took {wall:.2f} s"
