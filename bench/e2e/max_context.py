@@ -18,9 +18,10 @@ the first fails), then bisect until ``fail / ok - 1 <= --tol`` (5%). Because pea
 linearly with the length once weights are loaded, two successes give a fit ``peak = a + b * s``; its
 prediction of the length that fills the cap is tried instead of a blind double or midpoint when it lies
 safely inside the bracket, which typically saves two or three attempts (each costs a model load).
-Lengths are multiples of 1024. The time budget is shared: each target gets the remaining time divided
-by the targets left, so a slow one cannot starve the others; an attempt killed by the budget ends its
-target's search (the bracket so far is kept). Tokens/s of an attempt is that of its one step (so it
+Lengths are multiples of 1024. The time budget is shared: each target gets a share of the remaining
+time (a search weighs 3, the single 70B run 1), so a slow one cannot starve the others; an attempt that
+would not fit its share is not started, one killed by the budget ends its target's search (the bracket
+so far is kept, and ``--resume-from`` continues it in a later call). Tokens/s of an attempt is that of its one step (so it
 includes first-step costs such as kernel autotuning) unless ``--attempt-warmup`` is raised.
 
 Writes ``bench/results/bigmodel_<gpu>_<yyyymmdd>.json`` after every attempt (copied into ``$OUT``);
@@ -174,6 +175,7 @@ def search(args: argparse.Namespace, name: str, state: dict, deadline: float, do
     quantum = 16 if args.tiny else 1024
     start = args.tiny_start if args.tiny else args.start.get(name, start)
     attempts = state.setdefault("attempts", [])
+    state.pop("stopped", None)  # from an earlier call being resumed
     while True:
         seq = start if not attempts else next_length(attempts, args.cap_gib, args.tol, quantum, args.max_seq)
         if seq is None:
@@ -298,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         if state.get("done"):
             log(f"max_context: {name}: already complete in the resumed file")
             continue
-        share = (deadline - time.perf_counter()) / (len(args.targets) - i)
+        # Searches weigh 3, the single 70B run 1: a search needs several loads, the run one.
+        weights = [1.0 if t == "run_70b_4096" else 3.0 for t in args.targets[i:]]
+        share = (deadline - time.perf_counter()) * weights[0] / sum(weights)
         target_deadline = time.perf_counter() + share
         if name == "run_70b_4096":
             _, _, seq, tps, overhead = TARGETS[name]
@@ -317,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     finish(doc, out)
     log(f"max_context: wrote {out}")
     for name, st in doc["targets"].items():
+        if name == "run_70b_4096":
+            r = st.get("result") or {}
+            print(f"{name:<14} {r.get('status')} tokens/s={r.get('tokens_per_s')} peak_gib={r.get('peak_gib')}")
+            continue
         tried = ", ".join(f"{a['seq']}:{'ok' if a['ok'] else a['status']}" for a in st.get("attempts", []))
         print(f"{name:<14} max_ok={st.get('max_ok')} min_fail={st.get('min_fail')} {st.get('stopped') or ''} [{tried}]")
     print("summary:", json.dumps(doc["summary"]))
