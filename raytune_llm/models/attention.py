@@ -7,9 +7,10 @@ once per model forward (one host sync to learn whether any row is packed) and sh
 Paths, first that applies:
 
 1. Unpacked, no padding mask, no active window: SDPA `is_causal=True` (flash backend on CUDA).
-2. CUDA, packed, no padding mask: `torch.nn.attention.varlen.varlen_attn` (flash varlen; causal is
-   `window_size=(-1, 0)`; on the H200 it is within ~30% of compiled FlexAttention and needs no compile,
-   see DESIGN.md), else FlexAttention with a document mask, else SDPA looped per document.
+2. CUDA, packed, bf16/fp16, no padding mask: `torch.nn.attention.varlen.varlen_attn` (flash varlen;
+   causal is `window_size=(-1, 0)`; on the H200 it is within ~30% of compiled FlexAttention and needs
+   no compile, see DESIGN.md), else SDPA looped per document. (FlexAttention is not wired in: torch 2.11
+   on the GPU machine has varlen_attn.)
 3. Everything else (the CPU lane, padding masks, sliding windows): SDPA with a dense boolean mask
    `causal & same_document & inside_window & key_is_real`. Each query also sees itself so a fully
    padded row gives finite (ignored) outputs instead of NaN.
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+# varlen_attn runs FlashAttention, which takes half precision only.
+_FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -119,7 +123,15 @@ def _varlen_fn():
     return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
-def _cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
+def cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
+    """Cumulative document lengths over the flattened batch (int32, `[n_docs + 1]`) and the longest.
+
+    Args:
+        meta: AttnMeta with the document ids.
+
+    Returns:
+        `(cu_seqlens, max_len)` as varlen attention takes them.
+    """
     if "cu" not in meta.cache:
         b, s = meta.doc_ids.shape
         # Global document index over the flattened batch; row r's docs are offset past row r-1's.
@@ -136,7 +148,17 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def _per_document_sdpa(q, k, v, meta: AttnMeta, scaling: float) -> torch.Tensor:
+def per_document_attention(q, k, v, meta: AttnMeta, scaling: float) -> torch.Tensor:
+    """Causal SDPA run separately on each document of each row (the CUDA fallback without varlen).
+
+    Args:
+        q, k, v: `[B, H, S, D]` (kv heads already repeated).
+        meta: AttnMeta with the document ids.
+        scaling: softmax scale.
+
+    Returns:
+        `[B, H, S, D]`.
+    """
     out = torch.empty_like(q)
     doc = meta.doc_ids.cpu()
     for row in range(q.shape[0]):
@@ -172,18 +194,22 @@ def causal_attention(
     n_rep = hq // k.shape[1]
     if window is not None and s <= window:
         window = None  # a window longer than the row changes nothing
+    if q.is_cuda and meta.packed and meta.key_mask is None and window is None and q.dtype in _FLASH_DTYPES:
+        varlen_attn, has_gqa = _varlen_fn()
+        if varlen_attn is not None:
+            cu, max_len = cu_seqlens(meta)
+            if not has_gqa:  # torch < 2.12 has no enable_gqa here: repeat kv heads (as measured in DESIGN.md)
+                k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+            flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
+            extra = {"enable_gqa": True} if has_gqa and n_rep > 1 else {}
+            out = varlen_attn(*flat, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
+            return out.reshape(b, s, hq, d)
     k = _repeat_kv(k, n_rep)
     v = _repeat_kv(v, n_rep)
     if not meta.packed and meta.key_mask is None and window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
         return out.transpose(1, 2)
     if q.is_cuda and meta.key_mask is None and window is None:
-        varlen_attn, _ = _varlen_fn()
-        if varlen_attn is not None:
-            cu, max_len = _cu_seqlens(meta)
-            flat = [t.transpose(1, 2).reshape(b * s, hq, d) for t in (q, k, v)]
-            out = varlen_attn(*flat, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0))
-            return out.reshape(b, s, hq, d)
-        return _per_document_sdpa(q, k, v, meta, scaling).transpose(1, 2)
+        return per_document_attention(q, k, v, meta, scaling).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(meta, window), scale=scaling)
     return out.transpose(1, 2)

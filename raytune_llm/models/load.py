@@ -77,13 +77,12 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+    # Weights land shard by shard straight on the device (bitsandbytes quantizes each as it lands), so
+    # neither host nor device holds the whole dense model; one device per process (Ray / DeepSpeed).
+    kwargs["device_map"] = {"": target.index if target.type == "cuda" and target.index is not None else str(target)}
     if quantize == "nf4":
         kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
-        # bitsandbytes quantizes while the weights land on the device; one device per process (Ray/DeepSpeed).
-        kwargs["device_map"] = {"": target.index if target.type == "cuda" and target.index is not None else str(target)}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if quantize is None:
-        model.to(target)
     model.config.use_cache = False
     if spec is not None:
         model = attach_lora(model, spec)

@@ -354,9 +354,10 @@ def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> 
         "lora_linear": _op("lora", "lora_linear"),
         "lora_mlp": _op("lora", "lora_mlp"),
     }
-    if getattr(lm, "is_gradient_checkpointing", False):
-        lm.gradient_checkpointing_disable()
-    state: dict[str, Any] = {"originals": []}
+    hf_checkpointing = bool(getattr(lm, "is_gradient_checkpointing", False))
+    if hf_checkpointing:
+        lm.gradient_checkpointing_disable()  # the patched layer loop checkpoints; never both
+    state: dict[str, Any] = {"originals": [], "hf_checkpointing": hf_checkpointing}
     report = PatchReport(family=family.name, gradient_checkpointing=gradient_checkpointing)
     fuse_attention = not getattr(lm.config, "attention_dropout", 0.0)
     for i, layer in enumerate(inner.layers):
@@ -395,3 +396,5 @@ def unpatch(model: torch.nn.Module) -> None:
             module.__dict__.pop("forward", None)
         else:
             module.forward = own
+    if state["hf_checkpointing"]:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, dense_mask
+from raytune_llm.models.attention import (
+    AttnMeta,
+    build_attn_meta,
+    causal_attention,
+    cu_seqlens,
+    dense_mask,
+    per_document_attention,
+)
 from raytune_llm.models.load import load_model
 from tests.models.conftest import VOCAB
 
@@ -68,3 +75,39 @@ def test_padding_mask_and_sliding_window_match_explicit_softmax():
 def test_bad_position_ids_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="position_ids must be"):
         build_attn_meta(torch.arange(6), None, 1, 6, "cpu")
+
+
+def _packed_qkv(device: str, dtype: torch.dtype, seq: int = 24, heads: tuple[int, int] = (4, 2), d: int = 16):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, seq, d, generator=gen).to(device, dtype) for h in (heads[0], heads[1], heads[1]))
+    pos = torch.tensor([list(range(10)) + list(range(9)) + list(range(5)), list(range(seq))], device=device)
+    return q, k, v, build_attn_meta(pos, None, 2, seq, device)
+
+
+def test_per_document_fallback_and_cu_seqlens_match_the_dense_mask():
+    q, k, v, meta = _packed_qkv("cpu", torch.float32)
+    cu, max_len = cu_seqlens(meta)
+    assert cu.tolist() == [0, 10, 19, 24, 48] and max_len == 24
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    expected = causal_attention(q, k, v, meta, scaling=0.25)  # the CPU dense-mask path
+    got = per_document_attention(q, kk, vv, meta, scaling=0.25).transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_path_matches_the_dense_mask_bf16():
+    q, k, v, meta = _packed_qkv("cuda", torch.bfloat16, seq=256, heads=(8, 2), d=64)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    fast = causal_attention(q, k, v, meta, scaling=0.125)
+    dense_q, dense_k, dense_v = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    mask = dense_mask(meta, None)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        dense_q, dense_k.repeat_interleave(4, 1), dense_v.repeat_interleave(4, 1), attn_mask=mask, scale=0.125
+    ).transpose(1, 2)
+    torch.testing.assert_close(fast.float(), ref, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(ref)
+    fast.backward(grad.to(fast.dtype))
+    ref.backward(grad)
+    for a, b in ((q, dense_q), (k, dense_k), (v, dense_v)):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2)
