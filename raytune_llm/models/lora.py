@@ -10,8 +10,9 @@ tensor cores on the GPU, and gradients come back in fp32 to the fp32 parameters.
 
 `lora_weight(module)` returns the LoRAWeight the kernels take, or a reason string when the layer must
 stay on PEFT's stock forward: dropout > 0 (the kernels do not sample masks), a LoRA bias, DoRA, a
-merged or disabled adapter, several active adapters, or a base weight that is neither a plain Linear
-nor a bitsandbytes NF4 Linear4bit.
+merged or disabled adapter, several active adapters, a base weight that is neither a plain Linear
+nor a bitsandbytes NF4 Linear4bit, or DeepSpeed ZeRO-3 partitioned weights (ZeRO-3 gathers a module's
+parameters in that module's pre-forward hook, which the fused path does not call).
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def _lora_weight_type() -> type:
     return LoRAWeight
 
 
+def zero3_partitioned(t: torch.Tensor) -> bool:
+    """True for a parameter DeepSpeed ZeRO-3 has partitioned: it holds only a shard until a module
+    pre-forward hook gathers it, and the fused path reads weights without calling those modules."""
+    return hasattr(t, "ds_id")
+
+
 def _base_weight(base: torch.nn.Module) -> tuple[Any, str | None]:
     """The kernels' view of a frozen base Linear: a dense tensor or an NF4Weight."""
     weight = getattr(base, "weight", None)
@@ -193,6 +200,8 @@ def lora_weight(module: torch.nn.Module) -> tuple[Any, torch.Tensor | None, str 
     base_w, reason = _base_weight(base)
     if reason is not None:
         return None, None, reason
+    if any(zero3_partitioned(t) for t in (base.weight, module.lora_A[name].weight, module.lora_B[name].weight)):
+        return None, None, "DeepSpeed ZeRO-3 partitioned weights (gathered only by the stock module call)"
     w = _lora_weight_type()(
         base=base_w, A=module.lora_A[name].weight, B=module.lora_B[name].weight, scaling=float(module.scaling[name])
     )

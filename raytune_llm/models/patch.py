@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention
 from raytune_llm.models.checkpointing import check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
-from raytune_llm.models.lora import lora_weight
+from raytune_llm.models.lora import lora_weight, zero3_partitioned
 
 _STATE = "_raytune_patch_state"
 
@@ -279,7 +279,8 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
     ):
-        if _stock_call({**kwargs, "attention_mask": attention_mask}) or not fused_loss and labels is not None:
+        stock_loss = labels is not None and (not fused_loss or zero3_partitioned(self.lm_head.weight))
+        if _stock_call({**kwargs, "attention_mask": attention_mask}) or stock_loss:
             return original()(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
