@@ -40,8 +40,12 @@ sys.path.insert(0, str(REPO))
 from raytune_llm.sharding.planner import GIB, LLAMA31_8B, plan_from_values  # noqa: E402
 
 GOAL = 0.15
-LORA = {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"]}  # fmt: skip
+LORA = {
+    "r": 16,
+    "alpha": 16,
+    "dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 # Real 8B config fields the model needs beyond what the planner reads (rope as in Llama 3.1).
 MODEL_8B = {
     **LLAMA31_8B,
@@ -89,8 +93,14 @@ def _environment(device: torch.device) -> dict:
         except md.PackageNotFoundError:
             versions[dist] = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"gpu": gpu, "host": platform.node(), "python": platform.python_version(), "versions": versions,
-            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    return {
+        "gpu": gpu,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "commit": _git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _gpu_slug(device: torch.device) -> str:
@@ -150,7 +160,7 @@ def _fit(points: list[tuple[int, float]]) -> dict | None:
     if sxx == 0:
         return None
     b = sum((t - mx) * (p - my) for t, p in points) / sxx
-    return {"intercept_gib": my - b * mx, "kb_per_token": b * GIB / 1000}
+    return {"intercept_gib": round(my - b * mx, 4), "kb_per_token": round(b * GIB / 1000, 3)}
 
 
 def run_mode(args, hf_config: dict, ckpt: str, device: torch.device, gpu_gib: float) -> list[dict]:
@@ -158,31 +168,60 @@ def run_mode(args, hf_config: dict, ckpt: str, device: torch.device, gpu_gib: fl
 
     fused = args.stack == "ours"
     t0 = time.perf_counter()
-    model = build_synthetic_model(hf_config, quantize="nf4", lora=LORA, gradient_checkpointing=ckpt,
-                                  dtype=args.dtype, device=device, seed=0, fused=fused)  # fmt: skip
+    model = build_synthetic_model(
+        hf_config,
+        quantize="nf4",
+        lora=LORA,
+        gradient_checkpointing=ckpt,
+        dtype=args.dtype,
+        device=device,
+        seed=0,
+        fused=fused,
+    )
     build_s = time.perf_counter() - t0
     static = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     rows, oom = [], False
     for batch, seq in _parse_cases(args.cases):
-        plan = plan_from_values(hf_config, quant_bits=4, lora_rank=LORA["r"], lora_targets=LORA["target_modules"],
-                                seq_len=seq, micro_batch=batch, checkpointing=ckpt, gpu_mem_gib=gpu_gib,
-                                fused=fused)  # fmt: skip
-        row = {"stack": args.stack, "checkpointing": ckpt, "micro_batch": batch, "seq_len": seq,
-               "tokens": batch * seq, "predicted_gib": round(plan.peak_gib, 3), "plan_strategy": plan.strategy,
-               "predicted_breakdown_gib": {k: round(v / GIB, 3) for k, v in plan.breakdown.items()},
-               "static_after_build_gib": None if static is None else round(static / GIB, 3),
-               "build_s": round(build_s, 1)}  # fmt: skip
+        plan = plan_from_values(
+            hf_config,
+            quant_bits=4,
+            lora_rank=LORA["r"],
+            lora_targets=LORA["target_modules"],
+            seq_len=seq,
+            micro_batch=batch,
+            checkpointing=ckpt,
+            gpu_mem_gib=gpu_gib,
+            fused=fused,
+        )
+        row = {
+            "stack": args.stack,
+            "checkpointing": ckpt,
+            "micro_batch": batch,
+            "seq_len": seq,
+            "tokens": batch * seq,
+            "predicted_gib": round(plan.peak_gib, 3),
+            "predicted_bytes": plan.peak_bytes,
+            "plan_strategy": plan.strategy,
+            "predicted_breakdown_gib": {k: round(v / GIB, 3) for k, v in plan.breakdown.items()},
+            "static_after_build_gib": None if static is None else round(static / GIB, 3),
+            "build_s": round(build_s, 1),
+        }
         if oom:
             row["status"] = "skipped after an OOM at a shorter case"
         else:
             try:
                 m = _measure(model, optimizer, device, batch, seq, args.steps, hf_config["vocab_size"])
-                row.update(status="ok", s_per_step=round(m["s_per_step"], 3),
-                           tokens_per_s=round(m["tokens_per_s"], 1), losses=m["losses"])  # fmt: skip
+                row.update(
+                    status="ok",
+                    s_per_step=round(m["s_per_step"], 3),
+                    tokens_per_s=round(m["tokens_per_s"], 1),
+                    losses=m["losses"],
+                )
                 if m["peak_bytes"] is not None:
                     measured = m["peak_bytes"] / GIB
                     row["measured_gib"] = round(measured, 3)
+                    row["measured_bytes"] = m["peak_bytes"]
                     row["error"] = round(plan.peak_gib / measured - 1, 4)
                     row["within_goal"] = abs(row["error"]) <= GOAL
             except torch.cuda.OutOfMemoryError:
@@ -201,8 +240,10 @@ def run_mode(args, hf_config: dict, ckpt: str, device: torch.device, gpu_gib: fl
 def _row_text(r: dict) -> str:
     meas = f"{r['measured_gib']:.2f}" if r.get("measured_gib") is not None else "-"
     err = f"{100 * r['error']:+.1f}%" if r.get("error") is not None else "-"
-    return (f"{r['stack']:<5}{r['checkpointing']:<9}{r['micro_batch']:>3}x{r['seq_len']:<7}"
-            f"{r['predicted_gib']:>10.2f}{meas:>10}{err:>9}  {r['status']}")  # fmt: skip
+    return (
+        f"{r['stack']:<6}{r['checkpointing']:<9}{r['micro_batch']:>3}x{r['seq_len']:<7}"
+        f"{r['predicted_gib']:>10.2f}{meas:>10}{err:>9}  {r['status']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,15 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = torch.bfloat16 if cuda else torch.float32
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB if cuda else 80.0
 
-    print(f"{'stack':<5}{'ckpt':<9}{'BxS':>11}{'pred GiB':>10}{'meas GiB':>10}{'error':>9}  status")
+    print(f"{'stack':<6}{'ckpt':<9}{'BxS':>11}{'pred GiB':>10}{'meas GiB':>10}{'error':>9}  status")
     rows = []
     for ckpt in args.ckpt.split(","):
         rows += run_mode(args, hf_config, ckpt.strip(), device, gpu_gib)
 
     fits = {}
     for ckpt in args.ckpt.split(","):
-        pts = [(r["tokens"], r["measured_gib"]) for r in rows if r["checkpointing"] == ckpt and "measured_gib" in r]
-        pred = [(r["tokens"], r["predicted_gib"]) for r in rows if r["checkpointing"] == ckpt]
+        ours = [r for r in rows if r["checkpointing"] == ckpt]
+        pts = [(r["tokens"], r["measured_bytes"] / GIB) for r in ours if "measured_bytes" in r]
+        pred = [(r["tokens"], r["predicted_bytes"] / GIB) for r in ours]
         fits[ckpt] = {"measured": _fit(pts), "predicted": _fit(pred)}
     measured = [r for r in rows if "error" in r]
     summary = {
@@ -242,9 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         "cases_within_goal": sum(r["within_goal"] for r in measured),
         "worst_error": max((abs(r["error"]) for r in measured), default=None),
     }
-    result = {"bench": "planner_check", "tiny": args.tiny, "model": hf_config, "lora": LORA,
-              "gpu_mem_gib": round(gpu_gib, 2), "environment": _environment(device), "summary": summary,
-              "fits": fits, "rows": rows}  # fmt: skip
+    result = {
+        "bench": "planner_check",
+        "tiny": args.tiny,
+        "model": hf_config,
+        "lora": LORA,
+        "gpu_mem_gib": round(gpu_gib, 2),
+        "environment": _environment(device),
+        "summary": summary,
+        "fits": fits,
+        "rows": rows,
+    }
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
     default_name = f"planner_{_gpu_slug(device)}{'_tiny' if args.tiny else ''}_{day}.json"
     out = Path(args.out) if args.out else REPO / "bench" / "results" / default_name

@@ -109,8 +109,11 @@ class Shape:
             cfg = cfg["text_config"]
         if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
             raise ValueError("mixture-of-experts configs are not supported by the planner (dense decoders only)")
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if k not in cfg]  # fmt: skip
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if k not in cfg
+        ]
         if missing:
             raise ValueError(f"HF config lacks {', '.join(missing)}: pass the model's config.json")
         heads = int(cfg["num_attention_heads"])
@@ -183,8 +186,8 @@ class Plan:
         lines.append(f"  {'peak (predicted)':<32}{self.peak_gib:>10.2f}")
         lines.append(f"  {'usable of the GPU':<32}{self.usable_bytes / GIB:>10.2f}")
         lines.append("strategies: " + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in self.alternatives.items()))
-        verdict = f"strategy: {self.strategy}" if self.fits else "nothing fits"
-        lines.append(f"{verdict} ({self.world_size} GPU{'s' if self.world_size > 1 else ''}): {self.reason}")
+        gpus = f"{self.world_size} GPU{'s' if self.world_size > 1 else ''}"
+        lines.append(f"strategy: {self.strategy} ({gpus}): {self.reason}" if self.fits else f"{gpus}: {self.reason}")
         return "\n".join(lines)
 
 
@@ -336,16 +339,28 @@ def plan_from_values(
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
         raise ValueError(f"lora_targets must be a non-empty subset of {ALL_TARGETS} or 'all', got {unknown or targets}")
-    for name, value in (("lora_rank", lora_rank), ("seq_len", seq_len), ("micro_batch", micro_batch),
-                        ("gpus_per_node", gpus_per_node), ("nodes", nodes)):  # fmt: skip
+    for name, value in (
+        ("lora_rank", lora_rank),
+        ("seq_len", seq_len),
+        ("micro_batch", micro_batch),
+        ("gpus_per_node", gpus_per_node),
+        ("nodes", nodes),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if gpu_mem_gib <= _RESERVE_GIB:
         raise ValueError(f"gpu_mem_gib must be above {_RESERVE_GIB}, got {gpu_mem_gib!r}")
     shape = Shape.from_hf(hf_config)
     world = gpus_per_node * nodes
-    args = dict(quant_bits=quant_bits, lora_rank=lora_rank, lora_targets=targets, seq_len=seq_len,
-                micro_batch=micro_batch, checkpointing=checkpointing, fused=fused)  # fmt: skip
+    args = dict(
+        quant_bits=quant_bits,
+        lora_rank=lora_rank,
+        lora_targets=targets,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        checkpointing=checkpointing,
+        fused=fused,
+    )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
         "layers": shape.layers,
@@ -379,8 +394,16 @@ def plan_from_values(
     best = min(peaks, key=peaks.get)
     b = breakdowns[best]
     biggest = max((k for k in b if not k.startswith("host")), key=b.get)
-    return Plan(None, False, _nothing_fits(shape, args, world, gpu_mem_gib, usable, best, b, biggest, peaks[best]),
-                b, usable, world, inputs, peaks)  # fmt: skip
+    return Plan(
+        None,
+        False,
+        _nothing_fits(shape, args, world, gpu_mem_gib, usable, best, b, biggest, peaks[best]),
+        b,
+        usable,
+        world,
+        inputs,
+        peaks,
+    )
 
 
 def _max_tokens(shape: Shape, args: dict, world: int, usable: float, strategy: str) -> int:
@@ -401,9 +424,11 @@ def _max_tokens(shape: Shape, args: dict, world: int, usable: float, strategy: s
 
 def _nothing_fits(shape, args, world, gpu_mem_gib, usable, best, b, biggest, peak) -> str:
     tokens = args["seq_len"] * args["micro_batch"]
-    head = (f"nothing fits because {biggest} needs {b[biggest] / GIB:.1f} GiB and the least-memory strategy "
-            f"({best}) peaks at {peak / GIB:.1f} GiB per GPU, over the {usable / GIB:.1f} GiB usable of "
-            f"{gpu_mem_gib:g} GiB")  # fmt: skip
+    head = (
+        f"nothing fits because {biggest} needs {b[biggest] / GIB:.1f} GiB and the least-memory strategy "
+        f"({best}) peaks at {peak / GIB:.1f} GiB per GPU, over the {usable / GIB:.1f} GiB usable of "
+        f"{gpu_mem_gib:g} GiB"
+    )
     tries = []
     max_tok = _max_tokens(shape, args, world, usable, best)
     if max_tok == 0:

@@ -70,13 +70,10 @@ def _wrap(strategy: str, model, world: int):
     return wrap_model(model, strategy, ds_config, lr=LR, grad_clip=1.0, dtype="fp32")
 
 
-def strategies_loop(config: dict) -> None:
+def strategies_run(config: dict, rank: int, world: int) -> dict:
     """Per strategy: 10 steps (checkpoint after step 5), then a fresh model resumed from step 5 to 10."""
-    import ray.train
     import torch.distributed as dist
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     results = {}
     for strategy in config["strategies"]:
         ckpt = os.path.join(config["ckpt_root"], strategy)
@@ -101,52 +98,54 @@ def strategies_loop(config: dict) -> None:
             "shapes_outside_gather": shapes_outside_gather,
         }
         dist.barrier()
-    if rank == 0:
-        torch.save(results, config["out"])
+    return results
 
 
 def save_tiny_base(folder: str) -> None:
-    """Write the tiny Llama's random base weights as an HF folder (the QLoRA loop loads and quantizes it)."""
+    """Write the tiny Llama's random base weights as an HF folder (the QLoRA check loads and quantizes it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(folder)
 
 
-def qlora_zero3_loop(config: dict) -> None:
+def qlora_zero3_run(config: dict, rank: int, world: int) -> dict:
     """Load the tiny base in NF4 with a float storage dtype, wrap it in ZeRO-3, and check the base survives.
 
-    Records, on rank 0: how many 4-bit weights there are, how many came back from ZeRO-3's partitions
-    bit-for-bit different, the forward difference before/after wrapping, and a few training losses.
+    `config["dtype"]` is the engine dtype ("fp32" on CPU, "bf16" on GPUs); the 4-bit storage follows it.
+    Returns how many 4-bit weights there are, how many are partitioned, how many came back from ZeRO-3's
+    partitions bit-for-bit different (after wrapping and after training), the forward difference
+    before/after wrapping, and a few training losses.
     """
     import deepspeed
-    import ray.train
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from raytune_llm.sharding.engine import wrap_model
+    from raytune_llm.sharding.engine import setup_device, wrap_model
     from raytune_llm.sharding.zero import build_zero_config, quant_storage_dtype_name
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    storage = getattr(torch, quant_storage_dtype_name(3, "fp32"))
+    dtype = config.get("dtype", "fp32")
+    torch_dtype = getattr(torch, quant_storage_dtype_name(3, dtype))
+    device = setup_device()
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=storage,
+        bnb_4bit_compute_dtype=torch_dtype,
+        bnb_4bit_quant_storage=torch_dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(config["base"], quantization_config=bnb, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        config["base"], quantization_config=bnb, dtype=torch_dtype, device_map={"": device}
+    )
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS))
     four_bit = {n: p.detach().clone() for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
-    probe = batch(0, 0)["input_ids"]
+    probe = batch(0, 0)["input_ids"].to(device)
     with torch.no_grad():
-        before = model(input_ids=probe).logits
+        before = model(input_ids=probe).logits.float()
 
-    ds_config = build_zero_config(3, micro_batch=MICRO_BATCH, dtype="fp32", lr=LR, world_size=world)
+    ds_config = build_zero_config(3, micro_batch=MICRO_BATCH, dtype=dtype, lr=LR, world_size=world)
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
-    sharded = wrap_model(model, "zero3", ds_config, dtype="fp32")
+    sharded = wrap_model(model, "zero3", ds_config, dtype=dtype, device=device)
     params = dict(sharded.module.named_parameters())
     partitioned = sum(1 for n in four_bit if params[n].numel() == 0)
 
@@ -163,19 +162,32 @@ def qlora_zero3_loop(config: dict) -> None:
 
     bad_after_wrap = mismatches()
     with torch.no_grad():
-        after = sharded.wrapped(input_ids=probe).logits
+        after = sharded.wrapped(input_ids=probe).logits.float()
     losses = [sharded.step(batch(step, rank)) for step in range(4)]
-    bad_after_training = mismatches()
+    return {
+        "n_4bit": len(four_bit),
+        "storage_dtypes": sorted({str(t.dtype) for t in four_bit.values()}),
+        "partitioned": partitioned,
+        "bad_after_wrap": bad_after_wrap,
+        "bad_after_training": mismatches(),
+        "forward_diff": (after - before).abs().max().item(),
+        "losses": losses,
+    }
+
+
+def suite_loop(config: dict) -> None:
+    """One Ray Train worker loop for the whole sharding suite (one fit: worker start-up is paid once).
+
+    `config["parts"]` lists "strategies" and/or "qlora"; rank 0 saves {part: results} to `config["out"]`.
+    """
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    results = {}
+    if "strategies" in config["parts"]:
+        results["strategies"] = strategies_run(config, rank, world)
+    if "qlora" in config["parts"]:
+        results["qlora"] = qlora_zero3_run(config, rank, world)
     if rank == 0:
-        torch.save(
-            {
-                "n_4bit": len(four_bit),
-                "storage_dtypes": sorted({str(t.dtype) for t in four_bit.values()}),
-                "partitioned": partitioned,
-                "bad_after_wrap": bad_after_wrap,
-                "bad_after_training": bad_after_training,
-                "forward_diff": (after - before).abs().max().item(),
-                "losses": losses,
-            },
-            config["out"],
-        )
+        torch.save(results, config["out"])

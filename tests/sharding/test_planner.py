@@ -37,16 +37,21 @@ ANCHORS = [
 
 @pytest.mark.parametrize("micro_batch,seq_len,ckpt,fused,measured", ANCHORS)
 def test_calibrated_to_anchors(micro_batch, seq_len, ckpt, fused, measured):
-    plan = plan_from_values(LLAMA31_8B, seq_len=seq_len, micro_batch=micro_batch, checkpointing=ckpt, fused=fused,
-                            gpu_mem_gib=H200)  # fmt: skip
+    plan = plan_from_values(
+        LLAMA31_8B, seq_len=seq_len, micro_batch=micro_batch, checkpointing=ckpt, fused=fused, gpu_mem_gib=H200
+    )
     assert plan.fits and plan.strategy == "DDP"
     assert abs(plan.peak_gib / measured - 1) < 0.05, f"predicted {plan.peak_gib:.2f} GiB vs measured {measured}"
 
 
 def test_lora_param_count_8b_r16():
     # r * (in + out) summed over q,k,v,o,gate,up,down = 1,310,720 per layer, 32 layers (PEFT prints 41,943,040)
-    assert lora_param_count(Shape.from_hf(LLAMA31_8B), 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                            "up_proj", "down_proj")) == 41_943_040  # fmt: skip
+    assert (
+        lora_param_count(
+            Shape.from_hf(LLAMA31_8B), 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        )
+        == 41_943_040
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -60,10 +65,12 @@ def test_lora_param_count_8b_r16():
 def test_monotonic_in_seq_len(s1, s2, ckpt, fused, bits):
     lo, hi = sorted((s1, s2))
     for strategy_gpus in (1, 8):
-        a = plan_from_values(LLAMA31_8B, quant_bits=bits, seq_len=lo, checkpointing=ckpt, fused=fused,
-                             gpus_per_node=strategy_gpus)  # fmt: skip
-        b = plan_from_values(LLAMA31_8B, quant_bits=bits, seq_len=hi, checkpointing=ckpt, fused=fused,
-                             gpus_per_node=strategy_gpus)  # fmt: skip
+        a = plan_from_values(
+            LLAMA31_8B, quant_bits=bits, seq_len=lo, checkpointing=ckpt, fused=fused, gpus_per_node=strategy_gpus
+        )
+        b = plan_from_values(
+            LLAMA31_8B, quant_bits=bits, seq_len=hi, checkpointing=ckpt, fused=fused, gpus_per_node=strategy_gpus
+        )
         for s in STRATEGIES:
             assert a.alternatives[s] <= b.alternatives[s]
 
@@ -117,8 +124,14 @@ def test_max_seq_len_is_the_fitting_boundary():
 
 def test_table_lists_breakdown_and_verdict():
     text = plan_from_values(LLAMA31_8B, seq_len=4096, micro_batch=2).table()
-    for needle in ("weights (base model)", "LoRA params+grads+AdamW", "activations", "workspace", "peak (predicted)",
-                   "strategy: DDP"):  # fmt: skip
+    for needle in (
+        "weights (base model)",
+        "LoRA params+grads+AdamW",
+        "activations",
+        "workspace",
+        "peak (predicted)",
+        "strategy: DDP",
+    ):
         assert needle in text
 
 

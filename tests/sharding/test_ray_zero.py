@@ -1,13 +1,12 @@
 """ZeRO-2 and ZeRO-3 in 2 gloo Ray workers against plain DDP: same losses, same resume, same gathered LoRA.
 
-One TorchTrainer fit runs every strategy in turn (each fit costs ~30 s of worker start-up and imports on the
-2-core machine), so the tests below assert on the results of a single module-scoped run.
+One TorchTrainer fit (conftest.sharding_suite, shared with test_zero3_qlora.py) runs every strategy in turn,
+because each fit costs ~30 s of worker start-up and imports on the 2-core machine.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.sharding import _loops
 
@@ -20,20 +19,8 @@ WEIGHT_TOL = 1e-2 * _loops.LR
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tmp_path_factory):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    tmp = tmp_path_factory.mktemp("zero_runs")
-    out = tmp / "results.pt"
-    trainer = TorchTrainer(
-        _loops.strategies_loop,
-        train_loop_config={"strategies": ["ddp", "zero2", "zero3"], "ckpt_root": str(tmp / "ckpt"), "out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(storage_path=str(tmp / "ray"), name="zero_runs"),
-    )
-    trainer.fit()
-    return torch.load(out, weights_only=False)
+def runs(sharding_suite):
+    return sharding_suite["strategies"]
 
 
 def _max_diff(a: list[float], b: list[float]) -> float:

@@ -8,14 +8,16 @@ import torch
 from raytune_llm.sharding.zero import build_zero_config, quant_storage_dtype_name
 
 
-@pytest.mark.parametrize("stage,offload_optimizer,offload_params", [(2, False, False), (3, False, False),
-                                                                     (2, True, False), (3, True, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage,offload_optimizer,offload_params", [(2, False, False), (3, False, False), (2, True, False), (3, True, True)]
+)
 def test_config_is_accepted_by_deepspeed(monkeypatch, stage, offload_optimizer, offload_params):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    cfg = build_zero_config(stage, offload_optimizer, offload_params, micro_batch=2, grad_accum=4, dtype="bf16",
-                            grad_clip=0.5, world_size=1)  # fmt: skip
+    cfg = build_zero_config(
+        stage, offload_optimizer, offload_params, micro_batch=2, grad_accum=4, dtype="bf16", grad_clip=0.5, world_size=1
+    )
     parsed = DeepSpeedConfig(cfg)
     assert parsed.zero_optimization_stage == stage
     assert parsed.train_batch_size == 8 and parsed.gradient_accumulation_steps == 4
