@@ -35,21 +35,25 @@ def _grads(model, mode: str, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor
     return loss.detach(), lora_grads(model)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_checkpointed_and_offloaded_gradients_equal_plain(tiny_paths, dropout):
-    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8, dropout=dropout), dtype=torch.float32, device="cpu")
+def test_checkpointed_and_offloaded_gradients_equal_plain(tiny_paths, dropout, device):
+    lora = dict(r=4, alpha=8, dropout=dropout)
+    model = load_model(tiny_paths["llama"], lora=lora, dtype=torch.float32, device=device)
     sync_and_randomise_lora(model, model)
-    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     loss_off, g_off = _grads(model, "off", ids, seed=7)
     for mode in ("on", "offload"):
         loss, g = _grads(model, mode, ids, seed=7)
-        torch.testing.assert_close(loss, loss_off, rtol=0, atol=0)
+        # Bitwise on the CPU; on CUDA the Triton backward may accumulate in another order.
+        exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, loss_off, **exact)
         assert g.keys() == g_off.keys()
         for name in g_off:
             # Layer 0's input comes from frozen embeddings: its LoRA grads must still arrive.
             assert g[name].abs().sum() > 0, f"{mode}: no gradient for {name}"
             torch.testing.assert_close(
-                g[name], g_off[name], rtol=1e-6, atol=1e-7, msg=lambda m, mode=mode, name=name: f"{mode} {name}: {m}"
+                g[name], g_off[name], rtol=1e-5, atol=1e-6, msg=lambda m, mode=mode, name=name: f"{mode} {name}: {m}"
             )
 
 

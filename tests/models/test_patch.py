@@ -55,6 +55,24 @@ def test_lora_dropout_takes_the_stock_path_with_the_same_numbers(tiny_paths):
     torch.testing.assert_close(loss_ours, loss_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_trainable_base_bias_takes_the_stock_path_with_the_same_numbers(tiny_paths):
+    lora = dict(r=4, alpha=8, bias="lora_only")  # Qwen2's q/k/v biases become trainable
+    ours = load_model(tiny_paths["qwen2"], lora=lora, dtype=torch.float32, device="cpu")
+    ref = load_model(tiny_paths["qwen2"], lora=lora, dtype=torch.float32, device="cpu", fused=False)
+    sync_and_randomise_lora(ref, ours)
+    assert "bias" in ours.raytune_patch_report.stock["model.layers.0.self_attn.qkv"]
+    assert "model.layers.0.self_attn.o_proj" not in ours.raytune_patch_report.stock  # o_proj has no bias
+    ids = _ids()
+    loss_ours, loss_ref = ours(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss_ours, loss_ref, rtol=1e-5, atol=1e-5)
+    loss_ours.backward()
+    loss_ref.backward()
+    bias = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"
+    torch.testing.assert_close(
+        dict(ours.named_parameters())[bias].grad, dict(ref.named_parameters())[bias].grad, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_unknown_architecture_trains_stock_with_one_warning():
     from transformers import GPT2Config, GPT2LMHeadModel
 
