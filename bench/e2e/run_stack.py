@@ -192,7 +192,9 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
             use_gradient_checkpointing="unsloth",
             random_state=args.seed,
         )
-        FastLanguageModel.for_training(model)
+        # Train mode with the checkpointing mode get_peft_model recorded ("unsloth"), as its own trainer restores
+        # it; for_training's default (True) would overwrite the per-module flags with a plain bool.
+        FastLanguageModel.for_training(model, use_gradient_checkpointing="unsloth")
         facts["gradient_checkpointing"] = "unsloth (offloaded to host)"
         if args.packed:
             backend = "flash_attn varlen" if importlib.util.find_spec("flash_attn") else None
