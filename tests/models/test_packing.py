@@ -80,7 +80,10 @@ def test_bad_position_ids_shape_is_a_clear_error():
 def _packed_qkv(device: str, dtype: torch.dtype, seq: int = 24, heads: tuple[int, int] = (4, 2), d: int = 16):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, seq, d, generator=gen).to(device, dtype) for h in (heads[0], heads[1], heads[1]))
-    pos = torch.tensor([list(range(10)) + list(range(9)) + list(range(5)), list(range(seq))], device=device)
+    lengths = (seq // 2 - 2, seq // 4 + 3)
+    lengths = (*lengths, seq - sum(lengths))
+    row0 = torch.cat([torch.arange(n) for n in lengths])
+    pos = torch.stack([row0, torch.arange(seq)]).to(device)
     return q, k, v, build_attn_meta(pos, None, 2, seq, device)
 
 
