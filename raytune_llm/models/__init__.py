@@ -1,1 +1,12 @@
-"""raytune_llm.models."""
+"""raytune_llm.models: the only layer that touches transformers' classes.
+
+- load.py: `load_model` (local HF folder -> NF4 via bitsandbytes -> PEFT LoRA -> fused kernels).
+- patch.py: `patch` / `unpatch`, per-instance forward swaps with a report of what stayed stock and why.
+- attention.py: causal attention for packed rows (document ids from restarting position_ids).
+- checkpointing.py: per-layer activation checkpointing, optionally offloading the kept input to host.
+- lora.py, quantize.py: PEFT attachment / LoRAWeight reading, bitsandbytes NF4 config and per-Linear quantization.
+- families/: what differs between Llama, Mistral, Qwen2 and Qwen3.
+- tiny.py, synthetic.py: random-weight models (tiny on disk for tests; any size built on the device for benchmarks).
+
+Submodules import torch and transformers; import them explicitly (`raytune_llm.load_model` is lazy).
+"""
