@@ -230,7 +230,7 @@ def write_gguf(source: Source, path: Path, gguf_type: str) -> None:
         np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(
             qtype, np.uint8
         )
-        nbytes = int(np.prod(nbytes_shape)) * (1 if np_dtype is np.uint8 else np.dtype(np_dtype).itemsize)
+        nbytes = int(np.prod(nbytes_shape))  # the byte shape already counts bytes, whatever the type
         shape = nbytes_shape if np_dtype is np.uint8 else shapes[name]
         writer.add_tensor_info(
             name, shape, np.dtype(np_dtype), nbytes, raw_dtype=None if np_dtype is not np.uint8 else qtype

@@ -100,12 +100,17 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
 
 
 def adapter_digest(adapter_dir: Path) -> str:
-    """sha256 over the adapter's config and weights: identifies an adapter in export markers."""
-    h = hashlib.sha256()
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        with open(adapter_dir / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    """sha256 of what an adapter adds to a model: its weights and the config fields that set the update.
+
+    The base path is left out on purpose, so an adapter re-pointed at its own merged export is still recognised.
+    """
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    for key in ("base_model_name_or_path", "revision", "inference_mode"):
+        cfg.pop(key, None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    with open(adapter_dir / ADAPTER_WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 

@@ -1,0 +1,91 @@
+"""Export safety: outputs stay inside the run folder, writes are atomic, nothing is overwritten without force."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from raytune_llm.export import ExportError, export
+
+from .conftest import build_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, llama_base):
+    return build_run(tmp_path_factory.mktemp("safety") / "run", llama_base)
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.rglob(".*tmp-*")] + [p.name for p in folder.rglob(".*old-*")]
+
+
+@pytest.mark.parametrize("out", ["../escape", "exports/../../escape", "/tmp/raytune_llm_escape"])
+def test_output_outside_run_is_refused(run, out):
+    with pytest.raises(ExportError, match=r"'\.\.'|outside the run folder"):
+        export(run, "adapter", out=out)
+    assert not os.path.exists("/tmp/raytune_llm_escape")
+
+
+def test_symlinked_output_is_refused(run, tmp_path):
+    (run / "linked").symlink_to(tmp_path, target_is_directory=True)
+    try:
+        with pytest.raises(ExportError, match="symlink"):
+            export(run, "adapter", out="linked/adapter")
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        (run / "linked").unlink()
+
+
+def test_existing_export_needs_force(run):
+    out = export(run, "adapter", out="exports/force_check")
+    (out / "marker").write_text("old")
+    with pytest.raises(ExportError, match="already exists.*force"):
+        export(run, "adapter", out="exports/force_check")
+    assert (out / "marker").read_text() == "old"
+    assert export(run, "adapter", out="exports/force_check", force=True) == out
+    assert not (out / "marker").exists() and (out / "adapter_config.json").is_file()
+    assert _leftovers(run) == []
+
+
+def test_failed_export_leaves_nothing(run):
+    # Qwen-only tensor names do not exist in a llama base: the merge fails half-way, after the temp folder exists.
+    cfg = run / "adapter" / "adapter_config.json"
+    bad = run.parent / "bad_run"
+    import shutil
+
+    shutil.copytree(run, bad)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(bad / "adapter" / "adapter_model.safetensors"))
+    state = {k.replace("layers.1.", "layers.7."): v for k, v in state.items()}
+    save_file(state, str(bad / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(ExportError, match="does not have"):
+        export(bad, "hf")
+    assert not (bad / "exports" / "hf").exists() and _leftovers(bad) == []
+    assert cfg.is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"fmt": "onnx"}, "unknown export format"),
+        ({"fmt": "hf", "dtype": "int3"}, "unknown dtype"),
+        ({"fmt": "gguf", "gguf_type": "q4_k"}, "unknown GGUF type"),
+        ({"fmt": "hf", "out": "adapter"}, "would replace the adapter"),
+    ],
+)
+def test_bad_arguments(run, kwargs, match):
+    with pytest.raises(ExportError, match=match):
+        export(run, **kwargs)
+
+
+def test_bad_sources(tmp_path, llama_base):
+    with pytest.raises(ExportError, match="not a folder"):
+        export(tmp_path / "missing", "hf")
+    with pytest.raises(ExportError, match="no adapter_config.json"):
+        export(tmp_path, "hf")
+    with pytest.raises(ExportError, match="full model folder"):
+        export(llama_base, "hf")
+    for err in (ExportError("x"),):
+        assert "\n" not in str(err)
