@@ -12,7 +12,10 @@ A failure names the tensor and prints the worst elements with their indices.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -176,3 +179,53 @@ def check_against_reference(
             continue
         assert g is not None, f"d{name}: the kernel produced no gradient"
         assert_close(f"d{name}", g, r, lp, dtype)
+
+
+_SM90_SCRIPT = """
+import importlib, json, os, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for i, (mod, name, sig, consts, warps) in enumerate(json.loads(sys.argv[1])):
+    fn = getattr(importlib.import_module(mod), name)
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    path = os.path.join(sys.argv[2], f"{name}_{i}.cubin")
+    open(path, "wb").write(k.asm["cubin"])
+    out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    print(name, [line.strip() for line in out.splitlines() if "REG:" in line][0])
+"""
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def compile_for_sm90(specs: Sequence[tuple], tmp_path) -> list[str]:
+    """Compile ``@triton.jit`` kernels to sm_90 (H100/H200) cubins on this CPU-only machine.
+
+    Runs in one subprocess without ``TRITON_INTERPRET`` (under the interpreter the decorator yields an
+    interpreted function that cannot be compiled), through the installed triton's own ptxas: it proves
+    the kernels lower for the GPU machine's triton before any GPU time is spent, and reports registers
+    and local-memory spills.
+
+    Args:
+        specs: ``(module, kernel name, {arg: triton type like "*bf16" / "i32" / "fp32"}, {constexpr: value},
+            num_warps)`` per compilation.
+        tmp_path: a folder for the cubins.
+
+    Returns:
+        One line per spec: the kernel name and cuobjdump's ``REG:.. STACK:.. SHARED:.. LOCAL:..``.
+
+    Raises:
+        AssertionError: with the compiler's error output when a compilation fails.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-c", _SM90_SCRIPT, json.dumps([list(s) for s in specs]), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, f"compiling for sm_90 failed:\n{res.stderr[-3000:]}"
+    return res.stdout.strip().splitlines()

@@ -12,7 +12,7 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels.cross_entropy import default_chunk_size, fused_linear_cross_entropy
-from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -141,3 +141,14 @@ def test_flce_peak_memory_below_full_logits():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 1.0 * 2**30, f"extra peak {extra / 2**30:.2f} GiB"
+
+
+@pytest.mark.slow
+def test_ce_kernel_compiles_for_sm90_without_spills(tmp_path):
+    sig = {"LOGITS_ptr": "*bf16", "stride_l": "i32", "LABELS_ptr": "*i64", "LOSS_ptr": "*fp32", "DENOM_ptr": "*fp32"}
+    sig |= {"n_cols": "i32", "ignore_index": "i32"}
+    mod = "raytune_llm.kernels.cross_entropy"
+    lines = compile_for_sm90(
+        [(mod, "_ce_row_kernel", sig, {"COMPUTE_GRAD": g, "BLOCK": 32768}, 32) for g in (False, True)], tmp_path
+    )
+    assert len(lines) == 2 and all("LOCAL:0" in line for line in lines), lines

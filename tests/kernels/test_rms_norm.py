@@ -7,7 +7,7 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels.rms_norm import rms_norm
-from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -63,3 +63,23 @@ def test_use_triton_dispatch(monkeypatch):
     assert row_block_settings(4096) == (4096, 8) and row_block_settings(37) == (64, 4)
     with pytest.raises(ValueError, match="exceeds"):
         row_block_settings(70000)
+
+
+@pytest.mark.slow
+def test_rms_norm_kernels_compile_for_sm90_without_spills(tmp_path):
+    fwd = {"Y_ptr": "*bf16", "X_ptr": "*bf16", "W_ptr": "*bf16", "RSTD_ptr": "*fp32"}
+    fwd |= {"stride_y": "i32", "stride_x": "i32", "n_cols": "i32", "eps": "fp32"}
+    bwd = {"DX_ptr": "*bf16", "DW_PART_ptr": "*fp32", "DY_ptr": "*bf16", "X_ptr": "*bf16", "W_ptr": "*bf16"}
+    bwd |= {"RSTD_ptr": "*fp32", "stride_dx": "i32", "stride_dy": "i32", "stride_x": "i32"}
+    bwd |= {"n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}
+    mod = "raytune_llm.kernels.rms_norm"
+    lines = compile_for_sm90(
+        [
+            (mod, "_rms_norm_fwd_kernel", fwd, {"BLOCK": 4096}, 8),
+            (mod, "_rms_norm_fwd_kernel", fwd, {"BLOCK": 8192}, 16),
+            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 4096}, 8),
+            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 8192}, 32),
+        ],
+        tmp_path,
+    )
+    assert len(lines) == 4 and all("LOCAL:0" in line for line in lines), lines

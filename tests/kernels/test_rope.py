@@ -11,7 +11,7 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels.rope import rope
-from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -95,3 +95,20 @@ def test_rope_real_sizes(dtype, hq, hk):
     cos, sin = _cos_sin(1, [1024, 3000, 4168], 128, dev)
     q, k = _qk(1, hq, hk, 8192, 128, dev)
     check_against_reference(rope, reference.rope, [q, k, cos, sin], dtype, no_grad=(2, 3))
+
+
+@pytest.mark.slow
+def test_rope_kernel_compiles_for_sm90_without_spills(tmp_path):
+    from raytune_llm.kernels.rope import _rope_kernel
+
+    sig = {
+        n: ("*bf16" if n.endswith("_ptr") else "i32")
+        for n in _rope_kernel.arg_names
+        if not (n.startswith("BLOCK") or n == "BACKWARD")
+    }
+    consts = {"BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_D": 64}
+    mod = "raytune_llm.kernels.rope"
+    lines = compile_for_sm90(
+        [(mod, "_rope_kernel", sig, {**consts, "BACKWARD": bw}, 8) for bw in (False, True)], tmp_path
+    )
+    assert len(lines) == 2 and all("LOCAL:0" in line for line in lines), lines

@@ -7,7 +7,7 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels.swiglu import swiglu
-from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -69,3 +69,17 @@ def test_swiglu_rejects_mismatch():
 def test_swiglu_real_sizes(dtype, inter):
     gate, up = _inputs((4096, inter), torch.device("cuda"))
     check_against_reference(swiglu, reference.swiglu, [gate, up], dtype, names=["gate", "up"])
+
+
+@pytest.mark.slow
+def test_swiglu_kernels_compile_for_sm90_without_spills(tmp_path):
+    fwd = {"C_ptr": "*bf16", "A_ptr": "*bf16", "B_ptr": "*bf16", "stride_c": "i32", "stride_a": "i32"}
+    fwd |= {"stride_b": "i32", "n_cols": "i32"}
+    bwd = {"DA_ptr": "*bf16", "DB_ptr": "*bf16", "DC_ptr": "*bf16", "A_ptr": "*bf16", "B_ptr": "*bf16"}
+    bwd |= {"stride_d": "i32", "stride_dc": "i32", "stride_a": "i32", "stride_b": "i32", "n_cols": "i32"}
+    mod = "raytune_llm.kernels.swiglu"
+    lines = compile_for_sm90(
+        [(mod, "_swiglu_fwd_kernel", fwd, {"BLOCK": 2048}, 8), (mod, "_swiglu_bwd_kernel", bwd, {"BLOCK": 2048}, 8)],
+        tmp_path,
+    )
+    assert len(lines) == 2 and all("LOCAL:0" in line for line in lines), lines
