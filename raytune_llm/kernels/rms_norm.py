@@ -152,7 +152,8 @@ def rms_norm_backward(
     n_rows, n_cols = X.shape
     DX = torch.empty((n_rows, n_cols), dtype=kernel_store_dtype(x.dtype), device=x.device)
     P = _num_programs(n_rows, x.device)
-    DW_PART = torch.empty((P, n_cols), dtype=torch.float32, device=x.device)
+    # Zeros only matter for an empty batch (no program then writes its partial row).
+    DW_PART = (torch.empty if n_rows else torch.zeros)((P, n_cols), dtype=torch.float32, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
     # The backward keeps x, dy, w and the dw accumulator live: ptxas (triton 3.6, sm_90) gives it 125
     # registers at BLOCK 8192 / 16 warps, i.e. one 16-warp block per SM; at 32 warps it needs 60, so one

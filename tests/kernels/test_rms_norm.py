@@ -83,3 +83,13 @@ def test_rms_norm_kernels_compile_for_sm90_without_spills(tmp_path):
         tmp_path,
     )
     assert len(lines) == 4 and all("LOCAL:0" in line for line in lines), lines
+
+
+@needs_triton
+def test_rms_norm_empty_batch():
+    x = torch.randn(0, 16, device=kernel_device(), requires_grad=True)
+    w = torch.ones(16, device=kernel_device(), requires_grad=True)
+    y = rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16)
+    assert w.grad is not None and w.grad.abs().max().item() == 0.0
