@@ -36,8 +36,9 @@ Saved for backward, and why: ``X`` (for dA_g/dA_u), the pre-activations ``G`` an
 activation and its derivative are recomputed from them; saving ``H`` as well would add a third
 ``[N, I]`` tensor), the rank-r products ``X [A_g; A_u]^T`` and ``H A_d^T`` (``[N, r]``, so dB costs
 no recompute of a full GEMM), and the (cast) adapters. Not saved: ``H``, any dequantized weight.
-The backward's fused Triton kernel reads ``dH, G, U`` and writes ``H`` over ``dH``, ``dG`` over
-``G`` and ``dU`` over ``U``: no new ``[N, I]`` buffers, which is why running this backward twice
+The backward's fused Triton kernel reads ``dY W_d``, ``G``, ``U`` and ``s_d dY B_d``, finishes
+``dH`` with the rank update in registers and writes ``H`` over ``dH``, ``dG`` over ``G`` and ``dU``
+over ``U``: no new ``[N, I]`` buffers, which is why running this backward twice
 (``retain_graph=True``) raises instead of silently using overwritten activations.
 
 Dtype policy: all GEMMs run in the compute dtype ``x.dtype`` (bf16 in training: tensor cores,
@@ -47,10 +48,15 @@ fp32 accumulation in cuBLAS), never in fp32 adapters. fp32 master ``A``/``B`` ar
 to ``x.dtype``; an NF4 base is dequantized straight to ``x.dtype`` (Triton, kernels/nf4.py). The
 activation kernels load in the tensor dtype, compute in fp32 and round once on store.
 
-Where Triton is used, and where not: the base GEMMs and the rank-r updates stay on cuBLAS
-(``torch.matmul``; ``addmm_`` with ``beta=1`` adds ``s * XA B^T`` in the GEMM's own epilogue, one
-kernel, bf16 tensor cores); the NF4 dequantization and the SwiGLU activation (forward, and the
-backward fused with the activation's recompute, in place) are Triton kernels.
+Where Triton is used, and where not: the base GEMMs stay on cuBLAS (``torch.matmul``, already at the
+matmul ceiling). For O and QKV the rank-r update ``s * XA B^T`` is one in-place ``addmm_`` (cuBLAS,
+``beta=1``: a rank-r GEMM whose epilogue adds into ``Y``, bf16 tensor cores; one extra read and write
+of ``Y``). In the MLP, where the
+``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
+(a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` in
+one pass instead of two ``addmm_`` passes plus an activation kernel; the backward kernel does the
+same for ``dH``'s rank update and the activation's derivative. The NF4 dequantization is Triton
+(kernels/nf4.py).
 """
 
 from __future__ import annotations
@@ -72,14 +78,15 @@ __all__ = [
     "lora_linear",
     "lora_mlp",
     "lora_qkv",
-    "swiglu_backward_inplace",
-    "swiglu_forward",
+    "lora_swiglu_backward",
+    "lora_swiglu_forward",
 ]
 
-# Elementwise kernels: 1024 elements x 4 warps = 8 bf16 (16 B) per thread per access, a full vector
-# load/store; the interpreter pays per program, so it takes larger blocks there.
-_BLOCK = 1024
-_BLOCK_INTERPRET = 16384
+# Tiles of the [N, I] activation kernels: 64 x 64 elements x 4 warps (32 bf16 per thread per tensor)
+# with a [64, r] x [r, 64] tensor-core dot for the rank-r epilogue. The interpreter pays per program
+# and runs numpy on whole tiles, so it takes larger tiles there.
+_TILE = (64, 64)
+_TILE_INTERPRET = (64, 128)
 
 
 class LoRAWeight(NamedTuple):
@@ -111,23 +118,154 @@ def _rne_bf16(x):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(H_ptr, G_ptr, U_ptr, n_elements, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
+def _rank_update(
+    acc,
+    L_ptr,
+    stride_l,
+    R_ptr,
+    stride_rk,
+    stride_rn,
+    rows,
+    cols,
+    n_rows,
+    n_cols,
+    rank,
+    scale,
+    R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # acc [BM, BN] fp32 += scale * L[rows, :rank] @ R[:rank, cols]; R is read through its strides
+    # (B^T when R is B [I, r]). Rank padded to R_PAD >= 16 (tl.dot's minimum) with zeros.
+    k = tl.arange(0, R_PAD)
+    lo = tl.load(
+        L_ptr + rows[:, None] * stride_l + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < rank), other=0.0
+    )
+    ro = tl.load(
+        R_ptr + k[:, None] * stride_rk + cols[None, :] * stride_rn,
+        mask=(k[:, None] < rank) & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+    if UPCAST:  # the CPU interpreter gets bf16 tl.dot wrong
+        lo = lo.to(tl.float32)
+        ro = ro.to(tl.float32)
+    return acc + scale * tl.dot(lo, ro, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _lora_swiglu_fwd_kernel(
+    G_ptr,
+    U_ptr,
+    H_ptr,
+    XAG_ptr,
+    XAU_ptr,
+    BG_ptr,
+    BU_ptr,
+    stride_xag,
+    stride_xau,
+    stride_bg0,
+    stride_bg1,
+    stride_bu0,
+    stride_bu1,
+    n_rows,
+    n_cols,
+    rank_g,
+    rank_u,
+    scale_g,
+    scale_u,
+    R_PAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
+    # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit;
+    # H = silu(G) * U. One pass instead of two addmm epilogues plus an activation kernel.
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows[:, None] * n_cols + cols[None, :]
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    h = g * tl.sigmoid(g) * u
+    g = _rank_update(
+        g,
+        XAG_ptr,
+        stride_xag,
+        BG_ptr,
+        stride_bg1,
+        stride_bg0,
+        rows,
+        cols,
+        n_rows,
+        n_cols,
+        rank_g,
+        scale_g,
+        R_PAD,
+        UPCAST,
+        DOT_PREC,
+    )
+    u = _rank_update(
+        u,
+        XAU_ptr,
+        stride_xau,
+        BU_ptr,
+        stride_bu1,
+        stride_bu0,
+        rows,
+        cols,
+        n_rows,
+        n_cols,
+        rank_u,
+        scale_u,
+        R_PAD,
+        UPCAST,
+        DOT_PREC,
+    )
+    if RNE_BF16:
+        g = _rne_bf16(g)
+        u = _rne_bf16(u)
+    # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
+    g = g.to(G_ptr.dtype.element_ty)
+    u = u.to(U_ptr.dtype.element_ty)
+    tl.store(G_ptr + offs, g, mask=mask)
+    tl.store(U_ptr + offs, u, mask=mask)
+    gf = g.to(tl.float32)
+    h = gf * tl.sigmoid(gf) * u.to(tl.float32)
     if RNE_BF16:
         h = _rne_bf16(h)
     tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_inplace_kernel(DH_ptr, G_ptr, U_ptr, n_elements, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # In place: H over dH, dG over G, dU over U (each element read before it is written).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
+def _lora_swiglu_bwd_kernel(
+    DH_ptr,
+    G_ptr,
+    U_ptr,
+    LOW_ptr,
+    AD_ptr,
+    stride_low,
+    stride_ad,
+    n_rows,
+    n_cols,
+    rank_d,
+    R_PAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
+    # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
+    # H over dH, dG over G, dU over U (each element read before it is written, within one program).
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows[:, None] * n_cols + cols[None, :]
     dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dh = _rank_update(
+        dh, LOW_ptr, stride_low, AD_ptr, stride_ad, 1, rows, cols, n_rows, n_cols, rank_d, 1.0, R_PAD, UPCAST, DOT_PREC
+    )
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sg = tl.sigmoid(g)
@@ -147,41 +285,76 @@ def _swiglu_bwd_inplace_kernel(DH_ptr, G_ptr, U_ptr, n_elements, RNE_BF16: tl.co
 # ---- launchers ----------------------------------------------------------------------------------
 
 
-def _launch_cfg(t: torch.Tensor) -> tuple[int, bool]:
+def _tile_cfg(t: torch.Tensor, ranks: list[int]) -> dict:
     interp = interpret_mode()
-    return (_BLOCK_INTERPRET if interp else _BLOCK), interp and t.dtype == torch.bfloat16
+    bm, bn = _TILE_INTERPRET if interp else _TILE
+    r_pad = max(16, triton.next_power_of_2(max(ranks)))
+    return {
+        "R_PAD": r_pad,
+        "BM": bm,
+        "BN": bn,
+        "UPCAST": interp,
+        # fp32 operands: exact products ("tf32" would round them to 10 mantissa bits); bf16 operands
+        # take the tensor-core path whatever this says.
+        "DOT_PREC": "ieee" if (interp or t.dtype == torch.float32) else "tf32",
+        "RNE_BF16": interp and t.dtype == torch.bfloat16,
+    }
 
 
-def swiglu_forward(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """``H = silu(G) * U`` for contiguous ``G``, ``U`` of one shape and dtype (fp32 math, one rounding).
+def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
+    return (triton.cdiv(n_rows, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
+
+
+def lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float) -> torch.Tensor:
+    """Finish the gate and up projections and apply SwiGLU, in one pass.
+
+    ``G += scale_g * xa_g @ Bg^T``, ``U += scale_u * xa_u @ Bu^T`` (in place), ``H = silu(G) * U``.
 
     Args:
-        G: gate pre-activation, contiguous.
-        U: up projection, contiguous, same shape and dtype.
+        G: gate base GEMM output ``[N, I]``, contiguous; becomes the gate projection.
+        U: up base GEMM output ``[N, I]``, contiguous; becomes the up projection.
+        xa_g: ``X A_g^T`` ``[N, r_g]`` (unit column stride).
+        xa_u: ``X A_u^T`` ``[N, r_u]`` (unit column stride).
+        Bg: ``[I, r_g]`` in ``G``'s dtype.
+        Bu: ``[I, r_u]`` in ``U``'s dtype.
+        scale_g: gate LoRA scaling.
+        scale_u: up LoRA scaling.
 
     Returns:
-        ``H``, a new tensor like ``G``.
+        ``H`` ``[N, I]`` in ``G``'s dtype.
     """
+    n_rows, n_cols = G.shape
     H = torch.empty_like(G)
-    n = G.numel()
-    if n:
-        block, rne = _launch_cfg(G)
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](H, G, U, n, RNE_BF16=rne, BLOCK=block, num_warps=4)
+    if G.numel():
+        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]])
+        _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
+            G, U, H, xa_g, xa_u, Bg, Bu,
+            xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
+            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u,
+            num_warps=4, **cfg,
+        )  # fmt: skip
     return H
 
 
-def swiglu_backward_inplace(dH: torch.Tensor, G: torch.Tensor, U: torch.Tensor) -> None:
-    """Recompute the activation and differentiate it, in place: ``dH <- H``, ``G <- dG``, ``U <- dU``.
+def lora_swiglu_backward(dH, G, U, low_d, Ad) -> None:
+    """Finish ``dH`` with the down adapter's rank update, then differentiate SwiGLU, all in place.
+
+    ``dH += low_d @ Ad``; then ``dH <- H = silu(G) * U``, ``G <- dG``, ``U <- dU``.
 
     Args:
-        dH: gradient of ``H = silu(G) * U``, contiguous; overwritten with ``H``.
-        G: gate pre-activation, contiguous; overwritten with ``dG``.
-        U: up projection, contiguous; overwritten with ``dU``.
+        dH: ``dY W_d`` ``[N, I]``, contiguous.
+        G: gate projection ``[N, I]``, contiguous.
+        U: up projection ``[N, I]``, contiguous.
+        low_d: ``s_d dY B_d`` ``[N, r_d]`` (unit column stride).
+        Ad: ``[r_d, I]``, contiguous, in ``dH``'s dtype.
     """
-    n = G.numel()
-    if n:
-        block, rne = _launch_cfg(G)
-        _swiglu_bwd_inplace_kernel[(triton.cdiv(n, block),)](dH, G, U, n, RNE_BF16=rne, BLOCK=block, num_warps=4)
+    n_rows, n_cols = G.shape
+    if G.numel():
+        cfg = _tile_cfg(G, [low_d.shape[1]])
+        _lora_swiglu_bwd_kernel[_grid(n_rows, n_cols, cfg)](
+            dH, G, U, low_d, Ad, low_d.stride(0), Ad.stride(0), n_rows, n_cols, low_d.shape[1],
+            num_warps=4, **cfg,
+        )  # fmt: skip
 
 
 def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -275,16 +448,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         dt = x.dtype
         X = _rows(x)
         Ag, Bg, Au, Bu, Ad, Bd = (t.to(dt) for t in adapters)
+        Ad = Ad.contiguous()  # the backward kernel reads A_d rows with unit stride
         sg_, su_, sd_ = scalings
         ranks = [Ag.shape[0], Au.shape[0]]
         A_gu = torch.cat((Ag, Au), dim=0)
         XA = X @ A_gu.t()  # [N, r_g + r_u], one read of X for both adapters
         xa_g, xa_u = torch.split(XA, ranks, dim=1)
         G = X @ _dense(bases[0], dt).t()
-        G.addmm_(xa_g, Bg.t(), alpha=sg_)
         U = X @ _dense(bases[1], dt).t()
-        U.addmm_(xa_u, Bu.t(), alpha=su_)
-        H = swiglu_forward(G, U)
+        H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
         HA = H @ Ad.t()  # [N, r_d]
         Y = H @ _dense(bases[2], dt).t()
         Y.addmm_(HA, Bd.t(), alpha=sd_)
@@ -311,9 +483,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         Wd = _dense(ctx.bases[2], dt)
         dH = dY @ Wd
         del Wd
-        dH.addmm_(dYB, Ad)
         dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[8] else None
-        swiglu_backward_inplace(dH, G, U)  # dH <- H, G <- dG, U <- dU
+        lora_swiglu_backward(dH, G, U, dYB, Ad)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
         dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[7] else None
         del H, dH
