@@ -157,6 +157,8 @@ class TrainSection:
     """auto: one GPU per worker when the cluster has GPUs."""
     cpus_per_worker: float = 0.5
     """CPUs reserved per worker on CPU-only clusters (fractions let 2 workers share a 2-core machine)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes: PACK fills a node first; SPREAD puts them on different nodes."""
     micro_batch_size: int = 8
     """Rows per worker per step."""
     grad_accum: int = 1

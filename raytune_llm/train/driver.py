@@ -36,6 +36,16 @@ class UserError(RuntimeError):
     """A problem with the user's input or environment; the CLI prints it as one line."""
 
 
+class StoppedEarly(UserError):
+    """Training stopped on request (SIGTERM) after saving a checkpoint."""
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 @dataclass
 class Prepared:
     """What the driver resolved before training."""
@@ -246,7 +256,41 @@ def _write_adapter_meta(folder: Path, cfg: RunConfig) -> None:
     (folder / "raytune_llm.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool):
+def check_resumable(folder: Path, cfg: RunConfig, prep: Prepared) -> None:
+    """Refuse to resume from a checkpoint made with another seed, sequence length or data.
+
+    Raises:
+        UserError: naming the field that differs.
+    """
+    state = json.loads((folder / "trainer_state.json").read_text())
+    now = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len, "data_fingerprint": prep.data_fingerprint}
+    for key, value in now.items():
+        if state.get(key) != value:
+            raise UserError(
+                f"cannot resume run {cfg.name!r}: its checkpoint has {key}={state.get(key)!r} but this run has "
+                f"{key}={value!r}; use another name= or the original settings"
+            )
+
+
+def make_stop_flag():
+    """A tiny actor the driver sets on SIGTERM; rank 0 polls it each step, then all workers checkpoint and stop."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self):
+            self.value = False
+
+        def set(self):
+            self.value = True
+
+        def is_set(self) -> bool:
+            return self.value
+
+    return StopFlag.remote()
+
+
+def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     """Build the Ray Dataset and run the TorchTrainer; return the Ray Train Result."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -271,6 +315,15 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool):
     # resumed run see exactly the same rows in the same order.
     ds = ds.materialize()
     storage = cfg.cluster.storage_path or str(prep.run_dir / "ray")
+    resume = None
+    if "://" not in storage:
+        from raytune_llm.train.worker import latest_complete
+
+        found = latest_complete(Path(storage) / "train")
+        if found is not None:
+            check_resumable(found, cfg, prep)
+            resume = ray.train.Checkpoint.from_directory(str(found))
+            print(f"[raytune-llm] resuming from {found}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -278,11 +331,16 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool):
             "model_path": str(prep.model_path),
             "tokenizer_path": str(prep.tokenizer_path),
             "data_fingerprint": prep.data_fingerprint,
+            "run_dir": str(prep.run_dir),
+            "stop_flag": stop_flag,
+            # fault injection for the reliability tests, read on the driver so in-process runs can set it
+            "fault": os.environ.get("RAYTUNE_LLM_FAULT"),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
             resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name="train",
@@ -291,6 +349,7 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool):
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
+        resume_from_checkpoint=resume,
     )
     result = trainer.fit()
     try:
@@ -395,13 +454,34 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     if prep.eval_records:
         before = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits)
         log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
-    result, data_stats = fit(cfg, prep, use_gpu)
+    import signal
+
+    stop_flag = make_stop_flag()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # checkpoint first, then exit: never lose the last steps
+        log("[raytune-llm] SIGTERM: asking the workers to save a checkpoint and stop")
+        stop_flag.set.remote()
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        result, data_stats = fit(cfg, prep, use_gpu, stop_flag)
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, previous)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         d = Path(d)
+        state = json.loads((d / "trainer_state.json").read_text())
+        if state.get("stopped_early"):
+            raise StoppedEarly(
+                f"stopped at step {state['step']} on SIGTERM; checkpoint saved in {result.checkpoint.path}; "
+                "run the same command again to resume"
+            )
         adapter = prep.run_dir / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.copytree(d / "adapter", adapter)

@@ -60,8 +60,53 @@ def _allreduce_grads(params, world: int) -> None:
         offset += n
 
 
+def _manifest(folder: Path) -> dict[str, int]:
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != COMPLETE_MARKER
+    }
+
+
+def is_complete(folder: Path) -> bool:
+    """True when `folder` holds a checkpoint whose marker lists every file at its recorded size.
+
+    The marker is written last and names each file with its size, so a checkpoint cut short at any
+    moment (while written, or while Ray copies it to storage in whatever order) is never taken.
+    """
+    marker = folder / COMPLETE_MARKER
+    try:
+        listed = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(listed, dict) or not listed:
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in listed.items())
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root` (searched recursively), or None."""
+    best: tuple[int, float, Path] | None = None
+    for marker in Path(root).rglob(COMPLETE_MARKER):
+        folder = marker.parent
+        if folder.name.endswith(".partial") or not is_complete(folder):
+            continue
+        try:
+            step = json.loads((folder / STATE_FILE).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        key = (step, folder.stat().st_mtime, folder)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, metrics: list[dict]) -> Path:
-    """Write a complete checkpoint into `folder` (created fresh) and mark it complete last."""
+    """Write a complete checkpoint: files under `<folder>.partial`, then the marker, then one rename.
+
+    Returns:
+        `folder`, which either does not exist or is complete at every instant.
+    """
     import torch
 
     tmp = folder.with_name(folder.name + ".partial")
@@ -78,7 +123,13 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, metr
     with (tmp / "metrics.jsonl").open("w") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    marker = tmp / (COMPLETE_MARKER + ".tmp")
+    marker.write_text(json.dumps(_manifest(tmp)))
+    marker.rename(tmp / COMPLETE_MARKER)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -90,8 +141,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[dict, li
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if not (folder / COMPLETE_MARKER).exists():
-        raise RuntimeError(f"checkpoint {folder} is incomplete (no {COMPLETE_MARKER} marker)")
+    if not is_complete(folder):
+        raise RuntimeError(f"checkpoint {folder} is incomplete (its {COMPLETE_MARKER} manifest does not match)")
     weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
@@ -105,13 +156,39 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[dict, li
     return state, metrics
 
 
+def _fault(spec: str | None, rank: int, step: int, run_dir: str) -> str | None:
+    """Fault injection for the reliability tests: RAYTUNE_LLM_FAULT="kill:rank=1:step=7" or "nan:step=5".
+
+    A kill fires once per run (a marker file in the run folder remembers it), so the restarted
+    worker group trains through. `step` may be a range "3-5"; "stop" asks for a checkpoint-and-stop
+    exactly as SIGTERM to the driver does.
+    """
+    if not spec:
+        return None
+    kind, *parts = spec.split(":")
+    args = dict(p.split("=", 1) for p in parts)
+    lo, _, hi = args.get("step", "-1").partition("-")
+    if not int(lo) <= step <= int(hi or lo) or int(args.get("rank", rank)) != rank:
+        return None
+    if kind == "kill":
+        marker = Path(run_dir) / f".fault_fired_{rank}_{step}"
+        if marker.exists():
+            return None
+        marker.write_text("1")
+        return "kill"
+    return kind
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: build the model, stream this worker's shard, train, report checkpoints.
 
     Args:
         loop_config: {"config": resolved RunConfig as a dict, "model_path", "tokenizer_path",
-            "data_fingerprint"}; the typed config travels here, never through globals.
+            "data_fingerprint"}; the typed config travels here, never through globals. Optional
+            "eval_loss": True adds the token-weighted mean loss on the "eval" dataset (all workers'
+            shards) as `eval_loss` to every checkpoint report (what a sweep's ASHA compares).
     """
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -129,6 +206,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if on_gpu:
         torch.cuda.set_device(device)
     dtype = _dtype(cfg.model.dtype, on_gpu)
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[raytune-llm] worker rank {rank}/{world} on node {node[:12]} device {device}", flush=True)
     torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
 
     model = load_model(
@@ -166,7 +245,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[raytune-llm] resumed at step {step} (batch {consumed})", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop_config.get("eval_loss") else None
     batch_size = cfg.train.micro_batch_size
+
+    def eval_loss() -> float:
+        """Mean loss per trainable token over every worker's eval shard (a collective: all ranks call it)."""
+        sums = torch.zeros(2, device=device, dtype=torch.float64)
+        model.eval()
+        with torch.no_grad():
+            for batch in iter_torch_batches(eval_shard, batch_size):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+                n = int((batch["labels"][:, 1:] != -100).sum())  # the tokens HF's shifted mean divides by
+                if n:
+                    sums += torch.tensor([float(out.loss) * n, n], device=device, dtype=torch.float64)
+        model.train()
+        if world > 1:
+            dist.all_reduce(sums)
+        return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
     def batches():
         seen = 0
@@ -193,7 +289,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "seq_len": cfg.data.seq_len,
             "data_fingerprint": loop_config["data_fingerprint"],
             "world_size": world,
+            "stopped_early": stopped_early,
         }
+        if eval_shard is not None and metrics:
+            metrics[-1]["eval_loss"] = eval_loss()
         last = metrics[-1] if metrics else {"step": step}
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +313,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         progress = tqdm(
             total=cfg.train.max_steps, initial=step, desc="train", mininterval=5.0, miniters=every, ncols=90
         )
+    fault_spec = loop_config.get("fault")
+    stop_flag = loop_config.get("stop_flag")
+    stopped_early = False
     while step < cfg.train.max_steps:
+        if stop_flag is not None:
+            want = _fault(fault_spec, rank, step + 1, loop_config["run_dir"]) == "stop"
+            stop = torch.tensor([float(rank == 0 and (want or ray.get(stop_flag.is_set.remote())))])
+            if world > 1:
+                dist.all_reduce(stop)  # every rank stops at the same step
+            if stop.item() > 0:
+                stopped_early = True
+                report(save=True)
+                break
+        fault = _fault(fault_spec, rank, step + 1, loop_config["run_dir"])
+        if fault == "kill":
+            os._exit(17)
         loss_sum = torch.zeros((), device=device)
         tokens = 0
         epoch = 0
@@ -230,6 +344,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
+        if fault == "nan":
+            loss_sum = loss_sum * float("nan")
         loss_value = float(loss_sum)
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,243 @@
+"""Reliability on a real local Ray cluster: exact resume, worker-failure recovery, SIGTERM, atomic checkpoints,
+non-finite losses, and the security defaults."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytune_llm.config import load_config
+from raytune_llm.train.driver import StoppedEarly, UserError, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "data.num_examples=400",
+    "data.eval_examples=0",
+    "export.formats=[]",
+    "train.max_steps=20",
+    "train.checkpoint_every=10",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+]
+
+
+def _cfg(out: Path, name: str, *extra: str):
+    return load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={out}", f"name={name}", *SMALL, *extra])
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _cli(args, env_extra=None, timeout=600):
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAYTUNE_LLM_PROGRESS="0")
+    env.pop("RAY_ADDRESS", None)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "raytune_llm", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("rel")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_in_new_process_is_bitwise_one_worker(ray_session, out, monkeypatch):
+    run_training(_cfg(out, "full1", "train.num_workers=1"))
+    full = _losses(out / "full1")
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "stop:step=11")
+    with pytest.raises(StoppedEarly, match="stopped at step 10"):
+        run_training(_cfg(out, "cut1", "train.num_workers=1"))
+    monkeypatch.delenv("RAYTUNE_LLM_FAULT")
+    args = ["train", "conf/quickstart.yaml", f"output_dir={out}", "name=cut1", "train.num_workers=1", *SMALL]
+    res = _cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout + res.stderr
+    resumed = _losses(out / "cut1")
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(11, 21):
+        assert resumed[step] == full[step], (step, resumed[step], full[step])  # bitwise
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_refuses_other_seed_or_seq_len(ray_session, out):
+    if not (out / "full1").exists():
+        run_training(_cfg(out, "full1", "train.num_workers=1"))
+    with pytest.raises(UserError, match="seed"):
+        run_training(_cfg(out, "full1", "train.num_workers=1", "train.seed=1", "train.max_steps=30"))
+    with pytest.raises(UserError, match="seq_len"):
+        run_training(_cfg(out, "full1", "train.num_workers=1", "data.seq_len=64", "train.max_steps=30"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_killed_at_step_7_restarts_once_and_matches(ray_session, out, monkeypatch):
+    extra = ["train.num_workers=2", "train.checkpoint_every=5", "train.max_steps=12", "train.max_failures=1"]
+    run_training(_cfg(out, "full2", *extra))
+    full = _losses(out / "full2")
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "kill:rank=1:step=7")
+    run_training(_cfg(out, "kill2", *extra))
+    got = _losses(out / "kill2")
+    assert sorted(got) == list(range(1, 13))  # each step once
+    assert (out / "kill2" / ".fault_fired_1_7").exists()  # the kill really happened
+    for step in got:
+        assert abs(got[step] - full[step]) <= 1e-6, (step, got[step], full[step])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_failure_beyond_limit_ends_run_quickly_with_cause(ray_session, out, monkeypatch):
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "kill:rank=1:step=3")
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="training failed") as exc:
+        run_training(_cfg(out, "kill0", "train.num_workers=2", "train.max_failures=0"))
+    assert time.time() - t0 < 120 + 60  # (prepare + Ray start included)
+    assert "exit" in str(exc.value).lower() or "died" in str(exc.value).lower(), str(exc.value)[:500]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nonfinite_loss_stop_and_skip(ray_session, out, monkeypatch):
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=3")
+    with pytest.raises(RuntimeError, match="non-finite loss nan at step 3; parameters left unchanged"):
+        run_training(_cfg(out, "nanstop", "train.num_workers=1"))
+    run_training(_cfg(out, "nanskip", "train.num_workers=1", "train.on_nonfinite=skip", "train.max_steps=6"))
+    assert 3 not in _losses(out / "nanskip")  # skipped, not logged as a trained step
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=2-4")
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        run_training(_cfg(out, "nan3", "train.num_workers=1", "train.on_nonfinite=skip", "train.max_steps=6"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_to_driver_saves_checkpoint(tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAYTUNE_LLM_PROGRESS="0")
+    env.pop("RAY_ADDRESS", None)
+    args = ["train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=term", "train.num_workers=1", *SMALL]
+    args += ["train.max_steps=100000", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raytune_llm", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 400
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 5 loss" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + rest
+    assert proc.returncode == 2, text[-3000:]
+    assert "stopped at step" in text, text[-3000:]
+    from raytune_llm.train.worker import latest_complete
+
+    ckpt = latest_complete(tmp_path / "term" / "ray" / "train")
+    assert ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 5
+
+
+_WRITER = r"""
+import sys, torch, time
+from pathlib import Path
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from raytune_llm.train.worker import save_checkpoint
+root = Path(sys.argv[2])
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(r=8, target_modules=["q_proj"]))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+step = int(sys.argv[3])
+print("ready", flush=True)
+while True:
+    step += 1
+    save_checkpoint(root / f"ckpt_{step:05d}", model, opt, sch, {"step": step}, [{"step": step, "loss": 1.0}])
+"""
+
+
+def test_checkpoint_writer_killed_at_20_random_moments(tmp_path):
+    from raytune_llm.models.tiny import build_tiny_model
+    from raytune_llm.train.worker import is_complete, latest_complete
+
+    model = build_tiny_model(tmp_path / "m", hidden_size=32, intermediate_size=64)
+    root = tmp_path / "ckpts"
+    rng = random.Random(0)
+    last_step = 0
+    for _ in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(model), str(root), str(last_step)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        complete = sorted(
+            (json.loads((p / "trainer_state.json").read_text())["step"], p)
+            for p in root.glob("ckpt_*")
+            if not p.name.endswith(".partial") and is_complete(p)
+        )
+        best = latest_complete(root)
+        if complete:
+            assert best == complete[-1][1]
+            last_step = complete[-1][0]
+            assert (best / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+        else:
+            assert best is None
+    assert last_step > 0
+
+
+def test_local_cluster_listens_on_loopback_only(ray_session):
+    import psutil
+
+    ray_procs = [p for p in psutil.process_iter(["name", "cmdline"]) if "ray" in " ".join(p.info["cmdline"] or [])]
+    public = []
+    for p in ray_procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip not in ("127.0.0.1", "::1"):
+                public.append((p.info["name"], c.laddr))
+    assert not public, f"listening beyond loopback: {public}"
+
+
+def test_no_unsafe_deserialisation_in_source():
+    problems = []
+    for path in sorted((ROOT / "raytune_llm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name.endswith("torch.load") or name == "load" and "torch" in path.read_text():
+                kw = {k.arg: k.value for k in node.keywords}
+                if name.endswith("torch.load") and not (
+                    "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value
+                ):
+                    problems.append(f"{path}:{node.lineno} torch.load without weights_only=True")
+            if name in ("pickle.load", "pickle.loads", "cloudpickle.load", "dill.load", "eval", "exec"):
+                problems.append(f"{path}:{node.lineno} {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_trust_remote_code_off_by_default():
+    assert load_config(None).model.trust_remote_code is False
