@@ -204,11 +204,12 @@ def causal_attention(
             extra = {"enable_gqa": True} if has_gqa and n_rep > 1 else {}
             out = varlen_attn(*flat, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
             return out.reshape(b, s, hq, d)
+    if not meta.packed and meta.key_mask is None and window is None:
+        # enable_gqa: the flash backend reads the shared kv heads, no repeated copy (as HF does on torch >= 2.5).
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
+        return out.transpose(1, 2)
     k = _repeat_kv(k, n_rep)
     v = _repeat_kv(v, n_rep)
-    if not meta.packed and meta.key_mask is None and window is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-        return out.transpose(1, 2)
     if q.is_cuda and meta.key_mask is None and window is None:
         return per_document_attention(q, k, v, meta, scaling).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(meta, window), scale=scaling)
