@@ -415,7 +415,12 @@ def gpu_slug(env: dict[str, Any]) -> str:
 
 
 def write_results(
-    bench: str, records: list[Record], summary: dict[str, Any], h: Harness, out: Path | None = None
+    bench: str,
+    records: list[Record],
+    summary: dict[str, Any],
+    h: Harness,
+    out: Path | None = None,
+    merge: bool = False,
 ) -> Path:
     """Write ``bench/results/<bench>_<gpu>_<yyyymmdd>.json`` (or ``out``) and return its path.
 
@@ -425,6 +430,8 @@ def write_results(
         summary: per kernel name, the dict from :func:`summarize`.
         h: the harness (for the copy bandwidth and mode).
         out: explicit output path.
+        merge: keep the kernels of an existing file of the same name that this run did not measure
+            (so ``--only a`` then ``--only b`` build one file, each call under the device's time limit).
 
     Returns:
         The path written.
@@ -432,8 +439,15 @@ def write_results(
     env = environment()
     if out is None:
         day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
-        out = Path(__file__).parent / "results" / f"{bench}_{gpu_slug(env)}_{day}.json"
+        suffix = "_tiny" if h.tiny else ""
+        out = Path(__file__).parent / "results" / f"{bench}_{gpu_slug(env)}_{day}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if merge and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("tiny") == h.tiny:
+            summary = {**{k: v for k, v in old.get("summary", {}).items() if k not in summary}, **summary}
+            kept = [Record(**r) for r in old.get("records", []) if r["kernel"] not in {r2.kernel for r2 in records}]
+            records = kept + records
     doc = {
         "summary": summary,
         "environment": env,

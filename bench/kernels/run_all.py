@@ -4,11 +4,11 @@ Usage::
 
     python bench/kernels/run_all.py            # GPU: real shapes, all providers
     TRITON_INTERPRET=1 python bench/kernels/run_all.py --tiny   # CPU smoke run
-    python bench/kernels/run_all.py --only rms_norm swiglu
+    python bench/kernels/run_all.py --only rms_norm swiglu   # merges into the day's file
 
 Each bench module follows the API in ``bench/_harness.py`` (``NAME``, ``GOALS``, optional
 ``BANDWIDTH_BOUND``, ``run(h) -> list[Record]``). One failing module is reported and the others
-still run. The output is ``bench/results/kernels_<gpu>_<yyyymmdd>.json`` with a top-level
+still run. The output is ``bench/results/kernels_<gpu>_<yyyymmdd>.json`` (``..._tiny.json`` for --tiny) with a top-level
 ``"summary"``: per kernel ``{"speedup_vs_liger", "speedup_vs_torch", "bandwidth_fraction", ...,
 "goals"}``, null where not applicable.
 """
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         records += recs
         summary[mod.NAME] = _harness.summarize(recs, mod.GOALS, getattr(mod, "BANDWIDTH_BOUND", True))
-    out = _harness.write_results("kernels", records, summary, h, args.out)
+    out = _harness.write_results("kernels", records, summary, h, args.out, merge=bool(args.only))
     _harness.print_table(records, h.copy_gbps)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
