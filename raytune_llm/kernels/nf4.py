@@ -156,11 +156,14 @@ def _nf4_dequant_kernel(
     RNE_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    # Contiguous byte loads (vectorizable), then the two nibbles interleaved back into element order:
+    # join -> [BLOCK/2, 2] with the high nibble first (the even element), reshape keeps row-major order.
+    boffs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+    byte = tl.load(PACKED_ptr + boffs, mask=boffs < (n_elements + 1) // 2, other=0).to(tl.int32)
+    q = tl.reshape(tl.join(byte >> 4, byte & 15), [BLOCK])
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    byte = tl.load(PACKED_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    # High nibble = even element, low nibble = odd element (bitsandbytes' packing order).
-    q = tl.where((offs % 2) == 0, byte >> 4, byte & 15)
     value = tl.load(CODE_ptr + q, mask=mask, other=0.0)
     blk = offs // blocksize
     if NESTED:
