@@ -34,19 +34,12 @@ OPS["mlp"] = (lora_mlp, reference.lora_mlp)
 
 
 def _base(out_f, in_f, gen, kind, dtype, device):
-    w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+    w = (torch.randn(out_f, in_f, generator=gen) / in_f**0.5).to(device)
     if kind == "dense":
-        return w.to(dtype).to(device)  # rounded once: both runs see the same weight values
+        return w.to(dtype)  # rounded once: both runs see the same weight values
+    # Quantized where it will run (bitsandbytes' CUDA kernel on the GPU lane, its CPU backend here).
     packed, qs = bnbF.quantize_4bit(w.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
-    nf4 = NF4Weight.from_bnb(packed, qs)
-    return nf4._replace(
-        packed=nf4.packed.to(device),
-        absmax=nf4.absmax.to(device),
-        code=nf4.code.to(device),
-        nested=nf4.nested._replace(
-            absmax=nf4.nested.absmax.to(device), code=nf4.nested.code.to(device), offset=nf4.nested.offset.to(device)
-        ),
-    )
+    return NF4Weight.from_bnb(packed, qs)
 
 
 def _case(op, kind, dtype, device, seed=0, specs=None):
