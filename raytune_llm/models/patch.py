@@ -150,7 +150,8 @@ def _patch_attention(
         if not isinstance(attention_mask, AttnMeta) or past_key_values is not None:
             return original()(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         b, s, _ = hidden_states.shape
-        qkv = _fused_weights(qkv_mods) if ops["lora_qkv"] is not None else None
+        # Modules are looked up per call: PEFT may wrap q_proj etc. after patching.
+        qkv = _fused_weights([self.q_proj, self.k_proj, self.v_proj]) if ops["lora_qkv"] is not None else None
         if qkv is not None:
             (wq, wk, wv), (bq, bk, bv) = qkv
             q, k, v = ops["lora_qkv"](hidden_states, wq, wk, wv)
@@ -192,12 +193,13 @@ def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
     why = _reasons(name, ["gate_proj", "up_proj", "down_proj"], mods)
     if why is None and ops["lora_mlp"] is None:
         why = "kernels.lora_mlp not available"
-    if why is None and any(getattr(m.get_base_layer(), "bias", None) is not None for m in mods):
+    if why is None and any(getattr(getattr(m, "base_layer", m), "bias", None) is not None for m in mods):
         why = "MLP base bias (inside the activation, cannot be added after the fused kernel)"
     if why:
         report.stock[f"{name}.fused"] = f"{why}; projections stock, swiglu fused"
 
     def forward(self, x):
+        mods = [self.gate_proj, self.up_proj, self.down_proj]  # per call: PEFT may wrap them after patching
         fused = _fused_weights(mods) if ops["lora_mlp"] is not None else None
         if fused is not None and all(b is None for b in fused[1]):
             return ops["lora_mlp"](x, *fused[0])
@@ -264,22 +266,27 @@ def _patch_inner(state: dict, report: PatchReport, inner, mode: str) -> None:
 def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    head = lm.get_output_embeddings()
-    fused_loss = ops["fused_linear_cross_entropy"] is not None
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        fused_loss, why = False, f"lm_head is {type(head).__name__} (fused loss takes a plain bias-free Linear)"
-    elif head.weight.requires_grad:
-        fused_loss, why = False, "lm_head weight is trainable"
-    else:
-        why = "kernels.fused_linear_cross_entropy not available"
-    if not fused_loss:
+    def loss_stock_reason(head) -> str | None:
+        # Checked per call as well: PEFT may freeze the head (or wrap it) after patching.
+        if ops["fused_linear_cross_entropy"] is None:
+            return "kernels.fused_linear_cross_entropy not available"
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            return f"lm_head is {type(head).__name__} (fused loss takes a plain bias-free Linear)"
+        if head.weight.requires_grad:
+            return "lm_head weight is trainable"
+        if zero3_partitioned(head.weight):
+            return "DeepSpeed ZeRO-3 partitioned lm_head"
+        return None
+
+    why = loss_stock_reason(lm.get_output_embeddings())
+    if why is not None:
         report.stock["lm_head.loss"] = why
     original = _original_later(state, lm)
 
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
     ):
-        stock_loss = labels is not None and (not fused_loss or zero3_partitioned(self.lm_head.weight))
+        stock_loss = labels is not None and loss_stock_reason(self.get_output_embeddings()) is not None
         if _stock_call({**kwargs, "attention_mask": attention_mask}) or stock_loss:
             return original()(
                 input_ids=input_ids,
@@ -300,18 +307,19 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
             # HF's ForCausalLMLoss shift: pad one ignored label at the end, drop the first.
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
             flat_h = hidden.reshape(-1, hidden.shape[-1])
-            loss = ops["fused_linear_cross_entropy"](flat_h, self.lm_head.weight, shifted.reshape(-1))
+            weight = self.get_output_embeddings().weight
+            loss = ops["fused_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
             if num_items is not None:
                 count = (shifted != -100).sum()
                 loss = loss * count / torch.as_tensor(num_items, device=loss.device)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden[:, keep, :])
+            logits = self.get_output_embeddings()(hidden[:, keep, :])
         result = CausalLMOutputWithPast(loss=loss, logits=logits)
         return result.to_tuple() if kwargs.get("return_dict") is False else result
 
     _set_forward(state, lm, forward)
-    report.replaced.append("lm_head: fused_linear_cross_entropy" if fused_loss else "lm_head: stock loss")
+    report.replaced.append("lm_head: fused_linear_cross_entropy (per call, when the head allows)")
 
 
 def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> PatchReport:

@@ -130,3 +130,21 @@ def test_bad_arguments_are_clear_errors(tiny_paths, kwargs, error, match):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path / "nothing")
+
+
+def test_patch_before_peft_still_runs_the_adapters(tiny_paths):
+    """Patching a bare model and attaching LoRA afterwards (PEFT swaps the projections) stays correct."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], task_type="CAUSAL_LM")
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_paths["llama"], dtype=torch.float32), config)
+    bare = AutoModelForCausalLM.from_pretrained(tiny_paths["llama"], dtype=torch.float32)
+    report = patch(bare)
+    assert "not a LoRA layer" in report.stock["model.layers.0.self_attn.qkv"]
+    ours = get_peft_model(bare, config)
+    sync_and_randomise_lora(ref, ours)
+    ids = _ids()
+    out = ours(input_ids=ids, labels=ids)
+    assert out.logits is None  # PEFT froze the head after patching: the fused loss runs
+    torch.testing.assert_close(out.loss, ref(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
