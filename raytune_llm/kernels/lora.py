@@ -369,6 +369,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _output(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh ``[..., out]`` output and its ``[N, out]`` view to compute into.
+
+    The op returns the fresh tensor itself, not a view of a 2-D result: autograd forbids in-place
+    edits of view outputs of a custom Function, and the fused RoPE rotates Q and K in place.
+    """
+    Y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    return Y, Y.view(-1, out_features)
+
+
 def _split(t: torch.Tensor, ranks: list[int], dim: int) -> tuple[torch.Tensor, ...]:
     return torch.split(t, ranks, dim=dim) if len(ranks) > 1 else (t,)
 
@@ -399,9 +409,10 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         XA = X @ A_cat.t()  # one read of X for every projection's adapter
         outs = []
         for base, s, B, xa in zip(bases, scalings, Bs, _split(XA, ranks, 1)):
-            Y = X @ _dense(base, dt).t()
-            Y.addmm_(xa, B.t(), alpha=s)  # beta=1: the rank-r update lands in the GEMM's epilogue
-            outs.append(Y.view(*x.shape[:-1], Y.shape[-1]))
+            Y, Y2 = _output(x, B.shape[0])
+            torch.mm(X, _dense(base, dt).t(), out=Y2)
+            Y2.addmm_(xa, B.t(), alpha=s)  # beta=1: the rank-r GEMM's epilogue adds into Y
+            outs.append(Y)
         ctx.save_for_backward(X, XA, A_cat, *Bs)
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
         ctx.adapter_dtypes = [t.dtype for t in adapters]
@@ -458,15 +469,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         U = X @ _dense(bases[1], dt).t()
         H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
         HA = H @ Ad.t()  # [N, r_d]
-        Y = H @ _dense(bases[2], dt).t()
-        Y.addmm_(HA, Bd.t(), alpha=sd_)
+        Y, Y2 = _output(x, Bd.shape[0])
+        torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
+        Y2.addmm_(HA, Bd.t(), alpha=sd_)
         del H  # recomputed in backward from G and U
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
         ctx.adapter_dtypes = [t.dtype for t in adapters]
         ctx.x_shape = x.shape
         ctx.consumed = False
-        return Y.view(*x.shape[:-1], Y.shape[-1])
+        return Y
 
     @staticmethod
     def backward(ctx, dY: torch.Tensor):

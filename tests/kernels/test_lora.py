@@ -136,6 +136,23 @@ def test_mlp_backward_twice_raises():
         y.sum().backward()
 
 
+@needs_triton
+def test_outputs_may_be_modified_in_place():
+    # The fused RoPE rotates Q and K in place: outputs must not be views autograd forbids editing.
+    device = kernel_device()
+    bases, adapters, scalings = _case("qkv", "dense", torch.float32, device)
+    grads = []
+    for fn in (lora_qkv, reference.lora_qkv):
+        x = torch.randn(2, 3, HIDDEN, generator=torch.Generator().manual_seed(5)).to(device).requires_grad_()
+        leaves = [a.clone().requires_grad_() for a in adapters]
+        q, k, v = _bind(fn, bases, scalings)(x, *leaves)
+        q.mul_(2.0)
+        k.add_(1.0)
+        (q.square().sum() + k.square().sum() + v.sum()).backward()
+        grads.append([x.grad] + [t.grad for t in leaves])
+    _compare_grads(grads[0], grads[1])  # fp32, different summation order: rtol 1e-4
+
+
 def test_shape_errors():
     w = LoRAWeight(torch.randn(8, 6), torch.randn(2, 6), torch.randn(8, 2), 1.0)
     with pytest.raises(ValueError, match="expects 6"):
