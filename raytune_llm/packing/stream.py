@@ -9,7 +9,8 @@ current window's start to the packer's position, so a resumed run's counts are a
 `build_ray_dataset` runs the same code inside Ray Data: the driver splits the inputs into work
 units of `records_per_task` records (file, start, stop), `ray.data.from_items(units)` feeds
 them to `map_batches`, and each task streams its unit into pyarrow tables of packed rows (Ray
-Data shows its progress bar). Tasks add their counts to a small stats actor. Ray Train workers
+Data shows its progress bar). Tasks add their counts to a small stats actor, and the bad-record
+share is judged on its running totals once they cover 1000 records. Ray Train workers
 read their own shard (`ray.train.get_dataset_shard("train")`) and `iter_torch_batches` turns
 its pyarrow batches into torch tensors.
 """
@@ -27,7 +28,7 @@ import pyarrow as pa
 from .formats import FORMATS, check_record, detect_format, encode_chunk, render
 from .packer import IGNORE_INDEX, PackedStream, SourceItem, fit_length, has_trainable_token, pack_window, rows_to_arrow
 from .readers import count_records, expand_paths, iter_file, iter_records
-from .validate import DataError, DataStats, validate_data
+from .validate import MIN_RECORDS_FOR_SHARE, DataError, DataStats, validate_data
 
 OVERLONG = ("truncate", "drop", "split")
 # Records rendered and tokenized per encode_batch call: enough to keep the Rust tokenizer's
@@ -72,7 +73,15 @@ def _cached_tokenizer(path: str):
 
 
 def tokenize_records(
-    records, fmt: str, tokenizer, seq_len: int, stats: DataStats, *, train_on_prompt: bool, overlong: str
+    records,
+    fmt: str,
+    tokenizer,
+    seq_len: int,
+    stats: DataStats,
+    *,
+    train_on_prompt: bool,
+    overlong: str,
+    check_share_at_end: bool = True,
 ) -> Iterator[SourceItem]:
     """Turn records into packable examples, one item per record (None when bad or dropped).
 
@@ -84,6 +93,8 @@ def tokenize_records(
         stats: counters and bad-record policy (raises DataError per its policy).
         train_on_prompt: train on prompt tokens too.
         overlong: "truncate", "drop" or "split".
+        check_share_at_end: check the bad-record share once more after the last record (off for a
+            Ray task, whose share is judged on the totals of all tasks).
 
     Yields:
         An Example, a list of pieces (split), or None, for every input record in order.
@@ -95,7 +106,8 @@ def tokenize_records(
             yield from _apply_events(_tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong), stats)
             chunk = []
     yield from _apply_events(_tokenize_chunk(chunk, fmt, tokenizer, seq_len, train_on_prompt, overlong), stats)
-    stats.check_share()
+    if check_share_at_end:
+        stats.check_share()
 
 
 def _apply_events(done: list[tuple], stats: DataStats) -> Iterator[SourceItem]:
@@ -280,9 +292,10 @@ def _make_stats_actor():
         def __init__(self):
             self.totals: dict[str, int] = {}
 
-        def add(self, d: dict[str, int]) -> None:
+        def add(self, d: dict[str, int]) -> dict[str, int]:
             for k, v in d.items():
                 self.totals[k] = self.totals.get(k, 0) + v
+            return dict(self.totals)
 
         def get(self) -> dict[str, int]:
             return dict(self.totals)
@@ -292,6 +305,8 @@ def _make_stats_actor():
 
 def _pack_units(batch: dict[str, np.ndarray], **kw) -> Iterator[pa.Table]:
     """map_batches body: stream each unit (file, start, stop) into packed pyarrow tables."""
+    import ray
+
     tokenizer = _load_tokenizer(kw["tokenizer"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for path, start, stop, unit in zip(batch["path"], batch["start"], batch["stop"], batch["unit"]):
@@ -304,6 +319,7 @@ def _pack_units(batch: dict[str, np.ndarray], **kw) -> Iterator[pa.Table]:
             stats,
             train_on_prompt=kw["train_on_prompt"],
             overlong=kw["overlong"],
+            check_share_at_end=False,
         )
         budget, buf, tokens, window = kw["window_rows"] * kw["seq_len"], [], 0, 0
         seed = kw["seed"] * 1_000_003 + int(unit)  # every unit shuffles its rows differently
@@ -316,8 +332,13 @@ def _pack_units(batch: dict[str, np.ndarray], **kw) -> Iterator[pa.Table]:
                 buf, tokens, window = [], 0, window + 1
         if buf:
             yield rows_to_arrow(pack_window(buf, kw["seq_len"], pad_id, seed, window))
-        if kw["stats_actor"] is not None:
-            kw["stats_actor"].add.remote(stats.as_dict())
+        # The bad-record share is judged on all tasks' totals (one unit may be small or unlucky),
+        # once they cover enough records to mean something.
+        totals = DataStats(kw["skip_bad_records"], kw["max_bad_fraction"])
+        totals.load_dict(ray.get(kw["stats_actor"].add.remote(stats.as_dict())))
+        if totals.counts["records"] >= MIN_RECORDS_FOR_SHARE:
+            totals.first_bad = stats.first_bad
+            totals.check_share()
 
 
 def build_ray_dataset(

@@ -25,7 +25,7 @@ class DataError(ValueError):
 
 # The share check starts after this many records: at 1% a single bad line among the first
 # hundred would otherwise abort a run that is 99.99% clean.
-_MIN_RECORDS_FOR_SHARE = 1000
+MIN_RECORDS_FOR_SHARE = 1000
 
 
 class DataStats:
@@ -68,7 +68,7 @@ class DataStats:
         self.bad_reasons[code] += 1
         if len(self.first_bad) < self.report_first:
             self.first_bad.append(f"{where}: {message}")
-        if self.counts["records"] >= _MIN_RECORDS_FOR_SHARE:
+        if self.counts["records"] >= MIN_RECORDS_FOR_SHARE:
             self.check_share()
 
     def check_share(self) -> None:
