@@ -1,4 +1,7 @@
-"""Ray Data path: build_ray_dataset gives the same examples as the in-process stream, split across workers."""
+"""Ray Data path: build_ray_dataset gives the same examples as the in-process stream, split across workers.
+
+Uses the session-wide `ray_session` fixture of tests/conftest.py (one local cluster for all Ray tests).
+"""
 
 from __future__ import annotations
 
@@ -14,15 +17,6 @@ from raytune_llm.packing.validate import DataError
 from .conftest import write_jsonl
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
 
 
 def segments(input_ids, seq_lens, pad_id):
@@ -80,3 +74,48 @@ def test_strict_mode_fails_on_the_driver_before_training(ray_session, tmp_path, 
     p = write_jsonl(tmp_path / "a.jsonl", records(10), raw_lines=[(4, '{"prompt": "x"}')])
     with pytest.raises(DataError, match=r"a\.jsonl:5: missing field 'completion'"):
         build_ray_dataset(p, tokenizer, 64)
+
+
+def _read_shard_loop(config):
+    """Ray Train worker: read this worker's shard as torch batches and write what it saw to a file."""
+    import json
+    import os
+
+    import ray.train
+
+    from raytune_llm.packing.stream import iter_torch_batches
+
+    rank = ray.train.get_context().get_world_rank()
+    rows, tokens = 0, 0
+    for batch in iter_torch_batches(ray.train.get_dataset_shard("train"), batch_size=4):
+        rows += batch["input_ids"].shape[0]
+        tokens += int((batch["labels"] != -100).sum())
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"rows": rows, "trainable": tokens}, f)
+    ray.train.report({"rows": rows})
+
+
+@pytest.mark.slow
+def test_torch_trainer_workers_read_their_shards(ray_session, tmp_path, tokenizer):
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tok_dir = str(tmp_path / "tok")
+    tokenizer.save_pretrained(tok_dir)
+    p = write_jsonl(tmp_path / "a.jsonl", records(160))
+    ds, _ = build_ray_dataset(p, tok_dir, 64, window_rows=4, records_per_task=40, num_cpus_per_task=0.5)
+    n_rows = ds.count()
+    out = tmp_path / "seen"
+    out.mkdir()
+    trainer = TorchTrainer(
+        _read_shard_loop,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),
+        datasets={"train": ds},
+    )
+    trainer.fit()
+    seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sum(s["rows"] for s in seen) == n_rows and all(s["rows"] > 0 for s in seen)
