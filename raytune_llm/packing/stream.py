@@ -355,6 +355,7 @@ def build_ray_dataset(
     seed: int = 0,
     records_per_task: int = 50_000,
     num_cpus_per_task: float = 1.0,
+    preserve_order: bool = True,
 ):
     """A Ray Dataset of packed rows (one row per packed row), built lazily by Ray Data tasks.
 
@@ -367,11 +368,14 @@ def build_ray_dataset(
             keeps task arguments small).
         records_per_task: records per work unit (Ray task); more units = more parallel tokenization.
         num_cpus_per_task: CPUs Ray reserves per packing task (fractional is fine).
+        preserve_order: rows come out in work-unit order, so the dataset (and a materialised copy of
+            it) is the same sequence of rows for a given seed; set only on this dataset's own context.
 
     Returns:
         (dataset, stats_actor): `ray.data.Dataset` with columns input_ids / labels / position_ids
         (fixed_size_list<int32>[seq_len]) and seq_lens (list<int32>); `ray.get(stats_actor.get.remote())`
-        gives the summed stats dict of the tasks that finished.
+        gives the summed stats dict of the tasks that finished (every execution of the dataset adds
+        to it: materialise once, as the trainer does, for counts of one pass).
 
     Raises:
         ValueError, FileNotFoundError, DataError: as for `open_stream` and `validate_data`.
@@ -414,6 +418,8 @@ def build_ray_dataset(
             "stats_actor": actor,
         },
     )
+    # The dataset's context is its own copy (not the process-wide DataContext): this changes nothing else.
+    ds.context.execution_options.preserve_order = preserve_order
     return ds, actor
 
 

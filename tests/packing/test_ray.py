@@ -48,6 +48,8 @@ def test_ray_dataset_matches_stream_and_splits(ray_session, tmp_path, tokenizer)
     want = sorted(s for r in expected_stream for s in segments(r["input_ids"], r["seq_lens"], pad))
     assert got == want and len(got) == 200
     assert all(len(r["input_ids"]) == 64 and sum(r["seq_lens"]) == 64 for r in rows)
+    again, _ = build_ray_dataset(paths, tok_dir, 64, window_rows=4, records_per_task=50, skip_bad_records=True)
+    assert [list(r["input_ids"]) for r in again.take_all()] == [list(r["input_ids"]) for r in rows]  # same order
     st = ray_session.get(stats.get.remote())
     assert st["records"] == 201 and st["bad/invalid_json"] == 1 and st["examples"] == 200
 
