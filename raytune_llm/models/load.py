@@ -26,7 +26,10 @@ from raytune_llm.models.quantize import bnb_config, check_quantize
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # device_map wants a concrete index
+    return device
 
 
 def load_model(
@@ -79,7 +82,7 @@ def load_model(
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
     # Weights land shard by shard straight on the device (bitsandbytes quantizes each as it lands), so
     # neither host nor device holds the whole dense model; one device per process (Ray / DeepSpeed).
-    kwargs["device_map"] = {"": target.index if target.type == "cuda" and target.index is not None else str(target)}
+    kwargs["device_map"] = {"": target.index if target.type == "cuda" else str(target)}
     if quantize == "nf4":
         kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
