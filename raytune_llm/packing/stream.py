@@ -214,6 +214,11 @@ class FileStream(PackedStream):
         """Counts so far (records read ahead into the current window included): the trainer's data metrics."""
         return self._stats.as_dict()
 
+    @property
+    def first_bad(self) -> list[str]:
+        """The first few skipped bad records as "file:line: reason" (also logged as warnings)."""
+        return list(self._stats.first_bad)
+
     def _window_loaded(self) -> None:
         self._loaded_stats = self._stats.as_dict()
 

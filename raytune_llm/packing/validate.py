@@ -2,7 +2,7 @@
 
 By default one bad record fails the run before training with one line, `file:line: reason`
 (`DataError`). With `skip_bad_records=True`, bad records are counted by reason, the first
-`report_first` are kept with their file:line for the log, and the run aborts once their share
+`report_first` are logged (warning) and kept with their file:line (`DataStats.first_bad`), and the run aborts once their share
 of the records seen passes `max_bad_fraction` (checked after every record once `min_records`
 have been seen, so one early bad line does not abort a large file, and once more at the end).
 
@@ -11,12 +11,15 @@ have been seen, so one early bad line does not abort a large file, and once more
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
 
 from .formats import check_record, detect_format
 from .readers import expand_paths, iter_records
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -68,6 +71,7 @@ class DataStats:
         self.bad_reasons[code] += 1
         if len(self.first_bad) < self.report_first:
             self.first_bad.append(f"{where}: {message}")
+            log.warning("skipping bad record %s: %s", where, message)
         if self.counts["records"] >= MIN_RECORDS_FOR_SHARE:
             self.check_share()
 

@@ -34,6 +34,7 @@ def test_skip_counts_by_reason_and_aborts_over_the_limit(tmp_path, tokenizer):
     st = s.stats
     assert st["records"] == 2003 and st["bad_records"] == 3 and st["examples"] == 2000
     assert (st["bad/invalid_json"], st["bad/wrong_type"], st["bad/not_object"]) == (1, 1, 1)
+    assert s.first_bad[0].startswith(f"{p}:4: invalid JSON") and len(s.first_bad) == 3
     assert sum(int((r["input_ids"] != tokenizer.pad_token_id).sum()) for r in rows) == st["tokens"]
     v = validate_data(p, skip_bad_records=True)
     assert v["bad_records"] == 3 and v["format/prompt_completion"] == 1
