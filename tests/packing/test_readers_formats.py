@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from raytune_llm.packing.formats import detect_format, encode, render
 from raytune_llm.packing.packer import IGNORE_INDEX
@@ -110,3 +112,19 @@ def test_chat_with_a_llama3_style_template(tokenizer):
     (ex,) = encode(tok, [render("chat", {"messages": msgs}, tok)])
     assert _trained_text(tok, ex) == "Hello world!<|eot_id|>"
     assert ex.input_ids[0] == tok.bos_token_id
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.text(min_size=1, max_size=40),
+    completion=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+)
+def test_mask_covers_exactly_the_completion(tokenizer, prompt, completion):
+    # A seam token (one starting in the prompt and running into the completion) stays prompt: the
+    # trained tokens decode to a suffix of the completion, and all of it when the seam is clean.
+    (ex,) = encode(tokenizer, [render("prompt_completion", {"prompt": prompt, "completion": completion}, tokenizer)])
+    trained = _trained_text(tokenizer, ex)
+    assert trained.endswith(tokenizer.eos_token)
+    body = trained[: -len(tokenizer.eos_token)]
+    assert completion.endswith(body)
+    assert tokenizer.decode(ex.input_ids[1:-1]) == prompt + completion  # nothing lost in tokenization
