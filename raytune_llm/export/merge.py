@@ -238,22 +238,49 @@ def quantized_weight_names(base_dir: Path) -> set[str]:
     return names
 
 
+# Elements per bitsandbytes call in the NF4 round trip. bnb's CPU quantizer builds a [n, 16] distance table (64 bytes
+# per element), so one call on a whole 14336x4096 weight would need ~3.7 GB; 2**20 elements keep it near 64 MB.
+_NF4_CHUNK = 1 << 20
+
+
 def nf4_roundtrip(weight: torch.Tensor, quant: dict) -> torch.Tensor:
     """Return the fp32 dequantization of bitsandbytes' NF4 quantization of ``weight``, as training saw it.
 
     The weight is first cast to the run's compute/load dtype (what bitsandbytes quantized when the model loaded).
+    NF4 blocks are independent, so codes and block absmax are computed in chunks of whole blocks; double quantization
+    (8-bit blockwise over ``absmax - mean(absmax)``, blocksize 256) then runs once over all block absmax values, as
+    ``bitsandbytes.functional.quantize_4bit`` does. The result is bit-identical to quantize_4bit + dequantize_4bit on
+    the whole tensor (tested) with memory bounded by the chunk size.
     """
     import bitsandbytes.functional as bnbf
 
     load_dtype = DTYPES.get(str(quant.get("compute_dtype", "bfloat16")).replace("torch.", ""), torch.bfloat16)
-    packed, state = bnbf.quantize_4bit(
-        weight.to(load_dtype),
-        blocksize=int(quant.get("blocksize", 64)),
-        compress_statistics=bool(quant.get("double_quant", True)),
-        quant_type="nf4",
-    )
-    state.dtype = torch.float32  # dequantize straight to fp32, no rounding through the load dtype
-    return bnbf.dequantize_4bit(packed, state).reshape(weight.shape)
+    blocksize = int(quant.get("blocksize", 64))
+    flat = weight.to(load_dtype).reshape(-1)
+    step = max(blocksize, _NF4_CHUNK // blocksize * blocksize)
+    packed, absmax = [], []
+    for seg in flat.split(step):
+        p, a = torch.ops.bitsandbytes.quantize_4bit.default(seg, blocksize, "nf4", torch.uint8)
+        packed.append(p.reshape(-1))
+        absmax.append(a.reshape(-1))
+    scales = torch.cat(absmax)
+    if quant.get("double_quant", True):
+        offset = scales.mean()
+        qabsmax, state2 = bnbf.quantize_blockwise(scales - offset, blocksize=256)
+        scales = bnbf.dequantize_blockwise(qabsmax, state2)
+        scales += offset
+    scales = scales.float()
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    blocks_per_step = step // blocksize
+    for i, p in enumerate(packed):
+        seg_out = out[i * step : (i + 1) * step]
+        absmax_seg = scales[i * blocks_per_step : (i + 1) * blocks_per_step]
+        seg_out.copy_(
+            torch.ops.bitsandbytes.dequantize_4bit.default(
+                p.reshape(-1, 1), absmax_seg, blocksize, "nf4", seg_out.shape, torch.float32
+            ).reshape(-1)
+        )
+    return out.reshape(weight.shape)
 
 
 def check_not_merged(source: Source, digest: str) -> None:
