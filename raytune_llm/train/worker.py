@@ -185,8 +185,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     Args:
         loop_config: {"config": resolved RunConfig as a dict, "model_path", "tokenizer_path",
             "data_fingerprint"}; the typed config travels here, never through globals. Optional
-            "eval_loss": True adds the token-weighted mean loss on the "eval" dataset (all workers'
-            shards) as `eval_loss` to every checkpoint report (what a sweep's ASHA compares).
+            "eval_rows": a list of packed row dicts adds the token-weighted mean loss on them (split
+            over the workers) as `eval_loss` to every checkpoint report (what a sweep's ASHA compares).
+            Plain rows rather than a Ray dataset: re-splitting one at every report is a Ray Data execution
+            each time, and inside a sweep one stalled with its resource budget at zero (Ray 2.60).
     """
     import ray
     import ray.train
@@ -245,16 +247,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[raytune-llm] resumed at step {step} (batch {consumed})", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if loop_config.get("eval_loss") else None
+    eval_rows = loop_config.get("eval_rows")
     batch_size = cfg.train.micro_batch_size
 
     def eval_loss() -> float:
-        """Mean loss per trainable token over every worker's eval shard (a collective: all ranks call it)."""
+        """Mean loss per trainable token over all eval rows, each rank taking every world-th (a collective)."""
+        from raytune_llm.packing.stream import batch_to_tensors
+
+        mine = eval_rows[rank::world]
         sums = torch.zeros(2, device=device, dtype=torch.float64)
         model.eval()
         with torch.no_grad():
-            for batch in iter_torch_batches(eval_shard, batch_size):
-                batch = {k: v.to(device) for k, v in batch.items()}
+            for i in range(0, len(mine), batch_size):
+                batch = {k: v.to(device) for k, v in batch_to_tensors(mine[i : i + batch_size]).items()}
                 out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
                 n = int((batch["labels"][:, 1:] != -100).sum())  # the tokens HF's shifted mean divides by
                 if n:
@@ -291,7 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "world_size": world,
             "stopped_early": stopped_early,
         }
-        if eval_shard is not None and metrics:
+        if eval_rows and metrics:
             metrics[-1]["eval_loss"] = eval_loss()
         last = metrics[-1] if metrics else {"step": step}
         if save and rank == 0:
