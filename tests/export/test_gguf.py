@@ -76,3 +76,8 @@ def test_gguf_matches_transformers(tmp_path, family, over, gguf_type, tol):
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < tol, f"{family} {gguf_type}: max logit error {err:.3g} of the logit range"
     assert got_tokens == want_tokens
+    if "rope_parameters" in over:  # Llama 3 RoPE scaling travels as llama.cpp's per-frequency factor tensor
+        import gguf
+
+        factors = {t.name: t for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"].data
+        assert factors.shape == (8,) and factors.min() == 1.0 and factors.max() == 8.0

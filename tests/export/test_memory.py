@@ -47,7 +47,7 @@ def _as_qlora(run):
 def test_peak_rss_stays_near_one_shard(tmp_path):
     small = _as_qlora(build_run(tmp_path / "small", build_base(tmp_path / "small_base")))
     base = build_base(
-        tmp_path / "base", "llama", max_shard_size="8MB", hidden_size=512, intermediate_size=1536, num_hidden_layers=8
+        tmp_path / "base", "llama", max_shard_size="8MB", hidden_size=512, intermediate_size=1536, num_hidden_layers=16
     )
     shards = [p for p in base.iterdir() if p.suffix == ".safetensors"]
     model_bytes = sum(p.stat().st_size for p in shards)
