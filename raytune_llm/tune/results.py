@@ -35,13 +35,15 @@ def _finite(value) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def collect(grid, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
+def collect(grid, spec: SweepSpec, max_steps: int, saved_status: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per trial of a Tune ResultGrid, sorted best first by `spec.metric` (missing values last).
 
     Args:
         grid: what `Tuner.fit()` returned.
         spec: the sweep (metric, mode, keys of the space).
         max_steps: train.max_steps, to tell a finished trial from an early-stopped one.
+        saved_status: trial id -> status in the saved experiment state (what a resume goes by). After an
+            interruption Tune's in-memory trials read TERMINATED while the saved state keeps RUNNING.
     """
     # ResultGrid[i] is the result of the i-th trial of its analysis; the Trial object carries the status.
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or [None] * len(grid)
@@ -58,6 +60,8 @@ def collect(grid, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
             ]
         steps = int(metrics.get("step", 0) or 0)
         raw = trial.status if trial is not None else ("ERROR" if result.error else "TERMINATED")
+        if trial is not None and saved_status and trial.trial_id in saved_status:
+            raw = saved_status[trial.trial_id]
         status = _STATUS.get(raw, "done" if steps >= max_steps else "stopped")
         if result.error is not None:
             status = "error"
@@ -150,7 +154,7 @@ def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path) -> Pat
     return export(best, "adapter", dtype="auto", force=True)
 
 
-def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfig, log=print) -> str:
+def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfig) -> str:
     """Write results.csv, results.json and curves.png; export the best trial when the sweep is complete.
 
     Returns:
@@ -164,12 +168,15 @@ def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfi
         for i, r in enumerate(rows):
             w.writerow([i + 1, *(json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in cols)])
     unfinished = [r for r in rows if r["status"] == "unfinished"]
+    not_started = max(0, spec.num_trials - len(rows))
+    complete = not unfinished and not not_started
     ranked = [r for r in rows if r[spec.metric] is not None and r["checkpoint"]]
-    best = ranked[0] if ranked and not unfinished else None
+    best = ranked[0] if ranked and complete else None
     summary: dict[str, Any] = {
         "metric": spec.metric,
         "mode": spec.mode,
-        "complete": not unfinished,
+        "complete": complete,
+        "not_started": not_started,
         "counts": {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "error", "unfinished")},
         "best": None,
         "best_adapter": None,
@@ -182,8 +189,11 @@ def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfi
         summary["best_adapter"] = str(export_best(best, spec, cfg, folder))
         lines.append(f"best trial {best['trial']}: {spec.metric} {best[spec.metric]:.4g}")
         lines.append(f"best adapter (PEFT): {summary['best_adapter']}")
-    elif unfinished:
-        lines.append(f"sweep interrupted: {len(unfinished)} trial(s) unfinished; run the same command again to resume")
+    elif not complete:
+        lines.append(
+            f"sweep interrupted: {len(unfinished)} trial(s) unfinished, {not_started} not started; "
+            "run the same command again to resume"
+        )
     else:
         lines.append(f"no trial reported {spec.metric}; see the errors above")
     (folder / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

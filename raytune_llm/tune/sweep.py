@@ -391,5 +391,6 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
     grid = tuner.fit()
     for trial_id in ray.get(ledger.trials.remote()):  # left by an interruption
         _release(setup["pg_ledger"], trial_id)
-    trials = collect(grid, spec, cfg.train.max_steps)
-    return write_results(trials, spec, folder, cfg, log)
+    saved = {t.trial_id: t.status for t in tune.ExperimentAnalysis(experiment).trials}
+    trials = collect(grid, spec, cfg.train.max_steps, saved)
+    return write_results(trials, spec, folder, cfg)

@@ -145,6 +145,7 @@ def test_failed_trial_and_resume_after_interrupt(ray_session, tmp_path):
     watcher.join(timeout=1)
     first = json.loads((folder / "results.json").read_text())
     assert not first["complete"] and first["counts"]["done"] == 1, text
+    assert first["counts"]["unfinished"] + first["counts"]["error"] + first["not_started"] == 2, text
     assert first["best_adapter"] is None and "run the same command again" in text
     done_id = next(r["trial"] for r in first["trials"] if r["status"] == "done")
     done_reports = _tune_results(folder)[done_id]
