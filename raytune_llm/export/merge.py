@@ -240,7 +240,7 @@ def quantized_weight_names(base_dir: Path) -> set[str]:
 
 # Elements per bitsandbytes call in the NF4 round trip. bnb's CPU quantizer builds a [n, 16] distance table (64 bytes
 # per element), so one call on a whole 14336x4096 weight would need ~3.7 GB; 2**17 elements keep it near 8 MB
-# (measured: 2**20 made the export's peak RSS grow by 46 MiB on a 512x1536 weight, all of it this table).
+# (whole-export peak-RSS growth measured on a 193 MiB, 32-shard model: 38 MiB 16-bit, 15 MiB NF4 after a warm export).
 _NF4_CHUNK = 1 << 17
 
 
