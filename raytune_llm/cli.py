@@ -115,10 +115,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from raytune_llm.sharding.planner import plan_from_values
+    from raytune_llm.sharding import planner
 
     cfg = _load(args)
-    if not cfg.model.path:
+    known = {"llama-3.1-8b": planner.LLAMA31_8B, "llama-3.1-70b": planner.LLAMA31_70B}
+    if args.shape:
+        if args.shape not in known:
+            raise FileNotFoundError(f"--shape {args.shape!r}: known shapes are {', '.join(known)}")
+        hf = dict(known[args.shape])
+    elif not cfg.model.path:
         hf = {
             "hidden_size": cfg.model.tiny.hidden_size,
             "intermediate_size": cfg.model.tiny.intermediate_size,
@@ -133,7 +138,7 @@ def cmd_plan(args) -> int:
         if not p.is_file():
             raise FileNotFoundError(f"model.path: no config.json at {p}")
         hf = json.loads(p.read_text())
-    plan = plan_from_values(
+    plan = planner.plan_from_values(
         hf,
         quant_bits=cfg.quant.bits,
         lora_rank=cfg.lora.r,
@@ -171,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--gpus-per-node", type=int, default=None)
     sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument(
+        "--shape", default=None, help="plan for a known shape instead of model.path: llama-3.1-8b, llama-3.1-70b"
+    )
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("export", help="export a run or checkpoint: merged HF, PEFT adapter or GGUF")
     sp.add_argument("source", help="run folder, checkpoint or adapter folder")

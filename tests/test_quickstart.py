@@ -49,3 +49,36 @@ def test_adapter_and_merged_model_load_with_peft_and_transformers(run):
         a, b = peft(ids).logits, merged(ids).logits
     # the hf export is bf16 by default: compare at bf16 rounding of the weights
     assert torch.allclose(a, b, atol=5e-2, rtol=5e-2), (a - b).abs().max()
+
+
+def test_qlora_nf4_run_trains_and_merges_exactly(ray_session, tmp_path):
+    """quant.bits=4: the base is NF4 through bitsandbytes on CPU; the merged export equals PEFT on the NF4 base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from raytune_llm.models.quantize import bnb_config
+
+    rc = main(
+        [
+            "train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=qlora", "quant.bits=4",
+            "train.max_steps=30", "data.num_examples=600", "data.eval_examples=0",
+            "export.formats=[adapter,hf]", "export.dtype=fp32",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    run = tmp_path / "qlora"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    meta = json.loads((run / "adapter" / "raytune_llm.json").read_text())
+    assert meta["quant_bits"] == 4 and meta["compute_dtype"] == "float32"
+    base = AutoModelForCausalLM.from_pretrained(
+        run / "base_model", dtype=torch.float32, quantization_config=bnb_config(torch.float32)
+    )
+    assert any("Linear4bit" in type(m).__name__ for m in base.modules())
+    peft = PeftModel.from_pretrained(base, run / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "exports" / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 17, 3, 11, 40, 2]])
+    with torch.no_grad():
+        diff = (peft(ids).logits - merged(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff

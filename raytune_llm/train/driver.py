@@ -243,13 +243,15 @@ def check_resources(cfg: RunConfig) -> bool:
     return use_gpu
 
 
-def _write_adapter_meta(folder: Path, cfg: RunConfig) -> None:
+def _write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
+    # the dtype the base was loaded (and quantized) in: what an exact NF4 merge must reproduce
+    auto = "bfloat16" if use_gpu else "float32"
     meta = {
         "quant_bits": cfg.quant.bits,
         "quant_type": "nf4",
         "double_quant": cfg.quant.double_quant,
         "blocksize": 64,
-        "compute_dtype": {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
+        "compute_dtype": {"auto": auto, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
             cfg.model.dtype
         ],
     }
@@ -486,7 +488,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.copytree(d / "adapter", adapter)
         shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")
-    _write_adapter_meta(adapter, cfg)
+    _write_adapter_meta(adapter, cfg, use_gpu)
     metrics = [json.loads(x) for x in (prep.run_dir / "metrics.jsonl").read_text().splitlines() if x]
     _plot(metrics, prep.run_dir / "loss_curve.png")
     _tensorboard(metrics, prep.run_dir / "tb")
