@@ -251,9 +251,7 @@ def _write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
         "quant_type": "nf4",
         "double_quant": cfg.quant.double_quant,
         "blocksize": 64,
-        "compute_dtype": {"auto": auto, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
-            cfg.model.dtype
-        ],
+        "compute_dtype": {"auto": auto, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.model.dtype],
     }
     (folder / "raytune_llm.json").write_text(json.dumps(meta, indent=1) + "\n")
 
