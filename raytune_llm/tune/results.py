@@ -130,7 +130,7 @@ def plot_curves(rows: list[dict], spec: SweepSpec, path: Path) -> None:
     plt.close(fig)
 
 
-def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path) -> Path:
+def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path, use_gpu: bool) -> Path:
     """Make `folder/best` a run folder of the best trial and export its adapter in PEFT format.
 
     Returns:
@@ -148,13 +148,13 @@ def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path) -> Pat
     with Checkpoint(row["checkpoint"]).as_directory() as d:
         shutil.copytree(Path(d) / "adapter", best / "adapter")
         shutil.copy(Path(d) / "metrics.jsonl", best / "metrics.jsonl")
-    _write_adapter_meta(best / "adapter", trial_cfg)
+    _write_adapter_meta(best / "adapter", trial_cfg, use_gpu)
     save_config(trial_cfg, best / "config.yaml")
     (best / "trial.json").write_text(json.dumps({k: v for k, v in row.items() if k != "curve"}, indent=1) + "\n")
     return export(best, "adapter", dtype="auto", force=True)
 
 
-def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfig) -> str:
+def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfig, use_gpu: bool) -> str:
     """Write results.csv, results.json and curves.png; export the best trial when the sweep is complete.
 
     Returns:
@@ -186,7 +186,7 @@ def write_results(rows: list[dict], spec: SweepSpec, folder: Path, cfg: RunConfi
     lines = [table_text(rows, spec), ""]
     if best is not None:
         summary["best"] = best["trial"]
-        summary["best_adapter"] = str(export_best(best, spec, cfg, folder))
+        summary["best_adapter"] = str(export_best(best, spec, cfg, folder, use_gpu))
         lines.append(f"best trial {best['trial']}: {spec.metric} {best[spec.metric]:.4g}")
         lines.append(f"best adapter (PEFT): {summary['best_adapter']}")
     elif not complete:

@@ -393,4 +393,4 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
         _release(setup["pg_ledger"], trial_id)
     saved = {t.trial_id: t.status for t in tune.ExperimentAnalysis(experiment).trials}
     trials = collect(grid, spec, cfg.train.max_steps, saved)
-    return write_results(trials, spec, folder, cfg)
+    return write_results(trials, spec, folder, cfg, use_gpu)
