@@ -75,7 +75,9 @@ def test_job_submit_quickstart_on_two_nodes(tmp_path):
             f"--temp-dir={temp}",
             "--disable-usage-stats",
         )
-        ray("start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        from ray.util import get_node_ip_address
+
+        ray("start", f"--address={get_node_ip_address()}:{gcs}", "--num-cpus=1")
         entry = [
             "python",
             "-m",
@@ -124,11 +126,11 @@ def _stop_cluster(temp: Path, gcs: int) -> None:
     """Stop only this test's cluster: `ray stop` would kill every Ray process on the machine."""
     import psutil
 
-    marks = (str(temp), f"127.0.0.1:{gcs}")
+    port = re.compile(rf":{gcs}\b")  # the head's GCS port appears in every process of this cluster
     procs = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(m in cmd for m in marks) and p.pid != os.getpid():
+        if (str(temp) in cmd or port.search(cmd)) and p.pid != os.getpid():
             procs.append(p)
     for p in procs:
         try:
