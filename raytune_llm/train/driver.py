@@ -243,7 +243,7 @@ def check_resources(cfg: RunConfig) -> bool:
     return use_gpu
 
 
-def _write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
+def write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
     # the dtype the base was loaded (and quantized) in: what an exact NF4 merge must reproduce
     auto = "bfloat16" if use_gpu else "float32"
     meta = {
@@ -335,6 +335,9 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
             "stop_flag": stop_flag,
             # fault injection for the reliability tests, read on the driver so in-process runs can set it
             "fault": os.environ.get("RAYTUNE_LLM_FAULT"),
+            # Ray Train V2 refuses `resume_from_checkpoint` (DeprecationWarning raised in TorchTrainer.__init__):
+            # the workers take the checkpoint found here when Ray has none of its own for this run.
+            "resume_from": resume.path if resume is not None else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -349,7 +352,6 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
-        resume_from_checkpoint=resume,
     )
     result = trainer.fit()
     try:
@@ -486,7 +488,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.copytree(d / "adapter", adapter)
         shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")
-    _write_adapter_meta(adapter, cfg, use_gpu)
+    write_adapter_meta(adapter, cfg, use_gpu)
     metrics = [json.loads(x) for x in (prep.run_dir / "metrics.jsonl").read_text().splitlines() if x]
     _plot(metrics, prep.run_dir / "loss_curve.png")
     _tensorboard(metrics, prep.run_dir / "tb")
