@@ -257,7 +257,7 @@ def write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
 
 
 def check_resumable(folder: Path, cfg: RunConfig, prep: Prepared) -> None:
-    """Refuse to resume from a checkpoint made with another seed, sequence length or data.
+    """Refuse to resume from a checkpoint made with another seed, sequence length, data or sharding strategy.
 
     Raises:
         UserError: naming the field that differs.
@@ -270,6 +270,14 @@ def check_resumable(folder: Path, cfg: RunConfig, prep: Prepared) -> None:
                 f"cannot resume run {cfg.name!r}: its checkpoint has {key}={state.get(key)!r} but this run has "
                 f"{key}={value!r}; use another name= or the original settings"
             )
+    saved, world = state.get("strategy", "ddp"), state.get("world_size")
+    want = cfg.sharding.strategy
+    if want != "auto" and (saved != want or (saved != "ddp" and world != cfg.train.num_workers)):
+        # ZeRO shards load only into the same stage and number of ranks (the worker checks `auto` runs)
+        raise UserError(
+            f"cannot resume run {cfg.name!r}: its checkpoint was written by sharding.strategy={saved} on {world} "
+            f"workers but this run has {want} on {cfg.train.num_workers}; use another name= or the original settings"
+        )
 
 
 def make_stop_flag():

@@ -8,6 +8,9 @@ That avoids DDP's start-up broadcast of every parameter and buffer, which would 
 A checkpoint is a folder with the adapter (PEFT format), the optimizer and scheduler states, the
 RNG states, the data position and the metrics so far; it is written under a temporary name,
 marked complete, and handed to `ray.train.report` from rank 0, which persists it to storage.
+
+`sharding.strategy` zero2 / zero3 (or what `auto` plans) trains the same loop through a DeepSpeed engine
+instead; its engine, learning rate, step and every-rank checkpoints are in train/sharded.py.
 """
 
 from __future__ import annotations
@@ -189,6 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             over the workers) as `eval_loss` to every checkpoint report (what a sweep's ASHA compares).
             Plain rows rather than a Ray dataset: re-splitting one at every report is a Ray Data execution
             each time, and inside a sweep one stalled with its resource budget at zero (Ray 2.60).
+            Optional "resume_from": a checkpoint folder to start from when Ray has none for this run.
     """
     import ray
     import ray.train
@@ -199,6 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raytune_llm.config import from_dict
     from raytune_llm.models.load import load_model
     from raytune_llm.packing.stream import iter_torch_batches
+    from raytune_llm.train import sharded as sharded_lib
 
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -211,6 +216,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()
     print(f"[raytune-llm] worker rank {rank}/{world} on node {node[:12]} device {device}", flush=True)
     torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
+    # ddp: the all-reduce loop below; zero2/zero3 (or what `auto` plans): a DeepSpeed engine (train/sharded.py)
+    strategy, offload_opt, offload_params = sharded_lib.resolve_strategy(cfg, loop_config["model_path"], world)
+    zero = strategy != "ddp"
+    if rank == 0 and (zero or cfg.sharding.strategy == "auto"):
+        print(f"[raytune-llm] sharding: {strategy} (offload optimizer {offload_opt}, params {offload_params})")
 
     model = load_model(
         loop_config["model_path"],
@@ -227,16 +237,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=device,
         fused=cfg.model.fused,
         trust_remote_code=cfg.model.trust_remote_code,
+        quant_storage=sharded_lib.quant_storage(strategy, dtype, cfg.quant.bits, cfg.quant.storage_dtype)
+        if zero
+        else torch.uint8,
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
+    sharded = optimizer = scheduler = None
+    if zero:
+        sharded = sharded_lib.wrap(model, cfg, strategy, offload_opt, offload_params, dtype, device, world)
+        model = sharded.wrapped  # the engine: forward, train() and eval() go through it (ZeRO-3 gathers)
+        lr_at = lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
 
     step, consumed, metrics, nonfinite_run, skipped = 0, 0, [], 0, 0
-    resume = ray.train.get_checkpoint()
+    resume = ray.train.get_checkpoint()  # this run's own latest (after a worker failure, or V2's restored run)
+    if resume is None and loop_config.get("resume_from"):
+        resume = Checkpoint.from_directory(loop_config["resume_from"])  # the driver's latest complete one
     if resume is not None:
         with resume.as_directory() as d:
-            state, metrics = load_checkpoint(Path(d), model, optimizer, scheduler)
+            if zero:
+                state, metrics = sharded_lib.load_zero_checkpoint(Path(d), sharded, strategy, world)
+            elif (Path(d) / sharded_lib.SHARDS_DIR).is_dir():
+                raise RuntimeError(f"cannot resume: checkpoint {d} holds ZeRO shards but this run is ddp")
+            else:
+                state, metrics = load_checkpoint(Path(d), model, optimizer, scheduler)
         for key in ("seed", "seq_len", "data_fingerprint"):
             want = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len}.get(key, loop_config["data_fingerprint"])
             if state.get(key) != want:
@@ -296,10 +322,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "world_size": world,
             "stopped_early": stopped_early,
         }
+        if zero:
+            state["strategy"] = strategy
         if eval_rows and metrics:
             metrics[-1]["eval_loss"] = eval_loss()
         last = metrics[-1] if metrics else {"step": step}
-        if save and rank == 0:
+        if save and zero:  # every rank writes its shards; Ray merges the ranks' folders into one checkpoint
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = sharded_lib.save_zero_checkpoint(Path(tmp) / "ckpt", sharded, state, metrics)
+                ray.train.report(last, checkpoint=Checkpoint.from_directory(str(folder)))
+        elif save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = save_checkpoint(Path(tmp) / "ckpt", model, optimizer, scheduler, state, metrics)
                 ray.train.report(last, checkpoint=Checkpoint.from_directory(str(folder)))
@@ -334,49 +366,65 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         fault = _fault(fault_spec, rank, step + 1, loop_config["run_dir"])
         if fault == "kill":
             os._exit(17)
-        loss_sum = torch.zeros((), device=device)
-        tokens = 0
-        epoch = 0
-        for _ in range(cfg.train.grad_accum):
-            epoch, batch = next(it)
-            consumed += 1
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
-            loss = out.loss / cfg.train.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-            tokens += int((batch["labels"] != -100).sum())
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        if fault == "nan":
-            loss_sum = loss_sum * float("nan")
-        loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.train.on_nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step + 1}; parameters left unchanged")
-            nonfinite_run += 1
-            skipped += 1
-            if nonfinite_run >= 3:
-                raise FloatingPointError(f"3 non-finite losses in a row (last at step {step + 1}); aborting")
+        if zero:
+            epoch, tokens, loss_value, grad_norm = sharded_lib.zero_step(
+                sharded, it, cfg.train.lr * lr_at(step), cfg.train.on_nonfinite, step + 1, inject_nan=fault == "nan"
+            )
+            consumed += cfg.train.grad_accum
             step += 1
+            if not math.isfinite(loss_value):  # DeepSpeed skipped the update (zero_step raises where it cannot)
+                nonfinite_run += 1
+                skipped += 1
+                if nonfinite_run >= 3:
+                    raise FloatingPointError(f"3 non-finite losses in a row (last at step {step}); aborting")
+                continue
+            nonfinite_run = 0
+        else:
+            loss_sum = torch.zeros((), device=device)
+            tokens = 0
+            epoch = 0
+            for _ in range(cfg.train.grad_accum):
+                epoch, batch = next(it)
+                consumed += 1
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+                loss = out.loss / cfg.train.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+                tokens += int((batch["labels"] != -100).sum())
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            if fault == "nan":
+                loss_sum = loss_sum * float("nan")
+            loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.train.on_nonfinite == "stop":
+                    raise FloatingPointError(
+                        f"non-finite loss {loss_value} at step {step + 1}; parameters left unchanged"
+                    )
+                nonfinite_run += 1
+                skipped += 1
+                if nonfinite_run >= 3:
+                    raise FloatingPointError(f"3 non-finite losses in a row (last at step {step + 1}); aborting")
+                step += 1
+                scheduler.step()
+                continue
+            nonfinite_run = 0
+            if world > 1:
+                _allreduce_grads(params, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+            optimizer.step()
             scheduler.step()
-            continue
-        nonfinite_run = 0
-        if world > 1:
-            _allreduce_grads(params, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
         tokens_since += tokens * world
         now = time.perf_counter()
         entry = {
             "step": step,
             "loss": loss_value,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": cfg.train.lr * lr_at(step) if zero else scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "epoch": epoch,
             "trainable_tokens": tokens * world,

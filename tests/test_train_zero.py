@@ -1,0 +1,131 @@
+"""`sharding.strategy: zero2 | zero3` in the main trainer: the quickstart on 2 CPU workers through DeepSpeed.
+
+The loss curve of each ZeRO stage matches the DDP run's (fp32, same data, same LR schedule), the final adapter
+loads with PEFT, and a ZeRO run stopped at a checkpoint resumes from its every-rank shards and continues.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytune_llm.config import load_config
+from raytune_llm.train.driver import StoppedEarly, UserError, run_training
+from raytune_llm.train.worker import is_complete, latest_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "data.num_examples=400",
+    "data.eval_examples=0",
+    "export.formats=[adapter]",
+    "train.max_steps=10",
+    "train.checkpoint_every=5",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+]
+
+
+def _cfg(out: Path, name: str, *extra: str):
+    return load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={out}", f"name={name}", *SMALL, *extra])
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("zero")
+
+
+@pytest.fixture(scope="module")
+def ddp_losses(ray_session, out):
+    run_training(_cfg(out, "ddp", "sharding.strategy=ddp"))
+    return _losses(out / "ddp")
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+@pytest.mark.ray
+@pytest.mark.slow
+def test_zero_matches_ddp_and_adapter_loads(ray_session, out, ddp_losses, strategy, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run_training(_cfg(out, strategy, f"sharding.strategy={strategy}"))
+    run = out / strategy
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 11))
+    for step, want in ddp_losses.items():
+        assert abs(losses[step] - want) < 1e-4, (strategy, step, losses[step], want)
+
+    ckpt = latest_complete(run / "ray" / "train")
+    assert ckpt is not None and is_complete(ckpt)
+    listed = json.loads((ckpt / "COMPLETE").read_text())
+    assert any("zero_pp_rank_1" in name for name in listed), sorted(listed)  # rank 1's shards are in the manifest
+    assert json.loads((ckpt / "trainer_state.json").read_text())["strategy"] == strategy
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run / "base_model", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.numel() > 0 and torch.isfinite(p).all() for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained: B left zero init
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_zero_resume_continues(ray_session, out, ddp_losses, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "stop:step=6")
+    with pytest.raises(StoppedEarly, match="stopped at step 5"):
+        run_training(_cfg(out, "cut3", "sharding.strategy=zero3"))
+    monkeypatch.delenv("RAYTUNE_LLM_FAULT")
+    run_training(_cfg(out, "cut3", "sharding.strategy=zero3"))
+    resumed = _losses(out / "cut3")
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(6, 11):  # continued from the shards: the same curve as an uninterrupted run
+        assert abs(resumed[step] - ddp_losses[step]) < 1e-4, (step, resumed[step], ddp_losses[step])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_zero_refuses_resume_with_another_strategy(ray_session, out):
+    if not (out / "zero2").exists():
+        run_training(_cfg(out, "zero2", "sharding.strategy=zero2"))
+    with pytest.raises(UserError, match="sharding.strategy=zero2 on 2 workers but this run has ddp on 2"):
+        run_training(_cfg(out, "zero2", "sharding.strategy=ddp"))
+    with pytest.raises(UserError, match="zero2 on 2 workers but this run has zero2 on 1"):
+        run_training(_cfg(out, "zero2", "sharding.strategy=zero2", "train.num_workers=1"))
+
+
+def _auto(tmp_path: Path, hf: dict, *extra: str):
+    from raytune_llm.train.sharded import resolve_strategy
+
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = load_config(ROOT / "conf" / "quickstart.yaml", ["sharding.strategy=auto", *extra])
+    return resolve_strategy(cfg, tmp_path, world=2)
+
+
+def test_auto_asks_the_planner(tmp_path):
+    from raytune_llm.sharding.planner import LLAMA31_8B, LLAMA31_70B
+
+    shape = ["data.seq_len=2048", "train.micro_batch_size=1", "model.gradient_checkpointing='on'", "quant.bits=4"]
+    assert _auto(tmp_path, LLAMA31_8B, *shape) == ("ddp", False, False)
+    assert _auto(tmp_path, LLAMA31_70B, *shape, "sharding.gpu_memory_gib=40") == ("zero3", False, False)
+    assert _auto(tmp_path, LLAMA31_70B, *shape, "sharding.gpu_memory_gib=24") == ("zero3", True, True)
+    with pytest.raises(ValueError, match="sharding.strategy=auto: nothing fits"):
+        _auto(tmp_path, LLAMA31_70B, *shape, "sharding.gpu_memory_gib=8")
+
+
+def test_offload_with_ddp_is_refused(tmp_path):
+    from raytune_llm.train.sharded import resolve_strategy
+
+    cfg = load_config(ROOT / "conf" / "quickstart.yaml", ["sharding.offload_optimizer=true"])
+    with pytest.raises(ValueError, match="need sharding.strategy zero2 or zero3"):
+        resolve_strategy(cfg, tmp_path, world=2)
