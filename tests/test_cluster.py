@@ -67,17 +67,25 @@ def test_job_submit_quickstart_on_two_nodes(tmp_path):
         ray(
             "start",
             "--head",
-            "--node-ip-address=127.0.0.1",
+            # No --node-ip-address: Ray's detected node IP is where the job agent registers. Each node's agent
+            # gets its own HTTP port: the default 52365 is already taken by the first Ray node on the machine
+            # (the test session's own cluster), and the head would then have no job agent to submit to.
             f"--port={gcs}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={_free_port()}",
             "--num-cpus=1",
             f"--temp-dir={temp}",
             "--disable-usage-stats",
         )
         from ray.util import get_node_ip_address
 
-        ray("start", f"--address={get_node_ip_address()}:{gcs}", "--num-cpus=1")
+        ray(
+            "start",
+            f"--address={get_node_ip_address()}:{gcs}",
+            "--num-cpus=1",
+            f"--dashboard-agent-listen-port={_free_port()}",
+        )
         entry = [
             "python",
             "-m",
