@@ -225,7 +225,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
         from raytune_llm.train.worker import latest_complete
 
         found = latest_complete(Path(setup["trials_storage"]) / trial_id)
-        resume = ray.train.Checkpoint.from_directory(str(found)) if found is not None else None
+        resume = str(found) if found is not None else None
     trainer = TorchTrainer(
         _trial_worker,
         train_loop_config={
@@ -237,6 +237,8 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
             "data_fingerprint": setup["data_fingerprint"],
             "run_dir": setup["run_dir"],
             "eval_rows": eval_rows,
+            # Ray Train V2 refuses TorchTrainer(resume_from_checkpoint=...): the worker loop takes the folder.
+            "resume_from": resume,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -252,7 +254,6 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
             callbacks=[TuneReportCallback()],
         ),
         datasets=datasets,
-        resume_from_checkpoint=resume,
     )
     trainer.fit()
 
