@@ -55,6 +55,7 @@ def test_job_submit_quickstart_on_two_nodes(tmp_path):
     gcs, dash = _free_port(), _free_port()
     # Own session folder (never collides with the test session's cluster), short: AF_UNIX paths max 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="rtj", dir="/tmp"))
+    temp2 = Path(tempfile.mkdtemp(prefix="rtw", dir="/tmp"))
 
     def ray(*args, timeout=180, check=True):
         out = subprocess.run([ray_bin, *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -85,6 +86,9 @@ def test_job_submit_quickstart_on_two_nodes(tmp_path):
             f"--address={get_node_ip_address()}:{gcs}",
             "--num-cpus=1",
             f"--dashboard-agent-listen-port={_free_port()}",
+            # its own session folder: two nodes on one machine sharing one would let the second node's runtime-env
+            # agent delete the job's working directory under the running driver
+            f"--temp-dir={temp2}",
         )
         entry = [
             "python",
@@ -128,6 +132,7 @@ def test_job_submit_quickstart_on_two_nodes(tmp_path):
         assert list((run / "ray" / "train").glob("checkpoint_*"))  # checkpoints went to the storage path
     finally:
         _stop_cluster(temp, gcs)
+        _stop_cluster(temp2, gcs)
 
 
 def _stop_cluster(temp: Path, gcs: int) -> None:
