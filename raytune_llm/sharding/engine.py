@@ -193,7 +193,7 @@ class ShardedModel:
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no loadable checkpoint {tag!r} in {folder}")
             return client_state or {}
-        state = torch.load(folder / tag / _DDP_STATE, map_location="cpu", weights_only=False)
+        state = torch.load(folder / tag / _DDP_STATE, map_location="cpu", weights_only=True)
         params = dict(self.module.named_parameters())
         with torch.no_grad():
             for name, value in state["model"].items():

@@ -280,6 +280,17 @@ def check_resumable(folder: Path, cfg: RunConfig, prep: Prepared) -> None:
         )
 
 
+def failure_cause(exc: BaseException) -> str:
+    """The most telling line of a Ray Train failure: the worker's own exception, else the first line."""
+    import re
+
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+    worker = [ln for ln in lines if not ln.startswith(("ray.", "WorkerGroupError"))]
+    pick = worker[-1] if worker else (lines[-1] if lines else text.strip().splitlines()[0] if text.strip() else "")
+    return f"{type(exc).__name__}: {pick}"[:500]
+
+
 def make_stop_flag():
     """A tiny actor the driver sets on SIGTERM; rank 0 polls it each step, then all workers checkpoint and stop."""
     import ray
@@ -361,7 +372,10 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
         ),
         datasets={"train": ds},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Train V2 raises worker errors from fit(): name the cause in one line
+        raise RuntimeError(f"training failed: {failure_cause(exc)}") from exc
     try:
         import ray
 
