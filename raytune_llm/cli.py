@@ -138,19 +138,9 @@ def cmd_plan(args) -> int:
         if not p.is_file():
             raise FileNotFoundError(f"model.path: no config.json at {p}")
         hf = json.loads(p.read_text())
-    plan = planner.plan_from_values(
-        hf,
-        quant_bits=cfg.quant.bits,
-        lora_rank=cfg.lora.r,
-        lora_targets=list(cfg.lora.target_modules),
-        seq_len=cfg.data.seq_len,
-        micro_batch=cfg.train.micro_batch_size,
-        checkpointing=cfg.model.gradient_checkpointing,
-        gpu_mem_gib=cfg.sharding.gpu_memory_gib,
-        gpus_per_node=args.gpus_per_node or cfg.train.num_workers,
-        nodes=args.nodes,
-        fused=cfg.model.fused,
-    )
+    from raytune_llm.train.sharded import plan_for
+
+    plan = plan_for(cfg, hf, gpus_per_node=args.gpus_per_node or cfg.train.num_workers, nodes=args.nodes)
     print(plan.table())
     return 0 if plan.fits else 1
 

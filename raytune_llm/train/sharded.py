@@ -40,6 +40,25 @@ _PLANNER_STRATEGY = {
 _DS_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
+def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
+    """The memory planner's plan for a run config (what `raytune-llm plan` prints and `auto` uses)."""
+    from raytune_llm.sharding.planner import plan_from_values
+
+    return plan_from_values(
+        hf_config,
+        quant_bits=cfg.quant.bits,
+        lora_rank=cfg.lora.r,
+        lora_targets=list(cfg.lora.target_modules),
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.train.micro_batch_size,
+        checkpointing=cfg.model.gradient_checkpointing,
+        gpu_mem_gib=cfg.sharding.gpu_memory_gib,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        fused=cfg.model.fused,
+    )
+
+
 def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[str, bool, bool]:
     """The strategy this run trains with, and its (offload_optimizer, offload_params) flags.
 
@@ -60,19 +79,9 @@ def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[st
     s = cfg.sharding
     strategy, offload_opt, offload_params = s.strategy, s.offload_optimizer, s.offload_params
     if strategy == "auto":
-        from raytune_llm.sharding.planner import load_hf_config, plan_from_values
+        from raytune_llm.sharding.planner import load_hf_config
 
-        plan = plan_from_values(
-            load_hf_config(model_path),
-            quant_bits=cfg.quant.bits,
-            lora_rank=cfg.lora.r,
-            lora_targets=list(cfg.lora.target_modules),
-            seq_len=cfg.data.seq_len,
-            micro_batch=cfg.train.micro_batch_size,
-            checkpointing=cfg.model.gradient_checkpointing,
-            gpu_mem_gib=cfg.sharding.gpu_memory_gib,
-            gpus_per_node=world,
-        )
+        plan = plan_for(cfg, load_hf_config(model_path), gpus_per_node=world)
         if not plan.fits:
             raise ValueError(f"sharding.strategy=auto: {plan.reason}")
         strategy, offload = _PLANNER_STRATEGY[plan.strategy]
