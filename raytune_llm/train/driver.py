@@ -287,8 +287,11 @@ def failure_cause(exc: BaseException) -> str:
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit)\b.*:", ln)]
     worker = [ln for ln in lines if not ln.startswith(("ray.", "WorkerGroupError"))]
-    pick = worker[-1] if worker else (lines[-1] if lines else text.strip().splitlines()[0] if text.strip() else "")
-    return f"{type(exc).__name__}: {pick}"[:500]
+    if worker:
+        return worker[-1][:500]
+    # no exception text from the worker (it died): Ray's header plus its first explanatory line
+    rest = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' '.join(rest[:2])}"[:500]
 
 
 def make_stop_flag():
