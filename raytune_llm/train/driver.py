@@ -256,6 +256,24 @@ def write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
     (folder / "raytune_llm.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str):
+    """The Ray Dataset of packed rows for a run config (the trainer and the sweep's trials): (dataset, stats actor)."""
+    from raytune_llm.packing.stream import build_ray_dataset
+
+    return build_ray_dataset(
+        paths,
+        tokenizer,
+        cfg.data.seq_len,
+        format=cfg.data.format,
+        train_on_prompt=cfg.data.train_on_prompt,
+        overlong=cfg.data.overlong,
+        skip_bad_records=cfg.data.on_bad_record == "skip",
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        seed=cfg.train.seed,
+        num_cpus_per_task=min(1.0, cfg.train.cpus_per_worker),
+    )
+
+
 def check_resumable(folder: Path, cfg: RunConfig, prep: Prepared) -> None:
     """Refuse to resume from a checkpoint made with another seed, sequence length, data or sharding strategy.
 
@@ -318,21 +336,9 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raytune_llm.packing.stream import build_ray_dataset
     from raytune_llm.train.worker import train_loop_per_worker
 
-    ds, stats_actor = build_ray_dataset(
-        prep.data_paths,
-        str(prep.tokenizer_path),
-        cfg.data.seq_len,
-        format=cfg.data.format,
-        train_on_prompt=cfg.data.train_on_prompt,
-        overlong=cfg.data.overlong,
-        skip_bad_records=cfg.data.on_bad_record == "skip",
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        seed=cfg.train.seed,
-        num_cpus_per_task=min(1.0, cfg.train.cpus_per_worker),
-    )
+    ds, stats_actor = packed_dataset(cfg, prep.data_paths, str(prep.tokenizer_path))
     # Materialise the packed rows once: small next to the model, and it makes every epoch and a
     # resumed run see exactly the same rows in the same order.
     ds = ds.materialize()

@@ -88,20 +88,9 @@ def check_trial_resources(cfg: RunConfig, spec: SweepSpec) -> tuple[bool, dict[s
 
 
 def _build_rows(paths: list[str], tokenizer: str, cfg: RunConfig, materialize: bool = True):
-    from raytune_llm.packing.stream import build_ray_dataset
+    from raytune_llm.train.driver import packed_dataset
 
-    ds, _ = build_ray_dataset(
-        paths,
-        tokenizer,
-        cfg.data.seq_len,
-        format=cfg.data.format,
-        train_on_prompt=cfg.data.train_on_prompt,
-        overlong=cfg.data.overlong,
-        skip_bad_records=cfg.data.on_bad_record == "skip",
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        seed=cfg.train.seed,
-        num_cpus_per_task=min(1.0, cfg.train.cpus_per_worker),
-    )
+    ds, _ = packed_dataset(cfg, paths, tokenizer)
     return ds.materialize() if materialize else ds
 
 
