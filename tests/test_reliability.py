@@ -17,6 +17,7 @@ import pytest
 
 from raytune_llm.config import load_config
 from raytune_llm.train.driver import StoppedEarly, UserError, run_training
+from tests._runs import logged_losses, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -31,14 +32,10 @@ SMALL = [
 
 
 def _cfg(out: Path, name: str, *extra: str):
-    return load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={out}", f"name={name}", *SMALL, *extra])
+    return small_config(out, name, SMALL, *extra)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
+_losses = logged_losses
 
 
 def _cli(args, env_extra=None, timeout=600):

@@ -1,0 +1,23 @@
+"""Helpers shared by the tests that run the real trainer on small quickstart configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raytune_llm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(out: Path, name: str, small: list[str], *extra: str):
+    """The quickstart config in `out/name` with the `small` overrides, then `extra`."""
+    return load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={out}", f"name={name}", *small, *extra])
+
+
+def logged_losses(run: Path) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl; fails when a step was logged twice."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
