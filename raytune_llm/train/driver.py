@@ -299,7 +299,7 @@ def check_resumable(folder: Path, cfg: RunConfig, prep: Prepared) -> None:
 
 
 def failure_cause(exc: BaseException) -> str:
-    """The most telling line of a Ray Train failure: the worker's own exception, else the first line."""
+    """The most telling line of a Ray Train failure: the worker's own exception, else which worker died."""
     import re
 
     text = str(exc)
@@ -307,7 +307,17 @@ def failure_cause(exc: BaseException) -> str:
     worker = [ln for ln in lines if not ln.startswith(("ray.", "WorkerGroupError"))]
     if worker:
         return worker[-1][:500]
-    # no exception text from the worker (it died): Ray's header plus its first explanatory line
+    # No exception text from a worker: its process died (killed, out of memory, crashed). Name the rank
+    # from Ray's per-rank failures, whose text may be empty when the process vanished mid-step.
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        parts = []
+        for rank, err in sorted(failures.items()):
+            detail = " ".join(str(err).split())[:200]
+            parts.append(f"rank {rank} ({type(err).__name__}{': ' + detail if detail else ''})")
+        return (
+            "worker process died without raising an exception (killed, out of memory or crashed): " + "; ".join(parts)
+        )[:500]
     rest = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {' '.join(rest[:2])}"[:500]
 
