@@ -112,28 +112,25 @@ def main() -> int:
         print("no CUDA GPU: run with --tiny on CPU", file=sys.stderr)
         return 2
 
-    with tempfile.TemporaryDirectory(prefix="bench_tune_") as tmp:
-        concurrent = run_mode(args, Path(tmp), args.trials)
-        sequential = run_mode(args, Path(tmp), 1)
-    speedup = sequential["trials_span_s"] / concurrent["trials_span_s"]
-    result = {
-        "summary": {
-            "trials": args.trials,
-            "gpus_per_trial": args.fraction,
-            "steps_per_trial": args.steps,
-            "concurrent_trials_span_s": concurrent["trials_span_s"],
-            "sequential_trials_span_s": sequential["trials_span_s"],
-            "speedup": round(speedup, 3),
-            "ideal_speedup": args.trials,
-        },
-        "tiny": args.tiny,
-        "overrides": base_overrides(args),
-        "modes": {"concurrent": concurrent, "sequential": sequential},
-        "environment": env,
-    }
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
     path = Path(args.out) / f"tune_{gpu_slug(env)}_{day}{'_tiny' if args.tiny else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"summary": {}, "tiny": args.tiny, "overrides": base_overrides(args), "modes": {}, "environment": env}
+    with tempfile.TemporaryDirectory(prefix="bench_tune_") as tmp:
+        # Written after each mode, so a run cut short still leaves the concurrent figures.
+        concurrent = result["modes"]["concurrent"] = run_mode(args, Path(tmp), args.trials)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        sequential = result["modes"]["sequential"] = run_mode(args, Path(tmp), 1)
+    speedup = sequential["trials_span_s"] / concurrent["trials_span_s"]
+    result["summary"] = {
+        "trials": args.trials,
+        "gpus_per_trial": args.fraction,
+        "steps_per_trial": args.steps,
+        "concurrent_trials_span_s": concurrent["trials_span_s"],
+        "sequential_trials_span_s": sequential["trials_span_s"],
+        "speedup": round(speedup, 3),
+        "ideal_speedup": args.trials,
+    }
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'mode':<12}{'trials span s':>15}{'run_sweep s':>14}")
     for mode, r in (("concurrent", concurrent), ("sequential", sequential)):

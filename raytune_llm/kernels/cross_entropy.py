@@ -21,11 +21,14 @@ passes over ``z``: an online max / sum-of-exponentials (fp32) giving ``lse`` and
 ``G`` written *in place over the chunk's logits*. ``dL/dh`` for the chunk is one matmul into its
 slice of the ``[N, H]`` gradient; ``dL/dW`` is accumulated with ``addmm_`` only when ``W`` requires
 grad (a frozen LoRA base head never pays for it). The backward only scales the stored gradients by
-the upstream scalar. Peak extra memory: one ``[C, V]`` chunk + ``dL/dh`` (+ ``dL/dW``), never ``[N, V]``.
+the upstream scalar. Peak extra memory: one ``[C, V]`` chunk + ``dL/dh`` (+ ``dL/dW`` in fp32), never ``[N, V]``.
 
 Dtype policy: logits in the input dtype (bf16 in training), read and reduced in fp32; the loss is
-fp32; ``G`` is stored in the input dtype for the two gradient matmuls; ``dL/dW`` accumulates in
-``W``'s dtype (one rounding per chunk, as Liger's default), ``dL/dh`` in ``h``'s.
+fp32; ``G`` is stored in the input dtype for the two gradient matmuls; ``dL/dW`` accumulates over
+the chunks in fp32 (bf16 GEMM inputs, fp32 output added in place) and is rounded to ``W``'s dtype once,
+after the upstream scale; ``dL/dh`` rows are each written once, in ``h``'s dtype (fp32 accumulation
+inside the GEMM). An upstream gradient that is not a power of two is applied to the stored ``dL/dh``,
+one rounding more than autograd's order (Liger has the same).
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def fused_linear_cross_entropy_forward(
     denom = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
     loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     compute_grad = need_dh or need_dw
     C = chunk_size or default_chunk_size(N, H, V)
     BLOCK, num_warps = row_block_settings(min(V, _MAX_VOCAB_BLOCK))
@@ -174,9 +177,28 @@ def fused_linear_cross_entropy_forward(
         if need_dh:
             torch.mm(G, weight, out=grad_h[start:end])
         if need_dw:
-            grad_w.addmm_(G.t(), h_c)
+            _accumulate_fp32(grad_w, G.t(), h_c)
     loss = loss_rows.sum() / denom
     return loss, grad_h, grad_w
+
+
+_FP32_OUT_GEMM: dict[str, bool] = {}
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in a 16-bit dtype, without an fp32 copy of either.
+
+    On CUDA, cuBLAS takes bf16/fp16 inputs with an fp32 C matrix (``addmm`` with ``out_dtype``, written in
+    place); where that overload is missing (older torch, CPU, the interpreter's small shapes) the inputs
+    are upcast.
+    """
+    if a.dtype != torch.float32 and acc.is_cuda and _FP32_OUT_GEMM.get("addmm", True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT_GEMM["addmm"] = False
+    acc.addmm_(a.float(), b.float())
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -191,6 +213,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, labels, ignore_index, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
         ctx.grads = (grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
@@ -205,7 +228,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if grad_h is not None:
             grad_h.mul_(grad_output.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w.mul_(grad_output.to(grad_w.dtype))
+            grad_w = grad_w.mul_(grad_output.float()).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None
 
 
