@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -97,8 +98,10 @@ def build_tiny_model(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     initializer_range: float = 0.02,
+    dtype: Any = None,
+    max_shard_size: str | None = None,
 ) -> Path:
-    """Write a tiny random-weight causal LM of one family to `path` (config.json + model.safetensors).
+    """Write a tiny random-weight causal LM of one family to `path` (config.json + safetensors).
 
     Args:
         path: target folder (created if missing).
@@ -106,6 +109,8 @@ def build_tiny_model(
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
         num_key_value_heads, max_position_embeddings, tie_word_embeddings: the HF config fields.
         seed: torch seed for the weights; same arguments give the same weights.
+        dtype: dtype of the saved weights (a torch dtype; default float32).
+        max_shard_size: split the safetensors into shards of at most this size (e.g. "8MB"), with an index.
 
     Returns:
         The folder as a Path, ready for `from_pretrained` / `raytune_llm.load_model`.
@@ -139,5 +144,7 @@ def build_tiny_model(
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return out
