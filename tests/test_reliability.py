@@ -156,9 +156,12 @@ def test_sigterm_to_driver_saves_checkpoint(tmp_path):
     assert ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 5
 
 
+# One process pays the imports and builds the model once, then forks a fresh writer per kill: the child saves
+# checkpoints back to back until it is SIGKILLed, so each kill lands at a random moment inside a save.
 _WRITER = r"""
-import sys, torch, time
+import os, sys, torch
 from pathlib import Path
+torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from raytune_llm.train.worker import save_checkpoint
@@ -166,11 +169,17 @@ root = Path(sys.argv[2])
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(r=8, target_modules=["q_proj"]))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-step = int(sys.argv[3])
 print("ready", flush=True)
-while True:
-    step += 1
-    save_checkpoint(root / f"ckpt_{step:05d}", model, opt, sch, {"step": step}, [{"step": step, "loss": 1.0}])
+for line in sys.stdin:
+    step = int(line)
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            step += 1
+            save_checkpoint(root / f"ckpt_{step:05d}", model, opt, sch, {"step": step}, [{"step": step, "loss": 1.0}])
+    print(pid, flush=True)
+    os.waitpid(pid, 0)  # returns once the test has SIGKILLed it
+    print("reaped", flush=True)
 """
 
 
@@ -182,14 +191,17 @@ def test_checkpoint_writer_killed_at_20_random_moments(tmp_path):
     root = tmp_path / "ckpts"
     rng = random.Random(0)
     last_step = 0
+    server = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(model), str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout.readline().strip() == "ready"
     for _ in range(20):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(model), str(root), str(last_step)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout.readline().strip() == "ready"
+        server.stdin.write(f"{last_step}\n")
+        server.stdin.flush()
+        pid = int(server.stdout.readline())
         time.sleep(rng.uniform(0.0, 0.4))
-        proc.kill()
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        assert server.stdout.readline().strip() == "reaped"
         complete = sorted(
             (json.loads((p / "trainer_state.json").read_text())["step"], p)
             for p in root.glob("ckpt_*")
@@ -202,6 +214,8 @@ def test_checkpoint_writer_killed_at_20_random_moments(tmp_path):
             assert (best / "adapter" / "adapter_model.safetensors").stat().st_size > 0
         else:
             assert best is None
+    server.stdin.close()
+    server.wait(timeout=60)
     assert last_step > 0
 
 

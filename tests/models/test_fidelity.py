@@ -6,6 +6,8 @@ Runs on whatever kernels dispatch to: the references on a plain CPU, the Triton 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,7 +15,9 @@ from raytune_llm.models.load import load_model
 from raytune_llm.models.tiny import FAMILIES
 from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
 
-STEPS = 20
+# 20 steps on the torch references; the interpreted run (test_fidelity_interpreted_triton) takes 4, which covers a
+# plain and a packed batch twice each: under TRITON_INTERPRET=1 one step of the tiny model costs ~6 s.
+STEPS = int(os.environ.get("RAYTUNE_LLM_FIDELITY_STEPS", "20"))
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -72,11 +76,10 @@ def test_twenty_steps_match_peft_bitsandbytes_nf4(tiny_paths, family):
 def test_fidelity_interpreted_triton():
     """The same fidelity run with the Triton kernels under TRITON_INTERPRET=1 (a fresh interpreter:
     the variable must be set before triton is imported)."""
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "RAYTUNE_LLM_FIDELITY_STEPS": "4"}
     cmd = [
         sys.executable,
         "-m",
