@@ -1,7 +1,7 @@
 """`sharding.strategy: zero2 | zero3` in the main trainer: the quickstart on 2 CPU workers through DeepSpeed.
 
 The loss curve of each ZeRO stage matches the DDP run's (fp32, same data, same LR schedule), the final adapter
-loads with PEFT, and a ZeRO run stopped at a checkpoint resumes from its every-rank shards and continues.
+loads with PEFT, and the ZeRO-3 run, stopped at a checkpoint, resumes from its every-rank shards and continues.
 """
 
 from __future__ import annotations
@@ -50,12 +50,19 @@ def ddp_losses(ray_session, out):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_zero_matches_ddp_and_adapter_loads(ray_session, out, ddp_losses, strategy, monkeypatch):
+    """ZeRO-2 runs straight through; ZeRO-3 is stopped after its step-5 checkpoint and resumed from its every-rank
+    shards in a second run, so the same 10-step curve also proves the resume (one Ray Train fit less)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    if strategy == "zero3":
+        monkeypatch.setenv("RAYTUNE_LLM_FAULT", "stop:step=6")
+        with pytest.raises(StoppedEarly, match="stopped at step 5"):
+            run_training(_cfg(out, strategy, f"sharding.strategy={strategy}"))
+        monkeypatch.delenv("RAYTUNE_LLM_FAULT")
     run_training(_cfg(out, strategy, f"sharding.strategy={strategy}"))
     run = out / strategy
     losses = _losses(run)
-    assert sorted(losses) == list(range(1, 11))
-    for step, want in ddp_losses.items():
+    assert sorted(losses) == list(range(1, 11))  # each step logged once, resumed or not
+    for step, want in ddp_losses.items():  # the same curve as the uninterrupted DDP run
         assert abs(losses[step] - want) < 1e-4, (strategy, step, losses[step], want)
 
     ckpt = latest_complete(run / "ray" / "train")
@@ -73,21 +80,6 @@ def test_zero_matches_ddp_and_adapter_loads(ray_session, out, ddp_losses, strate
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.numel() > 0 and torch.isfinite(p).all() for p in lora.values())
     assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained: B left zero init
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_zero_resume_continues(ray_session, out, ddp_losses, monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "stop:step=6")
-    with pytest.raises(StoppedEarly, match="stopped at step 5"):
-        run_training(_cfg(out, "cut3", "sharding.strategy=zero3"))
-    monkeypatch.delenv("RAYTUNE_LLM_FAULT")
-    run_training(_cfg(out, "cut3", "sharding.strategy=zero3"))
-    resumed = _losses(out / "cut3")
-    assert sorted(resumed) == list(range(1, 11))
-    for step in range(6, 11):  # continued from the shards: the same curve as an uninterrupted run
-        assert abs(resumed[step] - ddp_losses[step]) < 1e-4, (step, resumed[step], ddp_losses[step])
 
 
 @pytest.mark.ray
