@@ -1,6 +1,7 @@
 """raytune_llm.models: the only layer that touches transformers' classes.
 
 - load.py: `load_model` (local HF folder -> NF4 via bitsandbytes -> PEFT LoRA -> fused kernels).
+- stream_load.py: NF4 loading one safetensors shard at a time, each Linear quantized as it arrives (low host memory).
 - patch.py: `patch` / `unpatch`, per-instance forward swaps with a report of what stayed stock and why.
 - attention.py: causal attention for packed rows (document ids from restarting position_ids).
 - checkpointing.py: per-layer activation checkpointing, optionally offloading the kept input to host.

@@ -1,7 +1,10 @@
 """`load_model`: a local HF folder -> (NF4-quantized) base -> PEFT LoRA -> fused kernels, in one call.
 
-The base loads with `AutoModelForCausalLM.from_pretrained` (SDPA attention; bitsandbytes quantizes to
-NF4 while the shards load when `quantize="nf4"`, so the bf16 model is never whole in memory). LoRA is
+With `quantize="nf4"` the base loads through `stream_load.load_nf4_streaming`: one safetensors shard read at a
+time, each linear weight quantized to NF4 on the device as it arrives, so host memory stays near one shard plus
+one layer above the NF4 model (transformers 5's `from_pretrained` keeps every shard mapped, about the whole bf16
+checkpoint resident); the model equals what `from_pretrained` with the same BitsAndBytesConfig gives. Checkpoints
+it does not cover, and `quantize=None`, load with `AutoModelForCausalLM.from_pretrained` (SDPA attention). LoRA is
 attached by `peft.get_peft_model` (PEFT's own format; the adapter saves and reloads with
 `PeftModel.from_pretrained`) and `patch` swaps the fused kernels in per instance.
 
@@ -12,6 +15,7 @@ attached by `peft.get_peft_model` (PEFT's own format; the adapter saves and relo
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from raytune_llm.models.checkpointing import check_mode
 from raytune_llm.models.lora import LoraSpec, attach_lora
 from raytune_llm.models.patch import patch
 from raytune_llm.models.quantize import bnb_config, check_quantize
+from raytune_llm.models.stream_load import StreamUnsupported, load_nf4_streaming
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -64,8 +69,9 @@ def load_model(
         PatchReport at `.raytune_patch_report` (None when `fused=False`).
 
     Raises:
-        FileNotFoundError: `path` is not a folder with a config.json.
-        ValueError: a bad quantize / gradient_checkpointing / lora value.
+        FileNotFoundError: `path` is not a folder with a config.json, or a shard its index names is missing.
+        ValueError: a bad quantize / gradient_checkpointing / lora value; with "nf4", a checkpoint tensor the
+            model lacks, a tensor the model needs that the checkpoint lacks, or a shape mismatch.
     """
     check_quantize(quantize)
     check_mode(gradient_checkpointing)
@@ -77,15 +83,23 @@ def load_model(
     if quantize == "nf4" and target.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"NF4 on the CPU computes in float32 or bfloat16, got dtype={dtype}")
 
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
-    # Weights land shard by shard straight on the device (bitsandbytes quantizes each as it lands), so
-    # neither host nor device holds the whole dense model; one device per process (Ray / DeepSpeed).
-    kwargs["device_map"] = {"": target.index if target.type == "cuda" else str(target)}
+    model = None
     if quantize == "nf4":
-        kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        try:
+            model = load_nf4_streaming(folder, dtype, target, quant_storage, trust_remote_code)
+        except StreamUnsupported as exc:
+            warnings.warn(
+                f"NF4 load of {folder} without streaming ({exc}): host memory may reach the bf16 size", stacklevel=2
+            )
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+        # One device per process (Ray / DeepSpeed): the whole model on `target`.
+        kwargs["device_map"] = {"": target.index if target.type == "cuda" else str(target)}
+        if quantize == "nf4":
+            kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
     if spec is not None:
         model = attach_lora(model, spec)
