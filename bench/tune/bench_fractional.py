@@ -56,15 +56,33 @@ def base_overrides(args) -> list[str]:
     ]
 
 
-def trial_span(folder: Path) -> float:
-    """Seconds from the first trial's start to the last trial's end, from Tune's result.json files."""
-    starts, ends = [], []
+def trial_windows(folder: Path) -> dict[str, list[float]]:
+    """trial id -> [start, end] in seconds since the epoch, from Tune's per-trial result.json files."""
+    out = {}
     for f in (folder / "tune").glob("*/result.json"):
         reports = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         if reports:
-            starts.append(reports[0]["timestamp"] - reports[0]["time_this_iter_s"])
-            ends.append(reports[-1]["timestamp"])
-    return max(ends) - min(starts) if starts else float("nan")
+            out[reports[0]["trial_id"]] = [
+                reports[0]["timestamp"] - reports[0]["time_this_iter_s"],
+                reports[-1]["timestamp"],
+            ]
+    return out
+
+
+def trial_span(folder: Path) -> float:
+    """Seconds from the first trial's start to the last trial's end."""
+    w = trial_windows(folder)
+    return max(e for _, e in w.values()) - min(s for s, _ in w.values()) if w else float("nan")
+
+
+def max_overlap(windows: dict[str, list[float]]) -> int:
+    """The most trials running at one moment (proof that they shared the GPU at once)."""
+    events = sorted([(s, 1) for s, _ in windows.values()] + [(e, -1) for _, e in windows.values()])
+    now = best = 0
+    for _, d in events:
+        now += d
+        best = max(best, now)
+    return best
 
 
 def run_mode(args, out_dir: Path, concurrent: int) -> dict:
@@ -90,6 +108,8 @@ def run_mode(args, out_dir: Path, concurrent: int) -> dict:
         "max_concurrent_trials": concurrent,
         "run_sweep_wall_s": round(wall, 2),
         "trials_span_s": round(trial_span(folder), 2),
+        "max_trials_at_once": max_overlap(trial_windows(folder)),
+        "trial_windows_s": {k: [round(a, 2), round(b, 2)] for k, (a, b) in trial_windows(folder).items()},
         "counts": summary["counts"],
         "trials": [{k: v for k, v in r.items() if k not in ("curve", "checkpoint")} for r in summary["trials"]],
     }
