@@ -73,8 +73,20 @@ class ModelSection:
     """Swap in raytune_llm's fused Triton kernels (False: stock transformers + PEFT modules)."""
     gradient_checkpointing: Literal["off", "on", "offload"] = "off"
     """Recompute decoder layers in backward; offload keeps the checkpoints in pinned CPU memory."""
+    mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
+    """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor
+    kept); 0/null = never; auto = only once one such tensor would pass 1 GiB (e.g. from ~37k tokens at 8B)."""
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run (off: only transformers' own classes)."""
+
+    def __post_init__(self):
+        value = self.mlp_chunk_tokens
+        if (
+            value is not None
+            and value != "auto"
+            and (isinstance(value, bool) or not isinstance(value, int) or value < 0)
+        ):
+            _fail(f"mlp_chunk_tokens must be a positive integer, 0 or null (off), or 'auto'; got {value!r}")
 
 
 @dataclass
@@ -333,8 +345,8 @@ def _coerce(value, tp, key: str, errors: list[str]):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        trial: list[str] = []
         for a in inner:
+            trial: list[str] = []  # fresh per member: one member's error must not fail the next
             out = _coerce(value, a, key, trial)
             if not trial:
                 return out

@@ -111,3 +111,17 @@ def test_validate_command_is_fast_and_needs_no_ray_or_torch():
     assert out.returncode == 0, out.stderr
     assert "OK" in out.stdout
     assert wall < 3.0, f"validate took {wall:.2f} s"
+
+
+@pytest.mark.parametrize("value", ["-1", "big", "1.5", "true", "'512'"])
+def test_bad_mlp_chunk_tokens_is_one_error_naming_the_key(tmp_path, value):
+    problems = _errors(tmp_path, f"model: {{mlp_chunk_tokens: {value}}}\n")
+    assert len(problems) == 1 and problems[0].startswith("model.mlp_chunk_tokens"), problems
+
+
+def test_mlp_chunk_tokens_accepts_an_int_auto_and_off():
+    assert load_config(None).model.mlp_chunk_tokens == "auto"
+    for text, value in (("4096", 4096), ("auto", "auto"), ("0", 0), ("null", None)):
+        cfg = load_config(None, [f"model.mlp_chunk_tokens={text}"])
+        assert cfg.model.mlp_chunk_tokens == value
+        assert from_dict(to_dict(cfg)).model.mlp_chunk_tokens == value

@@ -6,7 +6,8 @@ global) and records the originals on the model so `unpatch(model)` restores them
 - every RMSNorm of the decoder (input / post-attention / final, and Qwen3's q/k norms) -> kernels.rms_norm;
 - each attention: q/k/v through kernels.lora_qkv, RoPE through kernels.rope, attention through
   models.attention (document-masked for packed rows), o_proj through kernels.lora_linear;
-- each MLP -> kernels.lora_mlp (or stock projections + kernels.swiglu when a projection cannot fuse);
+- each MLP -> kernels.lora_mlp (or stock projections + kernels.swiglu when a projection cannot fuse),
+  split over the tokens by models.tiling when `mlp_chunk_tokens` asks for it (long sequences, see there);
 - the inner model's forward: builds the attention metadata once, runs the layers (checkpointed when
   asked, see models.checkpointing) and never builds HF's 4D mask;
 - the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy and
@@ -35,6 +36,7 @@ from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_atten
 from raytune_llm.models.checkpointing import check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
+from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 
 _STATE = "_raytune_patch_state"
 
@@ -48,12 +50,14 @@ class PatchReport:
         replaced: `"module.path: kernel"` for each forward swapped in.
         stock: module path -> reason it keeps its stock forward (or a stock sub-step).
         gradient_checkpointing: the mode the patched forward runs ("off", "on", "offload").
+        mlp_chunk_tokens: how each MLP call is split over its tokens (an int, "auto", or None = never).
     """
 
     family: str | None
     replaced: list[str] = field(default_factory=list)
     stock: dict[str, str] = field(default_factory=dict)
     gradient_checkpointing: str = "off"
+    mlp_chunk_tokens: int | str | None = None
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -198,12 +202,22 @@ def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
     if why:
         report.stock[f"{name}.fused"] = f"{why}; projections stock, swiglu fused"
 
-    def forward(self, x):
-        mods = [self.gate_proj, self.up_proj, self.down_proj]  # per call: PEFT may wrap them after patching
+    intermediate = getattr(mlp, "intermediate_size", None) or mlp.config.intermediate_size
+
+    def run(module, x):
+        mods = [module.gate_proj, module.up_proj, module.down_proj]  # per call: PEFT may wrap them after patching
         fused = _fused_weights(mods) if ops["lora_mlp"] is not None else None
         if fused is not None and all(b is None for b in fused[1]):
             return ops["lora_mlp"](x, *fused[0])
-        return self.down_proj(ops["swiglu"](self.gate_proj(x), self.up_proj(x)))
+        return module.down_proj(ops["swiglu"](module.gate_proj(x), module.up_proj(x)))
+
+    def forward(self, x):
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        chunk = chunk_tokens_for(state["mlp_chunk_tokens"], tokens, intermediate, x.element_size())
+        if chunk is None:
+            return run(self, x)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return tiled_over_tokens(lambda rows: run(self, rows), x, chunk, params)
 
     _set_forward(state, mlp, forward)
     report.replaced.append(f"{name}: lora_mlp")
@@ -322,7 +336,9 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
     report.replaced.append("lm_head: fused_linear_cross_entropy (per call, when the head allows)")
 
 
-def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> PatchReport:
+def patch(
+    model: torch.nn.Module, gradient_checkpointing: str | None = None, mlp_chunk_tokens: int | str | None = "auto"
+) -> PatchReport:
     """Swap the fused kernels into a causal LM of the Llama, Mistral, Qwen2 or Qwen3 family.
 
     Args:
@@ -330,12 +346,16 @@ def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> 
         gradient_checkpointing: "off", "on" or "offload"; None keeps HF's setting ("on" if the model has
             gradient checkpointing enabled). HF's own checkpointing is switched off either way: the patched
             layer loop checkpoints each layer itself.
+        mlp_chunk_tokens: split each MLP call over its tokens, keeping no `[tokens, intermediate]` tensor
+            between forward and backward (models.tiling): a positive int = tokens per chunk, 0 or None =
+            never, "auto" (default) = only when one such intermediate would exceed 1 GiB (long sequences;
+            shorter ones run exactly as without tiling). Change it later with `set_mlp_chunk_tokens`.
 
     Returns:
         A PatchReport. Patching an already patched model returns its existing report.
 
     Raises:
-        ValueError: a bad gradient_checkpointing mode.
+        ValueError: a bad gradient_checkpointing mode or mlp_chunk_tokens.
     """
     lm = _unwrap(model)
     if _STATE in lm.__dict__:
@@ -343,6 +363,7 @@ def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> 
     if gradient_checkpointing is None:
         gradient_checkpointing = "on" if getattr(lm, "is_gradient_checkpointing", False) else "off"
     check_mode(gradient_checkpointing)
+    check_chunk_tokens(mlp_chunk_tokens)
     family = family_of(lm)
     inner = getattr(lm, "model", None)
     if family is None or not all(hasattr(inner, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")):
@@ -366,8 +387,14 @@ def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> 
     hf_checkpointing = bool(getattr(lm, "is_gradient_checkpointing", False))
     if hf_checkpointing:
         lm.gradient_checkpointing_disable()  # the patched layer loop checkpoints; never both
-    state: dict[str, Any] = {"originals": [], "hf_checkpointing": hf_checkpointing}
-    report = PatchReport(family=family.name, gradient_checkpointing=gradient_checkpointing)
+    state: dict[str, Any] = {
+        "originals": [],
+        "hf_checkpointing": hf_checkpointing,
+        "mlp_chunk_tokens": mlp_chunk_tokens,
+    }
+    report = PatchReport(
+        family=family.name, gradient_checkpointing=gradient_checkpointing, mlp_chunk_tokens=mlp_chunk_tokens
+    )
     fuse_attention = not getattr(lm.config, "attention_dropout", 0.0)
     for i, layer in enumerate(inner.layers):
         prefix = f"model.layers.{i}"
@@ -388,6 +415,24 @@ def patch(model: torch.nn.Module, gradient_checkpointing: str | None = None) -> 
     state["report"] = report
     lm.__dict__[_STATE] = state
     return report
+
+
+def set_mlp_chunk_tokens(model: torch.nn.Module, mlp_chunk_tokens: int | str | None) -> None:
+    """Change how a patched model splits its MLP calls over tokens (see `patch`); takes effect on the next call.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        mlp_chunk_tokens: a positive int, 0 or None (never), or "auto".
+
+    Raises:
+        ValueError: a bad value, or a model `patch` did not patch (stock or unsupported architecture).
+    """
+    check_chunk_tokens(mlp_chunk_tokens)
+    state = _unwrap(model).__dict__.get(_STATE)
+    if state is None:
+        raise ValueError("set_mlp_chunk_tokens needs a model patched by raytune_llm.patch (fused=True)")
+    state["mlp_chunk_tokens"] = mlp_chunk_tokens
+    state["report"].mlp_chunk_tokens = mlp_chunk_tokens
 
 
 def unpatch(model: torch.nn.Module) -> None:

@@ -10,7 +10,11 @@ larger of two phases of a step:
 - loss phase: checkpointed layer inputs + the logits path. The standard stack (transformers + PEFT) holds
   bf16 logits, their fp32 upcast, fp32 softmax and the fp32 logits gradient: 14 bytes per token per vocab
   entry (`_STD_LOGIT_BYTES`). The fused path (chunked linear + cross-entropy) never holds whole logits.
-- layer phase: checkpointed inputs + one decoder layer recomputed and back-propagated.
+- layer phase: checkpointed inputs + one decoder layer recomputed and back-propagated. Its MLP tensors
+  (`[tokens, intermediate]`: gate, up, their product and gradients) cover every token at once, or one chunk
+  of tokens when the fused path splits the MLP over the sequence (`mlp_chunk_tokens`, models/tiling.py);
+  with checkpointing off a tiled MLP also keeps none of them between forward and backward, so there "auto"
+  makes the peak drop where the split starts; otherwise the peak never falls as the tokens grow.
 
 Calibration (ANCHORS.md, Llama-3.1-8B shapes, r=16 on all 7 projections, checkpointing on, H200): the
 standard stack is linear in tokens at 2.08 MB/token with a 6.27 GB intercept (21.7 / 9.8 / 37.5 GiB at 4x2048 /
@@ -61,6 +65,12 @@ _USABLE_FRACTION = 0.92
 _RESERVE_GIB = 1.0
 # ZeRO-3 keeps the current layer gathered and prefetches the next: two layers' weights live at once.
 _ZERO3_LIVE_LAYERS = 2
+# models/tiling.py's "auto" rule for mlp_chunk_tokens (sharding/ may not import models/; a test keeps the two
+# equal): chunks of the tallest height (whole 64-row tiles) whose [chunk, intermediate] bf16 tensor fits in
+# 1 GiB, and only for calls with more tokens than that, so the MLP's rows are min(tokens, chunk): monotonic.
+_MLP_AUTO_BYTES = 1 << 30
+_MLP_AUTO_ALIGN = 64
+_ACT_BYTES = 2  # bf16 activations
 
 # Shapes of the models the anchors and benches use (config.json fields the planner reads).
 LLAMA31_8B = {
@@ -219,34 +229,50 @@ def lora_param_count(shape: Shape, rank: int, targets: tuple[str, ...]) -> int:
     return shape.layers * sum(rank * (proj[t][0] + proj[t][1]) for t in targets)
 
 
-def _layer_bytes_per_token(shape: Shape, fused: bool) -> float:
-    """Bytes per token of one decoder layer recomputed and back-propagated (bf16 activations)."""
+def mlp_chunk_rows(intermediate: int, tokens: int, mlp_chunk_tokens: int | str | None) -> int | None:
+    """Tokens per MLP chunk the fused path uses (models/tiling.py's rule, bf16), or None when it does not tile."""
+    if not mlp_chunk_tokens or tokens <= 0:
+        return None
+    if mlp_chunk_tokens != "auto":
+        return int(mlp_chunk_tokens)
+    chunk = max(_MLP_AUTO_ALIGN, _MLP_AUTO_BYTES // (intermediate * _ACT_BYTES) // _MLP_AUTO_ALIGN * _MLP_AUTO_ALIGN)
+    return chunk if tokens > chunk else None
+
+
+def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float:
+    """Bytes of one decoder layer recomputed and back-propagated (bf16 activations) over `tokens` tokens, its
+    MLP's `[·, intermediate]` tensors covering `mlp_rows` tokens at once (all of them, or one chunk)."""
     d, f, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
     # Saved for backward: both norms' input and output, q, attention output, o input (= attention output
-    # reshaped, shared), k and v, gate, up and silu(gate)*up.
-    saved = 4 * d + 2 * q + 2 * kv + 3 * f
-    # Live while back-propagating: the incoming gradient and the MLP's gate/up gradients.
-    transient = 2 * d + 2 * f
-    return 2 * (saved + transient) * (_FUSED_LAYER_FACTOR if fused else _STD_LAYER_FACTOR)
+    # reshaped, shared), k and v; in the MLP gate, up and silu(gate)*up.
+    saved, saved_mlp = 4 * d + 2 * q + 2 * kv, 3 * f
+    # Live while back-propagating: the incoming gradient; in the MLP the gate/up gradients.
+    transient, transient_mlp = 2 * d, 2 * f
+    per_token = (saved + transient) * tokens + (saved_mlp + transient_mlp) * mlp_rows
+    return 2 * per_token * (_FUSED_LAYER_FACTOR if fused else _STD_LAYER_FACTOR)
 
 
-def _activation_bytes(shape: Shape, tokens: int, checkpointing: str, fused: bool) -> tuple[float, float]:
+def _activation_bytes(
+    shape: Shape, tokens: int, checkpointing: str, fused: bool, mlp_chunk_tokens: int | str | None = None
+) -> tuple[float, float]:
     """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes."""
-    d, layer = shape.hidden, _layer_bytes_per_token(shape, fused)
+    chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
+    d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
     if checkpointing == "on":
         stored = shape.layers * 2 * d * tokens
     elif checkpointing == "offload":
         stored = 2 * 2 * d * tokens  # one layer input leaving for the host, one coming back
     else:  # every layer keeps its activations: the layer phase's saved tensors for all layers
-        stored = (shape.layers - 1) * layer * tokens
+        # (a tiled MLP keeps only its input, already counted, between forward and backward)
+        stored = (shape.layers - 1) * _layer_bytes(shape, fused, tokens, tokens if chunk is None else 0)
     if fused:
         # hidden-state gradient kept from the fused forward + one chunk of fp32 logits and their gradient
         loss = 2 * d * tokens + 8 * min(tokens, _CE_CHUNK_ROWS) * shape.vocab
     else:
         loss = _STD_LOGIT_BYTES * shape.vocab * tokens
     # The peak is whichever phase is larger: the loss (stored + logits) or one layer's backward (stored + layer).
-    return stored, max(loss, layer * tokens)
+    return stored, max(loss, layer)
 
 
 def _lora_state_bytes(n: int, strategy: str, world: int) -> tuple[float, float]:
@@ -271,7 +297,7 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     n_lora = lora_param_count(shape, a["lora_rank"], a["lora_targets"])
     lora_gpu, lora_host = _lora_state_bytes(n_lora, strategy, world)
     tokens = a["seq_len"] * a["micro_batch"]
-    stored, phase = _activation_bytes(shape, tokens, a["checkpointing"], a["fused"])
+    stored, phase = _activation_bytes(shape, tokens, a["checkpointing"], a["fused"], a["mlp_chunk_tokens"])
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
     dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0
@@ -308,6 +334,7 @@ def plan_from_values(
     gpus_per_node: int = 1,
     nodes: int = 1,
     fused: bool = True,
+    mlp_chunk_tokens: int | str | None = "auto",
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -323,6 +350,9 @@ def plan_from_values(
         gpus_per_node: GPUs per node.
         nodes: nodes.
         fused: raytune_llm's fused kernels (True) or the standard transformers + PEFT stack (False).
+        mlp_chunk_tokens: how the fused path splits the MLP over the tokens: a positive int (tokens per
+            chunk), 0 or None (not split), "auto" (chunks of 1 GiB of [tokens, intermediate] bf16,
+            only past one chunk, as models/tiling.py does). Ignored with fused=False.
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -335,6 +365,11 @@ def plan_from_values(
         raise ValueError(f"quant_bits must be one of {sorted(_WEIGHT_BYTES)}, got {quant_bits!r}")
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    if not (
+        mlp_chunk_tokens in (None, "auto")
+        or (isinstance(mlp_chunk_tokens, int) and not isinstance(mlp_chunk_tokens, bool) and mlp_chunk_tokens >= 0)
+    ):
+        raise ValueError(f"mlp_chunk_tokens must be a positive int, 0, None or 'auto', got {mlp_chunk_tokens!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
@@ -360,6 +395,7 @@ def plan_from_values(
         micro_batch=micro_batch,
         checkpointing=checkpointing,
         fused=fused,
+        mlp_chunk_tokens=mlp_chunk_tokens,
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
@@ -372,6 +408,7 @@ def plan_from_values(
         "tokens": f"{micro_batch}x{seq_len}",
         "checkpointing": checkpointing,
         "fused": fused,
+        "mlp_chunk_tokens": mlp_chunk_tokens if fused else None,
         "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
     }
 
@@ -442,6 +479,8 @@ def _nothing_fits(shape, args, world, gpu_mem_gib, usable, best, b, biggest, pea
             tries.append("checkpointing=offload")
         if not args["fused"]:
             tries.append("fused=True (chunked cross-entropy, no whole logits)")
+        elif not args["mlp_chunk_tokens"]:
+            tries.append("mlp_chunk_tokens=auto (the MLP split over the sequence)")
         if args["quant_bits"] > 4:
             tries.append("quant_bits=4")
         tries.append("more GPUs with ZeRO-3")
@@ -456,7 +495,9 @@ def max_seq_len(hf_config: dict, **kwargs) -> int:
         **kwargs: the other arguments of `plan_from_values` (seq_len is searched).
 
     Returns:
-        The longest fitting seq_len, 0 when even one token does not fit.
+        The longest fitting seq_len, 0 when even one token does not fit. Found by bisection, which assumes the
+        peak grows with seq_len: with checkpointing "off" and mlp_chunk_tokens "auto" it drops where the MLP
+        split starts, so pass a fixed mlp_chunk_tokens there.
     """
     kwargs.pop("seq_len", None)
     if not plan_from_values(hf_config, seq_len=1, **kwargs).fits:

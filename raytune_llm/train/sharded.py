@@ -56,6 +56,7 @@ def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         fused=cfg.model.fused,
+        mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
     )
 
 

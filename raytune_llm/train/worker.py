@@ -202,6 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from raytune_llm.config import from_dict
     from raytune_llm.models.load import load_model
+    from raytune_llm.models.patch import set_mlp_chunk_tokens
     from raytune_llm.packing.stream import iter_torch_batches
     from raytune_llm.train import sharded as sharded_lib
 
@@ -241,6 +242,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if zero
         else torch.uint8,
     )
+    patched = model.raytune_patch_report  # None with fused=False; family None: an architecture left stock
+    if patched is not None and patched.family is not None:  # load_model patched with "auto"; the run's setting
+        set_mlp_chunk_tokens(model, cfg.model.mlp_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

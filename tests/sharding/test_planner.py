@@ -6,9 +6,10 @@ import json
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from raytune_llm.sharding import planner
 from raytune_llm.sharding.planner import (
     LLAMA31_8B,
     LLAMA31_70B,
@@ -17,6 +18,7 @@ from raytune_llm.sharding.planner import (
     load_hf_config,
     lora_param_count,
     max_seq_len,
+    mlp_chunk_rows,
     plan_from_values,
 )
 
@@ -37,8 +39,15 @@ ANCHORS = [
 
 @pytest.mark.parametrize("micro_batch,seq_len,ckpt,fused,measured", ANCHORS)
 def test_calibrated_to_anchors(micro_batch, seq_len, ckpt, fused, measured):
+    # The anchors were measured on stacks that do not split the MLP over the sequence (at 65536 tokens "auto" would)
     plan = plan_from_values(
-        LLAMA31_8B, seq_len=seq_len, micro_batch=micro_batch, checkpointing=ckpt, fused=fused, gpu_mem_gib=H200
+        LLAMA31_8B,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        checkpointing=ckpt,
+        fused=fused,
+        gpu_mem_gib=H200,
+        mlp_chunk_tokens=None,
     )
     assert plan.fits and plan.strategy == "DDP"
     assert abs(plan.peak_gib / measured - 1) < 0.05, f"predicted {plan.peak_gib:.2f} GiB vs measured {measured}"
@@ -61,16 +70,16 @@ def test_lora_param_count_8b_r16():
     ckpt=st.sampled_from(["off", "on", "offload"]),
     fused=st.booleans(),
     bits=st.sampled_from([4, 8, 16]),
+    chunk=st.sampled_from(["auto", None, 4096]),
 )
-def test_monotonic_in_seq_len(s1, s2, ckpt, fused, bits):
+def test_monotonic_in_seq_len(s1, s2, ckpt, fused, bits, chunk):
+    # Except "auto" without checkpointing: where the MLP split starts, every layer stops keeping its MLP tensors.
+    assume(not (chunk == "auto" and ckpt == "off"))
     lo, hi = sorted((s1, s2))
+    kw = dict(quant_bits=bits, checkpointing=ckpt, fused=fused, mlp_chunk_tokens=chunk)
     for strategy_gpus in (1, 8):
-        a = plan_from_values(
-            LLAMA31_8B, quant_bits=bits, seq_len=lo, checkpointing=ckpt, fused=fused, gpus_per_node=strategy_gpus
-        )
-        b = plan_from_values(
-            LLAMA31_8B, quant_bits=bits, seq_len=hi, checkpointing=ckpt, fused=fused, gpus_per_node=strategy_gpus
-        )
+        a = plan_from_values(LLAMA31_8B, seq_len=lo, gpus_per_node=strategy_gpus, **kw)
+        b = plan_from_values(LLAMA31_8B, seq_len=hi, gpus_per_node=strategy_gpus, **kw)
         for s in STRATEGIES:
             assert a.alternatives[s] <= b.alternatives[s]
 
@@ -173,3 +182,31 @@ def test_planner_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk():
+    kw = dict(gpu_mem_gib=H100, checkpointing="offload")
+    f, factor = LLAMA31_8B["intermediate_size"], planner._FUSED_LAYER_FACTOR
+    chunk = mlp_chunk_rows(f, 400_000, "auto")
+    assert chunk == 37_440  # the tallest 64-row multiple with [chunk, 14336] bf16 <= 1 GiB
+    for tokens in (2048, 16_384, chunk):  # up to one chunk (the measured anchors' range) nothing changes
+        assert plan_from_values(LLAMA31_8B, seq_len=tokens, **kw).breakdown == (
+            plan_from_values(LLAMA31_8B, seq_len=tokens, mlp_chunk_tokens=None, **kw).breakdown
+        )
+    tiled = plan_from_values(LLAMA31_8B, seq_len=400_000, **kw)
+    untiled = plan_from_values(LLAMA31_8B, seq_len=400_000, mlp_chunk_tokens=None, **kw)
+    saved = untiled.breakdown["activations (peak phase)"] - tiled.breakdown["activations (peak phase)"]
+    # gate, up, silu(gate)*up and the two gradients: 5 bf16 [·, I] tensors, for 400,000 - chunk fewer tokens
+    assert saved == pytest.approx(2 * 5 * f * (400_000 - chunk) * factor)
+    assert tiled.fits and not untiled.fits
+    assert "mlp_chunk_tokens=auto" in untiled.reason
+    assert plan_from_values(LLAMA31_8B, seq_len=400_000, fused=False, **kw).breakdown == (
+        plan_from_values(LLAMA31_8B, seq_len=400_000, fused=False, mlp_chunk_tokens=None, **kw).breakdown
+    )  # the standard stack does not split
+    # without checkpointing, a split MLP keeps no [tokens, I] tensor from forward to backward in any layer
+    off = dict(gpu_mem_gib=H100, checkpointing="off", seq_len=2048)
+    stored_split = plan_from_values(LLAMA31_8B, mlp_chunk_tokens=4096, **off).breakdown["activations (checkpointed)"]
+    stored = plan_from_values(LLAMA31_8B, mlp_chunk_tokens=None, **off).breakdown["activations (checkpointed)"]
+    assert stored - stored_split == pytest.approx(31 * 2 * 5 * f * 2048 * factor)
+    with pytest.raises(ValueError, match="mlp_chunk_tokens must be"):
+        plan_from_values(LLAMA31_8B, mlp_chunk_tokens=-1)
