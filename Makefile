@@ -41,7 +41,7 @@ demo: $(STAMP)
 # interpreted fidelity check in a subprocess of its own.
 test: $(STAMP) $(LLAMA_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests/kernels
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1200 --ignore=tests/kernels tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1200 --durations=15 --ignore=tests/kernels tests
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x -m "not slow" tests/kernels

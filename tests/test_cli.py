@@ -31,6 +31,16 @@ def test_missing_model_path(tmp_path):
     _assert_one_line_error(out, "is not a Hugging Face model folder")
 
 
+def test_lora_targets_the_model_lacks(tmp_path):
+    from raytune_llm.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m")
+    out = _run(
+        "train", "conf/quickstart.yaml", f"model.path={model}", "lora.target_modules=[qkv]", f"output_dir={tmp_path}"
+    )
+    _assert_one_line_error(out, "lora.target_modules ['qkv'] match no module of this model (its projections: down_proj")
+
+
 def test_missing_data_file(tmp_path):
     out = _run("train", "conf/quickstart.yaml", f"data.path={tmp_path}/missing.jsonl", f"output_dir={tmp_path}")
     _assert_one_line_error(out, "no such file or folder")

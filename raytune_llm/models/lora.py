@@ -17,6 +17,7 @@ parameters in that module's pre-forward hook, which the fused path does not call
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -87,6 +88,34 @@ class LoraSpec:
         return cls(**value)
 
 
+def module_leaf_names(model_path: str | os.PathLike, trust_remote_code: bool = False) -> set[str]:
+    """The last name component of every module of a local HF model, from its config alone (meta device, no weights).
+
+    Lets a driver check `lora.target_modules` in a second before any worker loads weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+
+
+def check_targets(spec: LoraSpec, names: set[str]) -> None:
+    """Raise ValueError when no name of `spec.target_modules` is a module of the model (the rule of `attach_lora`).
+
+    Args:
+        spec: the LoRA spec.
+        names: module leaf names, e.g. from `module_leaf_names`.
+    """
+    if not any(t in names for t in spec.target_modules):
+        linear = sorted(n for n in names if n.endswith("proj") or n in ("c_attn", "c_proj", "c_fc", "fc1", "fc2"))
+        raise ValueError(
+            f"lora.target_modules {list(spec.target_modules)} match no module of this model"
+            + (f" (its projections: {', '.join(linear)})" if linear else "")
+        )
+
+
 def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
     """Wrap a causal LM in a PEFT LoRA model.
 
@@ -103,9 +132,7 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in spec.target_modules if t not in names]
-    if len(missing) == len(spec.target_modules):
-        raise ValueError(f"lora.target_modules {list(spec.target_modules)} match no module of this model")
+    check_targets(spec, names)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

@@ -91,10 +91,12 @@ def preflight(cfg: RunConfig) -> None:
     """Cheap checks of the user's paths, run before Ray starts.
 
     Raises:
-        UserError: a missing model or tokenizer folder, a missing or empty data file.
+        UserError: a missing model or tokenizer folder, LoRA targets the model lacks, a missing or empty data file.
     """
     if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
         raise UserError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
+    if cfg.model.path:
+        check_lora_targets(cfg, Path(os.path.expanduser(cfg.model.path)))
     if cfg.model.tokenizer_path and not _has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
         raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
     if cfg.data.path:
@@ -164,7 +166,23 @@ def prepare(cfg: RunConfig) -> Prepared:
             initializer_range=1.0 / t.hidden_size**0.5,
         )
         tok.save_pretrained(model_path)  # exports and generation find the tokenizer beside the weights
+    check_lora_targets(cfg, model_path)
     return Prepared(run_dir, model_path, tok_path, data_paths, eval_records, _fingerprint(data_paths))
+
+
+def check_lora_targets(cfg: RunConfig, model_path: Path) -> None:
+    """Fail in a second, before any worker starts, when `lora.target_modules` names no module of the model.
+
+    Raises:
+        UserError: naming the targets and the model's projections.
+    """
+    from raytune_llm.models.lora import LoraSpec, check_targets, module_leaf_names
+
+    spec = LoraSpec(target_modules=tuple(cfg.lora.target_modules))
+    try:
+        check_targets(spec, module_leaf_names(model_path, cfg.model.trust_remote_code))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _texts_for_tokenizer(paths: list[str], eval_records: list[dict], limit: int = 20000) -> list[str]:

@@ -69,11 +69,13 @@ def collect(grid, spec: SweepSpec, max_steps: int, saved_status: dict[str, str] 
         best = None
         if values:
             best = min(values) if spec.mode == "min" else max(values)
+        # A trial that failed before its first report in a resumed sweep comes back without a config on its Result.
+        config = result.config or (trial.config if trial is not None else None) or {}
         rows.append(
             {
                 "trial": trial.trial_id if trial is not None else metrics.get("trial_id", Path(result.path).name),
                 "status": status,
-                **{key: result.config.get(key) for key in spec.space},
+                **{key: config.get(key) for key in spec.space},
                 spec.metric: _finite(metrics.get(spec.metric)),
                 f"best_{spec.metric}": best,
                 "steps": steps,

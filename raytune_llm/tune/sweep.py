@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from raytune_llm.config import RunConfig, to_dict
-from raytune_llm.train.driver import Prepared, UserError, connect_ray, preflight, prepare, resolve_data_paths
+from raytune_llm.train.driver import (
+    Prepared,
+    UserError,
+    check_lora_targets,
+    connect_ray,
+    preflight,
+    prepare,
+    resolve_data_paths,
+)
 from raytune_llm.tune.space import SweepSpec, apply_overrides, param_space, parse_sweep
 
 # Sweep keys that do not change what a trial computes: resuming with other values is allowed (a restored
@@ -203,6 +211,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = apply_overrides(setup["base"], config)
+    check_lora_targets(cfg, Path(setup["model_path"]))  # a searched target list fails here, before workers start
     eval_rows = setup["eval_rows"]
     if datasets is None:  # the space varies data.*: pack this trial's rows
         datasets = {"train": _build_rows(setup["data_paths"], setup["tokenizer_path"], cfg)}
