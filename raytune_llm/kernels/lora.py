@@ -55,7 +55,7 @@ of ``Y``). In the MLP, where the
 ``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
 (a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` in
 one pass instead of two ``addmm_`` passes plus an activation kernel; the backward kernel does the
-same for ``dH``'s rank update and the activation's derivative. The NF4 dequantization is Triton
+same for ``dH``'s rank update and the activation's derivative (both in kernels/lora_swiglu.py). The NF4 dequantization is Triton
 (kernels/nf4.py).
 """
 
@@ -64,11 +64,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels._dispatch import interpret_mode, use_triton
+from raytune_llm.kernels._dispatch import use_triton
+from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
 from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
 __all__ = [
@@ -81,12 +80,6 @@ __all__ = [
     "lora_swiglu_backward",
     "lora_swiglu_forward",
 ]
-
-# Tiles of the [N, I] activation kernels: 64 x 64 elements x 4 warps (32 bf16 per thread per tensor)
-# with a [64, r] x [r, 64] tensor-core dot for the rank-r epilogue. The interpreter pays per program
-# and runs numpy on whole tiles, so it takes larger tiles there.
-_TILE = (64, 64)
-_TILE_INTERPRET = (64, 128)
 
 
 class LoRAWeight(NamedTuple):
@@ -103,258 +96,6 @@ class LoRAWeight(NamedTuple):
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
-
-
-# ---- Triton kernels -----------------------------------------------------------------------------
-
-
-@triton.jit
-def _rne_bf16(x):
-    # The CPU interpreter's fp32 -> bf16 cast truncates; rounding the fp32 bits to nearest even
-    # first makes the cast exact, so interpreter results match the GPU's cvt.rn rounding.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _rank_update(
-    acc,
-    L_ptr,
-    stride_l,
-    R_ptr,
-    stride_rk,
-    stride_rn,
-    rows,
-    cols,
-    n_rows,
-    n_cols,
-    rank,
-    scale,
-    R_PAD: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    # acc [BM, BN] fp32 += scale * L[rows, :rank] @ R[:rank, cols]; R is read through its strides
-    # (B^T when R is B [I, r]). Rank padded to R_PAD >= 16 (tl.dot's minimum) with zeros.
-    k = tl.arange(0, R_PAD)
-    lo = tl.load(
-        L_ptr + rows[:, None] * stride_l + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < rank), other=0.0
-    )
-    ro = tl.load(
-        R_ptr + k[:, None] * stride_rk + cols[None, :] * stride_rn,
-        mask=(k[:, None] < rank) & (cols[None, :] < n_cols),
-        other=0.0,
-    )
-    if UPCAST:  # the CPU interpreter gets bf16 tl.dot wrong
-        lo = lo.to(tl.float32)
-        ro = ro.to(tl.float32)
-    return acc + scale * tl.dot(lo, ro, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _lora_swiglu_fwd_kernel(
-    G_ptr,
-    U_ptr,
-    H_ptr,
-    XAG_ptr,
-    XAU_ptr,
-    BG_ptr,
-    BU_ptr,
-    stride_xag,
-    stride_xau,
-    stride_bg0,
-    stride_bg1,
-    stride_bu0,
-    stride_bu1,
-    n_rows,
-    n_cols,
-    rank_g,
-    rank_u,
-    scale_g,
-    scale_u,
-    R_PAD: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-):
-    # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit;
-    # H = silu(G) * U. One pass instead of two addmm epilogues plus an activation kernel.
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows[:, None] * n_cols + cols[None, :]
-    g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = _rank_update(
-        g,
-        XAG_ptr,
-        stride_xag,
-        BG_ptr,
-        stride_bg1,
-        stride_bg0,
-        rows,
-        cols,
-        n_rows,
-        n_cols,
-        rank_g,
-        scale_g,
-        R_PAD,
-        UPCAST,
-        DOT_PREC,
-    )
-    u = _rank_update(
-        u,
-        XAU_ptr,
-        stride_xau,
-        BU_ptr,
-        stride_bu1,
-        stride_bu0,
-        rows,
-        cols,
-        n_rows,
-        n_cols,
-        rank_u,
-        scale_u,
-        R_PAD,
-        UPCAST,
-        DOT_PREC,
-    )
-    if RNE_BF16:
-        g = _rne_bf16(g)
-        u = _rne_bf16(u)
-    # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
-    g = g.to(G_ptr.dtype.element_ty)
-    u = u.to(U_ptr.dtype.element_ty)
-    tl.store(G_ptr + offs, g, mask=mask)
-    tl.store(U_ptr + offs, u, mask=mask)
-    gf = g.to(tl.float32)
-    h = gf * tl.sigmoid(gf) * u.to(tl.float32)
-    if RNE_BF16:
-        h = _rne_bf16(h)
-    tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lora_swiglu_bwd_kernel(
-    DH_ptr,
-    G_ptr,
-    U_ptr,
-    LOW_ptr,
-    AD_ptr,
-    stride_low,
-    stride_ad,
-    n_rows,
-    n_cols,
-    rank_d,
-    R_PAD: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-):
-    # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
-    # H over dH, dG over G, dU over U (each element read before it is written, within one program).
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows[:, None] * n_cols + cols[None, :]
-    dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dh = _rank_update(
-        dh, LOW_ptr, stride_low, AD_ptr, stride_ad, 1, rows, cols, n_rows, n_cols, rank_d, 1.0, R_PAD, UPCAST, DOT_PREC
-    )
-    g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(g)
-    silu = g * sg
-    h = silu * u
-    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-    du = dh * silu
-    if RNE_BF16:
-        h = _rne_bf16(h)
-        dg = _rne_bf16(dg)
-        du = _rne_bf16(du)
-    tl.store(DH_ptr + offs, h.to(DH_ptr.dtype.element_ty), mask=mask)
-    tl.store(G_ptr + offs, dg.to(G_ptr.dtype.element_ty), mask=mask)
-    tl.store(U_ptr + offs, du.to(U_ptr.dtype.element_ty), mask=mask)
-
-
-# ---- launchers ----------------------------------------------------------------------------------
-
-
-def _tile_cfg(t: torch.Tensor, ranks: list[int]) -> dict:
-    interp = interpret_mode()
-    bm, bn = _TILE_INTERPRET if interp else _TILE
-    r_pad = max(16, triton.next_power_of_2(max(ranks)))
-    return {
-        "R_PAD": r_pad,
-        "BM": bm,
-        "BN": bn,
-        "UPCAST": interp,
-        # fp32 operands: exact products ("tf32" would round them to 10 mantissa bits); bf16 operands
-        # take the tensor-core path whatever this says.
-        "DOT_PREC": "ieee" if (interp or t.dtype == torch.float32) else "tf32",
-        "RNE_BF16": interp and t.dtype == torch.bfloat16,
-    }
-
-
-def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
-    return (triton.cdiv(n_rows, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
-
-
-def lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float) -> torch.Tensor:
-    """Finish the gate and up projections and apply SwiGLU, in one pass.
-
-    ``G += scale_g * xa_g @ Bg^T``, ``U += scale_u * xa_u @ Bu^T`` (in place), ``H = silu(G) * U``.
-
-    Args:
-        G: gate base GEMM output ``[N, I]``, contiguous; becomes the gate projection.
-        U: up base GEMM output ``[N, I]``, contiguous; becomes the up projection.
-        xa_g: ``X A_g^T`` ``[N, r_g]`` (unit column stride).
-        xa_u: ``X A_u^T`` ``[N, r_u]`` (unit column stride).
-        Bg: ``[I, r_g]`` in ``G``'s dtype.
-        Bu: ``[I, r_u]`` in ``U``'s dtype.
-        scale_g: gate LoRA scaling.
-        scale_u: up LoRA scaling.
-
-    Returns:
-        ``H`` ``[N, I]`` in ``G``'s dtype.
-    """
-    n_rows, n_cols = G.shape
-    H = torch.empty_like(G)
-    if G.numel():
-        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]])
-        _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
-            G, U, H, xa_g, xa_u, Bg, Bu,
-            xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
-            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u,
-            num_warps=4, **cfg,
-        )  # fmt: skip
-    return H
-
-
-def lora_swiglu_backward(dH, G, U, low_d, Ad) -> None:
-    """Finish ``dH`` with the down adapter's rank update, then differentiate SwiGLU, all in place.
-
-    ``dH += low_d @ Ad``; then ``dH <- H = silu(G) * U``, ``G <- dG``, ``U <- dU``.
-
-    Args:
-        dH: ``dY W_d`` ``[N, I]``, contiguous.
-        G: gate projection ``[N, I]``, contiguous.
-        U: up projection ``[N, I]``, contiguous.
-        low_d: ``s_d dY B_d`` ``[N, r_d]`` (unit column stride).
-        Ad: ``[r_d, I]``, contiguous, in ``dH``'s dtype.
-    """
-    n_rows, n_cols = G.shape
-    if G.numel():
-        cfg = _tile_cfg(G, [low_d.shape[1]])
-        _lora_swiglu_bwd_kernel[_grid(n_rows, n_cols, cfg)](
-            dH, G, U, low_d, Ad, low_d.stride(0), Ad.stride(0), n_rows, n_cols, low_d.shape[1],
-            num_warps=4, **cfg,
-        )  # fmt: skip
 
 
 def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
