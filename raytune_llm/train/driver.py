@@ -274,6 +274,11 @@ def write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
     (folder / "raytune_llm.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def record_options(cfg: RunConfig) -> dict[str, Any]:
+    """How records become examples, from the run config: the packing layer's format options."""
+    return {"format": cfg.data.format, "train_on_prompt": cfg.data.train_on_prompt, "overlong": cfg.data.overlong}
+
+
 def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str):
     """The Ray Dataset of packed rows for a run config (the trainer and the sweep's trials): (dataset, stats actor)."""
     from raytune_llm.packing.stream import build_ray_dataset
@@ -282,9 +287,7 @@ def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str):
         paths,
         tokenizer,
         cfg.data.seq_len,
-        format=cfg.data.format,
-        train_on_prompt=cfg.data.train_on_prompt,
-        overlong=cfg.data.overlong,
+        **record_options(cfg),
         skip_bad_records=cfg.data.on_bad_record == "skip",
         max_bad_fraction=cfg.data.max_bad_fraction,
         seed=cfg.train.seed,

@@ -42,6 +42,7 @@ from raytune_llm.train.driver import (
     connect_ray,
     preflight,
     prepare,
+    record_options,
     resolve_data_paths,
 )
 from raytune_llm.tune.space import SweepSpec, apply_overrides, param_space, parse_sweep
@@ -115,9 +116,7 @@ def _eval_rows(paths: list[str], tokenizer: str, cfg: RunConfig) -> list[dict]:
         paths,
         tokenizer,
         cfg.data.seq_len,
-        format=cfg.data.format,
-        train_on_prompt=cfg.data.train_on_prompt,
-        overlong=cfg.data.overlong,
+        **record_options(cfg),
         seed=0,
     ):
         rows.append(row)
