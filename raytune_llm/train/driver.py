@@ -166,7 +166,8 @@ def prepare(cfg: RunConfig) -> Prepared:
             initializer_range=1.0 / t.hidden_size**0.5,
         )
         tok.save_pretrained(model_path)  # exports and generation find the tokenizer beside the weights
-    check_lora_targets(cfg, model_path)
+    if not cfg.model.path:  # a user's model was checked by `preflight`, before Ray started
+        check_lora_targets(cfg, model_path)
     return Prepared(run_dir, model_path, tok_path, data_paths, eval_records, _fingerprint(data_paths))
 
 
