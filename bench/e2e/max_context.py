@@ -66,6 +66,7 @@ TARGETS = {
     "unsloth_8b": ("unsloth", None, 131072, 3000.0, 120.0),
 }
 TINY_SYNTHETIC = {"70b": "tiny70b"}
+FULL_LAYERS = {"8b": 32, "70b": 80}  # depth a --reduced-layers model stands for (ballast for the rest)
 
 
 def gpu_name(tiny: bool) -> str:
@@ -145,8 +146,12 @@ def attempt(
     cmd += ["--warmup", str(warmup), "--steps", str(steps), "--out", str(out)]
     if synthetic:
         cmd += ["--synthetic", TINY_SYNTHETIC[synthetic] if args.tiny else synthetic]
+        if args.reduced_layers and name != "run_70b_4096":
+            cmd += ["--layers", str(args.reduced_layers), "--stand-for-layers", str(FULL_LAYERS[synthetic])]
     else:
         cmd += ["--model", str(args.model)]
+        if args.reduced_layers:
+            cmd += ["--stand-for-layers", str(FULL_LAYERS["8b"])]
     if stack == "ours":
         cmd += ["--ckpt", ckpt or args.ckpt_ours]
     cmd += ["--tiny"] if args.tiny else ["--mem-cap-gib", str(args.cap_gib)]
@@ -167,6 +172,7 @@ def attempt(
 
 def slim(seq: int, res: dict) -> dict:
     keep = ("status", "tokens_per_s", "step_ms_median", "peak_gib", "peak_reserved_gib", "load_s", "wall_s", "error")
+    keep += ("layers_run", "stands_for_layers", "layer_resident_mib", "layer_at_load_mib", "ballast_gib")
     return {"seq": seq, "ok": res.get("status") == "ok", **{k: res.get(k) for k in keep if k in res}}
 
 
@@ -247,6 +253,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("on", "offload"),
         help="checkpointing of the 70B run at 4096 (its ~5 GiB of checkpoints fit; offload would only slow it)",
     )
+    p.add_argument(
+        "--reduced-layers",
+        type=int,
+        default=None,
+        help="searches run models of this many decoder layers holding the other layers' resident memory as a "
+        "measured ballast (run_stack.py --stand-for-layers): the same memory, a fraction of the step time",
+    )
     p.add_argument("--attempt-warmup", type=int, default=0, help="untimed steps before the one that is timed")
     p.add_argument("--steps-70b", type=int, default=3, help="timed steps of the 70B run at 4096 (after 1 warm-up)")
     p.add_argument("--out", type=Path, default=None, help="result path (default bigmodel_<gpu>_<date>.json)")
@@ -255,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anchor-site", default=DEFAULT_ANCHOR_SITE)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, lengths 64..128")
     args = p.parse_args(argv)
+    if args.reduced_layers and not args.tiny:
+        args.layers = args.reduced_layers
+        args.model = args.model or DEFAULT_MODEL.with_name(f"{DEFAULT_MODEL.name}_{args.reduced_layers}l")
     args.model = args.model or (TINY_MODEL if args.tiny else DEFAULT_MODEL)
     args.max_seq = args.max_seq or (128 if args.tiny else 1 << 20)
     args.tiny_start = 64
@@ -282,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         cap_gib=args.cap_gib,
         tol=args.tol,
         ckpt_ours=args.ckpt_ours,
+        reduced_layers=args.reduced_layers,
         tiny=args.tiny,
         protocol=(
             "batch 1, QLoRA NF4 r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW lr 2e-4, random tokens, labels = "

@@ -80,6 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, or 1 with --tiny)")
     p.add_argument("--ckpt", default="on", choices=("on", "offload", "off"), help="gradient checkpointing mode")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="set_per_process_memory_fraction to this many GiB")
+    p.add_argument(
+        "--layers", type=int, default=None, help="decoder layers of a --synthetic model (default: its config's)"
+    )
+    p.add_argument(
+        "--stand-for-layers",
+        type=int,
+        default=None,
+        help="hold the resident memory of the layers the model lacks up to this many as one ballast tensor "
+        "(see layer_ballast_bytes)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--tiny", action="store_true", help="CPU smoke lane: seq 64, 2 steps, wall clock only")
@@ -95,14 +105,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give exactly one of --model and --synthetic")
     if args.synthetic and args.stack != "ours":
         p.error("--synthetic builds the model with raytune_llm.models.synthetic: --stack ours only")
+    if args.layers is not None and not args.synthetic:
+        p.error("--layers sets a --synthetic model's depth; a --model folder has its own (make_model.py --layers)")
     return args
 
 
 def model_config(args: argparse.Namespace) -> dict:
     if args.synthetic:
-        if args.synthetic in SYNTHETIC:
-            return copy.deepcopy(SYNTHETIC[args.synthetic])
-        return json.loads(Path(args.synthetic).read_text())
+        cfg = (
+            copy.deepcopy(SYNTHETIC[args.synthetic])
+            if args.synthetic in SYNTHETIC
+            else json.loads(Path(args.synthetic).read_text())
+        )
+        if args.layers is not None:
+            cfg["num_hidden_layers"] = args.layers
+        return cfg
     return json.loads((args.model / "config.json").read_text())
 
 
@@ -241,6 +258,50 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
     return model, facts
 
 
+def _tensors(obj, depth: int = 0):
+    """Tensors an object holds directly or through attribute objects (bitsandbytes' QuantState and its state2)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if depth > 3 or not hasattr(obj, "__dict__") or isinstance(obj, (torch.nn.Module, type)):
+        return
+    for v in vars(obj).values():
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                yield from _tensors(x, depth + 1)
+        else:
+            yield from _tensors(v, depth + 1)
+
+
+def layer_ballast_bytes(model, torch) -> tuple[int, int, int]:
+    """Resident bytes of one decoder layer in training, the part of it held at load, and the layer count.
+
+    Counts every device storage the first decoder layer reaches (parameters, buffers, bitsandbytes' quant
+    states, each rounded up to the caching allocator's 512-byte block), plus a gradient and two AdamW
+    states for each of its trainable parameters (they are resident from the second step on; counting them
+    in the first step's peak errs towards less memory for activations). The model's decoder layers are
+    identical in shape, so ``(L - n) * this`` is what the ``L - n`` layers a reduced model lacks would hold.
+    """
+    lists = [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise RuntimeError("no decoder-layer ModuleList found for --stand-for-layers")
+    layers = max(lists, key=len)
+    seen: dict[int, int] = {}
+    for mod in layers[0].modules():
+        tensors = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        tensors += [t for p in mod.parameters(recurse=False) for t in _tensors(getattr(p, "quant_state", None))]
+        tensors += [t for v in vars(mod).values() if not isinstance(v, torch.nn.Module) for t in _tensors(v)]
+        for t in tensors:
+            if t.device.type == "meta" or t.numel() == 0:
+                continue
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = -(-st.nbytes() // 512) * 512
+    trainable = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in layers[0].parameters() if p.requires_grad)
+    return sum(seen.values()) + 3 * trainable, sum(seen.values()), len(layers)
+
+
 def forward_kwargs(args: argparse.Namespace, batch: dict, device: str, torch) -> dict:
     kw = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
     if "position_ids" in batch:
@@ -310,6 +371,22 @@ def run(args: argparse.Namespace, result: dict) -> int:
             else "transformers: none (attends across examples)"
         )
     optimizer = torch.optim.AdamW(params, lr=args.lr)
+    ballast = None
+    if args.stand_for_layers:
+        per_layer, at_load, n_layers = layer_ballast_bytes(model, torch)
+        missing = max(0, args.stand_for_layers - n_layers)
+        result.update(
+            layers_run=n_layers,
+            stands_for_layers=args.stand_for_layers,
+            layer_resident_mib=round(per_layer / 2**20, 2),
+            layer_at_load_mib=round(at_load / 2**20, 2),
+            ballast_gib=round(missing * per_layer / 2**30, 3),
+        )
+        if cuda and missing:
+            ballast = torch.empty(missing * per_layer, dtype=torch.uint8, device=device)
+        log(
+            f"run_stack {args.stack}: {n_layers} layers standing for {args.stand_for_layers}: ballast {result['ballast_gib']} GiB"
+        )
 
     times_ms, event_ms, losses = [], [], []
     result["phase"] = "steps"
@@ -347,6 +424,7 @@ def run(args: argparse.Namespace, result: dict) -> int:
             f"run_stack {args.stack}: step {step} {'(warm-up) ' if step < args.warmup else ''}{dt:.0f} ms loss {losses[-1]:.4f}"
         )
 
+    result["ballast_held"] = ballast is not None  # alive through every step above
     timed = times_ms[args.warmup :]
     tokens = args.batch * args.seq
     result.update(
