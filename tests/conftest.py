@@ -27,7 +27,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray cluster on 127.0.0.1 shared by every Ray test of the session (started on first use)."""
+    """One local Ray cluster on 127.0.0.1 shared by every Ray test of the session (started on first use).
+
+    Started the way `raytune-llm train` starts one (`driver.start_local_ray`), so the socket test sees its listeners.
+    """
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -35,6 +38,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+        from raytune_llm.train.driver import start_local_ray
+
+        start_local_ray(num_cpus=2)
     yield ray
     # left running for later tests; pytest's exit tears the local cluster down

@@ -218,8 +218,37 @@ def _strings(value) -> list[str]:
 # ------------------------------------------------------------------------------------------ Ray
 
 
+def start_local_ray(**init_kwargs: Any) -> str:
+    """Start a local Ray cluster whose every server listens on loopback only; return the node IP.
+
+    Ray 2.60 has no bind-address setting. Its servers choose loopback themselves when the node IP is
+    exactly 127.0.0.1 (the C++ gRPC servers of gcs_server, raylet and core workers through
+    `listen_to_localhost_only`; the dashboard agent's gRPC, HTTP and metrics servers, the runtime env
+    agent and the metrics ports of the monitor and dashboard head through `is_localhost(node_ip)`),
+    and every interface ("::", 0.0.0.0, the machine's IP) otherwise. But `ray.init(_node_ip_address=
+    "127.0.0.1")` passes the address through `services.resolve_ip_for_localhost`, which swaps loopback
+    for the machine's routable IP unless `ray_constants.ENABLE_RAY_CLUSTER` is off (env
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported, which a sweep has done before it
+    gets here). So it is turned off for the start only: besides `ray start` only
+    `services.get_node_ip_address` reads it, and the daemons get the node IP on their command lines.
+    One listener stays on every interface during a multi-worker run: torch.distributed's TCPStore on
+    rank 0 (torch offers no bind address). `tests/test_reliability.py` lists the cluster's sockets.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    kwargs = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, **init_kwargs}
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    return ray.util.get_node_ip_address()
+
+
 def connect_ray(cfg: RunConfig) -> str:
-    """Join `cluster.address` / RAY_ADDRESS, or start a local cluster on 127.0.0.1; return how."""
+    """Join `cluster.address` / RAY_ADDRESS, or start a local cluster listening on loopback only; return how."""
     import ray
 
     if ray.is_initialized():
@@ -230,13 +259,7 @@ def connect_ray(cfg: RunConfig) -> str:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return f"joined {address}"
     # Local cluster: every service on loopback, no dashboard (nothing listens on a public address).
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        runtime_env=env,
-    )
-    return "local 127.0.0.1"
+    return f"local {start_local_ray(runtime_env=env)}"
 
 
 def check_resources(cfg: RunConfig) -> bool:
