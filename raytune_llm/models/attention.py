@@ -21,6 +21,7 @@ Tensors follow HF's attention layout: q `[B, Hq, S, D]`, k/v `[B, Hk, S, D]`; th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -148,6 +149,20 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+def long_sdpa_backends(q: torch.Tensor):
+    """A context that keeps SDPA off cuDNN when q has 2**31 elements or more, else a no-op.
+
+    On the H200 (torch 2.11) the cuDNN backend, SDPA's first choice there, failed with
+    CUDNN_STATUS_INTERNAL_ERROR for 8B shapes at 680,960 tokens (q of 2.8e9 elements) and ran at 471,040
+    (1.9e9); flash and memory-efficient attention index with 64 bits.
+    """
+    if not q.is_cuda or q.numel() < 2**31:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
 def per_document_attention(q, k, v, meta: AttnMeta, scaling: float) -> torch.Tensor:
     """Causal SDPA run separately on each document of each row (the CUDA fallback without varlen).
 
@@ -206,7 +221,8 @@ def causal_attention(
             return out.reshape(b, s, hq, d)
     if not meta.packed and meta.key_mask is None and window is None:
         # enable_gqa: the flash backend reads the shared kv heads, no repeated copy (as HF does on torch >= 2.5).
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
+        with long_sdpa_backends(q):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
         return out.transpose(1, 2)
     k = _repeat_kv(k, n_rep)
     v = _repeat_kv(v, n_rep)
