@@ -6,7 +6,7 @@ set -o pipefail
 source bench/gpu/_env.sh
 RES=bench/results/bigmodel_h200_s3.json
 cp "$RES" /tmp/bigmodel.json 2>/dev/null
-python3 bench/e2e/max_context.py --reduced-layers 2 --targets ours_8b,unsloth_8b,ours_70b --budget-s ${BUDGET:-560} \
+python3 bench/e2e/max_context.py --reduced-layers 2 --targets ${TARGETS:-ours_8b,unsloth_8b,ours_70b} --budget-s ${BUDGET:-560} \
   --resume-from /tmp/bigmodel.json --out /tmp/bigmodel.json 2>&1 | grep -vE "Failed to query|Warning|warn" | tail -40
 cp /tmp/bigmodel.json "$OUT/bigmodel_s3.json"
 echo "== done $(date +%T)"
