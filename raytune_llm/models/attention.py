@@ -159,7 +159,8 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: floa
 
     A q of more than `MAX_SDPA_ELEMENTS` runs in groups of whole kv heads (each with its `Hq / Hk` query
     heads), each group's output copied into one `[B, S, Hq, D]` tensor: the same result, since heads are
-    independent, and no more memory than one call (SDPA keeps each group's output for its backward).
+    independent. Each group's q, k, v are copied contiguous first (see below), so a group's inputs are held
+    twice while it runs.
     """
     b, hq, s, d = q.shape
     hk = k.shape[1]
@@ -172,9 +173,10 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: floa
     out = q.new_empty(b, s, hq, d)
     for j in range(0, hk, step):
         e = min(hk, j + step)
-        part = F.scaled_dot_product_attention(
-            q[:, j * n_rep : e * n_rep], k[:, j:e], v[:, j:e], is_causal=True, scale=scaling, enable_gqa=n_rep > 1
-        )
+        # Contiguous copies: a head slice of the transposed projection still spans the whole tensor, and
+        # cuDNN failed on such a view at 655,360 tokens as on the whole q.
+        qj, kj, vj = (t.contiguous() for t in (q[:, j * n_rep : e * n_rep], k[:, j:e], v[:, j:e]))
+        part = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
         out[:, :, j * n_rep : e * n_rep].copy_(part.transpose(1, 2))
     return out
 
