@@ -148,39 +148,6 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-# Largest q (elements) one SDPA call gets on CUDA. On the H200 (torch 2.11) every backend failed beyond
-# 2**31 - 1: cuDNN with CUDNN_STATUS_INTERNAL_ERROR at 680,960 tokens of 8B shapes (q of 2.8e9 elements),
-# flash / memory-efficient with an illegal address at 548,864 (2.2e9); 523,264 (2.14e9) ran.
-MAX_SDPA_ELEMENTS = 2**31 - 1
-
-
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal SDPA of `[B, Hq, S, D]` q over `[B, Hk, S, D]` k, v; returns `[B, S, Hq, D]`.
-
-    A q of more than `MAX_SDPA_ELEMENTS` runs in groups of whole kv heads (each with its `Hq / Hk` query
-    heads), each group's output copied into one `[B, S, Hq, D]` tensor: the same result, since heads are
-    independent. Each group's q, k, v are copied contiguous first (see below), so a group's inputs are held
-    twice while it runs.
-    """
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    n_rep = hq // hk
-    per_kv = b * n_rep * s * d
-    if q.numel() <= MAX_SDPA_ELEMENTS or per_kv > MAX_SDPA_ELEMENTS:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
-        return out.transpose(1, 2)
-    step = MAX_SDPA_ELEMENTS // per_kv
-    out = q.new_empty(b, s, hq, d)
-    for j in range(0, hk, step):
-        e = min(hk, j + step)
-        # Contiguous copies: a head slice of the transposed projection still spans the whole tensor, and
-        # cuDNN failed on such a view at 655,360 tokens as on the whole q.
-        qj, kj, vj = (t.contiguous() for t in (q[:, j * n_rep : e * n_rep], k[:, j:e], v[:, j:e]))
-        part = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
-        out[:, :, j * n_rep : e * n_rep].copy_(part.transpose(1, 2))
-    return out
-
-
 def per_document_attention(q, k, v, meta: AttnMeta, scaling: float) -> torch.Tensor:
     """Causal SDPA run separately on each document of each row (the CUDA fallback without varlen).
 
@@ -239,7 +206,8 @@ def causal_attention(
             return out.reshape(b, s, hq, d)
     if not meta.packed and meta.key_mask is None and window is None:
         # enable_gqa: the flash backend reads the shared kv heads, no repeated copy (as HF does on torch >= 2.5).
-        return causal_sdpa(q, k, v, scaling)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
+        return out.transpose(1, 2)
     k = _repeat_kv(k, n_rep)
     v = _repeat_kv(v, n_rep)
     if q.is_cuda and meta.key_mask is None and window is None:
