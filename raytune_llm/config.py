@@ -73,6 +73,9 @@ class ModelSection:
     """Swap in raytune_llm's fused Triton kernels (False: stock transformers + PEFT modules)."""
     gradient_checkpointing: Literal["off", "on", "offload"] = "off"
     """Recompute decoder layers in backward; offload keeps the checkpoints in pinned CPU memory."""
+    checkpoint_layers: int | None = None
+    """With gradient_checkpointing on/offload: checkpoint only this many decoder layers (the first ones); the
+    rest keep their activations and are not recomputed (faster, more memory). null = every layer."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
     """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor
     kept); 0/null = never; auto = only once one such tensor would pass 1 GiB (e.g. from ~37k tokens at 8B)."""
@@ -87,6 +90,14 @@ class ModelSection:
             and (isinstance(value, bool) or not isinstance(value, int) or value < 0)
         ):
             _fail(f"mlp_chunk_tokens must be a positive integer, 0 or null (off), or 'auto'; got {value!r}")
+        n = self.checkpoint_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            _fail(f"checkpoint_layers must be an integer >= 0 or null (every layer); got {n!r}")
+        if n is not None and (self.gradient_checkpointing == "off" or not self.fused):
+            _fail(
+                f"checkpoint_layers={n} needs gradient_checkpointing on or offload and fused=true "
+                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
+            )
 
 
 @dataclass
@@ -335,6 +346,9 @@ def _coerce(value, tp, key: str, errors: list[str]):
         return _build(tp, value, key, errors)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off/yes/no as a boolean: take the word back
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in allowed), value)
         for a in allowed:  # YAML reads `16` as int; accept "16" for a Literal[4, 16] too
             if value == a or (isinstance(a, int) and isinstance(value, str) and value.isdigit() and int(value) == a):
                 return a

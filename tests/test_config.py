@@ -125,3 +125,12 @@ def test_mlp_chunk_tokens_accepts_an_int_auto_and_off():
         cfg = load_config(None, [f"model.mlp_chunk_tokens={text}"])
         assert cfg.model.mlp_chunk_tokens == value
         assert from_dict(to_dict(cfg)).model.mlp_chunk_tokens == value
+
+
+def test_bare_yaml_on_off_yes_no_read_as_the_words(tmp_path):
+    # YAML 1.1 turns a bare on / off / yes / no into a boolean; the choices take the word back.
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  gradient_checkpointing: on\ntrain:\n  use_gpu: no\n")
+    cfg = load_config(path)
+    assert (cfg.model.gradient_checkpointing, cfg.train.use_gpu) == ("on", "no")
+    assert load_config(None, ["model.gradient_checkpointing=off"]).model.gradient_checkpointing == "off"

@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layers", type=int, default=None, help="decoder layers of a --synthetic model (default: its config's)"
     )
     p.add_argument(
+        "--checkpoint-layers",
+        type=int,
+        default=None,
+        help="ours: checkpoint only this many decoder layers (models.patch.set_checkpoint_layers); default all",
+    )
+    p.add_argument(
         "--stand-for-layers",
         type=int,
         default=None,
@@ -189,6 +195,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
                 device=device,
             )
         facts["document_mask"] = "ours: document ids from position ids restarting at 0" if args.packed else None
+        if args.checkpoint_layers is not None:
+            from raytune_llm.models.patch import set_checkpoint_layers
+
+            set_checkpoint_layers(model, args.checkpoint_layers)
+            facts["checkpoint_layers"] = args.checkpoint_layers
         return model, facts
 
     if args.stack == "unsloth":

@@ -51,6 +51,8 @@ class PatchReport:
         stock: module path -> reason it keeps its stock forward (or a stock sub-step).
         gradient_checkpointing: the mode the patched forward runs ("off", "on", "offload").
         mlp_chunk_tokens: how each MLP call is split over its tokens (an int, "auto", or None = never).
+        checkpoint_layers: with checkpointing on/offload, how many decoder layers (from the first) are
+            checkpointed; the others keep their activations and are not recomputed. None = all.
     """
 
     family: str | None
@@ -58,6 +60,7 @@ class PatchReport:
     stock: dict[str, str] = field(default_factory=dict)
     gradient_checkpointing: str = "off"
     mlp_chunk_tokens: int | str | None = None
+    checkpoint_layers: int | None = None
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -267,9 +270,13 @@ def _patch_inner(state: dict, report: PatchReport, inner, mode: str) -> None:
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
         position_embeddings = (cos.expand(b, -1, -1), sin.expand(b, -1, -1))
         checkpointing = mode != "off" and self.training and torch.is_grad_enabled()
-        for layer in self.layers[: self.config.num_hidden_layers]:
+        n_ckpt = state["checkpoint_layers"]
+        for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
-            hidden = checkpoint_layer(run, hidden, offload=mode == "offload") if checkpointing else run(hidden)
+            if checkpointing and (n_ckpt is None or i < n_ckpt):
+                hidden = checkpoint_layer(run, hidden, offload=mode == "offload")
+            else:
+                hidden = run(hidden)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
@@ -391,6 +398,7 @@ def patch(
         "originals": [],
         "hf_checkpointing": hf_checkpointing,
         "mlp_chunk_tokens": mlp_chunk_tokens,
+        "checkpoint_layers": None,
     }
     report = PatchReport(
         family=family.name, gradient_checkpointing=gradient_checkpointing, mlp_chunk_tokens=mlp_chunk_tokens
@@ -433,6 +441,35 @@ def set_mlp_chunk_tokens(model: torch.nn.Module, mlp_chunk_tokens: int | str | N
         raise ValueError("set_mlp_chunk_tokens needs a model patched by raytune_llm.patch (fused=True)")
     state["mlp_chunk_tokens"] = mlp_chunk_tokens
     state["report"].mlp_chunk_tokens = mlp_chunk_tokens
+
+
+def check_checkpoint_layers(value: int | None) -> None:
+    """Raise ValueError unless `value` is None or an int >= 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"checkpoint_layers must be an integer >= 0 or null (all layers), got {value!r}")
+
+
+def set_checkpoint_layers(model: torch.nn.Module, checkpoint_layers: int | None) -> None:
+    """Checkpoint only the first `checkpoint_layers` decoder layers (None: all); takes effect on the next call.
+
+    With gradient checkpointing on or offload, the remaining (last) layers keep their activations from
+    forward to backward and are not recomputed: less recomputation for more memory (selective
+    recomputation). The last layers are the ones left out because backward reaches them first, so their
+    activations are freed earliest. No effect with checkpointing off.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        checkpoint_layers: an int >= 0, or None for every layer.
+
+    Raises:
+        ValueError: a bad value, or a model `patch` did not patch (stock or unsupported architecture).
+    """
+    check_checkpoint_layers(checkpoint_layers)
+    state = _unwrap(model).__dict__.get(_STATE)
+    if state is None:
+        raise ValueError("set_checkpoint_layers needs a model patched by raytune_llm.patch (fused=True)")
+    state["checkpoint_layers"] = checkpoint_layers
+    state["report"].checkpoint_layers = checkpoint_layers
 
 
 def unpatch(model: torch.nn.Module) -> None:

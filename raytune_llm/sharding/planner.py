@@ -254,18 +254,32 @@ def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float
 
 
 def _activation_bytes(
-    shape: Shape, tokens: int, checkpointing: str, fused: bool, mlp_chunk_tokens: int | str | None = None
+    shape: Shape,
+    tokens: int,
+    checkpointing: str,
+    fused: bool,
+    mlp_chunk_tokens: int | str | None = None,
+    checkpoint_layers: int | None = None,
 ) -> tuple[float, float]:
     """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes."""
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
+    # A layer that keeps its activations holds the layer phase's saved tensors (a tiled MLP keeps only its
+    # input, already counted); the one being back-propagated is the phase itself.
+    kept_layer = _layer_bytes(shape, fused, tokens, tokens if chunk is None else 0)
+    n_ckpt = (
+        shape.layers if checkpointing == "off" or checkpoint_layers is None else min(checkpoint_layers, shape.layers)
+    )
+    if checkpointing == "off":
+        n_ckpt = 0
+    kept = max(shape.layers - n_ckpt - 1, 0) * kept_layer
     if checkpointing == "on":
-        stored = shape.layers * 2 * d * tokens
+        stored = n_ckpt * 2 * d * tokens + kept
     elif checkpointing == "offload":
-        stored = 2 * 2 * d * tokens  # one layer input leaving for the host, one coming back
-    else:  # every layer keeps its activations: the layer phase's saved tensors for all layers
-        # (a tiled MLP keeps only its input, already counted, between forward and backward)
-        stored = (shape.layers - 1) * _layer_bytes(shape, fused, tokens, tokens if chunk is None else 0)
+        # one layer input leaving for the host, one coming back
+        stored = (2 * 2 * d * tokens if n_ckpt else 0) + kept
+    else:
+        stored = kept
     if fused:
         # hidden-state gradient kept from the fused forward + one chunk of fp32 logits and their gradient
         loss = 2 * d * tokens + 8 * min(tokens, _CE_CHUNK_ROWS) * shape.vocab
@@ -297,7 +311,9 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     n_lora = lora_param_count(shape, a["lora_rank"], a["lora_targets"])
     lora_gpu, lora_host = _lora_state_bytes(n_lora, strategy, world)
     tokens = a["seq_len"] * a["micro_batch"]
-    stored, phase = _activation_bytes(shape, tokens, a["checkpointing"], a["fused"], a["mlp_chunk_tokens"])
+    stored, phase = _activation_bytes(
+        shape, tokens, a["checkpointing"], a["fused"], a["mlp_chunk_tokens"], a.get("checkpoint_layers")
+    )
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
     dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0
@@ -335,6 +351,7 @@ def plan_from_values(
     nodes: int = 1,
     fused: bool = True,
     mlp_chunk_tokens: int | str | None = "auto",
+    checkpoint_layers: int | None = None,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -353,6 +370,8 @@ def plan_from_values(
         mlp_chunk_tokens: how the fused path splits the MLP over the tokens: a positive int (tokens per
             chunk), 0 or None (not split), "auto" (chunks of 1 GiB of [tokens, intermediate] bf16,
             only past one chunk, as models/tiling.py does). Ignored with fused=False.
+        checkpoint_layers: with checkpointing on/offload, how many decoder layers are checkpointed (the
+            others keep their activations, as `models.patch.set_checkpoint_layers`); None = all.
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -370,6 +389,10 @@ def plan_from_values(
         or (isinstance(mlp_chunk_tokens, int) and not isinstance(mlp_chunk_tokens, bool) and mlp_chunk_tokens >= 0)
     ):
         raise ValueError(f"mlp_chunk_tokens must be a positive int, 0, None or 'auto', got {mlp_chunk_tokens!r}")
+    if checkpoint_layers is not None and (
+        isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int) or checkpoint_layers < 0
+    ):
+        raise ValueError(f"checkpoint_layers must be an int >= 0 or None, got {checkpoint_layers!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
@@ -396,6 +419,7 @@ def plan_from_values(
         checkpointing=checkpointing,
         fused=fused,
         mlp_chunk_tokens=mlp_chunk_tokens,
+        checkpoint_layers=checkpoint_layers,
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
@@ -409,6 +433,7 @@ def plan_from_values(
         "checkpointing": checkpointing,
         "fused": fused,
         "mlp_chunk_tokens": mlp_chunk_tokens if fused else None,
+        "checkpoint_layers": checkpoint_layers,
         "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
     }
 

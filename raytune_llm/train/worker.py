@@ -163,15 +163,16 @@ def _fault(spec: str | None, rank: int, step: int, run_dir: str) -> str | None:
     """Fault injection for the reliability tests: RAYTUNE_LLM_FAULT="kill:rank=1:step=7" or "nan:step=5".
 
     A kill fires once per run (a marker file in the run folder remembers it), so the restarted
-    worker group trains through. `step` may be a range "3-5"; "stop" asks for a checkpoint-and-stop
-    exactly as SIGTERM to the driver does.
+    worker group trains through. `step` may be a range "3-5" or a list "3,5-7" (one run then takes
+    several faults: a skipped NaN step, a good one, then three in a row); "stop" asks for a
+    checkpoint-and-stop exactly as SIGTERM to the driver does.
     """
     if not spec:
         return None
     kind, *parts = spec.split(":")
     args = dict(p.split("=", 1) for p in parts)
-    lo, _, hi = args.get("step", "-1").partition("-")
-    if not int(lo) <= step <= int(hi or lo) or int(args.get("rank", rank)) != rank:
+    ranges = [r.partition("-") for r in args.get("step", "-1").split(",")]
+    if not any(int(lo) <= step <= int(hi or lo) for lo, _, hi in ranges) or int(args.get("rank", rank)) != rank:
         return None
     if kind == "kill":
         marker = Path(run_dir) / f".fault_fired_{rank}_{step}"
@@ -202,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from raytune_llm.config import from_dict
     from raytune_llm.models.load import load_model
-    from raytune_llm.models.patch import set_mlp_chunk_tokens
+    from raytune_llm.models.patch import set_checkpoint_layers, set_mlp_chunk_tokens
     from raytune_llm.packing.stream import iter_torch_batches
     from raytune_llm.train import sharded as sharded_lib
 
@@ -245,6 +246,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     patched = model.raytune_patch_report  # None with fused=False; family None: an architecture left stock
     if patched is not None and patched.family is not None:  # load_model patched with "auto"; the run's setting
         set_mlp_chunk_tokens(model, cfg.model.mlp_chunk_tokens)
+        set_checkpoint_layers(model, cfg.model.checkpoint_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

@@ -60,3 +60,46 @@ def test_checkpointed_and_offloaded_gradients_equal_plain(tiny_paths, dropout, d
 def test_bad_mode_is_a_clear_error(tiny_paths):
     with pytest.raises(ValueError, match="gradient_checkpointing must be one of"):
         load_model(tiny_paths["llama"], gradient_checkpointing="yes", dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_selective_checkpointing_recomputes_only_the_first_layers(tiny_paths, mode):
+    from raytune_llm.models.patch import set_checkpoint_layers
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8, dropout=0.0), dtype=torch.float32)
+    sync_and_randomise_lora(model, model)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss_off, g_off = _grads(model, "off", ids, seed=7)
+    layers = model.get_base_model().model.layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    for n in (0, 1, len(layers)):
+        unpatch(model)
+        report = patch(model, gradient_checkpointing=mode)
+        set_checkpoint_layers(model, n)
+        assert report.checkpoint_layers == n
+        calls[:] = [0] * len(layers)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        # A checkpointed layer runs twice (forward, then again in backward); the others once.
+        assert calls == [2 if i < n else 1 for i in range(len(layers))], (n, calls)
+        torch.testing.assert_close(loss.detach(), loss_off, rtol=0, atol=0)
+        g = lora_grads(model)
+        for name in g_off:
+            torch.testing.assert_close(g[name], g_off[name], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_layers_needs_checkpointing_and_a_valid_count(tiny_paths):
+    from raytune_llm.config import ConfigError, load_config
+    from raytune_llm.models.patch import set_checkpoint_layers
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8))
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="checkpoint_layers"):
+            set_checkpoint_layers(model, bad)
+    with pytest.raises(ConfigError, match="checkpoint_layers=2 needs gradient_checkpointing"):
+        load_config(None, ["model.checkpoint_layers=2"])
+    cfg = load_config(None, ["model.checkpoint_layers=2", "model.gradient_checkpointing=on"])
+    assert cfg.model.checkpoint_layers == 2

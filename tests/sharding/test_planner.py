@@ -210,3 +210,20 @@ def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk():
     assert stored - stored_split == pytest.approx(31 * 2 * 5 * f * 2048 * factor)
     with pytest.raises(ValueError, match="mlp_chunk_tokens must be"):
         plan_from_values(LLAMA31_8B, mlp_chunk_tokens=-1)
+
+
+def test_checkpoint_layers_trades_memory_for_recomputation():
+    # All layers checkpointed = the default; none = checkpointing off; in between, each layer left out
+    # of checkpointing adds its stored activations.
+    kw = dict(seq_len=4096, checkpointing="on", gpu_mem_gib=141.0)
+    full = plan_from_values(LLAMA31_70B, **kw).breakdown
+    assert plan_from_values(LLAMA31_70B, checkpoint_layers=80, **kw).breakdown == full
+    assert plan_from_values(LLAMA31_70B, checkpoint_layers=500, **kw).breakdown == full
+    off = plan_from_values(LLAMA31_70B, seq_len=4096, checkpointing="off", gpu_mem_gib=141.0)
+    none = plan_from_values(LLAMA31_70B, checkpoint_layers=0, **kw)
+    assert none.peak_gib == pytest.approx(off.peak_gib)
+    peaks = [plan_from_values(LLAMA31_70B, checkpoint_layers=n, **kw).peak_gib for n in (80, 78, 76, 74)]
+    steps = [b - a for a, b in zip(peaks[1:], peaks[2:])]
+    assert peaks == sorted(peaks) and steps[0] == pytest.approx(steps[1]) and steps[0] > 1.0  # GiB per 2 layers
+    with pytest.raises(ValueError, match="checkpoint_layers"):
+        plan_from_values(LLAMA31_70B, checkpoint_layers=-1)
