@@ -436,11 +436,16 @@ def set_mlp_chunk_tokens(model: torch.nn.Module, mlp_chunk_tokens: int | str | N
         ValueError: a bad value, or a model `patch` did not patch (stock or unsupported architecture).
     """
     check_chunk_tokens(mlp_chunk_tokens)
+    _set_setting(model, "mlp_chunk_tokens", mlp_chunk_tokens)
+
+
+def _set_setting(model: torch.nn.Module, name: str, value) -> None:
+    """Set a patched model's run-time setting (read by the patched forwards) and its report's copy."""
     state = _unwrap(model).__dict__.get(_STATE)
     if state is None:
-        raise ValueError("set_mlp_chunk_tokens needs a model patched by raytune_llm.patch (fused=True)")
-    state["mlp_chunk_tokens"] = mlp_chunk_tokens
-    state["report"].mlp_chunk_tokens = mlp_chunk_tokens
+        raise ValueError(f"set_{name} needs a model patched by raytune_llm.patch (fused=True)")
+    state[name] = value
+    setattr(state["report"], name, value)
 
 
 def check_checkpoint_layers(value: int | None) -> None:
@@ -465,11 +470,7 @@ def set_checkpoint_layers(model: torch.nn.Module, checkpoint_layers: int | None)
         ValueError: a bad value, or a model `patch` did not patch (stock or unsupported architecture).
     """
     check_checkpoint_layers(checkpoint_layers)
-    state = _unwrap(model).__dict__.get(_STATE)
-    if state is None:
-        raise ValueError("set_checkpoint_layers needs a model patched by raytune_llm.patch (fused=True)")
-    state["checkpoint_layers"] = checkpoint_layers
-    state["report"].checkpoint_layers = checkpoint_layers
+    _set_setting(model, "checkpoint_layers", checkpoint_layers)
 
 
 def unpatch(model: torch.nn.Module) -> None:
