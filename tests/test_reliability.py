@@ -332,12 +332,14 @@ def test_local_cluster_listens_on_loopback_only(ray_session):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_training_listens_on_loopback_only_but_torch_store(ray_session, tmp_path):
-    """During a 2-worker Ray Train fit (gloo on CPU) every listener is on loopback, except one that cannot be:
-    torch.distributed's TCPStore server on rank 0's MASTER_PORT. Torch binds it to every interface (no bind
-    address, only `master_listen_fd`, which Ray Train 2.60's `init_process_group(init_method=...)` cannot pass)."""
+def test_training_listens_on_loopback_only(ray_session, tmp_path):
+    """During a 2-worker Ray Train fit (gloo on CPU) with our `LoopbackTorchConfig` every listener of the session
+    is on loopback: the cluster's, rank 0's TCPStore on MASTER_PORT (Ray's own torch backend leaves it on "::",
+    torch having no bind address) and both ranks' gloo pairs (on the host name's address otherwise)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from raytune_llm.train.loopback import LoopbackTorchConfig
 
     ray = ray_session
     session = Path(ray._private.worker._global_node.get_session_dir_path()).name
@@ -346,11 +348,11 @@ def test_training_listens_on_loopback_only_but_torch_store(ray_session, tmp_path
     def loop(config):
         import torch.distributed as dist
 
-        dist.barrier()  # every rank's gloo pairs are listening
+        pids = [None, None]
+        dist.all_gather_object(pids, os.getpid())  # and every rank's gloo pairs are listening
         if dist.get_rank() == 0:
-            Path(config["out"]).write_text(
-                json.dumps({"pid": os.getpid(), "store": int(os.environ["MASTER_PORT"]), "rows": _listeners(session)})
-            )
+            seen = {"pids": pids, "store": int(os.environ["MASTER_PORT"]), "rows": _listeners(session)}
+            Path(config["out"]).write_text(json.dumps(seen))
         dist.barrier()  # the store and the pairs stay up until rank 0 has listed them
 
     TorchTrainer(
@@ -358,17 +360,15 @@ def test_training_listens_on_loopback_only_but_torch_store(ray_session, tmp_path
         train_loop_config={"out": str(out)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="listeners"),
+        torch_config=LoopbackTorchConfig(),
     ).fit()
     seen = json.loads(out.read_text())
     rows = [tuple(r) for r in seen["rows"]]
+    rank0, rank1 = seen["pids"]
+    assert any(r[1] == rank0 and r[3] == seen["store"] for r in rows), f"no store listener found\n{_table(rows)}"
+    assert any(r[1] == rank1 for r in rows), f"rank 1 (pid {rank1}) not listed\n{_table(rows)}"
     offenders = [r for r in rows if not _is_loopback(r[2])]
-    store = [r for r in offenders if r[1] == seen["pid"] and r[3] == seen["store"]]
-    assert offenders == store, f"listening on a non-loopback address:\n{_table(offenders)}\nall:\n{_table(rows)}"
-    if store:
-        pytest.xfail(
-            f"torch.distributed TCPStore of Ray Train rank 0 ({_table(store).strip()}) binds every interface: "
-            "torch has no bind-address option and Ray Train 2.60 creates it inside init_process_group"
-        )
+    assert not offenders, f"listening on a non-loopback address:\n{_table(offenders)}\nall:\n{_table(rows)}"
 
 
 def test_no_unsafe_deserialisation_in_source():

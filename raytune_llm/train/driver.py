@@ -231,8 +231,9 @@ def start_local_ray(**init_kwargs: Any) -> str:
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported, which a sweep has done before it
     gets here). So it is turned off for the start only: besides `ray start` only
     `services.get_node_ip_address` reads it, and the daemons get the node IP on their command lines.
-    One listener stays on every interface during a multi-worker run: torch.distributed's TCPStore on
-    rank 0 (torch offers no bind address). `tests/test_reliability.py` lists the cluster's sockets.
+    Ray Train's rendezvous store (torch's TCPStore on rank 0, which has no bind address) and gloo's
+    sockets follow through `loopback.LoopbackTorchConfig`, which every TorchTrainer of ours takes (NCCL's
+    bootstrap sockets do not: see there). `tests/test_reliability.py` lists the sockets, during a fit too.
     """
     import ray
     from ray._private import ray_constants
@@ -391,6 +392,7 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raytune_llm.train.loopback import LoopbackTorchConfig
     from raytune_llm.train.worker import train_loop_per_worker
 
     ds, stats_actor = packed_dataset(cfg, prep.data_paths, str(prep.tokenizer_path))
@@ -435,6 +437,7 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
+        torch_config=LoopbackTorchConfig(),
     )
     try:
         result = trainer.fit()

@@ -209,6 +209,8 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raytune_llm.train.loopback import LoopbackTorchConfig
+
     cfg = apply_overrides(setup["base"], config)
     check_lora_targets(cfg, Path(setup["model_path"]))  # a searched target list fails here, before workers start
     eval_rows = setup["eval_rows"]
@@ -251,6 +253,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
             callbacks=[TuneReportCallback()],
         ),
         datasets=datasets,
+        torch_config=LoopbackTorchConfig(),
     )
     trainer.fit()
 
