@@ -9,6 +9,19 @@ from raytune_llm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+TWO_WORKERS = [
+    "data.num_examples=400",
+    "data.eval_examples=0",
+    "export.formats=[adapter]",
+    "train.num_workers=2",
+    "train.max_steps=10",
+    "train.checkpoint_every=5",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+]
+"""Overrides of the 2-worker runs of the ZeRO and worker-failure tests: 10 steps, a checkpoint every 5. Their
+uninterrupted DDP run (conftest.ddp_two_workers) is trained once per session and is the reference of both."""
+
 
 def small_config(out: Path, name: str, small: list[str], *extra: str):
     """The quickstart config in `out/name` with the `small` overrides, then `extra`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -12,6 +14,13 @@ def _cuda_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # torch missing or broken: no GPU lane
         return 0
+
+
+def pytest_configure(config):
+    # Ray Train 2.60 starts a PreemptionWatcher actor (one more Python process) with every fit, to react to nodes
+    # being drained; nothing drains the test clusters, and the suite makes ~20 fits on 2 cores. Set before any
+    # fit (the trainer passes it to its controller) and inherited by the CLI subprocesses.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,3 +52,16 @@ def ray_session():
         start_local_ray(num_cpus=2)
     yield ray
     # left running for later tests; pytest's exit tears the local cluster down
+
+
+@pytest.fixture(scope="session")
+def ddp_two_workers(ray_session, tmp_path_factory):
+    """The run folder of the quickstart trained with `_runs.TWO_WORKERS` and sharding.strategy=ddp, once per session:
+    the uninterrupted curve the ZeRO runs (test_train_zero.py) and the worker-kill run (test_reliability.py) match.
+    """
+    from raytune_llm.train.driver import run_training
+    from tests._runs import TWO_WORKERS, small_config
+
+    out = tmp_path_factory.mktemp("ddp2")
+    run_training(small_config(out, "ddp", TWO_WORKERS, "sharding.strategy=ddp"))
+    return out / "ddp"

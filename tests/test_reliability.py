@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from raytune_llm.config import load_config
-from raytune_llm.train.driver import StoppedEarly, UserError, run_training
-from tests._runs import logged_losses, small_config
+from raytune_llm.train.driver import UserError, run_training
+from tests._runs import TWO_WORKERS, logged_losses, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -38,10 +38,19 @@ def _cfg(out: Path, name: str, *extra: str):
 _losses = logged_losses
 
 
-def _cli(args, env_extra=None, timeout=600):
+def _cli_env(ray_session) -> dict[str, str]:
+    """A new driver process's environment: it joins the session's cluster (a new process, no second cluster start).
+
+    The cluster listens on 127.0.0.1 only (`driver.start_local_ray`); with Ray's multi-node switch off, as there, the
+    joining driver keeps that address instead of swapping in the machine's IP, where nothing answers.
+    """
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAYTUNE_LLM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
-    env.update(env_extra or {})
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def _cli(args, env, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "raytune_llm", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -55,14 +64,20 @@ def out(tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resume_in_new_process_is_bitwise_one_worker(ray_session, out, monkeypatch):
+    """The cut run meets a NaN loss at step 11 (default on_nonfinite=stop) after its step-10 checkpoint: that one
+    run proves the NaN stop and leaves the checkpoint a new process resumes from (one Ray Train fit less)."""
     run_training(_cfg(out, "full1", "train.num_workers=1"))
     full = _losses(out / "full1")
-    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "stop:step=11")
-    with pytest.raises(StoppedEarly, match="stopped at step 10"):
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=11")
+    with pytest.raises(RuntimeError, match="non-finite loss nan at step 11; parameters left unchanged"):
         run_training(_cfg(out, "cut1", "train.num_workers=1"))
     monkeypatch.delenv("RAYTUNE_LLM_FAULT")
+    from raytune_llm.train.worker import latest_complete
+
+    saved = json.loads((latest_complete(out / "cut1" / "ray" / "train") / "trainer_state.json").read_text())
+    assert saved["step"] == 10 and not saved["stopped_early"], saved  # nothing was saved after the NaN
     args = ["train", "conf/quickstart.yaml", f"output_dir={out}", "name=cut1", "train.num_workers=1", *SMALL]
-    res = _cli(args)
+    res = _cli(args, _cli_env(ray_session))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout + res.stderr
     resumed = _losses(out / "cut1")
@@ -84,14 +99,14 @@ def test_resume_refuses_other_seed_or_seq_len(ray_session, out):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_worker_killed_at_step_7_restarts_once_and_matches(ray_session, out, monkeypatch):
-    extra = ["train.num_workers=2", "train.checkpoint_every=5", "train.max_steps=12", "train.max_failures=1"]
-    run_training(_cfg(out, "full2", *extra))
-    full = _losses(out / "full2")
+def test_worker_killed_at_step_7_restarts_once_and_matches(ddp_two_workers, out, monkeypatch):
+    """The uninterrupted run is the session's 2-worker DDP run (conftest.ddp_two_workers, also the ZeRO tests'
+    reference): the same config, 10 steps, checkpoints every 5."""
+    full = _losses(ddp_two_workers)
     monkeypatch.setenv("RAYTUNE_LLM_FAULT", "kill:rank=1:step=7")
-    run_training(_cfg(out, "kill2", *extra))
+    run_training(small_config(out, "kill2", TWO_WORKERS, "train.max_failures=1"))
     got = _losses(out / "kill2")
-    assert sorted(got) == list(range(1, 13))  # each step once
+    assert sorted(got) == list(range(1, 11)) == sorted(full)  # each step once
     assert (out / "kill2" / ".fault_fired_1_7").exists()  # the kill really happened
     for step in got:
         assert abs(got[step] - full[step]) <= 1e-6, (step, got[step], full[step])
@@ -113,24 +128,30 @@ def test_failure_beyond_limit_ends_run_quickly_with_cause(ray_session, out, monk
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_nonfinite_loss_stop_and_skip(ray_session, out, monkeypatch):
-    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=3")
-    with pytest.raises(RuntimeError, match="non-finite loss nan at step 3; parameters left unchanged"):
-        run_training(_cfg(out, "nanstop", "train.num_workers=1"))
-    run_training(_cfg(out, "nanskip", "train.num_workers=1", "train.on_nonfinite=skip", "train.max_steps=6"))
-    assert 3 not in _losses(out / "nanskip")  # skipped, not logged as a trained step
-    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=2-4")
-    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
-        run_training(_cfg(out, "nan3", "train.num_workers=1", "train.on_nonfinite=skip", "train.max_steps=6"))
+def test_nonfinite_loss_skip_then_abort_after_3_in_a_row(ray_session, out, monkeypatch):
+    """One run of on_nonfinite=skip: NaN at step 3 (skipped and counted), step 4 trains and checkpoints, NaN at
+    5-7 aborts at the third in a row. The default `stop` is proven by the cut run of the resume test."""
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=3,5-7")
+    skip = ["train.num_workers=1", "train.on_nonfinite=skip", "train.max_steps=10", "train.checkpoint_every=4"]
+    with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(last at step 7\)"):
+        run_training(_cfg(out, "nanskip", *skip))
+    from raytune_llm.train.worker import latest_complete
+
+    ckpt = latest_complete(out / "nanskip" / "ray" / "train")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["skipped_steps"] == 1, state  # step 3 counted as skipped
+    assert sorted(_losses(ckpt)) == [1, 2, 4]  # skipped, not logged as a trained step; step 4 trained on
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigterm_to_driver_saves_checkpoint(tmp_path):
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAYTUNE_LLM_PROGRESS="0")
-    env.pop("RAY_ADDRESS", None)
+def test_sigterm_to_driver_saves_checkpoint(ray_session, tmp_path):
+    env = _cli_env(ray_session)
     args = ["train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=term", "train.num_workers=1", *SMALL]
     args += ["train.max_steps=100000", "train.checkpoint_every=0"]
+    # The joined cluster's workers take the job's runtime env, not this driver's environment: the step lines waited
+    # for below are printed only without progress bars.
+    args += ["cluster.runtime_env.env_vars.RAYTUNE_LLM_PROGRESS='0'"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "raytune_llm", *args],
         cwd=ROOT,

@@ -14,18 +14,10 @@ import pytest
 from raytune_llm.config import load_config
 from raytune_llm.train.driver import StoppedEarly, UserError, run_training
 from raytune_llm.train.worker import is_complete, latest_complete
-from tests._runs import logged_losses, small_config
+from tests._runs import TWO_WORKERS, logged_losses, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "data.num_examples=400",
-    "data.eval_examples=0",
-    "export.formats=[adapter]",
-    "train.max_steps=10",
-    "train.checkpoint_every=5",
-    "train.log_every=1",
-    "train.warmup_steps=2",
-]
+SMALL = TWO_WORKERS  # the config of the session's DDP reference run (conftest.ddp_two_workers)
 
 
 def _cfg(out: Path, name: str, *extra: str):
@@ -41,9 +33,8 @@ def out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ddp_losses(ray_session, out):
-    run_training(_cfg(out, "ddp", "sharding.strategy=ddp"))
-    return _losses(out / "ddp")
+def ddp_losses(ddp_two_workers):
+    return _losses(ddp_two_workers)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
