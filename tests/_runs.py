@@ -34,3 +34,12 @@ def logged_losses(run: Path) -> dict[int, float]:
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
     return {r["step"]: r["loss"] for r in rows}
+
+
+def assert_resumed_from(run: Path, marker: Path, step: int) -> None:
+    """Steps 1..`step` were logged before the fault `marker` was written and every later step after it: the restarted
+    worker group continued from the step-`step` checkpoint (a restart from scratch would log every step after it)."""
+    when = marker.stat().st_mtime
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    before = [r["step"] for r in rows if r["time"] < when]
+    assert before == list(range(1, step + 1)), (before, step)

@@ -17,7 +17,7 @@ import pytest
 
 from raytune_llm.config import load_config
 from raytune_llm.train.driver import UserError, run_training
-from tests._runs import TWO_WORKERS, logged_losses, small_config
+from tests._runs import TWO_WORKERS, assert_resumed_from, logged_losses, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -107,7 +107,7 @@ def test_worker_killed_at_step_7_restarts_once_and_matches(ddp_two_workers, out,
     run_training(small_config(out, "kill2", TWO_WORKERS, "train.max_failures=1"))
     got = _losses(out / "kill2")
     assert sorted(got) == list(range(1, 11)) == sorted(full)  # each step once
-    assert (out / "kill2" / ".fault_fired_1_7").exists()  # the kill really happened
+    assert_resumed_from(out / "kill2", out / "kill2" / ".fault_fired_1_7", 5)  # the kill happened; resumed at 5
     for step in got:
         assert abs(got[step] - full[step]) <= 1e-6, (step, got[step], full[step])
 

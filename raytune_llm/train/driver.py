@@ -400,14 +400,12 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     # resumed run see exactly the same rows in the same order.
     ds = ds.materialize()
     storage = cfg.cluster.storage_path or str(prep.run_dir / "ray")
-    resume = None
     if "://" not in storage:
         from raytune_llm.train.worker import latest_complete
 
         found = latest_complete(Path(storage) / "train")
         if found is not None:
             check_resumable(found, cfg, prep)
-            resume = ray.train.Checkpoint.from_directory(str(found))
             print(f"[raytune-llm] resuming from {found}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -421,8 +419,9 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
             # fault injection for the reliability tests, read on the driver so in-process runs can set it
             "fault": os.environ.get("RAYTUNE_LLM_FAULT"),
             # Ray Train V2 refuses `resume_from_checkpoint` (DeprecationWarning raised in TorchTrainer.__init__):
-            # the workers take the checkpoint found here when Ray has none of its own for this run.
-            "resume_from": resume.path if resume is not None else None,
+            # the workers start from the newest complete checkpoint in the run's folder (the one found here, or a
+            # newer one after a worker failure).
+            "checkpoint_root": str(Path(storage) / "train") if "://" not in storage else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,

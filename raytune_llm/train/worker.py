@@ -193,7 +193,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             over the workers) as `eval_loss` to every checkpoint report (what a sweep's ASHA compares).
             Plain rows rather than a Ray dataset: re-splitting one at every report is a Ray Data execution
             each time, and inside a sweep one stalled with its resource budget at zero (Ray 2.60).
-            Optional "resume_from": a checkpoint folder to start from when Ray has none for this run.
+            Optional "checkpoint_root": the run's checkpoint folder on local or shared storage; the newest
+            complete checkpoint there is where the workers start (a resumed run, or a restarted worker group).
     """
     import ray
     import ray.train
@@ -259,8 +260,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     step, consumed, metrics, nonfinite_run, skipped = 0, 0, [], 0, 0
     resume = ray.train.get_checkpoint()  # this run's own latest (after a worker failure, or V2's restored run)
-    if resume is None and loop_config.get("resume_from"):
-        resume = Checkpoint.from_directory(loop_config["resume_from"])  # the driver's latest complete one
+    if loop_config.get("checkpoint_root"):
+        # Ray registers a reported checkpoint only at its next poll of the workers (every 2 s in Ray 2.60): after a
+        # worker died sooner than that, the restarted group got an older checkpoint or none and trained those steps
+        # again. The newest complete one on storage is never older than Ray's (those are there too).
+        found = latest_complete(Path(loop_config["checkpoint_root"]))
+        if found is not None:
+            resume = Checkpoint.from_directory(str(found))
     if resume is not None:
         with resume.as_directory() as d:
             if zero:

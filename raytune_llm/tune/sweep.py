@@ -219,12 +219,8 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
         if setup["eval_paths"]:
             eval_rows = _eval_rows(setup["eval_paths"], setup["tokenizer_path"], cfg)
     trial_id = ray.tune.get_context().get_trial_id()
-    resume = None
-    if "://" not in setup["trials_storage"]:  # a resumed trial continues from its own last complete checkpoint
-        from raytune_llm.train.worker import latest_complete
-
-        found = latest_complete(Path(setup["trials_storage"]) / trial_id)
-        resume = str(found) if found is not None else None
+    # A resumed trial continues from its own last complete checkpoint (the worker loop looks in this folder).
+    local = "://" not in setup["trials_storage"]
     trainer = TorchTrainer(
         _trial_worker,
         train_loop_config={
@@ -237,7 +233,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
             "run_dir": setup["run_dir"],
             "eval_rows": eval_rows,
             # Ray Train V2 refuses TorchTrainer(resume_from_checkpoint=...): the worker loop takes the folder.
-            "resume_from": resume,
+            "checkpoint_root": str(Path(setup["trials_storage"]) / trial_id) if local else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
