@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from raytune_llm.config import load_config
@@ -21,6 +22,19 @@ TWO_WORKERS = [
 ]
 """Overrides of the 2-worker runs of the ZeRO and worker-failure tests: 10 steps, a checkpoint every 5. Their
 uninterrupted DDP run (conftest.ddp_two_workers) is trained once per session and is the reference of both."""
+
+
+def joining_env(ray_session) -> dict[str, str]:
+    """Environment of a new driver process that joins the session's cluster (`raytune-llm` finds RAY_ADDRESS) instead
+    of starting and stopping one of its own.
+
+    The cluster listens on 127.0.0.1 only (`driver.start_local_ray`); with Ray's multi-node switch off, as there, the
+    joining driver keeps that address instead of swapping in the machine's IP, where nothing answers.
+    """
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAYTUNE_LLM_PROGRESS="0")
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
 
 
 def small_config(out: Path, name: str, small: list[str], *extra: str):

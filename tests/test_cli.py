@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests._runs import joining_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args, cwd=ROOT, timeout=240):
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"), RAY_USAGE_STATS_ENABLED="0")
+def _run(*args, cwd=ROOT, timeout=240, env=None):
+    env = env or dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"), RAY_USAGE_STATS_ENABLED="0")
     return subprocess.run(
         [sys.executable, "-m", "raytune_llm", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -67,9 +69,10 @@ def test_bad_record_names_file_and_line(tmp_path):
 
 
 @pytest.mark.ray
-def test_more_workers_than_cpus(tmp_path):
+def test_more_workers_than_cpus(ray_session, tmp_path):
     out = _run(
-        "train", "conf/quickstart.yaml", "train.num_workers=64", "train.cpus_per_worker=1", f"output_dir={tmp_path}"
-    )
+        "train", "conf/quickstart.yaml", "train.num_workers=64", "train.cpus_per_worker=1", f"output_dir={tmp_path}",
+        env=joining_env(ray_session),  # the session's 2-CPU cluster: no cluster of its own to start and stop
+    )  # fmt: skip
     _assert_one_line_error(out, "train.num_workers=64")
     assert not (tmp_path / "quickstart" / "base_model").exists()  # failed before building anything

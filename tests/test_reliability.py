@@ -17,7 +17,7 @@ import pytest
 
 from raytune_llm.config import load_config
 from raytune_llm.train.driver import UserError, run_training
-from tests._runs import TWO_WORKERS, assert_resumed_from, logged_losses, small_config
+from tests._runs import TWO_WORKERS, assert_resumed_from, joining_env, logged_losses, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -36,18 +36,6 @@ def _cfg(out: Path, name: str, *extra: str):
 
 
 _losses = logged_losses
-
-
-def _cli_env(ray_session) -> dict[str, str]:
-    """A new driver process's environment: it joins the session's cluster (a new process, no second cluster start).
-
-    The cluster listens on 127.0.0.1 only (`driver.start_local_ray`); with Ray's multi-node switch off, as there, the
-    joining driver keeps that address instead of swapping in the machine's IP, where nothing answers.
-    """
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAYTUNE_LLM_PROGRESS="0")
-    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    return env
 
 
 def _cli(args, env, timeout=600):
@@ -77,7 +65,7 @@ def test_resume_in_new_process_is_bitwise_one_worker(ray_session, out, monkeypat
     saved = json.loads((latest_complete(out / "cut1" / "ray" / "train") / "trainer_state.json").read_text())
     assert saved["step"] == 10 and not saved["stopped_early"], saved  # nothing was saved after the NaN
     args = ["train", "conf/quickstart.yaml", f"output_dir={out}", "name=cut1", "train.num_workers=1", *SMALL]
-    res = _cli(args, _cli_env(ray_session))
+    res = _cli(args, joining_env(ray_session))  # a new process (no second cluster start)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout + res.stderr
     resumed = _losses(out / "cut1")
@@ -146,7 +134,7 @@ def test_nonfinite_loss_skip_then_abort_after_3_in_a_row(ray_session, out, monke
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_to_driver_saves_checkpoint(ray_session, tmp_path):
-    env = _cli_env(ray_session)
+    env = joining_env(ray_session)
     args = ["train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=term", "train.num_workers=1", *SMALL]
     args += ["train.max_steps=100000", "train.checkpoint_every=0"]
     # The joined cluster's workers take the job's runtime env, not this driver's environment: the step lines waited
