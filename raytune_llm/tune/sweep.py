@@ -212,7 +212,9 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
     from raytune_llm.train.loopback import LoopbackTorchConfig
 
     cfg = apply_overrides(setup["base"], config)
-    check_lora_targets(cfg, Path(setup["model_path"]))  # a searched target list fails here, before workers start
+    # A searched target list fails here, before workers start; against the names the driver read once (reading them
+    # here would import transformers into every trial's process).
+    check_lora_targets(cfg, Path(setup["model_path"]), set(setup["module_names"]))
     eval_rows = setup["eval_rows"]
     if datasets is None:  # the space varies data.*: pack this trial's rows
         datasets = {"train": _build_rows(setup["data_paths"], setup["tokenizer_path"], cfg)}
@@ -302,6 +304,7 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from raytune_llm.models.lora import module_leaf_names
     from raytune_llm.tune.results import collect, write_results
 
     spec = parse_sweep(cfg)
@@ -340,6 +343,7 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
         "resources_per_worker": per_worker,
         "trials_storage": f"{root}/trials",
         "pg_ledger": f"pg-ledger-{folder.name}-{os.getpid()}",
+        "module_names": sorted(module_leaf_names(prep.model_path, cfg.model.trust_remote_code)),
     }
     ledger = _ledger(setup["pg_ledger"])  # held until the end: the actor lives while the driver holds it
     # The trainable only drives the trial's TorchTrainer, whose workers reserve the trial's real resources.
