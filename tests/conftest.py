@@ -17,10 +17,15 @@ def _cuda_count() -> int:
 
 
 def pytest_configure(config):
+    # Set before any Ray start (the raylet reads RAY_* system settings from its environment) and inherited by the CLI
+    # subprocesses.
     # Ray Train 2.60 starts a PreemptionWatcher actor (one more Python process) with every fit, to react to nodes
-    # being drained; nothing drains the test clusters, and the suite makes ~20 fits on 2 cores. Set before any
-    # fit (the trainer passes it to its controller) and inherited by the CLI subprocesses.
+    # being drained; nothing drains the test clusters, and the suite makes ~20 fits on 2 cores.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The raylet kills idle workers once the node has more workers than this (default: its CPUs, 2 here). Every fit
+    # has more, so the idle worker that packed the last run's data (tokenizers and transformers imported) died and
+    # every run's packing task started a cold one: 8 s per run instead of 1 s, measured over three 2-worker fits.
+    os.environ.setdefault("RAY_num_workers_soft_limit", "32")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -62,7 +62,7 @@ def test_qlora_nf4_run_trains_and_merges_exactly(ray_session, tmp_path):
     rc = main(
         [
             "train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=qlora", "quant.bits=4",
-            "train.max_steps=30", "data.num_examples=600", "data.eval_examples=0",
+            "train.max_steps=30", "data.num_examples=600", "data.eval_examples=0", "train.num_workers=1",
             "export.formats=[adapter,hf]", "export.dtype=fp32",
         ]
     )  # fmt: skip

@@ -50,6 +50,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    LLAMA31_8B,
     LLAMA31_70B,
     REPO_ROOT,
     STACKS,
@@ -62,7 +63,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-SYNTHETIC = {"70b": LLAMA31_70B, "tiny70b": TINY_70B}
+SYNTHETIC = {"8b": LLAMA31_8B, "70b": LLAMA31_70B, "tiny70b": TINY_70B}
 EXIT_OK, EXIT_ERROR, EXIT_SKIPPED, EXIT_OOM = 0, 1, 2, 3
 
 
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="one stack, one shape, one process")
     p.add_argument("--stack", required=True, choices=STACKS)
     p.add_argument("--model", type=Path, default=None, help="HF folder (make_model.py); not with --synthetic")
-    p.add_argument("--synthetic", default=None, help="'70b' / 'tiny70b' or a config JSON path: ours only")
+    p.add_argument("--synthetic", default=None, help="'8b' / '70b' / 'tiny70b' or a config JSON path: ours only")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default 4, or 1 with --tiny)")
     p.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048, or 64 with --tiny)")
     p.add_argument("--packed", action="store_true", help="rows packed with variable-length examples")
@@ -88,6 +89,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="ours: checkpoint only this many decoder layers (models.patch.set_checkpoint_layers); default all",
+    )
+    p.add_argument(
+        "--dequantize-once",
+        action="store_true",
+        help="ours: a checkpointed layer's backward reuses its recompute's dequantized weights "
+        "(models.patch.set_dequantize_once)",
+    )
+    p.add_argument("--profile", action="store_true", help="one more step under torch.profiler (CUDA): top kernels")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once' "
+        "(checkpointed layers: all or a count; +once: dequantize_once); results under 'variants'",
     )
     p.add_argument(
         "--stand-for-layers",
@@ -200,6 +214,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_checkpoint_layers(model, args.checkpoint_layers)
             facts["checkpoint_layers"] = args.checkpoint_layers
+        if args.dequantize_once:
+            from raytune_llm.models.patch import set_dequantize_once
+
+            set_dequantize_once(model, True)
+            facts["dequantize_once"] = True
         return model, facts
 
     if args.stack == "unsloth":
@@ -324,6 +343,122 @@ def forward_kwargs(args: argparse.Namespace, batch: dict, device: str, torch) ->
     return kw
 
 
+def time_steps(args, model, optimizer, batches, device: str, torch, result: dict) -> dict:
+    """Warm-up, then timed steps (forward, backward, AdamW, zero_grad) of one model: the timing fields."""
+    cuda = device == "cuda"
+    times_ms, event_ms, losses = [], [], []
+    for step, batch in enumerate(batches):
+        if step == args.warmup and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        kw = forward_kwargs(args, batch, device, torch)
+        if cuda:
+            torch.cuda.synchronize()
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
+        t0 = time.perf_counter()
+        try:
+            loss = model(**kw).loss
+        except TypeError as exc:  # an Unsloth build without the padding-free kwarg: run unmasked, say so
+            if "packed_seq_lengths" not in kw or "packed_seq_lengths" not in str(exc):
+                raise
+            kw.pop("packed_seq_lengths")
+            result["document_mask"] = f"unsloth: none (packed_seq_lengths rejected: {str(exc)[:200]})"
+            loss = model(**kw).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            ev1.record()
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) * 1e3
+        times_ms.append(round(dt, 3))
+        if cuda:
+            event_ms.append(round(ev0.elapsed_time(ev1), 3))
+        losses.append(float(loss.detach().float().cpu()))
+        result["step_ms_all"], result["losses"] = times_ms, losses
+        log(
+            f"run_stack {args.stack}: step {step} {'(warm-up) ' if step < args.warmup else ''}{dt:.0f} ms loss {losses[-1]:.4f}"
+        )
+    timed = times_ms[args.warmup :]
+    tokens = args.batch * args.seq
+    return dict(
+        status="ok",
+        phase="done",
+        step_ms_all=times_ms,
+        losses=losses,
+        warmup_ms=times_ms[: args.warmup],
+        step_ms_median=round(statistics.median(timed), 3),
+        step_ms_mean=round(statistics.fmean(timed), 3),
+        step_ms_min=round(min(timed), 3),
+        event_ms_median=round(statistics.median(event_ms[args.warmup :]), 3) if cuda else None,
+        tokens_per_step=tokens,
+        tokens_per_s=round(tokens * len(timed) / (sum(timed) / 1e3), 1),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+    )
+
+
+def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: int = 30) -> dict:
+    """One more step under torch.profiler: GPU time per kernel name (summed), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = forward_kwargs(args, batch, device, torch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**kw).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.key and not e.key.startswith("ProfilerStep"):
+            rows.append((e.key, us / 1e3, e.count))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    log(f"run_stack profile: {total:.1f} ms of GPU time in kernels")
+    for name, ms, n in rows[:top]:
+        log(f"  {ms:9.2f} ms {100 * ms / total:5.1f}% x{n:<5d} {name[:110]}")
+    return {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
+
+
+def parse_variants(text: str) -> list[tuple[str, int | None, bool]]:
+    """``"all,all+once,48+once"`` -> [(name, checkpoint_layers or None = all, dequantize_once)]."""
+    out = []
+    for name in text.split(","):
+        layers, _, flag = name.strip().partition("+")
+        if flag not in ("", "once") or not (layers == "all" or layers.isdigit()):
+            raise SystemExit(f"--variants: {name!r} is not 'all' or a layer count, optionally with '+once'")
+        out.append((name.strip(), None if layers == "all" else int(layers), flag == "once"))
+    return out
+
+
+def run_variants(args, model, optimizer, batches, device: str, torch, result: dict) -> dict:
+    """Time each variant on the one loaded model; an out-of-memory variant is recorded and the next one runs."""
+    import gc
+
+    from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once
+
+    out = {}
+    for name, layers, once in parse_variants(args.variants):
+        set_checkpoint_layers(model, layers)
+        set_dequantize_once(model, once)
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            out[name] = time_steps(args, model, optimizer, batches, device, torch, {})
+        except torch.OutOfMemoryError as exc:
+            out[name] = {"status": "oom", "error": str(exc).splitlines()[0][:300]}
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        v = out[name]
+        log(f"run_stack variant {name}: {v['status']} {v.get('tokens_per_s')} tok/s, peak {v.get('peak_gib')} GiB")
+        result["variants"] = out
+    return out
+
+
 def run(args: argparse.Namespace, result: dict) -> int:
     for key, value in offline_env().items():
         os.environ.setdefault(key, value)
@@ -399,58 +534,19 @@ def run(args: argparse.Namespace, result: dict) -> int:
             f"run_stack {args.stack}: {n_layers} layers standing for {args.stand_for_layers}: ballast {result['ballast_gib']} GiB"
         )
 
-    times_ms, event_ms, losses = [], [], []
     result["phase"] = "steps"
-    for step, batch in enumerate(batches):
-        if step == args.warmup and cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        kw = forward_kwargs(args, batch, device, torch)
-        if cuda:
-            torch.cuda.synchronize()
-            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ev0.record()
-        t0 = time.perf_counter()
-        try:
-            loss = model(**kw).loss
-        except TypeError as exc:  # an Unsloth build without the padding-free kwarg: run unmasked, say so
-            if "packed_seq_lengths" not in kw or "packed_seq_lengths" not in str(exc):
-                raise
-            kw.pop("packed_seq_lengths")
-            result["document_mask"] = f"unsloth: none (packed_seq_lengths rejected: {str(exc)[:200]})"
-            loss = model(**kw).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            ev1.record()
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) * 1e3
-        times_ms.append(round(dt, 3))
-        if cuda:
-            event_ms.append(round(ev0.elapsed_time(ev1), 3))
-        losses.append(float(loss.detach().float().cpu()))
-        result["step_ms_all"], result["losses"] = times_ms, losses
-        log(
-            f"run_stack {args.stack}: step {step} {'(warm-up) ' if step < args.warmup else ''}{dt:.0f} ms loss {losses[-1]:.4f}"
-        )
-
+    if args.variants:
+        result["variants"] = run_variants(args, model, optimizer, batches, device, torch, result)
+        result["ballast_held"] = ballast is not None
+        result.update(status="ok", phase="done")
+        return EXIT_OK
+    result.update(time_steps(args, model, optimizer, batches, device, torch, result))
     result["ballast_held"] = ballast is not None  # alive through every step above
-    timed = times_ms[args.warmup :]
-    tokens = args.batch * args.seq
-    result.update(
-        status="ok",
-        phase="done",
-        warmup_ms=times_ms[: args.warmup],
-        step_ms_median=round(statistics.median(timed), 3),
-        step_ms_mean=round(statistics.fmean(timed), 3),
-        step_ms_min=round(min(timed), 3),
-        event_ms_median=round(statistics.median(event_ms[args.warmup :]), 3) if cuda else None,
-        tokens_per_step=tokens,
-        tokens_per_s=round(tokens * len(timed) / (sum(timed) / 1e3), 1),
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-    )
+    if args.profile and cuda:
+        try:
+            result["profile"] = profile_step(args, model, optimizer, batches[-1], device, torch)
+        except Exception as exc:  # the timing above stands without it
+            result["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return EXIT_OK
 
 
@@ -491,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             print(result["traceback"], flush=True)
     result["process_s"] = round(time.perf_counter() - T_PROCESS, 2)
     write_json(args.out, result, copy_to_out=False)
-    if result["status"] == "ok":
+    if result["status"] == "ok" and "variants" not in result:
         peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "n/a"
         log(
             f"run_stack {args.stack} {shape}: {result['tokens_per_s']:,.0f} tokens/s, "

@@ -17,9 +17,12 @@ requires grad makes the output part of the graph, so the layer's LoRA weights st
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
+
+from raytune_llm.kernels.lora import dequantize_once as once
 
 MODES = ("off", "on", "offload")
 
@@ -66,9 +69,10 @@ def _to_device(buf: torch.Tensor, done: torch.cuda.Event | None, device: torch.d
 
 class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, offload, hidden, anchor):
+    def forward(ctx, fn, offload, dequant_once, hidden, anchor):
         del anchor
         ctx.fn = fn
+        ctx.dequant_once = dequant_once
         ctx.device = hidden.device
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
@@ -97,14 +101,17 @@ class _CheckpointFunction(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                out = ctx.fn(hidden)
-        torch.autograd.backward(out, grad_out)
+            with once() if ctx.dequant_once else contextlib.nullcontext():
+                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                    out = ctx.fn(hidden)
+                torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, grad_hidden, None
+        return None, None, None, grad_hidden, None
 
 
-def checkpoint_layer(fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, offload: bool) -> torch.Tensor:
+def checkpoint_layer(
+    fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, offload: bool, dequant_once: bool = False
+) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
     Args:
@@ -112,9 +119,11 @@ def checkpoint_layer(fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
             need gradients, as with RoPE cos/sin and the attention metadata).
         hidden: `[B, S, H]` layer input.
         offload: keep the input in (pinned) host memory between forward and backward.
+        dequant_once: run the recompute and the backward inside `kernels.lora.dequantize_once`, so each
+            NF4 weight of the layer is dequantized once for both (one layer's weights held in bf16).
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _CheckpointFunction.apply(fn, offload, hidden, anchor)
+    return _CheckpointFunction.apply(fn, offload, dequant_once, hidden, anchor)

@@ -53,6 +53,7 @@ class PatchReport:
         mlp_chunk_tokens: how each MLP call is split over its tokens (an int, "auto", or None = never).
         checkpoint_layers: with checkpointing on/offload, how many decoder layers (from the first) are
             checkpointed; the others keep their activations and are not recomputed. None = all.
+        dequantize_once: a checkpointed layer's backward reuses the NF4 weights its recompute dequantized.
     """
 
     family: str | None
@@ -61,6 +62,7 @@ class PatchReport:
     gradient_checkpointing: str = "off"
     mlp_chunk_tokens: int | str | None = None
     checkpoint_layers: int | None = None
+    dequantize_once: bool = False
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -274,7 +276,7 @@ def _patch_inner(state: dict, report: PatchReport, inner, mode: str) -> None:
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
             if checkpointing and (n_ckpt is None or i < n_ckpt):
-                hidden = checkpoint_layer(run, hidden, offload=mode == "offload")
+                hidden = checkpoint_layer(run, hidden, offload=mode == "offload", dequant_once=state["dequantize_once"])
             else:
                 hidden = run(hidden)
         hidden = self.norm(hidden)
@@ -399,6 +401,7 @@ def patch(
         "hf_checkpointing": hf_checkpointing,
         "mlp_chunk_tokens": mlp_chunk_tokens,
         "checkpoint_layers": None,
+        "dequantize_once": False,
     }
     report = PatchReport(
         family=family.name, gradient_checkpointing=gradient_checkpointing, mlp_chunk_tokens=mlp_chunk_tokens
@@ -471,6 +474,27 @@ def set_checkpoint_layers(model: torch.nn.Module, checkpoint_layers: int | None)
     """
     check_checkpoint_layers(checkpoint_layers)
     _set_setting(model, "checkpoint_layers", checkpoint_layers)
+
+
+def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
+    """Dequantize each NF4 weight of a checkpointed layer once for its recompute and its backward.
+
+    Off (the default), backward dequantizes every NF4 weight twice per step after the forward's own
+    pass: once in the layer's recomputed forward, once for ``dX``. On, the recompute's copies are kept
+    until the backward has used them (`kernels.lora.dequantize_once`): one dequantization pass fewer per
+    step, for one layer's weights in bf16 held during that layer's backward (0.44 GiB at 8B, 1.6 GiB at
+    70B). Takes effect on the next call; no effect on layers that are not checkpointed.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        on: True to reuse the recompute's dequantized weights in backward.
+
+    Raises:
+        ValueError: a non-bool value, or a model `patch` did not patch.
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"dequantize_once must be true or false, got {on!r}")
+    _set_setting(model, "dequantize_once", on)
 
 
 def unpatch(model: torch.nn.Module) -> None:

@@ -317,6 +317,9 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
     dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0
+    if dequant and a.get("dequantize_once") and a["checkpointing"] != "off" and a.get("checkpoint_layers") != 0:
+        # dequantize_once: the recompute's copies of the whole layer wait for the backward
+        dequant = 2 * sum(i * o for i, o in shape.projections().values())
     weights = linear + dense
     host = 0.0
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
@@ -352,6 +355,7 @@ def plan_from_values(
     fused: bool = True,
     mlp_chunk_tokens: int | str | None = "auto",
     checkpoint_layers: int | None = None,
+    dequantize_once: bool = False,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -372,6 +376,8 @@ def plan_from_values(
             only past one chunk, as models/tiling.py does). Ignored with fused=False.
         checkpoint_layers: with checkpointing on/offload, how many decoder layers are checkpointed (the
             others keep their activations, as `models.patch.set_checkpoint_layers`); None = all.
+        dequantize_once: a checkpointed layer's backward holds all of its weights dequantized (as
+            `models.patch.set_dequantize_once`) instead of one at a time.
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -420,6 +426,7 @@ def plan_from_values(
         fused=fused,
         mlp_chunk_tokens=mlp_chunk_tokens,
         checkpoint_layers=checkpoint_layers,
+        dequantize_once=bool(dequantize_once),
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
@@ -434,6 +441,7 @@ def plan_from_values(
         "fused": fused,
         "mlp_chunk_tokens": mlp_chunk_tokens if fused else None,
         "checkpoint_layers": checkpoint_layers,
+        "dequantize_once": bool(dequantize_once),
         "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
     }
 

@@ -58,6 +58,7 @@ def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
         fused=cfg.model.fused,
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
         checkpoint_layers=cfg.model.checkpoint_layers,
+        dequantize_once=cfg.model.dequantize_once,
     )
 
 

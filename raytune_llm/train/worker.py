@@ -204,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from raytune_llm.config import from_dict
     from raytune_llm.models.load import load_model
-    from raytune_llm.models.patch import set_checkpoint_layers, set_mlp_chunk_tokens
+    from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once, set_mlp_chunk_tokens
     from raytune_llm.packing.stream import iter_torch_batches
     from raytune_llm.train import sharded as sharded_lib
 
@@ -248,6 +248,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if patched is not None and patched.family is not None:  # load_model patched with "auto"; the run's setting
         set_mlp_chunk_tokens(model, cfg.model.mlp_chunk_tokens)
         set_checkpoint_layers(model, cfg.model.checkpoint_layers)
+        set_dequantize_once(model, cfg.model.dequantize_once)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

@@ -270,3 +270,45 @@ def test_real_sizes_bf16(hidden, inter, kind):
     }
     for op in ("linear", "qkv", "mlp"):
         _run_case(op, kind, torch.bfloat16, ((2, 1024), None, None), torch.device("cuda"), specs[op])
+
+
+@needs_triton
+def test_dequantize_once_reuses_the_recompute_weights(monkeypatch):
+    # A checkpointed "layer" (QKV, O on q, MLP on o) with NF4 bases: with dequantize_once the backward takes
+    # the weights the recompute dequantized, so each base is dequantized 2 times per step instead of 3, and
+    # the gradients are the same bits (the same dequantized values feed the same GEMMs).
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.models.checkpointing import checkpoint_layer
+
+    device = kernel_device()
+    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
+    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
+    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
+    n_bases = len(qkv[0]) + len(o[0]) + len(mlp[0])
+    calls = []
+    real = lora_mod.nf4_dequantize
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w.shape) or real(w, dt))
+
+    def run(dequant_once):
+        leaves = {
+            k: [a.clone().requires_grad_() for a in case[1]] for k, case in (("qkv", qkv), ("o", o), ("mlp", mlp))
+        }
+
+        def layer(h):
+            q, k, v = _bind(lora_qkv, qkv[0], qkv[2])(h, *leaves["qkv"])
+            h = h + _bind(lora_linear, o[0], o[2])(q * k.sum() + v.mean(), *leaves["o"])
+            return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
+
+        x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+        calls.clear()
+        y = checkpoint_layer(layer, x, offload=False, dequant_once=dequant_once)
+        y.square().sum().backward()
+        return len(calls), [x.grad] + [t.grad for ts in leaves.values() for t in ts]
+
+    n_twice, g_twice = run(False)
+    n_once, g_once = run(True)
+    assert n_twice == 3 * n_bases  # forward, recompute, backward
+    assert n_once == 2 * n_bases  # forward, recompute (kept for backward)
+    assert not lora_mod._once, "the dequantize_once block was left open"
+    for a, b in zip(g_once, g_twice):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

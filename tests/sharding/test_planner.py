@@ -227,3 +227,19 @@ def test_checkpoint_layers_trades_memory_for_recomputation():
     assert peaks == sorted(peaks) and steps[0] == pytest.approx(steps[1]) and steps[0] > 1.0  # GiB per 2 layers
     with pytest.raises(ValueError, match="checkpoint_layers"):
         plan_from_values(LLAMA31_70B, checkpoint_layers=-1)
+
+
+def test_dequantize_once_holds_one_layer_of_bf16_weights():
+    # With dequantize_once a checkpointed layer's backward holds all seven projections in bf16 instead of the
+    # largest one: at 70B that is 2 * 855.6M params - 2 * 234.9M (the largest, gate/up/down) = 1.16 GiB more.
+    kw = dict(seq_len=4096, checkpointing="on", gpu_mem_gib=141.0)
+    base = plan_from_values(LLAMA31_70B, **kw)
+    once = plan_from_values(LLAMA31_70B, dequantize_once=True, **kw)
+    layer = 2 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
+    assert (once.peak_gib - base.peak_gib) * 2**30 == pytest.approx(layer - 2 * 8192 * 28672)
+    # Nothing to reuse without checkpointing or without quantized weights.
+    for extra in (dict(checkpointing="off"), dict(checkpoint_layers=0), dict(quant_bits=16)):
+        args = {**kw, **extra}
+        assert plan_from_values(LLAMA31_70B, dequantize_once=True, **args).peak_gib == pytest.approx(
+            plan_from_values(LLAMA31_70B, **args).peak_gib
+        )
