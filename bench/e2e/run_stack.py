@@ -423,14 +423,28 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
     return {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
 
 
-def parse_variants(text: str) -> list[tuple[str, int | None, bool]]:
-    """``"all,all+once,48+once"`` -> [(name, checkpoint_layers or None = all, dequantize_once)]."""
+def parse_variants(text: str) -> list[tuple[str, int | None, bool, int | str | None]]:
+    """``"all,all+once,48+once+chunk0"`` -> [(name, checkpoint_layers or None = all, dequantize_once, mlp_chunk)].
+
+    ``chunkN`` sets ``mlp_chunk_tokens`` (``chunk0``: never split, ``chunkauto``: the default); without it the
+    variant runs the model's own setting (None in the tuple).
+    """
     out = []
     for name in text.split(","):
-        layers, _, flag = name.strip().partition("+")
-        if flag not in ("", "once") or not (layers == "all" or layers.isdigit()):
-            raise SystemExit(f"--variants: {name!r} is not 'all' or a layer count, optionally with '+once'")
-        out.append((name.strip(), None if layers == "all" else int(layers), flag == "once"))
+        layers, *flags = name.strip().split("+")
+        once, chunk = False, None
+        for flag in flags:
+            if flag == "once":
+                once = True
+            elif flag == "chunkauto":
+                chunk = "auto"
+            elif flag.startswith("chunk") and flag[5:].isdigit():
+                chunk = int(flag[5:])
+            else:
+                raise SystemExit(f"--variants: unknown flag {flag!r} in {name!r} (once, chunkN, chunkauto)")
+        if not (layers == "all" or layers.isdigit()):
+            raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
+        out.append((name.strip(), None if layers == "all" else int(layers), once, chunk))
     return out
 
 
@@ -438,12 +452,15 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
     """Time each variant on the one loaded model; an out-of-memory variant is recorded and the next one runs."""
     import gc
 
-    from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once
+    from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once, set_mlp_chunk_tokens
 
+    report = getattr(model, "raytune_patch_report", None)
+    chunk_default = report.mlp_chunk_tokens if report is not None else "auto"
     out = {}
-    for name, layers, once in parse_variants(args.variants):
+    for name, layers, once, chunk in parse_variants(args.variants):
         set_checkpoint_layers(model, layers)
         set_dequantize_once(model, once)
+        set_mlp_chunk_tokens(model, chunk_default if chunk is None else chunk)
         optimizer.zero_grad(set_to_none=True)
         try:
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {})

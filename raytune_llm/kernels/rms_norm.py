@@ -16,7 +16,8 @@ Backward, given ``dy`` (write ``g = dy * w``)::
 The backward recomputes ``xh`` from ``x`` and the saved ``r`` (one fp32 per row instead of a saved
 ``[N, H]`` tensor). ``dw`` is reduced in two steps: each of ``P`` programs walks a contiguous band
 of rows and keeps its partial sum in fp32 registers, then a ``[P, H]`` sum in torch finishes it
-(``P`` = 4 per SM on CUDA, see ``_num_programs``).
+(``P`` = 2 per SM on CUDA, see ``_num_programs``); on CUDA the band loop is software-pipelined (the next
+row's loads are in flight while this row reduces).
 
 Shapes: ``x [..., H]``, ``w [H]``; output ``[..., H]`` in ``x.dtype``; ``dw`` in ``w.dtype``.
 Dtype policy: load, upcast to fp32 right after ``tl.load`` (the CPU interpreter gets bf16
@@ -51,6 +52,22 @@ def _rms_norm_fwd_kernel(Y_ptr, X_ptr, W_ptr, RSTD_ptr, stride_y, stride_x, n_co
 
 
 @triton.jit
+def _rms_norm_bwd_rows(
+    DX_ptr, DY_ptr, X_ptr, RSTD_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x, n_cols
+):
+    """dx for a ``[ROWS, BLOCK]`` tile of rows; returns the tile's ``dy * xh`` summed over its rows."""
+    m = row_ok[:, None] & mask[None, :]
+    x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(DY_ptr + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD_ptr + rows, mask=row_ok, other=0.0)
+    xh = x * rstd[:, None]
+    g = dy * w[None, :]
+    dx = rstd[:, None] * (g - xh * (tl.sum(g * xh, axis=1) / n_cols)[:, None])
+    tl.store(DX_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(DX_ptr.dtype.element_ty), mask=m)
+    return tl.sum(dy * xh, axis=0)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DX_ptr,
     DW_PART_ptr,
@@ -65,6 +82,8 @@ def _rms_norm_bwd_kernel(
     n_cols,
     rows_per_program,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -72,22 +91,27 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
-    # A while loop with a row mask instead of range(row_start, min(...)): triton 3.6's interpreter
-    # calls int() on a 1-element array for range() over a runtime bound, which numpy 2.4 rejects;
-    # the last band's few masked rows cost nothing.
-    i = 0
-    while i < rows_per_program:
-        row = row_start + i
-        i += 1
-        m = mask & (row < n_rows)
-        x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY_ptr + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD_ptr + row, mask=row < n_rows, other=0.0)
-        xh = x * rstd
-        g = dy * w
-        dx = rstd * (g - xh * (tl.sum(g * xh, axis=0) / n_cols))
-        tl.store(DX_ptr + row * stride_dx + cols, dx.to(DX_ptr.dtype.element_ty), mask=m)
-        dw_acc += dy * xh
+    r = tl.arange(0, ROWS)
+    if STAGES > 0:
+        # Software-pipelined (GPU): the next tile's loads are issued while this one reduces and stores.
+        for i in tl.range(0, rows_per_program, ROWS, num_stages=STAGES):
+            rows = row_start + i + r
+            row_ok = (rows < n_rows) & (i + r < rows_per_program)
+            dw_acc += _rms_norm_bwd_rows(
+                DX_ptr, DY_ptr, X_ptr, RSTD_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x, n_cols
+            )
+    else:
+        # A while loop with a row mask instead of range(row_start, min(...)): triton 3.6's interpreter
+        # calls int() on a 1-element array for range() over a runtime bound, which numpy 2.4 rejects;
+        # the last band's few masked rows cost nothing.
+        i = 0
+        while i < rows_per_program:
+            rows = row_start + i + r
+            row_ok = (rows < n_rows) & (i + r < rows_per_program)
+            i += ROWS
+            dw_acc += _rms_norm_bwd_rows(
+                DX_ptr, DY_ptr, X_ptr, RSTD_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x, n_cols
+            )
     tl.store(DW_PART_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
 
@@ -97,14 +121,23 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+# Backward launch settings: bands per SM (CUDA), rows per loop iteration, software-pipeline stages (0: a
+# plain loop; CUDA only, the interpreter cannot run tl.range over a runtime bound). Chosen by
+# bench/kernels/sweep_rms_norm_bwd.py on the H200 (bench/results/rms_norm_bwd_sweep_h200_20261128.json):
+# 2 bands per SM with a 3-stage pipeline moved 0.697 / 0.766 of copy bandwidth at 8192 x 4096 / 8192, against
+# 0.617 / 0.596 for 4 bands and a plain loop; tiles of 2 or 4 rows were slower (4 rows x 8192 do not fit
+# shared memory with 3 stages).
+_BWD = {"per_sm": 2, "rows": 1, "stages": 3}
+
+
 def _num_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        # 4 bands per SM rather than Liger's 1: each band walks its rows one after another, so a lone
-        # 8-16-warp program per SM leaves the memory pipe idle between rows; 4 resident programs hide
-        # that latency. Bands of at least 8 rows keep the [P, H] fp32 partials under ~6% of the traffic
-        # (8192 x 4096: 528 partial rows, 8.6 MB against 201 MB moved).
+        # More than Liger's 1 band per SM: each band walks its rows one after another, so a lone program
+        # per SM leaves the memory pipe idle between rows; 2 resident pipelined programs hide that latency
+        # (see _BWD). Bands of at least 8 rows keep the [P, H] fp32 partials small (8192 x 4096: 264
+        # partial rows, 4.3 MB against 201 MB moved).
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(4 * sms, triton.cdiv(n_rows, 8)))
+        return max(1, min(_BWD["per_sm"] * sms, triton.cdiv(n_rows, 8)))
     # Interpreter: programs run one after another, so a few bands are as fast as many.
     return max(1, min(n_rows, 4))
 
@@ -160,6 +193,7 @@ def rms_norm_backward(
     # block holds 32 warps and hides twice the latency. At 4096 / 8 warps (128 registers) two blocks fit.
     if BLOCK >= 8192:
         num_warps = 32
+    rows, stages = _BWD["rows"], (_BWD["stages"] if x.device.type == "cuda" else 0)
     if n_rows > 0:
         _rms_norm_bwd_kernel[(P,)](
             DX,
@@ -175,6 +209,8 @@ def rms_norm_backward(
             n_cols,
             triton.cdiv(n_rows, P),
             BLOCK=BLOCK,
+            ROWS=rows,
+            STAGES=stages,
             num_warps=num_warps,
         )
     dw = DW_PART.sum(0).to(weight.dtype) if need_dw else None

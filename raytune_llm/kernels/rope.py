@@ -149,6 +149,10 @@ def _rope_kernel(
     )
 
 
+# Warps per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the rule in _launch.
+_NUM_WARPS: int | None = None
+
+
 def _table(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int, int]:
     """cos/sin with a unit last stride, and its (batch, seq) strides; batch stride 0 broadcasts one table."""
     if t.dim() == 2:
@@ -176,9 +180,11 @@ def _launch(
     BLOCK_D = triton_next_power_of_2(half)
     BLOCK_HQ = triton_next_power_of_2(Hq)
     BLOCK_HK = triton_next_power_of_2(Hk)
-    # Work per program is (Hq + Hk) heads x D elements (Llama-8B: 40 x 128 = 5120 bf16 values):
-    # 4 warps up to 2048 elements per tensor block, 8 beyond, so each thread holds ~8-16 values.
-    num_warps = 8 if BLOCK_HQ * BLOCK_D >= 2048 else 4
+    # Work per program is (Hq + Hk) heads x D elements (Llama-8B: 40 x 128 = 5120 bf16 values). Measured on
+    # the H200 (bench/kernels/sweep_rope.py, bench/results/rope_sweep_h200_20261128.json), forward + backward:
+    # 32 q heads of 128 (q block 32 x 64 per half) ran 0.0909 ms at 4 warps, 0.0965 at 8; 64 q heads 0.1583
+    # ms at 8 warps, 0.1610 at 4; 2 and 16 were slower at both.
+    num_warps = _NUM_WARPS or (8 if BLOCK_HQ * BLOCK_D >= 4096 else 4)
     if B * S == 0:
         return
     _rope_kernel[(B * S,)](

@@ -54,7 +54,13 @@ _CE_CHUNK_ROWS = 256
 # One recomputed decoder layer holds the tensors counted in `_layer_bytes_per_token` plus allocator slack and
 # the bits we do not count (rstd, logsumexp, rope tables, LoRA x@A); factors fitted to the anchors:
 # Unsloth's 271 KB/token at 8B shapes for fused, and PEFT's fp32 adapter copies for the standard stack.
-_FUSED_LAYER_FACTOR = 1.16
+_FUSED_LAYER_FACTOR = 1.0
+# Hidden-sized buffers beyond the counted tensors in the fused layer phase (the recomputed input, a split
+# MLP's full-size output and input gradient, attention's fp32 dQ accumulator). With 2 the planner is within
+# -5.3%..+8.7% of 15 H200 peaks, from 8B 1x2048 to 8B 1x65536, 70B x 4096 with 44 of 80 layers checkpointed,
+# and the longest runs (8B x 523,264: -5.3%, 70B x 159,744: +0.3%); tests/sharding/test_planner_vs_h200.py
+# keeps the e2e, variant and 70B cases.
+_FUSED_EXTRA_D = 2
 _STD_LAYER_FACTOR = 1.6
 # cuBLAS workspace on Hopper (32 MiB); the caching allocator's rounding is inside max_memory_allocated's
 # slack that the anchors' intercept (6.27 GB standard, 6.42 GB Unsloth at 8B) leaves no room for beyond this.
@@ -246,11 +252,34 @@ def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float
     q = shape.heads * shape.head_dim
     # Saved for backward: both norms' input and output, q, attention output, o input (= attention output
     # reshaped, shared), k and v; in the MLP gate, up and silu(gate)*up.
+    if fused:
+        # The layer's saved tensors (see `_kept_layer_bytes`: no H) plus, at the backward's peak, the incoming
+        # gradient, the outgoing one being summed, and one [., I] gradient (dH, later written over G and U in
+        # place), + `_FUSED_EXTRA_D` hidden-sized buffers (the recomputed input and a split MLP's full-size
+        # output and input gradient). Fitted to the H200's peaks, see `_FUSED_EXTRA_D`.
+        per_token = (6 * d + _FUSED_EXTRA_D * d + 2 * q + 2 * kv) * tokens + 3 * f * mlp_rows
+        return 2 * per_token * _FUSED_LAYER_FACTOR
     saved, saved_mlp = 4 * d + 2 * q + 2 * kv, 3 * f
     # Live while back-propagating: the incoming gradient; in the MLP the gate/up gradients.
     transient, transient_mlp = 2 * d, 2 * f
     per_token = (saved + transient) * tokens + (saved_mlp + transient_mlp) * mlp_rows
-    return 2 * per_token * (_FUSED_LAYER_FACTOR if fused else _STD_LAYER_FACTOR)
+    return 2 * per_token * _STD_LAYER_FACTOR
+
+
+def _kept_layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_tiled: bool) -> float:
+    """Bytes one decoder layer that is not checkpointed holds from its forward to its backward (bf16).
+
+    Fused path: both norms' inputs, the QKV input, q, k, v and the attention output (the O projection's input
+    is the same tensor), the MLP's input, gate and up (H is recomputed from them); a tiled MLP keeps only its
+    input. Measured on the H200 (bench/results/bigmodel_h200_20261128.json, e2e_variants_h200_20261128.json):
+    0.834 GiB per kept layer at 70B x 4096 tokens (this count: 0.828) and 0.849 at 8B x 8192 (0.844). The
+    standard stack keeps what its layer phase saves (`_layer_bytes`, not measured per layer).
+    """
+    if not fused:
+        return _layer_bytes(shape, fused, tokens, tokens)
+    d, f, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
+    return 2 * tokens * (4 * d + 2 * q + 2 * kv + (0 if mlp_tiled else 2 * f))
 
 
 def _activation_bytes(
@@ -264,9 +293,9 @@ def _activation_bytes(
     """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes."""
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
-    # A layer that keeps its activations holds the layer phase's saved tensors (a tiled MLP keeps only its
-    # input, already counted); the one being back-propagated is the phase itself.
-    kept_layer = _layer_bytes(shape, fused, tokens, tokens if chunk is None else 0)
+    # A layer that keeps its activations holds its saved tensors (`_kept_layer_bytes`); the one being
+    # back-propagated is the layer phase itself.
+    kept_layer = _kept_layer_bytes(shape, fused, tokens, mlp_tiled=chunk is not None)
     n_ckpt = (
         shape.layers if checkpointing == "off" or checkpoint_layers is None else min(checkpoint_layers, shape.layers)
     )

@@ -1,8 +1,10 @@
-"""The planner's predictions against the peaks measured on the H200 (bench/results/e2e_*.json), within 15%.
+"""The planner's predictions against the peaks measured on the H200 (bench/results/), within 15%.
 
-The measurements are the end-to-end benchmark's (Llama-3.1-8B shapes, NF4, LoRA r=16 on all projections,
-checkpointing on): raytune_llm's fused stack and the standard transformers + PEFT + bitsandbytes stack. This
-keeps a planner change honest against real numbers without a GPU.
+The measurements: the end-to-end benchmark's (Llama-3.1-8B shapes, NF4, LoRA r=16 on all projections,
+checkpointing as each run recorded it), raytune_llm's fused stack and the standard transformers + PEFT +
+bitsandbytes stack; the recomputation variants of e2e_variants_*.json (layers checkpointed, dequantize_once,
+MLP split); and the 70B-shaped runs at 4096 of bigmodel_*.json. This keeps a planner change honest against
+real numbers without a GPU.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from raytune_llm.sharding.planner import plan_from_values
+from raytune_llm.sharding.planner import LLAMA31_8B, LLAMA31_70B, plan_from_values
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 MEASURED = sorted(RESULTS.glob("e2e_h200_*.json"))
+VARIANTS = sorted(RESULTS.glob("e2e_variants_h200_*.json"))
+BIGMODEL = sorted(RESULTS.glob("bigmodel_h200_*.json"))
+SYNTHETIC = {"8b": LLAMA31_8B, "70b": LLAMA31_70B}
 
 
 def _cases():
@@ -24,19 +29,56 @@ def _cases():
         for shape, s in e2e["summary"].items():
             for stack, fused in (("ours", True), ("std_qlora", False)):
                 if (s.get("peak_gib") or {}).get(stack) is not None:
-                    yield pytest.param(e2e, shape, fused, s["peak_gib"][stack], id=f"{path.stem}-{shape}-{stack}")
+                    ckpt = e2e.get("runs", {}).get(shape, {}).get(stack, {}).get("ckpt", "on")
+                    yield pytest.param(
+                        e2e, shape, fused, ckpt, s["peak_gib"][stack], id=f"{path.stem}-{shape}-{stack}-{ckpt}"
+                    )
 
 
 @pytest.mark.skipif(not MEASURED, reason="no H200 e2e measurements in bench/results")
-@pytest.mark.parametrize("e2e,shape,fused,measured", list(_cases()))
-def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, measured):
+@pytest.mark.parametrize("e2e,shape,fused,ckpt,measured", list(_cases()))
+def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measured):
     mb, seq = (1, int(shape.split("_")[1])) if shape.startswith("packed_") else map(int, shape.split("x"))
     plan = plan_from_values(
         e2e["model"]["config"],
         seq_len=seq,
         micro_batch=mb,
-        checkpointing="on",
+        checkpointing=ckpt,
         gpu_mem_gib=e2e["environment"]["gpu_total_gib"],
         fused=fused,
     )
     assert abs(plan.peak_gib / measured - 1) <= 0.15, (shape, fused, plan.peak_gib, measured)
+
+
+def _variant(name: str) -> dict:
+    """run_stack's variant name ('all', '44+once', 'all+once+chunk0') as plan_from_values arguments."""
+    layers, *flags = name.split("+")
+    kw = {"checkpoint_layers": None if layers == "all" else int(layers), "dequantize_once": "once" in flags}
+    for flag in flags:
+        if flag.startswith("chunk"):
+            kw["mlp_chunk_tokens"] = "auto" if flag == "chunkauto" else int(flag[5:])
+    return kw
+
+
+def _variant_cases():
+    for path in VARIANTS + BIGMODEL:
+        doc = json.loads(path.read_text())
+        runs = doc.get("runs") or {
+            name: t["result"] for name, t in doc.get("targets", {}).items() if name.startswith("run_70b_4096")
+        }
+        for run_name, run in runs.items():
+            base = dict(seq_len=run["seq"], micro_batch=run["batch"], checkpointing=run["ckpt"])
+            measured = run.get("variants") or {"all": run}
+            for name, v in measured.items():
+                if v.get("status") == "ok" and v.get("peak_gib"):
+                    kw = {**base, **_variant(name)}
+                    yield pytest.param(
+                        SYNTHETIC[run["synthetic"]], kw, v["peak_gib"], id=f"{path.stem}-{run_name}-{name}"
+                    )
+
+
+@pytest.mark.skipif(not (VARIANTS or BIGMODEL), reason="no H200 variant or 70B measurements in bench/results")
+@pytest.mark.parametrize("config,kw,measured", list(_variant_cases()))
+def test_planner_within_15_percent_of_h200_variant_peak(config, kw, measured):
+    plan = plan_from_values(config, gpu_mem_gib=139.8, **kw)
+    assert abs(plan.peak_gib / measured - 1) <= 0.15, (kw, plan.peak_gib, measured)
