@@ -97,6 +97,11 @@ class ModelSection:
         n = self.checkpoint_layers
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             _fail(f"checkpoint_layers must be an integer >= 0 or null (every layer); got {n!r}")
+        if self.dequantize_once and (self.gradient_checkpointing == "off" or not self.fused):
+            _fail(
+                "dequantize_once=true needs gradient_checkpointing on or offload and fused=true "
+                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
+            )
         if n is not None and (self.gradient_checkpointing == "off" or not self.fused):
             _fail(
                 f"checkpoint_layers={n} needs gradient_checkpointing on or offload and fused=true "

@@ -103,7 +103,7 @@ class LoRAWeight(NamedTuple):
 
 # Stack of open `dequantize_once` blocks (the innermost is used). Module-level, not thread-local: on CUDA
 # the recompute and its backward run on autograd's device thread, not on the thread that called backward.
-_once: list[dict[tuple[int, torch.dtype], torch.Tensor]] = []
+_once: list[dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]] = []
 
 
 @contextlib.contextmanager
@@ -117,7 +117,7 @@ def dequantize_once() -> Iterator[None]:
     70B); the saving is one dequantization pass over the whole model per step. Copies still held
     when the block ends (a weight whose ``dX`` was not needed) are dropped.
     """
-    cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+    cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
     _once.append(cache)
     try:
         yield
@@ -135,9 +135,13 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
         return nf4_dequantize(base, dtype)
     cache = _once[-1]
     key = (base.packed.data_ptr(), dtype)
-    w = cache.pop(key, None)
-    if w is None:
-        w = cache[key] = nf4_dequantize(base, dtype)
+    # The entry holds the packed tensor too: its address cannot be handed to another weight while cached,
+    # and a hit must be that very tensor.
+    hit = cache.pop(key, None)
+    if hit is not None and hit[0] is base.packed:
+        return hit[1]
+    w = nf4_dequantize(base, dtype)
+    cache[key] = (base.packed, w)
     return w
 
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels._dispatch import kernel_store_dtype, row_block_settings, use_triton
+from raytune_llm.kernels._dispatch import interpret_mode, kernel_store_dtype, row_block_settings, use_triton
 
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
 
@@ -193,7 +193,14 @@ def rms_norm_backward(
     # block holds 32 warps and hides twice the latency. At 4096 / 8 warps (128 registers) two blocks fit.
     if BLOCK >= 8192:
         num_warps = 32
-    rows, stages = _BWD["rows"], (_BWD["stages"] if x.device.type == "cuda" else 0)
+    rows, stages = _BWD["rows"], _BWD["stages"]
+    # The pipeline keeps (stages - 1) tiles of x and dy in shared memory: 3 stages of bf16 rows fit up to
+    # 8192 wide (2 x 8192 x 4 B = 64 KiB per stage pair); wider or fp32 rows fall back to the plain loop
+    # rather than fail to compile (228 KiB per SM on the H100/H200).
+    if interpret_mode() or x.device.type != "cuda":
+        stages = 0
+    elif stages and (stages - 1) * rows * BLOCK * (X.element_size() + DY.element_size()) > 160 * 1024:
+        stages = 0
     if n_rows > 0:
         _rms_norm_bwd_kernel[(P,)](
             DX,

@@ -346,7 +346,13 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
     dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0
-    if dequant and a.get("dequantize_once") and a["checkpointing"] != "off" and a.get("checkpoint_layers") != 0:
+    once = (
+        a.get("dequantize_once")
+        and a["fused"]
+        and a["quant_bits"] == 4
+        and strategy not in ("ZeRO-3", "ZeRO-3+offload")
+    )
+    if once and a["checkpointing"] != "off" and a.get("checkpoint_layers") != 0:
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
     weights = linear + dense

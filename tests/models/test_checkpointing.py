@@ -101,5 +101,8 @@ def test_checkpoint_layers_needs_checkpointing_and_a_valid_count(tiny_paths):
             set_checkpoint_layers(model, bad)
     with pytest.raises(ConfigError, match="checkpoint_layers=2 needs gradient_checkpointing"):
         load_config(None, ["model.checkpoint_layers=2"])
+    with pytest.raises(ConfigError, match="dequantize_once=true needs gradient_checkpointing"):
+        load_config(None, ["model.dequantize_once=true"])
+    assert load_config(None, ["model.dequantize_once=true", "model.gradient_checkpointing=on"]).model.dequantize_once
     cfg = load_config(None, ["model.checkpoint_layers=2", "model.gradient_checkpointing=on"])
     assert cfg.model.checkpoint_layers == 2

@@ -68,10 +68,17 @@ def _variant_cases():
         }
         for run_name, run in runs.items():
             base = dict(seq_len=run["seq"], micro_batch=run["batch"], checkpointing=run["ckpt"])
-            measured = run.get("variants") or {"all": run}
-            for name, v in measured.items():
+            if run.get("variants"):
+                measured = {name: (v, _variant(name)) for name, v in run["variants"].items()}
+            else:  # one setting: the run's own facts
+                own = {
+                    "checkpoint_layers": run.get("checkpoint_layers"),
+                    "dequantize_once": bool(run.get("dequantize_once")),
+                }
+                measured = {"run": (run, own)}
+            for name, (v, settings) in measured.items():
                 if v.get("status") == "ok" and v.get("peak_gib"):
-                    kw = {**base, **_variant(name)}
+                    kw = {**base, **settings}
                     yield pytest.param(
                         SYNTHETIC[run["synthetic"]], kw, v["peak_gib"], id=f"{path.stem}-{run_name}-{name}"
                     )
