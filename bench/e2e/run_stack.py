@@ -100,8 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default=None,
-        help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once' "
-        "(checkpointed layers: all or a count; +once: dequantize_once); results under 'variants'",
+        help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once+chunk0' "
+        "(checkpointed layers: all or a count; +once: dequantize_once; +chunkN: mlp_chunk_tokens); results under "
+        "'variants'. The variants share the LoRA weights and AdamW state: time and peak are per variant, losses "
+        "are not comparable across them. Not with --profile",
     )
     p.add_argument(
         "--stand-for-layers",
@@ -115,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU smoke lane: seq 64, 2 steps, wall clock only")
     p.add_argument("--out", type=Path, required=True, help="result JSON")
     args = p.parse_args(argv)
+    if args.variants and args.profile:
+        p.error("--profile profiles one setting; run it without --variants")
     args.batch = args.batch or (1 if args.tiny else 4)
     args.seq = args.seq or (64 if args.tiny else 2048)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
