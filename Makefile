@@ -6,9 +6,6 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.raytune-llm-installed
-LLAMA_STAMP := $(VENV)/.llama-cpp-installed
-LLAMA_LOG   := $(VENV)/llama-build.log
-LLAMA_RC    := $(VENV)/llama-build.rc
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
@@ -20,6 +17,7 @@ export DS_ACCELERATOR ?= cpu
 $(STAMP): pyproject.toml requirements/ci.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	if [ "$(WITH_LLAMA)" = 1 ]; then scripts/llama_cpp.sh start $(VENV); fi
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements/ci.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
@@ -27,15 +25,11 @@ $(STAMP): pyproject.toml requirements/ci.txt
 
 setup: $(STAMP)
 
-# llama-cpp-python builds from source; only the GGUF test needs it, on models of a few MB, so it is built
-# unoptimized (-O0) and without its multimodal library: 247 s instead of 480 s on 2 cores, same test results.
-$(LLAMA_STAMP): $(STAMP)
-	SKBUILD_CMAKE_BUILD_TYPE=Debug \
-	CMAKE_ARGS="-DGGML_NATIVE=off -DLLAVA_BUILD=off -DCMAKE_C_FLAGS_DEBUG=-O0 -DCMAKE_CXX_FLAGS_DEBUG=-O0" \
-	  $(BIN)/python -m pip install -q llama-cpp-python==0.3.36
-	touch $(LLAMA_STAMP)
-
-setup-llama: $(LLAMA_STAMP)
+# llama-cpp-python, for the GGUF test only: scripts/llama_cpp.sh builds it in the background at the lowest CPU
+# priority (under `make test` from the start of the set-up, beside the downloads and the other tests).
+setup-llama: $(STAMP)
+	scripts/llama_cpp.sh start $(VENV)
+	scripts/llama_cpp.sh finish $(VENV)
 
 demo: $(STAMP)
 	$(BIN)/raytune-llm train conf/quickstart.yaml
@@ -44,17 +38,14 @@ demo: $(STAMP)
 # anything); everything else runs without it, where the fused ops dispatch to their torch references
 # (interpreted kernels inside Ray training runs would take minutes per step). The models suite runs its
 # interpreted fidelity check in a subprocess of its own.
-# The llama-cpp-python build (only the GGUF test needs it) runs at the lowest CPU priority beside the rest of
-# the suite, in the cycles Ray's start-ups and waits leave idle; the GGUF test runs last, after it.
+# The GGUF test runs last, once the background llama-cpp-python build has finished (scripts/llama_cpp.sh).
+test: WITH_LLAMA = 1
 test: $(STAMP)
-	rm -f $(LLAMA_RC)
-	if [ -f $(LLAMA_STAMP) ]; then echo 0 > $(LLAMA_RC); else \
-	  (nice -n 19 $(MAKE) --no-print-directory setup-llama > $(LLAMA_LOG) 2>&1; echo $$? > $(LLAMA_RC)) > /dev/null 2>&1 & fi
+	scripts/llama_cpp.sh start $(VENV)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests/kernels
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1200 --durations=15 --ignore=tests/kernels \
 	  --ignore=tests/export/test_gguf.py tests
-	@echo "waiting for the llama-cpp-python build ($(LLAMA_LOG))"; while [ ! -f $(LLAMA_RC) ]; do sleep 5; done; \
-	  test "$$(cat $(LLAMA_RC))" = 0 || { tail -40 $(LLAMA_LOG); echo "llama-cpp-python build failed"; exit 1; }
+	scripts/llama_cpp.sh finish $(VENV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=600 tests/export/test_gguf.py
 
 test-fast: $(STAMP)
