@@ -18,10 +18,9 @@ larger of two phases of a step:
 
 Calibration (ANCHORS.md, Llama-3.1-8B shapes, r=16 on all 7 projections, checkpointing on, H200): the
 standard stack is linear in tokens at 2.08 MB/token with a 6.27 GB intercept (21.7 / 9.8 / 37.5 GiB at 4x2048 /
-1x2048 / 1x16384), which the loss phase reproduces within 1.5%. The fused targets are Unsloth's figures with
-offloaded checkpointing (8.05 / 6.5 / 10.1 / 22.6 GiB at 4x2048 / 1x2048 / 1x16384 / 1x65536: 271 KB/token);
-`_FUSED_LAYER_FACTOR` scales the counted tensors of one layer to that slope. bench/planner_check.py measures
-our own fused model against these predictions on the GPU; refit the two factors from its JSON if it drifts.
+1x2048 / 1x16384), which the loss phase reproduces within 1.5%. The fused path counts its own tensors (see
+`_kept_layer_bytes` and `_layer_bytes`) and is checked against raytune_llm's peaks measured on the H200
+(tests/sharding/test_planner_vs_h200.py: the e2e shapes, the recomputation variants and the 70B runs).
 
 Strategies, cheapest first: DDP (also a single GPU), ZeRO-2 (optimizer states and gradients partitioned),
 ZeRO-3 (parameters too: the base model is divided by the GPU count), ZeRO-3 + CPU offload (parameters and
@@ -51,10 +50,8 @@ _STD_LOGIT_BYTES = 14
 # Fused linear+CE works on row chunks: at most this many rows of fp32 logits and their gradient at once
 # (256 x 128256 x 8 B = 263 MB for Llama 3; below one layer's backward from ~1k tokens on).
 _CE_CHUNK_ROWS = 256
-# One recomputed decoder layer holds the tensors counted in `_layer_bytes_per_token` plus allocator slack and
-# the bits we do not count (rstd, logsumexp, rope tables, LoRA x@A); factors fitted to the anchors:
-# Unsloth's 271 KB/token at 8B shapes for fused, and PEFT's fp32 adapter copies for the standard stack.
-_FUSED_LAYER_FACTOR = 1.0
+# The standard stack's recomputed layer holds the tensors counted in `_layer_bytes` plus PEFT's fp32 adapter
+# copies and allocator slack: fitted to ANCHORS.md's figures.
 # Hidden-sized buffers beyond the counted tensors in the fused layer phase (the recomputed input, a split
 # MLP's full-size output and input gradient, attention's fp32 dQ accumulator). With 2 the planner is within
 # -5.3%..+8.7% of 15 H200 peaks, from 8B 1x2048 to 8B 1x65536, 70B x 4096 with 44 of 80 layers checkpointed,
@@ -258,7 +255,7 @@ def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float
         # place), + `_FUSED_EXTRA_D` hidden-sized buffers (the recomputed input and a split MLP's full-size
         # output and input gradient). Fitted to the H200's peaks, see `_FUSED_EXTRA_D`.
         per_token = (6 * d + _FUSED_EXTRA_D * d + 2 * q + 2 * kv) * tokens + 3 * f * mlp_rows
-        return 2 * per_token * _FUSED_LAYER_FACTOR
+        return 2 * per_token
     saved, saved_mlp = 4 * d + 2 * q + 2 * kv, 3 * f
     # Live while back-propagating: the incoming gradient; in the MLP the gate/up gradients.
     transient, transient_mlp = 2 * d, 2 * f

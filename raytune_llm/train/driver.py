@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_llm.config import RunConfig, save_config, to_dict
+from raytune_llm.train.finish import evaluate, plot_loss, write_tensorboard
 
 
 class UserError(RuntimeError):
@@ -457,82 +458,6 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     return result, data_stats
 
 
-# ------------------------------------------------------------------------------------ finishing
-
-
-def _generate_fn(model, tok, max_new_tokens: int = 3, batch: int = 100):
-    """Greedy generation in left-padded batches (one `generate` call per batch, not per prompt)."""
-    import torch
-
-    def generate(prompts: list[str]) -> list[str]:
-        outs: list[str] = []
-        model.eval()
-        tok.padding_side = "left"
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch):
-                enc = tok(prompts[i : i + batch], add_special_tokens=False, return_tensors="pt", padding=True)
-                o = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                outs += tok.batch_decode(o[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        return outs
-
-    return generate
-
-
-def evaluate(model_path: Path, tokenizer_path: Path, records: list[dict], adapter: Path | None, bits: int) -> float:
-    """Exact-match accuracy of greedy generations on `records` (CPU, fp32), base or base + adapter."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raytune_llm.train.task import exact_match
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if bits == 4:
-        from raytune_llm.models.quantize import bnb_config
-
-        kwargs["quantization_config"] = bnb_config(torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return exact_match(_generate_fn(model, tok), records)
-
-
-def _plot(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("raytune_llm loss curve")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _tensorboard(metrics: list[dict], folder: Path) -> None:
-    from tensorboardX import SummaryWriter
-
-    shutil.rmtree(folder, ignore_errors=True)
-    with SummaryWriter(str(folder)) as w:
-        for m in metrics:
-            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                if k in m:
-                    w.add_scalar(f"train/{k}", m[k], m["step"])
-
-
 def run_training(cfg: RunConfig, log=print) -> dict:
     """Run one fine-tuning job end to end and return its summary (also written to summary.json).
 
@@ -584,8 +509,8 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")
     write_adapter_meta(adapter, cfg, use_gpu)
     metrics = [json.loads(x) for x in (prep.run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    _plot(metrics, prep.run_dir / "loss_curve.png")
-    _tensorboard(metrics, prep.run_dir / "tb")
+    plot_loss(metrics, prep.run_dir / "loss_curve.png")
+    write_tensorboard(metrics, prep.run_dir / "tb")
     after = None
     if prep.eval_records:
         after = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, adapter, cfg.quant.bits)

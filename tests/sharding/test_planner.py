@@ -9,7 +9,6 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from raytune_llm.sharding import planner
 from raytune_llm.sharding.planner import (
     LLAMA31_8B,
     LLAMA31_70B,
@@ -184,7 +183,7 @@ def test_planner_does_not_import_torch():
 
 def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk():
     kw = dict(gpu_mem_gib=H100, checkpointing="offload")
-    f, factor = LLAMA31_8B["intermediate_size"], planner._FUSED_LAYER_FACTOR
+    f = LLAMA31_8B["intermediate_size"]
     chunk = mlp_chunk_rows(f, 400_000, "auto")
     assert chunk == 37_440  # the tallest 64-row multiple with [chunk, 14336] bf16 <= 1 GiB
     for tokens in (2048, 16_384, chunk):  # up to one chunk (the measured anchors' range) nothing changes
@@ -196,7 +195,7 @@ def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk():
     saved = untiled.breakdown["activations (peak phase)"] - tiled.breakdown["activations (peak phase)"]
     # gate, up and one gradient (H is recomputed, dG/dU overwrite G/U): 3 bf16 [·, I] tensors, for 400,000 - chunk
     # fewer tokens
-    assert saved == pytest.approx(2 * 3 * f * (400_000 - chunk) * factor)
+    assert saved == pytest.approx(2 * 3 * f * (400_000 - chunk))
     assert tiled.fits and not untiled.fits
     assert "mlp_chunk_tokens=auto" in untiled.reason
     assert plan_from_values(LLAMA31_8B, seq_len=400_000, fused=False, **kw).breakdown == (
