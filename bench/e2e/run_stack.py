@@ -452,8 +452,9 @@ def parse_variants(text: str) -> list[tuple[str, int | None, bool, int | str | N
     return out
 
 
-def run_variants(args, model, optimizer, batches, device: str, torch, result: dict) -> dict:
-    """Time each variant on the one loaded model; an out-of-memory variant is recorded and the next one runs."""
+def run_variants(args, model, optimizer, batches, device: str, torch, result: dict) -> None:
+    """Time each variant on the one loaded model into ``result["variants"]`` (kept after each one, so a crash
+    leaves the finished variants); an out-of-memory variant is recorded and the next one runs."""
     import gc
 
     from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once, set_mlp_chunk_tokens
@@ -477,7 +478,6 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         v = out[name]
         log(f"run_stack variant {name}: {v['status']} {v.get('tokens_per_s')} tok/s, peak {v.get('peak_gib')} GiB")
         result["variants"] = out
-    return out
 
 
 def run(args: argparse.Namespace, result: dict) -> int:
@@ -557,7 +557,7 @@ def run(args: argparse.Namespace, result: dict) -> int:
 
     result["phase"] = "steps"
     if args.variants:
-        result["variants"] = run_variants(args, model, optimizer, batches, device, torch, result)
+        run_variants(args, model, optimizer, batches, device, torch, result)  # fills result["variants"] as it goes
         result["ballast_held"] = ballast is not None
         result.update(status="ok", phase="done")
         return EXIT_OK
