@@ -58,7 +58,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves_equal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding on Q and K (HF ``apply_rotary_pos_emb``, ``unsqueeze_dim=1``).
 
     Args:
@@ -66,6 +68,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         k: keys ``[B, Hk, S, D]``.
         cos: ``[B, S, D]`` cosines, gathered by position ids.
         sin: ``[B, S, D]`` sines, gathered by position ids.
+        halves_equal: the kernel's read-half-the-table hint; the reference always reads the whole table.
 
     Returns:
         ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)`` as new tensors.

@@ -96,6 +96,7 @@ def _rope_kernel(
     stride_sb,
     stride_ss,
     seq_len,
+    n_tokens,
     n_q_heads,
     n_k_heads,
     half,
@@ -103,54 +104,63 @@ def _rope_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BACKWARD: tl.constexpr,
+    HALVES_EQUAL: tl.constexpr,
+    TOKENS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    s = pid % seq_len
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < half
-    cos_row = COS_ptr + b * stride_cb + s * stride_cs
-    sin_row = SIN_ptr + b * stride_sb + s * stride_ss
-    c1 = tl.load(cos_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cos_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sin_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sin_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    _rope_rotate(
-        Q_ptr + b * stride_qb + s * stride_qs,
-        QO_ptr + b * stride_qob + s * stride_qos,
-        stride_qh,
-        stride_qoh,
-        n_q_heads,
-        c1,
-        c2,
-        s1,
-        s2,
-        d,
-        d_mask,
-        half,
-        BLOCK_HQ,
-        BACKWARD,
-    )
-    _rope_rotate(
-        K_ptr + b * stride_kb + s * stride_ks,
-        KO_ptr + b * stride_kob + s * stride_kos,
-        stride_kh,
-        stride_koh,
-        n_k_heads,
-        c1,
-        c2,
-        s1,
-        s2,
-        d,
-        d_mask,
-        half,
-        BLOCK_HK,
-        BACKWARD,
-    )
+    for t in tl.static_range(TOKENS):
+        tok = tl.program_id(0).to(tl.int64) * TOKENS + t
+        b = tok // seq_len
+        s = tok % seq_len
+        d_mask = (d < half) & (tok < n_tokens)
+        cos_row = COS_ptr + b * stride_cb + s * stride_cs
+        sin_row = SIN_ptr + b * stride_sb + s * stride_ss
+        c1 = tl.load(cos_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        if HALVES_EQUAL:  # HF's cat(freqs, freqs): the second halves repeat the first, half the table reads
+            c2 = c1
+            s2 = s1
+        else:
+            c2 = tl.load(cos_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            s2 = tl.load(sin_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        _rope_rotate(
+            Q_ptr + b * stride_qb + s * stride_qs,
+            QO_ptr + b * stride_qob + s * stride_qos,
+            stride_qh,
+            stride_qoh,
+            n_q_heads,
+            c1,
+            c2,
+            s1,
+            s2,
+            d,
+            d_mask,
+            half,
+            BLOCK_HQ,
+            BACKWARD,
+        )
+        _rope_rotate(
+            K_ptr + b * stride_kb + s * stride_ks,
+            KO_ptr + b * stride_kob + s * stride_kos,
+            stride_kh,
+            stride_koh,
+            n_k_heads,
+            c1,
+            c2,
+            s1,
+            s2,
+            d,
+            d_mask,
+            half,
+            BLOCK_HK,
+            BACKWARD,
+        )
 
 
-# Warps per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the rule in _launch.
+# Warps per program and tokens per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the
+# rules in _launch.
 _NUM_WARPS: int | None = None
+_TOKENS: int | None = None
 
 
 def _table(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int, int]:
@@ -170,6 +180,7 @@ def _launch(
     cos: torch.Tensor,
     sin: torch.Tensor,
     backward: bool,
+    halves_equal: bool = False,
 ) -> None:
     """Rotate ``q, k`` into ``q_out, k_out`` (which may be ``q, k`` themselves: the kernel then works in place)."""
     B, Hq, S, D = q.shape
@@ -185,9 +196,10 @@ def _launch(
     # 32 q heads of 128 (q block 32 x 64 per half) ran 0.0909 ms at 4 warps, 0.0965 at 8; 64 q heads 0.1583
     # ms at 8 warps, 0.1610 at 4; 2 and 16 were slower at both.
     num_warps = _NUM_WARPS or (8 if BLOCK_HQ * BLOCK_D >= 4096 else 4)
+    tokens = _TOKENS or 1
     if B * S == 0:
         return
-    _rope_kernel[(B * S,)](
+    _rope_kernel[(triton.cdiv(B * S, tokens),)](
         q,
         k,
         q_out,
@@ -203,6 +215,7 @@ def _launch(
         ssb,
         sss,
         S,
+        B * S,
         Hq,
         Hk,
         half,
@@ -210,6 +223,8 @@ def _launch(
         BLOCK_HK=BLOCK_HK,
         BLOCK_D=BLOCK_D,
         BACKWARD=backward,
+        HALVES_EQUAL=halves_equal,
+        TOKENS=tokens,
         num_warps=num_warps,
     )
 
@@ -230,7 +245,13 @@ def _writable(t: torch.Tensor) -> bool:
 
 
 def _rotate(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, in_place: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backward: bool,
+    in_place: bool,
+    halves_equal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k; in place where the layout allows (copying back otherwise), else into new tensors."""
     qi = q if _readable(q) else q.contiguous()
@@ -241,7 +262,7 @@ def _rotate(
 
     qo = q if in_place and _writable(q) else fresh(q)
     ko = k if in_place and _writable(k) else fresh(k)
-    _launch(qi, ki, qo, ko, cos, sin, backward)
+    _launch(qi, ki, qo, ko, cos, sin, backward, halves_equal)
     if in_place:
         if qo is not q:
             q.copy_(qo)
@@ -252,7 +273,12 @@ def _rotate(
 
 
 def rope_forward(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    in_place: bool = True,
+    halves_equal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward rotation.
 
@@ -262,15 +288,17 @@ def rope_forward(
         cos: ``[B|1, S, D]``.
         sin: ``[B|1, S, D]``.
         in_place: write into q and k (True) or into new contiguous tensors.
+        halves_equal: the caller vouches that ``cos[..., :D/2] == cos[..., D/2:]`` (and the same for
+            ``sin``); the kernel then reads only the first halves.
 
     Returns:
         The rotated ``(q, k)``.
     """
-    return _rotate(q, k, cos, sin, backward=False, in_place=in_place)
+    return _rotate(q, k, cos, sin, backward=False, in_place=in_place, halves_equal=halves_equal)
 
 
 def rope_backward(
-    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves_equal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the transposed rotation (rotation by -theta) on the gradients, in place where possible.
 
@@ -279,11 +307,12 @@ def rope_backward(
         dk: gradient of the rotated k, ``[B, Hk, S, D]``.
         cos: ``[B|1, S, D]``.
         sin: ``[B|1, S, D]``.
+        halves_equal: as in :func:`rope_forward`.
 
     Returns:
         ``(dq, dk)`` for the unrotated inputs.
     """
-    return _rotate(dq, dk, cos, sin, backward=True, in_place=True)
+    return _rotate(dq, dk, cos, sin, backward=True, in_place=True, halves_equal=halves_equal)
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -296,27 +325,32 @@ class RoPEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves_equal: bool):
         in_place = q._base is None and k._base is None
-        q_out, k_out = rope_forward(q, k, cos, sin, in_place=in_place)
+        q_out, k_out = rope_forward(q, k, cos, sin, in_place=in_place, halves_equal=halves_equal)
         if in_place:
             ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
+        ctx.halves_equal = halves_equal
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor | None, dk: torch.Tensor | None):
         cos, sin = ctx.saved_tensors
         if dq is None and dk is None:
-            return None, None, None, None
+            return None, None, None, None, None
         # Autograd passes None for an unused output; a zero-head stand-in keeps one launch path.
         other = dq if dq is not None else dk
         empty = other.new_empty(other.shape[0], 0, other.shape[2], other.shape[3])
-        dq_out, dk_out = rope_backward(dq if dq is not None else empty, dk if dk is not None else empty, cos, sin)
-        return (dq_out if dq is not None else None), (dk_out if dk is not None else None), None, None
+        dq_out, dk_out = rope_backward(
+            dq if dq is not None else empty, dk if dk is not None else empty, cos, sin, ctx.halves_equal
+        )
+        return (dq_out if dq is not None else None), (dk_out if dk is not None else None), None, None, None
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves_equal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary position embedding to q and k (HF ``rotate_half`` convention), in place when possible.
 
     Runs the Triton kernels on CUDA or under ``TRITON_INTERPRET=1``, otherwise ``reference.rope``.
@@ -328,6 +362,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         k: ``[B, Hk, S, D]`` keys.
         cos: ``[B, S, D]`` (or ``[1, S, D]`` shared by the batch), gathered by position ids.
         sin: same shape as ``cos``.
+        halves_equal: set when the two halves of ``cos`` (and of ``sin``) along D are equal, as in every
+            HF rotary embedding of the supported families (``cat(freqs, freqs)``): the kernels then read
+            half the table. Not checked (that would cost a device sync): with unequal halves the result
+            is wrong.
 
     Returns:
         ``(q, k)`` rotated.
@@ -349,4 +387,4 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         raise ValueError("rope: q, k, cos and sin must be on one device")
     if not use_triton(q, k, cos, sin):
         return reference.rope(q, k, cos, sin)
-    return RoPEFunction.apply(q, k, cos, sin)
+    return RoPEFunction.apply(q, k, cos, sin, halves_equal)

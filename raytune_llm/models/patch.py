@@ -172,11 +172,12 @@ def _patch_attention(
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         if family.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        # Contiguous copies: the RoPE kernel may rotate in place, and these are fresh tensors it may own.
-        q = q.transpose(1, 2).contiguous()
-        k = k.transpose(1, 2).contiguous()
+        # Transposed views: the RoPE kernel reads them in place and writes new contiguous [B, H, S, D] tensors
+        # (one pass; a .contiguous() copy first would read and write q and k once more). The rotary embedding of
+        # every supported family is HF's cat(freqs, freqs), so the kernel reads half of cos/sin.
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = ops["rope"](q, k, cos, sin)
+        q, k = ops["rope"](q, k, cos, sin, halves_equal=True)
         out = causal_attention(q, k, v, attention_mask, self.scaling, window).reshape(b, s, -1)
         wo = _fused_weights([self.o_proj]) if ops["lora_linear"] is not None else None
         if wo is not None:

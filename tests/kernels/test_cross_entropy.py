@@ -106,6 +106,13 @@ def test_default_chunk_size_follows_the_memory_rule():
     # Llama-3 at 32768 tokens: logits chunk [1024, 128256] ~ the size of the [32768, 4096] hidden states.
     assert default_chunk_size(32768, 4096, 128256) == 1024
     assert default_chunk_size(1, 4096, 128256) == 1
+    # Trained head: the largest power of two <= H, so a [C, V] chunk is no larger than the [V, H] gradient.
+    assert default_chunk_size(32768, 4096, 128256, trained_head=True) == 4096
+    assert default_chunk_size(32768, 5000, 128256, trained_head=True) == 4096
+    assert default_chunk_size(100, 4096, 128256, trained_head=True) == 128
+    assert default_chunk_size(1, 4096, 128256, trained_head=True) == 1
+    # never below the frozen-head rule (a tiny head over a huge batch)
+    assert default_chunk_size(1 << 20, 64, 128256, trained_head=True) == default_chunk_size(1 << 20, 64, 128256)
 
 
 @pytest.mark.gpu

@@ -51,6 +51,42 @@ def test_rope_matches_reference(dtype, b, hq, hk, seq_lens, d):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_rope_halves_equal_reads_half_the_table(dtype):
+    # HF's tables repeat their first half; with halves_equal the kernel reads only that half: same result.
+    dev = kernel_device()
+    cos, sin = _cos_sin(2, [3, 4], 8, dev)
+    assert torch.equal(cos[..., :4], cos[..., 4:]) and torch.equal(sin[..., :4], sin[..., 4:])
+    q, k = _qk(2, 4, 2, 7, 8, dev, seed=5)
+
+    def kern(q_, k_, c, s_):
+        return rope(q_, k_, c, s_, halves_equal=True)
+
+    check_against_reference(
+        kern, reference.rope, [q, k, cos, sin], dtype, names=["q", "k", "cos", "sin"], no_grad=(2, 3)
+    )
+    # The hint is really taken: a table whose second half differs is rotated with its first half only.
+    bent = cos.clone()
+    bent[..., 4:] += 1.0
+    with torch.no_grad():
+        a = rope(q.clone(), k.clone(), bent, sin, halves_equal=True)[0]
+        b = rope(q.clone(), k.clone(), cos, sin, halves_equal=True)[0]
+    torch.testing.assert_close(a, b)
+
+
+@needs_triton
+def test_rope_several_tokens_per_program_with_a_ragged_tail(monkeypatch):
+    # 2 x 7 tokens at 4 per program: the last program has two tokens past the end, which must be left alone.
+    import raytune_llm.kernels.rope as mod
+
+    monkeypatch.setattr(mod, "_TOKENS", 4)
+    dev = kernel_device()
+    cos, sin = _cos_sin(2, [3, 4], 8, dev)
+    q, k = _qk(2, 3, 1, 7, 8, dev, seed=7)
+    check_against_reference(rope, reference.rope, [q, k, cos, sin], torch.float32, no_grad=(2, 3))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_rope_non_contiguous_projection_layout(dtype):
     # q/k as attention builds them: proj(x).view(B, S, H, D).transpose(1, 2) (head stride D, seq stride H*D),
     # and cos/sin shared by the batch ([1, S, D], broadcast with batch stride 0).
@@ -104,11 +140,16 @@ def test_rope_kernel_compiles_for_sm90_without_spills(tmp_path):
     sig = {
         n: ("*bf16" if n.endswith("_ptr") else "i32")
         for n in _rope_kernel.arg_names
-        if not (n.startswith("BLOCK") or n == "BACKWARD")
+        if not (n.startswith("BLOCK") or n in ("BACKWARD", "HALVES_EQUAL", "TOKENS"))
     }
     consts = {"BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_D": 64}
     mod = "raytune_llm.kernels.rope"
     lines = compile_for_sm90(
-        [(mod, "_rope_kernel", sig, {**consts, "BACKWARD": bw}, 8) for bw in (False, True)], tmp_path
+        [
+            (mod, "_rope_kernel", sig, {**consts, "BACKWARD": bw, "HALVES_EQUAL": eq, "TOKENS": 2}, 8)
+            for bw in (False, True)
+            for eq in (False, True)
+        ],
+        tmp_path,
     )
-    assert len(lines) == 2 and all("LOCAL:0" in line for line in lines), lines
+    assert len(lines) == 4 and all("LOCAL:0" in line for line in lines), lines
