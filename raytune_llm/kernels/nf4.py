@@ -43,10 +43,17 @@ from raytune_llm.kernels._dispatch import interpret_mode, use_triton
 
 __all__ = ["NF4Nested", "NF4Weight", "nf4_dequantize", "nf4_dequantize_forward"]
 
-# Elements per program. Dequantization is store-bound (0.5 B read, 2 B written per bf16 element);
-# 1024 elements x 4 warps keeps 8 contiguous bf16 (16 B) per thread, a full vector store. The CPU
-# interpreter runs programs one after another and pays per program, so it takes bigger blocks.
-_BLOCK = 1024
+# Elements and warps per program, and how the nibbles are unpacked. Dequantization is store-bound (0.5 B read,
+# 2 B written per bf16 element). Chosen by bench/kernels/sweep_nf4.py on the H200 (every setting bit-exact
+# against bitsandbytes; bench/results/nf4_sweep_h200_20261129.json), 70B down_proj 8192 x 28672, double quant:
+# 2048 elements x 2 warps (32 per thread) with each element shifting its own nibble out ran 0.2082 ms, 0.672 of
+# copy bandwidth, 1.31x bitsandbytes' kernel (2048 x 4: 0.2116-0.2131; 8192 x 8: 0.2723); joining the two
+# nibbles of contiguous bytes ran 0.2339 ms at 2048 x 4; the first version (four loads per element, 1024 x 4)
+# 0.2725 ms, 0.987x bitsandbytes. The CPU interpreter runs programs one after another and pays per program, so
+# it takes bigger blocks.
+_BLOCK = 2048
+_NUM_WARPS = 2
+_SHIFT_UNPACK = True
 _BLOCK_INTERPRET = 8192
 
 
@@ -155,24 +162,39 @@ def _nf4_dequant_kernel(
     NESTED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
+    GROUP: tl.constexpr,
+    SHIFT_UNPACK: tl.constexpr,
 ):
+    # One program: BLOCK elements, covering BLOCK // GROUP quantization blocks (GROUP = min(blocksize, BLOCK), both
+    # powers of two, so a program starts on a block boundary or inside one block). The scales are made once per
+    # quantization block and broadcast: the only per-element load besides the packed bytes is the 16-entry code
+    # book (an L1 hit), where the first version loaded scale, scale code, nested scale and code per element.
+    SCALES: tl.constexpr = BLOCK // GROUP
     pid = tl.program_id(0).to(tl.int64)
-    # Contiguous byte loads (vectorizable), then the two nibbles interleaved back into element order:
-    # join -> [BLOCK/2, 2] with the high nibble first (the even element), reshape keeps row-major order.
-    boffs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-    byte = tl.load(PACKED_ptr + boffs, mask=boffs < (n_elements + 1) // 2, other=0).to(tl.int32)
-    q = tl.reshape(tl.join(byte >> 4, byte & 15), [BLOCK])
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
+    if SHIFT_UNPACK:
+        # Each element loads its own byte (two lanes share one, an L1 hit) and shifts its nibble out: the
+        # element order is the thread layout itself, so the stores stay plain vectors.
+        byte = tl.load(PACKED_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+        q = (byte >> (4 - 4 * (offs & 1).to(tl.int32))) & 15
+    else:
+        # Contiguous byte loads (vectorizable), then the two nibbles interleaved back into element order:
+        # join -> [BLOCK/2, 2] with the high nibble first (the even element), reshape keeps row-major order.
+        boffs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        byte = tl.load(PACKED_ptr + boffs, mask=boffs < (n_elements + 1) // 2, other=0).to(tl.int32)
+        q = tl.reshape(tl.join(byte >> 4, byte & 15), [BLOCK])
     value = tl.load(CODE_ptr + q, mask=mask, other=0.0)
-    blk = offs // blocksize
+    # Quantization blocks of this program: blocksize = GROUP when GROUP < BLOCK, else one block (or part of one).
+    blk = (pid * BLOCK) // blocksize + tl.arange(0, SCALES)
+    bmask = blk * blocksize < n_elements
     if NESTED:
-        c = tl.load(ABSMAX_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(CODE2_ptr + c, mask=mask, other=0.0) * tl.load(ABSMAX2_ptr + blk // blocksize2, mask=mask)
+        c = tl.load(ABSMAX_ptr + blk, mask=bmask, other=0).to(tl.int32)
+        scale = tl.load(CODE2_ptr + c, mask=bmask, other=0.0) * tl.load(ABSMAX2_ptr + blk // blocksize2, mask=bmask)
         scale = scale + tl.load(OFFSET_ptr)
     else:
-        scale = tl.load(ABSMAX_ptr + blk, mask=mask, other=0.0)
-    value = value * scale
+        scale = tl.load(ABSMAX_ptr + blk, mask=bmask, other=0.0)
+    value = tl.reshape(tl.reshape(value, [SCALES, BLOCK // SCALES]) * scale[:, None], [BLOCK])
     if RNE_BF16:
         # Round to nearest even on the fp32 bits; the conversion below is then exact. Only under the
         # CPU interpreter, whose fp32 -> bf16 cast truncates (498 of 1000 randn values off by one ulp).
@@ -217,7 +239,9 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
         NESTED=nested is not None,
         RNE_BF16=interpret_mode() and dtype == torch.bfloat16,
         BLOCK=block,
-        num_warps=4,
+        GROUP=min(w.blocksize, block),
+        SHIFT_UNPACK=_SHIFT_UNPACK,
+        num_warps=_NUM_WARPS,
         enable_fp_fusion=False,
     )
     return out
@@ -228,6 +252,8 @@ def _check(w: NF4Weight, out: torch.Tensor | None, dtype: torch.dtype | None) ->
         raise TypeError(f"nf4_dequantize expects an NF4Weight, got {type(w).__name__}")
     if w.packed.dtype != torch.uint8 or w.packed.numel() != (w.shape.numel() + 1) // 2:
         raise ValueError(f"NF4Weight.packed must be uint8 with ceil(n/2) bytes for shape {tuple(w.shape)}")
+    if w.blocksize < 2 or w.blocksize & (w.blocksize - 1):
+        raise ValueError(f"NF4Weight.blocksize must be a power of two (bitsandbytes' are), got {w.blocksize}")
     if out is not None and (out.shape != w.shape or not out.is_contiguous() or (dtype and out.dtype != dtype)):
         raise ValueError(f"out must be a contiguous {tuple(w.shape)} tensor of the requested dtype")
 
