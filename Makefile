@@ -37,16 +37,13 @@ demo: $(STAMP)
 # Kernel tests run the Triton kernels under the interpreter (it must be set before triton decorates
 # anything); everything else runs without it, where the fused ops dispatch to their torch references
 # (interpreted kernels inside Ray training runs would take minutes per step). The models suite runs its
-# interpreted fidelity check in a subprocess of its own.
-# The GGUF test runs last, once the background llama-cpp-python build has finished (scripts/llama_cpp.sh).
+# interpreted fidelity check in a subprocess of its own. scripts/run_tests.sh runs the lanes: the two
+# self-contained slow tests beside the others, the GGUF test last, once the background llama-cpp-python
+# build has finished (scripts/llama_cpp.sh).
 test: WITH_LLAMA = 1
 test: $(STAMP)
 	scripts/llama_cpp.sh start $(VENV)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests/kernels
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1200 --durations=15 --ignore=tests/kernels \
-	  --ignore=tests/export/test_gguf.py tests
-	scripts/llama_cpp.sh finish $(VENV)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=600 tests/export/test_gguf.py
+	scripts/run_tests.sh $(VENV)
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x -m "not slow" tests/kernels

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The test run of `make test` (and so of CI), once the set-up has installed VENV:
+#
+#   1. a side lane in the background: the tests that share nothing with the others, the two-node `ray job
+#      submit` test (its own two-node cluster, much of its time spent waiting on it) and the 1M-example packing
+#      memory test (one subprocess, one core);
+#   2. the kernel tests under the Triton interpreter (one process, one core: the side lane takes the other);
+#   3. everything else, with the session's one Ray cluster;
+#   4. the side lane's result, then the GGUF test once the background llama-cpp-python build is in
+#      (scripts/llama_cpp.sh).
+#
+# Every step runs even when one before it failed; the exit status is non-zero when any did.
+#
+#   scripts/run_tests.sh VENV
+set -uo pipefail
+venv=${1:?venv folder}
+py=$venv/bin/python
+pytest=("$py" -m pytest -q -p no:cacheprovider)
+side_tests=(
+  tests/test_cluster.py::test_job_submit_quickstart_on_two_nodes
+  tests/packing/test_memory.py::test_peak_rss_flat_in_input_size
+)
+side_log=$venv/side-lane.log
+failed=()
+
+"${pytest[@]}" --timeout=900 "${side_tests[@]}" > "$side_log" 2>&1 &
+side=$!
+trap 'kill "$side" 2>/dev/null' EXIT
+
+TRITON_INTERPRET=1 "${pytest[@]}" --timeout=900 tests/kernels || failed+=("kernel tests")
+
+deselect=()
+for t in "${side_tests[@]}"; do deselect+=(--deselect "$t"); done
+"${pytest[@]}" --timeout=1200 --durations=15 --ignore=tests/kernels --ignore=tests/export/test_gguf.py \
+  "${deselect[@]}" tests || failed+=("main tests")
+
+wait "$side" || failed+=("side lane (${side_tests[*]})")
+trap - EXIT
+echo "== side lane: ${side_tests[*]}"
+tail -n 15 "$side_log"
+
+if scripts/llama_cpp.sh finish "$venv"; then
+  "${pytest[@]}" --timeout=600 tests/export/test_gguf.py || failed+=("GGUF test")
+else
+  failed+=("llama-cpp-python build")
+fi
+
+if ((${#failed[@]})); then
+  printf 'FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
