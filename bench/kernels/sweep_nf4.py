@@ -1,6 +1,6 @@
-"""NF4 dequantization launch settings on the GPU: elements, warps, nibble unpacking, beside bitsandbytes' kernel.
+"""NF4 dequantization launch settings on the GPU: elements and warps per program, beside bitsandbytes' kernel.
 
-Runs bench_nf4's providers (ours under each `kernels.nf4._BLOCK` x `_NUM_WARPS` x `_SHIFT_UNPACK`, and
+Runs bench_nf4's providers (ours under each `kernels.nf4._BLOCK` x `_NUM_WARPS`, and
 bitsandbytes once) at its
 shapes with the harness's timing and prints each setting's time and bandwidth fraction.
 
@@ -23,20 +23,18 @@ from _harness import Harness, environment  # noqa: E402
 
 from raytune_llm.kernels import nf4 as mod  # noqa: E402
 
-SETTINGS = "1024:4:0,2048:4:0,1024:4:1,2048:4:1,2048:8:1,4096:8:1,1024:2:1,2048:2:1,4096:4:1,8192:4:1,4096:2:1"
+SETTINGS = "1024:4,2048:4,2048:2,4096:4,4096:2,8192:4"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument(
-        "--settings", default=SETTINGS, help="BLOCK:warps:shift triples (shift: 1 = per-element nibble shift)"
-    )
+    p.add_argument("--settings", default=SETTINGS, help="BLOCK:warps pairs")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     h = Harness(reps=args.reps)
     h.compile = lambda fn: None  # torch.compile is not what this sweep compares
-    default = (mod._BLOCK, mod._NUM_WARPS, mod._SHIFT_UNPACK)
+    default = (mod._BLOCK, mod._NUM_WARPS)
     rows = []
     import bitsandbytes.functional as bnbF
     import torch
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     w = (torch.randn(4099, 1031, device="cuda") * 0.02).to(torch.bfloat16)  # odd sizes: a ragged last block
     checks = [bnbF.quantize_4bit(w, blocksize=b, compress_statistics=True, quant_type="nf4") for b in (64, 4096)]
     for i, setting in enumerate(tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")):
-        mod._BLOCK, mod._NUM_WARPS, mod._SHIFT_UNPACK = setting[0], setting[1], bool(setting[2])
+        mod._BLOCK, mod._NUM_WARPS = setting
         exact = all(
             torch.equal(mod.nf4_dequantize(mod.NF4Weight.from_bnb(pk, qs)), bnbF.dequantize_4bit(pk, qs))
             for pk, qs in checks
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append(dict(setting=list(setting) if r.provider == "ours" else None, provider=r.provider,
                              shape=r.shape, ms=round(r.ms, 4), bandwidth_fraction=r.bandwidth_fraction))  # fmt: skip
-    mod._BLOCK, mod._NUM_WARPS, mod._SHIFT_UNPACK = default
+    mod._BLOCK, mod._NUM_WARPS = default
     bnb = {r["shape"]: r["ms"] for r in rows if r["provider"] == "bitsandbytes"}
     for r in rows:
         if r["provider"] == "ours" and r["shape"] in bnb and "ms" in r:

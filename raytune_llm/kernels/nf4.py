@@ -43,7 +43,7 @@ from raytune_llm.kernels._dispatch import interpret_mode, use_triton
 
 __all__ = ["NF4Nested", "NF4Weight", "nf4_dequantize", "nf4_dequantize_forward"]
 
-# Elements and warps per program, and how the nibbles are unpacked. Dequantization is store-bound (0.5 B read,
+# Elements and warps per program. Dequantization is store-bound (0.5 B read,
 # 2 B written per bf16 element). Chosen by bench/kernels/sweep_nf4.py on the H200 (every setting bit-exact
 # against bitsandbytes; bench/results/nf4_sweep_h200_20261129.json), 70B down_proj 8192 x 28672, double quant:
 # 2048 elements x 2 warps (32 per thread) with each element shifting its own nibble out ran 0.2082 ms, 0.672 of
@@ -53,7 +53,6 @@ __all__ = ["NF4Nested", "NF4Weight", "nf4_dequantize", "nf4_dequantize_forward"]
 # it takes bigger blocks.
 _BLOCK = 2048
 _NUM_WARPS = 2
-_SHIFT_UNPACK = True
 _BLOCK_INTERPRET = 8192
 
 
@@ -163,7 +162,6 @@ def _nf4_dequant_kernel(
     RNE_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
-    SHIFT_UNPACK: tl.constexpr,
 ):
     # One program: BLOCK elements, covering BLOCK // GROUP quantization blocks (GROUP = min(blocksize, BLOCK), both
     # powers of two, so a program starts on a block boundary or inside one block). The scales are made once per
@@ -173,17 +171,10 @@ def _nf4_dequant_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    if SHIFT_UNPACK:
-        # Each element loads its own byte (two lanes share one, an L1 hit) and shifts its nibble out: the
-        # element order is the thread layout itself, so the stores stay plain vectors.
-        byte = tl.load(PACKED_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-        q = (byte >> (4 - 4 * (offs & 1).to(tl.int32))) & 15
-    else:
-        # Contiguous byte loads (vectorizable), then the two nibbles interleaved back into element order:
-        # join -> [BLOCK/2, 2] with the high nibble first (the even element), reshape keeps row-major order.
-        boffs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-        byte = tl.load(PACKED_ptr + boffs, mask=boffs < (n_elements + 1) // 2, other=0).to(tl.int32)
-        q = tl.reshape(tl.join(byte >> 4, byte & 15), [BLOCK])
+    # Each element loads its own byte (two lanes share one, an L1 hit) and shifts its nibble out (high nibble =
+    # even element): the element order is the thread layout itself, so the stores stay plain vectors.
+    byte = tl.load(PACKED_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+    q = (byte >> (4 - 4 * (offs & 1).to(tl.int32))) & 15
     value = tl.load(CODE_ptr + q, mask=mask, other=0.0)
     # Quantization blocks of this program: blocksize = GROUP when GROUP < BLOCK, else one block (or part of one).
     blk = (pid * BLOCK) // blocksize + tl.arange(0, SCALES)
@@ -240,7 +231,6 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
         RNE_BF16=interpret_mode() and dtype == torch.bfloat16,
         BLOCK=block,
         GROUP=min(w.blocksize, block),
-        SHIFT_UNPACK=_SHIFT_UNPACK,
         num_warps=_NUM_WARPS,
         enable_fp_fusion=False,
     )

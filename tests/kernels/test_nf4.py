@@ -55,17 +55,15 @@ def test_kernel_bit_exact_against_bnb(shape, nested, dtype, blocksize):
 
 
 @needs_triton
-@pytest.mark.parametrize("shift", [False, True], ids=["join", "shift"])
 @pytest.mark.parametrize("blocksize", [64, 4096])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
-def test_kernel_programs_smaller_and_larger_than_a_block(monkeypatch, nested, blocksize, shift):
+def test_kernel_programs_smaller_and_larger_than_a_block(monkeypatch, nested, blocksize):
     # The kernel broadcasts one scale per quantization block: with 256-element programs, blocksize 64 puts 4
     # blocks in a program and blocksize 4096 spreads one block over 16 programs; 300 x 70 ends mid-block.
     import raytune_llm.kernels.nf4 as mod
 
     monkeypatch.setattr(mod, "_BLOCK_INTERPRET", 256)
     monkeypatch.setattr(mod, "_BLOCK", 256)
-    monkeypatch.setattr(mod, "_SHIFT_UNPACK", shift)  # both ways of unpacking the nibbles
     packed, qs = _quantize((300, 70), torch.bfloat16, nested, blocksize, device=kernel_device())
     _assert_bit_exact(nf4_dequantize(NF4Weight.from_bnb(packed, qs)), bnbF.dequantize_4bit(packed, qs))
 
