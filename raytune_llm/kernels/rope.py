@@ -96,7 +96,6 @@ def _rope_kernel(
     stride_sb,
     stride_ss,
     seq_len,
-    n_tokens,
     n_q_heads,
     n_k_heads,
     half,
@@ -105,62 +104,59 @@ def _rope_kernel(
     BLOCK_D: tl.constexpr,
     BACKWARD: tl.constexpr,
     HALVES_EQUAL: tl.constexpr,
-    TOKENS: tl.constexpr,
 ):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    s = pid % seq_len
     d = tl.arange(0, BLOCK_D)
-    for t in tl.static_range(TOKENS):
-        tok = tl.program_id(0).to(tl.int64) * TOKENS + t
-        b = tok // seq_len
-        s = tok % seq_len
-        d_mask = (d < half) & (tok < n_tokens)
-        cos_row = COS_ptr + b * stride_cb + s * stride_cs
-        sin_row = SIN_ptr + b * stride_sb + s * stride_ss
-        c1 = tl.load(cos_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(sin_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        if HALVES_EQUAL:  # HF's cat(freqs, freqs): the second halves repeat the first, half the table reads
-            c2 = c1
-            s2 = s1
-        else:
-            c2 = tl.load(cos_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            s2 = tl.load(sin_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        _rope_rotate(
-            Q_ptr + b * stride_qb + s * stride_qs,
-            QO_ptr + b * stride_qob + s * stride_qos,
-            stride_qh,
-            stride_qoh,
-            n_q_heads,
-            c1,
-            c2,
-            s1,
-            s2,
-            d,
-            d_mask,
-            half,
-            BLOCK_HQ,
-            BACKWARD,
-        )
-        _rope_rotate(
-            K_ptr + b * stride_kb + s * stride_ks,
-            KO_ptr + b * stride_kob + s * stride_kos,
-            stride_kh,
-            stride_koh,
-            n_k_heads,
-            c1,
-            c2,
-            s1,
-            s2,
-            d,
-            d_mask,
-            half,
-            BLOCK_HK,
-            BACKWARD,
-        )
+    d_mask = d < half
+    cos_row = COS_ptr + b * stride_cb + s * stride_cs
+    sin_row = SIN_ptr + b * stride_sb + s * stride_ss
+    c1 = tl.load(cos_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    if HALVES_EQUAL:  # HF's cat(freqs, freqs): the second halves repeat the first, half the table reads
+        c2 = c1
+        s2 = s1
+    else:
+        c2 = tl.load(cos_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    _rope_rotate(
+        Q_ptr + b * stride_qb + s * stride_qs,
+        QO_ptr + b * stride_qob + s * stride_qos,
+        stride_qh,
+        stride_qoh,
+        n_q_heads,
+        c1,
+        c2,
+        s1,
+        s2,
+        d,
+        d_mask,
+        half,
+        BLOCK_HQ,
+        BACKWARD,
+    )
+    _rope_rotate(
+        K_ptr + b * stride_kb + s * stride_ks,
+        KO_ptr + b * stride_kob + s * stride_kos,
+        stride_kh,
+        stride_koh,
+        n_k_heads,
+        c1,
+        c2,
+        s1,
+        s2,
+        d,
+        d_mask,
+        half,
+        BLOCK_HK,
+        BACKWARD,
+    )
 
 
-# Warps per program and tokens per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the
-# rules in _launch.
+# Warps per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the rule in _launch. One
+# token per program: 2 or 4 tokens ran 3-9% slower (bench/results/rope_sweep_h200_20261129.json).
 _NUM_WARPS: int | None = None
-_TOKENS: int | None = None
 
 
 def _table(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int, int]:
@@ -196,10 +192,9 @@ def _launch(
     # 32 q heads of 128 (q block 32 x 64 per half) ran 0.0909 ms at 4 warps, 0.0965 at 8; 64 q heads 0.1583
     # ms at 8 warps, 0.1610 at 4; 2 and 16 were slower at both.
     num_warps = _NUM_WARPS or (8 if BLOCK_HQ * BLOCK_D >= 4096 else 4)
-    tokens = _TOKENS or 1
     if B * S == 0:
         return
-    _rope_kernel[(triton.cdiv(B * S, tokens),)](
+    _rope_kernel[(B * S,)](
         q,
         k,
         q_out,
@@ -215,7 +210,6 @@ def _launch(
         ssb,
         sss,
         S,
-        B * S,
         Hq,
         Hk,
         half,
@@ -224,7 +218,6 @@ def _launch(
         BLOCK_D=BLOCK_D,
         BACKWARD=backward,
         HALVES_EQUAL=halves_equal,
-        TOKENS=tokens,
         num_warps=num_warps,
     )
 

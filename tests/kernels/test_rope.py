@@ -74,18 +74,6 @@ def test_rope_halves_equal_reads_half_the_table(dtype):
 
 
 @needs_triton
-def test_rope_several_tokens_per_program_with_a_ragged_tail(monkeypatch):
-    # 2 x 7 tokens at 4 per program: the last program has two tokens past the end, which must be left alone.
-    import raytune_llm.kernels.rope as mod
-
-    monkeypatch.setattr(mod, "_TOKENS", 4)
-    dev = kernel_device()
-    cos, sin = _cos_sin(2, [3, 4], 8, dev)
-    q, k = _qk(2, 3, 1, 7, 8, dev, seed=7)
-    check_against_reference(rope, reference.rope, [q, k, cos, sin], torch.float32, no_grad=(2, 3))
-
-
-@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_rope_non_contiguous_projection_layout(dtype):
     # q/k as attention builds them: proj(x).view(B, S, H, D).transpose(1, 2) (head stride D, seq stride H*D),
@@ -140,13 +128,13 @@ def test_rope_kernel_compiles_for_sm90_without_spills(tmp_path):
     sig = {
         n: ("*bf16" if n.endswith("_ptr") else "i32")
         for n in _rope_kernel.arg_names
-        if not (n.startswith("BLOCK") or n in ("BACKWARD", "HALVES_EQUAL", "TOKENS"))
+        if not (n.startswith("BLOCK") or n in ("BACKWARD", "HALVES_EQUAL"))
     }
     consts = {"BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_D": 64}
     mod = "raytune_llm.kernels.rope"
     lines = compile_for_sm90(
         [
-            (mod, "_rope_kernel", sig, {**consts, "BACKWARD": bw, "HALVES_EQUAL": eq, "TOKENS": 2}, 8)
+            (mod, "_rope_kernel", sig, {**consts, "BACKWARD": bw, "HALVES_EQUAL": eq}, 8)
             for bw in (False, True)
             for eq in (False, True)
         ],
