@@ -155,7 +155,7 @@ def _rope_kernel(
 
 
 # Warps per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the rule in _launch. One
-# token per program: 2 or 4 tokens ran 3-9% slower (bench/results/rope_sweep_h200_20261129.json).
+# token per program: 2 or 4 tokens ran 3-10% slower (bench/results/rope_sweep_h200_20261129.json).
 _NUM_WARPS: int | None = None
 
 
