@@ -45,15 +45,16 @@ __all__ = ["NF4Nested", "NF4Weight", "nf4_dequantize", "nf4_dequantize_forward"]
 
 # Elements and warps per program. Dequantization is store-bound (0.5 B read,
 # 2 B written per bf16 element). Chosen by bench/kernels/sweep_nf4.py on the H200 (every setting bit-exact
-# against bitsandbytes; bench/results/nf4_sweep_h200_20261129.json), 70B down_proj 8192 x 28672, double quant:
-# 2048 elements x 2 warps (32 per thread) with each element shifting its own nibble out ran 0.2082 ms, 0.672 of
-# copy bandwidth, 1.31x bitsandbytes' kernel (2048 x 4: 0.2116-0.2131; 8192 x 8: 0.2723); joining the two
-# nibbles of contiguous bytes ran 0.2339 ms at 2048 x 4; the first version (four loads per element, 1024 x 4)
-# 0.2725 ms, 0.987x bitsandbytes. The CPU interpreter runs programs one after another and pays per program, so
-# it takes bigger blocks.
+# against bitsandbytes), 70B down_proj 8192 x 28672, double quant: with 16-bit pairs stored as one 32-bit word,
+# 2048 elements x 2 warps ran 0.1803 ms, 0.775 of copy bandwidth, 1.51x bitsandbytes' kernel (4096 x 4: 0.1822;
+# 8192 x 8: 0.1970; 1024 x 2: 0.2096); one element per store at 2048 x 2 ran 0.2078 ms, 0.673 (session 6,
+# bench/results/nf4_sweep_h200_20261129_s6.json). The CPU interpreter runs programs one after another and pays
+# per program, so it takes bigger blocks.
 _BLOCK = 2048
 _NUM_WARPS = 2
 _BLOCK_INTERPRET = 8192
+# Whether 16-bit outputs of even length are written as 32-bit pairs (see the kernel); the sweep tries both.
+_PAIRS = True
 
 
 class NF4Nested(NamedTuple):
@@ -147,6 +148,38 @@ class NF4Weight(NamedTuple):
 
 
 @triton.jit
+def _block_scales(ABSMAX_ptr, ABSMAX2_ptr, CODE2_ptr, OFFSET_ptr, first, n_elements, blocksize, blocksize2,
+                  NESTED: tl.constexpr, SCALES: tl.constexpr):  # fmt: skip
+    # The fp32 scales of the SCALES quantization blocks starting at element `first`, made once per block.
+    blk = first // blocksize + tl.arange(0, SCALES)
+    bmask = blk * blocksize < n_elements
+    if NESTED:
+        c = tl.load(ABSMAX_ptr + blk, mask=bmask, other=0).to(tl.int32)
+        scale = tl.load(CODE2_ptr + c, mask=bmask, other=0.0) * tl.load(ABSMAX2_ptr + blk // blocksize2, mask=bmask)
+        scale = scale + tl.load(OFFSET_ptr)
+    else:
+        scale = tl.load(ABSMAX_ptr + blk, mask=bmask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _scaled(value, scale, SCALES: tl.constexpr, WIDTH: tl.constexpr):
+    # value [WIDTH] (consecutive, starting on a block boundary or inside one block) times its block's scale.
+    return tl.reshape(tl.reshape(value, [SCALES, WIDTH // SCALES]) * scale[:, None], [WIDTH])
+
+
+@triton.jit
+def _round_bits(value, RNE_BF16: tl.constexpr):
+    if RNE_BF16:
+        # Round to nearest even on the fp32 bits; the conversion after it is then exact. Only under the
+        # CPU interpreter, whose fp32 -> bf16 cast truncates (498 of 1000 randn values off by one ulp).
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    return value
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     OUT_ptr,
     PACKED_ptr,
@@ -160,6 +193,8 @@ def _nf4_dequant_kernel(
     blocksize2,
     NESTED: tl.constexpr,
     RNE_BF16: tl.constexpr,
+    PAIRS: tl.constexpr,
+    HALF_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
 ):
@@ -169,30 +204,35 @@ def _nf4_dequant_kernel(
     # book (an L1 hit), where the first version loaded scale, scale code, nested scale and code per element.
     SCALES: tl.constexpr = BLOCK // GROUP
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    # Each element loads its own byte (two lanes share one, an L1 hit) and shifts its nibble out (high nibble =
-    # even element): the element order is the thread layout itself, so the stores stay plain vectors.
-    byte = tl.load(PACKED_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    q = (byte >> (4 - 4 * (offs & 1).to(tl.int32))) & 15
-    value = tl.load(CODE_ptr + q, mask=mask, other=0.0)
-    # Quantization blocks of this program: blocksize = GROUP when GROUP < BLOCK, else one block (or part of one).
-    blk = (pid * BLOCK) // blocksize + tl.arange(0, SCALES)
-    bmask = blk * blocksize < n_elements
-    if NESTED:
-        c = tl.load(ABSMAX_ptr + blk, mask=bmask, other=0).to(tl.int32)
-        scale = tl.load(CODE2_ptr + c, mask=bmask, other=0.0) * tl.load(ABSMAX2_ptr + blk // blocksize2, mask=bmask)
-        scale = scale + tl.load(OFFSET_ptr)
+    if PAIRS:
+        # 16-bit output (HALF_DTYPE), n even: byte j holds elements 2j (high nibble) and 2j + 1 (low nibble), the
+        # two halves of the 32-bit output word j (little-endian: element 2j in the low half). One contiguous byte
+        # load and one 32-bit store per pair, no element shuffling; OUT_ptr is the output viewed as int32.
+        HALF: tl.constexpr = BLOCK // 2
+        j = pid * HALF + tl.arange(0, HALF)
+        jmask = j < n_elements // 2
+        byte = tl.load(PACKED_ptr + j, mask=jmask, other=0).to(tl.int32)
+        hi = tl.load(CODE_ptr + (byte >> 4), mask=jmask, other=0.0)
+        lo = tl.load(CODE_ptr + (byte & 15), mask=jmask, other=0.0)
+        scale = _block_scales(ABSMAX_ptr, ABSMAX2_ptr, CODE2_ptr, OFFSET_ptr, pid * BLOCK, n_elements, blocksize,
+                              blocksize2, NESTED, SCALES)  # fmt: skip
+        hi = _round_bits(_scaled(hi, scale, SCALES, HALF), RNE_BF16)
+        lo = _round_bits(_scaled(lo, scale, SCALES, HALF), RNE_BF16)
+        hi16 = hi.to(HALF_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
+        lo16 = lo.to(HALF_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
+        tl.store(OUT_ptr + j, (hi16 | (lo16 << 16)).to(tl.int32, bitcast=True), mask=jmask)
     else:
-        scale = tl.load(ABSMAX_ptr + blk, mask=bmask, other=0.0)
-    value = tl.reshape(tl.reshape(value, [SCALES, BLOCK // SCALES]) * scale[:, None], [BLOCK])
-    if RNE_BF16:
-        # Round to nearest even on the fp32 bits; the conversion below is then exact. Only under the
-        # CPU interpreter, whose fp32 -> bf16 cast truncates (498 of 1000 randn values off by one ulp).
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        value = bits.to(tl.float32, bitcast=True)
-    tl.store(OUT_ptr + offs, value.to(OUT_ptr.dtype.element_ty), mask=mask)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        # Each element loads its own byte (two lanes share one, an L1 hit) and shifts its nibble out (high nibble
+        # = even element): the element order is the thread layout itself, so the stores stay plain vectors.
+        byte = tl.load(PACKED_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+        q = (byte >> (4 - 4 * (offs & 1).to(tl.int32))) & 15
+        value = tl.load(CODE_ptr + q, mask=mask, other=0.0)
+        scale = _block_scales(ABSMAX_ptr, ABSMAX2_ptr, CODE2_ptr, OFFSET_ptr, pid * BLOCK, n_elements, blocksize,
+                              blocksize2, NESTED, SCALES)  # fmt: skip
+        value = _round_bits(_scaled(value, scale, SCALES, BLOCK), RNE_BF16)
+        tl.store(OUT_ptr + offs, value.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
@@ -216,8 +256,10 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
     nested = w.nested
     # Unused pointers when not nested: pass tensors that exist (never read: NESTED is a constexpr).
     absmax2, code2, offset = (nested.absmax, nested.code, nested.offset) if nested else (w.absmax, w.code, w.code)
+    # Pairs of 16-bit outputs as one 32-bit word each when the output allows it (n even, 4-byte aligned).
+    pairs = _PAIRS and out.element_size() == 2 and n % 2 == 0 and out.data_ptr() % 4 == 0
     _nf4_dequant_kernel[(triton.cdiv(n, block),)](
-        out,
+        out.view(-1).view(torch.int32) if pairs else out,
         w.packed,
         w.absmax,
         w.code,
@@ -229,6 +271,8 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
         nested.blocksize if nested else 1,
         NESTED=nested is not None,
         RNE_BF16=interpret_mode() and dtype == torch.bfloat16,
+        PAIRS=pairs,
+        HALF_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16,
         BLOCK=block,
         GROUP=min(w.blocksize, block),
         num_warps=_NUM_WARPS,

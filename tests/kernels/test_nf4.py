@@ -55,15 +55,18 @@ def test_kernel_bit_exact_against_bnb(shape, nested, dtype, blocksize):
 
 
 @needs_triton
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "elements"])
 @pytest.mark.parametrize("blocksize", [64, 4096])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
-def test_kernel_programs_smaller_and_larger_than_a_block(monkeypatch, nested, blocksize):
+def test_kernel_programs_smaller_and_larger_than_a_block(monkeypatch, nested, blocksize, pairs):
     # The kernel broadcasts one scale per quantization block: with 256-element programs, blocksize 64 puts 4
     # blocks in a program and blocksize 4096 spreads one block over 16 programs; 300 x 70 ends mid-block.
+    # Both store paths: 16-bit pairs as one 32-bit word, and one element at a time.
     import raytune_llm.kernels.nf4 as mod
 
     monkeypatch.setattr(mod, "_BLOCK_INTERPRET", 256)
     monkeypatch.setattr(mod, "_BLOCK", 256)
+    monkeypatch.setattr(mod, "_PAIRS", pairs)
     packed, qs = _quantize((300, 70), torch.bfloat16, nested, blocksize, device=kernel_device())
     _assert_bit_exact(nf4_dequantize(NF4Weight.from_bnb(packed, qs)), bnbF.dequantize_4bit(packed, qs))
 
@@ -78,6 +81,19 @@ def test_kernel_other_dtype_and_out_buffer():
     out = torch.empty(w.shape, dtype=torch.float32, device=kernel_device())
     assert nf4_dequantize(w, torch.float32, out=out) is out
     _assert_bit_exact(out, want)
+    # A 16-bit output buffer that is not 4-byte aligned takes the one-element path (no 32-bit pair stores).
+    out = torch.empty(w.shape.numel() + 1, dtype=torch.bfloat16, device=kernel_device())[1:].view(w.shape)
+    assert out.data_ptr() % 4 == 2
+    assert nf4_dequantize(w, out=out) is out
+    _assert_bit_exact(out, bnbF.dequantize_4bit(packed, qs))
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(16, 70), (5, 9)], ids=["even", "odd"])
+def test_kernel_fp16_bit_exact(shape):
+    # fp16 pairs are written through the same 32-bit stores as bf16 (an odd n takes the one-element path).
+    packed, qs = _quantize(shape, torch.float16, nested=True, device=kernel_device())
+    _assert_bit_exact(nf4_dequantize(NF4Weight.from_bnb(packed, qs)), bnbF.dequantize_4bit(packed, qs))
 
 
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16_storage"])
