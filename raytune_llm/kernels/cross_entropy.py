@@ -21,15 +21,18 @@ passes over ``z``: an online max / sum-of-exponentials (fp32) giving ``lse`` and
 ``G`` written *in place over the chunk's logits*. ``dL/dh`` for the chunk is one matmul into its
 slice of the ``[N, H]`` gradient; ``dL/dW`` is accumulated with ``addmm_`` only when ``W`` requires
 grad (a frozen LoRA base head never pays for it). The backward only scales the stored gradients by
-the upstream scalar. Peak extra memory: one ``[C, V]`` chunk + ``dL/dh`` (+ ``dL/dW`` in fp32), never ``[N, V]``;
-:func:`default_chunk_size` picks ``C`` (larger when the head is trained, without raising the peak).
+the upstream scalar. Peak extra memory: one ``[C, V]`` chunk + ``dL/dh`` (+ ``dL/dW``), never ``[N, V]``;
+:func:`default_chunk_size` picks ``C``.
 
 Dtype policy: logits in the input dtype (bf16 in training), read and reduced in fp32; the loss is
-fp32; ``G`` is stored in the input dtype for the two gradient matmuls; ``dL/dW`` accumulates over
-the chunks in fp32 (bf16 GEMM inputs, fp32 output added in place) and is rounded to ``W``'s dtype once,
-after the upstream scale; ``dL/dh`` rows are each written once, in ``h``'s dtype (fp32 accumulation
-inside the GEMM). An upstream gradient that is not a power of two is applied to the stored ``dL/dh``,
-one rounding more than autograd's order (Liger has the same).
+fp32; ``G`` is stored in the input dtype for the two gradient matmuls; every GEMM accumulates in fp32
+inside; ``dL/dh`` rows are each written once, in ``h``'s dtype. ``dL/dW`` is the running sum over the
+chunks in ``W``'s dtype, fp32 inside each chunk's GEMM and rounded once per chunk (Liger does the same):
+an fp32 ``[V, H]`` accumulator would cost 2 GiB more at Llama-3's head, and at 32768 tokens (32 chunks) on
+the H200 it lowered the error of dL/dW against an fp32 computation only from 3.9e-3 to 2.8e-3 (rms,
+relative), the bf16 result's own rounding being most of it (bench/kernels/sweep_flce.py). An upstream
+gradient that is not a power of two is applied to the stored gradients, one rounding more than
+autograd's order (Liger has the same).
 """
 
 from __future__ import annotations
@@ -88,49 +91,43 @@ def _ce_row_kernel(
     z_label = tl.load(row_ptr + safe_label).to(tl.float32)
     tl.store(LOSS_ptr + row, tl.where(valid, lse - z_label, 0.0))
 
-    # Pass 2: G = (softmax - onehot) / n, over the logits in place; ignored rows get zeros.
+    # Pass 2: G = (softmax - onehot) / n, over the logits in place; ignored rows get zeros. It walks the row back
+    # from the block pass 1 read last, which is then still in L2 (forward order: 0.4-0.7% slower over the whole op
+    # on the H200, trained and frozen head, bench/results/flce_sweep_h200_20261129_s6b.json).
     if COMPUTE_GRAD:
         scale = tl.where(valid, 1.0, 0.0) / tl.load(DENOM_ptr)
-        start = 0
-        while start < n_cols:
+        n_blocks = (n_cols + BLOCK - 1) // BLOCK
+        i = 0
+        while i < n_blocks:
+            start = (n_blocks - 1 - i) * BLOCK
             cols = start + offs
             mask = cols < n_cols
             x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.exp(x - lse)
             g = tl.where(cols == safe_label, g - 1.0, g) * scale
             tl.store(row_ptr + cols, g.to(LOGITS_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK
+            i += 1
 
 
-def default_chunk_size(n_tokens: int, hidden: int, vocab: int, trained_head: bool = False) -> int:
-    """Tokens per chunk.
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk: ``C = next_pow2(ceil(N / ceil(V / H)))`` (Liger's rule).
 
-    Frozen head: ``C = next_pow2(ceil(N / ceil(V / H)))`` (Liger's rule): the ``[C, V]`` logits then
-    cost about as much memory as ``[N, H]``, so the fused op's extra memory stays ~1x the activations
-    while chunks remain large enough (1024 tokens for 32768 x 4096 -> 128256) for efficient GEMMs.
-
-    Trained head: every chunk adds ``G^T h`` into the fp32 ``[V, H]`` accumulator, a GEMM that reads
-    and writes 4 bytes x V x H (4 GiB at Llama-3's head) whatever the chunk's size; 32 chunks of 1024
-    spend ~30 ms of an H200's bandwidth on that alone. So the chunk grows to the largest power of two
-    with ``C <= H``: one ``[C, V]`` bf16 chunk is then no larger than the ``[V, H]`` bf16 gradient that
-    the backward allocates beside the fp32 accumulator anyway, so the peak does not grow (4096 tokens
-    at H = 4096: 8 accumulations instead of 32).
+    The ``[C, V]`` logits then cost about as much memory as ``[N, H]``, so the fused op's extra memory stays
+    ~1x the activations while chunks remain large enough (1024 tokens for 32768 x 4096 -> 128256) for
+    efficient GEMMs. A trained head takes the same rule: every chunk's ``G^T h`` reads and writes the
+    ``[V, H]`` gradient (2 GiB of traffic at Llama-3's head), so 2048-token chunks ran 3.8% faster on the
+    H200, but each doubling adds a [C, V] chunk of memory (+250 MiB, above Liger's peak; sweep_flce.py).
 
     Args:
         n_tokens: N.
         hidden: H.
         vocab: V.
-        trained_head: whether ``dL/dW`` is accumulated.
 
     Returns:
         The chunk size, at least 1.
     """
     inc = triton.cdiv(vocab, hidden)
-    liger = max(1, triton_next_power_of_2(triton.cdiv(max(n_tokens, 1), inc)))
-    if not trained_head:
-        return liger
-    head = 1 << (max(hidden, 1).bit_length() - 1)  # largest power of two <= H
-    return max(liger, min(head, triton_next_power_of_2(max(n_tokens, 1))))
+    return max(1, triton_next_power_of_2(triton.cdiv(max(n_tokens, 1), inc)))
 
 
 def fused_linear_cross_entropy_forward(
@@ -162,9 +159,9 @@ def fused_linear_cross_entropy_forward(
     denom = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
     loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
     compute_grad = need_dh or need_dw
-    C = chunk_size or default_chunk_size(N, H, V, trained_head=need_dw)
+    C = chunk_size or default_chunk_size(N, H, V)
     BLOCK, num_warps = row_block_settings(min(V, _MAX_VOCAB_BLOCK))
     for start in range(0, N, C):
         end = min(start + C, N)
@@ -190,32 +187,13 @@ def fused_linear_cross_entropy_forward(
         G = logits.to(hidden.dtype)
         if need_dh:
             torch.mm(G, weight, out=grad_h[start:end])
-        if need_dw:
-            _accumulate_fp32(grad_w, G.t(), h_c)
+        if need_dw:  # fp32 inside the GEMM, one rounding of the running sum per chunk
+            grad_w.addmm_(G.t(), h_c)
         # Drop this chunk before the next matmul allocates its output: two [C, V] chunks alive at once
         # would add a third of Liger's whole extra memory at its own chunk size.
         del G, logits
     loss = loss_rows.sum() / denom
     return loss, grad_h, grad_w
-
-
-_FP32_OUT_GEMM: dict[str, bool] = {}
-
-
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in a 16-bit dtype, without an fp32 copy of either.
-
-    On CUDA, cuBLAS takes bf16/fp16 inputs with an fp32 C matrix (``addmm`` with ``out_dtype``, written in
-    place); where that overload is missing (older torch, CPU, the interpreter's small shapes) the inputs
-    are upcast.
-    """
-    if a.dtype != torch.float32 and acc.is_cuda and _FP32_OUT_GEMM.get("addmm", True):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _FP32_OUT_GEMM["addmm"] = False
-    acc.addmm_(a.float(), b.float())
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -230,7 +208,6 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, labels, ignore_index, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
         ctx.grads = (grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
@@ -245,7 +222,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if grad_h is not None:
             grad_h.mul_(grad_output.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = grad_w.mul_(grad_output.float()).to(ctx.weight_dtype)
+            grad_w.mul_(grad_output.to(grad_w.dtype))
         return grad_h, grad_w, None, None, None
 
 

@@ -39,11 +39,21 @@ __all__ = ["RoPEFunction", "rope", "rope_backward", "rope_forward"]
 
 
 @triton.jit
-def _rope_rotate(
-    in_ptr,
+def _rope_load(in_ptr, stride_in_h, n_heads, d_off, d_mask, half, BLOCK_H: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    mask = (h < n_heads) & d_mask[None, :]
+    p_in = in_ptr + h * stride_in_h + d_off[None, :]
+    x1 = tl.load(p_in, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p_in + half, mask=mask, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _rope_store(
     out_ptr,
-    stride_in_h,
     stride_out_h,
+    x1,
+    x2,
     n_heads,
     c1,
     c2,
@@ -57,10 +67,7 @@ def _rope_rotate(
 ):
     h = tl.arange(0, BLOCK_H)[:, None]
     mask = (h < n_heads) & d_mask[None, :]
-    p_in = in_ptr + h * stride_in_h + d_off[None, :]
     p_out = out_ptr + h * stride_out_h + d_off[None, :]
-    x1 = tl.load(p_in, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p_in + half, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
@@ -120,38 +127,15 @@ def _rope_kernel(
     else:
         c2 = tl.load(cos_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         s2 = tl.load(sin_row + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    _rope_rotate(
-        Q_ptr + b * stride_qb + s * stride_qs,
-        QO_ptr + b * stride_qob + s * stride_qos,
-        stride_qh,
-        stride_qoh,
-        n_q_heads,
-        c1,
-        c2,
-        s1,
-        s2,
-        d,
-        d_mask,
-        half,
-        BLOCK_HQ,
-        BACKWARD,
-    )
-    _rope_rotate(
-        K_ptr + b * stride_kb + s * stride_ks,
-        KO_ptr + b * stride_kob + s * stride_kos,
-        stride_kh,
-        stride_koh,
-        n_k_heads,
-        c1,
-        c2,
-        s1,
-        s2,
-        d,
-        d_mask,
-        half,
-        BLOCK_HK,
-        BACKWARD,
-    )
+    q_in = Q_ptr + b * stride_qb + s * stride_qs
+    k_in = K_ptr + b * stride_kb + s * stride_ks
+    q_out = QO_ptr + b * stride_qob + s * stride_qos
+    k_out = KO_ptr + b * stride_kob + s * stride_kos
+    # Both loads in flight before the first store (the compiler cannot move K's loads past Q's stores).
+    q1, q2 = _rope_load(q_in, stride_qh, n_q_heads, d, d_mask, half, BLOCK_HQ)
+    k1, k2 = _rope_load(k_in, stride_kh, n_k_heads, d, d_mask, half, BLOCK_HK)
+    _rope_store(q_out, stride_qoh, q1, q2, n_q_heads, c1, c2, s1, s2, d, d_mask, half, BLOCK_HQ, BACKWARD)
+    _rope_store(k_out, stride_koh, k1, k2, n_k_heads, c1, c2, s1, s2, d, d_mask, half, BLOCK_HK, BACKWARD)
 
 
 # Warps per program when set (bench/kernels/sweep_rope.py tries the alternatives); None: the rule in _launch. One
@@ -188,10 +172,11 @@ def _launch(
     BLOCK_HQ = triton_next_power_of_2(Hq)
     BLOCK_HK = triton_next_power_of_2(Hk)
     # Work per program is (Hq + Hk) heads x D elements (Llama-8B: 40 x 128 = 5120 bf16 values). Measured on
-    # the H200 (bench/kernels/sweep_rope.py, bench/results/rope_sweep_h200_20261128.json), forward + backward:
-    # 32 q heads of 128 (q block 32 x 64 per half) ran 0.0909 ms at 4 warps, 0.0965 at 8; 64 q heads 0.1583
-    # ms at 8 warps, 0.1610 at 4; 2 and 16 were slower at both.
-    num_warps = _NUM_WARPS or (8 if BLOCK_HQ * BLOCK_D >= 4096 else 4)
+    # the H200 (bench/kernels/sweep_rope.py), forward + backward, with Q's and K's loads issued first: 32 q heads
+    # of 128 (q block 32 x 64 per half) ran 0.0894 ms at 8 warps, 0.0921 at 4; 64 q heads 0.1594 ms at 8, 0.1615
+    # at 4 (bench/results/rope_sweep_h200_20261129_s6.json; loads interleaved with stores: 0.0907 / 0.1595 at 8).
+    # Session 4, interleaved, found 2 and 16 warps slower at both.
+    num_warps = _NUM_WARPS or (8 if BLOCK_HQ * BLOCK_D >= 2048 else 4)
     if B * S == 0:
         return
     _rope_kernel[(B * S,)](

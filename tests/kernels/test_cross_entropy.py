@@ -105,14 +105,19 @@ def test_flce_rejects_bad_input():
 def test_default_chunk_size_follows_the_memory_rule():
     # Llama-3 at 32768 tokens: logits chunk [1024, 128256] ~ the size of the [32768, 4096] hidden states.
     assert default_chunk_size(32768, 4096, 128256) == 1024
+    assert default_chunk_size(8192, 4096, 128256) == 256
     assert default_chunk_size(1, 4096, 128256) == 1
-    # Trained head: the largest power of two <= H, so a [C, V] chunk is no larger than the [V, H] gradient.
-    assert default_chunk_size(32768, 4096, 128256, trained_head=True) == 4096
-    assert default_chunk_size(32768, 5000, 128256, trained_head=True) == 4096
-    assert default_chunk_size(100, 4096, 128256, trained_head=True) == 128
-    assert default_chunk_size(1, 4096, 128256, trained_head=True) == 1
-    # never below the frozen-head rule (a tiny head over a huge batch)
-    assert default_chunk_size(1 << 20, 64, 128256, trained_head=True) == default_chunk_size(1 << 20, 64, 128256)
+
+
+def test_flce_weight_gradient_keeps_the_weight_dtype():
+    # dL/dW is summed over the chunks in W's dtype (no fp32 [V, H] buffer): bf16 in, bf16 out, with 5 chunks.
+    hidden, weight, labels = _inputs(20, 16, 50, kernel_device())
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    fused_linear_cross_entropy(h, w, labels, -100, 4).backward()
+    assert w.grad.dtype == torch.bfloat16 and h.grad.dtype == torch.bfloat16
+    wf = weight.detach().float().requires_grad_()
+    reference.fused_linear_cross_entropy(h.detach().float(), wf, labels).backward()
+    assert (w.grad.float() - wf.grad).abs().max() <= 0.02 * wf.grad.abs().max()
 
 
 @pytest.mark.gpu
@@ -125,9 +130,10 @@ def test_flce_real_sizes(dtype, h, head):
     # size, where the fp32 atol of 1e-5 would pass anything). The scale is a power of two, exact in bf16: the
     # fused op applies the upstream gradient to its stored bf16 dL/dh, one rounding more than autograd's order
     # for other scales (see the module docstring), which is not what this test measures.
-    # dW accumulates over chunks in fp32; 1024-token chunks (2 chunks) exercise the accumulation.
+    # dW accumulates over the chunks in W's dtype (one rounding per chunk); 256-token chunks make 8 of them, as
+    # many as 32768 tokens in the trained-head default's chunks.
     count = 2.0 ** round(math.log2(int((labels != -100).sum())))
-    chunk = 1024 if head == "train" else None
+    chunk = 256 if head == "train" else None
     check_against_reference(
         lambda a, b, c: count * fused_linear_cross_entropy(a, b, c, -100, chunk),
         lambda a, b, c: count * reference.fused_linear_cross_entropy(a, b, c),
@@ -159,6 +165,7 @@ def test_ce_kernel_compiles_for_sm90_without_spills(tmp_path):
     sig |= {"n_cols": "i32", "ignore_index": "i32"}
     mod = "raytune_llm.kernels.cross_entropy"
     lines = compile_for_sm90(
-        [(mod, "_ce_row_kernel", sig, {"COMPUTE_GRAD": g, "BLOCK": 32768}, 32) for g in (False, True)], tmp_path
+        [(mod, "_ce_row_kernel", sig, {"COMPUTE_GRAD": g, "BLOCK": 32768}, 32) for g in (False, True)],
+        tmp_path,
     )
     assert len(lines) == 2 and all("LOCAL:0" in line for line in lines), lines
