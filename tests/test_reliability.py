@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -38,51 +39,91 @@ def _cfg(out: Path, name: str, *extra: str):
 _losses = logged_losses
 
 
-def _cli(args, env, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "raytune_llm", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     return tmp_path_factory.mktemp("rel")
 
 
+# The runs of the SIGTERM / resume test: one worker, 100 steps, so that the SIGTERM lands long before the end (a step
+# takes ~50 ms here) while the run it is resumed against is the same schedule. checkpoint_every does not change what
+# a run computes, and each run sets its own.
+ONE_WORKER = ["train.num_workers=1", "train.max_steps=100"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_resume_in_new_process_is_bitwise_one_worker(ray_session, out, monkeypatch):
-    """The cut run meets a NaN loss at step 11 (default on_nonfinite=stop) after its step-10 checkpoint: that one
-    run proves the NaN stop and leaves the checkpoint a new process resumes from (one Ray Train fit less)."""
-    run_training(_cfg(out, "full1", "train.num_workers=1"))
+def test_sigterm_then_resume_in_new_process_is_bitwise_then_nan_stops(ray_session, out, tmp_path, monkeypatch, capsys):
+    """Three fits prove three things:
+
+    1. `full1`, uninterrupted (in this process): the reference curve.
+    2. `term`, the CLI in a new process: SIGTERM to its driver once its step-5 checkpoint is written; the workers save a
+       checkpoint at the step they reached and stop, the CLI exits 2 naming the step.
+    3. `term` resumed in this process (not the one that wrote the checkpoint), a NaN loss injected at the 11th step
+       after the stop: the 10 steps before it are bitwise the uninterrupted run's, and the default on_nonfinite=stop
+       ends the run at the NaN with nothing saved after it.
+    """
+    run_training(_cfg(out, "full1", *ONE_WORKER, "train.checkpoint_every=0"))
     full = _losses(out / "full1")
-    monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=11")
-    with pytest.raises(RuntimeError, match="non-finite loss nan at step 11; parameters left unchanged"):
-        run_training(_cfg(out, "cut1", "train.num_workers=1"))
-    monkeypatch.delenv("RAYTUNE_LLM_FAULT")
+    assert sorted(full) == list(range(1, 101))
+
     from raytune_llm.train.worker import latest_complete
 
-    saved = json.loads((latest_complete(out / "cut1" / "ray" / "train") / "trainer_state.json").read_text())
-    assert saved["step"] == 10 and not saved["stopped_early"], saved  # nothing was saved after the NaN
-    args = ["train", "conf/quickstart.yaml", f"output_dir={out}", "name=cut1", "train.num_workers=1", *SMALL]
-    res = _cli(args, joining_env(ray_session))  # a new process (no second cluster start)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming from" in res.stdout + res.stderr
-    resumed = _losses(out / "cut1")
-    assert sorted(resumed) == list(range(1, 21))
-    for step in range(11, 21):
-        assert resumed[step] == full[step], (step, resumed[step], full[step])  # bitwise
+    args = ["train", "conf/quickstart.yaml", f"output_dir={out}", "name=term", *SMALL, *ONE_WORKER]
+    args += ["train.checkpoint_every=5"]  # the step-5 checkpoint is the cue (no log forwarding in between)
+    log = tmp_path / "term.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raytune_llm", *args],
+            cwd=ROOT,
+            env=joining_env(ray_session),  # a new process (no second cluster start)
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    train = out / "term" / "ray" / "train"
+    deadline = time.time() + 400
+    while latest_complete(train) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 2, text[-3000:]
+    stopped = re.search(r"stopped at step (\d+) on SIGTERM", text)
+    assert stopped, text[-3000:]
+    stop = int(stopped.group(1))
+    saved = json.loads((latest_complete(train) / "trainer_state.json").read_text())
+    assert saved["stopped_early"] and saved["step"] == stop >= 5, (saved, stop)  # the SIGTERM's own checkpoint
+
+    nan_at = stop + 11
+    assert nan_at <= 100, f"the SIGTERM landed at step {stop} of 100"
+    monkeypatch.setenv("RAYTUNE_LLM_FAULT", f"nan:step={nan_at}")
+    capsys.readouterr()
+    resumed_at = time.time()
+    with pytest.raises(RuntimeError, match=f"non-finite loss nan at step {nan_at}; parameters left unchanged"):
+        # a checkpoint right before the NaN holds the resumed steps
+        run_training(_cfg(out, "term", *ONE_WORKER, f"train.checkpoint_every={nan_at - 1}"))
+    monkeypatch.delenv("RAYTUNE_LLM_FAULT")
+    assert "resuming from" in capsys.readouterr().out
+    ckpt = latest_complete(train)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == nan_at - 1 and not state["stopped_early"], state  # nothing was saved after the NaN
+    rows = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, nan_at))  # each step once
+    # steps up to the stop were trained by the SIGTERMed run, the rest by the resumed one (not trained again)
+    assert all((r["time"] < resumed_at) == (r["step"] <= stop) for r in rows), (stop, [r["time"] for r in rows])
+    for r in rows:
+        assert r["loss"] == full[r["step"]], (r["step"], r["loss"], full[r["step"]])  # bitwise
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resume_refuses_other_seed_or_seq_len(ray_session, out):
     if not (out / "full1").exists():
-        run_training(_cfg(out, "full1", "train.num_workers=1"))
+        run_training(_cfg(out, "full1", *ONE_WORKER, "train.checkpoint_every=0"))
     with pytest.raises(UserError, match="seed"):
-        run_training(_cfg(out, "full1", "train.num_workers=1", "train.seed=1", "train.max_steps=30"))
+        run_training(_cfg(out, "full1", *ONE_WORKER, "train.seed=1", "train.max_steps=130"))
     with pytest.raises(UserError, match="seq_len"):
-        run_training(_cfg(out, "full1", "train.num_workers=1", "data.seq_len=64", "train.max_steps=30"))
+        run_training(_cfg(out, "full1", *ONE_WORKER, "data.seq_len=64", "train.max_steps=130"))
 
 
 @pytest.mark.ray
@@ -118,7 +159,7 @@ def test_failure_beyond_limit_ends_run_quickly_with_cause(ray_session, out, monk
 @pytest.mark.slow
 def test_nonfinite_loss_skip_then_abort_after_3_in_a_row(ray_session, out, monkeypatch):
     """One run of on_nonfinite=skip: NaN at step 3 (skipped and counted), step 4 trains and checkpoints, NaN at
-    5-7 aborts at the third in a row. The default `stop` is proven by the cut run of the resume test."""
+    5-7 aborts at the third in a row. The default `stop` is proven by the resumed run of the SIGTERM test."""
     monkeypatch.setenv("RAYTUNE_LLM_FAULT", "nan:step=3,5-7")
     skip = ["train.num_workers=1", "train.on_nonfinite=skip", "train.max_steps=10", "train.checkpoint_every=4"]
     with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(last at step 7\)"):
@@ -129,40 +170,6 @@ def test_nonfinite_loss_skip_then_abort_after_3_in_a_row(ray_session, out, monke
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["skipped_steps"] == 1, state  # step 3 counted as skipped
     assert sorted(_losses(ckpt)) == [1, 2, 4]  # skipped, not logged as a trained step; step 4 trained on
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sigterm_to_driver_saves_checkpoint(ray_session, tmp_path):
-    env = joining_env(ray_session)
-    args = ["train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=term", "train.num_workers=1", *SMALL]
-    args += ["train.max_steps=100000", "train.checkpoint_every=0"]
-    # The joined cluster's workers take the job's runtime env, not this driver's environment: the step lines waited
-    # for below are printed only without progress bars.
-    args += ["cluster.runtime_env.env_vars.RAYTUNE_LLM_PROGRESS='0'"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raytune_llm", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 400
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "step 5 loss" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=300)
-    text = "".join(lines) + rest
-    assert proc.returncode == 2, text[-3000:]
-    assert "stopped at step" in text, text[-3000:]
-    from raytune_llm.train.worker import latest_complete
-
-    ckpt = latest_complete(tmp_path / "term" / "ray" / "train")
-    assert ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 5
 
 
 # One process pays the imports and builds the model once, then forks a fresh writer per kill: the child saves
