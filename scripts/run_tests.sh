@@ -4,9 +4,10 @@
 #   1. a side lane in the background: the tests that share nothing with the others, the two-node `ray job
 #      submit` test (its own two-node cluster, much of its time spent waiting on it) and the 1M-example packing
 #      memory test (one subprocess, one core);
-#   2. the kernel tests under the Triton interpreter (one process, one core: the side lane takes the other);
+#   2. the kernel tests under the Triton interpreter, also in the background (one process, one core): the main
+#      suite leaves ~16% of two cores idle while Ray actors start, which this lane fills;
 #   3. everything else, with the session's one Ray cluster;
-#   4. the side lane's result, then the GGUF test once the background llama-cpp-python build is in
+#   4. the two background lanes' results, then the GGUF test once the background llama-cpp-python build is in
 #      (scripts/llama_cpp.sh).
 #
 # Every step runs even when one before it failed; the exit status is non-zero when any did.
@@ -21,21 +22,25 @@ side_tests=(
   tests/packing/test_memory.py::test_peak_rss_flat_in_input_size
 )
 side_log=$venv/side-lane.log
+kernel_log=$venv/kernel-lane.log
 failed=()
 
 "${pytest[@]}" --timeout=900 "${side_tests[@]}" > "$side_log" 2>&1 &
 side=$!
-trap 'kill "$side" 2>/dev/null' EXIT
-
-TRITON_INTERPRET=1 "${pytest[@]}" --timeout=900 tests/kernels || failed+=("kernel tests")
+TRITON_INTERPRET=1 "${pytest[@]}" --timeout=900 tests/kernels > "$kernel_log" 2>&1 &
+kernels=$!
+trap 'kill "$side" "$kernels" 2>/dev/null' EXIT
 
 deselect=()
 for t in "${side_tests[@]}"; do deselect+=(--deselect "$t"); done
 "${pytest[@]}" --timeout=1200 --durations=15 --ignore=tests/kernels --ignore=tests/export/test_gguf.py \
   "${deselect[@]}" tests || failed+=("main tests")
 
+wait "$kernels" || failed+=("kernel tests")
 wait "$side" || failed+=("side lane (${side_tests[*]})")
 trap - EXIT
+echo "== kernel lane: tests/kernels"
+tail -n 15 "$kernel_log"
 echo "== side lane: ${side_tests[*]}"
 tail -n 15 "$side_log"
 
