@@ -4,8 +4,9 @@
 #   1. a side lane in the background: the tests that share nothing with the others, the two-node `ray job
 #      submit` test (its own two-node cluster, much of its time spent waiting on it) and the 1M-example packing
 #      memory test (one subprocess, one core);
-#   2. the kernel tests under the Triton interpreter, also in the background (one process, one core): the main
-#      suite leaves ~16% of two cores idle while Ray actors start, which this lane fills;
+#   2. the kernel tests under the Triton interpreter, also in the background (one process, one core), in the
+#      idle CPU the Ray-bound main suite leaves (fresh-clone .ci/run: 1,203 s this way, 1,221 s with the kernel
+#      tests first);
 #   3. everything else, with the session's one Ray cluster;
 #   4. the two background lanes' results, then the GGUF test once the background llama-cpp-python build is in
 #      (scripts/llama_cpp.sh).

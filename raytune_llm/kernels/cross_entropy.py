@@ -28,9 +28,10 @@ Dtype policy: logits in the input dtype (bf16 in training), read and reduced in 
 fp32; ``G`` is stored in the input dtype for the two gradient matmuls; every GEMM accumulates in fp32
 inside; ``dL/dh`` rows are each written once, in ``h``'s dtype. ``dL/dW`` is the running sum over the
 chunks in ``W``'s dtype, fp32 inside each chunk's GEMM and rounded once per chunk (Liger does the same):
-an fp32 ``[V, H]`` accumulator would cost 2 GiB more at Llama-3's head, and at 32768 tokens (32 chunks) on
-the H200 it lowered the error of dL/dW against an fp32 computation only from 3.9e-3 to 2.8e-3 (rms,
-relative), the bf16 result's own rounding being most of it (bench/kernels/sweep_flce.py). An upstream
+an fp32 ``[V, H]`` accumulator costs 2 GiB more at Llama-3's head. At 32768 tokens on the H200 the error of
+dL/dW against an fp32 computation (rms, relative) was 3.9e-3 summed in bf16 over 32 chunks (Liger's too) and
+2.8e-3 with the fp32 accumulator over 8 chunks; the bf16 result's own rounding is most of it
+(bench/kernels/sweep_flce.py, bench/results/flce_sweep_h200_20261129_s6a.json). An upstream
 gradient that is not a power of two is applied to the stored gradients, one rounding more than
 autograd's order (Liger has the same).
 """
