@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         default=None,
         help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once+chunk0' "
-        "(checkpointed layers: all or a count; +once: dequantize_once; +chunkN: mlp_chunk_tokens); results under "
+        "(checkpointed layers: all or a count; +once: dequantize_once; +full: lean_recompute off; +on / +offload: "
+        "the checkpointing mode; +chunkN: mlp_chunk_tokens); results under "
         "'variants'. The variants share the LoRA weights and AdamW state: time and peak are per variant, losses "
         "are not comparable across them. Not with --profile",
     )
@@ -427,28 +428,35 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
     return {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
 
 
-def parse_variants(text: str) -> list[tuple[str, int | None, bool, int | str | None]]:
-    """``"all,all+once,48+once+chunk0"`` -> [(name, checkpoint_layers or None = all, dequantize_once, mlp_chunk)].
-
-    ``chunkN`` sets ``mlp_chunk_tokens`` (``chunk0``: never split, ``chunkauto``: the default); without it the
-    variant runs the model's own setting (None in the tuple).
+def parse_variants(text: str) -> list[dict]:
+    """``"all,all+once,48+once+chunk0"`` -> one dict per variant: name, layers (checkpoint_layers, None = all),
+    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), mode (``+on`` / ``+offload``; None =
+    the model's own) and chunk (``chunkN``: ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the
+    default; None = the model's own setting).
     """
     out = []
     for name in text.split(","):
         layers, *flags = name.strip().split("+")
-        once, chunk = False, None
+        v = {"name": name.strip(), "once": False, "lean": True, "mode": None, "chunk": None}
         for flag in flags:
             if flag == "once":
-                once = True
+                v["once"] = True
+            elif flag == "full":
+                v["lean"] = False
+            elif flag in ("on", "offload"):
+                v["mode"] = flag
             elif flag == "chunkauto":
-                chunk = "auto"
+                v["chunk"] = "auto"
             elif flag.startswith("chunk") and flag[5:].isdigit():
-                chunk = int(flag[5:])
+                v["chunk"] = int(flag[5:])
             else:
-                raise SystemExit(f"--variants: unknown flag {flag!r} in {name!r} (once, chunkN, chunkauto)")
+                raise SystemExit(
+                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, on, offload, chunkN, chunkauto)"
+                )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
-        out.append((name.strip(), None if layers == "all" else int(layers), once, chunk))
+        v["layers"] = None if layers == "all" else int(layers)
+        out.append(v)
     return out
 
 
@@ -457,15 +465,18 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
     leaves the finished variants); an out-of-memory variant is recorded and the next one runs."""
     import gc
 
-    from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once, set_mlp_chunk_tokens
+    from raytune_llm.models import patch as P
 
     report = getattr(model, "raytune_patch_report", None)
     chunk_default = report.mlp_chunk_tokens if report is not None else "auto"
     out = {}
-    for name, layers, once, chunk in parse_variants(args.variants):
-        set_checkpoint_layers(model, layers)
-        set_dequantize_once(model, once)
-        set_mlp_chunk_tokens(model, chunk_default if chunk is None else chunk)
+    for v in parse_variants(args.variants):
+        name = v["name"]
+        P.set_checkpoint_layers(model, v["layers"])
+        P.set_dequantize_once(model, v["once"])
+        P.set_lean_recompute(model, v["lean"])
+        P.set_gradient_checkpointing(model, v["mode"] or args.ckpt)
+        P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
         optimizer.zero_grad(set_to_none=True)
         try:
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {})

@@ -74,6 +74,7 @@ from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
 __all__ = [
     "dequantize_once",
+    "lean_recompute",
     "LoRAMLPFunction",
     "LoRAProjectionsFunction",
     "LoRAWeight",
@@ -124,6 +125,31 @@ def dequantize_once() -> Iterator[None]:
     finally:
         _once.pop()
         cache.clear()
+
+
+# Depth of open `lean_recompute` blocks; module-level for the same reason as `_once`.
+_lean: list[bool] = []
+
+
+@contextlib.contextmanager
+def lean_recompute() -> Iterator[None]:
+    """Inside this block, `lora_mlp` run with grad enabled skips its down projection and returns zeros.
+
+    A checkpointed layer's backward runs the layer's forward again only to rebuild what its backward
+    saves. The MLP saves ``X``, ``G``, ``U``, ``X A^T`` and ``H A_d^T``; its output ``Y = down(H)`` is
+    not among them, and in a pre-norm decoder layer (every family `models.patch` fuses) ``Y`` only
+    feeds the residual add, whose backward reads no values. So the recompute can skip the down
+    projection's base GEMM (``2 N I hidden`` FLOPs, a quarter of a Llama layer's forward GEMMs), its
+    dequantization and its rank-r update. ``Y`` is then a broadcast view of one zero: its graph is
+    exact, its values are not the layer's. Use this only around a forward whose outputs' values are
+    never read, only back-propagated through. Outside the block, or under ``torch.no_grad`` (nothing
+    will be back-propagated, so the value must be the real one), `lora_mlp` is unchanged.
+    """
+    _lean.append(True)
+    try:
+        yield
+    finally:
+        _lean.pop()
 
 
 def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -231,12 +257,13 @@ class LoRAProjectionsFunction(torch.autograd.Function):
 class LoRAMLPFunction(torch.autograd.Function):
     """The LoRA SwiGLU MLP; see the module docstring for the math and what is saved.
 
-    ``apply(x, bases, scalings, A_g, B_g, A_u, B_u, A_d, B_d)`` with ``bases``/``scalings`` tuples of
-    three (gate, up, down).
+    ``apply(x, bases, scalings, skip_output, A_g, B_g, A_u, B_u, A_d, B_d)`` with ``bases``/``scalings``
+    tuples of three (gate, up, down); ``skip_output`` (see `lean_recompute`) saves the same tensors but
+    leaves out the down projection and returns zeros.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, *adapters: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, skip_output: bool, *adapters: torch.Tensor):
         dt = x.dtype
         X = _rows(x)
         Ag, Bg, Au, Bu, Ad, Bd = (t.to(dt) for t in adapters)
@@ -250,9 +277,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         U = X @ _dense(bases[1], dt).t()
         H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
         HA = H @ Ad.t()  # [N, r_d]
-        Y, Y2 = _output(x, Bd.shape[0])
-        torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
-        Y2.addmm_(HA, Bd.t(), alpha=sd_)
+        if skip_output:
+            Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
+        else:
+            Y, Y2 = _output(x, Bd.shape[0])
+            torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
+            Y2.addmm_(HA, Bd.t(), alpha=sd_)
         del H  # recomputed in backward from G and U
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
@@ -276,10 +306,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         Wd = _dense(ctx.bases[2], dt)
         dH = dY @ Wd
         del Wd
-        dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[8] else None
+        dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[9] else None
         lora_swiglu_backward(dH, G, U, dYB, Ad)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
-        dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[7] else None
+        dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[8] else None
         del H, dH
 
         low = torch.cat(((dG @ Bg).mul_(sg_), (dU @ Bu).mul_(su_)), dim=1)  # [N, r_g + r_u]
@@ -294,14 +324,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             dX.addmm_(low, A_gu)
             dX = dX.view(ctx.x_shape)
         dA_g = dA_u = None
-        if need[3] or need[5]:
+        if need[4] or need[6]:
             dA_g, dA_u = torch.split(low.t() @ X, ctx.ranks, dim=0)
-            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[3] else None
-            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[5] else None
+            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[4] else None
+            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[6] else None
         xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
-        dB_g = (dG.t() @ xa_g).mul_(sg_).to(ctx.adapter_dtypes[1]) if need[4] else None
-        dB_u = (dU.t() @ xa_u).mul_(su_).to(ctx.adapter_dtypes[3]) if need[6] else None
-        return (dX, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+        dB_g = (dG.t() @ xa_g).mul_(sg_).to(ctx.adapter_dtypes[1]) if need[5] else None
+        dB_u = (dU.t() @ xa_u).mul_(su_).to(ctx.adapter_dtypes[3]) if need[7] else None
+        return (dX, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 # ---- functionals --------------------------------------------------------------------------------
@@ -401,4 +431,6 @@ def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight
         )
     if not use_triton(x):
         return reference.lora_mlp(x, gate, up, down)
-    return LoRAMLPFunction.apply(x, tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws), *_adapters(ws))
+    skip_output = bool(_lean) and torch.is_grad_enabled()
+    bases, scalings = tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws)
+    return LoRAMLPFunction.apply(x, bases, scalings, skip_output, *_adapters(ws))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention
-from raytune_llm.models.checkpointing import check_mode, checkpoint_layer
+from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
@@ -54,6 +54,8 @@ class PatchReport:
         checkpoint_layers: with checkpointing on/offload, how many decoder layers (from the first) are
             checkpointed; the others keep their activations and are not recomputed. None = all.
         dequantize_once: a checkpointed layer's backward reuses the NF4 weights its recompute dequantized.
+        lean_recompute: a checkpointed layer's recompute skips the fused MLP's down projection, whose output
+            backward never reads (`kernels.lora.lean_recompute`).
     """
 
     family: str | None
@@ -63,6 +65,7 @@ class PatchReport:
     mlp_chunk_tokens: int | str | None = None
     checkpoint_layers: int | None = None
     dequantize_once: bool = False
+    lean_recompute: bool = True
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -249,7 +252,7 @@ def _stock_call(kwargs: dict) -> bool:
     )
 
 
-def _patch_inner(state: dict, report: PatchReport, inner, mode: str) -> None:
+def _patch_inner(state: dict, report: PatchReport, inner) -> None:
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     original = _original_later(state, inner)
@@ -272,19 +275,29 @@ def _patch_inner(state: dict, report: PatchReport, inner, mode: str) -> None:
         meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device)
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
         position_embeddings = (cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+        mode = state["gradient_checkpointing"]
         checkpointing = mode != "off" and self.training and torch.is_grad_enabled()
         n_ckpt = state["checkpoint_layers"]
+        offload = mode == "offload"
+        chain = OffloadChain() if checkpointing and offload else None
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
             if checkpointing and (n_ckpt is None or i < n_ckpt):
-                hidden = checkpoint_layer(run, hidden, offload=mode == "offload", dequant_once=state["dequantize_once"])
+                hidden = checkpoint_layer(
+                    run,
+                    hidden,
+                    offload=offload,
+                    dequant_once=state["dequantize_once"],
+                    lean=state["lean_recompute"],
+                    chain=chain,
+                )
             else:
                 hidden = run(hidden)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
     _set_forward(state, inner, forward)
-    report.replaced.append(f"model: layer loop (attention metadata once, gradient_checkpointing={mode})")
+    report.replaced.append("model: layer loop (attention metadata once, per-layer gradient checkpointing)")
 
 
 def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
@@ -403,6 +416,8 @@ def patch(
         "mlp_chunk_tokens": mlp_chunk_tokens,
         "checkpoint_layers": None,
         "dequantize_once": False,
+        "lean_recompute": True,
+        "gradient_checkpointing": gradient_checkpointing,
     }
     report = PatchReport(
         family=family.name, gradient_checkpointing=gradient_checkpointing, mlp_chunk_tokens=mlp_chunk_tokens
@@ -420,7 +435,7 @@ def patch(
         _patch_mlp(state, report, f"{prefix}.mlp", layer.mlp, ops)
     _patch_norm(state, report, "model.norm", inner.norm, ops["rms_norm"])
     if fuse_attention:
-        _patch_inner(state, report, inner, gradient_checkpointing)
+        _patch_inner(state, report, inner)
     else:
         report.stock["model"] = "attention_dropout > 0: stock attention and HF's layer loop"
     _patch_lm(state, report, lm, ops)
@@ -496,6 +511,36 @@ def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
     if not isinstance(on, bool):
         raise ValueError(f"dequantize_once must be true or false, got {on!r}")
     _set_setting(model, "dequantize_once", on)
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """Switch a patched model's checkpointing mode ("off", "on", "offload"); takes effect on the next call.
+
+    Raises:
+        ValueError: a bad mode, or a model `patch` did not patch.
+    """
+    check_mode(mode)
+    _set_setting(model, "gradient_checkpointing", mode)
+
+
+def set_lean_recompute(model: torch.nn.Module, on: bool) -> None:
+    """Let a checkpointed layer's recompute skip the fused MLP's down projection (on by default).
+
+    The patched families are pre-norm decoders: the MLP output is added to the residual stream and
+    nothing else reads it, so backward needs none of its values and the recompute leaves out a quarter
+    of the layer's forward GEMMs (`kernels.lora.lean_recompute`). The gradients are those of the full
+    recompute. Off runs the whole layer again, for comparing the two. Takes effect on the next call.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        on: True to skip the down projection in recomputes.
+
+    Raises:
+        ValueError: a non-bool value, or a model `patch` did not patch.
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"lean_recompute must be true or false, got {on!r}")
+    _set_setting(model, "lean_recompute", on)
 
 
 def unpatch(model: torch.nn.Module) -> None:

@@ -312,3 +312,72 @@ def test_dequantize_once_reuses_the_recompute_weights(monkeypatch):
     assert not lora_mod._once, "the dequantize_once block was left open"
     for a, b in zip(g_once, g_twice):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("offload", [False, True])
+def test_lean_recompute_skips_the_down_projection_with_the_same_gradients(monkeypatch, offload):
+    # The same checkpointed "layer" as above, recomputed in full and lean: lean leaves out the MLP's down
+    # projection (one NF4 dequantization and its GEMM fewer per step) and gives the same gradients bit for
+    # bit, because backward reads nothing the down projection produced. Offloaded, the layers share one
+    # OffloadChain (the second layer's backward prefetches the first one's input).
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.models.checkpointing import OffloadChain, checkpoint_layer
+
+    device = kernel_device()
+    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
+    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
+    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
+    n_bases = len(qkv[0]) + len(o[0]) + len(mlp[0])
+    down = mlp[0][2]
+    calls = []
+    real = lora_mod.nf4_dequantize
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w is down) or real(w, dt))
+
+    def run(lean):
+        leaves = {
+            k: [a.clone().requires_grad_() for a in case[1]] for k, case in (("qkv", qkv), ("o", o), ("mlp", mlp))
+        }
+
+        def layer(h):
+            q, k, v = _bind(lora_qkv, qkv[0], qkv[2])(h, *leaves["qkv"])
+            h = h + _bind(lora_linear, o[0], o[2])(q * k.sum() + v.mean(), *leaves["o"])
+            return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
+
+        x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+        calls.clear()
+        chain = OffloadChain() if offload else None
+        y = x
+        for _ in range(2):  # two layers with the same weights
+            y = checkpoint_layer(layer, y, offload=offload, lean=lean, chain=chain)
+        y.square().sum().backward()
+        return y.detach(), calls.count(True), len(calls), [x.grad] + [t.grad for ts in leaves.values() for t in ts]
+
+    y_full, down_full, n_full, g_full = run(False)
+    y_lean, down_lean, n_lean, g_lean = run(True)
+    assert (down_full, n_full) == (6, 6 * n_bases)  # per layer: forward, recompute, backward
+    assert (down_lean, n_lean) == (4, 6 * n_bases - 2)  # the recomputes skip the down projection
+    assert not lora_mod._lean, "the lean_recompute block was left open"
+    torch.testing.assert_close(y_lean, y_full, rtol=0, atol=0)  # the forward itself is never lean
+    for a, b in zip(g_lean, g_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+def test_lean_recompute_leaves_no_grad_calls_and_plain_calls_whole():
+    # Inside the block only a call that records a graph is lean: under no_grad (no backward will follow, so the
+    # value is what the caller wants) and outside the block the MLP returns its real output.
+    from raytune_llm.kernels.lora import lean_recompute
+
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "dense", torch.float32, device, seed=4)
+    fn = _bind(lora_mlp, bases, scalings)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(5)).to(device)
+    want = fn(x, *adapters)
+    with lean_recompute():
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x, *adapters), want, rtol=0, atol=0)
+        lean = fn(x.requires_grad_(), *[a.requires_grad_() for a in adapters])
+    assert lean.shape == want.shape and not lean.detach().any()
+    lean.sum().backward()  # the graph is whole: every input gets a gradient
+    assert x.grad is not None and all(a.grad is not None for a in adapters)

@@ -51,11 +51,14 @@ def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measure
 
 
 def _variant(name: str) -> dict:
-    """run_stack's variant name ('all', '44+once', 'all+once+chunk0') as plan_from_values arguments."""
+    """run_stack's variant name ('all', '44+once', 'all+once+chunk0', 'all+offload+full') as plan_from_values
+    arguments ('+full', the whole recompute, changes no planned memory)."""
     layers, *flags = name.split("+")
     kw = {"checkpoint_layers": None if layers == "all" else int(layers), "dequantize_once": "once" in flags}
     for flag in flags:
-        if flag.startswith("chunk"):
+        if flag in ("on", "offload"):
+            kw["checkpointing"] = flag
+        elif flag.startswith("chunk"):
             kw["mlp_chunk_tokens"] = "auto" if flag == "chunkauto" else int(flag[5:])
     return kw
 
