@@ -224,6 +224,8 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_dequantize_once(model, True)
             facts["dequantize_once"] = True
+        report = getattr(model, "raytune_patch_report", None)
+        facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
 
     if args.stack == "unsloth":
