@@ -256,6 +256,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="explicit result path (default e2e_<gpu>_<date>.json)")
     p.add_argument("--resume-from", type=Path, default=None, help="result JSON whose ok/oom pairs are kept, not rerun")
     p.add_argument("--ckpt-ours", default="on", choices=("on", "offload"), help="ours' gradient checkpointing")
+    p.add_argument(
+        "--ours-flags",
+        default="",
+        help="extra run_stack.py flags for ours, space-separated (e.g. '--dequantize-once --stash-attention')",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps for every shape (default per shape)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps for every shape (default per shape)")
     p.add_argument("--anchor-site", default=DEFAULT_ANCHOR_SITE, help="site dir added only for liger / unsloth")
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--batch", str(batch), "--seq", str(seq), "--warmup", str(warm), "--steps", str(steps)]
             cmd += ["--out", str(run_out)] + (["--packed"] if packed else []) + (["--tiny"] if args.tiny else [])
             if stack == "ours":
-                cmd += ["--ckpt", args.ckpt_ours]
+                cmd += ["--ckpt", args.ckpt_ours] + args.ours_flags.split()
             log(f"bench_e2e: {shape} {stack}: start (predicted {predicted:.0f} s, remaining {remaining:.0f} s)")
             rc, secs = run_child(cmd, child_env(stack, args.anchor_site), remaining)
             if run_out.is_file():

@@ -96,12 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: a checkpointed layer's backward reuses its recompute's dequantized weights "
         "(models.patch.set_dequantize_once)",
     )
+    p.add_argument(
+        "--stash-attention",
+        action="store_true",
+        help="ours, with --ckpt offload: replay each layer's attention from host memory in the recompute "
+        "(models.patch.set_stash_attention)",
+    )
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler (CUDA): top kernels")
     p.add_argument(
         "--variants",
         default=None,
         help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once+chunk0' "
-        "(checkpointed layers: all or a count; +once: dequantize_once; +full: lean_recompute off; +on / +offload: "
+        "(checkpointed layers: all or a count; +once: dequantize_once; +full: lean_recompute off; +stash: "
+        "stash_attention; +on / +offload: "
         "the checkpointing mode; +chunkN: mlp_chunk_tokens); results under "
         "'variants'. The variants share the LoRA weights and AdamW state: time and peak are per variant, losses "
         "are not comparable across them. Not with --profile",
@@ -224,6 +231,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_dequantize_once(model, True)
             facts["dequantize_once"] = True
+        if args.stash_attention:
+            from raytune_llm.models.patch import set_stash_attention
+
+            set_stash_attention(model, True)
+            facts["stash_attention"] = True
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
@@ -432,19 +444,21 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
 
 def parse_variants(text: str) -> list[dict]:
     """``"all,all+once,48+once+chunk0"`` -> one dict per variant: name, layers (checkpoint_layers, None = all),
-    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), mode (``+on`` / ``+offload``; None =
+    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention), mode (``+on`` / ``+offload``; None =
     the model's own) and chunk (``chunkN``: ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the
     default; None = the model's own setting).
     """
     out = []
     for name in text.split(","):
         layers, *flags = name.strip().split("+")
-        v = {"name": name.strip(), "once": False, "lean": True, "mode": None, "chunk": None}
+        v = {"name": name.strip(), "once": False, "lean": True, "stash": False, "mode": None, "chunk": None}
         for flag in flags:
             if flag == "once":
                 v["once"] = True
             elif flag == "full":
                 v["lean"] = False
+            elif flag == "stash":
+                v["stash"] = True
             elif flag in ("on", "offload"):
                 v["mode"] = flag
             elif flag == "chunkauto":
@@ -453,7 +467,7 @@ def parse_variants(text: str) -> list[dict]:
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, on, offload, chunkN, chunkauto)"
+                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, on, offload, chunkN, chunkauto)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -477,6 +491,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_checkpoint_layers(model, v["layers"])
         P.set_dequantize_once(model, v["once"])
         P.set_lean_recompute(model, v["lean"])
+        P.set_stash_attention(model, v["stash"])
         P.set_gradient_checkpointing(model, v["mode"] or args.ckpt)
         P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
         optimizer.zero_grad(set_to_none=True)

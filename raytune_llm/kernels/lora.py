@@ -132,7 +132,7 @@ _lean: list[bool] = []
 
 
 @contextlib.contextmanager
-def lean_recompute() -> Iterator[None]:
+def lean_recompute(qkv: bool = False) -> Iterator[None]:
     """Inside this block, `lora_mlp` run with grad enabled skips its down projection and returns zeros.
 
     A checkpointed layer's backward runs the layer's forward again only to rebuild what its backward
@@ -144,8 +144,13 @@ def lean_recompute() -> Iterator[None]:
     exact, its values are not the layer's. Use this only around a forward whose outputs' values are
     never read, only back-propagated through. Outside the block, or under ``torch.no_grad`` (nothing
     will be back-propagated, so the value must be the real one), `lora_mlp` is unchanged.
+
+    With ``qkv=True``, `lora_qkv` also skips its three base GEMMs (and their dequantization) and returns
+    uninitialised Q, K and V: only for a recompute whose attention does not read them, because it
+    replays the forward's attention with the q, k, v it kept (`models.attention_stash`), and nothing else
+    does (no q/k norm: its backward would read them). The adapters' ``X A^T`` is still computed and saved.
     """
-    _lean.append(True)
+    _lean.append(qkv)
     try:
         yield
     finally:
@@ -200,13 +205,14 @@ def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
 class LoRAProjectionsFunction(torch.autograd.Function):
     """``P`` LoRA projections of one input (``P = 1``: O; ``P = 3``: QKV).
 
-    ``apply(x, bases, scalings, A_1, B_1, ..., A_P, B_P)``: ``bases`` and ``scalings`` are tuples
-    (no gradients); the adapters are positional so autograd tracks them. Saves ``X``, ``X A^T``
-    (``[N, sum r]``) and the adapters cast to ``x.dtype``.
+    ``apply(x, bases, scalings, skip_output, A_1, B_1, ..., A_P, B_P)``: ``bases`` and ``scalings`` are
+    tuples (no gradients); the adapters are positional so autograd tracks them. Saves ``X``, ``X A^T``
+    (``[N, sum r]``) and the adapters cast to ``x.dtype``. ``skip_output`` (see `lean_recompute`) saves
+    the same and returns uninitialised outputs.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, *adapters: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, skip_output: bool, *adapters: torch.Tensor):
         dt = x.dtype
         X = _rows(x)
         As = [a.to(dt) for a in adapters[0::2]]
@@ -217,8 +223,9 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         outs = []
         for base, s, B, xa in zip(bases, scalings, Bs, _split(XA, ranks, 1)):
             Y, Y2 = _output(x, B.shape[0])
-            torch.mm(X, _dense(base, dt).t(), out=Y2)
-            Y2.addmm_(xa, B.t(), alpha=s)  # beta=1: the rank-r GEMM's epilogue adds into Y
+            if not skip_output:
+                torch.mm(X, _dense(base, dt).t(), out=Y2)
+                Y2.addmm_(xa, B.t(), alpha=s)  # beta=1: the rank-r GEMM's epilogue adds into Y
             outs.append(Y)
         ctx.save_for_backward(X, XA, A_cat, *Bs)
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
@@ -245,13 +252,13 @@ class LoRAProjectionsFunction(torch.autograd.Function):
             dX.addmm_(low_cat, A_cat)  # all rank updates in one GEMM of inner size sum(r)
             dX = dX.view(ctx.x_shape)
         grads = []
-        need_a = any(ctx.needs_input_grad[3::2])
+        need_a = any(ctx.needs_input_grad[4::2])
         dA_all = _split(low_cat.t() @ X, ctx.ranks, 0) if need_a else [None] * len(Bs)
         for i, (s, dY, xa) in enumerate(zip(ctx.scalings, dYs2, _split(XA, ctx.ranks, 1))):
-            dA = dA_all[i].to(ctx.adapter_dtypes[2 * i]) if ctx.needs_input_grad[3 + 2 * i] else None
-            dB = (dY.t() @ xa).mul_(s).to(ctx.adapter_dtypes[2 * i + 1]) if ctx.needs_input_grad[4 + 2 * i] else None
+            dA = dA_all[i].to(ctx.adapter_dtypes[2 * i]) if ctx.needs_input_grad[4 + 2 * i] else None
+            dB = (dY.t() @ xa).mul_(s).to(ctx.adapter_dtypes[2 * i + 1]) if ctx.needs_input_grad[5 + 2 * i] else None
             grads += [dA, dB]
-        return (dX, None, None, *grads)
+        return (dX, None, None, None, *grads)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -374,7 +381,7 @@ def lora_linear(x: torch.Tensor, w: LoRAWeight) -> torch.Tensor:
         raise ValueError(f"lora_linear: x has {x.shape[-1]} features, the layer expects {w.A.shape[1]}")
     if not use_triton(x):
         return reference.lora_linear(x, w)
-    return LoRAProjectionsFunction.apply(x, (w.base,), (float(w.scaling),), *_adapters((w,)))[0]
+    return LoRAProjectionsFunction.apply(x, (w.base,), (float(w.scaling),), False, *_adapters((w,)))[0]
 
 
 def lora_qkv(
@@ -400,8 +407,9 @@ def lora_qkv(
         raise ValueError(f"lora_qkv: x has {x.shape[-1]} features; q/k/v expect {[w.A.shape[1] for w in ws]}")
     if not use_triton(x):
         return reference.lora_qkv(x, q, k, v)
+    skip_output = bool(_lean) and _lean[-1] and torch.is_grad_enabled()
     return LoRAProjectionsFunction.apply(
-        x, tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws), *_adapters(ws)
+        x, tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws), skip_output, *_adapters(ws)
     )
 
 

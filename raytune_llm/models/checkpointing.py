@@ -15,6 +15,10 @@ PCIe rates, 32 times a step). Cost: one more layer input on the GPU at a time.
 With `lean=True` the recompute runs inside `kernels.lora.lean_recompute`: the fused MLP skips its down
 projection, whose output nothing in backward reads (see there).
 
+With `stash=True` (offload only) the layer's attention is kept in host memory by its forward and replayed
+by the recompute instead of run again (`models.attention_stash`); the stash travels and is prefetched with
+the layer input. With `lean_qkv` as well, the recompute also skips the Q/K/V base GEMMs.
+
 Why a custom autograd.Function and not `torch.utils.checkpoint`: the non-reentrant checkpoint keeps the
 input alive through its closure, where `saved_tensors_hooks` cannot move it, so offloading needs the
 input to be a saved tensor we own. Reentrant-style recomputation then needs two things done by hand:
@@ -33,6 +37,7 @@ import torch
 
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import lean_recompute
+from raytune_llm.models.attention_stash import AttentionStash, recording, replaying
 
 MODES = ("off", "on", "offload")
 
@@ -82,21 +87,24 @@ class OffloadChain:
     def __init__(self) -> None:
         self._slots: list[_Slot] = []
 
-    def _add(self, host: torch.Tensor, done: torch.cuda.Event | None) -> int:
-        self._slots.append(_Slot(host, done))
+    def _add(self, host: torch.Tensor, done: torch.cuda.Event | None, stashes: list[AttentionStash]) -> int:
+        self._slots.append(_Slot(host, done, stashes))
         return len(self._slots) - 1
 
 
 class _Slot:
-    """One offloaded layer input: in pinned host memory, or already on its way back to the device."""
+    """One offloaded layer input (and its attention stashes): in pinned host memory, or on its way back."""
 
-    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None, stashes: list[AttentionStash]) -> None:
         self.host, self.done = host, done
+        self.stashes = stashes
         self.dev: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
 
     def prefetch(self, device: torch.device) -> None:
         """Start the copy back on the side stream (CUDA only; no-op if started or taken)."""
+        for stash in self.stashes:
+            stash.prefetch()
         if self.host is None or self.done is None:
             return
         stream = _side_stream(device)
@@ -129,21 +137,22 @@ def _to_device(buf: torch.Tensor, done: torch.cuda.Event | None, device: torch.d
 
 class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, offload, dequant_once, lean, chain, hidden, anchor):
+    def forward(ctx, fn, offload, dequant_once, lean, stash, lean_qkv, chain, hidden, anchor):
         del anchor
         ctx.fn = fn
-        ctx.dequant_once, ctx.lean = dequant_once, lean
+        ctx.dequant_once, ctx.lean, ctx.lean_qkv = dequant_once, lean, lean_qkv
         ctx.device = hidden.device
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
-        with torch.no_grad():
+        ctx.stashes = []
+        with torch.no_grad(), recording(ctx.stashes, _side_stream) if stash and offload else contextlib.nullcontext():
             out = fn(hidden)
         ctx.chain, ctx.index = None, None
         if offload:
             ctx.chain = chain if chain is not None else OffloadChain()
-            ctx.index = ctx.chain._add(*_to_host(hidden))
+            ctx.index = ctx.chain._add(*_to_host(hidden), ctx.stashes)
         else:
             ctx.save_for_backward(hidden)
         return out
@@ -164,12 +173,14 @@ class _CheckpointFunction(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             enabled, dtype = ctx.autocast
             with once() if ctx.dequant_once else contextlib.nullcontext():
+                replay = replaying(ctx.stashes) if ctx.stashes else contextlib.nullcontext()
+                lean = lean_recompute(qkv=ctx.lean_qkv and bool(ctx.stashes)) if ctx.lean else contextlib.nullcontext()
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                    with lean_recompute() if ctx.lean else contextlib.nullcontext():
+                    with lean, replay:
                         out = ctx.fn(hidden)
                 torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, grad_hidden, None
+        return None, None, None, None, None, None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -179,6 +190,8 @@ def checkpoint_layer(
     dequant_once: bool = False,
     lean: bool = False,
     chain: OffloadChain | None = None,
+    stash: bool = False,
+    lean_qkv: bool = False,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -193,9 +206,13 @@ def checkpoint_layer(
             matter to nothing but backward (the layer's MLP output feeds a residual add and nothing else).
         chain: with `offload`, the `OffloadChain` of this forward's checkpointed layers, so backward
             prefetches each layer's input while the layer after it runs (None: no prefetch).
+        stash: with `offload`, keep the layer's attention (`models.attention_stash.run` calls) in host
+            memory and replay it in the recompute. No effect without `offload`.
+        lean_qkv: with `lean` and a stash, the recompute's `lora_qkv` skips its base GEMMs. Only for layers
+            where nothing but the replayed attention reads q, k and v (no q/k norm).
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _CheckpointFunction.apply(fn, offload, dequant_once, lean, chain, hidden, anchor)
+    return _CheckpointFunction.apply(fn, offload, dequant_once, lean, stash, lean_qkv, chain, hidden, anchor)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from raytune_llm.models import attention_stash
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention
 from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
@@ -56,6 +57,8 @@ class PatchReport:
         dequantize_once: a checkpointed layer's backward reuses the NF4 weights its recompute dequantized.
         lean_recompute: a checkpointed layer's recompute skips the fused MLP's down projection, whose output
             backward never reads (`kernels.lora.lean_recompute`).
+        stash_attention: with offloaded checkpointing, each layer's attention is kept in host memory by the
+            forward and replayed by the recompute (`models.attention_stash`).
     """
 
     family: str | None
@@ -66,6 +69,7 @@ class PatchReport:
     checkpoint_layers: int | None = None
     dequantize_once: bool = False
     lean_recompute: bool = True
+    stash_attention: bool = False
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -181,7 +185,10 @@ def _patch_attention(
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = ops["rope"](q, k, cos, sin, halves_equal=True)
-        out = causal_attention(q, k, v, attention_mask, self.scaling, window).reshape(b, s, -1)
+        # Under offloaded checkpointing with stash_attention, kept by the forward and replayed by the recompute.
+        out = attention_stash.run(
+            lambda q, k, v: causal_attention(q, k, v, attention_mask, self.scaling, window), q, k, v
+        ).reshape(b, s, -1)
         wo = _fused_weights([self.o_proj]) if ops["lora_linear"] is not None else None
         if wo is not None:
             out = _add_bias(ops["lora_linear"](out, wo[0][0]), wo[1][0])
@@ -290,6 +297,8 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     dequant_once=state["dequantize_once"],
                     lean=state["lean_recompute"],
                     chain=chain,
+                    stash=state["stash_attention"],
+                    lean_qkv=not state["qk_norm"],
                 )
             else:
                 hidden = run(hidden)
@@ -417,6 +426,8 @@ def patch(
         "checkpoint_layers": None,
         "dequantize_once": False,
         "lean_recompute": True,
+        "stash_attention": False,
+        "qk_norm": family.qk_norm,
         "gradient_checkpointing": gradient_checkpointing,
     }
     report = PatchReport(
@@ -511,6 +522,27 @@ def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
     if not isinstance(on, bool):
         raise ValueError(f"dequantize_once must be true or false, got {on!r}")
     _set_setting(model, "dequantize_once", on)
+
+
+def set_stash_attention(model: torch.nn.Module, on: bool) -> None:
+    """Keep each checkpointed layer's attention in host memory and replay it in the recompute (offload only).
+
+    With gradient checkpointing "offload", the forward copies what attention's backward needs (q, k, v,
+    output, log-sum-exp) to pinned host memory next to the layer input, and the recompute replays it
+    instead of running the attention forward again; with `lean_recompute` (and no q/k norm) the recompute
+    also skips the Q/K/V base GEMMs. Same gradients; more host memory and host-device traffic (about 2.5x
+    the layer inputs'). No effect in the other modes. Takes effect on the next call.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        on: True to stash attention.
+
+    Raises:
+        ValueError: a non-bool value, or a model `patch` did not patch.
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"stash_attention must be true or false, got {on!r}")
+    _set_setting(model, "stash_attention", on)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, mode: str) -> None:

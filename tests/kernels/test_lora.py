@@ -381,3 +381,58 @@ def test_lean_recompute_leaves_no_grad_calls_and_plain_calls_whole():
     assert lean.shape == want.shape and not lean.detach().any()
     lean.sum().backward()  # the graph is whole: every input gets a gradient
     assert x.grad is not None and all(a.grad is not None for a in adapters)
+
+
+@needs_triton
+def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatch):
+    # A checkpointed layer whose attention is stashed (models.attention_stash): the recompute replays attention,
+    # so with lean_qkv its Q/K/V base GEMMs are skipped too (their values are not read); the gradients are the
+    # whole recompute's bit for bit, and each Q/K/V base is dequantized twice per step instead of three times.
+    import torch.nn.functional as F
+
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.models import attention_stash
+    from raytune_llm.models.checkpointing import OffloadChain, checkpoint_layer
+
+    device = kernel_device()
+    heads, d = 4, 6  # q: 24 = 4 x 6; k, v: 12 = 2 x 6 (GQA)
+    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
+    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
+    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
+    qkv_ids = {id(b) for b in qkv[0]}
+    calls = []
+    real = lora_mod.nf4_dequantize
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in qkv_ids) or real(w, dt))
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+
+    def run(stash):
+        leaves = {
+            k: [a.clone().requires_grad_() for a in case[1]] for k, case in (("qkv", qkv), ("o", o), ("mlp", mlp))
+        }
+
+        def layer(h):
+            b, s, _ = h.shape
+            q, k, v = _bind(lora_qkv, qkv[0], qkv[2])(h, *leaves["qkv"])
+            q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+            a = attention_stash.run(attn, q * 1.5, k, v).reshape(b, s, heads * d)
+            h = h + _bind(lora_linear, o[0], o[2])(a, *leaves["o"])
+            return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
+
+        x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+        calls.clear()
+        chain = OffloadChain()
+        y = x
+        for _ in range(2):
+            y = checkpoint_layer(layer, y, offload=True, lean=True, chain=chain, stash=stash, lean_qkv=True)
+        y.square().sum().backward()
+        return y.detach(), calls.count(True), [x.grad] + [t.grad for ts in leaves.values() for t in ts]
+
+    y_full, n_full, g_full = run(False)
+    y_stash, n_stash, g_stash = run(True)
+    assert (n_full, n_stash) == (2 * 3 * 3, 2 * 3 * 2)  # 2 layers x 3 bases x (forward, [recompute,] backward)
+    assert not lora_mod._lean and not attention_stash._mode, "a recompute block was left open"
+    torch.testing.assert_close(y_stash, y_full, rtol=0, atol=0)
+    for a, b in zip(g_stash, g_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

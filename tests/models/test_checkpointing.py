@@ -106,3 +106,57 @@ def test_checkpoint_layers_needs_checkpointing_and_a_valid_count(tiny_paths):
     assert load_config(None, ["model.dequantize_once=true", "model.gradient_checkpointing=on"]).model.dequantize_once
     cfg = load_config(None, ["model.checkpoint_layers=2", "model.gradient_checkpointing=on"])
     assert cfg.model.checkpoint_layers == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_stashed_attention_is_replayed_not_recomputed_with_the_same_gradients(
+    tiny_paths, monkeypatch, device, family, packed
+):
+    # Offloaded checkpointing with stash_attention: the forward keeps each layer's attention in host memory and
+    # the recompute replays it, so attention runs once per layer instead of twice; the gradients are those of the
+    # plain run (on the CPU bit for bit, the same backward on the same saved tensors). Packed rows take the
+    # document-masked path; Qwen3's q/k norm keeps the Q/K/V GEMMs in the recompute (it reads their values).
+    import raytune_llm.models.patch as patch_mod
+    from raytune_llm.models.patch import set_stash_attention
+
+    if family not in tiny_paths:
+        pytest.skip(f"no tiny {family}")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = load_model(tiny_paths[family], lora=dict(r=4, alpha=8, dropout=0.0), dtype=dtype, device=device)
+    sync_and_randomise_lora(model, model)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = {}
+    if packed:  # row 0: documents of 10 and 14 tokens; row 1: one of 24
+        kw["position_ids"] = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1).to(device)
+        kw["position_ids"][1] = torch.arange(24)
+    calls = [0]
+    real = patch_mod.causal_attention
+    monkeypatch.setattr(
+        patch_mod, "causal_attention", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k)
+    )
+    n_layers = model.get_base_model().config.num_hidden_layers
+
+    def grads(mode, stash):
+        unpatch(model)
+        report = patch(model, gradient_checkpointing=mode)
+        set_stash_attention(model, stash)
+        assert report.stash_attention == stash
+        model.zero_grad(set_to_none=True)
+        calls[0] = 0
+        loss = model(input_ids=ids, labels=ids, **kw).loss
+        loss.backward()
+        return loss.detach(), lora_grads(model), calls[0]
+
+    loss_off, g_off, n_off = grads("off", False)
+    loss_full, g_full, n_full = grads("offload", False)
+    loss, g, n = grads("offload", True)
+    assert (n_off, n_full, n) == (n_layers, 2 * n_layers, n_layers)
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(loss, loss_off, **exact)
+    for name in g_off:
+        assert g[name].abs().sum() > 0, f"no gradient for {name}"
+        # The stash against the whole recompute: the same backward on the same tensors.
+        torch.testing.assert_close(g[name], g_full[name], **exact, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(g[name], g_off[name], **exact, msg=lambda m, name=name: f"{name}: {m}")

@@ -1,0 +1,215 @@
+"""Attention in a checkpointed layer's recompute, replayed from what its forward kept in host memory.
+
+A checkpointed layer's backward runs the layer's forward again to rebuild what backward reads. For
+attention that is the Q/K/V projections, RoPE and the attention forward, and all of it only to give
+attention's backward its saved q, k, v, output and log-sum-exp again. On the H200 the attention forward
+alone is 0.31 ms of a layer at 4x2048 tokens, 3.5 ms at 16,384 and 58 ms at 65,536
+(bench/gpu/probe_attention.py), 1.4 %, 6 % and 13 % of a step. With a stash, under offloaded
+checkpointing:
+
+- forward (`recording`): attention runs with grad enabled on pass-through stand-ins of q, k and v. Every
+  tensor its autograd nodes save goes through `saved_tensors_hooks` to pinned host memory (copied on the
+  side stream, once per storage, so views share a copy), and so does the attention result. What stays
+  is the graph: the edge of the result and the edges of the three stand-ins. The stand-ins are outputs
+  of a pass-through Function over a zero-size anchor, so no node holds q, k or v's device memory.
+- the layer's backward prefetches the stash with the layer's input (`models.checkpointing.OffloadChain`).
+- recompute (`replaying`): attention returns the kept result (its values: the O projection reads them)
+  through a Function whose backward runs the kept graph from the result's edge to the stand-ins'
+  (`torch.autograd.grad` on `GradientEdge`s) and hands dq, dk, dv to the recomputed q, k and v. The
+  attention forward does not run again; inside `kernels.lora.lean_recompute(qkv=True)` neither do the
+  Q/K/V base GEMMs, whose values nothing reads now (attention's backward takes the kept q, k, v).
+
+The backward is the attention backend's own (cuDNN, flash varlen, or math on the CPU): the stash calls no
+private op and works on every path of `models.attention.causal_attention`. Host memory: q, k, v, the
+output and the result of every checkpointed layer (about 2.5x the layer input, 160 MiB per layer at 4x2048
+tokens of an 8B model; 1.3 GiB at 65,536), on top of the offloaded layer inputs. On the CPU the "host
+copy" is a plain clone, which saves nothing but runs the same code, so tests prove the gradients there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
+
+SideStream = Callable[[torch.device], torch.cuda.Stream]
+
+# Stack of ("record" | "replay", list of stashes, cursor, side stream getter); module-level, not thread-local,
+# because a recompute runs on autograd's device thread (as kernels.lora's blocks).
+_mode: list[tuple[str, list, list[int], SideStream | None]] = []
+
+
+class _PassThrough(torch.autograd.Function):
+    """q, k or v as an output of a node that keeps nothing: the edge whose gradient is dq, dk or dv."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        del anchor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+class AttentionStash:
+    """What one attention call of a checkpointed layer kept: host copies and two sets of graph edges."""
+
+    def __init__(self, side_stream: SideStream | None) -> None:
+        self._side_stream = side_stream
+        # storage address -> (host copy, its copy's event or None for a CPU tensor, the storage's device)
+        self._host: dict[int, tuple[torch.Tensor, torch.cuda.Event | None, torch.device]] = {}
+        self._dev: dict[int, torch.Tensor] = {}
+        self._ready: torch.cuda.Event | None = None
+        self._ready_device: torch.device | None = None
+        self.result: tuple | None = None
+        self.edge_out = None
+        self.edges_in: list = []
+
+    # -- forward: storage-level copies to host --------------------------------------------------------
+
+    def _pack(self, t: torch.Tensor) -> tuple:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._host:
+            raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+            self._host[key] = (*self._to_host(raw), t.device)
+        return key, t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset()
+
+    def _to_host(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if not raw.is_cuda:
+            return raw.clone(), None
+        buf = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=True)
+        stream = self._side_stream(raw.device)
+        stream.wait_stream(torch.cuda.current_stream(raw.device))
+        with torch.cuda.stream(stream):
+            buf.copy_(raw, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        raw.record_stream(stream)  # the device memory is not handed out again before the copy read it
+        return buf, done
+
+    # -- backward: back to the device ---------------------------------------------------------------------
+
+    def prefetch(self) -> None:
+        """Start copying every kept storage back to where it was (side stream on CUDA; no-op once started)."""
+        if self._dev or not self._host:
+            return
+        cpu = {key: buf for key, (buf, done, _) in self._host.items() if done is None}
+        self._dev.update(cpu)  # CPU tensors (all of them in a CPU run) stay where they were
+        cuda = [dev for _, done, dev in self._host.values() if done is not None]
+        if cuda:
+            self._ready_device = cuda[0]
+            stream = self._side_stream(cuda[0])
+            with torch.cuda.stream(stream):
+                for key, (buf, done, dev) in self._host.items():
+                    if done is not None:
+                        stream.wait_event(done)
+                        self._dev[key] = buf.to(dev, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(stream)
+        self._host.clear()  # the host allocator keeps each pinned block until its copy has read it
+
+    def _unpack(self, handle: tuple) -> torch.Tensor:
+        key, dtype, device, shape, stride, offset = handle
+        if not self._dev:
+            self.prefetch()
+        raw = self._dev[key]
+        if self._ready is not None:
+            current = torch.cuda.current_stream(self._ready_device)
+            current.wait_event(self._ready)
+            for t in self._dev.values():
+                if t.is_cuda:
+                    t.record_stream(current)
+            self._ready = None
+        return torch.empty(0, dtype=dtype, device=device).set_(raw.untyped_storage(), offset, shape, stride)
+
+    def clear(self) -> None:
+        self._host.clear()
+        self._dev.clear()
+        self.result, self.edge_out, self.edges_in = None, None, []
+
+
+class _Replay(torch.autograd.Function):
+    """The recompute's attention: the kept result forward, the kept graph backward."""
+
+    @staticmethod
+    def forward(ctx, stash, q, k, v):
+        ctx.stash = stash
+        return stash._unpack(stash.result)
+
+    @staticmethod
+    def backward(ctx, grad):
+        stash = ctx.stash
+        dq, dk, dv = torch.autograd.grad([stash.edge_out], stash.edges_in, [grad], allow_unused=True)
+        stash.clear()
+        return None, dq, dk, dv
+
+
+def _record(stash: AttentionStash, attn: Callable, q, k, v) -> torch.Tensor:
+    anchor = torch.empty(0, device=q.device, requires_grad=True)
+    with torch.enable_grad(), saved_tensors_hooks(stash._pack, stash._unpack):
+        stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v)]
+        out = attn(*stand_ins)
+    stash.edge_out = get_gradient_edge(out)
+    stash.edges_in = [get_gradient_edge(t) for t in stand_ins]
+    stash.result = stash._pack(out)
+    return out.detach()
+
+
+def run(attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q, k, v) -> torch.Tensor:
+    """`attn(q, k, v)`, kept for replay inside `recording`, replayed inside `replaying`, else plain.
+
+    Args:
+        attn: the attention as a function of q, k, v (mask, scale and window closed over).
+        q, k, v: its inputs; only their gradients are needed when replaying, not their values.
+
+    Returns:
+        The attention result (in a replay: the values the forward computed).
+    """
+    if not _mode:
+        return attn(q, k, v)
+    mode, stashes, cursor, side_stream = _mode[-1]
+    if mode == "record":
+        stash = AttentionStash(side_stream)
+        stashes.append(stash)
+        return _record(stash, attn, q, k, v)
+    stash = stashes[cursor[0]]
+    cursor[0] += 1
+    return _Replay.apply(stash, q, k, v)
+
+
+@contextlib.contextmanager
+def recording(stashes: list[AttentionStash], side_stream: SideStream) -> Iterator[None]:
+    """Keep every `run` call of this block (a checkpointed layer's forward) in `stashes`, in call order.
+
+    Args:
+        stashes: the layer's list, filled here.
+        side_stream: the CUDA stream getter the copies to host run on (the one of the layer inputs).
+    """
+    _mode.append(("record", stashes, [0], side_stream))
+    try:
+        yield
+    finally:
+        _mode.pop()
+
+
+@contextlib.contextmanager
+def replaying(stashes: list[AttentionStash]) -> Iterator[None]:
+    """Replay `stashes` for the `run` calls of this block (the same layer's recompute), in call order.
+
+    Raises:
+        RuntimeError: the block made a different number of calls than the recorded forward.
+    """
+    cursor = [0]
+    _mode.append(("replay", stashes, cursor, None))
+    try:
+        yield
+    finally:
+        _mode.pop()
+    if cursor[0] != len(stashes):
+        raise RuntimeError(
+            f"attention stash: the recompute made {cursor[0]} attention calls, the forward {len(stashes)}"
+        )
