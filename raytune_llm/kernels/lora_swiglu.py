@@ -19,7 +19,8 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 # Tiles of the [N, I] activation kernels: 64 x 64 elements x 4 warps (32 bf16 per thread per tensor)
 # with a [64, r] x [r, 64] tensor-core dot for the rank-r epilogue. The interpreter pays per program
 # and runs numpy on whole tiles, so it takes larger tiles there.
-_TILE = (64, 64)
+_FWD = (64, 64, 4)  # BM, BN, warps (bench/kernels/sweep_lora_swiglu.py sweeps them)
+_BWD = (64, 64, 4)
 _TILE_INTERPRET = (64, 128)
 
 
@@ -200,14 +201,15 @@ def _lora_swiglu_bwd_kernel(
 # ---- launchers ----------------------------------------------------------------------------------
 
 
-def _tile_cfg(t: torch.Tensor, ranks: list[int]) -> dict:
+def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int]) -> dict:
     interp = interpret_mode()
-    bm, bn = _TILE_INTERPRET if interp else _TILE
+    bm, bn, warps = (*_TILE_INTERPRET, 4) if interp else setting
     r_pad = max(16, triton.next_power_of_2(max(ranks)))
     return {
         "R_PAD": r_pad,
         "BM": bm,
         "BN": bn,
+        "num_warps": warps,
         "UPCAST": interp,
         # fp32 operands: exact products ("tf32" would round them to 10 mantissa bits); bf16 operands
         # take the tensor-core path whatever this says.
@@ -241,12 +243,11 @@ def lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float
     n_rows, n_cols = G.shape
     H = torch.empty_like(G)
     if G.numel():
-        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]])
+        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD)
         _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
             G, U, H, xa_g, xa_u, Bg, Bu,
             xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
-            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u,
-            num_warps=4, **cfg,
+            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u, **cfg,
         )  # fmt: skip
     return H
 
@@ -265,8 +266,7 @@ def lora_swiglu_backward(dH, G, U, low_d, Ad) -> None:
     """
     n_rows, n_cols = G.shape
     if G.numel():
-        cfg = _tile_cfg(G, [low_d.shape[1]])
+        cfg = _tile_cfg(G, [low_d.shape[1]], _BWD)
         _lora_swiglu_bwd_kernel[_grid(n_rows, n_cols, cfg)](
-            dH, G, U, low_d, Ad, low_d.stride(0), Ad.stride(0), n_rows, n_cols, low_d.shape[1],
-            num_warps=4, **cfg,
+            dH, G, U, low_d, Ad, low_d.stride(0), Ad.stride(0), n_rows, n_cols, low_d.shape[1], **cfg,
         )  # fmt: skip

@@ -236,7 +236,10 @@ def _rotate(
     ki = k if _readable(k) else k.contiguous()
 
     def fresh(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=kernel_store_dtype(t.dtype), device=t.device)
+        # In t's layout when it is dense (attention's q/k are [B, S, H, D] in memory, viewed [B, H, S, D]):
+        # each token's heads stay one contiguous run, and attention gets q, k (and v) in one layout, so the
+        # cuDNN kernels write their output in it too and the [B, S, H*D] result needs no copy.
+        return torch.empty_like(t, dtype=kernel_store_dtype(t.dtype))
 
     qo = q if in_place and _writable(q) else fresh(q)
     ko = k if in_place and _writable(k) else fresh(k)
@@ -265,7 +268,7 @@ def rope_forward(
         k: ``[B, Hk, S, D]``.
         cos: ``[B|1, S, D]``.
         sin: ``[B|1, S, D]``.
-        in_place: write into q and k (True) or into new contiguous tensors.
+        in_place: write into q and k (True) or into new tensors (in q's and k's layout when dense).
         halves_equal: the caller vouches that ``cos[..., :D/2] == cos[..., D/2:]`` (and the same for
             ``sin``); the kernel then reads only the first halves.
 
@@ -298,7 +301,7 @@ class RoPEFunction(torch.autograd.Function):
 
     The forward works in place (``mark_dirty``) unless q or k is a view: autograd refuses a Function
     that modifies a view in place and returns two tensors, and attention's q/k are views
-    (``proj(x).view(B, S, H, D).transpose(1, 2)``). Then it writes new contiguous tensors instead,
+    (``proj(x).view(B, S, H, D).transpose(1, 2)``). Then it writes new tensors of the same layout instead,
     which moves the same bytes (read q, write q') and lets the projection output be freed.
     """
 

@@ -179,9 +179,10 @@ def _patch_attention(
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         if family.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        # Transposed views: the RoPE kernel reads them in place and writes new contiguous [B, H, S, D] tensors
-        # (one pass; a .contiguous() copy first would read and write q and k once more). The rotary embedding of
-        # every supported family is HF's cat(freqs, freqs), so the kernel reads half of cos/sin.
+        # Transposed views: the RoPE kernel reads them in place and writes new tensors in the same [B, S, H, D]
+        # memory layout (one pass; a .contiguous() copy first would read and write q and k once more), so q, k
+        # and v reach attention in one layout and its output reshapes to [B, S, H*D] without a copy. The rotary
+        # embedding of every supported family is HF's cat(freqs, freqs), so the kernel reads half of cos/sin.
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = ops["rope"](q, k, cos, sin, halves_equal=True)
