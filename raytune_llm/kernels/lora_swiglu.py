@@ -16,11 +16,13 @@ from raytune_llm.kernels._dispatch import interpret_mode
 
 __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 
-# Tiles of the [N, I] activation kernels: 64 x 64 elements x 4 warps (32 bf16 per thread per tensor)
-# with a [64, r] x [r, 64] tensor-core dot for the rank-r epilogue. The interpreter pays per program
-# and runs numpy on whole tiles, so it takes larger tiles there.
-_FWD = (64, 64, 4)  # BM, BN, warps (bench/kernels/sweep_lora_swiglu.py sweeps them)
+# Tiles (BM, BN, warps) of the [N, I] activation kernels, with a [BM, r] x [r, BN] tensor-core dot for the
+# rank-r epilogue. Swept at [8192, 14336] bf16, rank 16, on the H200 (bench/kernels/sweep_lora_swiglu.py,
+# bench/results/lora_swiglu_sweep_h200_20261129_s7.json): forward 64x128x8 0.415 ms (0.685 of copy bandwidth;
+# 64x64x4 0.451), backward 64x64x4 0.654 ms (0.522; every larger tile was slower).
+_FWD = (64, 128, 8)
 _BWD = (64, 64, 4)
+# The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
 
 

@@ -204,7 +204,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from raytune_llm.config import from_dict
     from raytune_llm.models.load import load_model
-    from raytune_llm.models.patch import set_checkpoint_layers, set_dequantize_once, set_mlp_chunk_tokens
+    from raytune_llm.models.patch import (
+        set_checkpoint_layers,
+        set_dequantize_once,
+        set_mlp_chunk_tokens,
+        set_stash_attention,
+    )
     from raytune_llm.packing.stream import iter_torch_batches
     from raytune_llm.train import sharded as sharded_lib
 
@@ -249,6 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_mlp_chunk_tokens(model, cfg.model.mlp_chunk_tokens)
         set_checkpoint_layers(model, cfg.model.checkpoint_layers)
         set_dequantize_once(model, cfg.model.dequantize_once)
+        set_stash_attention(model, cfg.model.stash_attention)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

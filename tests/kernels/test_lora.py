@@ -434,5 +434,8 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
     assert (n_full, n_stash) == (2 * 3 * 3, 2 * 3 * 2)  # 2 layers x 3 bases x (forward, [recompute,] backward)
     assert not lora_mod._lean and not attention_stash._mode, "a recompute block was left open"
     torch.testing.assert_close(y_stash, y_full, rtol=0, atol=0)
+    # Bit for bit under the interpreter; on CUDA fp32 SDPA's backward (memory-efficient kernel) may sum dq in
+    # another order from one run to the next.
+    exact = dict(rtol=0, atol=0) if device.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
     for a, b in zip(g_stash, g_full):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **exact)

@@ -160,3 +160,16 @@ def test_stashed_attention_is_replayed_not_recomputed_with_the_same_gradients(
         # The stash against the whole recompute: the same backward on the same tensors.
         torch.testing.assert_close(g[name], g_full[name], **exact, msg=lambda m, name=name: f"{name}: {m}")
         torch.testing.assert_close(g[name], g_off[name], **exact, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_stash_attention_needs_offload_and_a_bool(tiny_paths):
+    from raytune_llm.config import ConfigError, load_config
+    from raytune_llm.models.patch import set_stash_attention
+
+    with pytest.raises(ConfigError, match="stash_attention=true needs gradient_checkpointing offload"):
+        load_config(None, ["model.stash_attention=true", "model.gradient_checkpointing=on"])
+    cfg = load_config(None, ["model.stash_attention=true", "model.gradient_checkpointing=offload"])
+    assert cfg.model.stash_attention
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8))
+    with pytest.raises(ValueError, match="stash_attention must be true or false"):
+        set_stash_attention(model, "yes")
