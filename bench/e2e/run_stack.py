@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(models.patch.set_dequantize_once)",
     )
     p.add_argument(
+        "--mlp-chunk-tokens",
+        default=None,
+        help="ours: models.patch.set_mlp_chunk_tokens (an int, 0 = never split, or 'auto'); default the model's own",
+    )
+    p.add_argument(
         "--stash-attention",
         action="store_true",
         help="ours, with --ckpt offload: replay each layer's attention from host memory in the recompute "
@@ -231,6 +236,12 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_dequantize_once(model, True)
             facts["dequantize_once"] = True
+        if args.mlp_chunk_tokens is not None:
+            from raytune_llm.models.patch import set_mlp_chunk_tokens
+
+            chunk = "auto" if args.mlp_chunk_tokens == "auto" else int(args.mlp_chunk_tokens)
+            set_mlp_chunk_tokens(model, chunk)
+            facts["mlp_chunk_tokens"] = chunk
         if args.stash_attention:
             from raytune_llm.models.patch import set_stash_attention
 
