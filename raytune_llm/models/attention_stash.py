@@ -64,6 +64,9 @@ class AttentionStash:
         self._dev: dict[int, torch.Tensor] = {}
         self._ready: torch.cuda.Event | None = None
         self._ready_device: torch.device | None = None
+        # While recording: the storages packed so far, kept alive so that no later saved tensor of the same
+        # call (a multi-op attention, e.g. SDPA's math path, frees its temporaries) reuses an address.
+        self._alive: list[torch.Tensor] = []
         self.result: tuple | None = None
         self.edge_out = None
         self.edges_in: list = []
@@ -76,6 +79,7 @@ class AttentionStash:
         if key not in self._host:
             raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
             self._host[key] = (*self._to_host(raw), t.device)
+            self._alive.append(raw)
         return key, t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset()
 
     def _to_host(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -156,6 +160,7 @@ def _record(stash: AttentionStash, attn: Callable, q, k, v) -> torch.Tensor:
     stash.edge_out = get_gradient_edge(out)
     stash.edges_in = [get_gradient_edge(t) for t in stand_ins]
     stash.result = stash._pack(out)
+    stash._alive.clear()  # from here addresses are only looked up, never packed again
     return out.detach()
 
 

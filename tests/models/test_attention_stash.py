@@ -1,0 +1,68 @@
+"""models.attention_stash against a plain recompute, with an attention made of several ops."""
+
+from __future__ import annotations
+
+import torch
+
+from raytune_llm.models import attention_stash
+from raytune_llm.models.checkpointing import OffloadChain, checkpoint_layer
+
+
+def _chained_attention(q, k, v):
+    # Several autograd nodes, each saving a tensor the next op no longer needs: sigmoid saves its output, which
+    # is freed once the product is formed, so a later saved tensor may land on the same address (it does under
+    # CUDA's caching allocator, as with SDPA's math path; glibc on the CPU did not reuse one in this test).
+    c = q
+    for _ in range(4):  # each sigmoid output is freed (by Python) once the next product exists
+        c = torch.sigmoid(c * 2.0)
+    scores = torch.softmax((c @ k.transpose(-1, -2)) * k.shape[-1] ** -0.5, dim=-1)
+    return (scores @ v).transpose(1, 2)
+
+
+def _layer(weights):
+    wq, wk, wv, wo = weights
+
+    def run(h):
+        b, s, _ = h.shape
+        q, k, v = ((h @ w).view(b, s, 2, -1).transpose(1, 2) for w in (wq, wk, wv))
+        a = attention_stash.run(_chained_attention, q, k, v).reshape(b, s, -1)
+        return h + a @ wo
+
+    return run
+
+
+def test_stash_of_a_multi_op_attention_gives_the_recompute_gradients():
+    # Each saved tensor is copied once per storage; a storage freed during the attention call must not be
+    # mistaken for a later one at the same address (the stash keeps them alive until the call ends). On the GPU
+    # the fp32 lean-Q/K/V kernel test (SDPA's math path) is the one that caught it.
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(8, 8, generator=gen).requires_grad_() for _ in range(4)]
+    x0 = torch.randn(2, 5, 8, generator=gen)
+
+    def grads(stash):
+        for w in weights:
+            w.grad = None
+        x = x0.clone().requires_grad_()
+        chain, y = OffloadChain(), x
+        for _ in range(3):
+            y = checkpoint_layer(_layer(weights), y, offload=True, chain=chain, stash=stash)
+        y.square().sum().backward()
+        return [x.grad] + [w.grad for w in weights]
+
+    for got, want in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not attention_stash._mode
+
+
+def test_replay_refuses_a_recompute_that_calls_attention_differently():
+    stashes: list = []
+    q = torch.randn(1, 2, 3, 4)
+    with attention_stash.recording(stashes, side_stream=None):
+        attention_stash.run(_chained_attention, q, q, q)
+    try:
+        with attention_stash.replaying(stashes):
+            pass
+    except RuntimeError as exc:
+        assert "made 0 attention calls, the forward 1" in str(exc)
+    else:
+        raise AssertionError("a replay with a missing attention call passed")
