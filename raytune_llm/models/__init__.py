@@ -4,7 +4,9 @@
 - stream_load.py: NF4 loading one safetensors shard at a time, each Linear quantized as it arrives (low host memory).
 - patch.py: `patch` / `unpatch`, per-instance forward swaps with a report of what stayed stock and why.
 - attention.py: causal attention for packed rows (document ids from restarting position_ids).
-- checkpointing.py: per-layer activation checkpointing, optionally offloading the kept input to host.
+- checkpointing.py: per-layer activation checkpointing, optionally offloading the kept input to host (copied back
+  ahead of use); the recompute skips what backward never reads (kernels.lora.lean_recompute).
+- attention_stash.py: under offloaded checkpointing, attention kept in host memory and replayed in the recompute.
 - lora.py, quantize.py: PEFT attachment / LoRAWeight reading, bitsandbytes NF4 config and per-Linear quantization.
 - families/: what differs between Llama, Mistral, Qwen2 and Qwen3.
 - tiny.py, synthetic.py: random-weight models (tiny on disk for tests; any size built on the device for benchmarks).
