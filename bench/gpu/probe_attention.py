@@ -2,20 +2,26 @@
 
 For issue 5's recompute planning: at each e2e shape (8B heads: 32 query, 8 kv, head dim 128) it times the
 attention path models.attention.causal_attention takes (SDPA is_causal with GQA, or flash varlen for packed
-rows), forward alone and forward + backward (CUDA events, median of 5 after 2 warm-ups), and prints the
-grad_fn's class and its saved tensors (name, shape, dtype). Prints one JSON line per shape; writes them to
---out.
+rows), forward alone and forward + backward (bench/_harness.py, median of 5), and prints the grad_fn's class
+and its saved tensors (name, shape, dtype). Prints one JSON line per shape; writes them to --out. `--tiny`: a
+CPU smoke run at small shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from raytune_llm.models.attention import build_attn_meta, causal_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from _harness import Harness  # noqa: E402
+
+from raytune_llm.models.attention import build_attn_meta, causal_attention  # noqa: E402
 
 
 def saved(fn) -> dict:
@@ -32,32 +38,19 @@ def saved(fn) -> dict:
     return out
 
 
-def timed(fn, reps=5, warm=2) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def probe(name: str, b: int, s: int, packed: bool) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(b, 32, s, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    k = torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    v = torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+def probe(h: Harness, name: str, b: int, s: int, packed: bool, heads: tuple[int, int, int]) -> dict:
+    hq, hk, d = heads
+    g = torch.Generator(device=h.device).manual_seed(0)
+    q = torch.randn(b, hq, s, d, device=h.device, dtype=h.dtype, generator=g).requires_grad_()
+    k = torch.randn(b, hk, s, d, device=h.device, dtype=h.dtype, generator=g).requires_grad_()
+    v = torch.randn(b, hk, s, d, device=h.device, dtype=h.dtype, generator=g).requires_grad_()
     if packed:
-        starts = [0, 1500, 1800, 3900, 4000, 6100]
-        pos = torch.cat([torch.arange(e - a) for a, e in zip(starts, starts[1:] + [s])])[None].cuda()
+        starts = [round(x * s / 8192) for x in (0, 1500, 1800, 3900, 4000, 6100)]  # documents of a packed row
+        pos = torch.cat([torch.arange(e - a) for a, e in zip(starts, starts[1:] + [s])])[None].to(h.device)
     else:
-        pos = torch.arange(s, device="cuda")[None].expand(b, -1)
+        pos = torch.arange(s, device=h.device)[None].expand(b, -1)
     meta = build_attn_meta(pos, None, b, s, q.device)
-    out = causal_attention(q, k, v, meta, 128**-0.5)
+    out = causal_attention(q, k, v, meta, d**-0.5)
     fn = out.grad_fn
     chain = []
     while fn is not None and len(chain) < 4:
@@ -65,15 +58,20 @@ def probe(name: str, b: int, s: int, packed: bool) -> dict:
         fn = fn.next_functions[0][0] if fn.next_functions else None
     dy = torch.randn_like(out)
 
-    def fwd():
+    def fwd(_):
         with torch.no_grad():
-            causal_attention(q, k, v, meta, 128**-0.5)
+            causal_attention(q, k, v, meta, d**-0.5)
 
-    def fwd_bwd():
-        o = causal_attention(q, k, v, meta, 128**-0.5)
+    def fwd_bwd(_):
+        o = causal_attention(q, k, v, meta, d**-0.5)
         torch.autograd.grad(o, (q, k, v), dy)
 
-    row = {"shape": name, "fwd_ms": round(timed(fwd), 3), "fwd_bwd_ms": round(timed(fwd_bwd), 3), "nodes": chain}
+    row = {
+        "shape": name,
+        "fwd_ms": round(h.time(fwd).ms, 3),
+        "fwd_bwd_ms": round(h.time(fwd_bwd).ms, 3),
+        "nodes": chain,
+    }
     row["per_step_fwd_ms_32_layers"] = round(32 * row["fwd_ms"], 1)
     return row
 
@@ -81,16 +79,22 @@ def probe(name: str, b: int, s: int, packed: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: 4 / 2 heads of 16, rows of 64")
     args = p.parse_args()
+    h = Harness(tiny=args.tiny, reps=5, warmup=2)
     rows = []
     shapes = [("4x2048", 4, 2048, False), ("1x16384", 1, 16384, False), ("packed_8192", 1, 8192, True)]
-    for name, b, s, packed in shapes + [("1x65536", 1, 65536, False)]:
-        row = probe(name, b, s, packed)
+    shapes += [("1x65536", 1, 65536, False)]
+    if args.tiny:
+        shapes = [("2x64", 2, 64, False), ("packed_64", 1, 64, True)]
+    for name, b, s, packed in shapes:
+        row = probe(h, name, b, s, packed, (4, 2, 16) if args.tiny else (32, 8, 128))
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        gpu = "cpu" if args.tiny else torch.cuda.get_device_name()
+        json.dump({"torch": torch.__version__, "gpu": gpu, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 At the 8B MLP of a 4x2048 step ([8192, 14336] bf16, rank 16) it times the forward kernel (reads G, U,
 writes G, U, H) and the backward kernel (reads dH, G, U, writes H, dG, dU) under each BM:BN:warps setting,
-median of CUDA-event timings, and gives each as a fraction of the copy bandwidth measured in the same run
+median of the harness's CUDA-event timings (bench/_harness.py), and gives each as a fraction of the copy bandwidth measured in the same run
 (bytes moved / time / copy rate). Every setting's outputs are compared with the default's: bit-exact, and the
 largest difference relative to the largest value (the rank-r tensor-core dot may sum in another order under
 another tile); the best setting is picked among those within 1e-2.
@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from raytune_llm.kernels import lora_swiglu as mod
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from _harness import Harness  # noqa: E402
+
+from raytune_llm.kernels import lora_swiglu as mod  # noqa: E402
 
 SETTINGS = "64:64:4,64:128:4,128:64:4,64:128:8,128:128:8,32:256:4,64:256:8,128:256:8,16:512:4,32:512:8"
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,72 +36,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--settings", default=SETTINGS)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1): 64 x 256, two settings")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    n, i, r, dt = args.rows, args.inter, args.rank, torch.bfloat16
-    g = torch.Generator(device="cuda").manual_seed(0)
+    if args.tiny:
+        args.rows, args.inter, args.settings = 64, 256, "64:64:4,64:128:8"
+    h = Harness(tiny=args.tiny, reps=args.reps)  # L2 flushed and the launch queue pre-rolled before each rep
+    n, i, r, dt = args.rows, args.inter, args.rank, h.dtype
+    g = torch.Generator(device=h.device).manual_seed(0)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dt)
+        return (torch.randn(*shape, device=h.device, generator=g) * scale).to(dt)
 
     G0, U0, dH0 = rand(n, i), rand(n, i), rand(n, i)
     xa_g, xa_u, Bg, Bu = rand(n, r), rand(n, r), rand(i, r, scale=0.1), rand(i, r, scale=0.1)
     low, Ad = rand(n, r), rand(r, i, scale=0.1)
-    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_ms = timed(lambda: big.clone(), args.reps)
-    copy_gbs = 2 * big.numel() / copy_ms / 1e6
     G, U, dH = G0.clone(), U0.clone(), dH0.clone()
-    tensor_bytes = n * i * 2
 
-    def fwd():
-        G.copy_(G0), U.copy_(U0)
-        return mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5)
+    def reset(*pairs):  # the kernels work in place: fresh inputs before each (untimed) repetition
+        return lambda: [dst.copy_(src) for dst, src in pairs] and None
 
-    def bwd():
-        G.copy_(G0), U.copy_(U0), dH.copy_(dH0)
-        mod.lora_swiglu_backward(dH, G, U, low, Ad)
+    kinds = {
+        "fwd": (lambda _: mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5), reset((G, G0), (U, U0))),
+        "bwd": (lambda _: mod.lora_swiglu_backward(dH, G, U, low, Ad), reset((G, G0), (U, U0), (dH, dH0))),
+    }
+    moved = {"fwd": 5 * n * i * G.element_size(), "bwd": 6 * n * i * G.element_size()}
 
-    reset_ms = {"fwd": timed(lambda: (G.copy_(G0), U.copy_(U0)), args.reps)}
-    reset_ms["bwd"] = timed(lambda: (G.copy_(G0), U.copy_(U0), dH.copy_(dH0)), args.reps)
-    moved = {"fwd": 5 * tensor_bytes, "bwd": 6 * tensor_bytes}
-    ref = {"fwd": [t.clone() for t in (fwd(), G, U)]}
-    bwd()
-    ref["bwd"] = [t.clone() for t in (dH, G, U)]
+    def outputs(kind):
+        fn, setup = kinds[kind]
+        setup()
+        out = fn(None)
+        return [t.clone() for t in ((out, G, U) if kind == "fwd" else (dH, G, U))]
+
+    ref = {kind: outputs(kind) for kind in kinds}
     rows = []
     for text in args.settings.split(","):
         setting = tuple(int(x) for x in text.split(":"))
-        for kind, fn in (("fwd", fwd), ("bwd", bwd)):
+        for kind, (fn, setup) in kinds.items():
             saved = mod._FWD, mod._BWD
-            if kind == "fwd":
-                mod._FWD = setting
-            else:
-                mod._BWD = setting
+            mod._FWD, mod._BWD = (setting, saved[1]) if kind == "fwd" else (saved[0], setting)
             try:
-                out = fn()
-                got = [out, G, U] if kind == "fwd" else [dH, G, U]
+                got = outputs(kind)
                 exact = all(torch.equal(a, b) for a, b in zip(got, ref[kind]))
                 diff = max(
                     ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(got, ref[kind])
                 )
-                ms = timed(fn, args.reps) - reset_ms[kind]
+                ms = h.time(fn, setup).ms
                 row = dict(setting=text, kernel=kind, ms=round(ms, 4), exact=exact, max_rel_diff=diff)
-                row["bandwidth_fraction"] = round(moved[kind] / ms / 1e6 / copy_gbs, 3)
+                row["bandwidth_fraction"] = round(moved[kind] / ms / 1e6 / h.copy_gbps, 3)
             except Exception as exc:  # noqa: BLE001 - a sweep: record the failing setting and go on
                 row = dict(setting=text, kernel=kind, error=str(exc).splitlines()[0][:200])
             finally:
                 mod._FWD, mod._BWD = saved
             print(json.dumps(row), flush=True)
             rows.append(row)
-    doc = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "shape": [n, i, r],
-        "copy_gbs": round(copy_gbs, 1),
-    }
-    doc["default"] = {"fwd": list(mod._FWD), "bwd": list(mod._BWD)}
+    doc = {"gpu": torch.cuda.get_device_name() if not args.tiny else "cpu", "torch": torch.__version__}
+    doc.update(shape=[n, i, r], copy_gbs=round(h.copy_gbps, 1), default={"fwd": list(mod._FWD), "bwd": list(mod._BWD)})
     doc["rows"] = rows
     args.out.write_text(json.dumps(doc, indent=1))
-    for kind in ("fwd", "bwd"):
+    for kind in kinds:
         ok = [x for x in rows if x["kernel"] == kind and x.get("max_rel_diff", 1.0) < 1e-2]
         best = min(ok, key=lambda x: x["ms"]) if ok else None
         print(f"{kind}: best {best}")

@@ -479,6 +479,13 @@ def _set_setting(model: torch.nn.Module, name: str, value) -> None:
     setattr(state["report"], name, value)
 
 
+def _set_flag(model: torch.nn.Module, name: str, on: bool) -> None:
+    """`_set_setting` for a true/false setting, refusing anything but a bool."""
+    if not isinstance(on, bool):
+        raise ValueError(f"{name} must be true or false, got {on!r}")
+    _set_setting(model, name, on)
+
+
 def check_checkpoint_layers(value: int | None) -> None:
     """Raise ValueError unless `value` is None or an int >= 0."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -520,9 +527,7 @@ def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
     Raises:
         ValueError: a non-bool value, or a model `patch` did not patch.
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"dequantize_once must be true or false, got {on!r}")
-    _set_setting(model, "dequantize_once", on)
+    _set_flag(model, "dequantize_once", on)
 
 
 def set_stash_attention(model: torch.nn.Module, on: bool) -> None:
@@ -541,9 +546,7 @@ def set_stash_attention(model: torch.nn.Module, on: bool) -> None:
     Raises:
         ValueError: a non-bool value, or a model `patch` did not patch.
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"stash_attention must be true or false, got {on!r}")
-    _set_setting(model, "stash_attention", on)
+    _set_flag(model, "stash_attention", on)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, mode: str) -> None:
@@ -571,9 +574,7 @@ def set_lean_recompute(model: torch.nn.Module, on: bool) -> None:
     Raises:
         ValueError: a non-bool value, or a model `patch` did not patch.
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"lean_recompute must be true or false, got {on!r}")
-    _set_setting(model, "lean_recompute", on)
+    _set_flag(model, "lean_recompute", on)
 
 
 def unpatch(model: torch.nn.Module) -> None:

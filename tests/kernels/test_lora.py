@@ -272,6 +272,31 @@ def test_real_sizes_bf16(hidden, inter, kind):
         _run_case(op, kind, torch.bfloat16, ((2, 1024), None, None), torch.device("cuda"), specs[op])
 
 
+def _toy_layer_parts(device):
+    """NF4 QKV, O and MLP cases for a toy checkpointed layer (fp32, the module's widths)."""
+    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
+    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
+    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
+    return qkv, o, mlp
+
+
+def _toy_layer(parts):
+    """Fresh adapter leaves and a layer over them: QKV of h, O on a mix of q, k and v, the MLP on the residual."""
+    qkv, o, mlp = parts
+    leaves = {k: [a.clone().requires_grad_() for a in case[1]] for k, case in (("qkv", qkv), ("o", o), ("mlp", mlp))}
+
+    def layer(h):
+        q, k, v = _bind(lora_qkv, qkv[0], qkv[2])(h, *leaves["qkv"])
+        h = h + _bind(lora_linear, o[0], o[2])(q * k.sum() + v.mean(), *leaves["o"])
+        return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
+
+    return leaves, layer
+
+
+def _toy_input(device):
+    return torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+
+
 @needs_triton
 def test_dequantize_once_reuses_the_recompute_weights(monkeypatch):
     # A checkpointed "layer" (QKV, O on q, MLP on o) with NF4 bases: with dequantize_once the backward takes
@@ -281,25 +306,15 @@ def test_dequantize_once_reuses_the_recompute_weights(monkeypatch):
     from raytune_llm.models.checkpointing import checkpoint_layer
 
     device = kernel_device()
-    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
-    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
-    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
-    n_bases = len(qkv[0]) + len(o[0]) + len(mlp[0])
+    parts = _toy_layer_parts(device)
+    n_bases = sum(len(case[0]) for case in parts)
     calls = []
     real = lora_mod.nf4_dequantize
     monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w.shape) or real(w, dt))
 
     def run(dequant_once):
-        leaves = {
-            k: [a.clone().requires_grad_() for a in case[1]] for k, case in (("qkv", qkv), ("o", o), ("mlp", mlp))
-        }
-
-        def layer(h):
-            q, k, v = _bind(lora_qkv, qkv[0], qkv[2])(h, *leaves["qkv"])
-            h = h + _bind(lora_linear, o[0], o[2])(q * k.sum() + v.mean(), *leaves["o"])
-            return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
-
-        x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+        leaves, layer = _toy_layer(parts)
+        x = _toy_input(device)
         calls.clear()
         y = checkpoint_layer(layer, x, offload=False, dequant_once=dequant_once)
         y.square().sum().backward()
@@ -325,26 +340,16 @@ def test_lean_recompute_skips_the_down_projection_with_the_same_gradients(monkey
     from raytune_llm.models.checkpointing import OffloadChain, checkpoint_layer
 
     device = kernel_device()
-    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
-    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
-    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
-    n_bases = len(qkv[0]) + len(o[0]) + len(mlp[0])
-    down = mlp[0][2]
+    parts = _toy_layer_parts(device)
+    n_bases = sum(len(case[0]) for case in parts)
+    down = parts[2][0][2]
     calls = []
     real = lora_mod.nf4_dequantize
     monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w is down) or real(w, dt))
 
     def run(lean):
-        leaves = {
-            k: [a.clone().requires_grad_() for a in case[1]] for k, case in (("qkv", qkv), ("o", o), ("mlp", mlp))
-        }
-
-        def layer(h):
-            q, k, v = _bind(lora_qkv, qkv[0], qkv[2])(h, *leaves["qkv"])
-            h = h + _bind(lora_linear, o[0], o[2])(q * k.sum() + v.mean(), *leaves["o"])
-            return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
-
-        x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+        leaves, layer = _toy_layer(parts)
+        x = _toy_input(device)
         calls.clear()
         chain = OffloadChain() if offload else None
         y = x
@@ -396,9 +401,7 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
 
     device = kernel_device()
     heads, d = 4, 6  # q: 24 = 4 x 6; k, v: 12 = 2 x 6 (GQA)
-    qkv = _case("qkv", "nf4", torch.float32, device, seed=1)
-    o = _case("linear", "nf4", torch.float32, device, seed=2, specs=[(HIDDEN, HIDDEN, 5, 2.0)])
-    mlp = _case("mlp", "nf4", torch.float32, device, seed=3)
+    qkv, o, mlp = _toy_layer_parts(device)
     qkv_ids = {id(b) for b in qkv[0]}
     calls = []
     real = lora_mod.nf4_dequantize
@@ -420,7 +423,7 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
             h = h + _bind(lora_linear, o[0], o[2])(a, *leaves["o"])
             return h + _bind(lora_mlp, mlp[0], mlp[2])(h, *leaves["mlp"])
 
-        x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_()
+        x = _toy_input(device)
         calls.clear()
         chain = OffloadChain()
         y = x
