@@ -11,20 +11,14 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_lora.py -
   | grep -E "passed|failed|FAILED|Error" | tail -6 | tee -a "$OUT/gpu_tests_s7b.log"
 echo "== lora swiglu sweep $(date +%T)"
 timeout 60 python3 bench/kernels/sweep_lora_swiglu.py --out "$OUT/lora_swiglu_sweep.json" 2>&1 | tail -3
-run() {  # name, timeout, args...
-  local name=$1 t=$2; shift 2
-  echo "== $name $(date +%T)"
-  timeout "$t" python3 bench/e2e/run_stack.py --stack ours --out "$OUT/$name.json" "$@" 2>&1 \
-    | grep -E "variant|Error|error|ms |top" | tail -40
-}
-run v8b_4x2048_s 80 --synthetic 8b --batch 4 --seq 2048 --ckpt offload --warmup 2 --steps 6 \
+run_ours v8b_4x2048_s 80 --synthetic 8b --batch 4 --seq 2048 --ckpt offload --warmup 2 --steps 6 \
   --variants all,all+stash,all+once,all+once+stash
-run v8b_1x16384_s 80 --synthetic 8b --batch 1 --seq 16384 --ckpt offload --warmup 1 --steps 3 \
+run_ours v8b_1x16384_s 80 --synthetic 8b --batch 1 --seq 16384 --ckpt offload --warmup 1 --steps 3 \
   --variants all,all+stash,all+once+stash
-run v8b_packed_s 60 --synthetic 8b --batch 1 --seq 8192 --packed --ckpt offload --warmup 2 --steps 6 \
+run_ours v8b_packed_s 60 --synthetic 8b --batch 1 --seq 8192 --packed --ckpt offload --warmup 2 --steps 6 \
   --variants all,all+stash,all+once+stash
-run v8b_1x65536_s 120 --synthetic 8b --batch 1 --seq 65536 --ckpt offload --warmup 1 --steps 1 \
+run_ours v8b_1x65536_s 120 --synthetic 8b --batch 1 --seq 65536 --ckpt offload --warmup 1 --steps 1 \
   --variants all+chunk0,all+stash+chunk0
-run prof8b_4x2048_s 60 --synthetic 8b --batch 4 --seq 2048 --ckpt offload --stash-attention --dequantize-once \
+run_ours prof8b_4x2048_s 60 --synthetic 8b --batch 4 --seq 2048 --ckpt offload --stash-attention --dequantize-once \
   --warmup 2 --steps 2 --profile
 echo "== done $(date +%T)"
