@@ -241,8 +241,9 @@ def _rotate(
         # cuDNN kernels write their output in it too and the [B, S, H*D] result needs no copy.
         return torch.empty_like(t, dtype=kernel_store_dtype(t.dtype))
 
-    qo = q if in_place and _writable(q) else fresh(q)
-    ko = k if in_place and _writable(k) else fresh(k)
+    # Laid out like the readable copies: the kernel writes D with unit stride.
+    qo = q if in_place and _writable(q) else fresh(qi)
+    ko = k if in_place and _writable(k) else fresh(ki)
     _launch(qi, ki, qo, ko, cos, sin, backward, halves_equal)
     if in_place:
         if qo is not q:

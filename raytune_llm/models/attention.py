@@ -174,6 +174,22 @@ def per_document_attention(q, k, v, meta: AttnMeta, scaling: float) -> torch.Ten
     return out
 
 
+def one_kernel_path(q: torch.Tensor, meta: AttnMeta, window: int | None = None) -> bool:
+    """Whether `causal_attention` runs these inputs as one fused attention kernel (flash varlen for packed rows on
+    CUDA, SDPA `is_causal` otherwise), not through a dense [B, 1, S, S] mask or a per-document loop.
+
+    models.attention_stash keeps what attention's backward saves only on these paths: a dense mask would be
+    copied to host memory once per layer (S^2 per row).
+    """
+    if window is not None and q.shape[2] <= window:
+        window = None
+    if meta.key_mask is not None or window is not None:
+        return False
+    if not meta.packed:
+        return True
+    return q.is_cuda and q.dtype in _FLASH_DTYPES and _varlen_fn()[0] is not None
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scaling: float, window: int | None = None
 ) -> torch.Tensor:

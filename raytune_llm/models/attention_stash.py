@@ -54,28 +54,31 @@ class _PassThrough(torch.autograd.Function):
         return None, None
 
 
-class AttentionStash:
-    """What one attention call of a checkpointed layer kept: host copies and two sets of graph edges."""
+class _Copies:
+    """The host copies of one attention call's saved storages, and their way back to the device.
+
+    Separate from `AttentionStash` because the saved-tensor hooks of the kept graph hold `_unpack`: were it a
+    method of the object that also holds the graph's edges, graph and stash would form a cycle through C++
+    objects that Python's collector cannot see, and a forward never followed by its backward (an exception in
+    a later layer, a forward without backward) would keep its pinned copies for good.
+    """
 
     def __init__(self, side_stream: SideStream | None) -> None:
         self._side_stream = side_stream
-        # storage address -> (host copy, its copy's event or None for a CPU tensor, the storage's device)
-        self._host: dict[int, tuple[torch.Tensor, torch.cuda.Event | None, torch.device]] = {}
-        self._dev: dict[int, torch.Tensor] = {}
+        # (device, storage address) -> (host copy, its copy's event or None for a CPU tensor, the storage's device)
+        self._host: dict[tuple, tuple[torch.Tensor, torch.cuda.Event | None, torch.device]] = {}
+        self._dev: dict[tuple, torch.Tensor] = {}
         self._ready: torch.cuda.Event | None = None
         self._ready_device: torch.device | None = None
         # While recording: the storages packed so far, kept alive so that no later saved tensor of the same
         # call (a multi-op attention, e.g. SDPA's math path, frees its temporaries) reuses an address.
         self._alive: list[torch.Tensor] = []
-        self.result: tuple | None = None
-        self.edge_out = None
-        self.edges_in: list = []
 
     # -- forward: storage-level copies to host --------------------------------------------------------
 
     def _pack(self, t: torch.Tensor) -> tuple:
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        key = (t.device, storage.data_ptr())
         if key not in self._host:
             raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
             self._host[key] = (*self._to_host(raw), t.device)
@@ -133,6 +136,25 @@ class AttentionStash:
     def clear(self) -> None:
         self._host.clear()
         self._dev.clear()
+        self._alive.clear()
+
+
+class AttentionStash:
+    """What one attention call of a checkpointed layer kept: its saved storages' host copies, the result's
+    handle among them, and the graph edges of the result and of the q, k, v stand-ins."""
+
+    def __init__(self, side_stream: SideStream | None) -> None:
+        self.copies = _Copies(side_stream)
+        self.result: tuple | None = None
+        self.edge_out = None
+        self.edges_in: list = []
+
+    def prefetch(self) -> None:
+        """Start copying the kept storages back (see `_Copies.prefetch`)."""
+        self.copies.prefetch()
+
+    def clear(self) -> None:
+        self.copies.clear()
         self.result, self.edge_out, self.edges_in = None, None, []
 
 
@@ -142,7 +164,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stash, q, k, v):
         ctx.stash = stash
-        return stash._unpack(stash.result)
+        return stash.copies._unpack(stash.result)
 
     @staticmethod
     def backward(ctx, grad):
@@ -154,27 +176,33 @@ class _Replay(torch.autograd.Function):
 
 def _record(stash: AttentionStash, attn: Callable, q, k, v) -> torch.Tensor:
     anchor = torch.empty(0, device=q.device, requires_grad=True)
-    with torch.enable_grad(), saved_tensors_hooks(stash._pack, stash._unpack):
+    copies = stash.copies
+    with torch.enable_grad(), saved_tensors_hooks(copies._pack, copies._unpack):
         stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v)]
         out = attn(*stand_ins)
     stash.edge_out = get_gradient_edge(out)
     stash.edges_in = [get_gradient_edge(t) for t in stand_ins]
-    stash.result = stash._pack(out)
-    stash._alive.clear()  # from here addresses are only looked up, never packed again
+    stash.result = copies._pack(out)
+    copies._alive.clear()  # from here addresses are only looked up, never packed again
     return out.detach()
 
 
-def run(attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q, k, v) -> torch.Tensor:
+def run(
+    attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q, k, v, keep: bool = True
+) -> torch.Tensor:
     """`attn(q, k, v)`, kept for replay inside `recording`, replayed inside `replaying`, else plain.
 
     Args:
-        attn: the attention as a function of q, k, v (mask, scale and window closed over).
+        attn: the attention as a function of q, k, v (mask, scale and window closed over). Its only inputs
+            that need gradients must be q, k and v: the replay hands out gradients for those three alone.
         q, k, v: its inputs; only their gradients are needed when replaying, not their values.
+        keep: False runs `attn` plainly even inside the blocks (neither kept nor replayed: the recompute
+            computes it again), for calls not worth a host copy; the forward and the recompute must agree.
 
     Returns:
         The attention result (in a replay: the values the forward computed).
     """
-    if not _mode:
+    if not _mode or not keep:
         return attn(q, k, v)
     mode, stashes, cursor, side_stream = _mode[-1]
     if mode == "record":
@@ -187,12 +215,13 @@ def run(attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
-def recording(stashes: list[AttentionStash], side_stream: SideStream) -> Iterator[None]:
+def recording(stashes: list[AttentionStash], side_stream: SideStream | None) -> Iterator[None]:
     """Keep every `run` call of this block (a checkpointed layer's forward) in `stashes`, in call order.
 
     Args:
         stashes: the layer's list, filled here.
-        side_stream: the CUDA stream getter the copies to host run on (the one of the layer inputs).
+        side_stream: the CUDA stream getter the copies to host run on (the one of the layer inputs); None
+            for a block that only sees CPU tensors.
     """
     _mode.append(("record", stashes, [0], side_stream))
     try:

@@ -124,6 +124,8 @@ class _Slot:
             x, self.dev = self.dev, None
             x.record_stream(current)  # freed after the compute stream's use, not the side stream's
             return x
+        if self.host is None:
+            raise RuntimeError("an offloaded checkpoint's backward ran twice (retain_graph): its input was used up")
         x = _to_device(self.host, self.done, device)
         self.host = None
         return x

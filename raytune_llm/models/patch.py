@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from raytune_llm.models import attention_stash
-from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention
+from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, one_kernel_path
 from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
@@ -186,9 +186,14 @@ def _patch_attention(
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = ops["rope"](q, k, cos, sin, halves_equal=True)
-        # Under offloaded checkpointing with stash_attention, kept by the forward and replayed by the recompute.
+        # Under offloaded checkpointing with stash_attention, kept by the forward and replayed by the recompute
+        # (one-kernel paths only: a dense mask would be copied to host once per layer).
         out = attention_stash.run(
-            lambda q, k, v: causal_attention(q, k, v, attention_mask, self.scaling, window), q, k, v
+            lambda q, k, v: causal_attention(q, k, v, attention_mask, self.scaling, window),
+            q,
+            k,
+            v,
+            keep=one_kernel_path(q, attention_mask, window),
         ).reshape(b, s, -1)
         wo = _fused_weights([self.o_proj]) if ops["lora_linear"] is not None else None
         if wo is not None:

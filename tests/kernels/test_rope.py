@@ -89,6 +89,26 @@ def test_rope_non_contiguous_projection_layout(dtype):
 
 
 @needs_triton
+def test_rope_keeps_the_attention_layout_and_reads_a_strided_head_dim(dtype=torch.float32):
+    # New outputs take the layout of what the kernel reads: attention's [B, S, H, D] views stay [B, S, H, D] in
+    # memory (so attention needs no transposing copy), and a dense q/k whose D is not unit-stride is read through a
+    # contiguous copy and written in that copy's layout (the kernel writes D with unit stride).
+    dev = kernel_device()
+    b, s, hq, hk, d = 2, 6, 4, 2, 8
+    cos, sin = _cos_sin(1, [4, 2], d, dev)
+    gen = torch.Generator().manual_seed(4)
+    qp = torch.randn(b, s, hq * d, generator=gen).to(dev).requires_grad_()
+    kp = torch.randn(b, s, hk * d, generator=gen).to(dev).requires_grad_()
+    qv, kv = qp.view(b, s, hq, d).transpose(1, 2), kp.view(b, s, hk, d).transpose(1, 2)
+    q_out, k_out = rope(qv, kv, cos, sin)
+    assert (q_out.stride(), k_out.stride()) == (qv.stride(), kv.stride())
+    views = [lambda t: t.transpose(2, 3), lambda t: t.transpose(2, 3), None, None]
+    qd = torch.randn(b, hq, d, s, generator=gen).to(dev)  # [B, H, D, S] storage: D has stride S
+    kd = torch.randn(b, hk, d, s, generator=gen).to(dev)
+    check_against_reference(rope, reference.rope, [qd, kd, cos, sin], dtype, views=views, no_grad=(2, 3))
+
+
+@needs_triton
 def test_rope_matches_hf_apply_rotary_pos_emb_and_is_in_place():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

@@ -66,3 +66,30 @@ def test_replay_refuses_a_recompute_that_calls_attention_differently():
         assert "made 0 attention calls, the forward 1" in str(exc)
     else:
         raise AssertionError("a replay with a missing attention call passed")
+
+
+def test_a_forward_without_backward_frees_its_stashes(monkeypatch):
+    # The kept graph's saved-tensor hooks must not hold the object that holds the graph's edges: that cycle runs
+    # through C++ nodes Python's collector cannot see, so the host copies of a forward never followed by its
+    # backward (an exception in a later layer, an evaluation with grad on) would stay for good.
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(8, 8, generator=gen).requires_grad_() for _ in range(4)]
+    refs = []
+    real_init = attention_stash.AttentionStash.__init__
+
+    def tracked(self, *a, **k):
+        real_init(self, *a, **k)
+        refs.append(weakref.ref(self))
+
+    monkeypatch.setattr(attention_stash.AttentionStash, "__init__", tracked)
+    y = torch.randn(2, 5, 8, generator=gen).requires_grad_()
+    chain = OffloadChain()
+    for _ in range(3):
+        y = checkpoint_layer(_layer(weights), y, offload=True, chain=chain, stash=True)
+    assert len(refs) == 3 and all(r() is not None for r in refs)
+    del y, chain
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3, "a stash outlived its graph"
