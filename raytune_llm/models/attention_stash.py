@@ -19,8 +19,9 @@ checkpointing:
   attention forward does not run again; inside `kernels.lora.lean_recompute(qkv=True)` neither do the
   Q/K/V base GEMMs, whose values nothing reads now (attention's backward takes the kept q, k, v).
 
-The backward is the attention backend's own (cuDNN, flash varlen, or math on the CPU): the stash calls no
-private op and works on every path of `models.attention.causal_attention`. Host memory: q, k, v, the
+The backward is the attention backend's own (cuDNN, flash varlen, or SDPA's CPU kernel): the stash calls no
+private op. models.patch stashes only attention that runs as one kernel (`models.attention.one_kernel_path`):
+on the dense-mask path the [B, 1, S, S] mask itself would be copied once per layer. Host memory: q, k, v, the
 output and the result of every checkpointed layer (about 2.5x the layer input, 160 MiB per layer at 4x2048
 tokens of an 8B model; 1.3 GiB at 65,536), on top of the offloaded layer inputs. On the CPU the "host
 copy" is a plain clone, which saves nothing but runs the same code, so tests prove the gradients there.
