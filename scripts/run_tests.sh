@@ -6,7 +6,8 @@
 #      memory test (one subprocess, one core);
 #   2. the kernel tests under the Triton interpreter, also in the background (one process, one core), in the
 #      idle CPU the Ray-bound main suite leaves (fresh-clone .ci/run: 1,203 s this way, 1,221 s with the kernel
-#      tests first);
+#      tests first), then in the same lane two slow tests that need no Ray and run in subprocesses of their own
+#      (the interpreted-Triton fidelity run and the export's peak-RSS check, ~90 s of the main suite's time);
 #   3. everything else, with the session's one Ray cluster;
 #   4. the two background lanes' results, then the GGUF test once the background llama-cpp-python build is in
 #      (scripts/llama_cpp.sh).
@@ -22,26 +23,35 @@ side_tests=(
   tests/test_cluster.py::test_job_submit_quickstart_on_two_nodes
   tests/packing/test_memory.py::test_peak_rss_flat_in_input_size
 )
+late_tests=(
+  tests/models/test_fidelity.py::test_fidelity_interpreted_triton
+  tests/export/test_memory.py::test_peak_rss_stays_near_one_shard
+)
 side_log=$venv/side-lane.log
 kernel_log=$venv/kernel-lane.log
 failed=()
 
 "${pytest[@]}" --timeout=900 "${side_tests[@]}" > "$side_log" 2>&1 &
 side=$!
-TRITON_INTERPRET=1 "${pytest[@]}" --timeout=900 tests/kernels > "$kernel_log" 2>&1 &
+(
+  TRITON_INTERPRET=1 "${pytest[@]}" --timeout=900 tests/kernels
+  k=$?
+  "${pytest[@]}" --timeout=900 "${late_tests[@]}"
+  exit $((k || $?))
+) > "$kernel_log" 2>&1 &
 kernels=$!
 trap 'kill "$side" "$kernels" 2>/dev/null' EXIT
 
 deselect=()
-for t in "${side_tests[@]}"; do deselect+=(--deselect "$t"); done
+for t in "${side_tests[@]}" "${late_tests[@]}"; do deselect+=(--deselect "$t"); done
 "${pytest[@]}" --timeout=1200 --durations=15 --ignore=tests/kernels --ignore=tests/export/test_gguf.py \
   "${deselect[@]}" tests || failed+=("main tests")
 
-wait "$kernels" || failed+=("kernel tests")
+wait "$kernels" || failed+=("kernel tests, ${late_tests[*]}")
 wait "$side" || failed+=("side lane (${side_tests[*]})")
 trap - EXIT
-echo "== kernel lane: tests/kernels"
-tail -n 15 "$kernel_log"
+echo "== kernel lane: tests/kernels, then ${late_tests[*]}"
+tail -n 25 "$kernel_log"
 echo "== side lane: ${side_tests[*]}"
 tail -n 15 "$side_log"
 
