@@ -142,9 +142,10 @@ def test_worker_kill_restarts_once_and_matches_then_ends_run_with_cause(ddp_two_
     run = out / "kill2"
     assert failed - (run / ".fault_fired_1_9").stat().st_mtime < 120  # the second kill ended the run quickly
     cause = str(exc.value).lower()
-    assert any(w in cause for w in ("exit", "died", "health check failed", "connection reset by peer")), str(exc.value)[
-        :500
-    ]
+    # Which report arrives first is a race: the controller's health check, or the surviving rank's gloo error
+    # about its dead peer ("reset by peer", or "closed by peer ... a remote worker crashing", seen on a busy CPU).
+    words = ("exit", "died", "health check failed", "connection reset by peer", "closed by peer")
+    assert any(w in cause for w in words), str(exc.value)[:500]
     from raytune_llm.train.worker import latest_complete
 
     ckpt = latest_complete(run / "ray" / "train")  # step 8: steps 5-8 were trained by the restarted group
