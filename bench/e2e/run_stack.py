@@ -88,24 +88,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint-layers",
         type=int,
         default=None,
-        help="ours: checkpoint only this many decoder layers (models.patch.set_checkpoint_layers); default all",
+        help="ours: checkpoint only this many decoder layers (models.settings.set_checkpoint_layers); default all",
     )
     p.add_argument(
         "--dequantize-once",
         action="store_true",
         help="ours: a checkpointed layer's backward reuses its recompute's dequantized weights "
-        "(models.patch.set_dequantize_once)",
+        "(models.settings.set_dequantize_once)",
     )
     p.add_argument(
         "--mlp-chunk-tokens",
         default=None,
-        help="ours: models.patch.set_mlp_chunk_tokens (an int, 0 = never split, or 'auto'); default the model's own",
+        help="ours: models.settings.set_mlp_chunk_tokens (an int, 0 = never split, or 'auto'); default the model's own",
     )
     p.add_argument(
         "--stash-attention",
         action="store_true",
         help="ours, with --ckpt offload: replay each layer's attention from host memory in the recompute "
-        "(models.patch.set_stash_attention)",
+        "(models.settings.set_stash_attention)",
     )
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler (CUDA): top kernels")
     p.add_argument(
@@ -227,23 +227,23 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
             )
         facts["document_mask"] = "ours: document ids from position ids restarting at 0" if args.packed else None
         if args.checkpoint_layers is not None:
-            from raytune_llm.models.patch import set_checkpoint_layers
+            from raytune_llm.models.settings import set_checkpoint_layers
 
             set_checkpoint_layers(model, args.checkpoint_layers)
             facts["checkpoint_layers"] = args.checkpoint_layers
         if args.dequantize_once:
-            from raytune_llm.models.patch import set_dequantize_once
+            from raytune_llm.models.settings import set_dequantize_once
 
             set_dequantize_once(model, True)
             facts["dequantize_once"] = True
         if args.mlp_chunk_tokens is not None:
-            from raytune_llm.models.patch import set_mlp_chunk_tokens
+            from raytune_llm.models.settings import set_mlp_chunk_tokens
 
             chunk = "auto" if args.mlp_chunk_tokens == "auto" else int(args.mlp_chunk_tokens)
             set_mlp_chunk_tokens(model, chunk)
             facts["mlp_chunk_tokens"] = chunk
         if args.stash_attention:
-            from raytune_llm.models.patch import set_stash_attention
+            from raytune_llm.models.settings import set_stash_attention
 
             set_stash_attention(model, True)
             facts["stash_attention"] = True
@@ -492,7 +492,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
     leaves the finished variants); an out-of-memory variant is recorded and the next one runs."""
     import gc
 
-    from raytune_llm.models import patch as P
+    from raytune_llm.models import settings as P
 
     report = getattr(model, "raytune_patch_report", None)
     chunk_default = report.mlp_chunk_tokens if report is not None else "auto"

@@ -37,9 +37,8 @@ from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_atten
 from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
+from raytune_llm.models.settings import STATE_ATTR, causal_lm
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
-
-_STATE = "_raytune_patch_state"
 
 
 @dataclass
@@ -87,12 +86,6 @@ def _op(module: str, name: str) -> Callable | None:
         if fn is not None:
             return fn
     return None
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM under a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _set_forward(state: dict, module: torch.nn.Module, fn: Callable) -> None:
@@ -387,7 +380,7 @@ def patch(
         mlp_chunk_tokens: split each MLP call over its tokens, keeping no `[tokens, intermediate]` tensor
             between forward and backward (models.tiling): a positive int = tokens per chunk, 0 or None =
             never, "auto" (default) = only when one such intermediate would exceed 1 GiB (long sequences;
-            shorter ones run exactly as without tiling). Change it later with `set_mlp_chunk_tokens`.
+            shorter ones run exactly as without tiling). Change it later with `models.settings.set_mlp_chunk_tokens`.
 
     Returns:
         A PatchReport. Patching an already patched model returns its existing report.
@@ -395,9 +388,9 @@ def patch(
     Raises:
         ValueError: a bad gradient_checkpointing mode or mlp_chunk_tokens.
     """
-    lm = _unwrap(model)
-    if _STATE in lm.__dict__:
-        return lm.__dict__[_STATE]["report"]
+    lm = causal_lm(model)
+    if STATE_ATTR in lm.__dict__:
+        return lm.__dict__[STATE_ATTR]["report"]
     if gradient_checkpointing is None:
         gradient_checkpointing = "on" if getattr(lm, "is_gradient_checkpointing", False) else "off"
     check_mode(gradient_checkpointing)
@@ -457,129 +450,8 @@ def patch(
         report.stock["model"] = "attention_dropout > 0: stock attention and HF's layer loop"
     _patch_lm(state, report, lm, ops)
     state["report"] = report
-    lm.__dict__[_STATE] = state
+    lm.__dict__[STATE_ATTR] = state
     return report
-
-
-def set_mlp_chunk_tokens(model: torch.nn.Module, mlp_chunk_tokens: int | str | None) -> None:
-    """Change how a patched model splits its MLP calls over tokens (see `patch`); takes effect on the next call.
-
-    Args:
-        model: a model `patch` patched (PEFT wrapper or causal LM).
-        mlp_chunk_tokens: a positive int, 0 or None (never), or "auto".
-
-    Raises:
-        ValueError: a bad value, or a model `patch` did not patch (stock or unsupported architecture).
-    """
-    check_chunk_tokens(mlp_chunk_tokens)
-    _set_setting(model, "mlp_chunk_tokens", mlp_chunk_tokens)
-
-
-def _set_setting(model: torch.nn.Module, name: str, value) -> None:
-    """Set a patched model's run-time setting (read by the patched forwards) and its report's copy."""
-    state = _unwrap(model).__dict__.get(_STATE)
-    if state is None:
-        raise ValueError(f"set_{name} needs a model patched by raytune_llm.patch (fused=True)")
-    state[name] = value
-    setattr(state["report"], name, value)
-
-
-def _set_flag(model: torch.nn.Module, name: str, on: bool) -> None:
-    """`_set_setting` for a true/false setting, refusing anything but a bool."""
-    if not isinstance(on, bool):
-        raise ValueError(f"{name} must be true or false, got {on!r}")
-    _set_setting(model, name, on)
-
-
-def check_checkpoint_layers(value: int | None) -> None:
-    """Raise ValueError unless `value` is None or an int >= 0."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"checkpoint_layers must be an integer >= 0 or null (all layers), got {value!r}")
-
-
-def set_checkpoint_layers(model: torch.nn.Module, checkpoint_layers: int | None) -> None:
-    """Checkpoint only the first `checkpoint_layers` decoder layers (None: all); takes effect on the next call.
-
-    With gradient checkpointing on or offload, the remaining (last) layers keep their activations from
-    forward to backward and are not recomputed: less recomputation for more memory (selective
-    recomputation). The last layers are the ones left out because backward reaches them first, so their
-    activations are freed earliest. No effect with checkpointing off.
-
-    Args:
-        model: a model `patch` patched (PEFT wrapper or causal LM).
-        checkpoint_layers: an int >= 0, or None for every layer.
-
-    Raises:
-        ValueError: a bad value, or a model `patch` did not patch (stock or unsupported architecture).
-    """
-    check_checkpoint_layers(checkpoint_layers)
-    _set_setting(model, "checkpoint_layers", checkpoint_layers)
-
-
-def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
-    """Dequantize each NF4 weight of a checkpointed layer once for its recompute and its backward.
-
-    Off (the default), backward dequantizes every NF4 weight twice per step after the forward's own
-    pass: once in the layer's recomputed forward, once for ``dX``. On, the recompute's copies are kept
-    until the backward has used them (`kernels.lora.dequantize_once`): one dequantization pass fewer per
-    step, for one layer's weights in bf16 held during that layer's backward (0.44 GiB at 8B, 1.6 GiB at
-    70B). Takes effect on the next call; no effect on layers that are not checkpointed.
-
-    Args:
-        model: a model `patch` patched (PEFT wrapper or causal LM).
-        on: True to reuse the recompute's dequantized weights in backward.
-
-    Raises:
-        ValueError: a non-bool value, or a model `patch` did not patch.
-    """
-    _set_flag(model, "dequantize_once", on)
-
-
-def set_stash_attention(model: torch.nn.Module, on: bool) -> None:
-    """Keep each checkpointed layer's attention in host memory and replay it in the recompute (offload only).
-
-    With gradient checkpointing "offload", the forward copies what attention's backward needs (q, k, v,
-    output, log-sum-exp) to pinned host memory next to the layer input, and the recompute replays it
-    instead of running the attention forward again; with `lean_recompute` (and no q/k norm) the recompute
-    also skips the Q/K/V base GEMMs. Same gradients; more host memory and host-device traffic (about 2.5x
-    the layer inputs'). No effect in the other modes. Takes effect on the next call.
-
-    Args:
-        model: a model `patch` patched (PEFT wrapper or causal LM).
-        on: True to stash attention.
-
-    Raises:
-        ValueError: a non-bool value, or a model `patch` did not patch.
-    """
-    _set_flag(model, "stash_attention", on)
-
-
-def set_gradient_checkpointing(model: torch.nn.Module, mode: str) -> None:
-    """Switch a patched model's checkpointing mode ("off", "on", "offload"); takes effect on the next call.
-
-    Raises:
-        ValueError: a bad mode, or a model `patch` did not patch.
-    """
-    check_mode(mode)
-    _set_setting(model, "gradient_checkpointing", mode)
-
-
-def set_lean_recompute(model: torch.nn.Module, on: bool) -> None:
-    """Let a checkpointed layer's recompute skip the fused MLP's down projection (on by default).
-
-    The patched families are pre-norm decoders: the MLP output is added to the residual stream and
-    nothing else reads it, so backward needs none of its values and the recompute leaves out a quarter
-    of the layer's forward GEMMs (`kernels.lora.lean_recompute`). The gradients are those of the full
-    recompute. Off runs the whole layer again, for comparing the two. Takes effect on the next call.
-
-    Args:
-        model: a model `patch` patched (PEFT wrapper or causal LM).
-        on: True to skip the down projection in recomputes.
-
-    Raises:
-        ValueError: a non-bool value, or a model `patch` did not patch.
-    """
-    _set_flag(model, "lean_recompute", on)
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -588,8 +460,8 @@ def unpatch(model: torch.nn.Module) -> None:
     Args:
         model: the model given to `patch` (PEFT wrapper or causal LM).
     """
-    lm = _unwrap(model)
-    state = lm.__dict__.pop(_STATE, None)
+    lm = causal_lm(model)
+    state = lm.__dict__.pop(STATE_ATTR, None)
     if state is None:
         return
     for module, own in reversed(state["originals"]):

@@ -407,9 +407,9 @@ def plan_from_values(
             chunk), 0 or None (not split), "auto" (chunks of 1 GiB of [tokens, intermediate] bf16,
             only past one chunk, as models/tiling.py does). Ignored with fused=False.
         checkpoint_layers: with checkpointing on/offload, how many decoder layers are checkpointed (the
-            others keep their activations, as `models.patch.set_checkpoint_layers`); None = all.
+            others keep their activations, as `models.settings.set_checkpoint_layers`); None = all.
         dequantize_once: a checkpointed layer's backward holds all of its weights dequantized (as
-            `models.patch.set_dequantize_once`) instead of one at a time.
+            `models.settings.set_dequantize_once`) instead of one at a time.
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no

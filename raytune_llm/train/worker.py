@@ -204,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from raytune_llm.config import from_dict
     from raytune_llm.models.load import load_model
-    from raytune_llm.models.patch import (
+    from raytune_llm.models.settings import (
         set_checkpoint_layers,
         set_dequantize_once,
         set_mlp_chunk_tokens,

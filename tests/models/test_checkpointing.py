@@ -64,7 +64,7 @@ def test_bad_mode_is_a_clear_error(tiny_paths):
 
 @pytest.mark.parametrize("mode", ["on", "offload"])
 def test_selective_checkpointing_recomputes_only_the_first_layers(tiny_paths, mode):
-    from raytune_llm.models.patch import set_checkpoint_layers
+    from raytune_llm.models.settings import set_checkpoint_layers
 
     model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8, dropout=0.0), dtype=torch.float32)
     sync_and_randomise_lora(model, model)
@@ -93,7 +93,7 @@ def test_selective_checkpointing_recomputes_only_the_first_layers(tiny_paths, mo
 
 def test_checkpoint_layers_needs_checkpointing_and_a_valid_count(tiny_paths):
     from raytune_llm.config import ConfigError, load_config
-    from raytune_llm.models.patch import set_checkpoint_layers
+    from raytune_llm.models.settings import set_checkpoint_layers
 
     model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8))
     for bad in (-1, 1.5, True, "2"):
@@ -120,7 +120,7 @@ def test_stashed_attention_is_replayed_not_recomputed_with_the_same_gradients(
     # varlen on CUDA (stashed) and a dense mask on the CPU (recomputed); Qwen3's q/k norm keeps the Q/K/V GEMMs in
     # the recompute (it reads their values).
     import raytune_llm.models.patch as patch_mod
-    from raytune_llm.models.patch import set_stash_attention
+    from raytune_llm.models.settings import set_stash_attention
 
     if family not in tiny_paths:
         pytest.skip(f"no tiny {family}")
@@ -167,7 +167,7 @@ def test_stashed_attention_is_replayed_not_recomputed_with_the_same_gradients(
 
 def test_stash_attention_needs_offload_and_a_bool(tiny_paths):
     from raytune_llm.config import ConfigError, load_config
-    from raytune_llm.models.patch import set_stash_attention
+    from raytune_llm.models.settings import set_stash_attention
 
     with pytest.raises(ConfigError, match="stash_attention=true needs gradient_checkpointing offload"):
         load_config(None, ["model.stash_attention=true", "model.gradient_checkpointing=on"])

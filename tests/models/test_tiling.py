@@ -12,7 +12,8 @@ import torch
 
 import raytune_llm.models.patch as patch_module
 from raytune_llm.models.load import load_model
-from raytune_llm.models.patch import patch, set_mlp_chunk_tokens, unpatch
+from raytune_llm.models.patch import patch, unpatch
+from raytune_llm.models.settings import set_mlp_chunk_tokens
 from raytune_llm.models.tiling import AUTO_BYTES, check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 from raytune_llm.sharding.planner import LLAMA31_8B, LLAMA31_70B, mlp_chunk_rows
 from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
@@ -196,7 +197,7 @@ _ZERO_SCRIPT = """
 import sys, torch
 import torch.distributed as dist
 from raytune_llm.models.load import load_model
-from raytune_llm.models.patch import set_mlp_chunk_tokens
+from raytune_llm.models.settings import set_mlp_chunk_tokens
 from raytune_llm.sharding.engine import wrap_model
 from raytune_llm.sharding.zero import build_zero_config
 from deepspeed.utils import safe_get_full_grad
