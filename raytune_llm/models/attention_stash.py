@@ -55,10 +55,15 @@ class _PassThrough(torch.autograd.Function):
         return None, None
 
 
-class _Copies:
-    """The host copies of one attention call's saved storages, and their way back to the device.
+class HostCopies:
+    """Host copies of tensors' storages (once per storage), and their way back to the device.
 
-    Separate from `AttentionStash` because the saved-tensor hooks of the kept graph hold `_unpack`: were it a
+    `pack` copies a tensor's storage to pinned host memory on the side stream (a plain clone on the CPU) and
+    returns a handle; `end_packing` lets go of the device storages packed so far; `prefetch` starts the copies
+    back; `unpack(handle)` gives the tensor on its device, for the compute stream. Used for one attention
+    call's saved tensors (below) and for a checkpointed layer's input (models.checkpointing).
+
+    Separate from `AttentionStash` because the saved-tensor hooks of the kept graph hold `unpack`: were it a
     method of the object that also holds the graph's edges, graph and stash would form a cycle through C++
     objects that Python's collector cannot see, and a forward never followed by its backward (an exception in
     a later layer, a forward without backward) would keep its pinned copies for good.
@@ -77,7 +82,7 @@ class _Copies:
 
     # -- forward: storage-level copies to host --------------------------------------------------------
 
-    def _pack(self, t: torch.Tensor) -> tuple:
+    def pack(self, t: torch.Tensor) -> tuple:
         storage = t.untyped_storage()
         key = (t.device, storage.data_ptr())
         if key not in self._host:
@@ -120,7 +125,7 @@ class _Copies:
                 self._ready.record(stream)
         self._host.clear()  # the host allocator keeps each pinned block until its copy has read it
 
-    def _unpack(self, handle: tuple) -> torch.Tensor:
+    def unpack(self, handle: tuple) -> torch.Tensor:
         key, dtype, device, shape, stride, offset = handle
         if not self._dev:
             self.prefetch()
@@ -134,6 +139,10 @@ class _Copies:
             self._ready = None
         return torch.empty(0, dtype=dtype, device=device).set_(raw.untyped_storage(), offset, shape, stride)
 
+    def end_packing(self) -> None:
+        """From here handles are only unpacked: the device storages packed so far may be freed."""
+        self._alive.clear()
+
     def clear(self) -> None:
         self._host.clear()
         self._dev.clear()
@@ -145,13 +154,13 @@ class AttentionStash:
     handle among them, and the graph edges of the result and of the q, k, v stand-ins."""
 
     def __init__(self, side_stream: SideStream | None) -> None:
-        self.copies = _Copies(side_stream)
+        self.copies = HostCopies(side_stream)
         self.result: tuple | None = None
         self.edge_out = None
         self.edges_in: list = []
 
     def prefetch(self) -> None:
-        """Start copying the kept storages back (see `_Copies.prefetch`)."""
+        """Start copying the kept storages back (see `HostCopies.prefetch`)."""
         self.copies.prefetch()
 
     def clear(self) -> None:
@@ -165,7 +174,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stash, q, k, v):
         ctx.stash = stash
-        return stash.copies._unpack(stash.result)
+        return stash.copies.unpack(stash.result)
 
     @staticmethod
     def backward(ctx, grad):
@@ -178,13 +187,13 @@ class _Replay(torch.autograd.Function):
 def _record(stash: AttentionStash, attn: Callable, q, k, v) -> torch.Tensor:
     anchor = torch.empty(0, device=q.device, requires_grad=True)
     copies = stash.copies
-    with torch.enable_grad(), saved_tensors_hooks(copies._pack, copies._unpack):
+    with torch.enable_grad(), saved_tensors_hooks(copies.pack, copies.unpack):
         stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v)]
         out = attn(*stand_ins)
     stash.edge_out = get_gradient_edge(out)
     stash.edges_in = [get_gradient_edge(t) for t in stand_ins]
-    stash.result = copies._pack(out)
-    copies._alive.clear()  # from here addresses are only looked up, never packed again
+    stash.result = copies.pack(out)
+    copies.end_packing()
     return out.detach()
 
 

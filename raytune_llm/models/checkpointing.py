@@ -37,7 +37,7 @@ import torch
 
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import lean_recompute
-from raytune_llm.models.attention_stash import AttentionStash, recording, replaying
+from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, replaying
 
 MODES = ("off", "on", "offload")
 
@@ -61,21 +61,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[index]
 
 
-def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    if not x.is_cuda:
-        return x.detach().to("cpu", copy=True), None
-    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    stream = _side_stream(x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream):
-        buf.copy_(x.detach(), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    # The allocator must not hand x's memory out before the side-stream copy has read it.
-    x.record_stream(stream)
-    return buf, done
-
-
 class OffloadChain:
     """The offloaded inputs of one forward's checkpointed layers, in forward order.
 
@@ -87,54 +72,34 @@ class OffloadChain:
     def __init__(self) -> None:
         self._slots: list[_Slot] = []
 
-    def _add(self, host: torch.Tensor, done: torch.cuda.Event | None, stashes: list[AttentionStash]) -> int:
-        self._slots.append(_Slot(host, done, stashes))
+    def _add(self, hidden: torch.Tensor, stashes: list[AttentionStash]) -> int:
+        self._slots.append(_Slot(hidden, stashes))
         return len(self._slots) - 1
 
 
 class _Slot:
     """One offloaded layer input (and its attention stashes): in pinned host memory, or on its way back."""
 
-    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None, stashes: list[AttentionStash]) -> None:
-        self.host, self.done = host, done
+    def __init__(self, hidden: torch.Tensor, stashes: list[AttentionStash]) -> None:
+        self.copies = HostCopies(_side_stream)
+        self.handle: tuple | None = self.copies.pack(hidden.detach())
+        self.copies.end_packing()
         self.stashes = stashes
-        self.dev: torch.Tensor | None = None
-        self.ready: torch.cuda.Event | None = None
 
-    def prefetch(self, device: torch.device) -> None:
-        """Start the copy back on the side stream (CUDA only; no-op if started or taken)."""
+    def prefetch(self) -> None:
+        """Start copying the input and the stashes back (side stream on CUDA; no-op once started)."""
         for stash in self.stashes:
             stash.prefetch()
-        if self.host is None or self.done is None:
-            return
-        stream = _side_stream(device)
-        stream.wait_event(self.done)
-        with torch.cuda.stream(stream):
-            # Allocated on the side stream, so the copy need not wait for the compute stream's queue.
-            self.dev = self.host.to(device, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(stream)
-        self.host = None  # the host allocator keeps the pinned block until the copy has read it
+        self.copies.prefetch()
 
-    def take(self, device: torch.device) -> torch.Tensor:
-        """The input on `device`, for the compute stream; the slot lets go of it."""
-        if self.dev is not None:
-            current = torch.cuda.current_stream(device)
-            current.wait_event(self.ready)
-            x, self.dev = self.dev, None
-            x.record_stream(current)  # freed after the compute stream's use, not the side stream's
-            return x
-        if self.host is None:
+    def take(self) -> torch.Tensor:
+        """The input on its device, for the compute stream; the slot lets go of it."""
+        if self.handle is None:
             raise RuntimeError("an offloaded checkpoint's backward ran twice (retain_graph): its input was used up")
-        x = _to_device(self.host, self.done, device)
-        self.host = None
+        x = self.copies.unpack(self.handle)
+        self.handle = None
+        self.copies.clear()
         return x
-
-
-def _to_device(buf: torch.Tensor, done: torch.cuda.Event | None, device: torch.device) -> torch.Tensor:
-    if done is not None:
-        torch.cuda.current_stream(device).wait_event(done)
-    return buf.to(device, non_blocking=True)
 
 
 class _CheckpointFunction(torch.autograd.Function):
@@ -154,7 +119,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.chain, ctx.index = None, None
         if offload:
             ctx.chain = chain if chain is not None else OffloadChain()
-            ctx.index = ctx.chain._add(*_to_host(hidden), ctx.stashes)
+            ctx.index = ctx.chain._add(hidden, ctx.stashes)
         else:
             ctx.save_for_backward(hidden)
         return out
@@ -162,9 +127,9 @@ class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.chain is not None:
-            hidden = ctx.chain._slots[ctx.index].take(ctx.device)
+            hidden = ctx.chain._slots[ctx.index].take()
             if ctx.index > 0:
-                ctx.chain._slots[ctx.index - 1].prefetch(ctx.device)
+                ctx.chain._slots[ctx.index - 1].prefetch()
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
