@@ -107,13 +107,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours, with --ckpt offload: replay each layer's attention from host memory in the recompute "
         "(models.settings.set_stash_attention)",
     )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="ours: each step (forward, backward, AdamW, zeroing) is recorded once as a CUDA graph at the last "
+        "warm-up step and replayed (models.graphs.CapturedStep); the peak then covers the capture",
+    )
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler (CUDA): top kernels")
     p.add_argument(
         "--variants",
         default=None,
         help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once+chunk0' "
         "(checkpointed layers: all or a count; +once: dequantize_once; +full: lean_recompute off; +stash: "
-        "stash_attention; +on / +offload: "
+        "stash_attention; +graph: --cuda-graph; +on / +offload: "
         "the checkpointing mode; +chunkN: mlp_chunk_tokens); results under "
         "'variants'. The variants share the LoRA weights and AdamW state: time and peak are per variant, losses "
         "are not comparable across them. Not with --profile",
@@ -132,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.variants and args.profile:
         p.error("--profile profiles one setting; run it without --variants")
+    if args.cuda_graph and args.stack != "ours":
+        p.error("--cuda-graph records raytune_llm's step (models.graphs): --stack ours only")
     args.batch = args.batch or (1 if args.tiny else 4)
     args.seq = args.seq or (64 if args.tiny else 2048)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
@@ -373,12 +381,37 @@ def forward_kwargs(args: argparse.Namespace, batch: dict, device: str, torch) ->
     return kw
 
 
-def time_steps(args, model, optimizer, batches, device: str, torch, result: dict) -> dict:
-    """Warm-up, then timed steps (forward, backward, AdamW, zero_grad) of one model: the timing fields."""
+def forward_loss(model, kw: dict, result: dict):
+    """The model's loss on one batch; an Unsloth build without the padding-free kwarg runs unmasked (recorded)."""
+    try:
+        return model(**kw).loss
+    except TypeError as exc:
+        if "packed_seq_lengths" not in kw or "packed_seq_lengths" not in str(exc):
+            raise
+        kw.pop("packed_seq_lengths")
+        result["document_mask"] = f"unsloth: none (packed_seq_lengths rejected: {str(exc)[:200]})"
+        return model(**kw).loss
+
+
+def time_steps(args, model, optimizer, batches, device: str, torch, result: dict, graph: bool = False) -> dict:
+    """Warm-up, then timed steps (forward, backward, AdamW, zero_grad) of one model: the timing fields.
+
+    With ``graph`` the step is a ``models.graphs.CapturedStep``: eager warm-up steps, the capture at the last
+    warm-up step, replays after it. A replay allocates nothing, so the peak is reset before the capture, not after
+    the warm-up: it is then the recorded step's own peak.
+    """
     cuda = device == "cuda"
     times_ms, event_ms, losses = [], [], []
+    captured = None
+    if graph:
+        from raytune_llm.models.graphs import CapturedStep
+
+        if args.warmup < 2:
+            raise SystemExit("--cuda-graph needs --warmup >= 2 (an eager step, then the capture)")
+        captured = CapturedStep(model, optimizer, warmup=args.warmup - 1)
+    reset_at = args.warmup - 1 if graph else args.warmup
     for step, batch in enumerate(batches):
-        if step == args.warmup and cuda:
+        if step == reset_at and cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         kw = forward_kwargs(args, batch, device, torch)
@@ -387,17 +420,13 @@ def time_steps(args, model, optimizer, batches, device: str, torch, result: dict
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
         t0 = time.perf_counter()
-        try:
-            loss = model(**kw).loss
-        except TypeError as exc:  # an Unsloth build without the padding-free kwarg: run unmasked, say so
-            if "packed_seq_lengths" not in kw or "packed_seq_lengths" not in str(exc):
-                raise
-            kw.pop("packed_seq_lengths")
-            result["document_mask"] = f"unsloth: none (packed_seq_lengths rejected: {str(exc)[:200]})"
-            loss = model(**kw).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if captured is not None:
+            loss = captured(**kw).loss
+        else:
+            loss = forward_loss(model, kw, result)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if cuda:
             ev1.record()
             torch.cuda.synchronize()
@@ -426,6 +455,7 @@ def time_steps(args, model, optimizer, batches, device: str, torch, result: dict
         tokens_per_s=round(tokens * len(timed) / (sum(timed) / 1e3), 1),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        cuda_graph=captured.captured if captured is not None else False,
     )
 
 
@@ -455,14 +485,22 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
 
 def parse_variants(text: str) -> list[dict]:
     """``"all,all+once,48+once+chunk0"`` -> one dict per variant: name, layers (checkpoint_layers, None = all),
-    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention), mode (``+on`` / ``+offload``; None =
-    the model's own) and chunk (``chunkN``: ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the
-    default; None = the model's own setting).
+    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention), graph
+    (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own) and chunk (``chunkN``:
+    ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting).
     """
     out = []
     for name in text.split(","):
         layers, *flags = name.strip().split("+")
-        v = {"name": name.strip(), "once": False, "lean": True, "stash": False, "mode": None, "chunk": None}
+        v = {
+            "name": name.strip(),
+            "once": False,
+            "lean": True,
+            "stash": False,
+            "mode": None,
+            "chunk": None,
+            "graph": False,
+        }
         for flag in flags:
             if flag == "once":
                 v["once"] = True
@@ -470,6 +508,8 @@ def parse_variants(text: str) -> list[dict]:
                 v["lean"] = False
             elif flag == "stash":
                 v["stash"] = True
+            elif flag == "graph":
+                v["graph"] = True
             elif flag in ("on", "offload"):
                 v["mode"] = flag
             elif flag == "chunkauto":
@@ -478,7 +518,7 @@ def parse_variants(text: str) -> list[dict]:
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, on, offload, chunkN, chunkauto)"
+                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, graph, on, offload, chunkN, chunkauto)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -507,9 +547,13 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
         optimizer.zero_grad(set_to_none=True)
         try:
-            out[name] = time_steps(args, model, optimizer, batches, device, torch, {})
+            out[name] = time_steps(args, model, optimizer, batches, device, torch, {}, graph=v["graph"])
         except torch.OutOfMemoryError as exc:
             out[name] = {"status": "oom", "error": str(exc).splitlines()[0][:300]}
+        except RuntimeError as exc:  # a step that cannot be recorded: say why, time the next variant
+            if not (v["graph"] and str(exc).startswith("CapturedStep")):
+                raise
+            out[name] = {"status": "error", "error": str(exc)[:600]}
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device == "cuda":
@@ -600,7 +644,7 @@ def run(args: argparse.Namespace, result: dict) -> int:
         result["ballast_held"] = ballast is not None
         result.update(status="ok", phase="done")
         return EXIT_OK
-    result.update(time_steps(args, model, optimizer, batches, device, torch, result))
+    result.update(time_steps(args, model, optimizer, batches, device, torch, result, graph=args.cuda_graph))
     result["ballast_held"] = ballast is not None  # alive through every step above
     if args.profile and cuda:
         try:

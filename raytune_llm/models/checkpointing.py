@@ -111,7 +111,9 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.device = hidden.device
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        # Inside a CUDA graph capture (models.graphs, which refuses dropout) the RNG state cannot be read or restored.
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.stashes = []
         with torch.no_grad(), recording(ctx.stashes, _side_stream) if stash and offload else contextlib.nullcontext():

@@ -276,9 +276,10 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = hidden.shape[:2]
+        # Without position ids every row is one document: no host read of them (a captured step needs none).
+        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device)
         if position_ids is None:
             position_ids = torch.arange(s, device=hidden.device)[None]
-        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device)
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
         position_embeddings = (cos.expand(b, -1, -1), sin.expand(b, -1, -1))
         mode = state["gradient_checkpointing"]
