@@ -225,6 +225,10 @@ class TrainSection:
     """Worker-group restarts Ray Train may make after a failure (FailureConfig)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """NaN/inf loss: stop before the optimizer step, or skip the step (abort after 3 in a row)."""
+    cuda_graph: bool = False
+    """Record each micro-batch's forward + backward once as a CUDA graph and replay it (models.graphs): no
+    per-step Python or kernel launches, which is most of a small batch's step. Rows have one fixed length
+    (the packer's); needs sharding.strategy=ddp, model.fused=true and lora.dropout=0. No effect on a CPU."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every")
@@ -302,6 +306,19 @@ class RunConfig:
             _fail("sharding.offload_params needs sharding.strategy=zero3")
         if self.quant.bits == 4 and self.model.dtype == "fp16" and self.sharding.strategy == "zero3":
             _fail("quant.bits=4 with sharding.strategy=zero3 needs model.dtype bf16 or fp32 (storage dtype)")
+        if self.train.cuda_graph:
+            if self.sharding.strategy != "ddp":
+                _fail(
+                    f"train.cuda_graph needs sharding.strategy=ddp (DeepSpeed steps its own engine), got {self.sharding.strategy}"
+                )
+            if not self.model.fused:
+                _fail(
+                    "train.cuda_graph needs model.fused=true (the stock forwards read packed rows' bounds on the host)"
+                )
+            if self.lora.dropout > 0:
+                _fail(
+                    f"train.cuda_graph needs lora.dropout=0 (a recorded recompute cannot replay dropout masks), got {self.lora.dropout}"
+                )
 
     @property
     def run_dir(self) -> Path:

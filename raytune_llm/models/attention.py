@@ -40,16 +40,25 @@ class AttnMeta:
         packed: some row holds more than one document.
         key_mask: `[B, S]` bool, False at padding keys (from a user 2D attention_mask), or None.
         cache: per-window dense masks built lazily and reused by every layer of the forward.
+        static_docs: set for a forward recorded into a CUDA graph (`models.graphs`): nothing is read on the host;
+            rows count as packed and `cu_seqlens` has this many documents (the real ones, then empty ones),
+            with the row length as the longest. The caller guarantees no batch holds more documents.
     """
 
     doc_ids: torch.Tensor
     packed: bool
     key_mask: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
+    static_docs: int | None = None
 
 
 def build_attn_meta(
-    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, seq_len: int, device
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    device,
+    static_docs: int | None = None,
 ) -> AttnMeta:
     """Derive document ids (and a padding mask) once per forward.
 
@@ -59,12 +68,14 @@ def build_attn_meta(
         batch: B.
         seq_len: S.
         device: where the tensors live.
+        static_docs: with position_ids, read nothing on the host (a CUDA graph capture): the rows count as
+            packed and `cu_seqlens` holds this many documents (see AttnMeta). Not with an attention_mask.
 
     Returns:
         An AttnMeta.
 
     Raises:
-        ValueError: a mask or position_ids that is not 2D `[B, S]`.
+        ValueError: a mask or position_ids that is not 2D `[B, S]`, or static_docs with an attention mask.
     """
     if position_ids is None:
         doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
@@ -78,7 +89,9 @@ def build_attn_meta(
         # The first token opens document 0 whatever its position (a row may continue an earlier one).
         doc_ids = starts.long().cumsum(-1) - starts[:, :1].long()
         doc_ids = doc_ids.expand(batch, seq_len)
-        packed = bool(starts[:, 1:].any())
+        packed = True if static_docs is not None else bool(starts[:, 1:].any())
+    if static_docs is not None and attention_mask is not None:
+        raise ValueError("a forward recorded into a CUDA graph takes no attention_mask (only position_ids)")
     key_mask = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -86,7 +99,9 @@ def build_attn_meta(
         key_mask = attention_mask.to(device=device, dtype=torch.bool)
         if bool(key_mask.all()):
             key_mask = None
-    return AttnMeta(doc_ids=doc_ids, packed=packed, key_mask=key_mask)
+    return AttnMeta(
+        doc_ids=doc_ids, packed=packed, key_mask=key_mask, static_docs=static_docs if position_ids is not None else None
+    )
 
 
 def dense_mask(meta: AttnMeta, window: int | None) -> torch.Tensor:
@@ -130,8 +145,17 @@ def cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
         meta: AttnMeta with the document ids.
 
     Returns:
-        `(cu_seqlens, max_len)` as varlen attention takes them.
+        `(cu_seqlens, max_len)` as varlen attention takes them. With `meta.static_docs` (no host reads):
+        `static_docs + 1` entries, the documents past the real ones empty (their bounds equal the token count),
+        and the row length as the longest.
     """
+    if "cu" not in meta.cache and meta.static_docs is not None:
+        b, s = meta.doc_ids.shape
+        starts = torch.ones_like(meta.doc_ids, dtype=torch.bool)  # every row opens a document
+        starts[:, 1:] = meta.doc_ids[:, 1:] != meta.doc_ids[:, :-1]
+        first = torch.nonzero_static(starts.reshape(-1), size=meta.static_docs, fill_value=b * s).flatten()
+        cu = torch.cat([first, first.new_full((1,), b * s)]).to(torch.int32)
+        meta.cache["cu"] = (cu, s)
     if "cu" not in meta.cache:
         b, s = meta.doc_ids.shape
         # Global document index over the flattened batch; row r's docs are offset past row r-1's.

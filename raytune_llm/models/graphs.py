@@ -12,8 +12,13 @@ What a captured step needs, checked where it can be:
 - Every call passes the same keys, shapes and dtypes (fixed-length rows, as the packer writes them).
   A different signature raises; it is not silently re-captured.
 - The forward never reads a device value on the host. The patched model does not for rows without
-  `position_ids` (one document per row). Packed rows (position ids restarting) need the document
-  boundaries on the host for flash varlen, so they cannot be captured; capture fails with that reason.
+  `position_ids` (one document per row). For packed rows (position ids restarting per example) it is
+  told a document capacity before the capture: flash varlen then gets that many document bounds (the
+  real ones, then empty ones, found on the GPU by `nonzero_static`) and the row length as the longest
+  (`models.attention.cu_seqlens`). The capacity is twice the most documents a warm-up batch held, rounded
+  up to a power of two (at least 8). `position_ids` must then come on the CPU: each call counts the batch's
+  documents there, and a batch over the capacity runs as an eager step instead (counted in
+  `eager_steps`), never as a wrong replay.
 - Gradients live in fixed buffers, allocated before the first step and zeroed in place by the step
   (with an optimizer) or by `zero_grad` (without one). A caller's `zero_grad(set_to_none=True)` would
   detach them from the recording; the next call raises instead of training on stale buffers.
@@ -57,11 +62,21 @@ def _signature(batch: dict) -> tuple:
 
 def _check_no_dropout(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and module.p > 0 and module.training:
+        p = (
+            module.p
+            if isinstance(module, torch.nn.Dropout)
+            else getattr(getattr(module, "config", None), "attention_dropout", 0)
+        )
+        if isinstance(p, (int, float)) and p > 0 and module.training:
             raise ValueError(
-                f"CapturedStep: {name or 'the model'} has dropout {module.p} > 0; a captured step cannot restore "
+                f"CapturedStep: {name or 'the model'} has dropout {p} > 0; a captured step cannot restore "
                 "the RNG state a checkpointed layer's recompute needs (use dropout 0)"
             )
+
+
+def documents(position_ids: torch.Tensor) -> int:
+    """Documents in a batch of packed rows: each row's first token opens one, every later position 0 another."""
+    return position_ids.shape[0] + int((position_ids[:, 1:] == 0).sum())
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -138,6 +153,9 @@ class CapturedStep:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
         self.calls = 0
+        self.eager_steps = 0
+        self.doc_capacity: int | None = None
+        self._docs_seen = 0
         self._signature: tuple | None = None
         self._stream = torch.cuda.Stream(self.device) if self.graphed else None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -186,22 +204,45 @@ class CapturedStep:
         self.calls += 1
         if not self.graphed:
             return self._body({k: v.to(self.device) for k, v in batch.items()})
+        docs = None
+        if "position_ids" in batch:
+            if batch["position_ids"].is_cuda:
+                raise ValueError(
+                    "CapturedStep: pass position_ids on the CPU (each batch's documents are counted on the host "
+                    "to stay within the recorded capacity)"
+                )
+            docs = documents(batch["position_ids"])
         if self._graph is not None:
+            if docs is not None and docs > self.doc_capacity:
+                self.eager_steps += 1
+                return self._eager(batch)
             for key, value in batch.items():
                 self._static[key].copy_(value, non_blocking=True)
             self._graph.replay()
             return self._out
-        current = torch.cuda.current_stream(self.device)
         if self.calls <= self.warmup:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            self._stream.wait_stream(current)
-            with torch.cuda.stream(self._stream):
-                out = self._body(batch)
-            current.wait_stream(self._stream)
-            return out
-        return self._capture(batch)
+            self._docs_seen = max(self._docs_seen, docs or 0)
+            return self._eager(batch)
+        return self._capture(batch, docs)
 
-    def _capture(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+    def _eager(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """One step run eagerly on the step's side stream (the capture's stream: cuBLAS workspaces, caches)."""
+        current = torch.cuda.current_stream(self.device)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            out = self._body(batch)
+        current.wait_stream(self._stream)
+        return out
+
+    def _capture(self, batch: dict[str, torch.Tensor], docs: int | None) -> StepOutput:
+        if docs is not None:
+            from raytune_llm.models.settings import set_capture_docs
+
+            want = max(8, 2 * max(self._docs_seen, docs))
+            rows_times_len = batch["position_ids"].numel()
+            self.doc_capacity = min(rows_times_len, 1 << (want - 1).bit_length())
+            set_capture_docs(self.model, self.doc_capacity)
         self._static = {k: v.to(self.device).clone() for k, v in batch.items()}
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # what the eager steps cached goes back; the recording gets its own pool

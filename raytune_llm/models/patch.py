@@ -58,6 +58,7 @@ class PatchReport:
             backward never reads (`kernels.lora.lean_recompute`).
         stash_attention: with offloaded checkpointing, each layer's attention is kept in host memory by the
             forward and replayed by the recompute (`models.attention_stash`).
+        capture_docs: documents per batch a forward recorded into a CUDA graph handles (`models.graphs`).
     """
 
     family: str | None
@@ -69,6 +70,7 @@ class PatchReport:
     dequantize_once: bool = False
     lean_recompute: bool = True
     stash_attention: bool = False
+    capture_docs: int | None = None
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -277,7 +279,13 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = hidden.shape[:2]
         # Without position ids every row is one document: no host read of them (a captured step needs none).
-        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device)
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        static_docs = state["capture_docs"] if capturing else None
+        if capturing and position_ids is not None and static_docs is None:
+            raise RuntimeError(
+                "packed rows recorded into a CUDA graph need a document capacity (models.graphs.CapturedStep sets it)"
+            )
+        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device, static_docs=static_docs)
         if position_ids is None:
             position_ids = torch.arange(s, device=hidden.device)[None]
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
@@ -428,6 +436,7 @@ def patch(
         "lean_recompute": True,
         "stash_attention": False,
         "qk_norm": family.qk_norm,
+        "capture_docs": None,
         "gradient_checkpointing": gradient_checkpointing,
     }
     report = PatchReport(

@@ -36,6 +36,21 @@ def set_mlp_chunk_tokens(model: torch.nn.Module, mlp_chunk_tokens: int | str | N
     _set_setting(model, "mlp_chunk_tokens", mlp_chunk_tokens)
 
 
+def set_capture_docs(model: torch.nn.Module, capacity: int | None) -> None:
+    """Documents per batch that a forward recorded into a CUDA graph handles (`models.graphs.CapturedStep` sets it).
+
+    Only read while a CUDA graph is being captured: packed rows then take flash varlen with this many document
+    bounds, found on the GPU (`models.attention.cu_seqlens`), so nothing is read on the host.
+
+    Raises:
+        ValueError: not a positive int (or None), or a model `patch` did not patch (stock forwards read the
+            document bounds on the host and cannot record packed rows).
+    """
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise ValueError(f"capture_docs must be a positive integer or None, got {capacity!r}")
+    _set_setting(model, "capture_docs", capacity)
+
+
 def _set_setting(model: torch.nn.Module, name: str, value) -> None:
     """Set a patched model's run-time setting (read by the patched forwards) and its report's copy."""
     state = causal_lm(model).__dict__.get(STATE_ATTR)

@@ -59,7 +59,9 @@ def _allreduce_grads(params, world: int) -> None:
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = g
+        p.grad.copy_(flat[offset : offset + n].view_as(g))  # in place: a recorded step's buffers stay its own
         offset += n
 
 
@@ -265,6 +267,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
 
+    graph_step = None
+    if cfg.train.cuda_graph:  # config.py allows it with ddp, fused and no dropout only
+        from raytune_llm.models.graphs import CapturedStep
+
+        graph_step = CapturedStep(model, loss_scale=1.0 / cfg.train.grad_accum)
     step, consumed, metrics, nonfinite_run, skipped = 0, 0, [], 0, 0
     resume = ray.train.get_checkpoint()  # this run's own latest (after a worker failure, or V2's restored run)
     if loop_config.get("checkpoint_root"):
@@ -407,12 +414,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for _ in range(cfg.train.grad_accum):
                 epoch, batch = next(it)
                 consumed += 1
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
-                loss = out.loss / cfg.train.grad_accum
+                tokens += int((batch["labels"] != -100).sum())  # on the host copy: no device sync
+                keys = ("input_ids", "labels", "position_ids")
+                if graph_step is not None:  # takes the host tensors (counts packed documents there), copies them
+                    loss_sum += graph_step(**{k: batch[k] for k in keys}).loss / cfg.train.grad_accum
+                    continue
+                batch = {k: batch[k].to(device) for k in keys}
+                loss = model(**batch).loss / cfg.train.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
-                tokens += int((batch["labels"] != -100).sum())
             if world > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
@@ -420,7 +430,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 loss_sum = loss_sum * float("nan")
             loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graph_step is None)  # a recorded step keeps its gradient buffers
                 if cfg.train.on_nonfinite == "stop":
                     raise FloatingPointError(
                         f"non-finite loss {loss_value} at step {step + 1}; parameters left unchanged"
@@ -438,7 +448,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graph_step is None)
             step += 1
         tokens_since += tokens * world
         now = time.perf_counter()

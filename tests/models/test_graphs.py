@@ -192,3 +192,47 @@ def test_replay_takes_less_host_time_than_the_eager_step(tiny_paths):
         step(**b)
     t_graph = timed(lambda: step(**b))
     assert t_graph < 0.5 * t_eager, (t_graph, t_eager)
+
+
+def _packed_positions(rows: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in rows])
+
+
+def test_static_document_bounds_match_the_exact_ones():
+    from raytune_llm.models.attention import build_attn_meta, cu_seqlens
+    from raytune_llm.models.graphs import documents
+
+    pos = _packed_positions([[5, 3, 8], [16]])
+    pos[1] += 4  # a row that continues an earlier document still opens one
+    assert documents(pos) == 4
+    exact, longest = cu_seqlens(build_attn_meta(pos, None, 2, 16, "cpu"))
+    static, bound = cu_seqlens(build_attn_meta(pos, None, 2, 16, "cpu", static_docs=8))
+    assert exact.tolist() == [0, 5, 8, 16, 32] and longest == 16
+    # The real bounds, then empty documents at the end; the row length as the longest.
+    assert static.tolist() == [0, 5, 8, 16, 32, 32, 32, 32, 32] and bound == 16
+    with pytest.raises(ValueError, match="attention_mask"):
+        build_attn_meta(pos, torch.ones(2, 16), 2, 16, "cpu", static_docs=8)
+
+
+@pytest.mark.gpu
+def test_packed_rows_replay_like_eager_and_overflow_runs_eagerly(tiny_paths):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rows = [[[10, 22], [32]], [[7, 7, 18], [20, 12]], [[32], [16, 16]], [[8, 24], [30, 2]], [[12, 20], [32]]]
+    many = [[2] * 16, [4] * 8]  # 24 documents: over the capacity the warm-up batches set (2 x 5 -> 16)
+    batches = []
+    for lens in rows + [many]:
+        b = _batches(1, "cpu", batch=2, seq=32)[0]
+        b["position_ids"] = _packed_positions(lens)
+        batches.append(b)
+    ref = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, capturable=True)
+    ref_losses = _eager(ref, ref_opt, [{k: v.cuda() for k, v in b.items()} for b in batches])
+    model = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step = CapturedStep(model, opt, warmup=2)
+    losses = [float(step(**b).loss) for b in batches]
+    assert step.captured and step.doc_capacity == 16 and step.eager_steps == 1
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="on the CPU"):
+        step(**{k: v.cuda() for k, v in batches[0].items()})
