@@ -37,7 +37,7 @@ import torch
 
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import lean_recompute
-from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, replaying
+from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, release_copied, replaying
 
 MODES = ("off", "on", "offload")
 
@@ -116,6 +116,8 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.stashes = []
+        if offload and hidden.is_cuda:
+            release_copied()  # the layer before the last: its copies to host are done by now
         with torch.no_grad(), recording(ctx.stashes, _side_stream) if stash and offload else contextlib.nullcontext():
             out = fn(hidden)
         ctx.chain, ctx.index = None, None
@@ -129,6 +131,8 @@ class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.chain is not None:
+            if ctx.device.type == "cuda":
+                release_copied(everything=True)  # the last layers' copies to host (a no-op after the first layer)
             hidden = ctx.chain._slots[ctx.index].take()
             if ctx.index > 0:
                 ctx.chain._slots[ctx.index - 1].prefetch()
