@@ -39,7 +39,12 @@ no recompute of a full GEMM), and the (cast) adapters. Not saved: ``H``, any deq
 The backward's fused Triton kernel reads ``dY W_d``, ``G``, ``U`` and ``s_d dY B_d``, finishes
 ``dH`` with the rank update in registers and writes ``H`` over ``dH``, ``dG`` over ``G`` and ``dU``
 over ``U``: no new ``[N, I]`` buffers, which is why running this backward twice
-(``retain_graph=True``) raises instead of silently using overwritten activations.
+(``retain_graph=True``) raises instead of silently using overwritten activations. Inside
+`lean_recompute` (a checkpointed layer's recompute, whose MLP output nothing reads) the forward runs no
+Triton kernel at all: it saves the base outputs of gate and up, and the backward kernel adds their rank
+updates itself (rounded as the forward kernel stores them, so the same bits) before writing ``H``, from
+which backward then takes ``H A_d^T``. One ``[N, I]`` pass (read ``G``, ``U``, write ``G``, ``U``, ``H``)
+fewer per recomputed layer.
 
 Dtype policy: all GEMMs run in the compute dtype ``x.dtype`` (bf16 in training: tensor cores,
 fp32 accumulation in cuBLAS), never in fp32 adapters. fp32 master ``A``/``B`` are cast to
@@ -282,15 +287,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         xa_g, xa_u = torch.split(XA, ranks, dim=1)
         G = X @ _dense(bases[0], dt).t()
         U = X @ _dense(bases[1], dt).t()
-        H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
-        HA = H @ Ad.t()  # [N, r_d]
         if skip_output:
+            # Nothing reads H here: the backward kernel finishes G and U with their rank updates itself and
+            # writes H, from which backward takes H A_d^T. One [N, I] pass fewer per recomputed layer.
+            HA = None
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
+            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
+            HA = H @ Ad.t()  # [N, r_d]
             Y, Y2 = _output(x, Bd.shape[0])
             torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
             Y2.addmm_(HA, Bd.t(), alpha=sd_)
-        del H  # recomputed in backward from G and U
+            del H  # recomputed in backward from G and U
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
         ctx.adapter_dtypes = [t.dtype for t in adapters]
@@ -313,9 +321,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         Wd = _dense(ctx.bases[2], dt)
         dH = dY @ Wd
         del Wd
-        dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[9] else None
-        lora_swiglu_backward(dH, G, U, dYB, Ad)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
+        finish = None
+        if HA is None:  # a lean recompute: G and U are the base outputs (see forward)
+            xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
+            finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
+        else:
+            dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[9] else None
+        lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
+        if HA is None:
+            dB_d = (dY.t() @ (H @ Ad.t())).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[9] else None
         dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[8] else None
         del H, dH
 

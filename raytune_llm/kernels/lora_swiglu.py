@@ -162,20 +162,37 @@ def _lora_swiglu_bwd_kernel(
     U_ptr,
     LOW_ptr,
     AD_ptr,
+    XAG_ptr,
+    XAU_ptr,
+    BG_ptr,
+    BU_ptr,
     stride_low,
     stride_ad,
+    stride_xag,
+    stride_xau,
+    stride_bg0,
+    stride_bg1,
+    stride_bu0,
+    stride_bu1,
     n_rows,
     n_cols,
     rank_d,
+    rank_g,
+    rank_u,
+    scale_g,
+    scale_u,
     R_PAD: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    FINISH_GU: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
     # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
     # H over dH, dG over G, dU over U (each element read before it is written, within one program).
+    # FINISH_GU: G and U hold the base GEMM outputs (a lean recompute ran no forward kernel); their rank
+    # updates are added here as the forward kernel adds them, rounded to the stored dtype the same way.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -186,6 +203,20 @@ def _lora_swiglu_bwd_kernel(
     )
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FINISH_GU:
+        g = _rank_update(
+            g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g,
+            R_PAD, UPCAST, DOT_PREC,
+        )  # fmt: skip
+        u = _rank_update(
+            u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u,
+            R_PAD, UPCAST, DOT_PREC,
+        )  # fmt: skip
+        if RNE_BF16:
+            g = _rne_bf16(g)
+            u = _rne_bf16(u)
+        g = g.to(G_ptr.dtype.element_ty).to(tl.float32)
+        u = u.to(U_ptr.dtype.element_ty).to(tl.float32)
     sg = tl.sigmoid(g)
     silu = g * sg
     h = silu * u
@@ -254,21 +285,37 @@ def lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float
     return H
 
 
-def lora_swiglu_backward(dH, G, U, low_d, Ad) -> None:
+def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None) -> None:
     """Finish ``dH`` with the down adapter's rank update, then differentiate SwiGLU, all in place.
 
     ``dH += low_d @ Ad``; then ``dH <- H = silu(G) * U``, ``G <- dG``, ``U <- dU``.
 
     Args:
         dH: ``dY W_d`` ``[N, I]``, contiguous.
-        G: gate projection ``[N, I]``, contiguous.
-        U: up projection ``[N, I]``, contiguous.
+        G: gate projection ``[N, I]``, contiguous (with ``finish``: the gate base GEMM output).
+        U: up projection ``[N, I]``, contiguous (with ``finish``: the up base GEMM output).
         low_d: ``s_d dY B_d`` ``[N, r_d]`` (unit column stride).
         Ad: ``[r_d, I]``, contiguous, in ``dH``'s dtype.
+        finish: ``(xa_g, xa_u, Bg, Bu, scale_g, scale_u)`` as `lora_swiglu_forward` takes them: first finish
+            ``G`` and ``U`` with their rank updates, rounded as that kernel stores them, so the results are
+            the bits of `lora_swiglu_forward` followed by this backward. None: ``G`` and ``U`` are finished.
     """
     n_rows, n_cols = G.shape
-    if G.numel():
-        cfg = _tile_cfg(G, [low_d.shape[1]], _BWD)
-        _lora_swiglu_bwd_kernel[_grid(n_rows, n_cols, cfg)](
-            dH, G, U, low_d, Ad, low_d.stride(0), Ad.stride(0), n_rows, n_cols, low_d.shape[1], **cfg,
-        )  # fmt: skip
+    if not G.numel():
+        return
+    if finish is None:
+        xa_g = xa_u = low_d
+        Bg = Bu = Ad.t()
+        scale_g = scale_u = 0.0
+        ranks = [low_d.shape[1]]
+    else:
+        xa_g, xa_u, Bg, Bu, scale_g, scale_u = finish
+        ranks = [low_d.shape[1], xa_g.shape[1], xa_u.shape[1]]
+    cfg = _tile_cfg(G, ranks, _BWD)
+    _lora_swiglu_bwd_kernel[_grid(n_rows, n_cols, cfg)](
+        dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu,
+        low_d.stride(0), Ad.stride(0), xa_g.stride(0), xa_u.stride(0),
+        Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
+        n_rows, n_cols, low_d.shape[1], xa_g.shape[1], xa_u.shape[1], scale_g, scale_u,
+        FINISH_GU=finish is not None, **cfg,
+    )  # fmt: skip

@@ -75,7 +75,7 @@ def _check_no_dropout(model: torch.nn.Module) -> None:
 
 
 def documents(position_ids: torch.Tensor) -> int:
-    """Documents in a batch of packed rows: each row's first token opens one, every later position 0 another."""
+    """Documents in packed rows `[rows, S]`: each row's first token opens one, every later position 0 another."""
     return position_ids.shape[0] + int((position_ids[:, 1:] == 0).sum())
 
 
@@ -94,8 +94,9 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
         )
     for group in optimizer.param_groups:
         group["capturable"] = True
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device != device:
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
     for state in optimizer.state.values():
         step = state.get("step")
         if isinstance(step, torch.Tensor) and step.device != device:
@@ -211,7 +212,9 @@ class CapturedStep:
                     "CapturedStep: pass position_ids on the CPU (each batch's documents are counted on the host "
                     "to stay within the recorded capacity)"
                 )
-            docs = documents(batch["position_ids"])
+            pos = batch["position_ids"]
+            rows = batch["input_ids"].shape[0] if "input_ids" in batch else pos.shape[0]
+            docs = documents(pos) * (rows // pos.shape[0])  # [1, S] position ids serve every row
         if self._graph is not None:
             if docs is not None and docs > self.doc_capacity:
                 self.eager_steps += 1

@@ -442,3 +442,30 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
     exact = dict(rtol=0, atol=0) if device.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
     for a, b in zip(g_stash, g_full):
         torch.testing.assert_close(a, b, **exact)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_backward_finishing_gate_and_up_gives_the_forward_then_backward_bits(dtype):
+    # A lean recompute runs no forward kernel: the backward kernel adds gate's and up's rank updates to the base
+    # outputs itself. H, dG and dU must be the bits of the forward kernel followed by the plain backward.
+    from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
+
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(3)
+    n, inter, rg, ru, rd = 37, 150, 5, 3, 4  # odd widths, ranks under tl.dot's 16, rows over one tile edge
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    G0, U0, dH0 = t(n, inter), t(n, inter), t(n, inter)
+    xa_g, xa_u, Bg, Bu, low, Ad = t(n, rg), t(n, ru), t(inter, rg), t(inter, ru), t(n, rd), t(rd, inter)
+    G, U, dH = G0.clone(), U0.clone(), dH0.clone()
+    H_fwd = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5)
+    lora_swiglu_backward(dH, G, U, low, Ad)
+    G2, U2, dH2 = G0.clone(), U0.clone(), dH0.clone()
+    lora_swiglu_backward(dH2, G2, U2, low, Ad, finish=(xa_g, xa_u, Bg, Bu, 2.0, 0.5))
+    torch.testing.assert_close(dH2, dH, rtol=0, atol=0)  # H, written over dH
+    torch.testing.assert_close(dH2, H_fwd, rtol=0, atol=0)  # the H the forward kernel wrote
+    torch.testing.assert_close(G2, G, rtol=0, atol=0)  # dG
+    torch.testing.assert_close(U2, U, rtol=0, atol=0)  # dU
