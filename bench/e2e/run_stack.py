@@ -113,7 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: each step (forward, backward, AdamW, zeroing) is recorded once as a CUDA graph at the last "
         "warm-up step and replayed (models.graphs.CapturedStep); the peak then covers the capture",
     )
-    p.add_argument("--profile", action="store_true", help="one more step under torch.profiler (CUDA): top kernels")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more (eager) step under torch.profiler: top kernels, and where the compute stream idles and why (bench/e2e/timeline.py)",
+    )
     p.add_argument(
         "--variants",
         default=None,
@@ -465,7 +469,7 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
 
     kw = forward_kwargs(args, batch, device, torch)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # CPU: the launch calls
         model(**kw).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -473,14 +477,26 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
     rows = []
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0 and e.key and not e.key.startswith("ProfilerStep"):
+        on_host = "CPU" in str(getattr(e, "device_type", ""))  # host ops carry their kernels' time too
+        if us > 0 and e.key and not on_host and not e.key.startswith("ProfilerStep"):
             rows.append((e.key, us / 1e3, e.count))
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
     log(f"run_stack profile: {total:.1f} ms of GPU time in kernels")
     for name, ms, n in rows[:top]:
         log(f"  {ms:9.2f} ms {100 * ms / total:5.1f}% x{n:<5d} {name[:110]}")
-    return {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
+    out = {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
+    try:  # where the compute stream idles, and why (bench/e2e/timeline.py)
+        from timeline import events_from_profile, stream_gaps
+
+        out["timeline"] = tl = stream_gaps(events_from_profile(prof))
+        log(
+            f"run_stack timeline: compute stream busy {tl['busy_ms']} of {tl['span_ms']} ms, idle by cause "
+            f"{tl['idle_by_cause_ms']}, {tl['n_gaps']} gaps; longest: {tl['gaps'][:3]}"
+        )
+    except Exception as exc:  # the kernel table above stands without it
+        out["timeline"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    return out
 
 
 def parse_variants(text: str) -> list[dict]:

@@ -1,0 +1,129 @@
+"""Where a profiled step's compute stream stands idle, and what was going on meanwhile.
+
+Session 8's 4x2048 profile summed 572 ms of compute kernels in a 635 ms step: ~63 ms with no kernel running on
+the compute stream, which a CUDA graph (no launch gaps) did not remove. `stream_gaps` splits such idle time by
+what overlapped it, from the profiler's own events (`events_from_profile`):
+
+- ``launch``: the kernel after the gap was launched by the host after the gap began (the GPU waited for Python);
+- ``copy``: otherwise, while a copy ran on another stream (the compute stream waited on a copy's event);
+- ``other``: neither (an event wait with nothing running, a synchronize, an allocator call).
+
+Usage: ``run_stack.py --profile`` stores the result under ``profile.timeline``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Span(NamedTuple):
+    """One event: ``kind`` "kernel", "copy" (GPU, on ``stream``) or "launch" (the host call of GPU event ``corr``)."""
+
+    kind: str
+    stream: int
+    start_us: float
+    end_us: float
+    name: str
+    corr: int
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _overlap(a: float, b: float, spans: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in spans)
+
+
+def stream_gaps(spans: list[Span], min_gap_us: float = 5.0, top: int = 12) -> dict:
+    """Idle time of the busiest kernel stream between its first and last kernel, by cause (see module docstring).
+
+    Args:
+        spans: the step's events.
+        min_gap_us: shorter gaps (kernel boundaries) count in ``idle_ms`` but in no cause and no gap entry.
+        top: how many of the longest gaps to list.
+
+    Returns:
+        ``{"compute_stream", "span_ms", "busy_ms", "idle_ms", "idle_by_cause_ms": {launch, copy, other},
+        "copy_ms_by_stream", "gaps": [{start_ms, ms, cause, copy_ms, before, after}]}`` (times from the first
+        kernel); an empty dict without kernels.
+    """
+    kernels = [s for s in spans if s.kind == "kernel"]
+    if not kernels:
+        return {}
+    per_stream: dict[int, float] = {}
+    for k in kernels:
+        per_stream[k.stream] = per_stream.get(k.stream, 0.0) + k.end_us - k.start_us
+    compute = max(per_stream, key=per_stream.get)
+    mine = sorted((k for k in kernels if k.stream == compute), key=lambda k: k.start_us)
+    t0, t1 = mine[0].start_us, max(k.end_us for k in mine)
+    copies = _union([(s.start_us, s.end_us) for s in spans if s.kind == "copy" and s.stream != compute])
+    copy_by_stream: dict[int, float] = {}
+    for s in spans:
+        if s.kind == "copy":
+            copy_by_stream[s.stream] = copy_by_stream.get(s.stream, 0.0) + s.end_us - s.start_us
+    launched = {s.corr: s.start_us for s in spans if s.kind == "launch"}
+    causes = {"launch": 0.0, "copy": 0.0, "other": 0.0}
+    gaps = []
+    end = mine[0].end_us
+    prev = mine[0]
+    for k in mine[1:]:
+        gap = k.start_us - end
+        if gap >= min_gap_us:
+            copy_us = _overlap(end, k.start_us, copies)
+            host = launched.get(k.corr)
+            if host is not None and host > end:
+                cause = "launch"
+            elif copy_us > 0.5 * gap:
+                cause = "copy"
+            else:
+                cause = "other"
+            causes[cause] += gap
+            gaps.append(
+                {
+                    "start_ms": round((end - t0) / 1e3, 3),
+                    "ms": round(gap / 1e3, 3),
+                    "cause": cause,
+                    "copy_ms": round(copy_us / 1e3, 3),
+                    "before": prev.name[:80],
+                    "after": k.name[:80],
+                }
+            )
+        if k.end_us > end:
+            end, prev = k.end_us, k
+    busy = sum(b - a for a, b in _union([(k.start_us, k.end_us) for k in mine]))
+    gaps.sort(key=lambda g: -g["ms"])
+    return {
+        "compute_stream": compute,
+        "span_ms": round((t1 - t0) / 1e3, 3),
+        "busy_ms": round(busy / 1e3, 3),
+        "idle_ms": round((t1 - t0 - busy) / 1e3, 3),
+        "idle_by_cause_ms": {c: round(v / 1e3, 3) for c, v in causes.items()},
+        "copy_ms_by_stream": {str(s): round(v / 1e3, 3) for s, v in copy_by_stream.items()},
+        "n_gaps": len(gaps),
+        "gaps": gaps[:top],
+    }
+
+
+def events_from_profile(prof) -> list[Span]:
+    """The GPU kernels and copies of a `torch.profiler.profile` run, and the host calls that launched them."""
+    spans = []
+    for e in prof.profiler.kineto_results.events():
+        kind = None
+        name = e.name()
+        if str(e.device_type()).endswith("CUDA"):
+            kind = "copy" if name.startswith("Memcpy") or name.startswith("Memset") else "kernel"
+            corr = e.linked_correlation_id() or e.correlation_id()
+        elif name.startswith(("cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaGraphLaunch")):
+            kind, corr = "launch", e.correlation_id()
+        if kind is None:
+            continue
+        start = e.start_ns() / 1e3
+        spans.append(Span(kind, int(e.device_resource_id()), start, start + e.duration_ns() / 1e3, name, int(corr)))
+    return spans
