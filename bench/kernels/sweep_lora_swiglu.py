@@ -1,7 +1,8 @@
 """Launch settings of the fused LoRA SwiGLU kernels (kernels/lora_swiglu.py) on the GPU.
 
 At the 8B MLP of a 4x2048 step ([8192, 14336] bf16, rank 16) it times the forward kernel (reads G, U,
-writes G, U, H) and the backward kernel (reads dH, G, U, writes H, dG, dU) under each BM:BN:warps setting,
+writes G, U, H), the backward kernel (reads dH, G, U, writes H, dG, dU) and the backward kernel of a lean
+recompute (the same, finishing gate and up with their rank updates first) under each BM:BN:warps setting,
 median of the harness's CUDA-event timings (bench/_harness.py), and gives each as a fraction of the copy bandwidth measured in the same run
 (bytes moved / time / copy rate). Every setting's outputs are compared with the default's: bit-exact, and the
 largest difference relative to the largest value (the rank-r tensor-core dot may sum in another order under
@@ -59,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {
         "fwd": (lambda _: mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5), reset((G, G0), (U, U0))),
         "bwd": (lambda _: mod.lora_swiglu_backward(dH, G, U, low, Ad), reset((G, G0), (U, U0), (dH, dH0))),
+        # a lean recompute's backward: it finishes gate and up with their rank updates itself
+        "bwd_finish": (
+            lambda _: mod.lora_swiglu_backward(dH, G, U, low, Ad, finish=(xa_g, xa_u, Bg, Bu, 2.0, 0.5)),
+            reset((G, G0), (U, U0), (dH, dH0)),
+        ),
     }
-    moved = {"fwd": 5 * n * i * G.element_size(), "bwd": 6 * n * i * G.element_size()}
+    moved = {k: (5 if k == "fwd" else 6) * n * i * G.element_size() for k in kinds}
 
     def outputs(kind):
         fn, setup = kinds[kind]
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         setting = tuple(int(x) for x in text.split(":"))
         for kind, (fn, setup) in kinds.items():
             saved = mod._FWD, mod._BWD
-            mod._FWD, mod._BWD = (setting, saved[1]) if kind == "fwd" else (saved[0], setting)
+            mod._FWD, mod._BWD = (setting, saved[1]) if kind == "fwd" else (saved[0], setting)  # bwd, bwd_finish
             try:
                 got = outputs(kind)
                 exact = all(torch.equal(a, b) for a, b in zip(got, ref[kind]))

@@ -71,6 +71,37 @@ def _rank_update(
 
 
 @triton.jit
+def _finish_projection(
+    acc,
+    L_ptr,
+    stride_l,
+    R_ptr,
+    stride_rk,
+    stride_rn,
+    rows,
+    cols,
+    n_rows,
+    n_cols,
+    rank,
+    scale,
+    OUT_ptr,
+    R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
+    # A base GEMM output tile (fp32) plus its rank update, rounded to OUT's dtype as it is stored: what the
+    # forward kernel writes and what the backward kernel, finishing the projection itself, computes.
+    x = _rank_update(
+        acc, L_ptr, stride_l, R_ptr, stride_rk, stride_rn, rows, cols, n_rows, n_cols, rank, scale, R_PAD, UPCAST,
+        DOT_PREC,
+    )  # fmt: skip
+    if RNE_BF16:
+        x = _rne_bf16(x)
+    return x.to(OUT_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _lora_swiglu_fwd_kernel(
     G_ptr,
     U_ptr,
@@ -106,46 +137,15 @@ def _lora_swiglu_fwd_kernel(
     offs = rows[:, None] * n_cols + cols[None, :]
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = _rank_update(
-        g,
-        XAG_ptr,
-        stride_xag,
-        BG_ptr,
-        stride_bg1,
-        stride_bg0,
-        rows,
-        cols,
-        n_rows,
-        n_cols,
-        rank_g,
-        scale_g,
-        R_PAD,
-        UPCAST,
-        DOT_PREC,
-    )
-    u = _rank_update(
-        u,
-        XAU_ptr,
-        stride_xau,
-        BU_ptr,
-        stride_bu1,
-        stride_bu0,
-        rows,
-        cols,
-        n_rows,
-        n_cols,
-        rank_u,
-        scale_u,
-        R_PAD,
-        UPCAST,
-        DOT_PREC,
-    )
-    if RNE_BF16:
-        g = _rne_bf16(g)
-        u = _rne_bf16(u)
     # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
-    g = g.to(G_ptr.dtype.element_ty)
-    u = u.to(U_ptr.dtype.element_ty)
+    g = _finish_projection(
+        g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g, G_ptr,
+        R_PAD, UPCAST, DOT_PREC, RNE_BF16,
+    )  # fmt: skip
+    u = _finish_projection(
+        u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u, U_ptr,
+        R_PAD, UPCAST, DOT_PREC, RNE_BF16,
+    )  # fmt: skip
     tl.store(G_ptr + offs, g, mask=mask)
     tl.store(U_ptr + offs, u, mask=mask)
     gf = g.to(tl.float32)
@@ -203,20 +203,15 @@ def _lora_swiglu_bwd_kernel(
     )
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FINISH_GU:
-        g = _rank_update(
+    if FINISH_GU:  # the forward kernel's own finishing step, so the same stored values
+        g = _finish_projection(
             g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g,
-            R_PAD, UPCAST, DOT_PREC,
-        )  # fmt: skip
-        u = _rank_update(
+            G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
+        ).to(tl.float32)  # fmt: skip
+        u = _finish_projection(
             u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u,
-            R_PAD, UPCAST, DOT_PREC,
-        )  # fmt: skip
-        if RNE_BF16:
-            g = _rne_bf16(g)
-            u = _rne_bf16(u)
-        g = g.to(G_ptr.dtype.element_ty).to(tl.float32)
-        u = u.to(U_ptr.dtype.element_ty).to(tl.float32)
+            U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
+        ).to(tl.float32)  # fmt: skip
     sg = tl.sigmoid(g)
     silu = g * sg
     h = silu * u
