@@ -45,14 +45,16 @@ _mode: list[tuple[str, list, list[int], SideStream | None]] = []
 # layer being recorded (`_copying`) and of the layer before it (`_copied`). No `record_stream`: inside a CUDA graph
 # capture the caching allocator cannot reuse a block freed with uses on another stream until the capture ends, so
 # every layer's saved tensors stayed reserved (24 GiB at 4x2048 with 7.8 GiB allocated, session 8). Instead the
-# compute stream waits for a layer's copies one layer later (`release_copied`, by then done) and frees them itself.
+# forward of layer i + 2 makes the compute stream wait for layer i's copies (`release_copied`; a whole layer's
+# compute later, so they are done) and frees the storages on that stream itself.
 _copying: list[tuple[torch.cuda.Event, torch.device, list[torch.Tensor]]] = []
 _copied: list[tuple[torch.cuda.Event, torch.device, list[torch.Tensor]]] = []
 
 
 def release_copied(everything: bool = False) -> None:
-    """Free the device storages of the previous layer's copies to host, the compute stream first waiting for them
-    (the next layer's forward calls this); ``everything``: the current layer's as well (backward's start)."""
+    """Free the device storages whose copies to host were started two layers back (`_copied`), the compute stream
+    first waiting for those copies; the last layer's become `_copied`. A checkpointed layer's forward calls this
+    before it runs; ``everything`` (backward's start): both layers' at once."""
     global _copying, _copied
     for done, device, _ in _copied + (_copying if everything else []):
         torch.cuda.current_stream(device).wait_event(done)

@@ -117,7 +117,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.stashes = []
         if offload and hidden.is_cuda:
-            release_copied()  # the layer before the last: its copies to host are done by now
+            release_copied()  # the copies to host of the layer before the previous one: done by now
         with torch.no_grad(), recording(ctx.stashes, _side_stream) if stash and offload else contextlib.nullcontext():
             out = fn(hidden)
         ctx.chain, ctx.index = None, None

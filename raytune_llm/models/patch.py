@@ -278,7 +278,8 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = hidden.shape[:2]
-        # Without position ids every row is one document: no host read of them (a captured step needs none).
+        # A forward recorded into a CUDA graph reads nothing on the host: rows without position ids are one document
+        # each, packed rows get the capacity models.graphs set (attention.build_attn_meta, static_docs).
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         static_docs = state["capture_docs"] if capturing else None
         if capturing and position_ids is not None and static_docs is None:
