@@ -243,8 +243,8 @@ class CapturedStep:
             from raytune_llm.models.settings import set_capture_docs
 
             want = max(8, 2 * max(self._docs_seen, docs))
-            rows_times_len = batch["position_ids"].numel()
-            self.doc_capacity = min(rows_times_len, 1 << (want - 1).bit_length())
+            tokens = batch["input_ids"].numel() if "input_ids" in batch else batch["position_ids"].numel()
+            self.doc_capacity = min(tokens, 1 << (want - 1).bit_length())  # never more documents than tokens
             set_capture_docs(self.model, self.doc_capacity)
         self._static = {k: v.to(self.device).clone() for k, v in batch.items()}
         torch.cuda.synchronize(self.device)
@@ -257,8 +257,7 @@ class CapturedStep:
             self._static, self._out = {}, None
             raise RuntimeError(
                 f"CapturedStep: CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "the forward read a device value on the host (packed rows cannot be captured) or ran an op "
-                "that cannot be recorded"
+                "the forward read a device value on the host or ran an op that cannot be recorded"
             ) from exc
         self._graph = graph
         graph.replay()
