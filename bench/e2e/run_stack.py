@@ -418,7 +418,10 @@ def time_steps(args, model, optimizer, batches, device: str, torch, result: dict
         if step == reset_at and cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        kw = forward_kwargs(args, batch, device, torch)
+        if captured is not None:  # host tensors: the step copies them in (and counts packed rows' documents)
+            kw = {k: batch[k] for k in ("input_ids", "labels", "position_ids") if k in batch}
+        else:
+            kw = forward_kwargs(args, batch, device, torch)
         if cuda:
             torch.cuda.synchronize()
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
