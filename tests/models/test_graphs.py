@@ -109,6 +109,10 @@ def test_bad_use_is_a_clear_error(tiny_paths):
         CapturedStep(model, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="dropout"):
         CapturedStep(_model(tiny_paths, "cpu", dropout=0.1))
+    attn_dropout = _model(tiny_paths, "cpu")
+    attn_dropout.get_base_model().config.attention_dropout = 0.1  # HF attention's own dropout, not a module
+    with pytest.raises(ValueError, match="dropout 0.1"):
+        CapturedStep(attn_dropout)
     step = CapturedStep(model)
     step(**b)
     with pytest.raises(ValueError, match="one fixed shape"):
