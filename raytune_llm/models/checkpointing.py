@@ -76,6 +76,17 @@ class OffloadChain:
         self._slots.append(_Slot(hidden, stashes))
         return len(self._slots) - 1
 
+    def prefetch_last(self) -> None:
+        """Start copying the last layer's input and stashes back (the layer loop calls this after the last layer).
+
+        Backward reaches that layer first, with nothing before it to hide the copy behind: without this its
+        input and then its stashes were copied back while the compute stream waited (~9 ms at 4x2048 tokens of
+        an 8B model, by the copy rate). Started here, the copies run behind the final norm, the LM head and the
+        loss.
+        """
+        if self._slots:
+            self._slots[-1].prefetch()
+
 
 class _Slot:
     """One offloaded layer input (and its attention stashes): in pinned host memory, or on its way back."""

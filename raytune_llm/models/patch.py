@@ -311,6 +311,8 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                 )
             else:
                 hidden = run(hidden)
+        if chain is not None:
+            chain.prefetch_last()
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
