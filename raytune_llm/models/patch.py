@@ -311,7 +311,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                 )
             else:
                 hidden = run(hidden)
-        if chain is not None:
+        if chain is not None and (n_ckpt is None or n_ckpt >= self.config.num_hidden_layers):
+            # Only when the last layer is checkpointed: otherwise the copies would sit on the GPU through the
+            # backward of the layers that kept their activations.
             chain.prefetch_last()
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
