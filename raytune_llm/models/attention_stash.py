@@ -47,8 +47,8 @@ _mode: list[tuple[str, list, list[int], SideStream | None]] = []
 # every layer's saved tensors stayed reserved (24 GiB at 4x2048 with 7.8 GiB allocated, session 8). Instead the
 # forward of layer i + 2 makes the compute stream wait for layer i's copies (`release_copied`; a whole layer's
 # compute later, so they are done) and frees the storages on that stream itself.
-_copying: list[tuple[torch.cuda.Event, torch.device, list[torch.Tensor]]] = []
-_copied: list[tuple[torch.cuda.Event, torch.device, list[torch.Tensor]]] = []
+_copying: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
+_copied: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
 
 
 def release_copied(everything: bool = False) -> None:
@@ -56,8 +56,8 @@ def release_copied(everything: bool = False) -> None:
     first waiting for those copies; the last layer's become `_copied`. A checkpointed layer's forward calls this
     before it runs; ``everything`` (backward's start): both layers' at once."""
     global _copying, _copied
-    for done, device, _ in _copied + (_copying if everything else []):
-        torch.cuda.current_stream(device).wait_event(done)
+    for done, storages in _copied + (_copying if everything else []):
+        torch.cuda.current_stream(storages[0].device).wait_event(done)
     _copied = [] if everything else _copying
     _copying = []
 
@@ -91,8 +91,8 @@ class HostCopies:
 
     def __init__(self, side_stream: SideStream | None) -> None:
         self._side_stream = side_stream
-        # (device, storage address) -> (host copy, its copy's event or None for a CPU tensor, the storage's device)
-        self._host: dict[tuple, tuple[torch.Tensor, torch.cuda.Event | None, torch.device]] = {}
+        # (device, storage address) -> (host copy, its copy's event or None for a CPU tensor)
+        self._host: dict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._dev: dict[tuple, torch.Tensor] = {}
         self._ready: torch.cuda.Event | None = None
         self._ready_device: torch.device | None = None
@@ -108,7 +108,7 @@ class HostCopies:
         key = (t.device, storage.data_ptr())
         if key not in self._host:
             raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            self._host[key] = (*self._to_host(raw), t.device)
+            self._host[key] = self._to_host(raw)
             self._alive.append(raw)
         return key, t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset()
 
@@ -131,23 +131,20 @@ class HostCopies:
         """Start copying every kept storage back to where it was (side stream on CUDA; no-op once started)."""
         if self._dev or not self._host:
             return
-        cpu = {key: buf for key, (buf, done, _) in self._host.items() if done is None}
-        self._dev.update(cpu)  # CPU tensors (all of them in a CPU run) stay where they were
-        cuda = [dev for _, done, dev in self._host.values() if done is not None]
+        cuda = {key: (buf, done) for key, (buf, done) in self._host.items() if done is not None}
+        self._dev.update({key: buf for key, (buf, done) in self._host.items() if done is None})  # CPU: stay
         if cuda:
-            self._ready_device = cuda[0]
-            stream = self._side_stream(cuda[0])
+            self._ready_device = next(iter(cuda))[0]
+            stream = self._side_stream(self._ready_device)
             # Allocated on the compute stream that reads them (no record_stream, see release_copied); the side
             # stream writes them only after what that stream had queued, which may have used their blocks.
-            for key, (buf, done, dev) in self._host.items():
-                if done is not None:
-                    self._dev[key] = torch.empty(buf.shape, dtype=buf.dtype, device=dev)
-            stream.wait_stream(torch.cuda.current_stream(cuda[0]))
+            for key, (buf, _) in cuda.items():
+                self._dev[key] = torch.empty(buf.shape, dtype=buf.dtype, device=key[0])
+            stream.wait_stream(torch.cuda.current_stream(self._ready_device))
             with torch.cuda.stream(stream):
-                for key, (buf, done, _) in self._host.items():
-                    if done is not None:
-                        stream.wait_event(done)
-                        self._dev[key].copy_(buf, non_blocking=True)
+                for key, (buf, done) in cuda.items():
+                    stream.wait_event(done)
+                    self._dev[key].copy_(buf, non_blocking=True)
                 self._ready = torch.cuda.Event()
                 self._ready.record(stream)
         self._host.clear()  # the host allocator keeps each pinned block until its copy has read it
@@ -166,7 +163,7 @@ class HostCopies:
         """From here handles are only unpacked: the device storages packed so far may be freed once their copies
         have read them (`release_copied`)."""
         if self._alive and self._last_done is not None:
-            _copying.append((self._last_done, self._alive[0].device, self._alive))
+            _copying.append((self._last_done, self._alive))
         self._alive, self._last_done = [], None
 
     def clear(self) -> None:
