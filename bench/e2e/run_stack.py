@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="one more (eager) step under torch.profiler: top kernels, and where the compute stream idles and why (bench/e2e/timeline.py)",
+        help="one more (eager) step under torch.profiler: top kernels, and where the compute stream idles and why "
+        "(bench/e2e/timeline.py)",
     )
     p.add_argument(
         "--variants",
@@ -418,10 +419,8 @@ def time_steps(args, model, optimizer, batches, device: str, torch, result: dict
         if step == reset_at and cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        if captured is not None:  # host tensors: the step copies them in (and counts packed rows' documents)
-            kw = {k: batch[k] for k in ("input_ids", "labels", "position_ids") if k in batch}
-        else:
-            kw = forward_kwargs(args, batch, device, torch)
+        # A recorded step takes host tensors: it copies them in (and counts packed rows' documents there).
+        kw = forward_kwargs(args, batch, "cpu" if captured is not None else device, torch)
         if cuda:
             torch.cuda.synchronize()
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

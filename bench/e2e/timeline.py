@@ -8,7 +8,9 @@ what overlapped it, from the profiler's own events (`events_from_profile`):
 - ``copy``: otherwise, while a copy ran on another stream (the compute stream waited on a copy's event);
 - ``other``: neither (an event wait with nothing running, a synchronize, an allocator call).
 
-Usage: ``run_stack.py --profile`` stores the result under ``profile.timeline``.
+Usage: ``run_stack.py --profile`` stores the result under ``profile.timeline``. The profiler records host
+activity too (for the launch calls), which slows the host: ``launch`` time there is an upper bound on what the
+unprofiled step loses to the host (a CUDA graph, which takes the host out, is the check).
 """
 
 from __future__ import annotations

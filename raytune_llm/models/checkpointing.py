@@ -81,8 +81,8 @@ class OffloadChain:
 
         Backward reaches that layer first, with nothing before it to hide the copy behind: without this its
         input and then its stashes were copied back while the compute stream waited (~9 ms at 4x2048 tokens of
-        an 8B model, by the copy rate). Started here, the copies run behind the final norm, the LM head and the
-        loss.
+        an 8B model, an estimate from the copy rate, not measured). Started here, the copies run behind the final
+        norm, the LM head and the loss.
         """
         if self._slots:
             self._slots[-1].prefetch()
