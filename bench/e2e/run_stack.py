@@ -116,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="one more (eager) step under torch.profiler: top kernels, and where the compute stream idles and why "
-        "(bench/e2e/timeline.py)",
+        help="one more step under torch.profiler (a replay with --cuda-graph, else eager): top kernels, where the "
+        "compute stream idles and why (bench/e2e/timeline.py), every event in OUT's stem + .events.json.gz",
     )
     p.add_argument(
         "--variants",
@@ -398,12 +398,14 @@ def forward_loss(model, kw: dict, result: dict):
         return model(**kw).loss
 
 
-def time_steps(args, model, optimizer, batches, device: str, torch, result: dict, graph: bool = False) -> dict:
+def time_steps(
+    args, model, optimizer, batches, device: str, torch, result: dict, graph: bool = False, keep: dict | None = None
+) -> dict:
     """Warm-up, then timed steps (forward, backward, AdamW, zero_grad) of one model: the timing fields.
 
     With ``graph`` the step is a ``models.graphs.CapturedStep``: eager warm-up steps, the capture at the last
     warm-up step, replays after it. A replay allocates nothing, so the peak is reset before the capture, not after
-    the warm-up: it is then the recorded step's own peak.
+    the warm-up: it is then the recorded step's own peak. ``keep`` receives that step as ``"captured"``.
     """
     cuda = device == "cuda"
     times_ms, event_ms, losses = [], [], []
@@ -414,6 +416,8 @@ def time_steps(args, model, optimizer, batches, device: str, torch, result: dict
         if args.warmup < 2:
             raise SystemExit("--cuda-graph needs --warmup >= 2 (an eager step, then the capture)")
         captured = CapturedStep(model, optimizer, warmup=args.warmup - 1)
+        if keep is not None:
+            keep["captured"] = captured
     reset_at = args.warmup - 1 if graph else args.warmup
     for step, batch in enumerate(batches):
         if step == reset_at and cuda:
@@ -465,16 +469,20 @@ def time_steps(args, model, optimizer, batches, device: str, torch, result: dict
     )
 
 
-def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: int = 30) -> dict:
-    """One more step under torch.profiler: GPU time per kernel name (summed), largest first."""
+def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: int = 30, captured=None) -> dict:
+    """One more step under torch.profiler: GPU time per kernel name (summed), largest first. With ``captured`` (a
+    recorded step, `--cuda-graph`) a replay of it: the host takes no part, so the idle time left is the GPU's own."""
     from torch.profiler import ProfilerActivity, profile
 
-    kw = forward_kwargs(args, batch, device, torch)
+    kw = forward_kwargs(args, batch, "cpu" if captured is not None else device, torch)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # CPU: the launch calls
-        model(**kw).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if captured is not None:
+            captured(**kw)
+        else:
+            model(**kw).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
@@ -489,7 +497,11 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
         log(f"  {ms:9.2f} ms {100 * ms / total:5.1f}% x{n:<5d} {name[:110]}")
     out = {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
     try:  # where the compute stream idles, and why (bench/e2e/timeline.py)
-        from timeline import events_from_profile, stream_gaps
+        from timeline import dump_events, events_from_profile, stream_gaps
+
+        events = os.path.splitext(args.out)[0] + ".events.json.gz"
+        out["events_file"] = os.path.basename(events)
+        out["events"] = dump_events(prof, events)
 
         out["timeline"] = tl = stream_gaps(events_from_profile(prof))
         log(
@@ -662,11 +674,14 @@ def run(args: argparse.Namespace, result: dict) -> int:
         result["ballast_held"] = ballast is not None
         result.update(status="ok", phase="done")
         return EXIT_OK
-    result.update(time_steps(args, model, optimizer, batches, device, torch, result, graph=args.cuda_graph))
+    kept: dict = {}
+    result.update(time_steps(args, model, optimizer, batches, device, torch, result, graph=args.cuda_graph, keep=kept))
     result["ballast_held"] = ballast is not None  # alive through every step above
     if args.profile and cuda:
         try:
-            result["profile"] = profile_step(args, model, optimizer, batches[-1], device, torch)
+            captured = kept.get("captured")
+            replay = captured if captured is not None and captured.captured else None
+            result["profile"] = profile_step(args, model, optimizer, batches[-1], device, torch, captured=replay)
         except Exception as exc:  # the timing above stands without it
             result["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return EXIT_OK

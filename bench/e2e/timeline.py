@@ -15,6 +15,8 @@ unprofiled step loses to the host (a CUDA graph, which takes the host out, is th
 
 from __future__ import annotations
 
+import gzip
+import json
 from typing import NamedTuple
 
 
@@ -129,3 +131,25 @@ def events_from_profile(prof) -> list[Span]:
         start = e.start_ns() / 1e3
         spans.append(Span(kind, int(e.device_resource_id()), start, start + e.duration_ns() / 1e3, name, int(corr)))
     return spans
+
+
+def dump_events(prof, path: str) -> int:
+    """Every event of a `torch.profiler.profile` run (host and GPU) as gzipped JSON rows, for study off the machine.
+
+    Row: ``[device ("cpu" | "cuda"), stream or thread, start_us, duration_us, name index, correlation id, linked
+    correlation id]``; names in ``"names"``. Returns the number of rows.
+    """
+    names: dict[str, int] = {}
+    rows = []
+    for e in prof.profiler.kineto_results.events():
+        name = e.name()
+        idx = names.setdefault(name, len(names))
+        dev = "cuda" if str(e.device_type()).endswith("CUDA") else "cpu"
+        where = int(e.device_resource_id()) if dev == "cuda" else int(e.start_thread_id())
+        rows.append(
+            [dev, where, round(e.start_ns() / 1e3, 3), round(e.duration_ns() / 1e3, 3), idx, int(e.correlation_id()),
+             int(e.linked_correlation_id())]
+        )
+    with gzip.open(path, "wt") as f:
+        json.dump({"names": list(names), "rows": rows}, f)
+    return len(rows)

@@ -32,8 +32,10 @@ an fp32 ``[V, H]`` accumulator costs 2 GiB more at Llama-3's head. At 32768 toke
 dL/dW against an fp32 computation (rms, relative) was 3.9e-3 summed in bf16 over 32 chunks (Liger's too) and
 2.8e-3 with the fp32 accumulator over 8 chunks; the bf16 result's own rounding is most of it
 (bench/kernels/sweep_flce.py, bench/results/flce_sweep_h200_20261129_s6a.json). An upstream
-gradient that is not a power of two is applied to the stored gradients, one rounding more than
-autograd's order (Liger has the same).
+gradient other than 1 is applied to the stored gradients in fp32 and rounded once, one rounding more than
+autograd's order (Liger has the same); a gradient of exactly 1 (a loss's own) costs one near-empty kernel,
+decided on the device, where an unconditional multiply read and wrote dL/dW (2 GiB at Llama-3's head, 1 ms on
+the H200, session 6).
 """
 
 from __future__ import annotations
@@ -110,6 +112,28 @@ def _ce_row_kernel(
             i += 1
 
 
+@triton.jit
+def _scale_kernel(X_ptr, n, G_ptr, BLOCK: tl.constexpr):
+    """``x *= g`` in place, x read in fp32 and rounded once; every load and store masked off when ``g == 1``.
+
+    The upstream gradient of a loss is almost always exactly 1; this skips the pass without reading it on the
+    host (a device sync). A masked-off program reads nothing but ``g``.
+    """
+    g = tl.load(G_ptr).to(tl.float32)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.where(g != 1.0, n, 0)
+    x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(X_ptr + offs, (x * g).to(X_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale_unless_one(x: torch.Tensor, g: torch.Tensor) -> None:
+    """Scale contiguous ``x`` in place by the device scalar ``g``; nothing read or written where ``g == 1``."""
+    n = x.numel()
+    if n:
+        block = 4096
+        _scale_kernel[(triton.cdiv(n, block),)](x, n, g.reshape(1), BLOCK=block, num_warps=8)
+
+
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
     """Tokens per chunk: ``C = next_pow2(ceil(N / ceil(V / H)))`` (Liger's rule).
 
@@ -160,7 +184,9 @@ def fused_linear_cross_entropy_forward(
     denom = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
     loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    grad_w = None
+    if need_dw:  # the first chunk's G^T h is written, not added (no zeroing pass, no read of zeros)
+        grad_w = (torch.empty_like if N else torch.zeros_like)(weight, memory_format=torch.contiguous_format)
     compute_grad = need_dh or need_dw
     C = chunk_size or default_chunk_size(N, H, V)
     BLOCK, num_warps = row_block_settings(min(V, _MAX_VOCAB_BLOCK))
@@ -188,7 +214,9 @@ def fused_linear_cross_entropy_forward(
         G = logits.to(hidden.dtype)
         if need_dh:
             torch.mm(G, weight, out=grad_h[start:end])
-        if need_dw:  # fp32 inside the GEMM, one rounding of the running sum per chunk
+        if need_dw and start == 0:
+            torch.mm(G.t(), h_c, out=grad_w)
+        elif need_dw:  # fp32 inside the GEMM, one rounding of the running sum per chunk
             grad_w.addmm_(G.t(), h_c)
         # Drop this chunk before the next matmul allocates its output: two [C, V] chunks alive at once
         # would add a third of Liger's whole extra memory at its own chunk size.
@@ -219,11 +247,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             )
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        # Scale unconditionally: testing grad_output == 1 on the host would cost a device sync.
-        if grad_h is not None:
-            grad_h.mul_(grad_output.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w.mul_(grad_output.to(grad_w.dtype))
+        # Testing grad_output == 1 on the host would cost a device sync: the kernel tests it on the device.
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                _scale_unless_one(grad, grad_output.detach().to(torch.float32))
         return grad_h, grad_w, None, None, None
 
 

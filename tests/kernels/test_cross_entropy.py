@@ -1,7 +1,8 @@
 """Fused linear cross-entropy against reference.fused_linear_cross_entropy: loss, d hidden, d weight.
 
 Covers fp32 and bf16, a single token, odd widths, several chunks, ignored labels (some and all),
-a frozen head (no weight gradient), a strided hidden, a non-unit upstream gradient, and a vocabulary
+a frozen head (no weight gradient), a strided hidden, non-unit upstream gradients (frozen and trained head), a
+unit one (the forward's gradients handed on untouched), and a vocabulary
 wider than one kernel block (the online-softmax loop).
 """
 
@@ -13,7 +14,11 @@ import pytest
 import torch
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels.cross_entropy import default_chunk_size, fused_linear_cross_entropy
+from raytune_llm.kernels.cross_entropy import (
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_forward,
+)
 from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -63,6 +68,29 @@ def test_flce_frozen_head_strided_hidden_scaled_loss(dtype):
         views=[lambda t: t[:, ::2], None, None],
         no_grad=(1,),
     )
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_flce_trained_head_scaled_loss(dtype):
+    # A trained head's dL/dW is scaled in the backward too (the device-side kernel; the scale is not 1).
+    hidden, weight, labels = _inputs(11, 16, 40, kernel_device(), seed=3)
+    check_against_reference(
+        lambda h, w, y: 0.3 * fused_linear_cross_entropy(h, w, y, -100, 4),
+        lambda h, w, y: 0.3 * reference.fused_linear_cross_entropy(h, w, y),
+        [hidden, weight, labels],
+        dtype,
+    )
+
+
+@needs_triton
+def test_flce_unit_upstream_gradient_leaves_the_forward_gradients_as_made():
+    # grad_output == 1 (a loss's own backward): the backward hands on exactly what the forward made.
+    hidden, weight, labels = _inputs(10, 16, 40, kernel_device(), seed=4)
+    _, gh, gw = fused_linear_cross_entropy_forward(hidden, weight, labels, -100, 3, True, True)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused_linear_cross_entropy(h, w, labels, -100, 3).backward()
+    assert torch.equal(h.grad, gh) and torch.equal(w.grad, gw)
 
 
 @needs_triton
