@@ -142,6 +142,8 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         sequential = result["modes"]["sequential"] = run_mode(args, Path(tmp), 1)
     speedup = sequential["trials_span_s"] / concurrent["trials_span_s"]
+    cfg = load_config(None, base_overrides(args))
+    tokens = args.trials * args.steps * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
     result["summary"] = {
         "trials": args.trials,
         "gpus_per_trial": args.fraction,
@@ -149,13 +151,20 @@ def main() -> int:
         "concurrent_trials_span_s": concurrent["trials_span_s"],
         "sequential_trials_span_s": sequential["trials_span_s"],
         "speedup": round(speedup, 3),
+        "train_tokens_all_trials": tokens,
+        "concurrent_tokens_per_s": round(tokens / concurrent["trials_span_s"], 1),
+        "sequential_tokens_per_s": round(tokens / sequential["trials_span_s"], 1),
         "ideal_speedup": args.trials,
     }
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'mode':<12}{'trials span s':>15}{'run_sweep s':>14}")
     for mode, r in (("concurrent", concurrent), ("sequential", sequential)):
         print(f"{mode:<12}{r['trials_span_s']:>15.1f}{r['run_sweep_wall_s']:>14.1f}")
-    print(f"speedup {speedup:.2f}x of an ideal {args.trials}x; wrote {path}")
+    print(
+        f"speedup {speedup:.2f}x of an ideal {args.trials}x; training tokens/s over the trials' span: concurrent "
+        f"{result['summary']['concurrent_tokens_per_s']}, sequential {result['summary']['sequential_tokens_per_s']}; "
+        f"wrote {path}"
+    )
     return 0
 
 
