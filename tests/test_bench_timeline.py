@@ -7,7 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "e2e"))
 
-from timeline import Span, stream_gaps  # noqa: E402
+from timeline import Span, dump_events, events_from_dump, stream_gaps  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def test_gaps_are_split_into_launch_copy_and_other():
@@ -30,4 +32,74 @@ def test_gaps_are_split_into_launch_copy_and_other():
     assert [g["cause"] for g in out["gaps"]] == ["launch", "copy", "other"]
     assert out["gaps"][1]["copy_ms"] == 0.01 and out["gaps"][0]["before"] == "k3" and out["gaps"][0]["after"] == "k4"
     assert out["copy_ms_by_stream"] == {"9": 0.012}
+    assert out["idle_ms_by_gap_size"] == {
+        "<5us": 0.002,
+        "5-20us": 0.02,
+        "20-100us": 0.02,
+        "100-500us": 0.0,
+        ">=500us": 0.0,
+    }
+    assert out["pairs"][0] == {"before": "k3", "after": "k4", "n": 1, "ms": 0.02}
+    assert {(p["before"], p["after"]) for p in out["pairs"][1:]} == {("k2", "k3"), ("k4", "k5")}
     assert stream_gaps([Span("copy", 9, 0, 1, "Memcpy", 1)]) == {}
+
+
+class _Event:
+    """The accessors of a kineto event that dump_events reads."""
+
+    def __init__(self, gpu, where, start_ns, dur_ns, name, corr, linked):
+        self._v = (gpu, where, start_ns, dur_ns, name, corr, linked)
+
+    def device_type(self):
+        return "DeviceType.CUDA" if self._v[0] else "DeviceType.CPU"
+
+    def device_resource_id(self):
+        return self._v[1]
+
+    def start_thread_id(self):
+        return self._v[1]
+
+    def start_ns(self):
+        return self._v[2]
+
+    def duration_ns(self):
+        return self._v[3]
+
+    def name(self):
+        return self._v[4]
+
+    def correlation_id(self):
+        return self._v[5]
+
+    def linked_correlation_id(self):
+        return self._v[6]
+
+
+def test_a_dump_reads_back_as_the_profile_spans(tmp_path):
+    # A kernel's own correlation id is its launch's; the linked one names the host op and must not be used.
+    events = [
+        _Event(False, 3, 1_000, 500, "aten::mm", 0, 0),
+        _Event(False, 3, 50_000, 1_000, "cudaLaunchKernel", 11, 0),
+        _Event(True, 7, 0, 10_000, "gemm", 10, 0),
+        _Event(True, 7, 60_000, 10_000, "gemm", 11, 2),
+        _Event(True, 9, 0, 30_000, "Memcpy HtoD (Pinned -> Device)", 12, 0),
+    ]
+    prof = type(
+        "P", (), {"profiler": type("K", (), {"kineto_results": type("R", (), {"events": lambda self: events})()})()}
+    )
+    path = str(tmp_path / "e.events.json.gz")
+    assert dump_events(prof, path) == 5
+    spans = events_from_dump(path)
+    assert [s.kind for s in spans] == ["launch", "kernel", "kernel", "copy"]
+    out = stream_gaps(spans)
+    assert out["idle_by_cause_ms"] == {"launch": 0.05, "copy": 0.0, "other": 0.0}
+
+
+def test_session9_eager_step_on_the_h200_is_gpu_bound():
+    # The 4x2048 eager step profiled on the H200 in session 9 (bench/gpu/session9b.sh): 24.7 ms of 613 ms idle, a
+    # third of it kernel boundaries under 5 us, and kernels launched after the stream went idle found (the first
+    # timelines matched on the linked correlation id and reported no launch gap at all).
+    out = stream_gaps(events_from_dump(str(RESULTS / "prof_eager_4x2048_s9b_h200_20261129.events.json.gz")))
+    assert out["span_ms"] == 613.265 and out["busy_ms"] == 588.548 and out["idle_ms"] == 24.717
+    assert out["idle_by_cause_ms"] == {"launch": 6.316, "copy": 8.182, "other": 1.38}
+    assert out["idle_ms_by_gap_size"]["<5us"] == 8.838

@@ -8,9 +8,14 @@ what overlapped it, from the profiler's own events (`events_from_profile`):
 - ``copy``: otherwise, while a copy ran on another stream (the compute stream waited on a copy's event);
 - ``other``: neither (an event wait with nothing running, a synchronize, an allocator call).
 
-Usage: ``run_stack.py --profile`` stores the result under ``profile.timeline``. The profiler records host
-activity too (for the launch calls), which slows the host: ``launch`` time there is an upper bound on what the
-unprofiled step loses to the host (a CUDA graph, which takes the host out, is the check).
+Usage: ``run_stack.py --profile`` stores the result under ``profile.timeline`` and every event beside it
+(``dump_events``); ``python bench/e2e/timeline.py FILE.events.json.gz`` reads such a dump again. The profiler
+records host activity too (for the launch calls), which slows the host: ``launch`` time there is an upper bound on
+what the unprofiled step loses to the host (a CUDA graph, which takes the host out, is the check).
+
+A GPU event's own correlation id is the one its host launch call carries; its "linked" correlation id names
+something else (the host op). Session 9's first timelines matched on the linked one, found no launch for any
+kernel and so reported ``launch`` as 0 everywhere.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ def _overlap(a: float, b: float, spans: list[tuple[float, float]]) -> float:
     return sum(max(0.0, min(b, y) - max(a, x)) for x, y in spans)
 
 
+# Idle time by the length of the gap it lies in: kernel boundaries (< 5 us) apart from real waits.
+_SIZES = [("<5us", 5.0), ("5-20us", 20.0), ("20-100us", 100.0), ("100-500us", 500.0), (">=500us", float("inf"))]
+
+
 def stream_gaps(spans: list[Span], min_gap_us: float = 5.0, top: int = 12) -> dict:
     """Idle time of the busiest kernel stream between its first and last kernel, by cause (see module docstring).
 
@@ -55,8 +64,9 @@ def stream_gaps(spans: list[Span], min_gap_us: float = 5.0, top: int = 12) -> di
 
     Returns:
         ``{"compute_stream", "span_ms", "busy_ms", "idle_ms", "idle_by_cause_ms": {launch, copy, other},
-        "copy_ms_by_stream", "gaps": [{start_ms, ms, cause, copy_ms, before, after}]}`` (times from the first
-        kernel); an empty dict without kernels.
+        "copy_ms_by_stream", "n_gaps", "idle_ms_by_gap_size", "gaps": [{start_ms, ms, cause, copy_ms, before,
+        after}] (the longest), "pairs": [{before, after, n, ms}] (kernel pairs with the most idle between them)}``
+        (times from the first kernel); an empty dict without kernels.
     """
     kernels = [s for s in spans if s.kind == "kernel"]
     if not kernels:
@@ -74,11 +84,15 @@ def stream_gaps(spans: list[Span], min_gap_us: float = 5.0, top: int = 12) -> di
             copy_by_stream[s.stream] = copy_by_stream.get(s.stream, 0.0) + s.end_us - s.start_us
     launched = {s.corr: s.start_us for s in spans if s.kind == "launch"}
     causes = {"launch": 0.0, "copy": 0.0, "other": 0.0}
+    sizes = {label: 0.0 for label, _ in _SIZES}
+    pairs: dict[tuple[str, str], list[float]] = {}
     gaps = []
     end = mine[0].end_us
     prev = mine[0]
     for k in mine[1:]:
         gap = k.start_us - end
+        if gap > 0:
+            sizes[next(label for label, below in _SIZES if gap < below)] += gap
         if gap >= min_gap_us:
             copy_us = _overlap(end, k.start_us, copies)
             host = launched.get(k.corr)
@@ -89,6 +103,9 @@ def stream_gaps(spans: list[Span], min_gap_us: float = 5.0, top: int = 12) -> di
             else:
                 cause = "other"
             causes[cause] += gap
+            pair = pairs.setdefault((prev.name[:60], k.name[:60]), [0, 0.0])
+            pair[0] += 1
+            pair[1] += gap
             gaps.append(
                 {
                     "start_ms": round((end - t0) / 1e3, 3),
@@ -111,25 +128,56 @@ def stream_gaps(spans: list[Span], min_gap_us: float = 5.0, top: int = 12) -> di
         "idle_by_cause_ms": {c: round(v / 1e3, 3) for c, v in causes.items()},
         "copy_ms_by_stream": {str(s): round(v / 1e3, 3) for s, v in copy_by_stream.items()},
         "n_gaps": len(gaps),
+        "idle_ms_by_gap_size": {label: round(v / 1e3, 3) for label, v in sizes.items()},
         "gaps": gaps[:top],
+        "pairs": [
+            {"before": b, "after": a, "n": n, "ms": round(us / 1e3, 3)}
+            for (b, a), (n, us) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+        ],
     }
+
+
+_LAUNCHES = ("cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaMemset", "cudaGraphLaunch")
+
+
+def _span(on_gpu: bool, where: int, start_us: float, dur_us: float, name: str, corr: int) -> Span | None:
+    if on_gpu:
+        kind = "copy" if name.startswith(("Memcpy", "Memset")) else "kernel"
+    elif name.startswith(_LAUNCHES):
+        kind = "launch"
+    else:
+        return None
+    return Span(kind, where, start_us, start_us + dur_us, name, corr)
 
 
 def events_from_profile(prof) -> list[Span]:
     """The GPU kernels and copies of a `torch.profiler.profile` run, and the host calls that launched them."""
     spans = []
     for e in prof.profiler.kineto_results.events():
-        kind = None
-        name = e.name()
-        if str(e.device_type()).endswith("CUDA"):
-            kind = "copy" if name.startswith("Memcpy") or name.startswith("Memset") else "kernel"
-            corr = e.linked_correlation_id() or e.correlation_id()
-        elif name.startswith(("cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaGraphLaunch")):
-            kind, corr = "launch", e.correlation_id()
-        if kind is None:
-            continue
-        start = e.start_ns() / 1e3
-        spans.append(Span(kind, int(e.device_resource_id()), start, start + e.duration_ns() / 1e3, name, int(corr)))
+        on_gpu = str(e.device_type()).endswith("CUDA")
+        span = _span(
+            on_gpu,
+            int(e.device_resource_id()),
+            e.start_ns() / 1e3,
+            e.duration_ns() / 1e3,
+            e.name(),
+            int(e.correlation_id()),
+        )
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def events_from_dump(path: str) -> list[Span]:
+    """The spans of a `dump_events` file (what `events_from_profile` gives for the run it was written from)."""
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    names = data["names"]
+    spans = []
+    for dev, where, start, dur, idx, corr, _linked in data["rows"]:
+        span = _span(dev == "cuda", where, start, dur, names[idx], corr)
+        if span is not None:
+            spans.append(span)
     return spans
 
 
@@ -147,9 +195,24 @@ def dump_events(prof, path: str) -> int:
         dev = "cuda" if str(e.device_type()).endswith("CUDA") else "cpu"
         where = int(e.device_resource_id()) if dev == "cuda" else int(e.start_thread_id())
         rows.append(
-            [dev, where, round(e.start_ns() / 1e3, 3), round(e.duration_ns() / 1e3, 3), idx, int(e.correlation_id()),
-             int(e.linked_correlation_id())]
+            [
+                dev,
+                where,
+                round(e.start_ns() / 1e3, 3),
+                round(e.duration_ns() / 1e3, 3),
+                idx,
+                int(e.correlation_id()),
+                int(e.linked_correlation_id()),
+            ]
         )
     with gzip.open(path, "wt") as f:
         json.dump({"names": list(names), "rows": rows}, f)
     return len(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python bench/e2e/timeline.py FILE.events.json.gz")
+    print(json.dumps(stream_gaps(events_from_dump(sys.argv[1])), indent=1))
