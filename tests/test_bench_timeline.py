@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "e2e"))
 
@@ -44,45 +45,29 @@ def test_gaps_are_split_into_launch_copy_and_other():
     assert stream_gaps([Span("copy", 9, 0, 1, "Memcpy", 1)]) == {}
 
 
-class _Event:
-    """The accessors of a kineto event that dump_events reads."""
-
-    def __init__(self, gpu, where, start_ns, dur_ns, name, corr, linked):
-        self._v = (gpu, where, start_ns, dur_ns, name, corr, linked)
-
-    def device_type(self):
-        return "DeviceType.CUDA" if self._v[0] else "DeviceType.CPU"
-
-    def device_resource_id(self):
-        return self._v[1]
-
-    def start_thread_id(self):
-        return self._v[1]
-
-    def start_ns(self):
-        return self._v[2]
-
-    def duration_ns(self):
-        return self._v[3]
-
-    def name(self):
-        return self._v[4]
-
-    def correlation_id(self):
-        return self._v[5]
-
-    def linked_correlation_id(self):
-        return self._v[6]
+def _event(gpu, where, start_ns, dur_ns, name, corr, linked):
+    """A kineto event with the accessors dump_events reads."""
+    values = {
+        "device_type": "DeviceType.CUDA" if gpu else "DeviceType.CPU",
+        "device_resource_id": where,
+        "start_thread_id": where,
+        "start_ns": start_ns,
+        "duration_ns": dur_ns,
+        "name": name,
+        "correlation_id": corr,
+        "linked_correlation_id": linked,
+    }
+    return SimpleNamespace(**{key: (lambda v=v: v) for key, v in values.items()})
 
 
 def test_a_dump_reads_back_as_the_profile_spans(tmp_path):
     # A kernel's own correlation id is its launch's; the linked one names the host op and must not be used.
     events = [
-        _Event(False, 3, 1_000, 500, "aten::mm", 0, 0),
-        _Event(False, 3, 50_000, 1_000, "cudaLaunchKernel", 11, 0),
-        _Event(True, 7, 0, 10_000, "gemm", 10, 0),
-        _Event(True, 7, 60_000, 10_000, "gemm", 11, 2),
-        _Event(True, 9, 0, 30_000, "Memcpy HtoD (Pinned -> Device)", 12, 0),
+        _event(False, 3, 1_000, 500, "aten::mm", 0, 0),
+        _event(False, 3, 50_000, 1_000, "cudaLaunchKernel", 11, 0),
+        _event(True, 7, 0, 10_000, "gemm", 10, 0),
+        _event(True, 7, 60_000, 10_000, "gemm", 11, 2),
+        _event(True, 9, 0, 30_000, "Memcpy HtoD (Pinned -> Device)", 12, 0),
     ]
     prof = type(
         "P", (), {"profiler": type("K", (), {"kineto_results": type("R", (), {"events": lambda self: events})()})()}
