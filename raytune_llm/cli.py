@@ -51,6 +51,14 @@ def cmd_validate(args) -> int:
     checked = []
     if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
         raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
+    tok = cfg.model.tokenizer_path
+    if tok and not any((Path(os.path.expanduser(tok)) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"model.tokenizer_path {tok!r} holds no tokenizer (tokenizer.json or tokenizer.model)")
+    if cfg.sweep:
+        from raytune_llm.tune.space import parse_sweep
+
+        spec = parse_sweep(cfg)
+        checked.append(f"sweep: {len(spec.space)} key(s)")
     if cfg.data.path:
         from raytune_llm.packing.validate import validate_data
         from raytune_llm.train.driver import resolve_data_paths
@@ -137,10 +145,17 @@ def cmd_plan(args) -> int:
         p = p if p.suffix == ".json" else p / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"model.path: no config.json at {p}")
-        hf = json.loads(p.read_text())
+        try:
+            hf = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise planner.PlanError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
     from raytune_llm.train.sharded import plan_for
 
-    plan = plan_for(cfg, hf, gpus_per_node=args.gpus_per_node or cfg.train.num_workers, nodes=args.nodes)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.train.num_workers
+    for flag, value in (("--gpus-per-node", gpus), ("--nodes", args.nodes)):
+        if value < 1:
+            raise planner.PlanError(f"{flag} must be a positive integer, got {value}")
+    plan = plan_for(cfg, hf, gpus_per_node=gpus, nodes=args.nodes)
     print(plan.table())
     return 0 if plan.fits else 1
 
@@ -164,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_validate)
     sp = sub.add_parser("plan", help="predict per-GPU memory and pick a sharding strategy")
     with_config(sp)
-    sp.add_argument("--gpus-per-node", type=int, default=None)
-    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs on each node (default: the config's train.num_workers)"
+    )
+    sp.add_argument("--nodes", type=int, default=1, help="nodes of that many GPUs (default 1)")
     sp.add_argument(
         "--shape", default=None, help="plan for a known shape instead of model.path: llama-3.1-8b, llama-3.1-70b"
     )
@@ -182,12 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`plan FILE --nodes 2 key=value`) land here, not in `overrides`.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("raytune-llm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `raytune-llm plan ... | head`: the reader went away; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         if os.environ.get("RAYTUNE_LLM_DEBUG") == "1" or not isinstance(exc, _user_error_types()):
             if os.environ.get("RAYTUNE_LLM_DEBUG") == "1":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -256,6 +257,10 @@ class ShardingSection:
     gpu_memory_gib: float = 80.0
     """Memory per GPU the planner plans for."""
 
+    def __post_init__(self):
+        if self.gpu_memory_gib <= 1.0:
+            _fail(f"gpu_memory_gib must be above 1 (GiB per GPU), got {self.gpu_memory_gib}")
+
 
 @dataclass
 class ClusterSection:
@@ -304,6 +309,8 @@ class RunConfig:
         check_name(self.name, "name")
         if self.sharding.offload_params and self.sharding.strategy != "zero3":
             _fail("sharding.offload_params needs sharding.strategy=zero3")
+        if self.sharding.offload_optimizer and self.sharding.strategy == "ddp":
+            _fail("sharding.offload_optimizer needs sharding.strategy zero2, zero3 or auto")
         if self.quant.bits == 4 and self.model.dtype == "fp16" and self.sharding.strategy == "zero3":
             _fail("quant.bits=4 with sharding.strategy=zero3 needs model.dtype bf16 or fp32 (storage dtype)")
         if self.train.cuda_graph:
@@ -425,6 +432,9 @@ def _coerce(value, tp, key: str, errors: list[str]):
         return None
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                errors.append(f"{key}: expected a finite number, got {value!r}")
+                return None
             return float(value)
         errors.append(f"{key}: expected a number, got {value!r}")
         return None
@@ -491,6 +501,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         base = OmegaConf.create({})
         if path is not None:
             p = Path(path)
+            if p.is_dir():
+                raise ConfigError([f"{str(p)!r} is a folder, not a config file (conf/*.yaml)"], source)
             if not p.is_file():
                 raise ConfigError([f"config file {str(p)!r} does not exist"], source)
             base = OmegaConf.load(p)
@@ -499,7 +511,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError([f"override {o!r} is not key=value" for o in bad], source)
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+        try:
+            merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+        except (OmegaConfBaseException, ValueError, TypeError):
+            # Name the override that does not fit the file (e.g. lora=[1] over the lora section).
+            for o in overrides or []:
+                try:
+                    OmegaConf.merge(base, OmegaConf.from_dotlist([o]))
+                except (OmegaConfBaseException, ValueError, TypeError) as one:
+                    raise ConfigError([f"override {o!r}: {str(one).splitlines()[0]}"], source) from None
+            raise
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError([str(exc).splitlines()[0]], source) from None

@@ -68,6 +68,49 @@ def test_bad_record_names_file_and_line(tmp_path):
     assert f"{data}:2" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["plan", "conf/quickstart.yaml", "--nodes", "0"], "--nodes must be a positive integer, got 0"),
+        (["plan", "conf/quickstart.yaml", "--gpus-per-node", "0"], "--gpus-per-node must be a positive integer"),
+        (["plan", "conf/quickstart.yaml", "lora.target_modules=[foo]"], "lora_targets must be a non-empty subset"),
+        (["validate", "conf/quickstart.yaml", "train.lr=.nan"], "train.lr: expected a finite number, got nan"),
+        (["validate", "conf/quickstart.yaml", "sharding.gpu_memory_gib=-5"], "gpu_memory_gib must be above 1"),
+        (["validate", "conf/quickstart.yaml", "sharding.offload_optimizer=true"], "offload_optimizer needs"),
+        (["validate", "conf/sweep_lora.yaml", "sweep.num_samples=0"], "sweep.num_samples: expected an integer >= 1"),
+        (["validate", "conf/quickstart.yaml", "model.tokenizer_path=/nonexistent"], "holds no tokenizer"),
+        (["validate", "conf/quickstart.yaml", "lora=[1]"], "override 'lora=[1]'"),
+        (["validate", "conf"], "is a folder, not a config file"),
+        (["validate", "conf/quickstart.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_input_through_validate_and_plan_is_one_line(args, needle):
+    _assert_one_line_error(_run(*args, timeout=60), needle)
+
+
+def test_bad_files_through_validate_and_plan_are_one_line(tmp_path):
+    csv, parquet, as_list, not_json = (tmp_path / n for n in ("d.csv", "d.parquet", "list.json", "bad.json"))
+    csv.write_text("a,b\n")
+    parquet.write_bytes(b"PAR1 this is not parquet PAR1")
+    as_list.write_text("[1, 2]")
+    not_json.write_text("{bad")
+    for args, needle in (
+        (["validate", "conf/quickstart.yaml", f"data.path={csv}"], "unknown data file type"),
+        (["validate", "conf/quickstart.yaml", f"data.path={parquet}"], "not a readable Parquet file"),
+        (["plan", "conf/quickstart.yaml", f"model.path={as_list}"], "a model config must be a JSON object"),
+        (["plan", "conf/quickstart.yaml", f"model.path={not_json}"], "not valid JSON"),
+    ):
+        _assert_one_line_error(_run(*args, timeout=60), needle)
+
+
+def test_overrides_after_an_option_and_a_checked_sweep_section():
+    out = _run("plan", "conf/quickstart.yaml", "--shape", "llama-3.1-8b", "data.seq_len=512", timeout=60)
+    assert out.returncode in (0, 1) and "unrecognized" not in out.stderr, out.stderr
+    assert "tokens=4x512" in out.stdout, out.stdout
+    out = _run("validate", "conf/sweep_lora.yaml", timeout=60)
+    assert out.returncode == 0 and "sweep: " in out.stdout, (out.stdout, out.stderr)
+
+
 @pytest.mark.ray
 def test_more_workers_than_cpus(ray_session, tmp_path):
     out = _run(

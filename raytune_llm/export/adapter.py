@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .hf import copy_tokenizer
-from .merge import ADAPTER_WEIGHTS, read_adapter, read_adapter_config
+from .merge import ADAPTER_WEIGHTS, load_adapter_weights, read_adapter, read_adapter_config
 from .safety import ADAPTER_CONFIG, RUN_META, ExportError, Source
 
 _PREFIX = "base_model.model."
@@ -38,7 +38,7 @@ def write_adapter(source: Source, out: Path, dtype: torch.dtype | None) -> None:
     """
     config = read_adapter_config(source.adapter_dir)
     read_adapter(source.adapter_dir)  # validates contents (pairs complete, no embedding LoRA / DoRA) with clear errors
-    state = load_file(str(source.adapter_dir / ADAPTER_WEIGHTS))
+    state = load_adapter_weights(source.adapter_dir)
     tensors = {}
     for key, t in state.items():
         name = _ADAPTER_NAME.sub(r".\1.weight", key)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .safety import ADAPTER_CONFIG, ExportError, Source
@@ -152,7 +152,7 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraUpdate], dict[str, to
         ExportError: unsupported adapter contents (embedding LoRA, LoRA biases, a lone A or B).
     """
     cfg = read_adapter_config(adapter_dir)
-    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    state = load_adapter_weights(adapter_dir)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -197,6 +197,24 @@ def base_shards(base_dir: Path) -> list[Path]:
     raise ExportError(f"base model {base_dir} has no safetensors weights; re-save it with safe_serialization=True")
 
 
+def _unreadable(path: Path, exc: BaseException) -> ExportError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ExportError(f"{path}: not a readable safetensors file ({reason})")
+
+
+def load_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors.
+
+    Raises:
+        ExportError: the weights file is missing, truncated or not safetensors.
+    """
+    path = adapter_dir / ADAPTER_WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
 def plan_tensors(base_dir: Path, dtype: torch.dtype | None) -> list[PlannedTensor]:
     """Read names, shapes and dtypes of the base checkpoint without loading any tensor.
 
@@ -209,12 +227,15 @@ def plan_tensors(base_dir: Path, dtype: torch.dtype | None) -> list[PlannedTenso
     """
     plan = []
     for shard in base_shards(base_dir):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                src = _ST_DTYPES[sl.get_dtype()]
-                out = dtype if (dtype is not None and src.is_floating_point) else src
-                plan.append(PlannedTensor(name, shard, tuple(sl.get_shape()), out))
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    src = _ST_DTYPES[sl.get_dtype()]
+                    out = dtype if (dtype is not None and src.is_floating_point) else src
+                    plan.append(PlannedTensor(name, shard, tuple(sl.get_shape()), out))
+        except (SafetensorError, OSError) as exc:
+            raise _unreadable(shard, exc) from None
     return plan
 
 

@@ -87,6 +87,10 @@ def resolve_source(source: str | os.PathLike) -> Source:
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise ExportError(f"{adapter_dir / ADAPTER_CONFIG} has no base_model_name_or_path")
+    if not isinstance(base, str):
+        raise ExportError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path must be a folder path, got {base!r}"
+        )
     base_dir = Path(base).expanduser()
     if not base_dir.is_absolute():
         base_dir = (adapter_dir / base_dir).resolve()

@@ -18,11 +18,16 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Rows per pyarrow batch when scanning Parquet / Arrow: big enough to amortise to_pylist,
 # small enough that a batch of long chat records stays a few MB.
 _BATCH_ROWS = 1024
+
+
+class DataError(ValueError):
+    """Bad training data: the message is one line naming the file, line and reason."""
 
 
 class Record(NamedTuple):
@@ -43,20 +48,28 @@ def file_kind(path: str) -> str:
     """Classify an input path as "jsonl", "parquet" or "hf" (a `save_to_disk` folder).
 
     Raises:
-        ValueError: the path is neither a known file type nor a HF dataset folder.
+        DataError: the path is neither a known file type nor a HF dataset folder.
     """
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
             return "hf"
         if os.path.exists(os.path.join(path, "dataset_dict.json")):
-            raise ValueError(f"{path}: is a DatasetDict folder; pass one split's folder (e.g. {path}/train)")
-        raise ValueError(f"{path}: a folder that is not a HF dataset saved with save_to_disk")
+            raise DataError(f"{path}: is a DatasetDict folder; pass one split's folder (e.g. {path}/train)")
+        raise DataError(f"{path}: a folder that is not a HF dataset saved with save_to_disk")
     low = path.lower()
     if low.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if low.endswith((".parquet", ".pq")):
         return "parquet"
-    raise ValueError(f"{path}: unknown data file type (expected .jsonl, .json, .parquet or a save_to_disk folder)")
+    raise DataError(f"{path}: unknown data file type (expected .jsonl, .json, .parquet or a save_to_disk folder)")
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from exc
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -123,7 +136,7 @@ def _iter_batches_rows(batches, path: str, start: int, stop: int | None, first_r
 
 
 def _iter_parquet(path: str, start: int, stop: int | None) -> Iterator[Record]:
-    pf = pq.ParquetFile(path)
+    pf = _parquet(path)
     md = pf.metadata
     groups, first_row, row = [], None, 0
     for g in range(md.num_row_groups):
@@ -144,7 +157,7 @@ def _load_hf(path: str):
 
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"{path}: is a DatasetDict; pass one split's folder")
+        raise DataError(f"{path}: is a DatasetDict; pass one split's folder")
     # save_to_disk flattens any indices mapping, so the arrow table is the dataset's row order.
     return ds
 
@@ -158,7 +171,7 @@ def count_records(path: str) -> int:
     """Number of records in one input (non-blank lines for JSONL; rows otherwise)."""
     kind = file_kind(path)
     if kind == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        return _parquet(path).metadata.num_rows
     if kind == "hf":
         return len(_load_hf(path))
     with open(path, "rb") as f:

@@ -17,13 +17,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .formats import check_record, detect_format
-from .readers import expand_paths, iter_records
+from .readers import DataError, expand_paths, iter_records
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad training data: the message is one line naming the file, line and reason."""
 
 
 # The share check starts after this many records: at 1% a single bad line among the first
@@ -66,7 +62,7 @@ class DataStats:
             DataError: skipping is off, or the bad share passed the limit.
         """
         if not self.skip_bad_records:
-            raise DataError(f"{where}: {message} (set skip_bad_records to count and skip bad records)")
+            raise DataError(f"{where}: {message} (data.on_bad_record=skip counts and skips bad records)")
         self.counts["bad_records"] += 1
         self.bad_reasons[code] += 1
         if len(self.first_bad) < self.report_first:

@@ -98,6 +98,10 @@ LLAMA31_70B = {
 }
 
 
+class PlanError(ValueError):
+    """An input the planner cannot use (an unknown value, a model config it cannot read): one line."""
+
+
 @dataclass(frozen=True)
 class Shape:
     """The dimensions of a decoder-only transformer that memory depends on."""
@@ -116,19 +120,21 @@ class Shape:
         """Read a Shape from an HF config dict (a multimodal config's `text_config` is used when present).
 
         Raises:
-            ValueError: on a missing field or a mixture-of-experts config.
+            PlanError: on a missing field or a mixture-of-experts config.
         """
+        if not isinstance(cfg, dict):
+            raise PlanError(f"a model config must be a JSON object, got {type(cfg).__name__}")
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
             cfg = cfg["text_config"]
         if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
-            raise ValueError("mixture-of-experts configs are not supported by the planner (dense decoders only)")
+            raise PlanError("mixture-of-experts configs are not supported by the planner (dense decoders only)")
         missing = [
             k
             for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
             if k not in cfg
         ]
         if missing:
-            raise ValueError(f"HF config lacks {', '.join(missing)}: pass the model's config.json")
+            raise PlanError(f"HF config lacks {', '.join(missing)}: pass the model's config.json")
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         return cls(
@@ -416,25 +422,25 @@ def plan_from_values(
         strategy fits.
 
     Raises:
-        ValueError: on an unknown value of any argument, with the accepted values.
+        PlanError: on an unknown value of any argument, with the accepted values.
     """
     if quant_bits not in _WEIGHT_BYTES:
-        raise ValueError(f"quant_bits must be one of {sorted(_WEIGHT_BYTES)}, got {quant_bits!r}")
+        raise PlanError(f"quant_bits must be one of {sorted(_WEIGHT_BYTES)}, got {quant_bits!r}")
     if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+        raise PlanError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     if not (
         mlp_chunk_tokens in (None, "auto")
         or (isinstance(mlp_chunk_tokens, int) and not isinstance(mlp_chunk_tokens, bool) and mlp_chunk_tokens >= 0)
     ):
-        raise ValueError(f"mlp_chunk_tokens must be a positive int, 0, None or 'auto', got {mlp_chunk_tokens!r}")
+        raise PlanError(f"mlp_chunk_tokens must be a positive int, 0, None or 'auto', got {mlp_chunk_tokens!r}")
     if checkpoint_layers is not None and (
         isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int) or checkpoint_layers < 0
     ):
-        raise ValueError(f"checkpoint_layers must be an int >= 0 or None, got {checkpoint_layers!r}")
+        raise PlanError(f"checkpoint_layers must be an int >= 0 or None, got {checkpoint_layers!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
-        raise ValueError(f"lora_targets must be a non-empty subset of {ALL_TARGETS} or 'all', got {unknown or targets}")
+        raise PlanError(f"lora_targets must be a non-empty subset of {ALL_TARGETS} or 'all', got {unknown or targets}")
     for name, value in (
         ("lora_rank", lora_rank),
         ("seq_len", seq_len),
@@ -443,9 +449,9 @@ def plan_from_values(
         ("nodes", nodes),
     ):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise PlanError(f"{name} must be a positive integer, got {value!r}")
     if gpu_mem_gib <= _RESERVE_GIB:
-        raise ValueError(f"gpu_mem_gib must be above {_RESERVE_GIB}, got {gpu_mem_gib!r}")
+        raise PlanError(f"gpu_mem_gib must be above {_RESERVE_GIB}, got {gpu_mem_gib!r}")
     shape = Shape.from_hf(hf_config)
     world = gpus_per_node * nodes
     args = dict(

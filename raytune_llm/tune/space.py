@@ -182,6 +182,17 @@ def _parse_dist(key: str, spec, base: dict, errors: list[str]) -> dict | None:
         values = [lo, hi]
     n_before = len(errors)
     _check_key(key, values, base, errors)
+    if len(errors) == n_before and kind in ("uniform", "loguniform"):
+        # A continuous draw lies between the bounds: an integer key (train.max_steps, lora.r) refuses it in every
+        # trial, after Ray has started.
+        probe = values[0] + (values[1] - values[0]) * 0.4142135
+        try:
+            apply_overrides(base, {key: probe})
+        except ConfigError as exc:
+            errors.append(
+                f"{where}.{kind}: draws values such as {probe:.4g}, which {key} refuses ({exc.problems[0]}); "
+                "use choice or grid"
+            )
     return None if len(errors) > n_before else {kind: values}
 
 

@@ -89,3 +89,23 @@ def test_bad_sources(tmp_path, llama_base):
         export(llama_base, "hf")
     for err in (ExportError("x"),):
         assert "\n" not in str(err)
+
+
+def test_damaged_adapter_weights_and_a_bad_base_path_are_export_errors(tmp_path, llama_base):
+    import json
+    import shutil
+
+    src = build_run(tmp_path / "run", llama_base)
+    weights = src / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    for fmt in ("adapter", "hf"):
+        with pytest.raises(ExportError, match="not a readable safetensors file"):
+            export(src, fmt)
+    shutil.rmtree(src)
+    src = build_run(tmp_path / "run2", llama_base)
+    cfg_path = src / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = 5
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="base_model_name_or_path must be a folder path, got 5"):
+        export(src, "adapter")
