@@ -57,7 +57,7 @@ def test_qlora_nf4_run_trains_and_merges_exactly(ray_session, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from raytune_llm.models.quantize import bnb_config
+    from raytune_llm.models.quantize import bnb_config, keep_nf4_layout
 
     rc = main(
         [
@@ -76,6 +76,7 @@ def test_qlora_nf4_run_trains_and_merges_exactly(ray_session, tmp_path):
         run / "base_model", dtype=torch.float32, quantization_config=bnb_config(torch.float32)
     )
     assert any("Linear4bit" in type(m).__name__ for m in base.modules())
+    keep_nf4_layout(base)  # the exact NF4 reference in eval mode on AVX512-BF16 CPUs too
     peft = PeftModel.from_pretrained(base, run / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(run / "exports" / "hf", dtype=torch.float32).eval()
     ids = torch.tensor([[5, 9, 17, 3, 11, 40, 2]])

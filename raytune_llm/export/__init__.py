@@ -64,6 +64,9 @@ def export(
     target = resolve_output(src.root, out, fmt)
     if src.adapter_dir == target or src.adapter_dir.is_relative_to(target):
         raise ExportError(f"output {target} would replace the adapter being exported; choose another folder")
+    base = src.base_dir.resolve()
+    if base == target.resolve() or base.is_relative_to(target.resolve()) or target.resolve().is_relative_to(base):
+        raise ExportError(f"output {target} would replace or sit inside the base model {base}; choose another folder")
     with atomic_dir(target, force) as tmp:
         if fmt == "hf":
             write_hf(src, tmp, torch_dtype, max_shard_size)

@@ -242,9 +242,10 @@ def write_gguf(source: Source, path: Path, gguf_type: str) -> None:
         for name, t in extra:
             writer.write_tensor_data(_encode(gguf, t, types[name]))
         for p, t in iter_merged(source, plan, compute_dtype=torch.float32):
-            if arch == "llama" and p.name.endswith("self_attn.q_proj.weight"):
+            # q and k biases (attention_bias=True) take their rows' permutation too, as llama.cpp's converter does.
+            if arch == "llama" and p.name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 t = _permute(t, n_head)
-            elif arch == "llama" and p.name.endswith("self_attn.k_proj.weight"):
+            elif arch == "llama" and p.name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
                 t = _permute(t, n_kv)
             writer.write_tensor_data(_encode(gguf, t, types[names[p.name]]))
     finally:

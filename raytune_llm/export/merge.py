@@ -165,9 +165,10 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraUpdate], dict[str, to
         elif ".lora_" in name:
             raise ExportError(f"{adapter_dir}: unsupported adapter tensor {key} (e.g. lora_bias); cannot merge it")
         else:
-            # modules_to_save: a full copy of a base tensor, saved under the base name.
+            # modules_to_save: a full copy of a base tensor, saved under the base name; a bias trained through PEFT's
+            # bias="all" / "lora_only" is saved under the wrapped layer's name (q_proj.base_layer.bias).
             name = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.)", "", name)
-            replacements[name] = tensor
+            replacements[name.replace(".base_layer.", ".")] = tensor
     updates = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:

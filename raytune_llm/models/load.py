@@ -24,7 +24,7 @@ import torch
 from raytune_llm.models.checkpointing import check_mode
 from raytune_llm.models.lora import LoraSpec, attach_lora
 from raytune_llm.models.patch import patch
-from raytune_llm.models.quantize import bnb_config, check_quantize
+from raytune_llm.models.quantize import bnb_config, check_quantize, keep_nf4_layout
 from raytune_llm.models.stream_load import StreamUnsupported, load_nf4_streaming
 
 
@@ -47,6 +47,7 @@ def load_model(
     fused: bool = True,
     trust_remote_code: bool = False,
     quant_storage: torch.dtype = torch.uint8,
+    double_quant: bool = True,
 ) -> Any:
     """Load a causal LM from a local folder, optionally NF4-quantized, with LoRA and the fused kernels.
 
@@ -63,6 +64,8 @@ def load_model(
         fused: swap in the fused kernels (False = plain transformers + PEFT, for comparisons).
         trust_remote_code: passed to transformers.
         quant_storage: packed 4-bit storage dtype (bf16 under DeepSpeed ZeRO-3).
+        double_quant: with "nf4", quantize the block scales too (`quant.double_quant`; the NF4 merge at export
+            reads the same setting from the adapter's raytune_llm.json).
 
     Returns:
         A `peft.PeftModelForCausalLM` (or the causal LM when `lora` is None), in train mode, with the
@@ -86,7 +89,7 @@ def load_model(
     model = None
     if quantize == "nf4":
         try:
-            model = load_nf4_streaming(folder, dtype, target, quant_storage, trust_remote_code)
+            model = load_nf4_streaming(folder, dtype, target, quant_storage, trust_remote_code, double_quant)
         except StreamUnsupported as exc:
             warnings.warn(
                 f"NF4 load of {folder} without streaming ({exc}): host memory may reach the bf16 size", stacklevel=2
@@ -98,9 +101,11 @@ def load_model(
         # One device per process (Ray / DeepSpeed): the whole model on `target`.
         kwargs["device_map"] = {"": target.index if target.type == "cuda" else str(target)}
         if quantize == "nf4":
-            kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
+            kwargs["quantization_config"] = bnb_config(dtype, quant_storage, double_quant)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
+    if quantize == "nf4":
+        keep_nf4_layout(model)
     if spec is not None:
         model = attach_lora(model, spec)
     model.train()

@@ -128,12 +128,12 @@ def _build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool, q
     return model
 
 
-def _quantizer(dtype: torch.dtype, quant_storage: torch.dtype, device: torch.device) -> Any:
+def _quantizer(dtype: torch.dtype, quant_storage: torch.dtype, device: torch.device, double_quant: bool) -> Any:
     from transformers.quantizers import AutoHfQuantizer
 
     from raytune_llm.models.quantize import bnb_config
 
-    quantizer = AutoHfQuantizer.from_config(bnb_config(dtype, quant_storage), pre_quantized=False)
+    quantizer = AutoHfQuantizer.from_config(bnb_config(dtype, quant_storage, double_quant), pre_quantized=False)
     quantizer.validate_environment(device_map=_device_map(device))
     return quantizer
 
@@ -272,11 +272,12 @@ def load_nf4_streaming(
     device: str | torch.device = "cpu",
     quant_storage: torch.dtype = torch.uint8,
     trust_remote_code: bool = False,
+    double_quant: bool = True,
 ) -> Any:
     """Load a local safetensors causal LM with its Linears in bitsandbytes NF4, one shard in memory at a time.
 
     The result equals `AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-    quantization_config=bnb_config(dtype, quant_storage), device_map={"": device})`: same modules, packed weights,
+    quantization_config=bnb_config(dtype, quant_storage, double_quant), device_map={"": device})`: same modules, packed weights,
     quant states, dense parameters, buffers, config, generation config and quantizer attributes; in eval mode.
 
     Args:
@@ -285,6 +286,7 @@ def load_nf4_streaming(
             quantization, as `from_pretrained` does.
         device: where the model lives; a CUDA device needs an index (`load_model` resolves it).
         quant_storage: storage dtype of the packed 4-bit data (bf16 under DeepSpeed ZeRO-3).
+        double_quant: quantize the block scales too.
         trust_remote_code: passed to transformers for the config and the model class.
 
     Returns:
@@ -308,7 +310,7 @@ def load_nf4_streaming(
     if config.get("quantization_config"):
         raise StreamUnsupported(f"{folder} is an already-quantized checkpoint")
     shards = checkpoint_shards(folder)
-    quantizer = _quantizer(dtype, quant_storage, device)
+    quantizer = _quantizer(dtype, quant_storage, device, double_quant)
     model = _build_skeleton(folder, dtype, trust_remote_code, quantizer)
     quantizer.preprocess_model(
         model=model, dtype=dtype, device_map=_device_map(device), checkpoint_files=[str(s) for s in shards]

@@ -155,6 +155,9 @@ def _apply(tokenizer, messages, add_generation_prompt: bool) -> str:
     )
 
 
+_PROBE = "\x00raytune-llm-turn-content\x00"
+
+
 def _render_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> Rendered:
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = _apply(tokenizer, msgs, False)
@@ -168,9 +171,12 @@ def _render_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> Rend
         if i:
             head = _apply(tokenizer, msgs[:i], True)
         else:
-            # Templates refuse an empty conversation: an opening assistant turn starts where its content does.
-            cut = upto.rfind(m["content"]) if m["content"] else -1
-            head = upto[:cut] if cut >= 0 else upto
+            # Templates refuse an empty conversation: an opening assistant turn starts where its content does,
+            # found through a stand-in content (the real one may also occur in the template's own tags, e.g. "end"
+            # in <|im_end|>).
+            probe = _apply(tokenizer, [{"role": "assistant", "content": _PROBE}], False)
+            cut = probe.find(_PROBE)
+            head = probe[:cut] if cut >= 0 else upto
         if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
             raise ValueError(
                 "the tokenizer's chat template is not prefix-stable, so assistant turns cannot be located; "

@@ -101,16 +101,23 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def _iter_jsonl(path: str, start: int, stop: int | None) -> Iterator[Record]:
+    # Bytes split on b"\n" alone, blank meaning ASCII whitespace only, exactly as `count_records` counts: a resumed
+    # stream or a Ray Data work unit addresses records by that count. Text mode would also split on a lone "\r" and
+    # take a line of non-breaking spaces for blank, and errors="replace" trained on U+FFFD for undecodable bytes.
     index = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             if index >= start:
                 if stop is not None and index >= stop:
                     return
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark
                 try:
-                    yield Record(path, lineno, json.loads(line))
+                    yield Record(path, lineno, json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError as e:
+                    yield Record(path, lineno, None, f"not valid UTF-8 (byte {e.start + 1} of the line)")
                 except json.JSONDecodeError as e:
                     yield Record(path, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")
             index += 1

@@ -57,6 +57,11 @@ def check_quant_storage(model: torch.nn.Module, stage: int, dtype: str) -> None:
         return
     want = _DTYPES[dtype]
     for name, param in model.named_parameters():
+        if _is_4bit(param) and getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(
+                f"4-bit weight {name} was repacked by bitsandbytes for its CPU kernel (an eval-mode forward on an "
+                "AVX512-BF16 CPU); call raytune_llm.models.quantize.keep_nf4_layout(model) right after loading"
+            )
         if _is_4bit(param) and param.dtype != want:
             raise ValueError(
                 f"ZeRO-3 would corrupt 4-bit weight {name} stored as {param.dtype}: load the model with "

@@ -473,7 +473,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     log(f"[raytune-llm] run folder {prep.run_dir}")
     before = None
     if prep.eval_records:
-        before = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits)
+        before = evaluate(
+            prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits, cfg.quant.double_quant
+        )
         log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
     import signal
 
@@ -513,7 +515,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     write_tensorboard(metrics, prep.run_dir / "tb")
     after = None
     if prep.eval_records:
-        after = evaluate(prep.model_path, prep.tokenizer_path, prep.eval_records, adapter, cfg.quant.bits)
+        after = evaluate(
+            prep.model_path, prep.tokenizer_path, prep.eval_records, adapter, cfg.quant.bits, cfg.quant.double_quant
+        )
         (prep.run_dir / "eval.json").write_text(
             json.dumps({"exact_match_before": before, "exact_match_after": after, "n": len(prep.eval_records)}) + "\n"
         )

@@ -32,7 +32,14 @@ def _generate_fn(model, tok, max_new_tokens: int = 3, batch: int = 100):
     return generate
 
 
-def evaluate(model_path: Path, tokenizer_path: Path, records: list[dict], adapter: Path | None, bits: int) -> float:
+def evaluate(
+    model_path: Path,
+    tokenizer_path: Path,
+    records: list[dict],
+    adapter: Path | None,
+    bits: int,
+    double_quant: bool = True,
+) -> float:
     """Exact-match accuracy of greedy generations on `records` (CPU, fp32), base or base + adapter."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,8 +51,12 @@ def evaluate(model_path: Path, tokenizer_path: Path, records: list[dict], adapte
     if bits == 4:
         from raytune_llm.models.quantize import bnb_config
 
-        kwargs["quantization_config"] = bnb_config(torch.float32)
+        kwargs["quantization_config"] = bnb_config(torch.float32, double_quant=double_quant)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if bits == 4:  # the exact NF4 weights, not bitsandbytes' approximate CPU repacking (models.quantize)
+        from raytune_llm.models.quantize import keep_nf4_layout
+
+        keep_nf4_layout(model)
     if adapter is not None:
         from peft import PeftModel
 

@@ -250,6 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         quant_storage=sharded_lib.quant_storage(strategy, dtype, cfg.quant.bits, cfg.quant.storage_dtype)
         if zero
         else torch.uint8,
+        double_quant=cfg.quant.double_quant,
     )
     patched = model.raytune_patch_report  # None with fused=False; family None: an architecture left stock
     if patched is not None and patched.family is not None:  # load_model patched with "auto"; the run's setting

@@ -61,12 +61,16 @@ def model_config(family: str, vocab: int, **over):
 
 
 def build_base(folder: Path, family: str = "llama", seed: int = 0, max_shard_size: str | None = None, **over) -> Path:
-    """Save a random fp32 model + tokenizer into ``folder``."""
+    """Save a random fp32 model (random biases too) + tokenizer into ``folder``."""
     from transformers import AutoModelForCausalLM
 
     tok = train_tokenizer(folder)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(family, len(tok), **over), dtype=torch.float32)
+    with torch.no_grad():  # transformers starts biases at zero, which would let any handling of them pass
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kw)
     return folder
@@ -84,7 +88,12 @@ def load_base(base: Path, bits: int = 16):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kw).eval()
+    if bits == 4:  # exact NF4 in eval mode on AVX512-BF16 CPUs too (see models.quantize.keep_nf4_layout)
+        from raytune_llm.models.quantize import keep_nf4_layout
+
+        keep_nf4_layout(model)
+    return model
 
 
 def build_run(run: Path, base: Path, bits: int = 16, seed: int = 1, **lora_kw) -> Path:

@@ -62,8 +62,9 @@ def _gguf_logits_and_greedy(path, steps):
         ),
         ("mistral", {}, "q8_0", 1e-1),
         ("qwen2", {}, "f16", 2e-2),
+        ("llama", {"attention_bias": True}, "f16", 2e-2),
     ],
-    ids=["llama-f16", "llama3rope-bf16", "mistral-q8_0", "qwen2-f16"],
+    ids=["llama-f16", "llama3rope-bf16", "mistral-q8_0", "qwen2-f16", "llama-attention-bias-f16"],
 )
 def test_gguf_matches_transformers(tmp_path, family, over, gguf_type, tol):
     base = build_base(tmp_path / "base", family, **over)

@@ -6,7 +6,7 @@ import pytest
 
 from raytune_llm.export import ExportError, export
 
-from .conftest import build_run
+from .conftest import build_base, build_run
 
 gguf = pytest.importorskip("gguf")
 
@@ -44,3 +44,21 @@ def test_gguf_metadata_and_tensors(tmp_path, llama_base):
     assert "output.weight" in types and "token_embd.weight" in types and len(types) == 2 * 9 + 3
     with pytest.raises(ExportError, match="already exists"):
         export(run, "gguf", gguf_type="q8_0")
+
+
+def test_gguf_llama_q_and_k_biases_take_the_rows_permutation(tmp_path):
+    # llama.cpp's "llama" RoPE rotates adjacent pairs: q/k rows are reordered, and so must their biases be.
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from raytune_llm.export.gguf import _permute
+
+    base = build_base(tmp_path / "base", "llama", attention_bias=True)  # random biases
+    path = export(build_run(tmp_path / "run", base), "gguf", gguf_type="f16")
+    got = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+    state = load_file(str(next(base.glob("*.safetensors"))))
+    for proj, heads in (("q", 4), ("k", 2)):
+        bias = state[f"model.layers.0.self_attn.{proj}_proj.bias"].float()
+        want = _permute(bias, heads).numpy()
+        assert not np.allclose(want, bias.numpy())  # the permutation moves something
+        np.testing.assert_allclose(got[f"blk.0.attn_{proj}.bias"], want, rtol=1e-6, atol=1e-6)

@@ -94,3 +94,29 @@ def test_reexport_is_byte_identical_and_merged_base_is_refused(tmp_path, llama_b
     # The export folder itself is not a source.
     with pytest.raises(ExportError, match="full model folder"):
         export(first, "hf")
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_are_merged(tmp_path, bias):
+    # PEFT saves a bias trained through bias="lora_only"/"all" under the wrapped layer (q_proj.base_layer.bias); the
+    # merge used to look for that name in the base checkpoint and refuse the adapter.
+    from peft import LoraConfig, get_peft_model
+
+    from .conftest import build_base, load_base
+
+    base = build_base(tmp_path / "base", "qwen2")  # q/k/v carry biases
+    model = get_peft_model(
+        load_base(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, bias=bias),
+    )
+    with torch.no_grad():  # stands for training: the biases moved
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and p.requires_grad:
+                p.add_(0.25)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(f"model:\n  path: {base}\n")
+    merged = _load_merged(export(run, "hf", dtype="fp32"))
+    with torch.no_grad():
+        got, want = merged(IDS).logits, model.eval()(IDS).logits
+    assert (got - want).abs().max().item() <= 1e-5

@@ -109,3 +109,16 @@ def test_damaged_adapter_weights_and_a_bad_base_path_are_export_errors(tmp_path,
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="base_model_name_or_path must be a folder path, got 5"):
         export(src, "adapter")
+
+
+def test_force_never_replaces_the_runs_base_model(tmp_path, llama_base):
+    import shutil
+
+    run = build_run(tmp_path / "run", llama_base)
+    shutil.copytree(llama_base, run / "base_model")  # a run folder keeps its base beside the adapter
+    cfg_path = run / "adapter" / "adapter_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace(str(llama_base), str(run / "base_model")))
+    for out in ("base_model", "base_model/inner", "."):
+        with pytest.raises(ExportError, match="base model|adapter being exported|run folder"):
+            export(run, "hf", out=out, force=True)
+    assert (run / "base_model" / "config.json").is_file()

@@ -202,3 +202,50 @@ def test_adapter_on_streamed_base_reloads_with_peft(tmp_path):
     model.eval()
     reloaded = PeftModel.from_pretrained(_reference(path, torch.float32), tmp_path / "adapter").eval()
     torch.testing.assert_close(_logits(model), _logits(reloaded), rtol=0, atol=0)
+
+
+def test_loaded_nf4_weights_are_never_repacked_for_the_cpu_kernel(tmp_path):
+    # bitsandbytes repacks a Linear4bit's weight in place on its first eval-mode, no-grad CPU forward where the CPU
+    # has AVX512-BF16 (`support_avx512bf16_for_cpu`); load_model turns that off, so an evaluation pass leaves the
+    # exact NF4 weight that training, ZeRO-3 and the merge read. The flag is forced on here to stand for such a CPU.
+    import bitsandbytes as bnb
+
+    from raytune_llm.models.quantize import keep_nf4_layout
+
+    model = load_model(build_tiny_model(tmp_path / "m"), quantize="nf4", lora=None, dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True
+    assert keep_nf4_layout(model) == len(layers)
+    before = {id(m): m.weight.detach().clone() for m in layers}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    for m in layers:
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(m.weight.detach(), before[id(m)])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_double_quant_setting_reaches_the_weights_and_the_merge_reproduces_them(tmp_path, double_quant):
+    # quant.double_quant=false used to be written to the adapter's raytune_llm.json while training double-quantized
+    # anyway, so the NF4 merge at export rebuilt other weights than the ones trained on.
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+
+    from raytune_llm.export import merge
+
+    folder = build_tiny_model(tmp_path / "m")
+    model = load_model(folder, quantize="nf4", lora=None, dtype=torch.float32, double_quant=double_quant)
+    dense = load_file(str(folder / "model.safetensors"))
+    quant = {"quant_bits": 4, "blocksize": 64, "double_quant": double_quant, "compute_dtype": "float32"}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers
+    for name, m in layers.items():
+        assert bool(m.weight.quant_state.nested) is double_quant
+        trained = bnbf.dequantize_4bit(m.weight.data.reshape(-1), m.weight.quant_state).reshape(
+            m.weight.quant_state.shape
+        )
+        assert torch.equal(merge.nf4_roundtrip(dense[f"{name}.weight"], quant), trained)

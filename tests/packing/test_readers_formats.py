@@ -28,6 +28,21 @@ def test_jsonl_lines_blank_lines_and_bad_json(tmp_path):
     assert count_records(str(p)) == 4
 
 
+def test_jsonl_bytes_the_reader_and_the_counter_agree_on(tmp_path):
+    # Undecodable bytes are a bad record (not U+FFFD trained on); a lone "\r" does not split a record and a line of
+    # non-breaking spaces is one (as count_records counts them: a resume skips by that count); a BOM is dropped.
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "bom"}\r\n{"text": "caf\xe9"}\n\xc2\xa0\n{"text": "a"}\r{"text": "b"}\n')
+    recs = list(iter_file(str(p)))
+    assert recs[0].value == {"text": "bom"}
+    assert recs[1].error == "not valid UTF-8 (byte 14 of the line)"
+    assert recs[2].error.startswith("invalid JSON") and recs[3].error.startswith("invalid JSON (Extra data")
+    assert count_records(str(p)) == len(recs) == 4
+    q = tmp_path / "b.jsonl"
+    q.write_text('{"text": "c"}\n')
+    assert [r.value for r in iter_records([str(p), str(q)], skip=4)] == [{"text": "c"}]
+
+
 def test_parquet_hf_folder_glob_and_skip(tmp_path):
     import datasets
 
@@ -97,6 +112,13 @@ def test_chat_trains_on_assistant_turns_only(tokenizer):
     (ex,) = encode(tokenizer, [render("chat", {"messages": msgs}, tokenizer)])
     assert _trained_text(tokenizer, ex) == "Paris.<|im_end|>\nRome.<|im_end|>\n"
     assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(msgs, tokenize=False)
+
+
+def test_chat_opening_with_an_assistant_turn_whose_text_is_in_the_template_tags(tokenizer):
+    # "end" also occurs in <|im_end|>: the turn still trains on all of its content and the end-of-turn tag.
+    msgs = [{"role": "assistant", "content": "end"}]
+    (ex,) = encode(tokenizer, [render("chat", {"messages": msgs}, tokenizer)])
+    assert _trained_text(tokenizer, ex) == "end<|im_end|>\n"
 
 
 def test_chat_with_a_llama3_style_template(tokenizer):

@@ -121,6 +121,7 @@ def qlora_zero3_run(config: dict, rank: int, world: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from raytune_llm.models.quantize import keep_nf4_layout
     from raytune_llm.sharding.engine import setup_device, wrap_model
     from raytune_llm.sharding.zero import build_zero_config, quant_storage_dtype_name
 
@@ -137,6 +138,7 @@ def qlora_zero3_run(config: dict, rank: int, world: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         config["base"], quantization_config=bnb, dtype=torch_dtype, device_map={"": device}
     )
+    keep_nf4_layout(model)  # the no-grad probe below must not repack the weights (AVX512-BF16 CPUs)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS))
     four_bit = {n: p.detach().clone() for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
     probe = batch(0, 0)["input_ids"].to(device)
