@@ -51,8 +51,10 @@ def cmd_validate(args) -> int:
     checked = []
     if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
         raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
+    from raytune_llm.train.driver import has_tokenizer
+
     tok = cfg.model.tokenizer_path
-    if tok and not any((Path(os.path.expanduser(tok)) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+    if tok and not has_tokenizer(Path(os.path.expanduser(tok))):
         raise FileNotFoundError(f"model.tokenizer_path {tok!r} holds no tokenizer (tokenizer.json or tokenizer.model)")
     if cfg.sweep:
         from raytune_llm.tune.space import parse_sweep

@@ -72,7 +72,8 @@ def _fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def has_tokenizer(folder: Path) -> bool:
+    """A tokenizer folder: tokenizer.json or tokenizer.model inside."""
     return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
 
 
@@ -98,7 +99,7 @@ def preflight(cfg: RunConfig) -> None:
         raise UserError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
     if cfg.model.path:
         check_lora_targets(cfg, Path(os.path.expanduser(cfg.model.path)))
-    if cfg.model.tokenizer_path and not _has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
+    if cfg.model.tokenizer_path and not has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
         raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
     if cfg.data.path:
         resolve_data_paths(cfg.data.path)
@@ -134,13 +135,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     tok_path: Path | None = None
     if cfg.model.tokenizer_path:
         tok_path = Path(os.path.expanduser(cfg.model.tokenizer_path)).resolve()
-        if not _has_tokenizer(tok_path):
+        if not has_tokenizer(tok_path):
             raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
-    elif cfg.model.path and _has_tokenizer(model_path):
+    elif cfg.model.path and has_tokenizer(model_path):
         tok_path = model_path
     if tok_path is None:
         tok_path = run_dir / "tokenizer"
-        if not _has_tokenizer(tok_path):
+        if not has_tokenizer(tok_path):
             from raytune_llm.packing.tokenizer import train_tokenizer
 
             texts = _texts_for_tokenizer(data_paths, eval_records)
