@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from raytune_llm.config import load_config
+from raytune_llm.config import ConfigError, load_config
 from raytune_llm.train.driver import UserError, run_training
 from raytune_llm.train.worker import is_complete, latest_complete
 from tests._runs import TWO_WORKERS, assert_resumed_from, logged_losses, small_config
@@ -107,6 +107,10 @@ def test_auto_asks_the_planner(tmp_path):
 def test_offload_with_ddp_is_refused(tmp_path):
     from raytune_llm.train.sharded import resolve_strategy
 
-    cfg = load_config(ROOT / "conf" / "quickstart.yaml", ["sharding.offload_optimizer=true"])
+    # Refused by the config itself, before Ray starts; resolve_strategy still refuses what reaches it.
+    with pytest.raises(ConfigError, match="offload_optimizer needs sharding.strategy zero2, zero3 or auto"):
+        load_config(ROOT / "conf" / "quickstart.yaml", ["sharding.offload_optimizer=true"])
+    cfg = load_config(ROOT / "conf" / "quickstart.yaml")
+    cfg.sharding.offload_optimizer = True
     with pytest.raises(ValueError, match="need sharding.strategy zero2 or zero3"):
         resolve_strategy(cfg, tmp_path, world=2)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from raytune_llm.models.load import load_model
-from raytune_llm.models.quantize import bnb_config
+from raytune_llm.models.quantize import bnb_config, keep_nf4_layout
 from raytune_llm.models.stream_load import StreamUnsupported, load_nf4_streaming
 from raytune_llm.models.tiny import build_tiny_model
 
@@ -200,7 +200,9 @@ def test_adapter_on_streamed_base_reloads_with_peft(tmp_path):
                 p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     model.save_pretrained(tmp_path / "adapter")
     model.eval()
-    reloaded = PeftModel.from_pretrained(_reference(path, torch.float32), tmp_path / "adapter").eval()
+    reference = _reference(path, torch.float32)
+    keep_nf4_layout(reference)  # exact NF4 in eval mode, as load_model's (AVX512-BF16 CPUs repack otherwise)
+    reloaded = PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     torch.testing.assert_close(_logits(model), _logits(reloaded), rtol=0, atol=0)
 
 
@@ -209,8 +211,6 @@ def test_loaded_nf4_weights_are_never_repacked_for_the_cpu_kernel(tmp_path):
     # has AVX512-BF16 (`support_avx512bf16_for_cpu`); load_model turns that off, so an evaluation pass leaves the
     # exact NF4 weight that training, ZeRO-3 and the merge read. The flag is forced on here to stand for such a CPU.
     import bitsandbytes as bnb
-
-    from raytune_llm.models.quantize import keep_nf4_layout
 
     model = load_model(build_tiny_model(tmp_path / "m"), quantize="nf4", lora=None, dtype=torch.float32)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
