@@ -269,7 +269,7 @@ class ClusterSection:
     address: str | None = None
     """Ray address to join; empty: RAY_ADDRESS if set (as under `ray job submit`), else a local cluster."""
     storage_path: str | None = None
-    """Shared folder or URI (s3://, gs://) for checkpoints; empty: the run folder."""
+    """Shared folder or URI (s3://, gs://) for checkpoints, kept under <storage_path>/<name>; empty: the run folder."""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Ray runtime_env for the workers (pip, env_vars, working_dir, ...)."""
 

@@ -103,6 +103,24 @@ def test_bad_files_through_validate_and_plan_are_one_line(tmp_path):
         _assert_one_line_error(_run(*args, timeout=60), needle)
 
 
+def test_a_gguf_export_the_model_cannot_have_is_refused_before_training(tmp_path):
+    from raytune_llm.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", family="qwen3")
+    out = _run(
+        "train",
+        "conf/quickstart.yaml",
+        f"model.path={model}",
+        "export.formats=[gguf]",
+        f"output_dir={tmp_path}",
+        timeout=120,
+    )
+    _assert_one_line_error(
+        out, "export.formats has gguf, which supports model types llama, mistral, qwen2, not 'qwen3'"
+    )
+    assert not (tmp_path / "quickstart").exists()  # nothing started
+
+
 def test_overrides_after_an_option_and_a_checked_sweep_section():
     out = _run("plan", "conf/quickstart.yaml", "--shape", "llama-3.1-8b", "data.seq_len=512", timeout=60)
     assert out.returncode in (0, 1) and "unrecognized" not in out.stderr, out.stderr

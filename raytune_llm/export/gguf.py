@@ -30,6 +30,7 @@ from .safety import ExportError, Source
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+GGUF_MODEL_TYPES = tuple(_ARCH)  # HF model_type values the GGUF export writes
 # tokenizer.json pre-tokenizer regex fragments -> llama.cpp's tokenizer.ggml.pre names (llama-vocab.cpp).
 _LLAMA3_DIGITS = "\\p{N}{1,3}"
 _QWEN2_PREFIX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"

@@ -103,6 +103,86 @@ def preflight(cfg: RunConfig) -> None:
         raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
     if cfg.data.path:
         resolve_data_paths(cfg.data.path)
+    if "gguf" in cfg.export.formats:  # found out before training, not after it
+        from raytune_llm.export.gguf import GGUF_MODEL_TYPES
+
+        model_type = "llama"  # the embedded default
+        if cfg.model.path:
+            model_type = json.loads((Path(os.path.expanduser(cfg.model.path)) / "config.json").read_text()).get(
+                "model_type"
+            )
+        if model_type not in GGUF_MODEL_TYPES:
+            raise UserError(
+                f"export.formats has gguf, which supports model types {', '.join(GGUF_MODEL_TYPES)}, not {model_type!r}"
+            )
+
+
+# Settings a run of an existing name may change: how long and how often, where it runs, what it exports.
+_RERUN_MAY_CHANGE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.max_failures",
+    "train.cpus_per_worker",
+    "train.placement_strategy",
+    "export.",
+    "cluster.",
+    "sweep.",
+)
+
+
+def run_storage(cfg: RunConfig, run_dir: Path) -> str:
+    """Where Ray Train keeps this run's checkpoints: `<cluster.storage_path>/<name>`, else `<run folder>/ray`."""
+    return f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.name}" if cfg.cluster.storage_path else str(run_dir / "ray")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def check_rerun(cfg: RunConfig) -> None:
+    """Refuse, before anything in the run folder is written, to continue a run under settings it was not made with.
+
+    A run folder holding a checkpoint is resumed, and one holding a base model built by an earlier run reuses it; both
+    must then have been made with this config, apart from `_RERUN_MAY_CHANGE`. Otherwise the new config.yaml (and the
+    embedded task's data) would replace the record of what was trained while the adapter stayed the old one.
+
+    Raises:
+        UserError: naming the first setting that differs.
+    """
+    from omegaconf import OmegaConf
+
+    from raytune_llm.config import redact
+
+    run_dir = cfg.run_dir.resolve()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    storage = run_storage(cfg, run_dir)
+    from raytune_llm.train.worker import latest_complete
+
+    checkpoint = "://" not in storage and latest_complete(Path(storage) / "train") is not None
+    built = not cfg.model.path and (run_dir / "base_model" / "config.json").is_file()
+    if not (checkpoint or built):
+        return
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    now = _flat(redact(to_dict(cfg)))
+    differ = [
+        k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and not k.startswith(_RERUN_MAY_CHANGE)
+    ]
+    if differ:
+        k = differ[0]
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        what = "its checkpoint" if checkpoint else "its base model"
+        raise UserError(
+            f"cannot resume run {cfg.name!r}: {what} was made with {k}={saved.get(k)!r} but this run has "
+            f"{k}={now.get(k)!r}{more}; use another name= or the original settings"
+        )
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -407,7 +487,8 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     # Materialise the packed rows once: small next to the model, and it makes every epoch and a
     # resumed run see exactly the same rows in the same order.
     ds = ds.materialize()
-    storage = cfg.cluster.storage_path or str(prep.run_dir / "ray")
+    # One folder per run name under a shared storage_path: two runs must never read each other's checkpoints.
+    storage = run_storage(cfg, prep.run_dir)
     if "://" not in storage:
         from raytune_llm.train.worker import latest_complete
 
@@ -467,6 +548,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     """
     t0 = time.time()
     preflight(cfg)
+    check_rerun(cfg)
     how = connect_ray(cfg)
     use_gpu = check_resources(cfg)  # fail on impossible placements before anything heavy runs
     log(f"[raytune-llm] ray: {how}; {cfg.train.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}")
@@ -522,13 +604,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         (prep.run_dir / "eval.json").write_text(
             json.dumps({"exact_match_before": before, "exact_match_after": after, "n": len(prep.eval_records)}) + "\n"
         )
-    exports = {}
-    for fmt in cfg.export.formats:
-        from raytune_llm.export import export
-
-        exports[fmt] = str(
-            export(prep.run_dir, fmt, dtype=cfg.export.dtype, gguf_type=cfg.export.gguf_type, force=True)
-        )
+    exports: dict[str, str] = {}
     summary = {
         "run_dir": str(prep.run_dir),
         "steps": metrics[-1]["step"] if metrics else 0,
@@ -542,5 +618,19 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         "exports": exports,
         "wall_s": round(time.time() - t0, 1),
     }
-    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary_path = prep.run_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")  # the training is recorded before any export
+    from raytune_llm.export import ExportError, export
+
+    for fmt in cfg.export.formats:
+        try:
+            exports[fmt] = str(
+                export(prep.run_dir, fmt, dtype=cfg.export.dtype, gguf_type=cfg.export.gguf_type, force=True)
+            )
+        except ExportError as exc:
+            exports[fmt] = f"failed: {exc}"
+            summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+            raise UserError(f"training finished ({adapter}); the {fmt} export failed: {exc}") from None
+    summary["wall_s"] = round(time.time() - t0, 1)
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -279,9 +279,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Ray registers a reported checkpoint only at its next poll of the workers (every 2 s in Ray 2.60): after a
         # worker died sooner than that, the restarted group got an older checkpoint or none and trained those steps
         # again. The newest complete one on storage is never older than Ray's (those are there too).
+        # None (no complete checkpoint left, e.g. truncated files): start fresh, as the driver said, rather than
+        # take Ray's restored one, which may be that incomplete folder.
         found = latest_complete(Path(loop_config["checkpoint_root"]))
-        if found is not None:
-            resume = Checkpoint.from_directory(str(found))
+        resume = Checkpoint.from_directory(str(found)) if found is not None else None
     if resume is not None:
         with resume.as_directory() as d:
             if zero:
