@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once+chunk0' "
         "(checkpointed layers: all or a count; +once: dequantize_once; +full: lean_recompute off; +stash: "
-        "stash_attention; +graph: --cuda-graph; +on / +offload: "
+        "stash_attention with the O projection; +stashattn: without it; +graph: --cuda-graph; +on / +offload: "
         "the checkpointing mode; +chunkN: mlp_chunk_tokens); results under "
         "'variants'. The variants share the LoRA weights and AdamW state: time and peak are per variant, losses "
         "are not comparable across them. Not with --profile",
@@ -515,7 +515,8 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
 
 def parse_variants(text: str) -> list[dict]:
     """``"all,all+once,48+once+chunk0"`` -> one dict per variant: name, layers (checkpoint_layers, None = all),
-    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention), graph
+    once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention; ``+stashattn``:
+    without the O projection), graph
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own) and chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting).
     """
@@ -527,6 +528,7 @@ def parse_variants(text: str) -> list[dict]:
             "once": False,
             "lean": True,
             "stash": False,
+            "stash_o": True,
             "mode": None,
             "chunk": None,
             "graph": False,
@@ -538,6 +540,8 @@ def parse_variants(text: str) -> list[dict]:
                 v["lean"] = False
             elif flag == "stash":
                 v["stash"] = True
+            elif flag == "stashattn":  # the stash without the O projection (sessions 7-9)
+                v["stash"], v["stash_o"] = True, False
             elif flag == "graph":
                 v["graph"] = True
             elif flag in ("on", "offload"):
@@ -548,7 +552,7 @@ def parse_variants(text: str) -> list[dict]:
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, graph, on, offload, chunkN, chunkauto)"
+                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, stashattn, graph, on, offload, chunkN, chunkauto)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -572,7 +576,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_checkpoint_layers(model, v["layers"])
         P.set_dequantize_once(model, v["once"])
         P.set_lean_recompute(model, v["lean"])
-        P.set_stash_attention(model, v["stash"])
+        P.set_stash_attention(model, v["stash"], o_proj=v["stash_o"])
         P.set_gradient_checkpointing(model, v["mode"] or args.ckpt)
         P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
         optimizer.zero_grad(set_to_none=True)

@@ -162,9 +162,11 @@ def lean_recompute(qkv: bool = False) -> Iterator[None]:
         _lean.pop()
 
 
-def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype, last_use: bool = False) -> torch.Tensor:
     """The base weight ``[out, in]`` in the compute dtype: NF4 dequantized now (a temporary), or taken from
-    the innermost `dequantize_once` block."""
+    the innermost `dequantize_once` block. ``last_use`` (the backward's ``dX``): a weight dequantized here is not
+    kept for a second use; a layer's recompute skips some projections (the lean Q/K/V and down projection, an O
+    projection inside a replayed stash), and holding those until the block ends only raised the peak."""
     if not isinstance(base, NF4Weight):
         return base.detach().to(dtype)
     if not _once:
@@ -177,7 +179,8 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     if hit is not None and hit[0] is base.packed:
         return hit[1]
     w = nf4_dequantize(base, dtype)
-    cache[key] = (base.packed, w)
+    if not last_use:
+        cache[key] = (base.packed, w)
     return w
 
 
@@ -248,7 +251,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         dYs2 = [_rows(dy).to(dt) for dy in dYs]
         for base, s, B, dY in zip(ctx.bases, ctx.scalings, Bs, dYs2):
             if need_x:
-                W = _dense(base, dt)
+                W = _dense(base, dt, last_use=True)
                 dX = dY @ W if dX is None else dX.addmm_(dY, W)
                 del W
             low.append((dY @ B).mul_(s))  # s * dY B  [N, r]
@@ -318,7 +321,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dY = _rows(dY).to(dt)
 
         dYB = (dY @ Bd).mul_(sd_)  # s_d dY B_d  [N, r_d]
-        Wd = _dense(ctx.bases[2], dt)
+        Wd = _dense(ctx.bases[2], dt, last_use=True)
         dH = dY @ Wd
         del Wd
         finish = None
@@ -337,10 +340,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         low = torch.cat(((dG @ Bg).mul_(sg_), (dU @ Bu).mul_(su_)), dim=1)  # [N, r_g + r_u]
         dX = None
         if need[0]:
-            Wg = _dense(ctx.bases[0], dt)
+            Wg = _dense(ctx.bases[0], dt, last_use=True)
             dX = dG @ Wg
             del Wg
-            Wu = _dense(ctx.bases[1], dt)
+            Wu = _dense(ctx.bases[1], dt, last_use=True)
             dX.addmm_(dU, Wu)
             del Wu
             dX.addmm_(low, A_gu)

@@ -195,23 +195,23 @@ class _Replay(torch.autograd.Function):
     """The recompute's attention: the kept result forward, the kept graph backward."""
 
     @staticmethod
-    def forward(ctx, stash, q, k, v):
+    def forward(ctx, stash, q, k, v, *params):
         ctx.stash = stash
         return stash.copies.unpack(stash.result)
 
     @staticmethod
     def backward(ctx, grad):
         stash = ctx.stash
-        dq, dk, dv = torch.autograd.grad([stash.edge_out], stash.edges_in, [grad], allow_unused=True)
+        grads = torch.autograd.grad([stash.edge_out], stash.edges_in, [grad], allow_unused=True)
         stash.clear()
-        return None, dq, dk, dv
+        return None, *grads
 
 
-def _record(stash: AttentionStash, attn: Callable, q, k, v) -> torch.Tensor:
+def _record(stash: AttentionStash, attn: Callable, q, k, v, params: tuple) -> torch.Tensor:
     anchor = torch.empty(0, device=q.device, requires_grad=True)
     copies = stash.copies
     with torch.enable_grad(), saved_tensors_hooks(copies.pack, copies.unpack):
-        stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v)]
+        stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v, *params)]
         out = attn(*stand_ins)
     stash.edge_out = get_gradient_edge(out)
     stash.edges_in = [get_gradient_edge(t) for t in stand_ins]
@@ -221,30 +221,32 @@ def _record(stash: AttentionStash, attn: Callable, q, k, v) -> torch.Tensor:
 
 
 def run(
-    attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q, k, v, keep: bool = True
+    attn: Callable[..., torch.Tensor], q, k, v, keep: bool = True, params: tuple[torch.Tensor, ...] = ()
 ) -> torch.Tensor:
-    """`attn(q, k, v)`, kept for replay inside `recording`, replayed inside `replaying`, else plain.
+    """`attn(q, k, v, *params)`, kept for replay inside `recording`, replayed inside `replaying`, else plain.
 
     Args:
-        attn: the attention as a function of q, k, v (mask, scale and window closed over). Its only inputs
-            that need gradients must be q, k and v: the replay hands out gradients for those three alone.
+        attn: the attention as a function of q, k, v and `params` (mask, scale and window closed over). Its only
+            inputs that need gradients must be those: the replay hands out gradients for them alone.
         q, k, v: its inputs; only their gradients are needed when replaying, not their values.
         keep: False runs `attn` plainly even inside the blocks (neither kept nor replayed: the recompute
             computes it again), for calls not worth a host copy; the forward and the recompute must agree.
+        params: trained tensors `attn` also reads (the O projection's adapter, when `attn` includes it: then the
+            recompute skips the O projection too, and the replay's backward returns their gradients).
 
     Returns:
         The attention result (in a replay: the values the forward computed).
     """
     if not _mode or not keep:
-        return attn(q, k, v)
+        return attn(q, k, v, *params)
     mode, stashes, cursor, side_stream = _mode[-1]
     if mode == "record":
         stash = AttentionStash(side_stream)
         stashes.append(stash)
-        return _record(stash, attn, q, k, v)
+        return _record(stash, attn, q, k, v, params)
     stash = stashes[cursor[0]]
     cursor[0] += 1
-    return _Replay.apply(stash, q, k, v)
+    return _Replay.apply(stash, q, k, v, *params)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ class PatchReport:
             backward never reads (`kernels.lora.lean_recompute`).
         stash_attention: with offloaded checkpointing, each layer's attention is kept in host memory by the
             forward and replayed by the recompute (`models.attention_stash`).
+        stash_o_proj: with stash_attention, the kept and replayed block includes the fused O projection.
         capture_docs: documents per batch a forward recorded into a CUDA graph handles (`models.graphs`).
     """
 
@@ -70,6 +71,7 @@ class PatchReport:
     dequantize_once: bool = False
     lean_recompute: bool = True
     stash_attention: bool = False
+    stash_o_proj: bool = True
     capture_docs: int | None = None
 
     def __str__(self) -> str:
@@ -182,15 +184,21 @@ def _patch_attention(
         cos, sin = position_embeddings
         q, k = ops["rope"](q, k, cos, sin, halves_equal=True)
         # Under offloaded checkpointing with stash_attention, kept by the forward and replayed by the recompute
-        # (one-kernel paths only: a dense mask would be copied to host once per layer).
-        out = attention_stash.run(
-            lambda q, k, v: causal_attention(q, k, v, attention_mask, self.scaling, window),
-            q,
-            k,
-            v,
-            keep=one_kernel_path(q, attention_mask, window),
-        ).reshape(b, s, -1)
+        # (one-kernel paths only: a dense mask would be copied to host once per layer). With a fused O projection
+        # and `stash_o_proj`, the kept block ends after it (bias aside), so the recompute skips that GEMM as well.
+        keep = one_kernel_path(q, attention_mask, window)
         wo = _fused_weights([self.o_proj]) if ops["lora_linear"] is not None else None
+        if wo is not None and state["stash_o_proj"]:
+            w = wo[0][0]
+
+            def attention_o(q, k, v, A, B):
+                o = causal_attention(q, k, v, attention_mask, self.scaling, window).reshape(b, s, -1)
+                return ops["lora_linear"](o, w._replace(A=A, B=B))
+
+            return _add_bias(attention_stash.run(attention_o, q, k, v, keep=keep, params=(w.A, w.B)), wo[1][0]), None
+        out = attention_stash.run(
+            lambda q, k, v: causal_attention(q, k, v, attention_mask, self.scaling, window), q, k, v, keep=keep
+        ).reshape(b, s, -1)
         if wo is not None:
             out = _add_bias(ops["lora_linear"](out, wo[0][0]), wo[1][0])
         else:
@@ -440,6 +448,7 @@ def patch(
         "dequantize_once": False,
         "lean_recompute": True,
         "stash_attention": False,
+        "stash_o_proj": True,
         "qk_norm": family.qk_norm,
         "capture_docs": None,
         "gradient_checkpointing": gradient_checkpointing,

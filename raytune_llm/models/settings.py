@@ -111,23 +111,27 @@ def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
     _set_flag(model, "dequantize_once", on)
 
 
-def set_stash_attention(model: torch.nn.Module, on: bool) -> None:
+def set_stash_attention(model: torch.nn.Module, on: bool, o_proj: bool = True) -> None:
     """Keep each checkpointed layer's attention in host memory and replay it in the recompute (offload only).
 
     With gradient checkpointing "offload", the forward copies what attention's backward needs (q, k, v,
     output, log-sum-exp) to pinned host memory next to the layer input, and the recompute replays it
     instead of running the attention forward again; with `lean_recompute` (and no q/k norm) the recompute
-    also skips the Q/K/V base GEMMs. Same gradients; more host memory and host-device traffic (about 2.5x
-    the layer inputs'). No effect in the other modes. Takes effect on the next call.
+    also skips the Q/K/V base GEMMs. With `o_proj` (and the fused O projection) the kept block ends after the
+    O projection: its output and the adapter's small saved tensors are copied too, and the recompute skips
+    that GEMM. Same gradients; more host memory and host-device traffic (about 2.5x the layer inputs', 3.5x
+    with `o_proj`). No effect in the other modes. Takes effect on the next call.
 
     Args:
         model: a model `patch` patched (PEFT wrapper or causal LM).
         on: True to stash attention.
+        o_proj: include the O projection in what is kept and replayed.
 
     Raises:
         ValueError: a non-bool value, or a model `patch` did not patch.
     """
     _set_flag(model, "stash_attention", on)
+    _set_flag(model, "stash_o_proj", o_proj)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, mode: str) -> None:

@@ -111,14 +111,17 @@ def test_checkpoint_layers_needs_checkpointing_and_a_valid_count(tiny_paths):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("o_proj", [True, False], ids=["with_o", "attention_only"])
 def test_stashed_attention_is_replayed_not_recomputed_with_the_same_gradients(
-    tiny_paths, monkeypatch, device, family, packed
+    tiny_paths, monkeypatch, device, family, packed, o_proj
 ):
     # Offloaded checkpointing with stash_attention: the forward keeps each layer's attention in host memory and
     # the recompute replays it, so attention runs once per layer instead of twice; the gradients are those of the
     # plain run (on the CPU bit for bit, the same backward on the same saved tensors). Packed rows take flash
     # varlen on CUDA (stashed) and a dense mask on the CPU (recomputed); Qwen3's q/k norm keeps the Q/K/V GEMMs in
-    # the recompute (it reads their values).
+    # the recompute (it reads their values). With o_proj the replayed block ends after the O projection, which the
+    # recompute then skips as well, and its adapter's gradients come from the replay.
+    import raytune_llm.kernels.lora as lora_mod
     import raytune_llm.models.patch as patch_mod
     from raytune_llm.models.settings import set_stash_attention
 
@@ -137,25 +140,32 @@ def test_stashed_attention_is_replayed_not_recomputed_with_the_same_gradients(
     monkeypatch.setattr(
         patch_mod, "causal_attention", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k)
     )
+    o_calls = [0]
+    real_o = lora_mod.lora_linear
+    monkeypatch.setattr(
+        lora_mod, "lora_linear", lambda *a, **k: o_calls.__setitem__(0, o_calls[0] + 1) or real_o(*a, **k)
+    )
     n_layers = model.get_base_model().config.num_hidden_layers
 
     def grads(mode, stash):
         unpatch(model)
         report = patch(model, gradient_checkpointing=mode)
-        set_stash_attention(model, stash)
-        assert report.stash_attention == stash
+        set_stash_attention(model, stash, o_proj=o_proj)
+        assert (report.stash_attention, report.stash_o_proj) == (stash, o_proj)
         model.zero_grad(set_to_none=True)
-        calls[0] = 0
+        calls[0] = o_calls[0] = 0
         loss = model(input_ids=ids, labels=ids, **kw).loss
         loss.backward()
-        return loss.detach(), lora_grads(model), calls[0]
+        return loss.detach(), lora_grads(model), (calls[0], o_calls[0])
 
     loss_off, g_off, n_off = grads("off", False)
     loss_full, g_full, n_full = grads("offload", False)
     loss, g, n = grads("offload", True)
     # Packed rows on the CPU take the dense-mask path, which is not stashed (the mask would be copied per layer).
     stashed = not packed or device == "cuda"
-    assert (n_off, n_full, n) == (n_layers, 2 * n_layers, n_layers if stashed else 2 * n_layers)
+    once, twice = n_layers, 2 * n_layers
+    assert (n_off, n_full) == ((once, once), (twice, twice))
+    assert n == (once if stashed else twice, once if stashed and o_proj else twice)
     exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(loss, loss_off, **exact)
     for name in g_off:
