@@ -16,14 +16,15 @@ from raytune_llm.kernels._dispatch import interpret_mode
 
 __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 
-# Tiles (BM, BN, warps, rank update on the CUDA cores) of the [N, I] activation kernels; the rank-r epilogue is a
-# [BM, r] x [r, BN] tensor-core dot unless the fourth entry is true (see `_rank_update`). Swept at [8192, 14336]
-# bf16, rank 16, on the H200 (bench/kernels/sweep_lora_swiglu.py): session 7 picked forward 64x128x8 and backward
-# 64x64x4; session 9's sweep (bench/results/lora_swiglu_sweep_h200_20261129_s9.json) timed 32x128x4 fastest for
-# all three kernels: forward 0.380 ms (0.736 of copy bandwidth; 64x128x8 0.414), backward 0.620 (0.541; 64x64x4
-# 0.644), a lean recompute's backward 0.633 (0.530; 0.712).
-_FWD = (32, 128, 4, False)
-_BWD = (32, 128, 4, False)
+# Tiles (BM, BN, warps) of the [N, I] activation kernels, with a [BM, r] x [r, BN] tensor-core dot for the
+# rank-r epilogue. Swept at [8192, 14336] bf16, rank 16, on the H200 (bench/kernels/sweep_lora_swiglu.py). Session
+# 7 picked forward 64x128x8 and backward 64x64x4; session 10's sweep (bench/results/lora_swiglu_sweep_h200_20261129_
+# s10.json) timed narrow tiles fastest: 16x128x2 forward 0.378 ms (0.740 of copy bandwidth; 64x128x8 0.414),
+# backward 0.538 (0.623; 64x64x4 0.642), a lean recompute's backward (the one training runs) 0.591 (0.567; 0.710).
+# The tile does not change the bits (the rank-r dot is one K step). Rank updates as rank-1 FMAs on the CUDA cores
+# instead of the dot were slower wherever the kernel finishes gate and up (1.36-2.46 ms), so they were dropped.
+_FWD = (16, 128, 2)
+_BWD = (16, 128, 2)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
 
@@ -54,21 +55,9 @@ def _rank_update(
     R_PAD: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    RANK_FMA: tl.constexpr,
 ):
     # acc [BM, BN] fp32 += scale * L[rows, :rank] @ R[:rank, cols]; R is read through its strides
     # (B^T when R is B [I, r]). Rank padded to R_PAD >= 16 (tl.dot's minimum) with zeros.
-    # RANK_FMA: rank-1 updates on the CUDA cores instead of a tensor-core dot, in the tile's own layout (no
-    # conversion between the loaded tiles' layout and the dot's); products exact in fp32, summed in k order.
-    if RANK_FMA:
-        upd = tl.zeros_like(acc)
-        row_ok = rows < n_rows
-        col_ok = cols < n_cols
-        for k in tl.static_range(R_PAD):
-            lk = tl.load(L_ptr + rows * stride_l + k, mask=row_ok & (k < rank), other=0.0).to(tl.float32)
-            rk = tl.load(R_ptr + k * stride_rk + cols * stride_rn, mask=col_ok & (k < rank), other=0.0).to(tl.float32)
-            upd += lk[:, None] * rk[None, :]
-        return acc + scale * upd
     k = tl.arange(0, R_PAD)
     lo = tl.load(
         L_ptr + rows[:, None] * stride_l + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < rank), other=0.0
@@ -103,13 +92,12 @@ def _finish_projection(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    RANK_FMA: tl.constexpr,
 ):
     # A base GEMM output tile (fp32) plus its rank update, rounded to OUT's dtype as it is stored: what the
     # forward kernel writes and what the backward kernel, finishing the projection itself, computes.
     x = _rank_update(
         acc, L_ptr, stride_l, R_ptr, stride_rk, stride_rn, rows, cols, n_rows, n_cols, rank, scale, R_PAD, UPCAST,
-        DOT_PREC, RANK_FMA,
+        DOT_PREC,
     )  # fmt: skip
     if RNE_BF16:
         x = _rne_bf16(x)
@@ -143,7 +131,6 @@ def _lora_swiglu_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    RANK_FMA: tl.constexpr,
 ):
     # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit;
     # H = silu(G) * U. One pass instead of two addmm epilogues plus an activation kernel.
@@ -156,11 +143,11 @@ def _lora_swiglu_fwd_kernel(
     # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
     g = _finish_projection(
         g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g, G_ptr,
-        R_PAD, UPCAST, DOT_PREC, RNE_BF16, RANK_FMA,
+        R_PAD, UPCAST, DOT_PREC, RNE_BF16,
     )  # fmt: skip
     u = _finish_projection(
         u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u, U_ptr,
-        R_PAD, UPCAST, DOT_PREC, RNE_BF16, RANK_FMA,
+        R_PAD, UPCAST, DOT_PREC, RNE_BF16,
     )  # fmt: skip
     tl.store(G_ptr + offs, g, mask=mask)
     tl.store(U_ptr + offs, u, mask=mask)
@@ -204,7 +191,6 @@ def _lora_swiglu_bwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    RANK_FMA: tl.constexpr,
 ):
     # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
     # H over dH, dG over G, dU over U (each element read before it is written, within one program).
@@ -216,19 +202,18 @@ def _lora_swiglu_bwd_kernel(
     offs = rows[:, None] * n_cols + cols[None, :]
     dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dh = _rank_update(
-        dh, LOW_ptr, stride_low, AD_ptr, stride_ad, 1, rows, cols, n_rows, n_cols, rank_d, 1.0, R_PAD, UPCAST, DOT_PREC,
-        RANK_FMA,
+        dh, LOW_ptr, stride_low, AD_ptr, stride_ad, 1, rows, cols, n_rows, n_cols, rank_d, 1.0, R_PAD, UPCAST, DOT_PREC
     )
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FINISH_GU:  # the forward kernel's own finishing step, so the same stored values
         g = _finish_projection(
             g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g,
-            G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16, RANK_FMA,
+            G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
         ).to(tl.float32)  # fmt: skip
         u = _finish_projection(
             u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u,
-            U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16, RANK_FMA,
+            U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
         ).to(tl.float32)  # fmt: skip
     sg = tl.sigmoid(g)
     silu = g * sg
@@ -249,8 +234,7 @@ def _lora_swiglu_bwd_kernel(
 
 def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int]) -> dict:
     interp = interpret_mode()
-    bm, bn, warps = (*_TILE_INTERPRET, 4) if interp else setting[:3]
-    rank_fma = bool(setting[3]) if len(setting) > 3 else False
+    bm, bn, warps = (*_TILE_INTERPRET, 4) if interp else setting
     r_pad = max(16, triton.next_power_of_2(max(ranks)))
     return {
         "R_PAD": r_pad,
@@ -262,7 +246,6 @@ def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int]) 
         # take the tensor-core path whatever this says.
         "DOT_PREC": "ieee" if (interp or t.dtype == torch.float32) else "tf32",
         "RNE_BF16": interp and t.dtype == torch.bfloat16,
-        "RANK_FMA": rank_fma,
     }
 
 

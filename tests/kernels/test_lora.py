@@ -462,31 +462,13 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
         torch.testing.assert_close(a, b, **exact)
 
 
-def _rank_updates_on_cuda_cores(monkeypatch, on: bool) -> None:
-    from raytune_llm.kernels import lora_swiglu
-
-    monkeypatch.setattr(lora_swiglu, "_FWD", (*lora_swiglu._FWD[:3], on))
-    monkeypatch.setattr(lora_swiglu, "_BWD", (*lora_swiglu._BWD[:3], on))
-
-
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
-def test_mlp_with_rank_updates_on_cuda_cores_matches_reference(monkeypatch, kind, dtype):
-    # The fused SwiGLU kernels' other rank-update path (RANK_FMA: rank-1 FMAs instead of a tensor-core dot).
-    _rank_updates_on_cuda_cores(monkeypatch, True)
-    _run_case("mlp", kind, dtype, "rows", kernel_device())
-
-
-@needs_triton
-@pytest.mark.parametrize("rank_fma", [False, True], ids=["dot", "fma"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_swiglu_backward_finishing_gate_and_up_gives_the_forward_then_backward_bits(monkeypatch, dtype, rank_fma):
+def test_swiglu_backward_finishing_gate_and_up_gives_the_forward_then_backward_bits(dtype):
     # A lean recompute runs no forward kernel: the backward kernel adds gate's and up's rank updates to the base
     # outputs itself. H, dG and dU must be the bits of the forward kernel followed by the plain backward.
     from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
 
-    _rank_updates_on_cuda_cores(monkeypatch, rank_fma)
     device = kernel_device()
     gen = torch.Generator().manual_seed(3)
     n, inter, rg, ru, rd = 37, 150, 5, 3, 4  # odd widths, ranks under tl.dot's 16, rows over one tile edge
