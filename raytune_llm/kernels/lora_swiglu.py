@@ -18,13 +18,14 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 
 # Tiles (BM, BN, warps) of the [N, I] activation kernels, with a [BM, r] x [r, BN] tensor-core dot for the
 # rank-r epilogue. Swept at [8192, 14336] bf16, rank 16, on the H200 (bench/kernels/sweep_lora_swiglu.py). Session
-# 7 picked forward 64x128x8 and backward 64x64x4; session 10's sweep (bench/results/lora_swiglu_sweep_h200_20261129_
-# s10.json) timed narrow tiles fastest: 16x128x2 forward 0.378 ms (0.740 of copy bandwidth; 64x128x8 0.414),
-# backward 0.538 (0.623; 64x64x4 0.642), a lean recompute's backward (the one training runs) 0.591 (0.567; 0.710).
-# The tile does not change the bits (the rank-r dot is one K step). Rank updates as rank-1 FMAs on the CUDA cores
-# instead of the dot were slower wherever the kernel finishes gate and up (1.36-2.46 ms), so they were dropped.
+# 7 picked forward 64x128x8 and backward 64x64x4; session 10's sweeps (bench/results/lora_swiglu_sweep_h200_20261129_
+# s10.json, _s10d.json) timed narrow tiles fastest: forward 16x128x2 0.378 ms (0.734 of copy bandwidth; 64x128x8
+# 0.414), backward 16x128x4 0.455 ms (0.733; 64x64x4 0.636), a lean recompute's backward (the one training runs)
+# 0.511 ms (0.653; 64x64x4 0.707). The tile does not change the bits (the rank-r dot is one K step). Rank updates as
+# rank-1 FMAs on the CUDA cores instead of the dot were slower wherever the kernel finishes gate and up
+# (1.36-2.46 ms), so they were dropped.
 _FWD = (16, 128, 2)
-_BWD = (16, 128, 2)
+_BWD = (16, 128, 4)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
 
