@@ -72,6 +72,12 @@ def test_qlora_nf4_run_trains_and_merges_exactly(ray_session, tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     meta = json.loads((run / "adapter" / "raytune_llm.json").read_text())
     assert meta["quant_bits"] == 4 and meta["compute_dtype"] == "float32"
+    from raytune_llm.train.worker import latest_complete
+
+    # A checkpoint exports like the run's adapter: it carries the same quantization record (without it the merge
+    # took a QLoRA checkpoint's base for 16-bit and skipped the NF4 round trip).
+    ckpt = latest_complete(run / "ray" / "train")
+    assert json.loads((ckpt / "adapter" / "raytune_llm.json").read_text()) == meta
     base = AutoModelForCausalLM.from_pretrained(
         run / "base_model", dtype=torch.float32, quantization_config=bnb_config(torch.float32)
     )

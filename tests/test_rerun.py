@@ -12,11 +12,14 @@ from raytune_llm.train.driver import UserError, check_rerun, run_storage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_folder(tmp_path, *overrides):
+def _run_folder(tmp_path, *overrides, trained=True):
     cfg = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path}", "name=r", *overrides])
     save_config(cfg, cfg.run_dir / "config.yaml")
-    (cfg.run_dir / "base_model").mkdir(parents=True)
+    for part in ("base_model", "tokenizer") + (("adapter",) if trained else ()):
+        (cfg.run_dir / part).mkdir(parents=True)
     (cfg.run_dir / "base_model" / "config.json").write_text("{}")  # built by the earlier run
+    if trained:  # the final adapter of a finished run
+        (cfg.run_dir / "adapter" / "adapter_config.json").write_text("{}")
     return cfg
 
 
@@ -24,7 +27,7 @@ def test_a_rerun_may_change_length_cadence_and_exports_only(tmp_path):
     _run_folder(tmp_path)
     same = [f"output_dir={tmp_path}", "name=r"]
     ok = ["train.max_steps=400", "train.checkpoint_every=7", "export.formats=[adapter]", "train.log_every=3"]
-    check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, *ok]))
+    assert check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, *ok])) == []
     for override, key in (
         ("train.lr=0.5", "train.lr"),
         ("model.tiny.hidden_size=64", "model.tiny.hidden_size"),
@@ -32,10 +35,35 @@ def test_a_rerun_may_change_length_cadence_and_exports_only(tmp_path):
         ("lora.r=4", "lora.r"),
     ):
         cfg = load_config(ROOT / "conf" / "quickstart.yaml", [*same, override])
-        with pytest.raises(UserError, match=f"cannot resume run 'r': its base model was made with {key}="):
+        with pytest.raises(UserError, match=f"cannot resume run 'r': its adapter was made with {key}="):
             check_rerun(cfg)
     saved = (tmp_path / "r" / "config.yaml").read_text()
     assert "lr: 0.5" not in saved  # the record of what was trained is untouched
+
+
+def test_a_run_that_never_trained_may_run_again_under_other_settings(tmp_path):
+    # A run that stopped before its first step (bad data, LoRA targets the model lacks, too few CPUs) left its
+    # config.yaml, base model and tokenizer: a corrected rerun goes ahead. The base model and tokenizer are handed back
+    # for rebuilding only when what they are made from changed (here the data, which the tokenizer is trained on).
+    _run_folder(tmp_path, trained=False)
+    same = [f"output_dir={tmp_path}", "name=r"]
+    for fix in ("lora.target_modules=[q_proj]", "train.num_workers=1", "train.lr=0.5"):
+        assert check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, fix])) == []
+    data = tmp_path / "fixed.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    stale = check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, f"data.path={data}"]))
+    assert stale == [tmp_path / "r" / "base_model", tmp_path / "r" / "tokenizer"]
+
+
+def test_remote_checkpoints_make_a_built_base_model_count_as_trained(tmp_path):
+    # Checkpoints on remote storage cannot be listed here: a base model built in the folder may have been trained.
+    _run_folder(tmp_path, "cluster.storage_path=s3://bucket/ckpt", trained=False)
+    cfg = load_config(
+        ROOT / "conf" / "quickstart.yaml",
+        [f"output_dir={tmp_path}", "name=r", "cluster.storage_path=s3://bucket/ckpt", "lora.r=4"],
+    )
+    with pytest.raises(UserError, match="its base model was made with lora.r="):
+        check_rerun(cfg)
 
 
 def test_a_new_name_or_an_empty_folder_is_not_checked(tmp_path):

@@ -62,6 +62,8 @@ def test_zero3_matches_ddp_resumes_and_adapter_loads(ray_session, out, ddp_losse
     listed = json.loads((ckpt / "COMPLETE").read_text())
     assert any("zero_pp_rank_1" in name for name in listed), sorted(listed)  # rank 1's shards are in the manifest
     assert json.loads((ckpt / "trainer_state.json").read_text())["strategy"] == strategy
+    meta = (ckpt / "adapter" / "raytune_llm.json").read_text()  # rank 0's part: exports like the run's adapter
+    assert json.loads(meta) == json.loads((run / "adapter" / "raytune_llm.json").read_text())
 
     import torch
     from peft import PeftModel

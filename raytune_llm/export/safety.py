@@ -58,6 +58,29 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def write_run_meta(folder: Path, cfg, on_gpu: bool) -> None:
+    """Write the quantization record (RUN_META) of a run config into an adapter folder.
+
+    What an exact merge must reproduce: the bits, NF4's block size and double quantization, and the dtype the base
+    was loaded (and quantized) in. Written next to every adapter the trainer saves (each checkpoint's, the run's
+    final one and a sweep's best), so that any of them exports the weights it was trained against.
+
+    Args:
+        folder: the adapter folder (``adapter_config.json`` inside).
+        cfg: the run's `config.RunConfig`.
+        on_gpu: whether the workers trained on GPUs (``model.dtype: auto`` means bf16 there, fp32 on CPUs).
+    """
+    auto = "bfloat16" if on_gpu else "float32"
+    meta = {
+        "quant_bits": cfg.quant.bits,
+        "quant_type": "nf4",
+        "double_quant": cfg.quant.double_quant,
+        "blocksize": 64,
+        "compute_dtype": {"auto": auto, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.model.dtype],
+    }
+    (Path(folder) / RUN_META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def resolve_source(source: str | os.PathLike) -> Source:
     """Find the adapter, its base model and the quantization record for a run or adapter folder.
 

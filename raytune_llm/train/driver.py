@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_llm.config import RunConfig, save_config, to_dict
+from raytune_llm.export.safety import write_run_meta
 from raytune_llm.train.errors import StoppedEarly, UserError
 from raytune_llm.train.finish import evaluate, plot_loss, write_tensorboard
 from raytune_llm.train.resume import check_rerun, check_resumable, run_storage
@@ -302,19 +303,6 @@ def check_resources(cfg: RunConfig) -> bool:
     return use_gpu
 
 
-def write_adapter_meta(folder: Path, cfg: RunConfig, use_gpu: bool) -> None:
-    # the dtype the base was loaded (and quantized) in: what an exact NF4 merge must reproduce
-    auto = "bfloat16" if use_gpu else "float32"
-    meta = {
-        "quant_bits": cfg.quant.bits,
-        "quant_type": "nf4",
-        "double_quant": cfg.quant.double_quant,
-        "blocksize": 64,
-        "compute_dtype": {"auto": auto, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.model.dtype],
-    }
-    (folder / "raytune_llm.json").write_text(json.dumps(meta, indent=1) + "\n")
-
-
 def record_options(cfg: RunConfig) -> dict[str, Any]:
     """How records become examples, from the run config: the packing layer's format options."""
     return {"format": cfg.data.format, "train_on_prompt": cfg.data.train_on_prompt, "overlong": cfg.data.overlong}
@@ -452,7 +440,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     """
     t0 = time.time()
     preflight(cfg)
-    check_rerun(cfg)
+    for stale in check_rerun(cfg):  # built by an earlier run that never trained, from other settings
+        log(f"[raytune-llm] {stale.name}/ was built for other settings by a run that never trained: building it again")
+        shutil.rmtree(stale)
     how = connect_ray(cfg)
     use_gpu = check_resources(cfg)  # fail on impossible placements before anything heavy runs
     log(f"[raytune-llm] ray: {how}; {cfg.train.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}")
@@ -496,7 +486,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.copytree(d / "adapter", adapter)
         shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")
-    write_adapter_meta(adapter, cfg, use_gpu)
+    write_run_meta(adapter, cfg, use_gpu)  # checkpoints carry it too; an adapter from an older one may not
     metrics = [json.loads(x) for x in (prep.run_dir / "metrics.jsonl").read_text().splitlines() if x]
     plot_loss(metrics, prep.run_dir / "loss_curve.png")
     write_tensorboard(metrics, prep.run_dir / "tb")

@@ -37,12 +37,36 @@ def _flat(data, prefix: str = "") -> dict:
     return out
 
 
-def check_rerun(cfg: RunConfig) -> None:
+# What the base model and tokenizer a run builds for the embedded default are made from (the tokenizer is trained on
+# the data; the tiny model's vocabulary, widths, positions and initial weights follow).
+_BASE_MADE_FROM = (
+    "model.tiny.",
+    "model.path",
+    "model.tokenizer_path",
+    "data.path",
+    "data.num_examples",
+    "data.eval_examples",
+    "data.seq_len",
+    "train.seed",
+)
+
+
+def _differ(saved: dict, now: dict, keep=lambda k: True) -> list[str]:
+    return [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and keep(k)]
+
+
+def check_rerun(cfg: RunConfig) -> list[Path]:
     """Refuse, before anything in the run folder is written, to continue a run under settings it was not made with.
 
-    A run folder holding a checkpoint is resumed, and one holding a base model built by an earlier run reuses it; both
-    must then have been made with this config, apart from `_RERUN_MAY_CHANGE`. Otherwise the new config.yaml (and the
-    embedded task's data) would replace the record of what was trained while the adapter stayed the old one.
+    A run folder holding a checkpoint (or the final adapter of a finished run) is resumed; it must then have been
+    made with this config, apart from `_RERUN_MAY_CHANGE`. Otherwise the new config.yaml (and the embedded task's
+    data) would replace the record of what was trained while the adapter stayed the old one. A folder where nothing
+    was trained yet (a run that stopped on bad data, targets or resources) may be run again under any settings.
+    With checkpoints on remote storage (which this check cannot list) a base model built here counts as trained.
+
+    Returns:
+        The folders an untrained earlier run built from other settings (`_BASE_MADE_FROM`: its base model and
+        tokenizer), which the caller removes so that `prepare` builds them again for this config.
 
     Raises:
         UserError: naming the first setting that differs.
@@ -52,27 +76,30 @@ def check_rerun(cfg: RunConfig) -> None:
     run_dir = cfg.run_dir.resolve()
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        return
+        return []
     storage = run_storage(cfg, run_dir)
     from raytune_llm.train.worker import latest_complete
 
-    checkpoint = "://" not in storage and latest_complete(Path(storage) / "train") is not None
+    remote = "://" in storage
+    checkpoint = not remote and latest_complete(Path(storage) / "train") is not None
+    adapter = (run_dir / "adapter" / "adapter_config.json").is_file()
     built = not cfg.model.path and (run_dir / "base_model" / "config.json").is_file()
-    if not (checkpoint or built):
-        return
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
     now = _flat(redact(to_dict(cfg)))
-    differ = [
-        k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and not k.startswith(_RERUN_MAY_CHANGE)
-    ]
+    if not (checkpoint or adapter or (remote and built)):
+        if _differ(saved, now, lambda k: k.startswith(_BASE_MADE_FROM)):
+            return [p for p in (run_dir / "base_model", run_dir / "tokenizer") if p.is_dir()]
+        return []
+    differ = _differ(saved, now, lambda k: not k.startswith(_RERUN_MAY_CHANGE))
     if differ:
         k = differ[0]
         more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
-        what = "its checkpoint" if checkpoint else "its base model"
+        what = "its checkpoint" if checkpoint else "its adapter" if adapter else "its base model"
         raise UserError(
             f"cannot resume run {cfg.name!r}: {what} was made with {k}={saved.get(k)!r} but this run has "
             f"{k}={now.get(k)!r}{more}; use another name= or the original settings"
         )
+    return []
 
 
 def check_resumable(folder: Path, cfg: RunConfig, data_fingerprint: str) -> None:

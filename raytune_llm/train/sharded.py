@@ -150,11 +150,12 @@ def _fsync_all(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_zero_checkpoint(folder: Path, sharded, state: dict, metrics: list[dict]) -> Path:
+def save_zero_checkpoint(folder: Path, sharded, state: dict, metrics: list[dict], adapter_meta=None) -> Path:
     """Every rank: write this rank's part of a checkpoint into `folder` (a local folder per rank).
 
     Rank 0's part: the PEFT adapter, trainer state, metrics, RNG, its DeepSpeed files and the COMPLETE
-    manifest of all ranks' files; the other ranks' part: their DeepSpeed shards. Collective.
+    manifest of all ranks' files; the other ranks' part: their DeepSpeed shards. Collective. `adapter_meta` as in
+    `train.worker.save_checkpoint` (rank 0 writes it next to the adapter).
 
     Returns:
         `folder`, which either does not exist or holds this rank's complete part.
@@ -172,6 +173,8 @@ def save_zero_checkpoint(folder: Path, sharded, state: dict, metrics: list[dict]
     weights = sharded.gather_trainable_state_dict()  # collective; full LoRA weights on rank 0
     if rank == 0:
         sharded.module.save_pretrained(tmp / "adapter", state_dict=weights)
+        if adapter_meta is not None:
+            adapter_meta(tmp / "adapter")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         with (tmp / "metrics.jsonl").open("w") as f:

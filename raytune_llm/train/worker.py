@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,13 @@ def latest_complete(root: Path) -> Path | None:
     return best[2] if best else None
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, metrics: list[dict]) -> Path:
+def save_checkpoint(
+    folder: Path, model, optimizer, scheduler, state: dict, metrics: list[dict], adapter_meta: Callable | None = None
+) -> Path:
     """Write a complete checkpoint: files under `<folder>.partial`, then the marker, then one rename.
+
+    `adapter_meta(adapter_folder)`, when given, writes the run's quantization record next to the adapter
+    (`export.safety.write_run_meta`), so that the checkpoint exports exactly like the run's final adapter.
 
     Returns:
         `folder`, which either does not exist or is complete at every instant.
@@ -118,6 +124,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, metr
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "adapter")
+    if adapter_meta is not None:
+        adapter_meta(tmp / "adapter")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state()}
@@ -205,6 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from raytune_llm.config import from_dict
+    from raytune_llm.export.safety import write_run_meta
     from raytune_llm.models.load import load_model
     from raytune_llm.models.settings import (
         set_checkpoint_layers,
@@ -223,6 +232,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if on_gpu:
         torch.cuda.set_device(device)
     dtype = _dtype(cfg.model.dtype, on_gpu)
+
+    def adapter_meta(folder: Path) -> None:
+        write_run_meta(folder, cfg, on_gpu)
+
     node = ray.get_runtime_context().get_node_id()
     print(f"[raytune-llm] worker rank {rank}/{world} on node {node[:12]} device {device}", flush=True)
     torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank
@@ -357,11 +370,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = metrics[-1] if metrics else {"step": step}
         if save and zero:  # every rank writes its shards; Ray merges the ranks' folders into one checkpoint
             with tempfile.TemporaryDirectory() as tmp:
-                folder = sharded_lib.save_zero_checkpoint(Path(tmp) / "ckpt", sharded, state, metrics)
+                folder = sharded_lib.save_zero_checkpoint(Path(tmp) / "ckpt", sharded, state, metrics, adapter_meta)
                 ray.train.report(last, checkpoint=Checkpoint.from_directory(str(folder)))
         elif save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                folder = save_checkpoint(Path(tmp) / "ckpt", model, optimizer, scheduler, state, metrics)
+                folder = save_checkpoint(Path(tmp) / "ckpt", model, optimizer, scheduler, state, metrics, adapter_meta)
                 ray.train.report(last, checkpoint=Checkpoint.from_directory(str(folder)))
         else:
             ray.train.report(last)

@@ -141,7 +141,7 @@ def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path, use_gp
     from ray.train import Checkpoint
 
     from raytune_llm.export import export
-    from raytune_llm.train.driver import write_adapter_meta
+    from raytune_llm.export.safety import write_run_meta
 
     best = folder / "best"
     shutil.rmtree(best, ignore_errors=True)
@@ -150,7 +150,7 @@ def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path, use_gp
     with Checkpoint(row["checkpoint"]).as_directory() as d:
         shutil.copytree(Path(d) / "adapter", best / "adapter")
         shutil.copy(Path(d) / "metrics.jsonl", best / "metrics.jsonl")
-    write_adapter_meta(best / "adapter", trial_cfg, use_gpu)
+    write_run_meta(best / "adapter", trial_cfg, use_gpu)
     save_config(trial_cfg, best / "config.yaml")
     (best / "trial.json").write_text(json.dumps({k: v for k, v in row.items() if k != "curve"}, indent=1) + "\n")
     return export(best, "adapter", dtype="auto", force=True)
