@@ -192,7 +192,9 @@ def split_rows(rows: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     ]
 
 
-def pack_window(examples: list[Example], seq_len: int, pad_id: int, seed: int, window: int) -> dict[str, np.ndarray]:
+def pack_window(
+    examples: list[Example], seq_len: int, pad_id: int, seed: int, window: int, pack: bool = True
+) -> dict[str, np.ndarray]:
     """Pack one window: BFD, build rows, shuffle the row order with rng(seed, window).
 
     Args:
@@ -201,12 +203,13 @@ def pack_window(examples: list[Example], seq_len: int, pad_id: int, seed: int, w
         pad_id: padding token id.
         seed: run seed.
         window: the window's index in the stream (so every window gets its own row order).
+        pack: False puts each example in a row of its own (padded to `seq_len`), as `data.pack: false` asks.
 
     Returns:
         `build_rows` output with rows in shuffled order.
     """
     lens = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
-    bins = best_fit_decreasing(lens, seq_len)
+    bins = best_fit_decreasing(lens, seq_len) if pack else [[i] for i in range(len(examples))]
     # BFD opens the rows of long examples first; shuffling keeps a window from feeding the
     # model all its long examples in a row.
     perm = np.random.default_rng([seed, window]).permutation(len(bins))
@@ -245,7 +248,16 @@ class PackedStream:
     count, and so the resume position, independent of how many examples a record became.
     """
 
-    def __init__(self, source: SourceFactory, seq_len: int, pad_id: int, *, window_rows: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        source: SourceFactory,
+        seq_len: int,
+        pad_id: int,
+        *,
+        window_rows: int = 256,
+        seed: int = 0,
+        pack: bool = True,
+    ):
         """Create the stream.
 
         Args:
@@ -254,6 +266,7 @@ class PackedStream:
             pad_id: padding token id.
             window_rows: packing window, in rows' worth of tokens.
             seed: seed of the per-window row shuffle.
+            pack: False: one example per row (see `pack_window`).
 
         Raises:
             ValueError: non-positive seq_len or window_rows.
@@ -267,6 +280,7 @@ class PackedStream:
         self.pad_id = pad_id
         self.window_rows = window_rows
         self.seed = seed
+        self.pack = pack
         self._state = {"records": 0, "window": 0, "rows": 0}
 
     def state_dict(self) -> dict[str, int]:
@@ -315,7 +329,7 @@ class PackedStream:
         """Yield rows from the current position on, updating `state_dict()` as rows go out."""
         for records_after, buf in self._windows():
             self._window_loaded()
-            rows = split_rows(pack_window(buf, self.seq_len, self.pad_id, self.seed, self._state["window"]))
+            rows = split_rows(pack_window(buf, self.seq_len, self.pad_id, self.seed, self._state["window"], self.pack))
             for r in range(self._state["rows"], len(rows)):
                 self._state["rows"] = r + 1
                 yield rows[r]

@@ -180,6 +180,7 @@ class FileStream(PackedStream):
         max_bad_fraction: float,
         window_rows: int,
         seed: int,
+        pack: bool = True,
     ):
         """Create the stream; see `open_stream` for the arguments."""
         self.files = files
@@ -193,7 +194,7 @@ class FileStream(PackedStream):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token to pad rows with")
-        super().__init__(self._source, seq_len, pad_id, window_rows=window_rows, seed=seed)
+        super().__init__(self._source, seq_len, pad_id, window_rows=window_rows, seed=seed, pack=pack)
 
     def _source(self, skip: int) -> Iterator[SourceItem]:
         if self.format == "auto":
@@ -250,6 +251,7 @@ def open_stream(
     max_bad_fraction: float = 0.01,
     window_rows: int = 256,
     seed: int = 0,
+    pack: bool = True,
 ) -> FileStream:
     """Packed rows from data files, in process, with bounded memory and an exact resume position.
 
@@ -264,6 +266,7 @@ def open_stream(
         max_bad_fraction: abort once bad records exceed this share of records.
         window_rows: packing window in rows' worth of tokens.
         seed: row-order shuffle seed.
+        pack: False puts each example in a row of its own, padded to seq_len (`data.pack: false`).
 
     Returns:
         A `FileStream`: iterate it for row dicts; `stats`, `state_dict()`, `load_state_dict()`.
@@ -284,6 +287,7 @@ def open_stream(
         max_bad_fraction=max_bad_fraction,
         window_rows=window_rows,
         seed=seed,
+        pack=pack,
     )
 
 
@@ -333,10 +337,10 @@ def _pack_units(batch: dict[str, np.ndarray], **kw) -> Iterator[pa.Table]:
                 buf.append(ex)
                 tokens += len(ex.input_ids)
             if tokens >= budget:
-                yield rows_to_arrow(pack_window(buf, kw["seq_len"], pad_id, seed, window))
+                yield rows_to_arrow(pack_window(buf, kw["seq_len"], pad_id, seed, window, kw["pack"]))
                 buf, tokens, window = [], 0, window + 1
         if buf:
-            yield rows_to_arrow(pack_window(buf, kw["seq_len"], pad_id, seed, window))
+            yield rows_to_arrow(pack_window(buf, kw["seq_len"], pad_id, seed, window, kw["pack"]))
         # The bad-record share is judged on all tasks' totals (one unit may be small or unlucky),
         # once they cover enough records to mean something.
         totals = DataStats(kw["skip_bad_records"], kw["max_bad_fraction"])
@@ -361,6 +365,7 @@ def build_ray_dataset(
     records_per_task: int = 50_000,
     num_cpus_per_task: float = 1.0,
     preserve_order: bool = True,
+    pack: bool = True,
 ):
     """A Ray Dataset of packed rows (one row per packed row), built lazily by Ray Data tasks.
 
@@ -369,7 +374,7 @@ def build_ray_dataset(
 
     Args:
         paths, tokenizer, seq_len, format, train_on_prompt, overlong, skip_bad_records, max_bad_fraction,
-            window_rows, seed: as for `open_stream` (tokenizer: an object or a folder path; a path
+            window_rows, seed, pack: as for `open_stream` (tokenizer: an object or a folder path; a path
             keeps task arguments small).
         records_per_task: records per work unit (Ray task); more units = more parallel tokenization.
         num_cpus_per_task: CPUs Ray reserves per packing task (fractional is fine).
@@ -420,6 +425,7 @@ def build_ray_dataset(
             "max_bad_fraction": max_bad_fraction,
             "window_rows": window_rows,
             "seed": seed,
+            "pack": pack,
             "stats_actor": actor,
         },
     )

@@ -321,6 +321,7 @@ def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str):
         max_bad_fraction=cfg.data.max_bad_fraction,
         seed=cfg.train.seed,
         num_cpus_per_task=min(1.0, cfg.train.cpus_per_worker),
+        pack=cfg.data.pack,
     )
 
 

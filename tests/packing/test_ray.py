@@ -52,6 +52,11 @@ def test_ray_dataset_matches_stream_and_splits(ray_session, tmp_path, tokenizer)
     assert [list(r["input_ids"]) for r in again.take_all()] == [list(r["input_ids"]) for r in rows]  # same order
     st = ray_session.get(stats.get.remote())
     assert st["records"] == 201 and st["bad/invalid_json"] == 1 and st["examples"] == 200
+    single, _ = build_ray_dataset(paths, tok_dir, 64, records_per_task=50, skip_bad_records=True, pack=False)
+    single = single.take_all()  # data.pack: false - a row per example, the same segments
+    assert (
+        len(single) == 200 and sorted(s for r in single for s in segments(r["input_ids"], r["seq_lens"], pad)) == want
+    )
 
     # Two workers' shards (what get_dataset_shard hands each worker) cover every row once; the
     # shards of a streaming split must be consumed concurrently, as Ray Train workers do.

@@ -106,3 +106,16 @@ def test_bad_options(tmp_path, tokenizer):
         open_stream(p, tokenizer, 64, format="csv")
     with pytest.raises(ValueError, match="overlong='cut'"):
         open_stream(p, tokenizer, 64, overlong="cut")
+
+
+def test_unpacked_rows_hold_one_example_each(tmp_path, tokenizer):
+    # data.pack: false - every example in a row of its own, padded; the same tokens as the packed rows.
+    recs = [{"prompt": f"question {i} " * (1 + i % 4), "completion": f"answer {i}"} for i in range(30)]
+    p = write_jsonl(tmp_path / "a.jsonl", recs)
+    packed = list(open_stream(p, tokenizer, 64))
+    single = list(open_stream(p, tokenizer, 64, pack=False))
+    assert len(single) == len(recs) > len(packed)
+    # one example, then the padding segment (rows are padded to seq_len)
+    assert all(len(r["seq_lens"]) <= 2 and int(r["seq_lens"].sum()) == 64 for r in single)
+    trained = lambda rows: sorted(int(x) for r in rows for x in r["labels"] if x != IGNORE_INDEX)  # noqa: E731
+    assert trained(single) == trained(packed)
