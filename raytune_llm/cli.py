@@ -21,7 +21,7 @@ EXIT_USER_ERROR = 2
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from raytune_llm.config import ConfigError
 
-    types: list[type[BaseException]] = [ConfigError, FileNotFoundError, NotADirectoryError]
+    types: list[type[BaseException]] = [ConfigError, FileNotFoundError, NotADirectoryError, PermissionError]
     for mod, name in (
         ("raytune_llm.train.driver", "UserError"),
         ("raytune_llm.packing.validate", "DataError"),
@@ -49,21 +49,17 @@ def cmd_validate(args) -> int:
     t0 = time.perf_counter()
     cfg = _load(args)
     checked = []
-    if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
-    from raytune_llm.train.driver import has_tokenizer
+    from raytune_llm.train.driver import preflight, resolve_data_paths
 
-    tok = cfg.model.tokenizer_path
-    if tok and not has_tokenizer(Path(os.path.expanduser(tok))):
-        raise FileNotFoundError(f"model.tokenizer_path {tok!r} holds no tokenizer (tokenizer.json or tokenizer.model)")
     if cfg.sweep:
         from raytune_llm.tune.space import parse_sweep
 
         spec = parse_sweep(cfg)
+        if spec.eval_path:
+            resolve_data_paths(spec.eval_path, "sweep.eval_path")
         checked.append(f"sweep: {len(spec.space)} key(s)")
     if cfg.data.path:
         from raytune_llm.packing.validate import validate_data
-        from raytune_llm.train.driver import resolve_data_paths
 
         paths = resolve_data_paths(cfg.data.path)
         stats = validate_data(
@@ -73,6 +69,7 @@ def cmd_validate(args) -> int:
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
         checked.append(f"data: {stats.get('records', 0)} records, {stats.get('bad_records', 0)} bad")
+    preflight(cfg)  # what `train` checks before Ray starts: paths, output_dir, LoRA targets, tokenizer source
     print(
         f"{args.config or 'defaults'}: OK ({time.perf_counter() - t0:.2f} s){'; ' if checked else ''}{'; '.join(checked)}"
     )

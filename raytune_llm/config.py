@@ -306,7 +306,10 @@ class RunConfig:
     """Ray Tune search space and settings (used by `raytune-llm sweep`)."""
 
     def __post_init__(self):
-        check_name(self.name, "name")
+        try:
+            check_name(self.name, "name")
+        except _FieldError as exc:
+            _fail(str(exc))
         if self.sharding.offload_params and self.sharding.strategy != "zero3":
             _fail("sharding.offload_params needs sharding.strategy=zero3")
         if self.sharding.offload_optimizer and self.sharding.strategy == "ddp":
@@ -339,7 +342,15 @@ class _FieldError(ValueError):
     pass
 
 
+# Open `_build` calls' lists: a section's checks (`__post_init__`) record every failure there instead of stopping at
+# the first, so that one run of `validate` names every problem of a file.
+_collecting: list[list[str]] = []
+
+
 def _fail(msg: str):
+    if _collecting:
+        _collecting[-1].append(msg)
+        return
     raise _FieldError(msg)
 
 
@@ -466,18 +477,33 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
         if len(errors) == n_before:
             kwargs[key] = converted
     n_before = len(errors)
+    failed: list[str] = []
+    _collecting.append(failed)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        if not failed:
+            return obj
     except _FieldError as exc:
-        errors.append(f"{prefix}.{exc}" if prefix else str(exc))
+        failed.append(str(exc))
     except TypeError as exc:  # a field whose sub-section failed: the cause is already recorded
         if len(errors) == n_before:
             errors.append(f"{prefix or 'config'}: {exc}")
+    finally:
+        _collecting.pop()
+    errors.extend(f"{prefix}.{msg}" if prefix else msg for msg in failed)
     # Sections that failed their own checks: fall back to the defaults so sibling checks still run.
     try:
         return cls()
     except _FieldError:
         return None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error as one line: the problem and where (PyYAML's first line only says what it was parsing)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(exc).splitlines()[0]
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -527,7 +553,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except Exception as exc:  # YAML syntax errors and the like
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError([f"cannot read: {str(exc).splitlines()[0]}"], source) from None
+        raise ConfigError([f"cannot read: {_yaml_problem(exc)}"], source) from None
     errors: list[str] = []
     cfg = _build(RunConfig, data or {}, "", errors)
     if errors:

@@ -137,3 +137,61 @@ def test_more_workers_than_cpus(ray_session, tmp_path):
     )  # fmt: skip
     _assert_one_line_error(out, "train.num_workers=64")
     assert not (tmp_path / "quickstart" / "base_model").exists()  # failed before building anything
+
+
+@pytest.mark.ray
+def test_too_little_data_for_the_workers_fails_before_they_start(ray_session, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "what is 2+2?", "completion": "4"}\n')
+    out = _run(
+        "train", "conf/quickstart.yaml", f"data.path={data}", "train.max_steps=2", "export.formats=[]",
+        f"output_dir={tmp_path}", env=joining_env(ray_session),
+    )  # fmt: skip
+    _assert_one_line_error(out, "the data makes 1 row(s) of data.seq_len=128 tokens but train.num_workers=2")
+
+
+def test_validate_refuses_what_train_would_refuse_before_it_starts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "completion": ["b"]}), parquet)
+    a_file = tmp_path / "a_file"  # under a file: unwritable even for root
+    a_file.write_text("")
+    for args, needle in (
+        (["lora.target_modules=[foo]"], "lora.target_modules ['foo'] match no module of this model"),
+        ([f"data.path={parquet}"], "a tokenizer is trained only from JSONL data; set model.tokenizer_path"),
+        (["conf/sweep_lora.yaml", "sweep.eval_path=nope.jsonl"], "sweep.eval_path 'nope.jsonl': no such file"),
+        ([f"output_dir={a_file}/runs"], f"cannot write there ({a_file} is not a writable folder)"),
+    ):
+        config = args[0] if args[0].endswith(".yaml") else "conf/quickstart.yaml"
+        overrides = args[1:] if args[0].endswith(".yaml") else args
+        _assert_one_line_error(_run("validate", config, *overrides, timeout=60), needle)
+
+
+def test_the_embedded_models_module_names_are_the_built_models(tmp_path):
+    # preflight checks the embedded default's LoRA targets against a fixed list, before the model exists
+    from raytune_llm.models.lora import module_leaf_names
+    from raytune_llm.models.tiny import build_tiny_model
+    from raytune_llm.train.driver import TINY_MODULE_NAMES
+
+    names = {n for n in module_leaf_names(build_tiny_model(tmp_path / "m")) if n and not n.isdigit()}
+    assert names == set(TINY_MODULE_NAMES)
+
+
+def test_a_home_relative_data_path_and_yaml_syntax_errors(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pc.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    env = dict(os.environ, HOME=str(tmp_path), RAY_AUTH_MODE="token")
+    out = _run("validate", "conf/quickstart.yaml", "data.path=~/data/pc.jsonl", env=env, timeout=60)
+    assert out.returncode == 0 and "data: 1 records" in out.stdout, out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1\ntrain:\n  seed: 2\n")
+    _assert_one_line_error(_run("validate", str(bad), timeout=60), "found duplicate key train at line 3, column 1")
+
+
+def test_every_problem_of_a_config_is_reported_at_once():
+    out = _run("validate", "conf/quickstart.yaml", "lora.r=-1", "lora.dropout=2", "train.lr=-1", "train.grad_clip=-1")
+    assert out.returncode == 2 and "4 problem(s)" in out.stderr, out.stderr
+    for key in ("lora.r", "lora.dropout", "train.lr", "train.grad_clip"):
+        assert f"  {key} must be" in out.stderr

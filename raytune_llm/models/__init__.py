@@ -8,7 +8,8 @@
 - checkpointing.py: per-layer activation checkpointing, optionally offloading the kept input to host (copied back
   ahead of use); the recompute skips what backward never reads (kernels.lora.lean_recompute).
 - attention_stash.py: under offloaded checkpointing, attention kept in host memory and replayed in the recompute.
-- lora.py, quantize.py: PEFT attachment / LoRAWeight reading, bitsandbytes NF4 config and per-Linear quantization.
+- lora.py, quantize.py: PEFT attachment / LoRAWeight reading, bitsandbytes NF4 config and per-Linear quantization;
+  lora_spec.py: LoRA hyper-parameters and the target-name check (no torch: the CLI's validate uses it).
 - families/: what differs between Llama, Mistral, Qwen2 and Qwen3.
 - tiny.py, synthetic.py: random-weight models (tiny on disk for tests; any size built on the device for benchmarks).
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from raytune_llm.config import RunConfig, save_config, to_dict
-from raytune_llm.export.safety import write_run_meta
 from raytune_llm.train.errors import StoppedEarly, UserError
 from raytune_llm.train.finish import evaluate, plot_loss, write_tensorboard
 from raytune_llm.train.resume import check_rerun, check_resumable, run_storage
@@ -74,32 +73,62 @@ def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
 
 
-def resolve_data_paths(path: str) -> list[str]:
-    """Expand a data path or glob into existing, non-empty inputs, or raise UserError."""
-    matches = sorted(glob.glob(os.path.expanduser(path))) if any(c in path for c in "*?[") else [path]
+def resolve_data_paths(path: str, key: str = "data.path") -> list[str]:
+    """Expand a data path or glob (``~`` included) into existing, non-empty inputs, or raise UserError naming `key`."""
+    full = os.path.expanduser(path)
+    matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
     existing = [m for m in matches if os.path.exists(m)]
     if not existing:
-        raise UserError(f"data.path {path!r}: no such file or folder")
+        raise UserError(f"{key} {path!r}: no such file or folder")
     for m in existing:
         if os.path.isfile(m) and os.path.getsize(m) == 0:
-            raise UserError(f"data.path {m!r} is empty")
+            raise UserError(f"{key} {m!r} is empty")
     return existing
+
+
+# Module names of the embedded default's tiny Llama (models.tiny.build_tiny_model, family "llama"): its LoRA targets
+# are checked before anything is built. tests/test_cli.py holds this to the built model's own names.
+TINY_MODULE_NAMES = frozenset(
+    {
+        "model", "embed_tokens", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "gate_proj",
+        "up_proj", "down_proj", "act_fn", "input_layernorm", "post_attention_layernorm", "norm", "rotary_emb", "lm_head",
+    }
+)  # fmt: skip
+
+
+def _check_writable(path: Path, key: str) -> None:
+    """Fail when the nearest existing folder of `path` cannot be written (the run folder is made under it)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {str(path)!r}: cannot write there ({probe} is not a writable folder)")
 
 
 def preflight(cfg: RunConfig) -> None:
     """Cheap checks of the user's paths, run before Ray starts.
 
     Raises:
-        UserError: a missing model or tokenizer folder, LoRA targets the model lacks, a missing or empty data file.
+        UserError: an output_dir that cannot be written, a missing model or tokenizer folder, LoRA targets the model
+            lacks, a missing or empty data file, data a tokenizer cannot be trained from, a GGUF export of a model
+            type it does not support.
     """
-    if cfg.model.path and not (Path(os.path.expanduser(cfg.model.path)) / "config.json").is_file():
+    _check_writable(cfg.run_dir.expanduser(), "output_dir")
+    model = Path(os.path.expanduser(cfg.model.path)) if cfg.model.path else None
+    if model is not None and not (model / "config.json").is_file():
         raise UserError(f"model.path {cfg.model.path!r} is not a Hugging Face model folder (no config.json)")
-    if cfg.model.path:
-        check_lora_targets(cfg, Path(os.path.expanduser(cfg.model.path)))
+    check_lora_targets(cfg, model, None if model is not None else set(TINY_MODULE_NAMES))
     if cfg.model.tokenizer_path and not has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
         raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
     if cfg.data.path:
-        resolve_data_paths(cfg.data.path)
+        paths = resolve_data_paths(cfg.data.path)
+        trains_tokenizer = not cfg.model.tokenizer_path and not (model is not None and has_tokenizer(model))
+        other = [p for p in paths if not p.endswith((".jsonl", ".json"))]
+        if trains_tokenizer and other:
+            raise UserError(
+                f"{other[0]}: a tokenizer is trained only from JSONL data; set model.tokenizer_path (or a model.path "
+                "with a tokenizer)"
+            )
     if "gguf" in cfg.export.formats:  # found out before training, not after it
         from raytune_llm.export.gguf import GGUF_MODEL_TYPES
 
@@ -182,23 +211,27 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(run_dir, model_path, tok_path, data_paths, eval_records, _fingerprint(data_paths))
 
 
-def check_lora_targets(cfg: RunConfig, model_path: Path, names: set[str] | None = None) -> None:
+def check_lora_targets(cfg: RunConfig, model_path: Path | None, names: set[str] | None = None) -> None:
     """Fail in a second, before any worker starts, when `lora.target_modules` names no module of the model.
 
     Args:
         cfg: the run config.
-        model_path: the local HF model folder.
+        model_path: the local HF model folder (None with `names`).
         names: the model's module leaf names when already known (`models.lora.module_leaf_names`, which imports
             transformers and builds the model on the meta device: ~4 s in a fresh process on the 2-core machine).
 
     Raises:
         UserError: naming the targets and the model's projections.
     """
-    from raytune_llm.models.lora import LoraSpec, check_targets, module_leaf_names
+    from raytune_llm.models.lora_spec import LoraSpec, check_targets
 
     spec = LoraSpec(target_modules=tuple(cfg.lora.target_modules))
+    if names is None:
+        from raytune_llm.models.lora import module_leaf_names
+
+        names = module_leaf_names(model_path, cfg.model.trust_remote_code)
     try:
-        check_targets(spec, module_leaf_names(model_path, cfg.model.trust_remote_code) if names is None else names)
+        check_targets(spec, names)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -325,6 +358,21 @@ def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str):
     )
 
 
+def check_rows(cfg: RunConfig, rows: int) -> None:
+    """Fail before any worker starts when the data cannot give every worker one micro-batch.
+
+    Raises:
+        UserError: fewer packed rows than `train.num_workers` x `train.micro_batch_size`.
+    """
+    need = cfg.train.num_workers * cfg.train.micro_batch_size
+    if rows < need:
+        raise UserError(
+            f"the data makes {rows} row(s) of data.seq_len={cfg.data.seq_len} tokens but train.num_workers="
+            f"{cfg.train.num_workers} x train.micro_batch_size={cfg.train.micro_batch_size} needs at least {need}; "
+            "add data or lower those settings"
+        )
+
+
 def failure_cause(exc: BaseException) -> str:
     """The most telling line of a Ray Train failure: the worker's own exception, else which worker died."""
     import re
@@ -380,6 +428,7 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     # Materialise the packed rows once: small next to the model, and it makes every epoch and a
     # resumed run see exactly the same rows in the same order.
     ds = ds.materialize()
+    check_rows(cfg, ds.count())
     # One folder per run name under a shared storage_path: two runs must never read each other's checkpoints.
     storage = run_storage(cfg, prep.run_dir)
     if "://" not in storage:
@@ -487,6 +536,8 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.copytree(d / "adapter", adapter)
         shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")
+    from raytune_llm.export.safety import write_run_meta  # not at the top: the export package imports torch
+
     write_run_meta(adapter, cfg, use_gpu)  # checkpoints carry it too; an adapter from an older one may not
     metrics = [json.loads(x) for x in (prep.run_dir / "metrics.jsonl").read_text().splitlines() if x]
     plot_loss(metrics, prep.run_dir / "loss_curve.png")

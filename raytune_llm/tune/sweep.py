@@ -39,6 +39,7 @@ from raytune_llm.train.driver import (
     Prepared,
     UserError,
     check_lora_targets,
+    check_rows,
     connect_ray,
     preflight,
     prepare,
@@ -220,6 +221,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
         datasets = {"train": _build_rows(setup["data_paths"], setup["tokenizer_path"], cfg)}
         if setup["eval_paths"]:
             eval_rows = _eval_rows(setup["eval_paths"], setup["tokenizer_path"], cfg)
+    check_rows(cfg, datasets["train"].count())  # this trial's workers x micro-batch
     trial_id = ray.tune.get_context().get_trial_id()
     # A resumed trial continues from its own last complete checkpoint (the worker loop looks in this folder).
     local = "://" not in setup["trials_storage"]
@@ -309,7 +311,7 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
 
     spec = parse_sweep(cfg)
     preflight(cfg)
-    eval_paths = resolve_data_paths(spec.eval_path) if spec.eval_path else []
+    eval_paths = resolve_data_paths(spec.eval_path, "sweep.eval_path") if spec.eval_path else []
     how = connect_ray(cfg)
     use_gpu, per_worker = check_trial_resources(cfg, spec)
     folder = sweep_folder(cfg)
@@ -326,6 +328,7 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
     datasets, eval_rows = None, None
     if not any(k.startswith("data.") for k in spec.space):
         datasets = {"train": _build_rows(prep.data_paths, str(prep.tokenizer_path), cfg)}
+        check_rows(cfg, datasets["train"].count())
         if eval_paths:
             eval_rows = _eval_rows(eval_paths, str(prep.tokenizer_path), cfg)
     root = _storage_root(cfg, folder)
