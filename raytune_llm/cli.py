@@ -156,7 +156,19 @@ def cmd_plan(args) -> int:
             raise planner.PlanError(f"{flag} must be a positive integer, got {value}")
     plan = plan_for(cfg, hf, gpus_per_node=gpus, nodes=args.nodes)
     print(plan.table())
-    return 0 if plan.fits else 1
+    configured = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}.get(cfg.sharding.strategy)
+    if configured is None:  # auto: the run takes the plan's choice
+        return 0 if plan.fits else 1
+    if configured == "ZeRO-3" and cfg.sharding.offload_params:
+        configured = "ZeRO-3+offload"
+    peak = plan.alternatives[configured]
+    fits = peak <= plan.usable_bytes
+    other = f"; the plan's choice is {plan.strategy}" if plan.fits and plan.strategy != configured else ""
+    print(
+        f"configured: sharding.strategy={cfg.sharding.strategy} ({configured}) {peak / 2**30:.2f} GiB per GPU, "
+        f"{'fits' if fits else 'does NOT fit'} the {plan.usable_bytes / 2**30:.2f} GiB usable{other}"
+    )
+    return 0 if fits else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
