@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp, required=True):
         sp.add_argument("config", nargs=None if required else "?", help="run YAML (conf/*.yaml)")
-        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
+        sp.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.max_steps=50")
 
     sp = sub.add_parser("train", help="fine-tune with Ray Train")
     with_config(sp)
@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", help="run folder, checkpoint or adapter folder")
     sp.add_argument("--format", choices=["hf", "adapter", "gguf"], required=True)
     sp.add_argument("--out", default=None, help="output folder inside the run folder (default exports/<format>)")
-    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    sp.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32", "auto"], default="bf16", help="written weights (auto: as stored)"
+    )
     sp.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16")
     sp.add_argument("--force", action="store_true", help="overwrite an existing export")
     sp.set_defaults(fn=cmd_export)

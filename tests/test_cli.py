@@ -207,3 +207,8 @@ def test_plan_judges_the_configured_strategy():
     out = _run(*args, "sharding.gpu_memory_gib=8", "sharding.strategy=zero3", timeout=60)
     assert out.returncode == 0 and "sharding.strategy=zero3 (ZeRO-3) " in out.stdout, out.stdout
     assert "GiB per GPU, fits the 6.36 GiB usable" in out.stdout
+
+
+def test_an_unreachable_cluster_address_fails_in_seconds(tmp_path):
+    out = _run("train", "conf/quickstart.yaml", "cluster.address=127.0.0.1:1", f"output_dir={tmp_path}", timeout=60)
+    _assert_one_line_error(out, "cluster.address '127.0.0.1:1': nothing answers there")

@@ -298,6 +298,27 @@ def start_local_ray(**init_kwargs: Any) -> str:
     return ray.util.get_node_ip_address()
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a cluster address where nothing listens (ray.init retries it for minutes).
+
+    Raises:
+        UserError: a host:port (or ray://host:port) that refuses or does not answer a TCP connection.
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # "auto" and forms without a port: Ray resolves them itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(
+            f"cluster.address {address!r}: nothing answers there ({exc.strerror or exc}); start the head with "
+            "`ray start --head` or fix the address"
+        ) from None
+
+
 def connect_ray(cfg: RunConfig) -> str:
     """Join `cluster.address` / RAY_ADDRESS, or start a local cluster listening on loopback only; return how."""
     import ray
@@ -307,6 +328,7 @@ def connect_ray(cfg: RunConfig) -> str:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     env = dict(cfg.cluster.runtime_env) if cfg.cluster.runtime_env else None
     if address:
+        _check_reachable(address)
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return f"joined {address}"
     # Local cluster: every service on loopback, no dashboard (nothing listens on a public address).
