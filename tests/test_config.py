@@ -113,6 +113,20 @@ def test_validate_command_is_fast_and_needs_no_ray_or_torch():
     assert wall < 3.0, f"validate took {wall:.2f} s"
 
 
+def test_validate_with_a_data_file_needs_no_torch_either(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    code = (
+        "import sys; from raytune_llm.cli import main; "
+        f"rc = main(['validate', 'conf/quickstart.yaml', 'data.path={data}', 'data.on_bad_record=skip', "
+        "'data.max_bad_fraction=1']); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'validate imported torch'; "
+        "sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "data: 2 records" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("value", ["-1", "big", "1.5", "true", "'512'"])
 def test_bad_mlp_chunk_tokens_is_one_error_naming_the_key(tmp_path, value):
     problems = _errors(tmp_path, f"model: {{mlp_chunk_tokens: {value}}}\n")

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .packer import IGNORE_INDEX, Example
-from .tokenizer import DEFAULT_CHAT_TEMPLATE
 
 FORMATS = ("text", "prompt_completion", "alpaca", "chat")
 ROLES = ("system", "user", "assistant", "tool")
@@ -149,6 +148,8 @@ def render(fmt: str, value: dict, tokenizer, train_on_prompt: bool = False) -> R
 
 
 def _apply(tokenizer, messages, add_generation_prompt: bool) -> str:
+    from .tokenizer import DEFAULT_CHAT_TEMPLATE  # here: packing.tokenizer imports transformers (validate needs none)
+
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
