@@ -160,10 +160,12 @@ def cmd_plan(args) -> int:
     if configured is None:  # auto: the run takes the plan's choice
         return 0 if plan.fits else 1
     if configured == "ZeRO-3" and cfg.sharding.offload_params:
-        configured = "ZeRO-3+offload"
+        configured = "ZeRO-3+offload"  # the planner models parameters and optimizer states offloaded together
     peak = plan.alternatives[configured]
     fits = peak <= plan.usable_bytes
     other = f"; the plan's choice is {plan.strategy}" if plan.fits and plan.strategy != configured else ""
+    if cfg.sharding.offload_optimizer and configured != "ZeRO-3+offload":
+        other += " (sharding.offload_optimizer is not modeled: the figure keeps the optimizer states on the GPU)"
     print(
         f"configured: sharding.strategy={cfg.sharding.strategy} ({configured}) {peak / 2**30:.2f} GiB per GPU, "
         f"{'fits' if fits else 'does NOT fit'} the {plan.usable_bytes / 2**30:.2f} GiB usable{other}"

@@ -55,14 +55,16 @@ def test_a_run_that_never_trained_may_run_again_under_other_settings(tmp_path):
     assert stale == [tmp_path / "r" / "base_model", tmp_path / "r" / "tokenizer"]
 
 
-def test_remote_checkpoints_make_a_built_base_model_count_as_trained(tmp_path):
-    # Checkpoints on remote storage cannot be listed here: a base model built in the folder may have been trained.
+def test_remote_checkpoints_make_the_folder_count_as_trained(tmp_path):
+    # Checkpoints on remote storage cannot be listed here: the run may have trained.
     _run_folder(tmp_path, "cluster.storage_path=s3://bucket/ckpt", trained=False)
     cfg = load_config(
         ROOT / "conf" / "quickstart.yaml",
         [f"output_dir={tmp_path}", "name=r", "cluster.storage_path=s3://bucket/ckpt", "lora.r=4"],
     )
-    with pytest.raises(UserError, match="its base model was made with lora.r="):
+    with pytest.raises(
+        UserError, match=r"its run \(checkpoints on s3://bucket/ckpt/r, not listed here\) was made with lora.r="
+    ):
         check_rerun(cfg)
 
 

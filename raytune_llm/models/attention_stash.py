@@ -75,6 +75,20 @@ class _PassThrough(torch.autograd.Function):
         return None, None
 
 
+class _CopiedIn(torch.autograd.Function):
+    """A trained parameter as a fresh copy of its own: what the kept graph saves of it is that small storage, not the
+    buffer the parameter may be a view of (DeepSpeed's bf16 ZeRO-2 flattens every trainable parameter into one)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        del anchor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
 class HostCopies:
     """Host copies of tensors' storages (once per storage), and their way back to the device.
 
@@ -211,7 +225,8 @@ def _record(stash: AttentionStash, attn: Callable, q, k, v, params: tuple) -> to
     anchor = torch.empty(0, device=q.device, requires_grad=True)
     copies = stash.copies
     with torch.enable_grad(), saved_tensors_hooks(copies.pack, copies.unpack):
-        stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v, *params)]
+        stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v)]
+        stand_ins += [_CopiedIn.apply(p.detach(), anchor) for p in params]
         out = attn(*stand_ins)
     stash.edge_out = get_gradient_edge(out)
     stash.edges_in = [get_gradient_edge(t) for t in stand_ins]

@@ -318,7 +318,7 @@ class PackedStream:
                     )
                 if len(ex.input_ids):
                     buf.append(ex)
-                    tokens += len(ex.input_ids)
+                    tokens += len(ex.input_ids) if self.pack else self.seq_len  # unpacked: a whole row each
             if tokens >= budget:
                 yield records, buf
                 buf, tokens = [], 0

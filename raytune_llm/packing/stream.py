@@ -335,7 +335,7 @@ def _pack_units(batch: dict[str, np.ndarray], **kw) -> Iterator[pa.Table]:
         for item in items:
             for ex in () if item is None else ([item] if not isinstance(item, list) else item):
                 buf.append(ex)
-                tokens += len(ex.input_ids)
+                tokens += len(ex.input_ids) if kw["pack"] else kw["seq_len"]  # unpacked: a whole row each
             if tokens >= budget:
                 yield rows_to_arrow(pack_window(buf, kw["seq_len"], pad_id, seed, window, kw["pack"]))
                 buf, tokens, window = [], 0, window + 1

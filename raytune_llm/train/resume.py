@@ -62,7 +62,7 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
     made with this config, apart from `_RERUN_MAY_CHANGE`. Otherwise the new config.yaml (and the embedded task's
     data) would replace the record of what was trained while the adapter stayed the old one. A folder where nothing
     was trained yet (a run that stopped on bad data, targets or resources) may be run again under any settings.
-    With checkpoints on remote storage (which this check cannot list) a base model built here counts as trained.
+    With checkpoints on remote storage (which this check cannot list) the folder counts as trained.
 
     Returns:
         The folders an untrained earlier run built from other settings (`_BASE_MADE_FROM`: its base model and
@@ -83,10 +83,9 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
     remote = "://" in storage
     checkpoint = not remote and latest_complete(Path(storage) / "train") is not None
     adapter = (run_dir / "adapter" / "adapter_config.json").is_file()
-    built = not cfg.model.path and (run_dir / "base_model" / "config.json").is_file()
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
     now = _flat(redact(to_dict(cfg)))
-    if not (checkpoint or adapter or (remote and built)):
+    if not (checkpoint or adapter or remote):
         if _differ(saved, now, lambda k: k.startswith(_BASE_MADE_FROM)):
             return [p for p in (run_dir / "base_model", run_dir / "tokenizer") if p.is_dir()]
         return []
@@ -94,7 +93,13 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
     if differ:
         k = differ[0]
         more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
-        what = "its checkpoint" if checkpoint else "its adapter" if adapter else "its base model"
+        what = (
+            "its checkpoint"
+            if checkpoint
+            else "its adapter"
+            if adapter
+            else f"its run (checkpoints on {storage}, not listed here)"
+        )
         raise UserError(
             f"cannot resume run {cfg.name!r}: {what} was made with {k}={saved.get(k)!r} but this run has "
             f"{k}={now.get(k)!r}{more}; use another name= or the original settings"

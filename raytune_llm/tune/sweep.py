@@ -221,7 +221,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
         datasets = {"train": _build_rows(setup["data_paths"], setup["tokenizer_path"], cfg)}
         if setup["eval_paths"]:
             eval_rows = _eval_rows(setup["eval_paths"], setup["tokenizer_path"], cfg)
-    check_rows(cfg, datasets["train"].count())  # this trial's workers x micro-batch
+    check_rows(cfg, datasets["train"].count())  # this trial's workers x micro-batch (the space may vary them)
     trial_id = ray.tune.get_context().get_trial_id()
     # A resumed trial continues from its own last complete checkpoint (the worker loop looks in this folder).
     local = "://" not in setup["trials_storage"]
@@ -328,7 +328,6 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
     datasets, eval_rows = None, None
     if not any(k.startswith("data.") for k in spec.space):
         datasets = {"train": _build_rows(prep.data_paths, str(prep.tokenizer_path), cfg)}
-        check_rows(cfg, datasets["train"].count())
         if eval_paths:
             eval_rows = _eval_rows(eval_paths, str(prep.tokenizer_path), cfg)
     root = _storage_root(cfg, folder)

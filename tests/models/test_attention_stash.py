@@ -93,3 +93,20 @@ def test_a_forward_without_backward_frees_its_stashes(monkeypatch):
     del y, chain
     gc.collect()
     assert [r() for r in refs] == [None] * 3, "a stash outlived its graph"
+
+
+def test_stashed_parameters_are_copied_alone_not_the_buffer_they_view():
+    # Trained tensors handed to the stash (the O adapter) may be views of one flat buffer (DeepSpeed's bf16 ZeRO-2
+    # flattens every trainable parameter into one): the kept graph must save copies of them alone, not the buffer.
+    flat = torch.zeros(100_000, requires_grad=True)
+    a, b = flat[:64].view(4, 16), flat[64:96].view(8, 4)
+    q = torch.randn(1, 2, 3, 8, requires_grad=True)
+    stashes: list = []
+
+    def attn_o(q, k, v, a, b):
+        return (_chained_attention(q, k, v).reshape(1, 3, -1) @ a.t()) @ b.t()
+
+    with attention_stash.recording(stashes, side_stream=None):
+        attention_stash.run(attn_o, q, q, q, params=(a, b))
+    kept = sum(host.numel() for host, _ in stashes[0].copies._host.values())
+    assert kept < flat.numel() * flat.element_size() // 10, kept
