@@ -213,6 +213,6 @@ def dump_events(prof, path: str) -> int:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python bench/e2e/timeline.py FILE.events.json.gz")
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit("usage: python bench/e2e/timeline.py FILE.events.json.gz (a run_stack --profile dump)")
     print(json.dumps(stream_gaps(events_from_dump(sys.argv[1])), indent=1))
