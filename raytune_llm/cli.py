@@ -114,9 +114,16 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from raytune_llm.export import export
+    from raytune_llm.export import ExportError, export
 
-    out = export(args.source, args.format, out=args.out, dtype=args.dtype, gguf_type=args.gguf_type, force=args.force)
+    if args.format == "gguf" and args.dtype is not None:
+        raise ExportError("--dtype applies to hf and adapter exports; a GGUF file takes --gguf-type")
+    if args.format != "gguf" and args.gguf_type is not None:
+        raise ExportError(f"--gguf-type applies to gguf exports, not {args.format}")
+    out = export(
+        args.source, args.format, out=args.out, dtype=args.dtype or "bf16", gguf_type=args.gguf_type or "f16",
+        force=args.force,
+    )  # fmt: skip
     print(f"wrote {out}")
     return 0
 
@@ -205,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["hf", "adapter", "gguf"], required=True)
     sp.add_argument("--out", default=None, help="output folder inside the run folder (default exports/<format>)")
     sp.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32", "auto"], default="bf16", help="written weights (auto: as stored)"
+        "--dtype",
+        choices=["bf16", "fp16", "fp32", "auto"],
+        default=None,
+        help="hf/adapter weights (default bf16; auto: as stored)",
     )
-    sp.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16")
+    sp.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default=None, help="gguf only (default f16)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing export")
     sp.set_defaults(fn=cmd_export)
     return p

@@ -212,3 +212,10 @@ def test_plan_judges_the_configured_strategy():
 def test_an_unreachable_cluster_address_fails_in_seconds(tmp_path):
     out = _run("train", "conf/quickstart.yaml", "cluster.address=127.0.0.1:1", f"output_dir={tmp_path}", timeout=60)
     _assert_one_line_error(out, "cluster.address '127.0.0.1:1': nothing answers there")
+
+
+def test_export_options_that_do_not_apply_are_refused(tmp_path):
+    out = _run("export", str(tmp_path), "--format", "gguf", "--dtype", "fp32", timeout=60)
+    _assert_one_line_error(out, "--dtype applies to hf and adapter exports")
+    out = _run("export", str(tmp_path), "--format", "hf", "--gguf-type", "q8_0", timeout=60)
+    _assert_one_line_error(out, "--gguf-type applies to gguf exports, not hf")

@@ -64,6 +64,12 @@ def export(
     target = resolve_output(src.root, out, fmt)
     if src.adapter_dir == target or src.adapter_dir.is_relative_to(target):
         raise ExportError(f"output {target} would replace the adapter being exported; choose another folder")
+    if target.is_relative_to(src.adapter_dir):
+        raise ExportError(f"output {target} is inside the adapter being exported; choose another folder")
+    exports = Path(src.root).resolve() / "exports"
+    if target.exists() and not (target != exports and target.is_relative_to(exports)):
+        # --force replaces an earlier export only, never checkpoints, the tokenizer or the exports folder itself
+        raise ExportError(f"output {target} exists and is not an earlier export inside {exports}; choose a new folder")
     base = src.base_dir.resolve()
     if base == target.resolve() or base.is_relative_to(target.resolve()) or target.resolve().is_relative_to(base):
         raise ExportError(f"output {target} would replace or sit inside the base model {base}; choose another folder")

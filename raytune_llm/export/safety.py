@@ -117,6 +117,8 @@ def resolve_source(source: str | os.PathLike) -> Source:
     base_dir = Path(base).expanduser()
     if not base_dir.is_absolute():
         base_dir = (adapter_dir / base_dir).resolve()
+    if not (base_dir / "config.json").is_file() and (root / "base_model" / "config.json").is_file():
+        base_dir = root / "base_model"  # a run folder copied or moved (ray rsync-down): its own base model
     if not (base_dir / "config.json").is_file():
         raise ExportError(f"base model folder {base_dir} (from adapter_config.json) has no config.json")
     quant = {"quant_bits": 16}
@@ -188,7 +190,10 @@ def atomic_dir(target: Path, force: bool) -> Iterator[Path]:
         raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} exists and is not a folder; remove it first")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(f"cannot make the folder {target.parent}: a file is in the way") from None
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()

@@ -119,6 +119,35 @@ def test_force_never_replaces_the_runs_base_model(tmp_path, llama_base):
     cfg_path = run / "adapter" / "adapter_config.json"
     cfg_path.write_text(cfg_path.read_text().replace(str(llama_base), str(run / "base_model")))
     for out in ("base_model", "base_model/inner", "."):
-        with pytest.raises(ExportError, match="base model|adapter being exported|run folder"):
+        with pytest.raises(ExportError, match="base model|adapter being exported|run folder|not an earlier export"):
             export(run, "hf", out=out, force=True)
     assert (run / "base_model" / "config.json").is_file()
+
+
+def test_force_replaces_earlier_exports_only(tmp_path, llama_base):
+    # --force may replace an earlier export; never a checkpoint folder, the tokenizer, the exports folder itself or
+    # anything inside the adapter, and a file in the way of --out is one line.
+    run = build_run(tmp_path / "run", llama_base)
+    for part in ("ray/train/checkpoint_1", "tokenizer", "exports/hf"):
+        (run / part).mkdir(parents=True)
+        (run / part / "keep").write_text("x")
+    for out in ("ray", "tokenizer", "exports", "adapter/merged"):
+        with pytest.raises(ExportError, match="not an earlier export|inside the adapter"):
+            export(run, "adapter", out=out, force=True)
+    assert all((run / p / "keep").is_file() for p in ("ray/train/checkpoint_1", "tokenizer", "exports/hf"))
+    assert not (run / "adapter" / "merged").exists()
+    assert export(run, "adapter", out="exports/hf", force=True) == run / "exports" / "hf"
+    with pytest.raises(ExportError, match="a file is in the way"):
+        export(run, "adapter", out="ray/train/checkpoint_1/keep/x")
+
+
+def test_a_moved_run_folder_exports_with_its_own_base_model(tmp_path, llama_base):
+    # adapter_config.json records the base model's absolute path; a run folder copied elsewhere (ray rsync-down)
+    # finds its own base_model/ when that path is gone.
+    import shutil
+
+    run = build_run(tmp_path / "run", llama_base)
+    shutil.copytree(llama_base, run / "base_model")
+    cfg_path = run / "adapter" / "adapter_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace(str(llama_base), str(tmp_path / "gone" / "base_model")))
+    assert (export(run, "adapter") / "adapter_config.json").is_file()
