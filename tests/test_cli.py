@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,13 @@ def test_export_options_that_do_not_apply_are_refused(tmp_path):
     _assert_one_line_error(out, "--dtype applies to hf and adapter exports")
     out = _run("export", str(tmp_path), "--format", "hf", "--gguf-type", "q8_0", timeout=60)
     _assert_one_line_error(out, "--gguf-type applies to gguf exports, not hf")
+
+
+def test_a_relative_output_dir_inside_a_ray_job_package_is_refused(tmp_path):
+    # `ray job submit --working-dir .` runs the command in a temporary copy Ray deletes with the job.
+    pkg = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    shutil.copytree(ROOT / "conf", pkg / "conf")
+    out = _run("validate", "conf/quickstart.yaml", cwd=pkg, timeout=60)
+    _assert_one_line_error(out, "output_dir 'runs' is relative: under `ray job submit`")
+    out = _run("validate", "conf/quickstart.yaml", f"output_dir={tmp_path}/runs", cwd=pkg, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -113,6 +113,12 @@ def preflight(cfg: RunConfig) -> None:
             lacks, a missing or empty data file, data a tokenizer cannot be trained from, a GGUF export of a model
             type it does not support.
     """
+    in_job_package = "/runtime_resources/working_dir_files/" in str(Path.cwd())  # `ray job submit --working-dir`
+    if in_job_package and not Path(cfg.output_dir).expanduser().is_absolute():
+        raise UserError(
+            f"output_dir {cfg.output_dir!r} is relative: under `ray job submit` it lies in the job's temporary working "
+            "directory, which Ray deletes; set output_dir to an absolute shared path (e.g. output_dir=/shared/runs)"
+        )
     _check_writable(cfg.run_dir.expanduser(), "output_dir")
     model = Path(os.path.expanduser(cfg.model.path)) if cfg.model.path else None
     if model is not None and not (model / "config.json").is_file():

@@ -144,15 +144,25 @@ def export_best(row: dict, spec: SweepSpec, cfg: RunConfig, folder: Path, use_gp
     from raytune_llm.export.safety import write_run_meta
 
     best = folder / "best"
+    record = {k: v for k, v in row.items() if k != "curve"}
+    same = (best / "trial.json").is_file() and json.loads((best / "trial.json").read_text()) == json.loads(
+        json.dumps(record)
+    )
+    # The same best trial again (a finished sweep run once more): keep what the user exported from it since.
+    kept = best / "exports" if same and (best / "exports").is_dir() else None
+    if kept is not None:
+        kept = kept.rename(folder / ".best-exports-kept")
     shutil.rmtree(best, ignore_errors=True)
     best.mkdir(parents=True)
+    if kept is not None:
+        kept.rename(best / "exports")
     trial_cfg = apply_overrides(cfg, {key: row[key] for key in spec.space})
     with Checkpoint(row["checkpoint"]).as_directory() as d:
         shutil.copytree(Path(d) / "adapter", best / "adapter")
         shutil.copy(Path(d) / "metrics.jsonl", best / "metrics.jsonl")
     write_run_meta(best / "adapter", trial_cfg, use_gpu)
     save_config(trial_cfg, best / "config.yaml")
-    (best / "trial.json").write_text(json.dumps({k: v for k, v in row.items() if k != "curve"}, indent=1) + "\n")
+    (best / "trial.json").write_text(json.dumps(record, indent=1) + "\n")
     return export(best, "adapter", dtype="auto", force=True)
 
 

@@ -287,6 +287,15 @@ def parse_sweep(cfg: RunConfig) -> SweepSpec:
     if spec.scheduler is not None and spec.scheduler.max_t is None:
         unit = 1 if spec.scheduler.time_attr == "step" else spec.eval_every
         spec.scheduler.max_t = max(1, math.ceil(cfg.train.max_steps / unit))
+        if spec.scheduler.grace_period > spec.scheduler.max_t:
+            raise ConfigError(
+                [
+                    f"sweep.scheduler.asha.grace_period {spec.scheduler.grace_period} exceeds the {spec.scheduler.max_t} "
+                    f"report(s) a trial makes (train.max_steps={cfg.train.max_steps}, sweep.eval_every={spec.eval_every});"
+                    " lower grace_period or raise train.max_steps"
+                ],
+                "sweep",
+            )
     if spec.metric == "eval_loss" and cfg.data.path and not spec.eval_path:
         raise ConfigError(
             ["sweep.metric eval_loss needs held-out data: set sweep.eval_path (or metric: loss)"], "sweep"

@@ -364,8 +364,6 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
         # The saved run config carries the previous session's callback; this session has its own ledger.
         tuner._local_tuner.get_run_config().callbacks = [_release_callback(setup["pg_ledger"])]
     else:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "sweep.json").write_text(json.dumps(identity, indent=1) + "\n")
         scheduler = None
         if spec.scheduler is not None:
             s = spec.scheduler
@@ -391,6 +389,8 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
                 verbose=1,
             ),
         )
+        folder.mkdir(parents=True, exist_ok=True)  # recorded once the sweep can start, not before its settings hold
+        (folder / "sweep.json").write_text(json.dumps(identity, indent=1) + "\n")
     grid = tuner.fit()
     for trial_id in ray.get(ledger.trials.remote()):  # left by an interruption
         _release(setup["pg_ledger"], trial_id)

@@ -98,3 +98,10 @@ def test_cli_sweep_reports_a_bad_space_in_one_line_before_ray(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("raytune-llm: error: sweep:") and "did you mean 'train.lr'?" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_grace_period_longer_than_a_trial_is_refused():
+    # ASHA asserts grace_period <= max_t inside Tune (a traceback); the default max_t is the reports a trial makes.
+    cfg = load_config(ROOT / "conf" / "sweep_lora.yaml", ["train.max_steps=4"])
+    with pytest.raises(ConfigError, match="grace_period 2 exceeds the 1 report"):
+        parse_sweep(cfg)
