@@ -19,7 +19,7 @@ from .adapter import write_adapter
 from .gguf import GGUF_TYPES, write_gguf
 from .hf import DEFAULT_MAX_SHARD, write_hf
 from .merge import parse_dtype
-from .safety import ExportError, atomic_dir, resolve_output, resolve_source
+from .safety import ExportError, atomic_dir, atomic_file, resolve_output, resolve_source
 
 FORMATS = ("hf", "adapter", "gguf")
 
@@ -73,11 +73,13 @@ def export(
     base = src.base_dir.resolve()
     if base == target.resolve() or base.is_relative_to(target.resolve()) or target.resolve().is_relative_to(base):
         raise ExportError(f"output {target} would replace or sit inside the base model {base}; choose another folder")
+    if fmt == "gguf":  # one file per type in the folder: another type's file stays
+        with atomic_file(target / f"model-{gguf_type}.gguf", force) as tmp:
+            write_gguf(src, tmp, gguf_type)
+        return target / f"model-{gguf_type}.gguf"
     with atomic_dir(target, force) as tmp:
         if fmt == "hf":
             write_hf(src, tmp, torch_dtype, max_shard_size)
-        elif fmt == "adapter":
-            write_adapter(src, tmp, torch_dtype)
         else:
-            write_gguf(src, tmp / f"model-{gguf_type}.gguf", gguf_type)
-    return target / f"model-{gguf_type}.gguf" if fmt == "gguf" else target
+            write_adapter(src, tmp, torch_dtype)
+    return target

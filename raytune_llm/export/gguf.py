@@ -161,7 +161,7 @@ def write_gguf(source: Source, path: Path, gguf_type: str) -> None:
 
     Args:
         source: the resolved export source.
-        path: the .gguf file to write (inside the temporary output folder).
+        path: the file to write (a temporary name beside the final .gguf, see `safety.atomic_file`).
         gguf_type: f16, bf16 or q8_0.
 
     Raises:

@@ -209,3 +209,28 @@ def atomic_dir(target: Path, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` that replaces it when the block finishes without an error.
+
+    For single-file exports (GGUF): the other files of ``target``'s folder (other GGUF types) stay.
+
+    Raises:
+        ExportError: ``target`` exists and ``force`` is False, or it is in the way as a folder.
+    """
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
+    if target.is_dir():
+        raise ExportError(f"{target} is a folder; remove it first")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(f"cannot make the folder {target.parent}: a file is in the way") from None
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -151,3 +151,15 @@ def test_a_moved_run_folder_exports_with_its_own_base_model(tmp_path, llama_base
     cfg_path = run / "adapter" / "adapter_config.json"
     cfg_path.write_text(cfg_path.read_text().replace(str(llama_base), str(tmp_path / "gone" / "base_model")))
     assert (export(run, "adapter") / "adapter_config.json").is_file()
+
+
+def test_gguf_types_are_files_of_one_folder(run):
+    # Each GGUF type is its own file: exporting a second type keeps the first; the same type again needs force.
+    pytest.importorskip("gguf")
+    f16 = export(run, "gguf", out="exports/gguf_types", gguf_type="f16")
+    q8 = export(run, "gguf", out="exports/gguf_types", gguf_type="q8_0")
+    assert f16.is_file() and q8.is_file() and f16.parent == q8.parent
+    with pytest.raises(ExportError, match="already exists.*force"):
+        export(run, "gguf", out="exports/gguf_types", gguf_type="q8_0")
+    assert export(run, "gguf", out="exports/gguf_types", gguf_type="q8_0", force=True) == q8 and f16.is_file()
+    assert _leftovers(run) == []
