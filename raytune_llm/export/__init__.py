@@ -41,7 +41,8 @@ def export(
         source: a run folder (its ``adapter/`` is used) or an adapter folder.
         fmt: "hf", "adapter" or "gguf".
         out: output folder inside the run folder (relative to it, or absolute inside it); default
-            ``<run>/exports/<fmt>``.
+            ``<run>/exports/<fmt>``, or ``<run>/exports/<fmt>-<source folder name>`` for another adapter of the run
+            (a checkpoint's, an earlier export's).
         dtype: dtype of the written weights for hf and adapter: bf16, fp16, fp32, or auto (keep the stored dtype).
             GGUF uses ``gguf_type`` instead.
         gguf_type: f16, bf16 or q8_0 (GGUF only).
@@ -61,7 +62,9 @@ def export(
         raise ExportError(f"unknown GGUF type {gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
     torch_dtype = parse_dtype(dtype)
     src = resolve_source(source)
-    target = resolve_output(src.root, out, fmt)
+    # Another adapter than the run's own (a checkpoint's, an earlier export's) gets its own default folder.
+    own = src.adapter_dir == Path(src.root).resolve() / "adapter" or src.adapter_dir == Path(src.root).resolve()
+    target = resolve_output(src.root, out, fmt if own else f"{fmt}-{Path(source).expanduser().resolve().name}")
     if src.adapter_dir == target or src.adapter_dir.is_relative_to(target):
         raise ExportError(f"output {target} would replace the adapter being exported; choose another folder")
     if target.is_relative_to(src.adapter_dir):

@@ -99,13 +99,24 @@ def resolve_source(source: str | os.PathLike) -> Source:
     path = path.resolve()
     if (path / ADAPTER_CONFIG).is_file():
         adapter_dir = path
-        root = path.parent if (path.parent / RUN_CONFIG).is_file() else path
     elif (path / "adapter" / ADAPTER_CONFIG).is_file():
-        adapter_dir, root = path / "adapter", path
+        adapter_dir = path / "adapter"
     elif (path / "config.json").is_file():
         raise ExportError(f"{path} is a full model folder, not a run or adapter; it has nothing to merge or export")
     else:
-        raise ExportError(f"{path} has no adapter_config.json and no adapter/ folder; give a run or adapter folder")
+        hint = ""
+        if (path / "ray" / "train").is_dir():
+            hint = f" (a run that did not finish: export one of its checkpoints, {path}/ray/train/.../checkpoint_*)"
+        raise ExportError(
+            f"{path} has no adapter_config.json and no adapter/ folder; give a run or adapter folder{hint}"
+        )
+    # The run folder this adapter belongs to (a checkpoint's or an earlier export's lies a few levels below it): the
+    # outputs go there, never inside a checkpoint or an export; else the folder given.
+    root = (
+        path
+        if (path / RUN_CONFIG).is_file()
+        else next((p for p in list(adapter_dir.parents)[:5] if (p / RUN_CONFIG).is_file()), path)
+    )
     cfg = _read_json(adapter_dir / ADAPTER_CONFIG)
     base = cfg.get("base_model_name_or_path")
     if not base:

@@ -163,3 +163,21 @@ def test_gguf_types_are_files_of_one_folder(run):
         export(run, "gguf", out="exports/gguf_types", gguf_type="q8_0")
     assert export(run, "gguf", out="exports/gguf_types", gguf_type="q8_0", force=True) == q8 and f16.is_file()
     assert _leftovers(run) == []
+
+
+def test_a_checkpoint_or_an_export_exports_beside_the_runs_own(tmp_path, llama_base):
+    # A checkpoint's adapter (or an earlier export's) belongs to the run: its export goes to the run's exports/ under
+    # a name of its own, never inside the checkpoint or the export, and never over the run's own exports.
+    import shutil
+
+    run = build_run(tmp_path / "run", llama_base)
+    ckpt = run / "ray" / "train" / "checkpoint_000004"
+    shutil.copytree(run / "adapter", ckpt / "adapter")
+    assert export(ckpt, "adapter") == run / "exports" / "adapter-checkpoint_000004"
+    own = export(run, "adapter")
+    assert own == run / "exports" / "adapter"
+    assert export(own, "adapter", dtype="fp32") == run / "exports" / "adapter-adapter"
+    assert not (ckpt / "exports").exists() and not (own / "exports").exists()
+    shutil.rmtree(run / "adapter")  # a run that stopped before its final adapter
+    with pytest.raises(ExportError, match="export one of its checkpoints"):
+        export(run, "hf")
