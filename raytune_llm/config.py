@@ -281,7 +281,7 @@ class ExportSection:
     formats: list[Literal["adapter", "hf", "gguf"]] = field(default_factory=lambda: ["adapter", "hf"])
     """Exports made at the end of training."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """dtype of the merged HF export."""
+    """dtype of the weights the hf and adapter exports write (the trained adapter in the run's adapter/ stays fp32)."""
     gguf_type: Literal["f16", "bf16", "q8_0"] = "f16"
     """Tensor type of the GGUF export."""
 
