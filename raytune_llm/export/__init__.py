@@ -67,9 +67,9 @@ def export(
     target = resolve_output(src.root, out, fmt if own else f"{fmt}-{Path(source).expanduser().resolve().name}")
     if src.adapter_dir == target or src.adapter_dir.is_relative_to(target):
         raise ExportError(f"output {target} would replace the adapter being exported; choose another folder")
-    if target.is_relative_to(src.adapter_dir):
-        raise ExportError(f"output {target} is inside the adapter being exported; choose another folder")
     exports = Path(src.root).resolve() / "exports"
+    if target.is_relative_to(src.adapter_dir) and not target.is_relative_to(exports):  # exports/ of a bare adapter
+        raise ExportError(f"output {target} is inside the adapter being exported; choose another folder")
     if target.exists() and not (target != exports and target.is_relative_to(exports)):
         # --force replaces an earlier export only, never checkpoints, the tokenizer or the exports folder itself
         raise ExportError(f"output {target} exists and is not an earlier export inside {exports}; choose a new folder")

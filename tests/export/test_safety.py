@@ -181,3 +181,14 @@ def test_a_checkpoint_or_an_export_exports_beside_the_runs_own(tmp_path, llama_b
     shutil.rmtree(run / "adapter")  # a run that stopped before its final adapter
     with pytest.raises(ExportError, match="export one of its checkpoints"):
         export(run, "hf")
+
+
+def test_a_bare_adapter_folder_exports_into_its_own_exports(tmp_path, llama_base):
+    # An adapter folder that belongs to no run (a PEFT adapter from elsewhere) is its own root, as before.
+    import shutil
+
+    run = build_run(tmp_path / "run", llama_base)
+    bare = shutil.copytree(run / "adapter", tmp_path / "bare")
+    assert export(bare, "adapter") == bare / "exports" / "adapter"
+    with pytest.raises(ExportError, match="inside the adapter being exported"):
+        export(bare, "adapter", out="inner")
