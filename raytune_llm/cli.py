@@ -23,7 +23,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [ConfigError, FileNotFoundError, NotADirectoryError, PermissionError]
     for mod, name in (
-        ("raytune_llm.train.driver", "UserError"),
+        ("raytune_llm.train.errors", "UserError"),
         ("raytune_llm.packing.validate", "DataError"),
         ("raytune_llm.export", "ExportError"),
         ("raytune_llm.sharding.planner", "PlanError"),
@@ -49,7 +49,7 @@ def cmd_validate(args) -> int:
     t0 = time.perf_counter()
     cfg = _load(args)
     checked = []
-    from raytune_llm.train.driver import preflight, resolve_data_paths
+    from raytune_llm.train.preflight import preflight, resolve_data_paths
 
     if cfg.sweep:
         from raytune_llm.tune.space import parse_sweep

@@ -174,7 +174,7 @@ def test_the_embedded_models_module_names_are_the_built_models(tmp_path):
     # preflight checks the embedded default's LoRA targets against a fixed list, before the model exists
     from raytune_llm.models.lora import module_leaf_names
     from raytune_llm.models.tiny import build_tiny_model
-    from raytune_llm.train.driver import TINY_MODULE_NAMES
+    from raytune_llm.train.preflight import TINY_MODULE_NAMES
 
     names = {n for n in module_leaf_names(build_tiny_model(tmp_path / "m")) if n and not n.isdigit()}
     assert names == set(TINY_MODULE_NAMES)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_llm.config import ConfigError, RunConfig, from_dict, load_config, redact, save_config, to_dict
+from raytune_llm.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from raytune_llm.config_save import redact, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_llm.config import load_config, save_config
+from raytune_llm.config import load_config
+from raytune_llm.config_save import save_config
 from raytune_llm.train.driver import UserError, check_rerun, run_storage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raytune_llm.config import RunConfig, redact, to_dict
+from raytune_llm.config import RunConfig, to_dict
+from raytune_llm.config_save import redact
 from raytune_llm.train.errors import UserError
 
 # Settings a run of an existing name may change: how long and how often, where it runs, what it exports.

@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from raytune_llm.config import RunConfig, save_config
+from raytune_llm.config import RunConfig
+from raytune_llm.config_save import save_config
 from raytune_llm.tune.space import SweepSpec, apply_overrides
 
 _STATUS = {"ERROR": "error", "PENDING": "unfinished", "RUNNING": "unfinished", "PAUSED": "unfinished"}

@@ -35,17 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from raytune_llm.config import RunConfig, to_dict
-from raytune_llm.train.driver import (
-    Prepared,
-    UserError,
-    check_lora_targets,
-    check_rows,
-    connect_ray,
-    preflight,
-    prepare,
-    record_options,
-    resolve_data_paths,
-)
+from raytune_llm.train.driver import Prepared, UserError, connect_ray, prepare, record_options
+from raytune_llm.train.preflight import check_lora_targets, check_rows, preflight, resolve_data_paths
 from raytune_llm.tune.space import SweepSpec, apply_overrides, param_space, parse_sweep
 
 # Sweep keys that do not change what a trial computes: resuming with other values is allowed (a restored
