@@ -63,11 +63,11 @@ def export(
     torch_dtype = parse_dtype(dtype)
     src = resolve_source(source)
     # Another adapter than the run's own (a checkpoint's, an earlier export's) gets its own default folder.
-    own = src.adapter_dir == Path(src.root).resolve() / "adapter" or src.adapter_dir == Path(src.root).resolve()
+    own = src.adapter_dir in (src.root, src.root / "adapter")  # both resolved by resolve_source
     target = resolve_output(src.root, out, fmt if own else f"{fmt}-{Path(source).expanduser().resolve().name}")
     if src.adapter_dir == target or src.adapter_dir.is_relative_to(target):
         raise ExportError(f"output {target} would replace the adapter being exported; choose another folder")
-    exports = Path(src.root).resolve() / "exports"
+    exports = src.root / "exports"
     if target.is_relative_to(src.adapter_dir) and not target.is_relative_to(exports):  # exports/ of a bare adapter
         raise ExportError(f"output {target} is inside the adapter being exported; choose another folder")
     if target.exists() and not (target != exports and target.is_relative_to(exports)):

@@ -183,6 +183,13 @@ def resolve_output(root: Path, out: str | os.PathLike | None, default_name: str)
     return target
 
 
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(f"cannot make the folder {target.parent}: a file is in the way") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, force: bool) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces ``target`` when the block finishes without an error.
@@ -201,10 +208,7 @@ def atomic_dir(target: Path, force: bool) -> Iterator[Path]:
         raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} exists and is not a folder; remove it first")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ExportError(f"cannot make the folder {target.parent}: a file is in the way") from None
+    _make_parent(target)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()
@@ -235,10 +239,7 @@ def atomic_file(target: Path, force: bool) -> Iterator[Path]:
         raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
     if target.is_dir():
         raise ExportError(f"{target} is a folder; remove it first")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ExportError(f"cannot make the folder {target.parent}: a file is in the way") from None
+    _make_parent(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
