@@ -91,6 +91,10 @@ class ModelSection:
     kept); 0/null = never; auto = only once one such tensor would pass 1 GiB (e.g. from ~37k tokens at 8B)."""
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run (off: only transformers' own classes)."""
+    random_weights: bool = False
+    """Draw the base weights at random on each worker (seeded by train.seed) instead of reading them: `path` then
+    needs only config.json and a tokenizer. For measuring a run's memory and speed (e.g. 70B across GPUs) before
+    downloading its weights; the adapter learns nothing useful, so nothing is evaluated or exported."""
 
     def __post_init__(self):
         value = self.mlp_chunk_tokens
@@ -314,6 +318,17 @@ class RunConfig:
             _fail("sharding.offload_params needs sharding.strategy=zero3")
         if self.sharding.offload_optimizer and self.sharding.strategy == "ddp":
             _fail("sharding.offload_optimizer needs sharding.strategy zero2, zero3 or auto")
+        if self.model.random_weights:
+            if not self.model.path:
+                _fail(
+                    "model.random_weights needs model.path, a folder with the model's config.json "
+                    "(the built-in tiny model is random already)"
+                )
+            if self.export.formats:
+                _fail(
+                    "model.random_weights trains on weights that are never saved, so there is nothing to export: "
+                    f"set export.formats=[] (got {list(self.export.formats)})"
+                )
         if self.quant.bits == 4 and self.model.dtype == "fp16" and self.sharding.strategy == "zero3":
             _fail("quant.bits=4 with sharding.strategy=zero3 needs model.dtype bf16 or fp32 (storage dtype)")
         if self.train.cuda_graph:

@@ -149,3 +149,12 @@ def test_bare_yaml_on_off_yes_no_read_as_the_words(tmp_path):
     cfg = load_config(path)
     assert (cfg.model.gradient_checkpointing, cfg.train.use_gpu) == ("on", "no")
     assert load_config(None, ["model.gradient_checkpointing=off"]).model.gradient_checkpointing == "off"
+
+
+def test_random_weights_needs_a_model_folder_and_no_exports(tmp_path):
+    (problem,) = _errors(tmp_path, "model: {random_weights: true}\nexport: {formats: []}\n")
+    assert "model.random_weights needs model.path" in problem, problem
+    (problem,) = _errors(tmp_path, "model: {random_weights: true, path: /m}\n")
+    assert "nothing to export: set export.formats=[] (got ['adapter', 'hf'])" in problem, problem
+    cfg = load_config(None, ["model.random_weights=true", "model.path=/m", "export.formats=[]"])
+    assert cfg.model.random_weights and from_dict(to_dict(cfg)).model.random_weights

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Prepared at the end of session 10, not run: 1x65536 for ours and Unsloth in one call with the current code (session
-# 10 ran ours alone: 5,652 tokens/s; Unsloth's 4,527 is session 8's, another machine). ~430 s; carry .whl/core and
-# .whl/anchors.
+# Session 11, call 1 (nvidia-h200-x2): issue 13's runs through the real CLI with model.random_weights. Ray Train DDP
+# with the fused QLoRA 8B at 4x2048 per GPU on 1 and 2 GPUs; ZeRO-3 QLoRA at 70B shapes, sequence 2048, over 2 GPUs
+# beside the planner; then the 2-GPU test of ZeRO-3's bf16 NF4 partitioning. Carry .whl/core.
 set -o pipefail
 source bench/gpu/_env.sh
-echo "== e2e 1x65536 $(date +%T)"
-python3 bench/e2e/bench_e2e.py --budget-s ${BUDGET:-540} --shapes 1x65536 --stacks ours,unsloth \
-  --ckpt-ours offload --ours-flags "--stash-attention --dequantize-once --mlp-chunk-tokens 0" \
-  --out "$OUT/e2e_s11a.json" 2>&1 | grep -v "Failed to query" | tail -16
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+echo "== multigpu $(date +%T)"
+timeout 480 python3 bench/multigpu/bench_multigpu.py --parts dp,zero3 --gpus 2 --timeout 240 --tag s11 --out "$OUT" 2>&1 \
+  | grep -vE "Failed to query|Warning|warn|^\s*$" | tail -30
+echo "== zero3 2-GPU test $(date +%T)"
+timeout 100 python3 -m pytest -q -m multigpu tests/sharding/test_zero3_qlora.py -p no:cacheprovider 2>&1 \
+  | grep -E "passed|failed|FAILED|Error|skipped" | tail -8 | tee "$OUT/gpu_tests_multigpu_s11.log"
 echo "== done $(date +%T)"

@@ -122,6 +122,7 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.25, help="GPUs per trial")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per trial (default 200; 12 with --tiny)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     args = ap.parse_args()
     args.steps = args.steps or (12 if args.tiny else 200)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -133,7 +134,8 @@ def main() -> int:
         return 2
 
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
-    path = Path(args.out) / f"tune_{gpu_slug(env)}_{day}{'_tiny' if args.tiny else ''}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = Path(args.out) / f"tune_{gpu_slug(env)}_{day}{'_tiny' if args.tiny else ''}{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"summary": {}, "tiny": args.tiny, "overrides": base_overrides(args), "modes": {}, "environment": env}
     with tempfile.TemporaryDirectory(prefix="bench_tune_") as tmp:

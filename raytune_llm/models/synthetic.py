@@ -18,10 +18,12 @@ import torch
 from raytune_llm.models.checkpointing import check_mode
 from raytune_llm.models.lora import LoraSpec, attach_lora
 from raytune_llm.models.patch import patch
-from raytune_llm.models.quantize import check_quantize, quantize_weight
+from raytune_llm.models.quantize import check_quantize, keep_nf4_layout, quantize_weight
 
 
-def _materialise(model: torch.nn.Module, config: Any, quantize: str | None, dtype, device, gen) -> None:
+def _materialise(
+    model: torch.nn.Module, config: Any, quantize: str | None, dtype, device, gen, quant_storage, double_quant
+) -> None:
     std = float(getattr(config, "initializer_range", 0.02))
     inner = model.model
     for name, module in list(model.named_modules()):
@@ -34,7 +36,7 @@ def _materialise(model: torch.nn.Module, config: Any, quantize: str | None, dtyp
             weight.normal_(0.0, std, generator=gen)
             bias = None if module.bias is None else torch.zeros(module.out_features, dtype=dtype, device=device)
             if quantize == "nf4" and name.startswith("model.layers."):
-                setattr(parent, child, quantize_weight(weight, bias, dtype, device))
+                setattr(parent, child, quantize_weight(weight, bias, dtype, device, quant_storage, double_quant))
                 del weight  # only one dense Linear alive at a time
                 continue
             module.to_empty(device=device, recurse=False)
@@ -67,6 +69,8 @@ def build_synthetic_model(
     device: str | torch.device | None = None,
     seed: int = 0,
     fused: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    double_quant: bool = True,
 ) -> Any:
     """Build a random-weight causal LM from an HF config dict, quantized as it is built, with LoRA.
 
@@ -82,6 +86,8 @@ def build_synthetic_model(
         seed: seed of the weight generator (on the device; the same seed gives the same weights on
             the same device type).
         fused: patch the fused kernels in (False: plain transformers + PEFT with HF checkpointing).
+        quant_storage: packed 4-bit storage dtype (bf16 under DeepSpeed ZeRO-3), as in `load_model`.
+        double_quant: with "nf4", quantize the block scales too.
 
     Returns:
         A `peft.PeftModelForCausalLM` in train mode; the PatchReport at `.raytune_patch_report`.
@@ -105,7 +111,9 @@ def build_synthetic_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     gen = torch.Generator(device=device).manual_seed(seed)
-    _materialise(model, config, quantize, dtype, device, gen)
+    _materialise(model, config, quantize, dtype, device, gen, quant_storage, double_quant)
+    if quantize == "nf4":
+        keep_nf4_layout(model)
     model.requires_grad_(False)
     model = attach_lora(model, spec)
     model.train()

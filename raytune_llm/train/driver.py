@@ -393,7 +393,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     prep = prepare(cfg)
     log(f"[raytune-llm] run folder {prep.run_dir}")
     before = None
-    if prep.eval_records:
+    # Exact match generates from the base weights in model.path, which a random_weights run does not have.
+    judge = bool(prep.eval_records) and not cfg.model.random_weights
+    if judge:
         before = evaluate(
             prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits, cfg.quant.double_quant
         )
@@ -437,7 +439,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     plot_loss(metrics, prep.run_dir / "loss_curve.png")
     write_tensorboard(metrics, prep.run_dir / "tb")
     after = None
-    if prep.eval_records:
+    if judge:
         after = evaluate(
             prep.model_path, prep.tokenizer_path, prep.eval_records, adapter, cfg.quant.bits, cfg.quant.double_quant
         )

@@ -87,6 +87,6 @@ def write_tensorboard(metrics: list[dict], folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     with SummaryWriter(str(folder)) as w:
         for m in metrics:
-            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s", "gpu_peak_gib"):
                 if k in m:
                     w.add_scalar(f"train/{k}", m[k], m["step"])

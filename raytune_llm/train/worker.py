@@ -245,8 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and (zero or cfg.sharding.strategy == "auto"):
         print(f"[raytune-llm] sharding: {strategy} (offload optimizer {offload_opt}, params {offload_params})")
 
-    model = load_model(
-        loop_config["model_path"],
+    build = dict(
         quantize="nf4" if cfg.quant.bits == 4 else None,
         lora={
             "r": cfg.lora.r,
@@ -259,12 +258,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dtype=dtype,
         device=device,
         fused=cfg.model.fused,
-        trust_remote_code=cfg.model.trust_remote_code,
         quant_storage=sharded_lib.quant_storage(strategy, dtype, cfg.quant.bits, cfg.quant.storage_dtype)
         if zero
         else torch.uint8,
         double_quant=cfg.quant.double_quant,
     )
+    if cfg.model.random_weights:  # drawn on the device, seeded alike on every rank; quantized as they are drawn
+        from raytune_llm.models.synthetic import build_synthetic_model
+
+        hf_config = json.loads((Path(loop_config["model_path"]) / "config.json").read_text())
+        model = build_synthetic_model(hf_config, seed=cfg.train.seed, **build)
+    else:
+        model = load_model(loop_config["model_path"], trust_remote_code=cfg.model.trust_remote_code, **build)
     patched = model.raytune_patch_report  # None with fused=False; family None: an architecture left stock
     if patched is not None and patched.family is not None:  # load_model patched with "auto"; the run's setting
         set_mlp_chunk_tokens(model, cfg.model.mlp_chunk_tokens)
@@ -381,6 +386,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model.train()
     it = batches()
+    if on_gpu:  # the logged peak is the training's, not the load's (a ZeRO-3 rank holds the whole base until wrapped)
+        torch.cuda.reset_peak_memory_stats(device)
     t_last, tokens_since = time.perf_counter(), 0
     progress = None
     if rank == 0 and os.environ.get("RAYTUNE_LLM_PROGRESS", "1") == "1":
@@ -478,6 +485,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             entry["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            if on_gpu:  # the largest of the ranks' peaks since training began (GiB); a collective at log steps only
+                peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+                if world > 1:
+                    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                entry["gpu_peak_gib"] = round(float(peak), 3)
             t_last, tokens_since = now, 0
         metrics.append(entry)
         if progress is not None:
