@@ -406,7 +406,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # only a "stop" spec is looked at here: _fault consumes a kill (marker file) when it fires
             is_stop = bool(fault_spec) and fault_spec.startswith("stop")
             want = is_stop and _fault(fault_spec, rank, step + 1, loop_config["run_dir"]) == "stop"
-            stop = torch.tensor([float(rank == 0 and (want or ray.get(stop_flag.is_set.remote())))])
+            # on the device: NCCL reduces CUDA tensors only (gloo took the host tensor, so only GPUs showed it)
+            stop = torch.tensor([float(rank == 0 and (want or ray.get(stop_flag.is_set.remote())))], device=device)
             if world > 1:
                 dist.all_reduce(stop)  # every rank stops at the same step
             if stop.item() > 0:
