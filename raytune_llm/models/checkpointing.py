@@ -115,9 +115,9 @@ class _Slot:
 
 class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, offload, dequant_once, lean, stash, lean_qkv, chain, hidden, anchor):
+    def forward(ctx, fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, hidden, anchor):
         del anchor
-        ctx.fn = fn
+        ctx.fn, ctx.after_backward = fn, after_backward
         ctx.dequant_once, ctx.lean, ctx.lean_qkv = dequant_once, lean, lean_qkv
         ctx.device = hidden.device
         ctx.hidden_requires_grad = hidden.requires_grad
@@ -163,8 +163,10 @@ class _CheckpointFunction(torch.autograd.Function):
                     with lean, replay:
                         out = ctx.fn(hidden)
                 torch.autograd.backward(out, grad_out)
+        if ctx.after_backward is not None:
+            ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, None, grad_hidden, None
+        return None, None, None, None, None, None, None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -176,6 +178,7 @@ def checkpoint_layer(
     chain: OffloadChain | None = None,
     stash: bool = False,
     lean_qkv: bool = False,
+    after_backward: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -194,9 +197,12 @@ def checkpoint_layer(
             memory and replay it in the recompute. No effect without `offload`.
         lean_qkv: with `lean` and a stash, the recompute's `lora_qkv` skips its base GEMMs. Only for layers
             where nothing but the replayed attention reads q, k and v (no q/k norm).
+        after_backward: called once the layer's backward is done (`models.settings.set_after_layer_backward`).
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _CheckpointFunction.apply(fn, offload, dequant_once, lean, stash, lean_qkv, chain, hidden, anchor)
+    return _CheckpointFunction.apply(
+        fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, hidden, anchor
+    )

@@ -22,6 +22,7 @@ An architecture outside the four families is left entirely stock with one warnin
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 import warnings
@@ -304,6 +305,7 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         n_ckpt = state["checkpoint_layers"]
         offload = mode == "offload"
         chain = OffloadChain() if checkpointing and offload else None
+        after = state["after_layer_backward"]
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
             if checkpointing and (n_ckpt is None or i < n_ckpt):
@@ -316,6 +318,7 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     chain=chain,
                     stash=state["stash_attention"],
                     lean_qkv=not state["qk_norm"],
+                    after_backward=None if after is None else functools.partial(after, i),
                 )
             else:
                 hidden = run(hidden)
@@ -452,6 +455,7 @@ def patch(
         "qk_norm": family.qk_norm,
         "capture_docs": None,
         "gradient_checkpointing": gradient_checkpointing,
+        "after_layer_backward": None,
     }
     report = PatchReport(
         family=family.name, gradient_checkpointing=gradient_checkpointing, mlp_chunk_tokens=mlp_chunk_tokens

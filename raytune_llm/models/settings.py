@@ -8,6 +8,8 @@ time variants).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from raytune_llm.models.checkpointing import check_mode
@@ -109,6 +111,24 @@ def set_dequantize_once(model: torch.nn.Module, on: bool) -> None:
         ValueError: a non-bool value, or a model `patch` did not patch.
     """
     _set_flag(model, "dequantize_once", on)
+
+
+def set_after_layer_backward(model: torch.nn.Module, fn: Callable[[int], None] | None) -> None:
+    """Call `fn(i)` each time checkpointed decoder layer i's backward (recompute included) is done; None: nothing.
+
+    The trainer sets it under DeepSpeed ZeRO-3 (`sharding.engine.frozen_releaser`): DeepSpeed keeps the frozen
+    weights a recompute gathers until the whole backward ends, so without it a QLoRA backward ends holding the
+    entire gathered base on every GPU. Takes effect on the next call.
+
+    Raises:
+        ValueError: `fn` is neither callable nor None, or a model `patch` did not patch.
+    """
+    if fn is not None and not callable(fn):
+        raise ValueError(f"after_layer_backward must be callable or None, got {fn!r}")
+    state = causal_lm(model).__dict__.get(STATE_ATTR)
+    if state is None:
+        raise ValueError("set_after_layer_backward needs a model patched by raytune_llm.patch (fused=True)")
+    state["after_layer_backward"] = fn
 
 
 def set_stash_attention(model: torch.nn.Module, on: bool, o_proj: bool = True) -> None:

@@ -134,7 +134,15 @@ def wrap(model, cfg, strategy: str, offload_opt: bool, offload_params: bool, dty
         weight_decay=cfg.train.weight_decay,
         world_size=world,
     )
-    return wrap_model(model, strategy, ds_config, dtype=ds_dtype(dtype), device=device)
+    sharded = wrap_model(model, strategy, ds_config, dtype=ds_dtype(dtype), device=device)
+    if strategy == "zero3":
+        from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_after_layer_backward
+        from raytune_llm.sharding.engine import frozen_releaser
+
+        release = frozen_releaser(sharded.wrapped)
+        if release is not None and STATE_ATTR in causal_lm(model).__dict__:  # a fused model's checkpointed layers
+            set_after_layer_backward(model, release)
+    return sharded
 
 
 def set_lr(sharded, lr: float) -> None:
