@@ -292,8 +292,14 @@ def _activation_bytes(
     fused: bool,
     mlp_chunk_tokens: int | str | None = None,
     checkpoint_layers: int | None = None,
+    fused_loss: bool | None = None,
 ) -> tuple[float, float]:
-    """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes."""
+    """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes.
+
+    `fused_loss` (default: `fused`) is whether the loss runs the chunked linear + CE; under ZeRO-3 it does not, since
+    the fused CE reads the LM head's weight, which ZeRO-3 partitions (models/patch.py leaves that head stock).
+    """
+    fused_loss = fused if fused_loss is None else fused_loss
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
     # A layer that keeps its activations holds its saved tensors (`_kept_layer_bytes`); the one being
@@ -312,7 +318,7 @@ def _activation_bytes(
         stored = (2 * 2 * d * tokens if n_ckpt else 0) + kept
     else:
         stored = kept
-    if fused:
+    if fused_loss:
         # hidden-state gradient kept from the fused forward + one chunk of fp32 logits and their gradient
         loss = 2 * d * tokens + 8 * min(tokens, _CE_CHUNK_ROWS) * shape.vocab
     else:
@@ -343,8 +349,15 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     n_lora = lora_param_count(shape, a["lora_rank"], a["lora_targets"])
     lora_gpu, lora_host = _lora_state_bytes(n_lora, strategy, world)
     tokens = a["seq_len"] * a["micro_batch"]
+    zero3 = strategy in ("ZeRO-3", "ZeRO-3+offload")
     stored, phase = _activation_bytes(
-        shape, tokens, a["checkpointing"], a["fused"], a["mlp_chunk_tokens"], a.get("checkpoint_layers")
+        shape,
+        tokens,
+        a["checkpointing"],
+        a["fused"],
+        a["mlp_chunk_tokens"],
+        a.get("checkpoint_layers"),
+        fused_loss=a["fused"] and not zero3,
     )
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
