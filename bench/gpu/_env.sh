@@ -13,3 +13,21 @@ run_ours() {
   timeout "$t" python3 bench/e2e/run_stack.py --stack ours --out "$OUT/$name.json" "$@" 2>&1 \
     | grep -E "variant|loaded|Error|error|ms |top" | tail -40
 }
+# run_e2e NAME BUDGET SHAPES OURS_FLAGS: the e2e protocol for ours and Unsloth into $OUT/NAME.json, its table shown.
+run_e2e() {
+  echo "== e2e $3 $(date +%T)"
+  python3 bench/e2e/bench_e2e.py --budget-s "$2" --shapes "$3" --stacks ours,unsloth --ckpt-ours offload \
+    --ours-flags "$4" --out "$OUT/$1.json" 2>&1 | grep -v "Failed to query" | tail -16
+}
+# multigpu_tests TIMEOUT LOG: the 2-GPU tests (ZeRO-3's bf16 NF4 partitioning; DDP and ZeRO-3 through the CLI).
+multigpu_tests() {
+  echo "== 2-GPU tests $(date +%T)"
+  timeout "$1" python3 -m pytest -q -m multigpu tests/sharding/test_zero3_qlora.py tests/test_multigpu_train.py \
+    -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error|skipped" | tail -8 | tee "$OUT/$2"
+}
+# gpu_sweep TIMEOUT TAG: 2 sweep trials that each own a whole GPU, at once and then one after the other.
+gpu_sweep() {
+  echo "== sweep, 1 GPU per trial $(date +%T)"
+  timeout "$1" python3 bench/tune/bench_fractional.py --trials 2 --fraction 1 --steps 30 --tag "$2" --out "$OUT" 2>&1 \
+    | grep -vE "^\(|INFO|WARNING|Warning|warn" | tail -6
+}

@@ -7,10 +7,6 @@ source bench/gpu/_env.sh
 echo "== zero3 70B $(date +%T)"
 timeout 230 python3 bench/multigpu/bench_multigpu.py --parts zero3 --gpus 2 --timeout 220 --tag s11b --out "$OUT" 2>&1 \
   | grep -vE "Failed to query|Warning|warn|^\s*$" | tail -8
-echo "== 2-GPU tests $(date +%T)"
-timeout 170 python3 -m pytest -q -m multigpu tests/sharding/test_zero3_qlora.py tests/test_multigpu_train.py -p no:cacheprovider 2>&1 \
-  | grep -E "passed|failed|FAILED|Error|skipped" | tail -8 | tee "$OUT/gpu_tests_multigpu_s11.log"
-echo "== sweep, 1 GPU per trial $(date +%T)"
-timeout 170 python3 bench/tune/bench_fractional.py --trials 2 --fraction 1 --steps 30 --tag s11_gpu_per_trial --out "$OUT" 2>&1 \
-  | grep -vE "^\(|INFO|WARNING|Warning|warn" | tail -6
+multigpu_tests 170 gpu_tests_multigpu_s11.log
+gpu_sweep 170 s11_gpu_per_trial
 echo "== done $(date +%T)"

@@ -4,8 +4,5 @@
 # .whl/anchors.
 set -o pipefail
 source bench/gpu/_env.sh
-echo "== e2e 1x65536 $(date +%T)"
-python3 bench/e2e/bench_e2e.py --budget-s ${BUDGET:-540} --shapes 1x65536 --stacks ours,unsloth \
-  --ckpt-ours offload --ours-flags "--stash-attention --dequantize-once --mlp-chunk-tokens 0" \
-  --out "$OUT/e2e_s11a.json" 2>&1 | grep -v "Failed to query" | tail -16
+run_e2e e2e_s12a "${BUDGET:-540}" 1x65536 "--stash-attention --dequantize-once --mlp-chunk-tokens 0"
 echo "== done $(date +%T)"

@@ -5,10 +5,6 @@
 # ~500 s; carry .whl/core.
 set -o pipefail
 source bench/gpu/_env.sh
-echo "== 2-GPU tests $(date +%T)"
-timeout 330 python3 -m pytest -q -m multigpu tests/sharding/test_zero3_qlora.py tests/test_multigpu_train.py -p no:cacheprovider 2>&1 \
-  | grep -E "passed|failed|FAILED|Error|skipped" | tail -8 | tee "$OUT/gpu_tests_multigpu_s12b.log"
-echo "== sweep, 1 GPU per trial $(date +%T)"
-timeout 240 python3 bench/tune/bench_fractional.py --trials 2 --fraction 1 --steps 30 --tag s12_gpu_per_trial --out "$OUT" 2>&1 \
-  | grep -vE "^\(|INFO|WARNING|Warning|warn" | tail -6
+multigpu_tests 330 gpu_tests_multigpu_s12b.log
+gpu_sweep 240 s12_gpu_per_trial
 echo "== done $(date +%T)"

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -141,8 +142,6 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = work / "runs"
-    import shutil
-
     shutil.rmtree(runs, ignore_errors=True)
     env = environment()  # no torch here: the driver makes no CUDA context on a GPU the workers use
     env.update({d: version(d) for d in ("ray", "deepspeed")})

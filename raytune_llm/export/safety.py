@@ -183,11 +183,20 @@ def resolve_output(root: Path, out: str | os.PathLike | None, default_name: str)
     return target
 
 
-def _make_parent(target: Path) -> None:
+def _claim(target: Path, force: bool, folder: bool) -> str:
+    """Check that ``target`` may be written (absent, or ``force`` and of the right kind), make its parent folder, and
+    return a unique tag for the temporary names beside it."""
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
+    if folder and target.exists() and not target.is_dir():
+        raise ExportError(f"{target} exists and is not a folder; remove it first")
+    if not folder and target.is_dir():
+        raise ExportError(f"{target} is a folder; remove it first")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ExportError(f"cannot make the folder {target.parent}: a file is in the way") from None
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @contextlib.contextmanager
@@ -204,12 +213,7 @@ def atomic_dir(target: Path, force: bool) -> Iterator[Path]:
     Raises:
         ExportError: ``target`` exists and ``force`` is False, or it exists and is not a folder.
     """
-    if target.exists() and not force:
-        raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{target} exists and is not a folder; remove it first")
-    _make_parent(target)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = _claim(target, force, folder=True)
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()
     try:
@@ -235,12 +239,7 @@ def atomic_file(target: Path, force: bool) -> Iterator[Path]:
     Raises:
         ExportError: ``target`` exists and ``force`` is False, or it is in the way as a folder.
     """
-    if target.exists() and not force:
-        raise ExportError(f"{target} already exists; pass force=True (--force) to replace it")
-    if target.is_dir():
-        raise ExportError(f"{target} is a folder; remove it first")
-    _make_parent(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{_claim(target, force, folder=False)}"
     try:
         yield tmp
         os.replace(tmp, target)

@@ -345,7 +345,7 @@ def frozen_releaser(engine) -> Callable[[int], None] | None:
     DeepSpeed (0.19) attributes the frozen parameters a checkpointed layer's recompute gathers to an outer module
     whose backward is still running, so they stay gathered until the backward of the whole model ends: under QLoRA
     the backward ends holding the entire base gathered on every rank (measured on 2 H200s at 70B shapes: a 55.8 GiB
-    peak per GPU for about 19 GiB of partitions). The trainer calls this once layer i's backward is done
+    peak per GPU where the partitions are about 19 GiB by size). The trainer calls this once layer i's backward is done
     (`models.settings.set_after_layer_backward`); nothing of layer i runs again before the next forward gathers it
     anew. It goes through the coordinator's own release, which skips a parameter still being gathered and keeps its
     count of gathered elements right; the stale module marks the recompute left on them are cleared first.

@@ -292,14 +292,14 @@ def _activation_bytes(
     fused: bool,
     mlp_chunk_tokens: int | str | None = None,
     checkpoint_layers: int | None = None,
-    fused_loss: bool | None = None,
+    *,
+    fused_loss: bool,
 ) -> tuple[float, float]:
     """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes.
 
-    `fused_loss` (default: `fused`) is whether the loss runs the chunked linear + CE; under ZeRO-3 it does not, since
-    the fused CE reads the LM head's weight, which ZeRO-3 partitions (models/patch.py leaves that head stock).
+    `fused_loss`: the loss runs the chunked linear + CE. Not under ZeRO-3 even when `fused`: the fused CE reads the
+    LM head's weight, which ZeRO-3 partitions (models/patch.py leaves that head stock).
     """
-    fused_loss = fused if fused_loss is None else fused_loss
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
     # A layer that keeps its activations holds its saved tensors (`_kept_layer_bytes`); the one being

@@ -135,12 +135,13 @@ def wrap(model, cfg, strategy: str, offload_opt: bool, offload_params: bool, dty
         world_size=world,
     )
     sharded = wrap_model(model, strategy, ds_config, dtype=ds_dtype(dtype), device=device)
-    if strategy == "zero3":
-        from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_after_layer_backward
+    report = getattr(model, "raytune_patch_report", None)  # None: stock (fused=False); family None: left stock
+    if strategy == "zero3" and report is not None and report.family is not None:  # our checkpointed layer loop
+        from raytune_llm.models.settings import set_after_layer_backward
         from raytune_llm.sharding.engine import frozen_releaser
 
         release = frozen_releaser(sharded.wrapped)
-        if release is not None and STATE_ATTR in causal_lm(model).__dict__:  # a fused model's checkpointed layers
+        if release is not None:
             set_after_layer_backward(model, release)
     return sharded
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from raytune_llm.config import RunConfig, to_dict
-from raytune_llm.train.driver import Prepared, UserError, connect_ray, prepare, record_options
+from raytune_llm.train.driver import Prepared, connect_ray, prepare, record_options
+from raytune_llm.train.errors import UserError
 from raytune_llm.train.preflight import check_lora_targets, check_rows, preflight, resolve_data_paths
 from raytune_llm.tune.space import SweepSpec, apply_overrides, param_space, parse_sweep
 

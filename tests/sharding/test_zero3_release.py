@@ -50,6 +50,7 @@ def _rank(rank: int, port: int, hook: bool, out: str) -> None:
     if not hook:
         set_after_layer_backward(model, None)
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_get_full_grad
 
     frozen = [p for n, p in engine.module.named_parameters() if ".layers." in n and hasattr(p, "ds_id")]
     frozen = [p for p in frozen if not p.requires_grad]
@@ -64,8 +65,6 @@ def _rank(rank: int, port: int, hook: bool, out: str) -> None:
     for _ in range(2):
         ids = torch.randint(0, 256, (1, 48), generator=gen)
         engine.backward(engine(input_ids=ids, labels=ids).loss)
-        from deepspeed.utils import safe_get_full_grad
-
         grads.append([safe_get_full_grad(p).clone() for p in engine.module.parameters() if p.requires_grad])
         engine.step()
     if rank == 0:
