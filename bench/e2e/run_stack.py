@@ -130,6 +130,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "are not comparable across them. Not with --profile",
     )
     p.add_argument(
+        "--keep-mlp-layers",
+        type=int,
+        default=None,
+        help="ours: the last N checkpointed layers keep their MLP's gate/up outputs (models.settings.set_keep_mlp_layers)",
+    )
+    p.add_argument(
+        "--embeddings-on-host",
+        action="store_true",
+        help="ours: the frozen input embedding in pinned host memory (models.settings.set_embeddings_on_host)",
+    )
+    p.add_argument(
+        "--memory-snapshot",
+        action="store_true",
+        help="after the timed steps, one more step with the CUDA allocator's history on: what is live at its peak, "
+        "grouped by the allocating source line (under 'memory_at_peak'). Not with --cuda-graph",
+    )
+    p.add_argument(
         "--stand-for-layers",
         type=int,
         default=None,
@@ -143,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.variants and args.profile:
         p.error("--profile profiles one setting; run it without --variants")
+    if args.memory_snapshot and (args.cuda_graph or args.variants):
+        p.error("--memory-snapshot follows one eager step: not with --cuda-graph or --variants")
     if args.cuda_graph and args.stack != "ours":
         p.error("--cuda-graph records raytune_llm's step (models.graphs): --stack ours only")
     args.batch = args.batch or (1 if args.tiny else 4)
@@ -260,6 +279,16 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_stash_attention(model, True)
             facts["stash_attention"] = True
+        if args.keep_mlp_layers is not None:
+            from raytune_llm.models.settings import set_keep_mlp_layers
+
+            set_keep_mlp_layers(model, args.keep_mlp_layers)
+            facts["keep_mlp_layers"] = args.keep_mlp_layers
+        if args.embeddings_on_host:
+            from raytune_llm.models.settings import set_embeddings_on_host
+
+            set_embeddings_on_host(model, True)
+            facts["embeddings_on_host"] = model.raytune_patch_report.embeddings_on_host
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
@@ -513,12 +542,78 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
     return out
 
 
+def _site(frames: list[dict]) -> str:
+    """The innermost frame of our code (raytune_llm or bench), else the innermost Python frame, as file:line fn."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "raytune_llm/" in name or "/bench/" in name:
+            return f"{name.split('raytune_llm/')[-1] if 'raytune_llm/' in name else name.split('/bench/')[-1]}:{f.get('line')} {f.get('name')}"
+    for f in frames:
+        if f.get("filename", "").endswith(".py"):
+            return f"{f['filename'].rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
+    return "?"
+
+
+def memory_at_peak(args, model, optimizer, batch: dict, device: str, torch, top: int = 30) -> dict:
+    """One more eager step with the allocator's history on: the blocks live at its peak, by allocating line.
+
+    Blocks allocated before the step (weights, optimizer state) are not in the history; they are the ``before``
+    figure. The step's own blocks are replayed from the trace up to its largest total.
+    """
+    kw = forward_kwargs(args, batch, device, torch)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    try:
+        model(**kw).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = next((t for t in snap["device_traces"] if t), [])
+    total = peak = 0
+    peak_at = -1
+    sizes: dict[int, int] = {}
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            sizes[e["addr"]] = e["size"]
+            total += e["size"]
+        elif e["action"] == "free_completed":
+            total -= sizes.pop(e["addr"], e["size"])
+        if total > peak:
+            peak, peak_at = total, i
+    live: dict[int, tuple[int, str]] = {}
+    for e in trace[: peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    by_site: dict[str, list] = {}
+    for size, site in live.values():
+        entry = by_site.setdefault(site, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    rows = sorted(by_site.items(), key=lambda kv: -kv[1][0])
+    log(f"run_stack memory: {before / 2**30:.3f} GiB before the step, +{peak / 2**30:.3f} GiB at its peak")
+    for site, (size, n) in rows[:top]:
+        log(f"  {size / 2**20:9.1f} MiB x{n:<4d} {site[:120]}")
+    return {
+        "before_step_gib": round(before / 2**30, 3),
+        "step_peak_extra_gib": round(peak / 2**30, 3),
+        "trace_events": len(trace),
+        "live_at_peak_mib": [[site[:200], round(size / 2**20, 1), n] for site, (size, n) in rows[:top]],
+    }
+
+
 def parse_variants(text: str) -> list[dict]:
     """``"all,all+once,48+once+chunk0"`` -> one dict per variant: name, layers (checkpoint_layers, None = all),
     once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention; ``+stashattn``:
     without the O projection), graph
-    (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own) and chunk (``chunkN``:
-    ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting).
+    (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
+    ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
+    (``+keepN``: keep_mlp_layers) and host (``+host``: embeddings_on_host).
     """
     out = []
     for name in text.split(","):
@@ -532,6 +627,8 @@ def parse_variants(text: str) -> list[dict]:
             "mode": None,
             "chunk": None,
             "graph": False,
+            "keep": 0,
+            "host": False,
         }
         for flag in flags:
             if flag == "once":
@@ -544,6 +641,10 @@ def parse_variants(text: str) -> list[dict]:
                 v["stash"], v["stash_o"] = True, False
             elif flag == "graph":
                 v["graph"] = True
+            elif flag == "host":
+                v["host"] = True
+            elif flag.startswith("keep") and flag[4:].isdigit():
+                v["keep"] = int(flag[4:])
             elif flag in ("on", "offload"):
                 v["mode"] = flag
             elif flag == "chunkauto":
@@ -552,7 +653,8 @@ def parse_variants(text: str) -> list[dict]:
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, stashattn, graph, on, offload, chunkN, chunkauto)"
+                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, stashattn, graph, on, offload, chunkN, "
+                    "chunkauto, keepN, host)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -579,6 +681,8 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_stash_attention(model, v["stash"], o_proj=v["stash_o"])
         P.set_gradient_checkpointing(model, v["mode"] or args.ckpt)
         P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
+        P.set_keep_mlp_layers(model, v["keep"])
+        P.set_embeddings_on_host(model, v["host"])
         optimizer.zero_grad(set_to_none=True)
         try:
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {}, graph=v["graph"])
@@ -681,6 +785,11 @@ def run(args: argparse.Namespace, result: dict) -> int:
     kept: dict = {}
     result.update(time_steps(args, model, optimizer, batches, device, torch, result, graph=args.cuda_graph, keep=kept))
     result["ballast_held"] = ballast is not None  # alive through every step above
+    if args.memory_snapshot and cuda:
+        try:
+            result["memory_at_peak"] = memory_at_peak(args, model, optimizer, batches[-1], device, torch)
+        except Exception as exc:  # the timing above stands without it
+            result["memory_at_peak"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if args.profile and cuda:
         try:
             captured = kept.get("captured")

@@ -11,6 +11,8 @@ of the transformers code they replace:
   rotary embedding returns them (already gathered by position ids), broadcast over heads. Computed
   in the input dtype, as HF does. Returns new tensors (the kernel works in place).
 - ``swiglu``: ``silu(gate) * up`` in the input dtype, as ``LlamaMLP`` does.
+- ``embedding``: ``F.embedding`` of the ids on the table's device, moved to the ids' device; an id outside
+  the table gives a row of NaN, as the kernel does (``F.embedding`` raises).
 - ``fused_linear_cross_entropy``: full logits ``hidden @ weight.T`` upcast to fp32, summed
   cross-entropy over tokens whose label is not ``ignore_index``, divided by their count (0.0 when
   no token counts; ``F.cross_entropy`` would return NaN there). ``chunk_size`` is accepted for
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_linear_cross_entropy", "rms_norm", "rope", "rotate_half", "swiglu"]
+__all__ = ["embedding", "fused_linear_cross_entropy", "rms_norm", "rope", "rotate_half", "swiglu"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,6 +91,23 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ``silu(gate) * up``.
     """
     return F.silu(gate) * up
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rows of a frozen ``[V, H]`` table for integer ``ids``, on the ids' device.
+
+    Args:
+        ids: integer token ids ``[...]``.
+        table: ``[V, H]`` embedding weight (on any device).
+
+    Returns:
+        ``[..., H]`` in ``table.dtype`` on ``ids.device``; rows of NaN where an id is outside ``[0, V)``.
+    """
+    idx = ids.to(table.device)
+    valid = (idx >= 0) & (idx < table.shape[0])
+    rows = F.embedding(torch.where(valid, idx, torch.zeros_like(idx)), table.detach())
+    rows = rows.masked_fill(~valid[..., None], float("nan"))
+    return rows.to(ids.device)
 
 
 def fused_linear_cross_entropy(

@@ -13,7 +13,9 @@ backward instead of stalling the compute stream (64 MiB per layer at 4x2048 toke
 PCIe rates, 32 times a step). Cost: one more layer input on the GPU at a time.
 
 With `lean=True` the recompute runs inside `kernels.lora.lean_recompute`: the fused MLP skips its down
-projection, whose output nothing in backward reads (see there).
+projection, whose output nothing in backward reads (see there). With `keep_mlp` as well, the forward keeps the
+MLP's gate and up outputs on the device and the recompute runs no MLP GEMM (`kernels.lora.keep_mlp_outputs`):
+the trade of memory for time `models.settings.set_keep_mlp_layers` makes for the last layers.
 
 With `stash=True` (offload only) the layer's attention is kept in host memory by its forward and replayed
 by the recompute instead of run again (`models.attention_stash`); the stash travels and is prefetched with
@@ -36,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from raytune_llm.kernels.lora import dequantize_once as once
-from raytune_llm.kernels.lora import lean_recompute
+from raytune_llm.kernels.lora import keep_mlp_outputs, lean_recompute, reuse_mlp_outputs
 from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, release_copied, replaying
 
 MODES = ("off", "on", "offload")
@@ -115,7 +117,7 @@ class _Slot:
 
 class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, hidden, anchor):
+    def forward(ctx, fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, keep_mlp, hidden, anchor):
         del anchor
         ctx.fn, ctx.after_backward = fn, after_backward
         ctx.dequant_once, ctx.lean, ctx.lean_qkv = dequant_once, lean, lean_qkv
@@ -127,10 +129,13 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.stashes = []
+        ctx.kept_mlp = [] if keep_mlp and lean else None
+        keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
         if offload and hidden.is_cuda:
             release_copied()  # the copies to host of the layer before the previous one: done by now
         with torch.no_grad(), recording(ctx.stashes, _side_stream) if stash and offload else contextlib.nullcontext():
-            out = fn(hidden)
+            with keep:
+                out = fn(hidden)
         ctx.chain, ctx.index = None, None
         if offload:
             ctx.chain = chain if chain is not None else OffloadChain()
@@ -159,14 +164,16 @@ class _CheckpointFunction(torch.autograd.Function):
             with once() if ctx.dequant_once else contextlib.nullcontext():
                 replay = replaying(ctx.stashes) if ctx.stashes else contextlib.nullcontext()
                 lean = lean_recompute(qkv=ctx.lean_qkv and bool(ctx.stashes)) if ctx.lean else contextlib.nullcontext()
+                reuse = reuse_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp else contextlib.nullcontext()
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                    with lean, replay:
+                    with lean, replay, reuse:
                         out = ctx.fn(hidden)
+                ctx.kept_mlp = None  # the recompute's graph holds what it took; nothing else may
                 torch.autograd.backward(out, grad_out)
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, None, None, grad_hidden, None
+        return None, None, None, None, None, None, None, None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -179,6 +186,7 @@ def checkpoint_layer(
     stash: bool = False,
     lean_qkv: bool = False,
     after_backward: Callable[[], None] | None = None,
+    keep_mlp: bool = False,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -198,11 +206,13 @@ def checkpoint_layer(
         lean_qkv: with `lean` and a stash, the recompute's `lora_qkv` skips its base GEMMs. Only for layers
             where nothing but the replayed attention reads q, k and v (no q/k norm).
         after_backward: called once the layer's backward is done (`models.settings.set_after_layer_backward`).
+        keep_mlp: with `lean`, the forward keeps the fused MLP's finished gate and up outputs (on the device) and
+            the recompute reuses them instead of running those GEMMs again (`kernels.lora.keep_mlp_outputs`).
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
     return _CheckpointFunction.apply(
-        fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, hidden, anchor
+        fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, keep_mlp, hidden, anchor
     )

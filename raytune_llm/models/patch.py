@@ -10,6 +10,8 @@ global) and records the originals on the model so `unpatch(model)` restores them
   split over the tokens by models.tiling when `mlp_chunk_tokens` asks for it (long sequences, see there);
 - the inner model's forward: builds the attention metadata once, runs the layers (checkpointed when
   asked, see models.checkpointing) and never builds HF's 4D mask;
+- the input embedding: kernels.embedding when `settings.set_embeddings_on_host` moved its table to pinned
+  host memory (the stock lookup otherwise);
 - the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy and
   logits are never materialised (`.logits` is None); without labels, logits as HF computes them.
 
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from raytune_llm.kernels.lora import keep_mlp_outputs
 from raytune_llm.models import attention_stash
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, one_kernel_path
 from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
@@ -61,6 +64,9 @@ class PatchReport:
             forward and replayed by the recompute (`models.attention_stash`).
         stash_o_proj: with stash_attention, the kept and replayed block includes the fused O projection.
         capture_docs: documents per batch a forward recorded into a CUDA graph handles (`models.graphs`).
+        embeddings_on_host: the frozen input embedding sits in pinned host memory (`settings.set_embeddings_on_host`).
+        keep_mlp_layers: how many of the last checkpointed layers keep their MLP's gate and up outputs from
+            forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
     """
 
     family: str | None
@@ -74,6 +80,8 @@ class PatchReport:
     stash_attention: bool = False
     stash_o_proj: bool = True
     capture_docs: int | None = None
+    embeddings_on_host: bool = False
+    keep_mlp_layers: int = 0
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -243,7 +251,8 @@ def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
         if chunk is None:
             return run(self, x)
         params = [p for p in self.parameters() if p.requires_grad]
-        return tiled_over_tokens(lambda rows: run(self, rows), x, chunk, params)
+        with keep_mlp_outputs(None):  # split over tokens so as to keep no [tokens, intermediate] tensor
+            return tiled_over_tokens(lambda rows: run(self, rows), x, chunk, params)
 
     _set_forward(state, mlp, forward)
     report.replaced.append(f"{name}: lora_mlp")
@@ -267,6 +276,23 @@ def _stock_call(kwargs: dict) -> bool:
         or kwargs.get("output_hidden_states")
         or (mask is not None and mask.dim() != 2)
     )
+
+
+def _patch_embedding(state: dict, report: PatchReport, embed: torch.nn.Module) -> None:
+    """The input embedding gathers from a pinned host table when `settings.set_embeddings_on_host` put it there."""
+    if type(embed) is not torch.nn.Embedding or embed.max_norm is not None:
+        report.stock["model.embed_tokens"] = f"{type(embed).__name__} (host gather takes a plain nn.Embedding)"
+        return
+    original = _original_later(state, embed)
+    gather = _op("embedding", "embedding")
+
+    def forward(self, input_ids):
+        if self.weight.is_cuda or not input_ids.is_cuda:
+            return original()(input_ids)
+        return gather(input_ids, self.weight)
+
+    _set_forward(state, embed, forward)
+    report.replaced.append("model.embed_tokens: embedding (reads a host table when it is on the host)")
 
 
 def _patch_inner(state: dict, report: PatchReport, inner) -> None:
@@ -303,10 +329,13 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         mode = state["gradient_checkpointing"]
         checkpointing = mode != "off" and self.training and torch.is_grad_enabled()
         n_ckpt = state["checkpoint_layers"]
+        n_run = self.config.num_hidden_layers
+        # The last `keep_mlp_layers` checkpointed layers keep their MLP's gate and up outputs (settings).
+        keep_from = min(n_run, n_ckpt if n_ckpt is not None else n_run) - state["keep_mlp_layers"]
         offload = mode == "offload"
         chain = OffloadChain() if checkpointing and offload else None
         after = state["after_layer_backward"]
-        for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for i, layer in enumerate(self.layers[:n_run]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
             if checkpointing and (n_ckpt is None or i < n_ckpt):
                 hidden = checkpoint_layer(
@@ -319,10 +348,11 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     stash=state["stash_attention"],
                     lean_qkv=not state["qk_norm"],
                     after_backward=None if after is None else functools.partial(after, i),
+                    keep_mlp=i >= keep_from,
                 )
             else:
                 hidden = run(hidden)
-        if chain is not None and (n_ckpt is None or n_ckpt >= self.config.num_hidden_layers):
+        if chain is not None and (n_ckpt is None or n_ckpt >= n_run):
             # Only when the last layer is checkpointed: otherwise the copies would sit on the GPU through the
             # backward of the layers that kept their activations.
             chain.prefetch_last()
@@ -454,6 +484,8 @@ def patch(
         "stash_o_proj": True,
         "qk_norm": family.qk_norm,
         "capture_docs": None,
+        "keep_mlp_layers": 0,
+        "embed_home": None,
         "gradient_checkpointing": gradient_checkpointing,
         "after_layer_backward": None,
     }
@@ -472,6 +504,7 @@ def patch(
             _patch_attention(state, report, f"{prefix}.self_attn", layer.self_attn, family, i, ops)
         _patch_mlp(state, report, f"{prefix}.mlp", layer.mlp, ops)
     _patch_norm(state, report, "model.norm", inner.norm, ops["rms_norm"])
+    _patch_embedding(state, report, inner.embed_tokens)
     if fuse_attention:
         _patch_inner(state, report, inner)
     else:
@@ -492,6 +525,9 @@ def unpatch(model: torch.nn.Module) -> None:
     state = lm.__dict__.pop(STATE_ATTR, None)
     if state is None:
         return
+    if state.get("embed_home") is not None:  # settings.set_embeddings_on_host: the stock embedding reads on the device
+        embed = lm.get_input_embeddings()
+        embed.weight.data = embed.weight.data.to(state.pop("embed_home"))
     for module, own in reversed(state["originals"]):
         if own is None:
             module.__dict__.pop("forward", None)

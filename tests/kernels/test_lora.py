@@ -387,6 +387,78 @@ def test_lean_recompute_skips_the_down_projection_with_the_same_gradients(monkey
 
 
 @needs_triton
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("once", [False, True], ids=["dequant", "once"])
+def test_kept_mlp_outputs_spare_the_recompute_its_gate_and_up(monkeypatch, offload, once):
+    # keep_mlp: the forward keeps the MLP's finished gate and up outputs and the lean recompute takes them, so
+    # gate and up are dequantized (and multiplied) twice per step instead of three times; the backward reads the
+    # same tensors, so the gradients are the lean recompute's bit for bit. The kept tensors are let go once the
+    # layer's backward has run.
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.models.checkpointing import OffloadChain, checkpoint_layer
+
+    device = kernel_device()
+    parts = _toy_layer_parts(device)
+    gate_up = {id(b) for b in parts[2][0][:2]}
+    calls = []
+    real = lora_mod.nf4_dequantize
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in gate_up) or real(w, dt))
+    kept_sizes = []
+    real_keep = lora_mod.keep_mlp_outputs
+
+    def spy_keep(store):
+        kept_sizes.append(store)
+        return real_keep(store)
+
+    monkeypatch.setattr("raytune_llm.models.checkpointing.keep_mlp_outputs", spy_keep)
+
+    def run(keep):
+        leaves, layer = _toy_layer(parts)
+        x = _toy_input(device)
+        calls.clear()
+        kept_sizes.clear()
+        chain = OffloadChain() if offload else None
+        y = x
+        for _ in range(2):
+            y = checkpoint_layer(layer, y, offload=offload, lean=True, chain=chain, dequant_once=once, keep_mlp=keep)
+        held = [len(store) for store in kept_sizes]
+        y.square().sum().backward()
+        return (
+            y.detach(),
+            calls.count(True),
+            held,
+            kept_sizes,
+            [x.grad] + [t.grad for ts in leaves.values() for t in ts],
+        )
+
+    y_lean, n_lean, _, _, g_lean = run(False)
+    y_keep, n_keep, held, stores, g_keep = run(True)
+    assert n_lean == 2 * 2 * (2 if once else 3)  # 2 layers x (gate, up) x (forward, recompute[, backward])
+    assert n_keep == 2 * 2 * 2  # forward, backward: the recompute runs neither GEMM
+    assert held == [1, 1] and all(not store for store in stores)  # one MLP call kept per layer, taken by backward
+    assert not lora_mod._keep and not lora_mod._reuse, "a keep/reuse block was left open"
+    torch.testing.assert_close(y_keep, y_lean, rtol=0, atol=0)
+    for a, b in zip(g_keep, g_lean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+def test_kept_mlp_outputs_of_another_shape_are_refused():
+    import raytune_llm.kernels.lora as lora_mod
+
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "dense", torch.float32, device, seed=4)
+    fn = _bind(lora_mlp, bases, scalings)
+    store = []
+    with torch.no_grad(), lora_mod.keep_mlp_outputs(store):
+        fn(torch.randn(3, HIDDEN, device=device), *adapters)
+    assert len(store) == 1
+    with lora_mod.lean_recompute(), lora_mod.reuse_mlp_outputs(store):
+        with pytest.raises(RuntimeError, match="do not match this call"):
+            fn(torch.randn(5, HIDDEN, device=device).requires_grad_(), *[a.requires_grad_() for a in adapters])
+
+
+@needs_triton
 def test_lean_recompute_leaves_no_grad_calls_and_plain_calls_whole():
     # Inside the block only a call that records a graph is lean: under no_grad (no backward will follow, so the
     # value is what the caller wants) and outside the block the MLP returns its real output.

@@ -1,0 +1,126 @@
+"""Two trades of the patched model's memory: the input embedding in pinned host memory, and kept MLP outputs.
+
+`settings.set_embeddings_on_host` moves a frozen input embedding to pinned host memory (the GPU gathers each
+batch's rows, `kernels.embedding`); `settings.set_keep_mlp_layers` lets the last checkpointed layers keep their
+MLP's gate and up outputs so their recompute skips those GEMMs. Both must leave losses and gradients as they
+were. The kernels' own CPU tests (interpreter) are in tests/kernels; here the model-level rules, and on the GPU
+the whole model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytune_llm.models.load import load_model
+from raytune_llm.models.patch import patch, unpatch
+from raytune_llm.models.settings import set_embeddings_on_host, set_keep_mlp_layers
+from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def test_embeddings_on_host_refuses_what_it_cannot_serve(tiny_paths):
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="true or false"):
+        set_embeddings_on_host(model, "yes")
+    lm = model.get_base_model()
+    embed = lm.get_input_embeddings()
+    embed.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen input embedding"):
+        set_embeddings_on_host(model, True)
+    embed.weight.requires_grad_(False)
+    head = lm.lm_head.weight
+    lm.lm_head.weight = embed.weight  # tied, as tie_word_embeddings makes it
+    with pytest.raises(ValueError, match="tied to the LM head"):
+        set_embeddings_on_host(model, True)
+    lm.lm_head.weight = head
+    set_embeddings_on_host(model, True)  # on a CPU model the table is on the host already: nothing moves
+    assert not model.raytune_patch_report.embeddings_on_host and embed.weight.device.type == "cpu"
+    unpatch(model)
+    with pytest.raises(ValueError, match="patched by raytune_llm.patch"):
+        set_embeddings_on_host(model, True)
+
+
+def test_keep_mlp_layers_and_embeddings_on_host_settings_and_config(tiny_paths):
+    from raytune_llm.config import ConfigError, load_config
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="keep_mlp_layers must be an integer"):
+            set_keep_mlp_layers(model, bad)
+    set_keep_mlp_layers(model, 2)
+    assert model.raytune_patch_report.keep_mlp_layers == 2
+    with pytest.raises(ConfigError, match="keep_mlp_layers=2 needs gradient_checkpointing on or offload"):
+        load_config(None, ["model.keep_mlp_layers=2"])
+    with pytest.raises(ConfigError, match="keep_mlp_layers must be an integer >= 0"):
+        load_config(None, ["model.keep_mlp_layers=-1", "model.gradient_checkpointing=on"])
+    assert load_config(None, ["model.keep_mlp_layers=2", "model.gradient_checkpointing=on"]).model.keep_mlp_layers == 2
+    with pytest.raises(ConfigError, match="embeddings_on_host=true needs fused=true"):
+        load_config(None, ["model.embeddings_on_host=true", "model.fused=false"])
+    with pytest.raises(ConfigError, match="embeddings_on_host needs sharding.strategy ddp or auto"):
+        load_config(None, ["model.embeddings_on_host=true", "sharding.strategy=zero3"])
+    assert load_config(None, ["model.embeddings_on_host=true"]).model.embeddings_on_host
+
+
+@pytest.mark.gpu
+def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
+    model = load_model(
+        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
+    )
+    sync_and_randomise_lora(model, model)
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    loss_dev, g_dev = _step(model, ids)
+    embed = model.get_base_model().get_input_embeddings()
+    table_bytes = embed.weight.numel() * embed.weight.element_size()
+    before = torch.cuda.memory_allocated()
+    set_embeddings_on_host(model, True)
+    assert embed.weight.is_pinned() and model.raytune_patch_report.embeddings_on_host
+    assert before - torch.cuda.memory_allocated() >= table_bytes
+    loss_host, g_host = _step(model, ids)
+    torch.testing.assert_close(loss_host, loss_dev, rtol=0, atol=0)
+    for name in g_dev:
+        torch.testing.assert_close(g_host[name], g_dev[name], rtol=0, atol=0)
+    with torch.no_grad():  # generation takes the stock forwards, which call the patched embedding too
+        out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+    unpatch(model)  # back on the device for the stock forwards
+    assert embed.weight.is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, monkeypatch, mode):
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.models.settings import set_dequantize_once, set_stash_attention
+
+    model = load_model(
+        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
+    )
+    sync_and_randomise_lora(model, model)
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    n_layers = model.get_base_model().config.num_hidden_layers
+    calls = [0]
+    real = lora_mod.nf4_dequantize
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.__setitem__(0, calls[0] + 1) or real(w, dt))
+
+    def run(keep):
+        unpatch(model)
+        patch(model, gradient_checkpointing=mode)
+        set_dequantize_once(model, True)
+        set_stash_attention(model, mode == "offload")
+        set_keep_mlp_layers(model, keep)
+        calls[0] = 0
+        return (*_step(model, ids), calls[0])
+
+    loss0, g0, n0 = run(0)
+    loss1, g1, n1 = run(n_layers + 3)  # more than there are layers: every layer
+    assert n0 - n1 == 2 * n_layers  # each layer's recompute dequantized gate and up; kept, it does not
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
