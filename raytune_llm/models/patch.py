@@ -528,6 +528,7 @@ def unpatch(model: torch.nn.Module) -> None:
     if state.get("embed_home") is not None:  # settings.set_embeddings_on_host: the stock embedding reads on the device
         embed = lm.get_input_embeddings()
         embed.weight.data = embed.weight.data.to(state.pop("embed_home"))
+    lm.__dict__.pop("generate", None)  # its wrapper for the host embedding
     for module, own in reversed(state["originals"]):
         if own is None:
             module.__dict__.pop("forward", None)

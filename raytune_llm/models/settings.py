@@ -220,11 +220,42 @@ def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
                 "which reads it on the GPU; leave it on the device"
             )
         if weight.is_cuda:
-            state["embed_home"] = weight.device
-            weight.data = weight.data.to("cpu").pin_memory()
+            host = state.get("embed_host")
+            if host is None or host.shape != weight.shape or host.dtype != weight.dtype:
+                host = weight.data.to("cpu").pin_memory()
+            state["embed_home"], state["embed_host"] = weight.device, host
+            weight.data = host
+            _device_while_generating(lm, state)
     elif state.get("embed_home") is not None:
-        weight.data = weight.data.to(state.pop("embed_home"))
+        weight.data = weight.data.to(state.pop("embed_home"))  # the pinned copy stays for the next move
     state["report"].embeddings_on_host = state.get("embed_home") is not None  # moved off a GPU
+
+
+def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
+    """Generation brings the table back to its device while it runs.
+
+    transformers takes a model's device from its first parameter, the input embedding: on the host, `generate`
+    would put the prompt on the CPU. The frozen table is not written by training, so the pinned copy is kept
+    and moving it back afterwards costs no new host allocation.
+    """
+    if "generate" in lm.__dict__:
+        return
+    original = lm.generate
+
+    def generate(*args, **kwargs):
+        home = state.get("embed_home")
+        if home is None:
+            return original(*args, **kwargs)
+        embed = lm.get_input_embeddings()
+        embed.weight.data = state["embed_host"].to(home)
+        state["embed_home"] = None
+        try:
+            return original(*args, **kwargs)
+        finally:
+            embed.weight.data = state["embed_host"]
+            state["embed_home"] = home
+
+    lm.generate = generate
 
 
 def set_keep_mlp_layers(model: torch.nn.Module, layers: int) -> None:

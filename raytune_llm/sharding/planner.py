@@ -294,11 +294,14 @@ def _activation_bytes(
     checkpoint_layers: int | None = None,
     *,
     fused_loss: bool,
+    keep_mlp_layers: int = 0,
 ) -> tuple[float, float]:
     """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes.
 
     `fused_loss`: the loss runs the chunked linear + CE. Not under ZeRO-3 even when `fused`: the fused CE reads the
     LM head's weight, which ZeRO-3 partitions (models/patch.py leaves that head stock).
+    `keep_mlp_layers`: the last checkpointed layers that keep their MLP's gate and up outputs
+    (`models.settings.set_keep_mlp_layers`); every one but the first reached by backward is held at the peak.
     """
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
@@ -311,6 +314,8 @@ def _activation_bytes(
     if checkpointing == "off":
         n_ckpt = 0
     kept = max(shape.layers - n_ckpt - 1, 0) * kept_layer
+    if fused and chunk is None and n_ckpt:
+        kept += max(min(keep_mlp_layers, n_ckpt) - 1, 0) * 2 * 2 * tokens * shape.intermediate
     if checkpointing == "on":
         stored = n_ckpt * 2 * d * tokens + kept
     elif checkpointing == "offload":
@@ -358,6 +363,7 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         a["mlp_chunk_tokens"],
         a.get("checkpoint_layers"),
         fused_loss=a["fused"] and not zero3,
+        keep_mlp_layers=a.get("keep_mlp_layers", 0) if a["checkpointing"] != "off" else 0,
     )
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
@@ -371,14 +377,18 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     if once and a["checkpointing"] != "off" and a.get("checkpoint_layers") != 0:
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
-    weights = linear + dense
     host = 0.0
+    if a.get("embeddings_on_host") and a["fused"] and not shape.tied and strategy == "DDP":
+        table = 2 * shape.vocab * shape.hidden  # the input embedding, in pinned host memory
+        dense -= table
+        host += table
+    weights = linear + dense
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers
         if strategy == "ZeRO-3":
             weights = weights / world + live
         else:
-            host = weights / world
+            host += weights / world
             weights = live + dense / world  # embeddings and head come in as their own gathered params
     out = {
         "weights (base model)": weights,
@@ -407,6 +417,8 @@ def plan_from_values(
     mlp_chunk_tokens: int | str | None = "auto",
     checkpoint_layers: int | None = None,
     dequantize_once: bool = False,
+    keep_mlp_layers: int = 0,
+    embeddings_on_host: bool = False,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -429,6 +441,10 @@ def plan_from_values(
             others keep their activations, as `models.settings.set_checkpoint_layers`); None = all.
         dequantize_once: a checkpointed layer's backward holds all of its weights dequantized (as
             `models.settings.set_dequantize_once`) instead of one at a time.
+        keep_mlp_layers: the last checkpointed layers keep their MLP's gate and up outputs
+            (`models.settings.set_keep_mlp_layers`).
+        embeddings_on_host: the input embedding sits in pinned host memory (`models.settings.set_embeddings_on_host`;
+            DDP only, not with a tied head).
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -450,6 +466,8 @@ def plan_from_values(
         isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int) or checkpoint_layers < 0
     ):
         raise PlanError(f"checkpoint_layers must be an int >= 0 or None, got {checkpoint_layers!r}")
+    if isinstance(keep_mlp_layers, bool) or not isinstance(keep_mlp_layers, int) or keep_mlp_layers < 0:
+        raise PlanError(f"keep_mlp_layers must be an int >= 0, got {keep_mlp_layers!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
@@ -478,6 +496,8 @@ def plan_from_values(
         mlp_chunk_tokens=mlp_chunk_tokens,
         checkpoint_layers=checkpoint_layers,
         dequantize_once=bool(dequantize_once),
+        keep_mlp_layers=keep_mlp_layers,
+        embeddings_on_host=bool(embeddings_on_host),
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
@@ -493,6 +513,8 @@ def plan_from_values(
         "mlp_chunk_tokens": mlp_chunk_tokens if fused else None,
         "checkpoint_layers": checkpoint_layers,
         "dequantize_once": bool(dequantize_once),
+        "keep_mlp_layers": keep_mlp_layers,
+        "embeddings_on_host": bool(embeddings_on_host),
         "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
     }
 

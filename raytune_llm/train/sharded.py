@@ -59,6 +59,8 @@ def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
         checkpoint_layers=cfg.model.checkpoint_layers,
         dequantize_once=cfg.model.dequantize_once,
+        keep_mlp_layers=cfg.model.keep_mlp_layers,
+        embeddings_on_host=cfg.model.embeddings_on_host,
     )
 
 

@@ -86,11 +86,14 @@ def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
     torch.testing.assert_close(loss_host, loss_dev, rtol=0, atol=0)
     for name in g_dev:
         torch.testing.assert_close(g_host[name], g_dev[name], rtol=0, atol=0)
-    with torch.no_grad():  # generation takes the stock forwards, which call the patched embedding too
+    with torch.no_grad():  # transformers reads the model's device off the embedding: generate brings it back
         out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 12)
+    assert out.shape == (1, 12) and out.is_cuda and embed.weight.is_pinned()
+    set_embeddings_on_host(model, False)
+    assert embed.weight.is_cuda and not model.raytune_patch_report.embeddings_on_host
+    set_embeddings_on_host(model, True)
     unpatch(model)  # back on the device for the stock forwards
-    assert embed.weight.is_cuda
+    assert embed.weight.is_cuda and "generate" not in model.get_base_model().__dict__
 
 
 @pytest.mark.gpu
@@ -112,7 +115,7 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
     def run(keep):
         unpatch(model)
         patch(model, gradient_checkpointing=mode)
-        set_dequantize_once(model, True)
+        set_dequantize_once(model, False)  # with it the recompute's gate/up copies serve backward: counts level
         set_stash_attention(model, mode == "offload")
         set_keep_mlp_layers(model, keep)
         calls[0] = 0
@@ -121,6 +124,7 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
     loss0, g0, n0 = run(0)
     loss1, g1, n1 = run(n_layers + 3)  # more than there are layers: every layer
     assert n0 - n1 == 2 * n_layers  # each layer's recompute dequantized gate and up; kept, it does not
+    assert model.raytune_patch_report.keep_mlp_layers == n_layers + 3
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")

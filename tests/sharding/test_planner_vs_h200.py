@@ -39,6 +39,7 @@ def _cases():
 @pytest.mark.parametrize("e2e,shape,fused,ckpt,measured", list(_cases()))
 def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measured):
     mb, seq = (1, int(shape.split("_")[1])) if shape.startswith("packed_") else map(int, shape.split("x"))
+    run = e2e.get("runs", {}).get(shape, {}).get("ours" if fused else "std_qlora", {})
     plan = plan_from_values(
         e2e["model"]["config"],
         seq_len=seq,
@@ -46,13 +47,15 @@ def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measure
         checkpointing=ckpt,
         gpu_mem_gib=e2e["environment"]["gpu_total_gib"],
         fused=fused,
+        keep_mlp_layers=run.get("keep_mlp_layers") or 0,
+        embeddings_on_host=bool(run.get("embeddings_on_host")),
     )
     assert abs(plan.peak_gib / measured - 1) <= 0.15, (shape, fused, plan.peak_gib, measured)
 
 
 def _variant(name: str) -> dict:
-    """run_stack's variant name ('all', '44+once', 'all+once+chunk0', 'all+offload+full') as plan_from_values
-    arguments ('+full', the whole recompute, changes no planned memory)."""
+    """run_stack's variant name ('all', '44+once', 'all+once+chunk0', 'all+offload+full', 'all+host+keep2') as
+    plan_from_values arguments ('+full', the whole recompute, '+stash' and '+graph' change no planned memory)."""
     layers, *flags = name.split("+")
     kw = {"checkpoint_layers": None if layers == "all" else int(layers), "dequantize_once": "once" in flags}
     for flag in flags:
@@ -60,6 +63,10 @@ def _variant(name: str) -> dict:
             kw["checkpointing"] = flag
         elif flag.startswith("chunk"):
             kw["mlp_chunk_tokens"] = "auto" if flag == "chunkauto" else int(flag[5:])
+        elif flag.startswith("keep"):
+            kw["keep_mlp_layers"] = int(flag[4:])
+        elif flag == "host":
+            kw["embeddings_on_host"] = True
     return kw
 
 
@@ -77,6 +84,8 @@ def _variant_cases():
                 own = {
                     "checkpoint_layers": run.get("checkpoint_layers"),
                     "dequantize_once": bool(run.get("dequantize_once")),
+                    "keep_mlp_layers": run.get("keep_mlp_layers") or 0,
+                    "embeddings_on_host": bool(run.get("embeddings_on_host")),
                 }
                 measured = {"run": (run, own)}
             for name, (v, settings) in measured.items():
