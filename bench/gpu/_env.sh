@@ -1,6 +1,7 @@
-# Sourced by the device-call scripts: install the carried wheels and set the environment.
+# Sourced by the device-call scripts: install the carried wheels (WHEELS=.whl/slim: .whl/core without Ray, for calls that
+# carry .whl/anchors too and stay under the carry limit) and set the environment.
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/core/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl/core}"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   RAY_USAGE_STATS_ENABLED=0 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token
 if [ -d .whl/anchors ] && [ ! -d /tmp/site_anchors/unsloth ]; then
