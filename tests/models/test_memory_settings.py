@@ -114,17 +114,17 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
 
     def run(keep):
         unpatch(model)
-        patch(model, gradient_checkpointing=mode)
+        report = patch(model, gradient_checkpointing=mode)
         set_dequantize_once(model, False)  # with it the recompute's gate/up copies serve backward: counts level
         set_stash_attention(model, mode == "offload")
         set_keep_mlp_layers(model, keep)
+        assert report.keep_mlp_layers == keep
         calls[0] = 0
         return (*_step(model, ids), calls[0])
 
     loss0, g0, n0 = run(0)
     loss1, g1, n1 = run(n_layers + 3)  # more than there are layers: every layer
     assert n0 - n1 == 2 * n_layers  # each layer's recompute dequantized gate and up; kept, it does not
-    assert model.raytune_patch_report.keep_mlp_layers == n_layers + 3
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
