@@ -30,6 +30,9 @@ def test_trains_from_a_bare_config_and_exports_nothing(ray_session, tmp_path):
             "train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=rw", f"model.path={folder}",
             "model.random_weights=true", "export.formats=[]", "quant.bits=4", "train.num_workers=1",
             "train.max_steps=12", "train.log_every=4", "data.num_examples=300",
+            # The memory settings reach the worker (on the CPU the table is on the host already and the MLP runs the
+            # reference, so they change nothing here; tests/models/test_memory_settings.py checks them on the GPU).
+            "model.gradient_checkpointing=on", "model.keep_mlp_layers=1", "model.embeddings_on_host=true",
         ]
     )  # fmt: skip
     assert rc == 0

@@ -47,6 +47,8 @@ def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measure
         checkpointing=ckpt,
         gpu_mem_gib=e2e["environment"]["gpu_total_gib"],
         fused=fused,
+        mlp_chunk_tokens=run.get("mlp_chunk_tokens", "auto"),
+        dequantize_once=bool(run.get("dequantize_once")),
         keep_mlp_layers=run.get("keep_mlp_layers") or 0,
         embeddings_on_host=bool(run.get("embeddings_on_host")),
     )
