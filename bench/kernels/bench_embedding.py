@@ -2,34 +2,26 @@
 
     python bench/kernels/bench_embedding.py --out r.json     # GPU
 
-Rows of a pinned host table [128256, 4096] bf16 gathered by CUDA ids, by tile width and warps (CUDA events, median
-of 50 after 10 warm-ups); F.embedding on a device copy of the table beside it; GB/s counts the rows read.
+Rows of a pinned host table [128256, 4096] bf16 gathered by CUDA ids, by tile width and warps (bench/_harness.py's timing:
+CUDA events, median); F.embedding on a device copy of the table beside it; GB/s counts the rows read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import raytune_llm.kernels.embedding as emb
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from _harness import Harness  # noqa: E402
 
-def _ms(fn, reps: int = 50) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+import raytune_llm.kernels.embedding as emb  # noqa: E402
 
 
 def main() -> None:
@@ -37,19 +29,24 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
     args = p.parse_args()
+    h = Harness()
+
+    def _ms(fn) -> float:
+        return h.time(lambda _: fn()).ms
+
     table = torch.randn(128256, 4096, dtype=torch.bfloat16).pin_memory()
     device_table = table.cuda()
     rows = []
     for n in args.tokens:
         ids = torch.randint(0, table.shape[0], (n,), device="cuda")
         nbytes = n * table.shape[1] * table.element_size()
-        ref = _ms(lambda: F.embedding(ids, device_table))
+        ref = _ms(lambda ids=ids: F.embedding(ids, device_table))
         rows.append(
             {"tokens": n, "kind": "device F.embedding", "ms": round(ref, 4), "GBps": round(nbytes / ref / 1e6, 1)}
         )
         for block in (1024, 2048, 4096):
             emb._BLOCK = block
-            ms = _ms(lambda: emb.embedding(ids, table))
+            ms = _ms(lambda ids=ids: emb.embedding(ids, table))
             rows.append(
                 {
                     "tokens": n,

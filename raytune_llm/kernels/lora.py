@@ -350,20 +350,16 @@ class LoRAMLPFunction(torch.autograd.Function):
                     f"({X.shape[0]} tokens, {Bg.shape[0]} wide, {dt}): the recompute ran other inputs"
                 )
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
-            ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
-            ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
-            ctx.adapter_dtypes = [t.dtype for t in adapters]
-            ctx.x_shape = x.shape
-            ctx.consumed = False
-            return Y
-        G = X @ _dense(bases[0], dt).t()
-        U = X @ _dense(bases[1], dt).t()
-        if skip_output:
+        elif skip_output:
             # Nothing reads H here: the backward kernel finishes G and U with their rank updates itself and
             # writes H, from which backward takes H A_d^T. One [N, I] pass fewer per recomputed layer.
+            G = X @ _dense(bases[0], dt).t()
+            U = X @ _dense(bases[1], dt).t()
             HA = None
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
+            G = X @ _dense(bases[0], dt).t()
+            U = X @ _dense(bases[1], dt).t()
             H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
             HA = H @ Ad.t()  # [N, r_d]
             Y, Y2 = _output(x, Bd.shape[0])
