@@ -528,7 +528,8 @@ def unpatch(model: torch.nn.Module) -> None:
     if state.get("embed_home") is not None:  # settings.set_embeddings_on_host: the stock embedding reads on the device
         embed = lm.get_input_embeddings()
         embed.weight.data = embed.weight.data.to(state.pop("embed_home"))
-    lm.__dict__.pop("generate", None)  # its wrapper for the host embedding
+    if getattr(lm.__dict__.get("generate"), "_raytune_host_embedding", False):
+        del lm.__dict__["generate"]  # settings' wrapper for the host embedding
     for module, own in reversed(state["originals"]):
         if own is None:
             module.__dict__.pop("forward", None)

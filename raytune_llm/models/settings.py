@@ -238,7 +238,7 @@ def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
     would put the prompt on the CPU. The frozen table is not written by training, so the pinned copy is kept
     and moving it back afterwards costs no new host allocation.
     """
-    if "generate" in lm.__dict__:
+    if getattr(lm.__dict__.get("generate"), "_raytune_host_embedding", False):
         return
     original = lm.generate
 
@@ -255,6 +255,7 @@ def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
             embed.weight.data = state["embed_host"]
             state["embed_home"] = home
 
+    generate._raytune_host_embedding = True  # unpatch removes this wrapper, and only this one
     lm.generate = generate
 
 
