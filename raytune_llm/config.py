@@ -74,9 +74,11 @@ class ModelSection:
     """Swap in raytune_llm's fused Triton kernels (False: stock transformers + PEFT modules)."""
     gradient_checkpointing: Literal["off", "on", "offload"] = "off"
     """Recompute decoder layers in backward; offload keeps the checkpoints in pinned CPU memory."""
-    checkpoint_layers: int | None = None
+    checkpoint_layers: int | Literal["auto"] | None = None
     """With gradient_checkpointing on/offload: checkpoint only this many decoder layers (the first ones); the
-    rest keep their activations and are not recomputed (faster, more memory). null = every layer."""
+    rest keep their activations and are not recomputed (faster, more memory). null = every layer. auto = the fewest
+    that the memory planner fits on one GPU (the smaller of sharding.gpu_memory_gib and the device's own memory,
+    with a margin) under DDP; every layer under DeepSpeed or on a CPU. `raytune-llm plan` shows the choice."""
     dequantize_once: bool = False
     """With gradient_checkpointing on/offload and 4-bit weights: a checkpointed layer's backward reuses the
     weights its recompute dequantized instead of dequantizing them again (one pass over the weights fewer per
@@ -114,8 +116,8 @@ class ModelSection:
         ):
             _fail(f"mlp_chunk_tokens must be a positive integer, 0 or null (off), or 'auto'; got {value!r}")
         n = self.checkpoint_layers
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            _fail(f"checkpoint_layers must be an integer >= 0 or null (every layer); got {n!r}")
+        if n is not None and n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            _fail(f"checkpoint_layers must be an integer >= 0, auto, or null (every layer); got {n!r}")
         if self.dequantize_once and (self.gradient_checkpointing == "off" or not self.fused):
             _fail(
                 "dequantize_once=true needs gradient_checkpointing on or offload and fused=true "

@@ -30,9 +30,11 @@ def test_trains_from_a_bare_config_and_exports_nothing(ray_session, tmp_path):
             "train", "conf/quickstart.yaml", f"output_dir={tmp_path}", "name=rw", f"model.path={folder}",
             "model.random_weights=true", "export.formats=[]", "quant.bits=4", "train.num_workers=1",
             "train.max_steps=12", "train.log_every=4", "data.num_examples=300",
-            # The memory settings reach the worker (on the CPU the table is on the host already and the MLP runs the
-            # reference, so they change nothing here; tests/models/test_memory_settings.py checks them on the GPU).
+            # The memory settings reach the worker. On the CPU they change nothing: the table is on the host already,
+            # the MLP runs the reference and auto checkpoints every layer (tests/models/test_memory_settings.py checks
+            # the first two on the GPU, tests/sharding/test_planner.py what auto picks).
             "model.gradient_checkpointing=on", "model.keep_mlp_layers=1", "model.embeddings_on_host=true",
+            "model.checkpoint_layers=auto",
         ]
     )  # fmt: skip
     assert rc == 0

@@ -40,28 +40,62 @@ _PLANNER_STRATEGY = {
 _DS_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
-    """The memory planner's plan for a run config (what `raytune-llm plan` prints and `auto` uses)."""
-    from raytune_llm.sharding.planner import plan_from_values
-
-    return plan_from_values(
-        hf_config,
+def _plan_args(cfg) -> dict:
+    """`plan_from_values` arguments a run config sets (all but the GPUs and checkpoint_layers)."""
+    return dict(
         quant_bits=cfg.quant.bits,
         lora_rank=cfg.lora.r,
         lora_targets=list(cfg.lora.target_modules),
         seq_len=cfg.data.seq_len,
         micro_batch=cfg.train.micro_batch_size,
         checkpointing=cfg.model.gradient_checkpointing,
-        gpu_mem_gib=cfg.sharding.gpu_memory_gib,
-        gpus_per_node=gpus_per_node,
-        nodes=nodes,
         fused=cfg.model.fused,
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
-        checkpoint_layers=cfg.model.checkpoint_layers,
         dequantize_once=cfg.model.dequantize_once,
         keep_mlp_layers=cfg.model.keep_mlp_layers,
         embeddings_on_host=cfg.model.embeddings_on_host,
     )
+
+
+def checkpoint_layers_for(cfg, hf_config: dict, gpu_mem_gib: float) -> int | None:
+    """`model.checkpoint_layers`, with `auto` resolved by the planner for one GPU of `gpu_mem_gib`
+    (`sharding.planner.fewest_checkpointed_layers`)."""
+    from raytune_llm.sharding.planner import fewest_checkpointed_layers
+
+    if cfg.model.checkpoint_layers != "auto":
+        return cfg.model.checkpoint_layers
+    return fewest_checkpointed_layers(hf_config, gpu_mem_gib=gpu_mem_gib, **_plan_args(cfg))
+
+
+def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
+    """The memory planner's plan for a run config (what `raytune-llm plan` prints and `auto` uses)."""
+    from raytune_llm.sharding.planner import plan_from_values
+
+    gib = cfg.sharding.gpu_memory_gib
+    return plan_from_values(
+        hf_config,
+        gpu_mem_gib=gib,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        checkpoint_layers=checkpoint_layers_for(cfg, hf_config, gib),
+        **_plan_args(cfg),
+    )
+
+
+def resolve_checkpoint_layers(cfg, model_path: str | os.PathLike, strategy: str, device) -> int | None:
+    """The checkpointed layer count a worker trains with: `model.checkpoint_layers`, or for `auto` the planner's
+    choice for this GPU (the smaller of `sharding.gpu_memory_gib` and the device's memory) under DDP; every layer
+    (None) under DeepSpeed or on a CPU, where the planner's one-GPU budget does not apply."""
+    if cfg.model.checkpoint_layers != "auto":
+        return cfg.model.checkpoint_layers
+    if strategy != "ddp" or getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+
+    from raytune_llm.sharding.planner import load_hf_config
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return checkpoint_layers_for(cfg, load_hf_config(model_path), min(cfg.sharding.gpu_memory_gib, total))
 
 
 def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[str, bool, bool]:

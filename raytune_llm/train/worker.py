@@ -275,7 +275,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     patched = model.raytune_patch_report  # None with fused=False; family None: an architecture left stock
     if patched is not None and patched.family is not None:  # load_model patched with "auto"; the run's setting
         set_mlp_chunk_tokens(model, cfg.model.mlp_chunk_tokens)
-        set_checkpoint_layers(model, cfg.model.checkpoint_layers)
+        n_ckpt = sharded_lib.resolve_checkpoint_layers(cfg, loop_config["model_path"], strategy, device)
+        set_checkpoint_layers(model, n_ckpt)
+        if cfg.model.checkpoint_layers == "auto" and rank == 0:
+            print(
+                f"raytune_llm: model.checkpoint_layers=auto -> {'every layer' if n_ckpt is None else n_ckpt}",
+                flush=True,
+            )
         set_dequantize_once(model, cfg.model.dequantize_once)
         set_stash_attention(model, cfg.model.stash_attention)
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)

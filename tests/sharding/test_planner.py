@@ -245,3 +245,50 @@ def test_dequantize_once_holds_one_layer_of_bf16_weights():
         assert plan_from_values(LLAMA31_70B, dequantize_once=True, **args).peak_gib == pytest.approx(
             plan_from_values(LLAMA31_70B, **args).peak_gib
         )
+
+
+def test_fewest_checkpointed_layers_fills_the_gpu_and_no_more():
+    # `model.checkpoint_layers: auto`: the fewest checkpointed layers whose DDP peak, plus AUTO_MARGIN, fits.
+    from raytune_llm.sharding.planner import AUTO_MARGIN, LLAMA31_70B, fewest_checkpointed_layers
+
+    kw = dict(seq_len=2048, micro_batch=4, checkpointing="offload", dequantize_once=True)
+    picks = {gib: fewest_checkpointed_layers(LLAMA31_8B, gpu_mem_gib=gib, **kw) for gib in (80, 24, 16, 10)}
+    assert picks[80] == 0  # an 80 GB GPU holds 8B at 4x2048 with nothing recomputed
+    assert 0 < picks[24] < picks[16] < 32  # less memory, more layers checkpointed
+    assert picks[10] is None  # not even every layer leaves the margin: every layer, and the plan says the rest
+
+    def fits(n, gib):
+        plan = plan_from_values(LLAMA31_8B, gpu_mem_gib=gib, checkpoint_layers=n, **kw)
+        return plan.alternatives["DDP"] * (1 + AUTO_MARGIN) <= plan.usable_bytes
+
+    assert fits(picks[24], 24) and not fits(picks[24] - 1, 24)
+    # 70B at 4096 on one 80 GiB GPU: session 3 measured 44 checkpointed layers at 75.0 GiB under an 80 GiB cap, 52 at
+    # 68.4; auto keeps the margin and picks more.
+    n70 = fewest_checkpointed_layers(
+        LLAMA31_70B, gpu_mem_gib=80, seq_len=4096, checkpointing="on", dequantize_once=True
+    )
+    assert 52 <= n70 < 80
+    from raytune_llm.sharding.planner import PlanError
+
+    with pytest.raises(PlanError, match="checkpointing on or offload"):
+        fewest_checkpointed_layers(LLAMA31_8B, gpu_mem_gib=80, checkpointing="off")
+
+
+def test_checkpoint_layers_auto_in_config_and_plan():
+    from raytune_llm.config import ConfigError, load_config
+    from raytune_llm.train.sharded import checkpoint_layers_for, plan_for
+
+    cfg = load_config(
+        None,
+        [
+            "model.checkpoint_layers=auto", "model.gradient_checkpointing=offload", "data.seq_len=2048",
+            "train.micro_batch_size=4", "sharding.gpu_memory_gib=24",
+        ],
+    )  # fmt: skip
+    assert cfg.model.checkpoint_layers == "auto"
+    n = checkpoint_layers_for(cfg, LLAMA31_8B, 24)
+    assert 0 < n < 32 and plan_for(cfg, LLAMA31_8B, gpus_per_node=1).inputs["checkpoint_layers"] == n
+    with pytest.raises(ConfigError, match="checkpoint_layers=auto needs gradient_checkpointing on or offload"):
+        load_config(None, ["model.checkpoint_layers=auto"])
+    with pytest.raises(ConfigError, match="checkpoint_layers: 'some' is not"):
+        load_config(None, ["model.checkpoint_layers=some", "model.gradient_checkpointing=on"])
