@@ -92,7 +92,8 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         ``[..., H]`` in ``table.dtype`` on ``ids.device``.
 
     Raises:
-        ValueError: the table requires grad, is not 2-D, the ids are not integers, or a host table is not pinned.
+        ValueError: the table requires grad, is not 2-D, the ids are not integers, or a host table is not pinned or
+            not row-major.
     """
     if table.requires_grad:
         raise ValueError("kernels.embedding gathers from a frozen table; this one requires grad")
@@ -102,6 +103,10 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"kernels.embedding: ids must be integers, got {ids.dtype}")
     if _host_table(table, ids) and not table.is_pinned():
         raise ValueError("kernels.embedding: a host table read by CUDA ids must be in pinned memory (pin_memory())")
+    if _host_table(table, ids) and table.stride(1) != 1:
+        raise ValueError(
+            "kernels.embedding: a host table read by CUDA ids needs unit column stride (a copy is not pinned)"
+        )
     if ids.is_cuda and table.is_cuda and ids.device != table.device:
         raise ValueError(f"kernels.embedding: ids on {ids.device}, table on {table.device}")
     if not use_triton(ids):

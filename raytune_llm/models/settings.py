@@ -223,6 +223,8 @@ def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
             host = state.get("embed_host")
             if host is None or host.shape != weight.shape or host.dtype != weight.dtype:
                 host = weight.data.to("cpu").pin_memory()
+            else:  # the pinned copy of an earlier move: refreshed, the weight may have been loaded since
+                host.copy_(weight.data)
             state["embed_home"], state["embed_host"] = weight.device, host
             weight.data = host
             _device_while_generating(lm, state)
@@ -267,8 +269,9 @@ def set_keep_mlp_layers(model: torch.nn.Module, layers: int) -> None:
     their outputs from its forward to its backward instead (2 x tokens x intermediate in the compute dtype:
     470 MiB at 4x2048 tokens of 8B, 940 MiB at 16k) and its recompute runs no MLP GEMM; the gradients are the
     same bits (`kernels.lora.keep_mlp_outputs`). The last layers are the ones chosen because backward reaches
-    them first: the last one's outputs are freed when the step's first layer backward would have rebuilt them
-    anyway, so keeping one layer adds little or nothing to the peak; each further one adds its outputs. An MLP
+    them first: with every layer checkpointed, the last one's outputs are freed when the step's first layer
+    backward would have rebuilt them anyway, so keeping one layer adds little or nothing to the peak and each
+    further one adds its outputs (with `checkpoint_layers` below the depth, every kept layer adds them). An MLP
     split over tokens (`mlp_chunk_tokens`) keeps nothing. Needs `lean_recompute` (the default); no effect with
     checkpointing off. Takes effect on the next call.
 

@@ -301,7 +301,8 @@ def _activation_bytes(
     `fused_loss`: the loss runs the chunked linear + CE. Not under ZeRO-3 even when `fused`: the fused CE reads the
     LM head's weight, which ZeRO-3 partitions (models/patch.py leaves that head stock).
     `keep_mlp_layers`: the last checkpointed layers that keep their MLP's gate and up outputs
-    (`models.settings.set_keep_mlp_layers`); every one but the first reached by backward is held at the peak.
+    (`models.settings.set_keep_mlp_layers`); every one but the first reached by backward is held at the peak (all
+    of them when some layers are not checkpointed).
     """
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
@@ -315,7 +316,10 @@ def _activation_bytes(
         n_ckpt = 0
     kept = max(shape.layers - n_ckpt - 1, 0) * kept_layer
     if fused and chunk is None and n_ckpt:
-        kept += max(min(keep_mlp_layers, n_ckpt) - 1, 0) * 2 * 2 * tokens * shape.intermediate
+        # The first kept layer backward reaches is free when it is the last layer (its outputs go when the recompute
+        # would have made them); behind layers that are not checkpointed, every kept layer is held at their peak.
+        free = 1 if n_ckpt >= shape.layers else 0
+        kept += max(min(keep_mlp_layers, n_ckpt) - free, 0) * 2 * 2 * tokens * shape.intermediate
     if checkpointing == "on":
         stored = n_ckpt * 2 * d * tokens + kept
     elif checkpointing == "offload":

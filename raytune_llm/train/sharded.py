@@ -72,12 +72,15 @@ def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
     from raytune_llm.sharding.planner import plan_from_values
 
     gib = cfg.sharding.gpu_memory_gib
+    # As the workers resolve it: `auto` is the planner's count under DDP, every layer under DeepSpeed.
+    deepspeed = cfg.sharding.strategy in ("zero2", "zero3")
+    layers = None if deepspeed and cfg.model.checkpoint_layers == "auto" else checkpoint_layers_for(cfg, hf_config, gib)
     return plan_from_values(
         hf_config,
         gpu_mem_gib=gib,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
-        checkpoint_layers=checkpoint_layers_for(cfg, hf_config, gib),
+        checkpoint_layers=layers,
         **_plan_args(cfg),
     )
 
@@ -128,6 +131,26 @@ def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[st
     if strategy == "ddp" and (offload_opt or offload_params):
         raise ValueError("sharding.offload_optimizer/offload_params need sharding.strategy zero2 or zero3 (not ddp)")
     return strategy, offload_opt, offload_params
+
+
+def apply_embeddings_on_host(model, cfg, strategy: str) -> str | None:
+    """Apply `model.embeddings_on_host` to a patched model; returns why it was left off, or None.
+
+    Left off (the run goes on with the table on the device) under DeepSpeed, which places every weight itself,
+    and for a model whose input embedding is tied to its LM head or trained (`set_embeddings_on_host` says which):
+    the setting is a memory saving, so a model it cannot serve trains as it would without it.
+    """
+    from raytune_llm.models.settings import set_embeddings_on_host
+
+    if not cfg.model.embeddings_on_host:
+        return None
+    if strategy != "ddp":
+        return f"{strategy} places every weight itself"
+    try:
+        set_embeddings_on_host(model, True)
+    except ValueError as exc:
+        return str(exc).removeprefix("embeddings_on_host: ")
+    return None
 
 
 def ds_dtype(dtype) -> str:

@@ -218,7 +218,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raytune_llm.models.settings import (
         set_checkpoint_layers,
         set_dequantize_once,
-        set_embeddings_on_host,
         set_keep_mlp_layers,
         set_mlp_chunk_tokens,
         set_stash_attention,
@@ -285,10 +284,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_dequantize_once(model, cfg.model.dequantize_once)
         set_stash_attention(model, cfg.model.stash_attention)
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)
-        if cfg.model.embeddings_on_host and zero:
-            print(f"raytune_llm: model.embeddings_on_host left off: {strategy} places every weight itself", flush=True)
-        elif cfg.model.embeddings_on_host:
-            set_embeddings_on_host(model, True)
+        left_off = sharded_lib.apply_embeddings_on_host(model, cfg, strategy)
+        if left_off and rank == 0:
+            print(f"raytune_llm: model.embeddings_on_host left off: {left_off}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

@@ -66,6 +66,8 @@ def test_embedding_reads_a_pinned_host_table_from_the_gpu(dtype):
     assert out.is_cuda and torch.equal(out, F.embedding(ids, table.cuda()))
     with pytest.raises(ValueError, match="pinned"):
         embedding(ids, table.clone())  # pageable host memory: the GPU cannot read it
+    with pytest.raises(ValueError, match="unit column stride"):
+        embedding(ids, table.t().contiguous().pin_memory().t())  # pinned, but a row-major copy would not be
 
 
 @pytest.mark.gpu

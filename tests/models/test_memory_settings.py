@@ -47,6 +47,27 @@ def test_embeddings_on_host_refuses_what_it_cannot_serve(tiny_paths):
         set_embeddings_on_host(model, True)
 
 
+def test_the_trainer_leaves_the_host_embedding_off_where_it_cannot_serve(tmp_path):
+    # train/sharded.apply_embeddings_on_host: a memory saving, so a tied head, a trained embedding or DeepSpeed
+    # train as without it (the worker prints why) instead of failing after the model has loaded.
+    from raytune_llm.config import load_config
+    from raytune_llm.models.tiny import build_tiny_model
+    from raytune_llm.train.sharded import apply_embeddings_on_host
+
+    tied = load_model(
+        build_tiny_model(tmp_path / "tied", vocab_size=VOCAB, tie_word_embeddings=True),
+        lora=dict(r=4, alpha=8),
+        dtype=torch.float32,
+        device="cpu",
+    )
+    on = load_config(None, ["model.embeddings_on_host=true"])
+    assert "tied to the LM head" in apply_embeddings_on_host(tied, on, "ddp")
+    assert apply_embeddings_on_host(tied, on, "zero2") == "zero2 places every weight itself"
+    assert apply_embeddings_on_host(tied, load_config(None, []), "ddp") is None
+    untied = load_model(build_tiny_model(tmp_path / "untied", vocab_size=VOCAB), lora=dict(r=4, alpha=8), device="cpu")
+    assert apply_embeddings_on_host(untied, on, "ddp") is None
+
+
 def test_keep_mlp_layers_and_embeddings_on_host_settings_and_config(tiny_paths):
     from raytune_llm.config import ConfigError, load_config
 
@@ -91,6 +112,15 @@ def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
     assert out.shape == (1, 12) and out.is_cuda and embed.weight.is_pinned()
     set_embeddings_on_host(model, False)
     assert embed.weight.is_cuda and not model.raytune_patch_report.embeddings_on_host
+    with torch.no_grad():
+        embed.weight.mul_(2)  # changed on the device: moving it back must not serve the earlier pinned copy
+    set_embeddings_on_host(model, True)
+    assert torch.equal(embed.weight.cuda(), embed.weight.data.cuda()) and embed.weight.is_pinned()
+    loss_again, _ = _step(model, ids)
+    set_embeddings_on_host(model, False)
+    loss_doubled, _ = _step(model, ids)
+    torch.testing.assert_close(loss_again, loss_doubled, rtol=0, atol=0)
+    assert not torch.equal(loss_again, loss_dev)
     set_embeddings_on_host(model, True)
     unpatch(model)  # back on the device for the stock forwards
     assert embed.weight.is_cuda and "generate" not in model.get_base_model().__dict__

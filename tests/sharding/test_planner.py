@@ -292,3 +292,27 @@ def test_checkpoint_layers_auto_in_config_and_plan():
         load_config(None, ["model.checkpoint_layers=auto"])
     with pytest.raises(ConfigError, match="checkpoint_layers: 'some' is not"):
         load_config(None, ["model.checkpoint_layers=some", "model.gradient_checkpointing=on"])
+
+
+def test_kept_mlp_layers_cost_every_layer_behind_layers_that_are_not_checkpointed():
+    # With every layer checkpointed the last kept layer is free (backward would rebuild its outputs first anyway);
+    # with some layers not checkpointed their backward comes first, and every kept layer is held through it.
+    kw = dict(seq_len=2048, micro_batch=4, checkpointing="offload", gpu_mem_gib=H200)
+    one_layer = 2 * 2 * 8192 * LLAMA31_8B["intermediate_size"]
+
+    def peak(**more):
+        return plan_from_values(LLAMA31_8B, **kw, **more).peak_bytes
+
+    assert peak(keep_mlp_layers=1) == peak()
+    assert peak(keep_mlp_layers=3) - peak() == 2 * one_layer
+    assert peak(checkpoint_layers=20, keep_mlp_layers=1) - peak(checkpoint_layers=20) == one_layer
+    assert peak(checkpoint_layers=20, keep_mlp_layers=3) - peak(checkpoint_layers=20) == 3 * one_layer
+
+
+def test_plan_for_auto_under_deepspeed_plans_every_layer():
+    from raytune_llm.config import load_config
+    from raytune_llm.train.sharded import plan_for
+
+    args = ["model.checkpoint_layers=auto", "model.gradient_checkpointing=on", "sharding.strategy=zero3"]
+    plan = plan_for(load_config(None, args), LLAMA31_8B, gpus_per_node=2)
+    assert plan.inputs["checkpoint_layers"] is None  # the workers checkpoint every layer under DeepSpeed
