@@ -115,7 +115,7 @@ def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
     with torch.no_grad():
         embed.weight.mul_(2)  # changed on the device: moving it back must not serve the earlier pinned copy
     set_embeddings_on_host(model, True)
-    assert torch.equal(embed.weight.cuda(), embed.weight.data.cuda()) and embed.weight.is_pinned()
+    assert embed.weight.is_pinned()
     loss_again, _ = _step(model, ids)
     set_embeddings_on_host(model, False)
     loss_doubled, _ = _step(model, ids)
