@@ -443,6 +443,43 @@ def test_kept_mlp_outputs_spare_the_recompute_its_gate_and_up(monkeypatch, offlo
 
 
 @needs_triton
+def test_an_mlp_split_over_tokens_keeps_nothing(monkeypatch):
+    # models/patch.py runs a split MLP inside keep_mlp_outputs(None): the split exists to hold no [tokens, I] tensor,
+    # so a kept layer's split MLP keeps nothing and its recompute runs the GEMMs; the gradients are the lean ones.
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.models.checkpointing import checkpoint_layer
+    from raytune_llm.models.tiling import tiled_over_tokens
+
+    device = kernel_device()
+    _, _, mlp = _toy_layer_parts(device)
+    stores = []
+    real_keep = lora_mod.keep_mlp_outputs
+    monkeypatch.setattr(
+        "raytune_llm.models.checkpointing.keep_mlp_outputs", lambda store: stores.append(store) or real_keep(store)
+    )
+
+    def run(keep):
+        leaves = [a.clone().requires_grad_() for a in mlp[1]]
+        fn = _bind(lora_mlp, mlp[0], mlp[2])
+
+        def layer(h):
+            with lora_mod.keep_mlp_outputs(None):
+                return h + tiled_over_tokens(lambda rows: fn(rows, *leaves), h, 5, leaves)
+
+        x = _toy_input(device)
+        y = checkpoint_layer(layer, x, offload=False, lean=True, keep_mlp=keep)
+        held = [len(store) for store in stores]
+        y.square().sum().backward()
+        return held, [x.grad] + [t.grad for t in leaves]
+
+    held_lean, g_lean = run(False)
+    held_keep, g_keep = run(True)
+    assert held_lean == [] and held_keep == [0]  # the kept layer's store stayed empty
+    for a, b in zip(g_keep, g_lean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
 def test_kept_mlp_outputs_of_another_shape_are_refused():
     import raytune_llm.kernels.lora as lora_mod
 
