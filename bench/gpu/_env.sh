@@ -1,5 +1,6 @@
 # Sourced by the device-call scripts: install the carried wheels (WHEELS=.whl/slim: .whl/core without Ray, for calls that
-# carry .whl/anchors too and stay under the carry limit) and set the environment.
+# carry .whl/anchors too and stay under the carry limit; make it with
+# `mkdir -p .whl/slim && cp $(ls .whl/core/*.whl | grep -v /ray-) .whl/slim/`) and set the environment.
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl/core}"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
