@@ -87,7 +87,7 @@ class ModelSection:
     first. H200, 8B, 4x2048: 3 kept layers -9.6 ms a step (1.5%) for +0.44 GiB (bench/NOTES.md, session 12)."""
     embeddings_on_host: bool = False
     """With fused=true: keep the frozen input embedding in pinned CPU memory, read over PCIe per batch by the GPU
-    (0.98 GiB of GPU memory less at Llama-3.1-8B, 1.96 GiB at 70B). Not with a tied LM head (Qwen's small models),
+    (the table: 0.98 GiB at Llama-3.1-8B, 1.96 GiB at 70B by size; the H200 measured a 1.10 GiB lower peak at 8B, 4x2048). Not with a tied LM head (Qwen's small models),
     trained embeddings, or DeepSpeed (a ZeRO strategy, or auto choosing one, leaves it on the GPU)."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
     """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor

@@ -41,7 +41,7 @@ from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_atten
 from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
-from raytune_llm.models.settings import STATE_ATTR, causal_lm
+from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_embeddings_on_host
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 
 
@@ -522,12 +522,11 @@ def unpatch(model: torch.nn.Module) -> None:
         model: the model given to `patch` (PEFT wrapper or causal LM).
     """
     lm = causal_lm(model)
-    state = lm.__dict__.pop(STATE_ATTR, None)
+    state = lm.__dict__.get(STATE_ATTR)
     if state is None:
         return
-    if state.get("embed_home") is not None:  # settings.set_embeddings_on_host: the stock embedding reads on the device
-        embed = lm.get_input_embeddings()
-        embed.weight.data = embed.weight.data.to(state.pop("embed_home"))
+    set_embeddings_on_host(model, False)  # the stock embedding reads on the device
+    del lm.__dict__[STATE_ATTR]
     if getattr(lm.__dict__.get("generate"), "_raytune_host_embedding", False):
         del lm.__dict__["generate"]  # settings' wrapper for the host embedding
     for module, own in reversed(state["originals"]):

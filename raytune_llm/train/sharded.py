@@ -57,13 +57,16 @@ def _plan_args(cfg) -> dict:
     )
 
 
-def checkpoint_layers_for(cfg, hf_config: dict, gpu_mem_gib: float) -> int | None:
-    """`model.checkpoint_layers`, with `auto` resolved by the planner for one GPU of `gpu_mem_gib`
-    (`sharding.planner.fewest_checkpointed_layers`)."""
+def checkpoint_layers_for(cfg, hf_config: dict, gpu_mem_gib: float, strategy: str) -> int | None:
+    """`model.checkpoint_layers`, with `auto` resolved: the planner's count for one GPU of `gpu_mem_gib` under DDP
+    (`sharding.planner.fewest_checkpointed_layers`; strategy "auto" is planned as DDP, which it picks whenever the
+    model fits one GPU), every layer (None) under DeepSpeed."""
     from raytune_llm.sharding.planner import fewest_checkpointed_layers
 
     if cfg.model.checkpoint_layers != "auto":
         return cfg.model.checkpoint_layers
+    if strategy in ("zero2", "zero3"):
+        return None
     return fewest_checkpointed_layers(hf_config, gpu_mem_gib=gpu_mem_gib, **_plan_args(cfg))
 
 
@@ -72,33 +75,29 @@ def plan_for(cfg, hf_config: dict, gpus_per_node: int, nodes: int = 1):
     from raytune_llm.sharding.planner import plan_from_values
 
     gib = cfg.sharding.gpu_memory_gib
-    # As the workers resolve it: `auto` is the planner's count under DDP, every layer under DeepSpeed.
-    deepspeed = cfg.sharding.strategy in ("zero2", "zero3")
-    layers = None if deepspeed and cfg.model.checkpoint_layers == "auto" else checkpoint_layers_for(cfg, hf_config, gib)
     return plan_from_values(
         hf_config,
         gpu_mem_gib=gib,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
-        checkpoint_layers=layers,
+        checkpoint_layers=checkpoint_layers_for(cfg, hf_config, gib, cfg.sharding.strategy),
         **_plan_args(cfg),
     )
 
 
 def resolve_checkpoint_layers(cfg, model_path: str | os.PathLike, strategy: str, device) -> int | None:
-    """The checkpointed layer count a worker trains with: `model.checkpoint_layers`, or for `auto` the planner's
-    choice for this GPU (the smaller of `sharding.gpu_memory_gib` and the device's memory) under DDP; every layer
-    (None) under DeepSpeed or on a CPU, where the planner's one-GPU budget does not apply."""
+    """The checkpointed layer count a worker trains with (`checkpoint_layers_for` with this run's strategy and the
+    smaller of `sharding.gpu_memory_gib` and the device's memory); `auto` on a CPU checkpoints every layer."""
     if cfg.model.checkpoint_layers != "auto":
         return cfg.model.checkpoint_layers
-    if strategy != "ddp" or getattr(device, "type", str(device)) != "cuda":
+    if getattr(device, "type", str(device)) != "cuda":
         return None
     import torch
 
     from raytune_llm.sharding.planner import load_hf_config
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return checkpoint_layers_for(cfg, load_hf_config(model_path), min(cfg.sharding.gpu_memory_gib, total))
+    return checkpoint_layers_for(cfg, load_hf_config(model_path), min(cfg.sharding.gpu_memory_gib, total), strategy)
 
 
 def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[str, bool, bool]:

@@ -266,9 +266,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     if cfg.model.random_weights:  # drawn on the device, seeded alike on every rank; quantized as they are drawn
         from raytune_llm.models.synthetic import build_synthetic_model
+        from raytune_llm.sharding.planner import load_hf_config
 
-        hf_config = json.loads((Path(loop_config["model_path"]) / "config.json").read_text())
-        model = build_synthetic_model(hf_config, seed=cfg.train.seed, **build)
+        model = build_synthetic_model(load_hf_config(loop_config["model_path"]), seed=cfg.train.seed, **build)
     else:
         model = load_model(loop_config["model_path"], trust_remote_code=cfg.model.trust_remote_code, **build)
     patched = model.raytune_patch_report  # None with fused=False; family None: an architecture left stock

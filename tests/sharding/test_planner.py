@@ -286,7 +286,8 @@ def test_checkpoint_layers_auto_in_config_and_plan():
         ],
     )  # fmt: skip
     assert cfg.model.checkpoint_layers == "auto"
-    n = checkpoint_layers_for(cfg, LLAMA31_8B, 24)
+    n = checkpoint_layers_for(cfg, LLAMA31_8B, 24, "ddp")
+    assert checkpoint_layers_for(cfg, LLAMA31_8B, 24, "zero3") is None  # DeepSpeed: every layer
     assert 0 < n < 32 and plan_for(cfg, LLAMA31_8B, gpus_per_node=1).inputs["checkpoint_layers"] == n
     with pytest.raises(ConfigError, match="checkpoint_layers=auto needs gradient_checkpointing on or offload"):
         load_config(None, ["model.checkpoint_layers=auto"])
