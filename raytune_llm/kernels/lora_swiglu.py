@@ -31,7 +31,7 @@ _TILE_INTERPRET = (64, 128)
 
 
 @triton.jit
-def _rne_bf16(x):
+def rne_bf16(x):
     # The CPU interpreter's fp32 -> bf16 cast truncates; rounding the fp32 bits to nearest even
     # first makes the cast exact, so interpreter results match the GPU's cvt.rn rounding.
     bits = x.to(tl.uint32, bitcast=True)
@@ -101,7 +101,7 @@ def _finish_projection(
         DOT_PREC,
     )  # fmt: skip
     if RNE_BF16:
-        x = _rne_bf16(x)
+        x = rne_bf16(x)
     return x.to(OUT_ptr.dtype.element_ty)
 
 
@@ -155,7 +155,7 @@ def _lora_swiglu_fwd_kernel(
     gf = g.to(tl.float32)
     h = gf * tl.sigmoid(gf) * u.to(tl.float32)
     if RNE_BF16:
-        h = _rne_bf16(h)
+        h = rne_bf16(h)
     tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
 
 
@@ -222,9 +222,9 @@ def _lora_swiglu_bwd_kernel(
     dg = dh * u * sg * (1.0 + g * (1.0 - sg))
     du = dh * silu
     if RNE_BF16:
-        h = _rne_bf16(h)
-        dg = _rne_bf16(dg)
-        du = _rne_bf16(du)
+        h = rne_bf16(h)
+        dg = rne_bf16(dg)
+        du = rne_bf16(du)
     tl.store(DH_ptr + offs, h.to(DH_ptr.dtype.element_ty), mask=mask)
     tl.store(G_ptr + offs, dg.to(G_ptr.dtype.element_ty), mask=mask)
     tl.store(U_ptr + offs, du.to(U_ptr.dtype.element_ty), mask=mask)

@@ -34,16 +34,50 @@ import triton.language as tl
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import interpret_mode, kernel_store_dtype, row_block_settings, use_triton
+from raytune_llm.kernels.lora_swiglu import rne_bf16
 
-__all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
+__all__ = [
+    "AddRMSNormFunction",
+    "RMSNormFunction",
+    "RMSNormResidualFunction",
+    "add_rms_norm",
+    "rms_norm",
+    "rms_norm_backward",
+    "rms_norm_forward",
+    "rms_norm_residual",
+]
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(Y_ptr, X_ptr, W_ptr, RSTD_ptr, stride_y, stride_x, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(
+    Y_ptr,
+    X_ptr,
+    W_ptr,
+    RSTD_ptr,
+    A_ptr,
+    H_ptr,
+    stride_y,
+    stride_x,
+    stride_a,
+    stride_h,
+    n_cols,
+    eps,
+    BLOCK: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        # h = x + a rounded to the input dtype, as torch's add would; the norm reads the rounded h.
+        a = tl.load(A_ptr + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x + a
+        if RNE_BF16:
+            x = rne_bf16(x)
+        x = x.to(X_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(H_ptr + row * stride_h + cols, x.to(H_ptr.dtype.element_ty), mask=mask)
     w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(RSTD_ptr + row, rstd)
@@ -53,9 +87,26 @@ def _rms_norm_fwd_kernel(Y_ptr, X_ptr, W_ptr, RSTD_ptr, stride_y, stride_x, n_co
 
 @triton.jit
 def _rms_norm_bwd_rows(
-    DX_ptr, DY_ptr, X_ptr, RSTD_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x, n_cols
+    DX_ptr,
+    DY_ptr,
+    X_ptr,
+    RSTD_ptr,
+    DR_ptr,
+    w,
+    cols,
+    mask,
+    rows,
+    row_ok,
+    stride_dx,
+    stride_dy,
+    stride_x,
+    stride_dr,
+    n_cols,
+    HAS_RES: tl.constexpr,
+    RNE_BF16: tl.constexpr,
 ):
-    """dx for a ``[ROWS, BLOCK]`` tile of rows; returns the tile's ``dy * xh`` summed over its rows."""
+    """dx for a ``[ROWS, BLOCK]`` tile of rows (plus the residual's gradient, ``HAS_RES``); returns the tile's
+    ``dy * xh`` summed over its rows."""
     m = row_ok[:, None] & mask[None, :]
     x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
     dy = tl.load(DY_ptr + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -63,6 +114,12 @@ def _rms_norm_bwd_rows(
     xh = x * rstd[:, None]
     g = dy * w[None, :]
     dx = rstd[:, None] * (g - xh * (tl.sum(g * xh, axis=1) / n_cols)[:, None])
+    if HAS_RES:
+        # autograd's sum of the two gradients of x: each rounded to the input dtype first, then added and rounded
+        dr = tl.load(DR_ptr + rows[:, None] * stride_dr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if RNE_BF16:
+            dx = rne_bf16(dx)
+        dx = dx.to(X_ptr.dtype.element_ty).to(tl.float32) + dr
     tl.store(DX_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(DX_ptr.dtype.element_ty), mask=m)
     return tl.sum(dy * xh, axis=0)
 
@@ -75,15 +132,19 @@ def _rms_norm_bwd_kernel(
     X_ptr,
     W_ptr,
     RSTD_ptr,
+    DR_ptr,
     stride_dx,
     stride_dy,
     stride_x,
+    stride_dr,
     n_rows,
     n_cols,
     rows_per_program,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     STAGES: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RNE_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -98,7 +159,23 @@ def _rms_norm_bwd_kernel(
             rows = row_start + i + r
             row_ok = (rows < n_rows) & (i + r < rows_per_program)
             dw_acc += _rms_norm_bwd_rows(
-                DX_ptr, DY_ptr, X_ptr, RSTD_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x, n_cols
+                DX_ptr,
+                DY_ptr,
+                X_ptr,
+                RSTD_ptr,
+                DR_ptr,
+                w,
+                cols,
+                mask,
+                rows,
+                row_ok,
+                stride_dx,
+                stride_dy,
+                stride_x,
+                stride_dr,
+                n_cols,
+                HAS_RES,
+                RNE_BF16,
             )
     else:
         # A while loop with a row mask instead of range(row_start, min(...)): triton 3.6's interpreter
@@ -110,7 +187,23 @@ def _rms_norm_bwd_kernel(
             row_ok = (rows < n_rows) & (i + r < rows_per_program)
             i += ROWS
             dw_acc += _rms_norm_bwd_rows(
-                DX_ptr, DY_ptr, X_ptr, RSTD_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x, n_cols
+                DX_ptr,
+                DY_ptr,
+                X_ptr,
+                RSTD_ptr,
+                DR_ptr,
+                w,
+                cols,
+                mask,
+                rows,
+                row_ok,
+                stride_dx,
+                stride_dy,
+                stride_x,
+                stride_dr,
+                n_cols,
+                HAS_RES,
+                RNE_BF16,
             )
     tl.store(DW_PART_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
@@ -142,31 +235,68 @@ def _num_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernel.
 
     Args:
         x: ``[..., H]`` activations.
         weight: ``[H]`` scale.
         eps: variance epsilon.
+        add: optional ``[..., H]`` summand: the kernel normalises ``h = x + add`` (rounded to ``x.dtype``, as
+            torch's add) and writes ``h`` too, one pass instead of an add kernel and a norm kernel.
 
     Returns:
-        ``(y [..., H] in x.dtype, rstd [N] fp32)``.
+        ``(y [..., H] in x.dtype, rstd [N] fp32)``; with ``add``: ``(h, y, rstd)``.
     """
     X = _as_rows(x)
     n_rows, n_cols = X.shape
-    Y = torch.empty((n_rows, n_cols), dtype=kernel_store_dtype(x.dtype), device=x.device)
+    store = kernel_store_dtype(x.dtype)
+    Y = torch.empty((n_rows, n_cols), dtype=store, device=x.device)
     RSTD = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    A = H = None
+    if add is not None:
+        if add.shape != x.shape:
+            raise ValueError(f"add_rms_norm: the summands differ in shape: {list(x.shape)} and {list(add.shape)}")
+        A = _as_rows(add.to(x.dtype))
+        H = torch.empty((n_rows, n_cols), dtype=store, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
     if n_rows > 0:
         _rms_norm_fwd_kernel[(n_rows,)](
-            Y, X, weight, RSTD, Y.stride(0), X.stride(0), n_cols, eps, BLOCK=BLOCK, num_warps=num_warps
+            Y,
+            X,
+            weight,
+            RSTD,
+            X if A is None else A,
+            Y if H is None else H,
+            Y.stride(0),
+            X.stride(0),
+            0 if A is None else A.stride(0),
+            0 if H is None else H.stride(0),
+            n_cols,
+            eps,
+            BLOCK=BLOCK,
+            HAS_ADD=A is not None,
+            RNE_BF16=_rne(x),
+            num_warps=num_warps,
         )
-    return Y.to(x.dtype).view(x.shape), RSTD
+    y = Y.to(x.dtype).view(x.shape)
+    return (y, RSTD) if H is None else (H.to(x.dtype).view(x.shape), y, RSTD)
+
+
+def _rne(x: torch.Tensor) -> bool:
+    """Whether a kernel rounding to ``x.dtype`` inside must round the bits itself (bf16 under the interpreter)."""
+    return interpret_mode() and x.dtype == torch.bfloat16
 
 
 def rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool = True
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    need_dw: bool = True,
+    residual_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernel.
 
@@ -176,12 +306,15 @@ def rms_norm_backward(
         weight: ``[H]`` scale.
         rstd: ``[N]`` fp32 from :func:`rms_norm_forward`.
         need_dw: whether to return the weight gradient.
+        residual_grad: optional gradient ``x`` also receives around the norm (the residual stream's): added to
+            ``dx`` inside the kernel, as autograd would add the two (each in ``x.dtype``, summed, rounded).
 
     Returns:
         ``(dx in x.dtype, dw in weight.dtype or None)``.
     """
     X = _as_rows(x)
     DY = _as_rows(dy)
+    DR = None if residual_grad is None else _as_rows(residual_grad.to(x.dtype))
     n_rows, n_cols = X.shape
     DX = torch.empty((n_rows, n_cols), dtype=kernel_store_dtype(x.dtype), device=x.device)
     P = _num_programs(n_rows, x.device)
@@ -196,10 +329,11 @@ def rms_norm_backward(
     rows, stages = _BWD["rows"], _BWD["stages"]
     # The pipeline keeps (stages - 1) tiles of x and dy in shared memory: 3 stages of bf16 rows fit up to
     # 8192 wide (2 x 8192 x 4 B = 64 KiB per stage pair); wider or fp32 rows fall back to the plain loop
-    # rather than fail to compile (228 KiB per SM on the H100/H200).
+    # rather than fail to compile (228 KiB per SM on the H100/H200). A residual gradient adds a third row.
+    width = X.element_size() + DY.element_size() + (0 if DR is None else DR.element_size())
     if interpret_mode() or x.device.type != "cuda":
         stages = 0
-    elif stages and (stages - 1) * rows * BLOCK * (X.element_size() + DY.element_size()) > 160 * 1024:
+    elif stages and (stages - 1) * rows * BLOCK * width > 160 * 1024:
         stages = 0
     if n_rows > 0:
         _rms_norm_bwd_kernel[(P,)](
@@ -209,15 +343,19 @@ def rms_norm_backward(
             X,
             weight,
             rstd,
+            DY if DR is None else DR,
             DX.stride(0),
             DY.stride(0),
             X.stride(0),
+            0 if DR is None else DR.stride(0),
             n_rows,
             n_cols,
             triton.cdiv(n_rows, P),
             BLOCK=BLOCK,
             ROWS=rows,
             STAGES=stages,
+            HAS_RES=DR is not None,
+            RNE_BF16=_rne(x),
             num_warps=num_warps,
         )
     dw = DW_PART.sum(0).to(weight.dtype) if need_dw else None
@@ -256,10 +394,91 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     Raises:
         ValueError: when ``weight`` is not ``[H]`` or the devices differ.
     """
+    _check(x, weight)
+    if not use_triton(x, weight):
+        return reference.rms_norm(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] to match x's last dim, got {list(weight.shape)}")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x on {x.device} but weight on {weight.device}")
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """``h = x + a`` and ``y = rms_norm(h)`` in one kernel; saves ``h``, ``w`` and ``rstd``.
+
+    Backward receives ``h``'s own gradient (the residual stream's) with ``y``'s and returns their sum, formed inside
+    the norm's backward kernel, for both ``x`` and ``a``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
+        h, y, rstd = rms_norm_forward(x, weight, eps, add=a)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.a_dtype = a.dtype
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor, dy: torch.Tensor):
+        h, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, h, weight, rstd, need_dw=ctx.needs_input_grad[2], residual_grad=dh)
+        return dx, dx.to(ctx.a_dtype), dw, None
+
+
+class RMSNormResidualFunction(torch.autograd.Function):
+    """``(x, rms_norm(x))``: the norm of a layer's input, the input passed on as the residual stream (a view).
+
+    Backward receives both gradients and adds the residual's to the norm's inside the norm's backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        y, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x.view_as(x), y
+
+    @staticmethod
+    def backward(ctx, dr: torch.Tensor, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, need_dw=ctx.needs_input_grad[1], residual_grad=dr)
+        return dx, dw, None
+
+
+def add_rms_norm(
+    x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's residual add and the RMSNorm after it: ``h = x + a``, ``y = rms_norm(h)``.
+
+    One kernel each way instead of two: the forward writes ``h`` and ``y`` from one read of ``x`` and ``a``; the
+    backward adds ``h``'s gradient to the norm's inside the norm's backward. Bit for bit what ``x + a`` followed
+    by :func:`rms_norm` gives, in both directions.
+
+    Returns:
+        ``(h, y)``, shape and dtype of ``x``.
+
+    Raises:
+        ValueError: as :func:`rms_norm`, or when ``x`` and ``a`` differ in shape.
+    """
+    _check(x, weight)
+    if a.shape != x.shape:
+        raise ValueError(f"add_rms_norm: the summands differ in shape: {list(x.shape)} and {list(a.shape)}")
+    if not use_triton(x, a, weight):
+        h = x + a
+        return h, reference.rms_norm(h, weight, eps)
+    return AddRMSNormFunction.apply(x, a, weight, eps)
+
+
+def rms_norm_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, rms_norm(x))`` where ``x`` also feeds a residual add: the two gradients of ``x`` are summed inside the
+    norm's backward kernel instead of by an add kernel after it. Bit for bit :func:`rms_norm` otherwise.
+
+    Raises:
+        ValueError: as :func:`rms_norm`.
+    """
+    _check(x, weight)
     if not use_triton(x, weight):
-        return reference.rms_norm(x, weight, eps)
-    return RMSNormFunction.apply(x, weight, eps)
+        return x, reference.rms_norm(x, weight, eps)
+    return RMSNormResidualFunction.apply(x, weight, eps)

@@ -209,6 +209,21 @@ class AttentionStash:
         self.result, self.edge_out, self.edges_in = None, None, []
 
 
+# What waits for the next replay's backward to start (`after_mlp_backward`).
+_at_replay_backward: list[Callable[[], None]] = []
+
+
+def after_mlp_backward(fn: Callable[[], None] | None) -> None:
+    """Run ``fn`` when the next replayed attention's backward starts: in a pre-norm layer, once the layer's MLP
+    backward is done and its [tokens, intermediate] tensors are freed. None: run now whatever still waits (the
+    layer had no replay)."""
+    if fn is not None:
+        _at_replay_backward.append(fn)
+        return
+    while _at_replay_backward:
+        _at_replay_backward.pop(0)()
+
+
 class _Replay(torch.autograd.Function):
     """The recompute's attention: the kept result forward, the kept graph backward."""
 
@@ -219,6 +234,7 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        after_mlp_backward(None)
         stash = ctx.stash
         grads = torch.autograd.grad([stash.edge_out], stash.edges_in, [grad], allow_unused=True)
         stash.clear()

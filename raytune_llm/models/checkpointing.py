@@ -39,11 +39,46 @@ import torch
 
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import keep_mlp_outputs, lean_recompute, reuse_mlp_outputs
-from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, release_copied, replaying
+from raytune_llm.models.attention_stash import (
+    AttentionStash,
+    HostCopies,
+    after_mlp_backward,
+    recording,
+    release_copied,
+    replaying,
+)
 
 MODES = ("off", "on", "offload")
 
 _streams: dict[int, torch.cuda.Stream] = {}
+
+
+# Nonzero while a checkpointed layer's backward runs the layer again (its recompute): what the layer then returns
+# is only a root for `torch.autograd.backward`, its values are read by nothing.
+_recomputing = [0]
+
+
+class _SumWithoutValues(torch.autograd.Function):
+    """``h + m`` as autograd sees it (both inputs get the gradient), with no values: a zero-stride tensor."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, m: torch.Tensor):
+        ctx.dtypes = (h.dtype, m.dtype)
+        return h.new_empty(()).expand(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1])
+
+
+def residual_add(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's last residual add, ``h + m``. Inside a checkpointed layer's recompute the sum's values
+    are read by nothing (the recompute's output only roots the layer's backward), so there it returns a tensor
+    with the add's gradient and no values: no [tokens, hidden] pass (0.09 ms a layer at 4x2048 on the H200, where
+    the lean recompute's MLP output is a zero-stride tensor and the add ran as a strided kernel; session 13)."""
+    if _recomputing[0] and torch.is_grad_enabled() and h.shape == m.shape and (h.requires_grad or m.requires_grad):
+        return _SumWithoutValues.apply(h, m)
+    return h + m
 
 
 def check_mode(mode: str) -> None:
@@ -101,9 +136,13 @@ class _Slot:
 
     def prefetch(self) -> None:
         """Start copying the input and the stashes back (side stream on CUDA; no-op once started)."""
+        self.prefetch_stashes()
+        self.copies.prefetch()
+
+    def prefetch_stashes(self) -> None:
+        """Start copying the attention stashes back (no-op once started)."""
         for stash in self.stashes:
             stash.prefetch()
-        self.copies.prefetch()
 
     def take(self) -> torch.Tensor:
         """The input on its device, for the compute stream; the slot lets go of it."""
@@ -113,6 +152,15 @@ class _Slot:
         self.handle = None
         self.copies.clear()
         return x
+
+
+@contextlib.contextmanager
+def _recompute():
+    _recomputing[0] += 1
+    try:
+        yield
+    finally:
+        _recomputing[0] -= 1
 
 
 class _CheckpointFunction(torch.autograd.Function):
@@ -151,7 +199,12 @@ class _CheckpointFunction(torch.autograd.Function):
                 release_copied(everything=True)  # the last layers' copies to host (a no-op after the first layer)
             hidden = ctx.chain._slots[ctx.index].take()
             if ctx.index > 0:
-                ctx.chain._slots[ctx.index - 1].prefetch()
+                # The layer before's input comes back now (its recompute starts with it); its attention stash when
+                # this layer's attention backward starts, after this layer's MLP backward has freed G, U and dH:
+                # the stash is read only after that layer's own MLP backward, a recompute and more later.
+                before = ctx.chain._slots[ctx.index - 1]
+                before.copies.prefetch()
+                after_mlp_backward(before.prefetch_stashes)
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
@@ -166,10 +219,11 @@ class _CheckpointFunction(torch.autograd.Function):
                 lean = lean_recompute(qkv=ctx.lean_qkv and bool(ctx.stashes)) if ctx.lean else contextlib.nullcontext()
                 reuse = reuse_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp else contextlib.nullcontext()
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                    with lean, replay, reuse:
+                    with lean, replay, reuse, _recompute():
                         out = ctx.fn(hidden)
                 ctx.kept_mlp = None  # the recompute's graph holds what it took; nothing else may
                 torch.autograd.backward(out, grad_out)
+                after_mlp_backward(None)  # a layer without a replay: start what waited for one now
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from raytune_llm.kernels.lora import keep_mlp_outputs
 from raytune_llm.models import attention_stash
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, one_kernel_path
-from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer
+from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer, residual_add
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_embeddings_on_host
@@ -67,6 +67,8 @@ class PatchReport:
         embeddings_on_host: the frozen input embedding sits in pinned host memory (`settings.set_embeddings_on_host`).
         keep_mlp_layers: how many of the last checkpointed layers keep their MLP's gate and up outputs from
             forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
+        fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
+            keeps no values (`settings.set_fused_residuals`).
     """
 
     family: str | None
@@ -82,6 +84,7 @@ class PatchReport:
     capture_docs: int | None = None
     embeddings_on_host: bool = False
     keep_mlp_layers: int = 0
+    fused_residuals: bool = True
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
@@ -256,6 +259,56 @@ def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
 
     _set_forward(state, mlp, forward)
     report.replaced.append(f"{name}: lora_mlp")
+
+
+_LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def _residual_norms(layer, ops: dict) -> tuple[float, float] | None:
+    """The two norms' epsilons when the layer is the pre-norm block `_layer_fn` can run with fused residual adds:
+    exactly attention, MLP and their two RMSNorms (each with a weight), as Llama, Mistral, Qwen2 and Qwen3 are."""
+    if ops["add_rms_norm"] is None or ops["rms_norm_residual"] is None:
+        return None
+    if {name for name, _ in layer.named_children()} != _LAYER_PARTS:
+        return None
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    eps = [getattr(n, "variance_epsilon", getattr(n, "eps", None)) for n in norms]
+    if any(e is None for e in eps) or any(getattr(n, "weight", None) is None for n in norms):
+        return None
+    return eps[0], eps[1]
+
+
+def _patch_layer(state: dict, report: PatchReport, name: str, layer, ops: dict) -> None:
+    """The decoder layer's forward with each residual add inside a norm kernel, for calls from the patched layer
+    loop (`kernels.rms_norm.add_rms_norm`, `rms_norm_residual`; a recompute's last add keeps no values,
+    `models.checkpointing.residual_add`). Other calls (generation with a cache, HF's own loop) and
+    `fused_residuals` off run the layer's own forward."""
+    norms = _residual_norms(layer, ops)
+    if norms is None:
+        report.stock[f"{name}.residuals"] = "not attention, MLP and two RMSNorms: residual adds stay separate"
+        return
+    original = _original_later(state, layer)
+    add_norm, norm_residual = ops["add_rms_norm"], ops["rms_norm_residual"]
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        # ZeRO-3 gathers a partitioned norm weight only when the norm module itself is called.
+        if not state["fused_residuals"] or not isinstance(attention_mask, AttnMeta) or kwargs:
+            return original()(
+                hidden_states, attention_mask, position_ids, position_embeddings=position_embeddings, **kwargs
+            )
+        if zero3_partitioned(n1.weight):
+            return original()(hidden_states, attention_mask, position_ids, position_embeddings=position_embeddings)
+        residual, x = norm_residual(hidden_states, n1.weight, norms[0])
+        x, _ = self.self_attn(
+            hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
+            position_embeddings=position_embeddings,
+        )  # fmt: skip
+        residual, x = add_norm(residual, x, n2.weight, norms[1])
+        return residual_add(residual, self.mlp(x))
+
+    _set_forward(state, layer, forward)
+    report.replaced.append(f"{name}: residual adds inside the norms (add_rms_norm, rms_norm_residual)")
 
 
 def _layer_fn(layer, meta: AttnMeta, position_embeddings, position_ids) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -463,6 +516,8 @@ def patch(
 
     ops = {
         "rms_norm": _op("rms_norm", "rms_norm"),
+        "add_rms_norm": _op("rms_norm", "add_rms_norm"),
+        "rms_norm_residual": _op("rms_norm", "rms_norm_residual"),
         "rope": _op("rope", "rope"),
         "swiglu": _op("swiglu", "swiglu"),
         "fused_linear_cross_entropy": _op("cross_entropy", "fused_linear_cross_entropy"),
@@ -485,6 +540,7 @@ def patch(
         "qk_norm": family.qk_norm,
         "capture_docs": None,
         "keep_mlp_layers": 0,
+        "fused_residuals": True,
         "embed_home": None,
         "gradient_checkpointing": gradient_checkpointing,
         "after_layer_backward": None,
@@ -503,6 +559,8 @@ def patch(
         if fuse_attention:
             _patch_attention(state, report, f"{prefix}.self_attn", layer.self_attn, family, i, ops)
         _patch_mlp(state, report, f"{prefix}.mlp", layer.mlp, ops)
+        if fuse_attention:  # only the patched layer loop's calls take the fused block
+            _patch_layer(state, report, prefix, layer, ops)
     _patch_norm(state, report, "model.norm", inner.norm, ops["rms_norm"])
     _patch_embedding(state, report, inner.embed_tokens)
     if fuse_attention:

@@ -182,6 +182,21 @@ def set_lean_recompute(model: torch.nn.Module, on: bool) -> None:
     _set_flag(model, "lean_recompute", on)
 
 
+def set_fused_residuals(model: torch.nn.Module, on: bool) -> None:
+    """Run each decoder layer's residual adds inside its RMSNorm kernels (on by default).
+
+    ``h = x + attn`` and the post-attention norm of ``h`` are one kernel each way (`kernels.rms_norm.add_rms_norm`),
+    the layer input's two gradients are summed inside the input norm's backward (`rms_norm_residual`), and inside
+    a recompute the last add keeps no values (`models.checkpointing.residual_add`). Same bits as the separate adds;
+    off runs the layer's own forward, for comparing the two. Layers of another shape than attention, MLP and their
+    two RMSNorms, and norms ZeRO-3 partitions, always run their own forward. Takes effect on the next call.
+
+    Raises:
+        ValueError: a non-bool value, or a model `patch` did not patch.
+    """
+    _set_flag(model, "fused_residuals", on)
+
+
 def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
     """Keep a frozen input embedding in pinned host memory; the GPU reads the rows of each batch over PCIe.
 

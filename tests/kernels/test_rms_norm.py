@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels.rms_norm import rms_norm
+from raytune_llm.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_residual
 from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -81,23 +81,26 @@ def test_use_triton_dispatch(monkeypatch):
 @pytest.mark.slow
 def test_rms_norm_kernels_compile_for_sm90_without_spills(tmp_path):
     fwd = {"Y_ptr": "*bf16", "X_ptr": "*bf16", "W_ptr": "*bf16", "RSTD_ptr": "*fp32"}
-    fwd |= {"stride_y": "i32", "stride_x": "i32", "n_cols": "i32", "eps": "fp32"}
+    fwd |= {"A_ptr": "*bf16", "H_ptr": "*bf16"}
+    fwd |= {"stride_y": "i32", "stride_x": "i32", "stride_a": "i32", "stride_h": "i32", "n_cols": "i32", "eps": "fp32"}
     bwd = {"DX_ptr": "*bf16", "DW_PART_ptr": "*fp32", "DY_ptr": "*bf16", "X_ptr": "*bf16", "W_ptr": "*bf16"}
-    bwd |= {"RSTD_ptr": "*fp32", "stride_dx": "i32", "stride_dy": "i32", "stride_x": "i32"}
-    bwd |= {"n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}
+    bwd |= {"RSTD_ptr": "*fp32", "DR_ptr": "*bf16", "stride_dx": "i32", "stride_dy": "i32", "stride_x": "i32"}
+    bwd |= {"stride_dr": "i32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}
     mod = "raytune_llm.kernels.rms_norm"
-    lines = compile_for_sm90(
-        [
-            (mod, "_rms_norm_fwd_kernel", fwd, {"BLOCK": 4096}, 8),
-            (mod, "_rms_norm_fwd_kernel", fwd, {"BLOCK": 8192}, 16),
-            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 4096, "ROWS": 1, "STAGES": 0}, 8),
-            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 8192, "ROWS": 1, "STAGES": 0}, 32),
-            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 4096, "ROWS": 1, "STAGES": 3}, 8),
-            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 8192, "ROWS": 1, "STAGES": 3}, 32),
-        ],
-        tmp_path,
-    )
-    assert len(lines) == 6 and all("LOCAL:0" in line for line in lines), lines
+    kernels = []
+    for fused in (False, True):  # the plain norm, and with the residual add (forward) / gradient (backward)
+        f = {"HAS_ADD": fused, "RNE_BF16": False}
+        b = {"ROWS": 1, "HAS_RES": fused, "RNE_BF16": False}
+        kernels += [
+            (mod, "_rms_norm_fwd_kernel", fwd, {"BLOCK": 4096, **f}, 8),
+            (mod, "_rms_norm_fwd_kernel", fwd, {"BLOCK": 8192, **f}, 16),
+            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 4096, "STAGES": 0, **b}, 8),
+            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 8192, "STAGES": 0, **b}, 32),
+            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 4096, "STAGES": 3, **b}, 8),
+            (mod, "_rms_norm_bwd_kernel", bwd, {"BLOCK": 8192, "STAGES": 3, **b}, 32),
+        ]
+    lines = compile_for_sm90(kernels, tmp_path)
+    assert len(lines) == 12 and all("LOCAL:0" in line for line in lines), lines
 
 
 @needs_triton
@@ -108,3 +111,52 @@ def test_rms_norm_empty_batch():
     y.sum().backward()
     assert y.shape == (0, 16) and x.grad.shape == (0, 16)
     assert w.grad is not None and w.grad.abs().max().item() == 0.0
+
+
+def _grads(fn, tensors, seed):
+    """Outputs of ``fn(*leaves)`` and the leaves' gradients under a fixed random upstream gradient per output."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    outs = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+    torch.autograd.backward(outs, ups)
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,h", [((3,), 37), ((2, 5), 64), ((9,), 200)])
+def test_add_rms_norm_is_the_add_then_the_norm_bit_for_bit(dtype, shape, h):
+    # The decoder layer's `h = x + attn; y = norm(h)` with h also feeding the next residual add (its own gradient).
+    dev = kernel_device()
+    x, w = _inputs(shape, h, dev)
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dev)
+    x, a, w = x.to(dtype), a.to(dtype), w.to(dtype)
+
+    def separate(x, a, w):
+        hh = x + a
+        return hh, rms_norm(hh, w, 1e-6)
+
+    got = _grads(lambda x, a, w: add_rms_norm(x, a, w, 1e-6), [x, a, w], seed=3)
+    want = _grads(separate, [x, a, w], seed=3)
+    for name, g, e in zip(["h", "y", "dx", "da", "dw"], got, want):
+        assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,h", [((3,), 37), ((2, 5), 64), ((9,), 200)])
+def test_rms_norm_residual_sums_both_gradients_bit_for_bit(dtype, shape, h):
+    # The layer input feeds its norm and the residual add; autograd would add the two gradients with an add kernel.
+    x, w = _inputs(shape, h, kernel_device())
+    x, w = x.to(dtype), w.to(dtype)
+    got = _grads(lambda x, w: rms_norm_residual(x, w, 1e-6), [x, w], seed=5)
+    want = _grads(lambda x, w: (x * 1, rms_norm(x, w, 1e-6)), [x, w], seed=5)
+    for name, g, e in zip(["residual", "y", "dx", "dw"], got, want):
+        assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+
+
+def test_add_rms_norm_rejects_mismatched_summands():
+    x, w = _inputs((2,), 8, torch.device("cpu"))
+    with pytest.raises(ValueError, match="summands differ in shape"):
+        add_rms_norm(x, x[:1], w)
