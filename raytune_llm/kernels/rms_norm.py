@@ -259,6 +259,9 @@ def rms_norm_forward(
     if add is not None:
         if add.shape != x.shape:
             raise ValueError(f"add_rms_norm: the summands differ in shape: {list(x.shape)} and {list(add.shape)}")
+        if not _fuse_adds(x):
+            h = x + add
+            return (h, *rms_norm_forward(h, weight, eps))
         A = _as_rows(add.to(x.dtype))
         H = torch.empty((n_rows, n_cols), dtype=store, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
@@ -283,6 +286,13 @@ def rms_norm_forward(
         )
     y = Y.to(x.dtype).view(x.shape)
     return (y, RSTD) if H is None else (H.to(x.dtype).view(x.shape), y, RSTD)
+
+
+def _fuse_adds(x: torch.Tensor) -> bool:
+    """Whether the residual add runs inside the kernel. Not for fp32: there the GPU compiler contracts the backward's
+    last product and the added gradient into one FMA (one rounding fewer than autograd's add; the H200 showed the
+    difference), and nothing trains in fp32 on the GPU; the add then runs in torch, as autograd's would."""
+    return x.dtype != torch.float32
 
 
 def _rne(x: torch.Tensor) -> bool:
@@ -312,6 +322,9 @@ def rms_norm_backward(
     Returns:
         ``(dx in x.dtype, dw in weight.dtype or None)``.
     """
+    if residual_grad is not None and not _fuse_adds(x):
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, need_dw)
+        return dx + residual_grad.to(x.dtype), dw
     X = _as_rows(x)
     DY = _as_rows(dy)
     DR = None if residual_grad is None else _as_rows(residual_grad.to(x.dtype))

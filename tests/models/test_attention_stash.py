@@ -112,42 +112,46 @@ def test_stashed_parameters_are_copied_alone_not_the_buffer_they_view():
     assert kept < flat.numel() * flat.element_size() // 10, kept
 
 
-def test_the_layer_befores_stash_comes_back_when_this_layers_attention_backward_starts(monkeypatch):
-    # Backward walks layers 2, 1, 0. Layer i's backward brings layer i-1's input back at its start but that
-    # layer's stash only once its own attention's backward starts (its MLP backward done): one stash on the device
-    # at the MLP backward's peak, not two. The last layer's stash is fetched with its input by the forward's end.
-    import raytune_llm.models.checkpointing as ckpt
-
+def test_the_layer_befores_stash_comes_back_in_two_parts(monkeypatch):
+    # Backward walks layers 2, 1, 0. Layer i's backward brings back layer i-1's input and attention result at its
+    # start (layer i-1's recompute reads them first), the rest of that stash only once layer i's attention backward
+    # starts (its MLP backward done): one layer's stash on the device at the MLP backward's peak, not two. The
+    # last layer's input and result come back at the forward's end, the rest of its stash at its backward's start.
     events: list[tuple] = []
     real_replay = attention_stash._Replay.backward
-    real_stashes = ckpt._Slot.prefetch_stashes
+    real_prefetch = attention_stash.HostCopies.prefetch
 
     def replay_backward(ctx, grad):
         events.append(("attention backward", ctx.stash))
         return real_replay(ctx, grad)
 
-    def prefetch_stashes(slot):
-        if slot.stashes and not slot.stashes[0].copies._dev:
-            events.append(("stash back", slot.stashes[0]))
-        real_stashes(slot)
+    def prefetch(copies, keys=None):
+        owner = [s for s in stashes if s.copies is copies]
+        pending = [k for k in (copies._host if keys is None else keys) if k in copies._host]
+        if owner and pending:
+            events.append(("result back" if keys is not None else "rest back", owner[0]))
+        real_prefetch(copies, keys)
 
     monkeypatch.setattr(attention_stash._Replay, "backward", staticmethod(replay_backward))
-    monkeypatch.setattr(ckpt._Slot, "prefetch_stashes", prefetch_stashes)
+    monkeypatch.setattr(attention_stash.HostCopies, "prefetch", prefetch)
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(8, 8, generator=gen).requires_grad_() for _ in range(4)]
     x = torch.randn(2, 5, 8, generator=gen).requires_grad_()
     chain, y = OffloadChain(), x
     for _ in range(3):
         y = checkpoint_layer(_layer(weights), y, offload=True, chain=chain, stash=True)
+    stashes = [slot.stashes[0] for slot in chain._slots]
     chain.prefetch_last()
-    stash = [slot.stashes[0] for slot in chain._slots]
     y.square().sum().backward()
     assert events == [
-        ("stash back", stash[2]),
-        ("attention backward", stash[2]),
-        ("stash back", stash[1]),
-        ("attention backward", stash[1]),
-        ("stash back", stash[0]),
-        ("attention backward", stash[0]),
+        ("result back", stashes[2]),
+        ("rest back", stashes[2]),
+        ("result back", stashes[1]),
+        ("attention backward", stashes[2]),
+        ("rest back", stashes[1]),
+        ("result back", stashes[0]),
+        ("attention backward", stashes[1]),
+        ("rest back", stashes[0]),
+        ("attention backward", stashes[0]),
     ]
     assert not attention_stash._at_replay_backward
