@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (After this call: the two-part stash prefetch and its +earlystash flag were removed, the whole stash coming back early
+# as in session 12 measured better under a CUDA graph; see bench/NOTES.md, session 13.)
 # Session 13, call 4 (~380 s; carry .whl/slim, WHEELS=.whl/slim). Call 3 showed the 4x2048 graph step at 628-634 ms
 # where session 12 ran 599: the layer before's whole stash came back only at this layer's attention backward, but the
 # recompute reads the stash's result first, so the copy could not hide. Now the input and the result come back at the

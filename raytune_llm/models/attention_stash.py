@@ -112,7 +112,8 @@ class HostCopies:
         # (device, storage address) -> (host copy, its copy's event or None for a CPU tensor)
         self._host: dict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._dev: dict[tuple, torch.Tensor] = {}
-        self._ready: dict[tuple, torch.cuda.Event] = {}  # key -> the event after its copy back (until waited for)
+        self._ready: torch.cuda.Event | None = None
+        self._ready_device: torch.device | None = None
         # While recording: the storages packed so far, kept alive so that no later saved tensor of the same
         # call (a multi-op attention, e.g. SDPA's math path, frees its temporaries) reuses an address.
         self._alive: list[torch.Tensor] = []
@@ -144,41 +145,36 @@ class HostCopies:
 
     # -- backward: back to the device ---------------------------------------------------------------------
 
-    def prefetch(self, keys: list[tuple] | None = None) -> None:
-        """Start copying kept storages back to where they were: all of them, or those of ``keys`` (handles'
-        first items); side stream on CUDA; each storage at most once."""
-        todo = [key for key in (self._host if keys is None else keys) if key in self._host]
-        cuda = []
-        for key in todo:
-            buf, done = self._host.pop(key)  # the host allocator keeps each pinned block until its copy has read it
-            if done is None:
-                self._dev[key] = buf  # CPU: stays
-            else:
-                # Allocated on the compute stream that reads it (no record_stream, see release_copied); the side
-                # stream writes it only after what that stream had queued, which may have used its block.
-                self._dev[key] = torch.empty(buf.shape, dtype=buf.dtype, device=key[0])
-                cuda.append((key, buf, done))
-        if not cuda:
+    def prefetch(self) -> None:
+        """Start copying every kept storage back to where it was (side stream on CUDA; no-op once started)."""
+        if self._dev or not self._host:
             return
-        device = cuda[0][0][0]
-        stream = self._side_stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for key, buf, done in cuda:
-                stream.wait_event(done)
-                self._dev[key].copy_(buf, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        self._ready.update((key, ready) for key, _, _ in cuda)
+        cuda = {key: (buf, done) for key, (buf, done) in self._host.items() if done is not None}
+        self._dev.update({key: buf for key, (buf, done) in self._host.items() if done is None})  # CPU: stay
+        if cuda:
+            self._ready_device = next(iter(cuda))[0]
+            stream = self._side_stream(self._ready_device)
+            # Allocated on the compute stream that reads them (no record_stream, see release_copied); the side
+            # stream writes them only after what that stream had queued, which may have used their blocks.
+            for key, (buf, _) in cuda.items():
+                self._dev[key] = torch.empty(buf.shape, dtype=buf.dtype, device=key[0])
+            stream.wait_stream(torch.cuda.current_stream(self._ready_device))
+            with torch.cuda.stream(stream):
+                for key, (buf, done) in cuda.items():
+                    stream.wait_event(done)
+                    self._dev[key].copy_(buf, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(stream)
+        self._host.clear()  # the host allocator keeps each pinned block until its copy has read it
 
     def unpack(self, handle: tuple) -> torch.Tensor:
         key, dtype, device, shape, stride, offset = handle
-        if key not in self._dev:
+        if not self._dev:
             self.prefetch()
         raw = self._dev[key]
-        ready = self._ready.pop(key, None)
-        if ready is not None:
-            torch.cuda.current_stream(key[0]).wait_event(ready)
+        if self._ready is not None:
+            torch.cuda.current_stream(self._ready_device).wait_event(self._ready)
+            self._ready = None
         return torch.empty(0, dtype=dtype, device=device).set_(raw.untyped_storage(), offset, shape, stride)
 
     def end_packing(self) -> None:
@@ -191,7 +187,6 @@ class HostCopies:
     def clear(self) -> None:
         self._host.clear()
         self._dev.clear()
-        self._ready.clear()
         self.end_packing()
 
 
@@ -209,30 +204,9 @@ class AttentionStash:
         """Start copying the kept storages back (see `HostCopies.prefetch`)."""
         self.copies.prefetch()
 
-    def prefetch_result(self) -> None:
-        """Start copying back the result alone: the recompute reads it first (its values feed the layer's next
-        op); what the attention's backward reads can follow later."""
-        if self.result is not None:
-            self.copies.prefetch([self.result[0]])
-
     def clear(self) -> None:
         self.copies.clear()
         self.result, self.edge_out, self.edges_in = None, None, []
-
-
-# What waits for the next replay's backward to start (`after_mlp_backward`).
-_at_replay_backward: list[Callable[[], None]] = []
-
-
-def after_mlp_backward(fn: Callable[[], None] | None) -> None:
-    """Run ``fn`` when the next replayed attention's backward starts: in a pre-norm layer, once the layer's MLP
-    backward is done and its [tokens, intermediate] tensors are freed. None: run now whatever still waits (the
-    layer had no replay)."""
-    if fn is not None:
-        _at_replay_backward.append(fn)
-        return
-    while _at_replay_backward:
-        _at_replay_backward.pop(0)()
 
 
 class _Replay(torch.autograd.Function):
@@ -245,7 +219,6 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        after_mlp_backward(None)
         stash = ctx.stash
         grads = torch.autograd.grad([stash.edge_out], stash.edges_in, [grad], allow_unused=True)
         stash.clear()

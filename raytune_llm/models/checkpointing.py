@@ -39,22 +39,11 @@ import torch
 
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import keep_mlp_outputs, lean_recompute, reuse_mlp_outputs
-from raytune_llm.models.attention_stash import (
-    AttentionStash,
-    HostCopies,
-    after_mlp_backward,
-    recording,
-    release_copied,
-    replaying,
-)
+from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, release_copied, replaying
 
 MODES = ("off", "on", "offload")
 
 _streams: dict[int, torch.cuda.Stream] = {}
-
-# True: each layer's whole attention stash comes back at the start of the layer after's backward (and the last
-# layer's at the forward's end), as before session 13; bench/e2e/run_stack.py's `+earlystash` variant, to compare.
-WHOLE_STASH_EARLY = [False]
 
 
 # Nonzero while a checkpointed layer's backward runs the layer again (its recompute): what the layer then returns
@@ -118,18 +107,15 @@ class OffloadChain:
         return len(self._slots) - 1
 
     def prefetch_last(self) -> None:
-        """Start copying the last layer's input and attention results back (the layer loop calls this after the
-        last layer).
+        """Start copying the last layer's input and stashes back (the layer loop calls this after the last layer).
 
         Backward reaches that layer first, with nothing before it to hide the copy behind: without this its
-        input was copied back while the compute stream waited. Started here, the copies run behind the final
-        norm, the LM head and the loss. The rest of its stashes follows at its backward's start, once the device
-        storages the forward copied them from are freed (`attention_stash.release_copied`), not beside them.
+        input and then its stashes were copied back while the compute stream waited (~9 ms at 4x2048 tokens of
+        an 8B model, an estimate from the copy rate, not measured). Started here, the copies run behind the final
+        norm, the LM head and the loss.
         """
         if self._slots:
-            self._slots[-1].prefetch_first()
-            if WHOLE_STASH_EARLY[0]:
-                self._slots[-1].prefetch_stashes()
+            self._slots[-1].prefetch()
 
 
 class _Slot:
@@ -141,17 +127,11 @@ class _Slot:
         self.copies.end_packing()
         self.stashes = stashes
 
-    def prefetch_first(self) -> None:
-        """Start copying back what the layer's recompute reads first: its input and its attention stashes' results
-        (side stream on CUDA; no-op once started)."""
-        self.copies.prefetch()
-        for stash in self.stashes:
-            stash.prefetch_result()
-
-    def prefetch_stashes(self) -> None:
-        """Start copying back the rest of the attention stashes, what their backward reads (no-op once started)."""
+    def prefetch(self) -> None:
+        """Start copying the input and the stashes back (side stream on CUDA; no-op once started)."""
         for stash in self.stashes:
             stash.prefetch()
+        self.copies.prefetch()
 
     def take(self) -> torch.Tensor:
         """The input on its device, for the compute stream; the slot lets go of it."""
@@ -206,20 +186,9 @@ class _CheckpointFunction(torch.autograd.Function):
         if ctx.chain is not None:
             if ctx.device.type == "cuda":
                 release_copied(everything=True)  # the last layers' copies to host (a no-op after the first layer)
-            own = ctx.chain._slots[ctx.index]
-            own.prefetch_stashes()  # the last layer's (the others' started in the layer after's backward)
-            hidden = own.take()
+            hidden = ctx.chain._slots[ctx.index].take()
             if ctx.index > 0:
-                # The layer before's input and attention results come back now: its recompute starts with them,
-                # after this layer's backward. The rest of its stashes when this layer's attention backward starts,
-                # after this layer's MLP backward has freed G, U and dH: that layer's attention backward reads them
-                # only after its recompute and its own MLP backward.
-                before = ctx.chain._slots[ctx.index - 1]
-                before.prefetch_first()
-                if WHOLE_STASH_EARLY[0]:
-                    before.prefetch_stashes()
-                else:
-                    after_mlp_backward(before.prefetch_stashes)
+                ctx.chain._slots[ctx.index - 1].prefetch()
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
@@ -238,7 +207,6 @@ class _CheckpointFunction(torch.autograd.Function):
                         out = ctx.fn(hidden)
                 ctx.kept_mlp = None  # the recompute's graph holds what it took; nothing else may
                 torch.autograd.backward(out, grad_out)
-                after_mlp_backward(None)  # a layer without a replay: start what waited for one now
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None

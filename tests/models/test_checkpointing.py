@@ -66,7 +66,7 @@ def test_bad_mode_is_a_clear_error(tiny_paths):
 def test_selective_checkpointing_recomputes_only_the_first_layers(tiny_paths, mode):
     from raytune_llm.models.settings import set_checkpoint_layers
 
-    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8, dropout=0.0), dtype=torch.float32)
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8, dropout=0.0), dtype=torch.float32, device="cpu")
     sync_and_randomise_lora(model, model)
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     loss_off, g_off = _grads(model, "off", ids, seed=7)
