@@ -10,6 +10,8 @@ global) and records the originals on the model so `unpatch(model)` restores them
   split over the tokens by models.tiling when `mlp_chunk_tokens` asks for it (long sequences, see there);
 - the inner model's forward: builds the attention metadata once, runs the layers (checkpointed when
   asked, see models.checkpointing) and never builds HF's 4D mask;
+- each decoder layer, for the patched loop's calls: its residual adds inside the RMSNorm kernels
+  (kernels.rms_norm.add_rms_norm / rms_norm_residual; `settings.set_fused_residuals`);
 - the input embedding: kernels.embedding when `settings.set_embeddings_on_host` moved its table to pinned
   host memory (the stock lookup otherwise);
 - the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy and
@@ -29,7 +31,6 @@ import importlib
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,55 +42,9 @@ from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_atten
 from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer, residual_add
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
+from raytune_llm.models.report import PatchReport
 from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_embeddings_on_host
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
-
-
-@dataclass
-class PatchReport:
-    """What `patch` did.
-
-    Attributes:
-        family: the family name, or None for an unsupported architecture.
-        replaced: `"module.path: kernel"` for each forward swapped in.
-        stock: module path -> reason it keeps its stock forward (or a stock sub-step).
-        gradient_checkpointing: the mode the patched forward runs ("off", "on", "offload").
-        mlp_chunk_tokens: how each MLP call is split over its tokens (an int, "auto", or None = never).
-        checkpoint_layers: with checkpointing on/offload, how many decoder layers (from the first) are
-            checkpointed; the others keep their activations and are not recomputed. None = all.
-        dequantize_once: a checkpointed layer's backward reuses the NF4 weights its recompute dequantized.
-        lean_recompute: a checkpointed layer's recompute skips the fused MLP's down projection, whose output
-            backward never reads (`kernels.lora.lean_recompute`).
-        stash_attention: with offloaded checkpointing, each layer's attention is kept in host memory by the
-            forward and replayed by the recompute (`models.attention_stash`).
-        stash_o_proj: with stash_attention, the kept and replayed block includes the fused O projection.
-        capture_docs: documents per batch a forward recorded into a CUDA graph handles (`models.graphs`).
-        embeddings_on_host: the frozen input embedding sits in pinned host memory (`settings.set_embeddings_on_host`).
-        keep_mlp_layers: how many of the last checkpointed layers keep their MLP's gate and up outputs from
-            forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
-        fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
-            keeps no values (`settings.set_fused_residuals`).
-    """
-
-    family: str | None
-    replaced: list[str] = field(default_factory=list)
-    stock: dict[str, str] = field(default_factory=dict)
-    gradient_checkpointing: str = "off"
-    mlp_chunk_tokens: int | str | None = None
-    checkpoint_layers: int | None = None
-    dequantize_once: bool = False
-    lean_recompute: bool = True
-    stash_attention: bool = False
-    stash_o_proj: bool = True
-    capture_docs: int | None = None
-    embeddings_on_host: bool = False
-    keep_mlp_layers: int = 0
-    fused_residuals: bool = True
-
-    def __str__(self) -> str:
-        lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]
-        lines += [f"  stock {name}: {why}" for name, why in self.stock.items()]
-        return "\n".join(lines)
 
 
 def _op(module: str, name: str) -> Callable | None:
