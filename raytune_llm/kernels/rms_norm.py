@@ -166,24 +166,9 @@ def _rms_norm_bwd_kernel(
             rows = row_start + i + r
             row_ok = (rows < n_rows) & (i + r < rows_per_program)
             dw_acc += _rms_norm_bwd_rows(
-                DX_ptr,
-                DY_ptr,
-                X_ptr,
-                RSTD_ptr,
-                DR_ptr,
-                w,
-                cols,
-                mask,
-                rows,
-                row_ok,
-                stride_dx,
-                stride_dy,
-                stride_x,
-                stride_dr,
-                n_cols,
-                HAS_RES,
-                RNE_BF16,
-            )
+                DX_ptr, DY_ptr, X_ptr, RSTD_ptr, DR_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x,
+                stride_dr, n_cols, HAS_RES, RNE_BF16,
+            )  # fmt: skip
     else:
         # A while loop with a row mask instead of range(row_start, min(...)): triton 3.6's interpreter
         # calls int() on a 1-element array for range() over a runtime bound, which numpy 2.4 rejects;
@@ -194,24 +179,9 @@ def _rms_norm_bwd_kernel(
             row_ok = (rows < n_rows) & (i + r < rows_per_program)
             i += ROWS
             dw_acc += _rms_norm_bwd_rows(
-                DX_ptr,
-                DY_ptr,
-                X_ptr,
-                RSTD_ptr,
-                DR_ptr,
-                w,
-                cols,
-                mask,
-                rows,
-                row_ok,
-                stride_dx,
-                stride_dy,
-                stride_x,
-                stride_dr,
-                n_cols,
-                HAS_RES,
-                RNE_BF16,
-            )
+                DX_ptr, DY_ptr, X_ptr, RSTD_ptr, DR_ptr, w, cols, mask, rows, row_ok, stride_dx, stride_dy, stride_x,
+                stride_dr, n_cols, HAS_RES, RNE_BF16,
+            )  # fmt: skip
     tl.store(DW_PART_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
 
