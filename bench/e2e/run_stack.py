@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: time several recomputation settings on one loaded model, e.g. 'all,all+once,48+once+chunk0' "
         "(checkpointed layers: all or a count; +once: dequantize_once; +full: lean_recompute off; +stash: "
         "stash_attention with the O projection; +stashattn: without it; +graph: --cuda-graph; +on / +offload: "
-        "the checkpointing mode; +chunkN: mlp_chunk_tokens; +keepN; +host; +sep: residual adds unfused); results under "
+        "the checkpointing mode; +chunkN: mlp_chunk_tokens; +keepN; +host; +sep: residual adds unfused; +lastdev); results under "
         "'variants'. The variants share the LoRA weights and AdamW state: time and peak are per variant, losses "
         "are not comparable across them. Not with --profile",
     )
@@ -613,8 +613,8 @@ def parse_variants(text: str) -> list[dict]:
     without the O projection), graph
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
-    (``+keepN``: keep_mlp_layers), host (``+host``: embeddings_on_host) and fused_residuals (``+sep``: off, the
-    residual adds as separate kernels).
+    (``+keepN``: keep_mlp_layers), host (``+host``: embeddings_on_host), fused_residuals (``+sep``: off, the
+    residual adds as separate kernels) and last_on_device (``+lastdev``: last_layer_on_device).
     """
     out = []
     for name in text.split(","):
@@ -631,6 +631,7 @@ def parse_variants(text: str) -> list[dict]:
             "keep": 0,
             "host": False,
             "fused_residuals": True,
+            "last_on_device": False,
         }
         for flag in flags:
             if flag == "once":
@@ -647,6 +648,8 @@ def parse_variants(text: str) -> list[dict]:
                 v["host"] = True
             elif flag == "sep":
                 v["fused_residuals"] = False
+            elif flag == "lastdev":
+                v["last_on_device"] = True
             elif flag.startswith("keep") and flag[4:].isdigit():
                 v["keep"] = int(flag[4:])
             elif flag in ("on", "offload"):
@@ -658,7 +661,7 @@ def parse_variants(text: str) -> list[dict]:
             else:
                 raise SystemExit(
                     f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, stashattn, graph, on, offload, chunkN, "
-                    "chunkauto, keepN, host, sep)"
+                    "chunkauto, keepN, host, sep, lastdev)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -688,6 +691,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_keep_mlp_layers(model, v["keep"])
         P.set_embeddings_on_host(model, v["host"])
         P.set_fused_residuals(model, v["fused_residuals"])
+        P.set_last_layer_on_device(model, v["last_on_device"])
         optimizer.zero_grad(set_to_none=True)
         try:
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {}, graph=v["graph"])

@@ -43,7 +43,7 @@ SideStream = Callable[[torch.device], torch.cuda.Stream]
 
 # Stack of ("record" | "replay", list of stashes, cursor, side stream getter); module-level, not thread-local,
 # because a recompute runs on autograd's device thread (as kernels.lora's blocks).
-_mode: list[tuple[str, list, list[int], SideStream | None]] = []
+_mode: list[tuple[str, list, list[int], Callable[[], AttentionStash] | None]] = []
 
 # Device storages whose copies to host may still be reading them, with the event after their copies: those of the
 # layer being recorded (`_copying`) and of the layer before it (`_copied`). No `record_stream`: inside a CUDA graph
@@ -107,8 +107,11 @@ class HostCopies:
     a later layer, a forward without backward) would keep its pinned copies for good.
     """
 
-    def __init__(self, side_stream: SideStream | None) -> None:
+    def __init__(self, side_stream: SideStream | None, on_device: bool = False) -> None:
         self._side_stream = side_stream
+        # Keep each storage itself, no copy: for the last checkpointed layer, whose backward comes first (its
+        # storages would otherwise sit on the device until backward anyway, beside the copies brought back).
+        self._on_device = on_device
         # (device, storage address) -> (host copy, its copy's event or None for a CPU tensor)
         self._host: dict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._dev: dict[tuple, torch.Tensor] = {}
@@ -126,7 +129,7 @@ class HostCopies:
         key = (t.device, storage.data_ptr())
         if key not in self._host:
             raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            self._host[key] = self._to_host(raw)
+            self._host[key] = (raw, None) if self._on_device else self._to_host(raw)
             self._alive.append(raw)
         return key, t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset()
 
@@ -194,8 +197,8 @@ class AttentionStash:
     """What one attention call of a checkpointed layer kept: its saved storages' host copies, the result's
     handle among them, and the graph edges of the result and of the q, k, v stand-ins."""
 
-    def __init__(self, side_stream: SideStream | None) -> None:
-        self.copies = HostCopies(side_stream)
+    def __init__(self, side_stream: SideStream | None, on_device: bool = False) -> None:
+        self.copies = HostCopies(side_stream, on_device)
         self.result: tuple | None = None
         self.edge_out = None
         self.edges_in: list = []
@@ -258,9 +261,9 @@ def run(
     """
     if not _mode or not keep:
         return attn(q, k, v, *params)
-    mode, stashes, cursor, side_stream = _mode[-1]
+    mode, stashes, cursor, new_stash = _mode[-1]
     if mode == "record":
-        stash = AttentionStash(side_stream)
+        stash = new_stash()
         stashes.append(stash)
         return _record(stash, attn, q, k, v, params)
     stash = stashes[cursor[0]]
@@ -269,15 +272,16 @@ def run(
 
 
 @contextlib.contextmanager
-def recording(stashes: list[AttentionStash], side_stream: SideStream | None) -> Iterator[None]:
+def recording(stashes: list[AttentionStash], side_stream: SideStream | None, on_device: bool = False) -> Iterator[None]:
     """Keep every `run` call of this block (a checkpointed layer's forward) in `stashes`, in call order.
 
     Args:
         stashes: the layer's list, filled here.
         side_stream: the CUDA stream getter the copies to host run on (the one of the layer inputs); None
             for a block that only sees CPU tensors.
+        on_device: keep the saved storages themselves where they are instead of host copies (`HostCopies`).
     """
-    _mode.append(("record", stashes, [0], side_stream))
+    _mode.append(("record", stashes, [0], lambda: AttentionStash(side_stream, on_device)))
     try:
         yield
     finally:

@@ -102,8 +102,8 @@ class OffloadChain:
     def __init__(self) -> None:
         self._slots: list[_Slot] = []
 
-    def _add(self, hidden: torch.Tensor, stashes: list[AttentionStash]) -> int:
-        self._slots.append(_Slot(hidden, stashes))
+    def _add(self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False) -> int:
+        self._slots.append(_Slot(hidden, stashes, on_device))
         return len(self._slots) - 1
 
     def prefetch_last(self) -> None:
@@ -121,8 +121,8 @@ class OffloadChain:
 class _Slot:
     """One offloaded layer input (and its attention stashes): in pinned host memory, or on its way back."""
 
-    def __init__(self, hidden: torch.Tensor, stashes: list[AttentionStash]) -> None:
-        self.copies = HostCopies(_side_stream)
+    def __init__(self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False) -> None:
+        self.copies = HostCopies(_side_stream, on_device)
         self.handle: tuple | None = self.copies.pack(hidden.detach())
         self.copies.end_packing()
         self.stashes = stashes
@@ -154,7 +154,21 @@ def _recompute():
 
 class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, keep_mlp, hidden, anchor):
+    def forward(
+        ctx,
+        fn,
+        offload,
+        dequant_once,
+        lean,
+        stash,
+        lean_qkv,
+        chain,
+        after_backward,
+        keep_mlp,
+        on_device,
+        hidden,
+        anchor,
+    ):
         del anchor
         ctx.fn, ctx.after_backward = fn, after_backward
         ctx.dequant_once, ctx.lean, ctx.lean_qkv = dequant_once, lean, lean_qkv
@@ -170,13 +184,14 @@ class _CheckpointFunction(torch.autograd.Function):
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
         if offload and hidden.is_cuda:
             release_copied()  # the copies to host of the layer before the previous one: done by now
-        with torch.no_grad(), recording(ctx.stashes, _side_stream) if stash and offload else contextlib.nullcontext():
+        record = recording(ctx.stashes, _side_stream, on_device) if stash and offload else contextlib.nullcontext()
+        with torch.no_grad(), record:
             with keep:
                 out = fn(hidden)
         ctx.chain, ctx.index = None, None
         if offload:
             ctx.chain = chain if chain is not None else OffloadChain()
-            ctx.index = ctx.chain._add(hidden, ctx.stashes)
+            ctx.index = ctx.chain._add(hidden, ctx.stashes, on_device)
         else:
             ctx.save_for_backward(hidden)
         return out
@@ -210,7 +225,7 @@ class _CheckpointFunction(torch.autograd.Function):
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, None, None, None, grad_hidden, None
+        return None, None, None, None, None, None, None, None, None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -224,6 +239,7 @@ def checkpoint_layer(
     lean_qkv: bool = False,
     after_backward: Callable[[], None] | None = None,
     keep_mlp: bool = False,
+    on_device: bool = False,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -245,11 +261,14 @@ def checkpoint_layer(
         after_backward: called once the layer's backward is done (`models.settings.set_after_layer_backward`).
         keep_mlp: with `lean`, the forward keeps the fused MLP's finished gate and up outputs (on the device) and
             the recompute reuses them instead of running those GEMMs again (`kernels.lora.keep_mlp_outputs`).
+        on_device: with `offload`, keep the input and the attention stash where they are, no host copies: for the
+            last layer, whose backward runs first, so that they are not on the device twice (the forward's own,
+            freed at backward's start, and the copies brought back for it) and cross PCIe for nothing.
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
     return _CheckpointFunction.apply(
-        fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, keep_mlp, hidden, anchor
+        fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, keep_mlp, on_device, hidden, anchor
     )

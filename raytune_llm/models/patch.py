@@ -342,6 +342,8 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         keep_from = min(n_run, n_ckpt if n_ckpt is not None else n_run) - state["keep_mlp_layers"]
         offload = mode == "offload"
         chain = OffloadChain() if checkpointing and offload else None
+        # The last layer keeps its input and stash on the device when it is checkpointed (settings).
+        last_on_device = state["last_layer_on_device"] and (n_ckpt is None or n_ckpt >= n_run)
         after = state["after_layer_backward"]
         for i, layer in enumerate(self.layers[:n_run]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
@@ -357,6 +359,7 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     lean_qkv=not state["qk_norm"],
                     after_backward=None if after is None else functools.partial(after, i),
                     keep_mlp=i >= keep_from,
+                    on_device=last_on_device and i == n_run - 1,
                 )
             else:
                 hidden = run(hidden)
@@ -496,6 +499,7 @@ def patch(
         "capture_docs": None,
         "keep_mlp_layers": 0,
         "fused_residuals": True,
+        "last_layer_on_device": False,
         "embed_home": None,
         "gradient_checkpointing": gradient_checkpointing,
         "after_layer_backward": None,

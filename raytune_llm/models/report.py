@@ -29,6 +29,8 @@ class PatchReport:
             forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
         fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
             keeps no values (`settings.set_fused_residuals`).
+        last_layer_on_device: with offloaded checkpointing, the last layer's input and attention stash stay on the
+            device (`settings.set_last_layer_on_device`).
     """
 
     family: str | None
@@ -45,6 +47,7 @@ class PatchReport:
     embeddings_on_host: bool = False
     keep_mlp_layers: int = 0
     fused_residuals: bool = True
+    last_layer_on_device: bool = False
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]

@@ -197,6 +197,22 @@ def set_fused_residuals(model: torch.nn.Module, on: bool) -> None:
     _set_flag(model, "fused_residuals", on)
 
 
+def set_last_layer_on_device(model: torch.nn.Module, on: bool) -> None:
+    """Under offloaded checkpointing, keep the last layer's input and attention stash on the device (off by default).
+
+    Backward reaches the last layer first. Offloaded, its input and stash are copied to the host during the forward,
+    yet the device storages they were copied from are freed only when backward starts (`attention_stash
+    .release_copied`), and `OffloadChain.prefetch_last` brings the copies back beside them for the loss: twice on the
+    device at the loss (~0.3 GiB at 4x2048 tokens of an 8B model, by size) and ~0.6 GB over PCIe for nothing. On
+    keeps the storages themselves. Same bits. Not yet measured on a GPU (session 13), hence off. Takes effect on the
+    next call.
+
+    Raises:
+        ValueError: a non-bool value, or a model `patch` did not patch.
+    """
+    _set_flag(model, "last_layer_on_device", on)
+
+
 def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
     """Keep a frozen input embedding in pinned host memory; the GPU reads the rows of each batch over PCIe.
 

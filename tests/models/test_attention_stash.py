@@ -110,3 +110,41 @@ def test_stashed_parameters_are_copied_alone_not_the_buffer_they_view():
         attention_stash.run(attn_o, q, q, q, params=(a, b))
     kept = sum(host.numel() for host, _ in stashes[0].copies._host.values())
     assert kept < flat.numel() * flat.element_size() // 10, kept
+
+
+def test_the_last_layer_on_the_device_copies_nothing_and_gives_the_same_gradients(monkeypatch):
+    # on_device keeps the layer's input and stash storages themselves (its backward runs first): no host copy is
+    # made for them, and the gradients are those of the fully offloaded chain.
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(8, 8, generator=gen).requires_grad_() for _ in range(4)]
+    x0 = torch.randn(2, 5, 8, generator=gen)
+    copies = [0]
+    real = attention_stash.HostCopies._to_host
+    monkeypatch.setattr(
+        attention_stash.HostCopies,
+        "_to_host",
+        lambda self, raw: copies.__setitem__(0, copies[0] + 1) or real(self, raw),
+    )
+
+    def grads(last_on_device):
+        for w in weights:
+            w.grad = None
+        copies[0] = 0
+        x = x0.clone().requires_grad_()
+        chain, y = OffloadChain(), x
+        for i in range(3):
+            last = last_on_device and i == 2
+            inp = y
+            y = checkpoint_layer(_layer(weights), y, offload=True, chain=chain, stash=True, on_device=last)
+        kept = chain._slots[-1].copies._host
+        same = all(buf.data_ptr() == inp.data_ptr() for buf, _ in kept.values())
+        made = copies[0]
+        y.square().sum().backward()
+        return made, same, [x.grad] + [w.grad for w in weights]
+
+    made_off, same_off, g_off = grads(False)
+    made_on, same_on, g_on = grads(True)
+    assert same_on and not same_off  # the last layer keeps its very input storage, not a copy
+    assert made_on * 3 == made_off * 2  # one layer of three made no host copies at all
+    for got, want in zip(g_on, g_off):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -158,3 +158,25 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_last_layer_on_device_gives_the_same_bits(tiny_paths, device):
+    from raytune_llm.models.settings import set_last_layer_on_device, set_stash_attention
+
+    dtype, quantize = (torch.float32, None) if device == "cpu" else (torch.bfloat16, "nf4")
+    model = load_model(tiny_paths["llama"], quantize=quantize, lora=dict(r=4, alpha=8), dtype=dtype, device=device)
+    sync_and_randomise_lora(model, model)
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    unpatch(model)
+    report = patch(model, gradient_checkpointing="offload")
+    set_stash_attention(model, True)
+    with pytest.raises(ValueError, match="true or false"):
+        set_last_layer_on_device(model, 1)
+    loss0, g0 = _step(model, ids)
+    set_last_layer_on_device(model, True)
+    assert report.last_layer_on_device
+    loss1, g1 = _step(model, ids)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
