@@ -7,8 +7,8 @@
 set -o pipefail
 source bench/gpu/_env.sh
 echo "== GPU tests $(date +%T)"
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/models/test_memory_settings.py \
-  tests/models/test_attention_stash.py tests/models/test_fused_residuals.py --timeout=80 -rf --tb=line 2>&1 \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/models/test_memory_settings.py tests/kernels/test_rms_norm.py \
+  tests/models/test_attention_stash.py tests/models/test_fused_residuals.py --timeout=110 -rf --tb=line 2>&1 \
   | grep -E "passed|failed|FAILED|Error|assert" | tail -8 | tee "$OUT/gpu_tests_s14a.log"
 FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once"
 V="all+once+stash+host"

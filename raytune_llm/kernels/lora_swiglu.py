@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from raytune_llm.kernels._dispatch import interpret_mode
+from raytune_llm.kernels._rounding import rne_bf16
 
 __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 
@@ -28,15 +29,6 @@ _FWD = (16, 128, 2)
 _BWD = (16, 128, 4)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
-
-
-@triton.jit
-def rne_bf16(x):
-    # The CPU interpreter's fp32 -> bf16 cast truncates; rounding the fp32 bits to nearest even
-    # first makes the cast exact, so interpreter results match the GPU's cvt.rn rounding.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -22,9 +22,11 @@ row's loads are in flight while this row reduces).
 With a decoder layer's residual stream (`add_rms_norm`, `rms_norm_residual`) the kernels take one more operand:
 the forward reads ``a`` besides ``x``, writes ``h = x + a`` (rounded to the input dtype, as torch's add) and
 normalises ``h``; the backward reads the residual's own gradient and adds it to ``dx`` (``dx`` rounded first, then
-the sum rounded, as autograd's accumulation). One [N, H] pass each way instead of an add kernel's three; the same bits.
-Measured on the H200 (session 13): a 4x2048 step of Llama-3.1-8B, 606.19 -> 602.49 ms with the value-less recompute
-add of `models.checkpointing.residual_add`.
+the sum rounded, as autograd's accumulation); the same bits. The add kernel's pass is folded in: the forward no
+longer reads ``h`` back, the backward no longer reads two gradients and writes their sum. Measured on the H200 with
+the value-less recompute add of `models.checkpointing.residual_add` (session 13; a synthetic Llama-3.1-8B at 4x2048
+as a CUDA graph, one alternation of 6-8 steps per setting): 633.99 -> 628.03 ms and 606.19 -> 602.49 ms on two
+machines, within the steps' own spread on the second.
 
 Shapes: ``x [..., H]``, ``w [H]``; output ``[..., H]`` in ``x.dtype``; ``dw`` in ``w.dtype``.
 Dtype policy: load, upcast to fp32 right after ``tl.load`` (the CPU interpreter gets bf16
@@ -38,15 +40,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import interpret_mode, kernel_store_dtype, row_block_settings, use_triton
-from raytune_llm.kernels.lora_swiglu import rne_bf16
+from raytune_llm.kernels._rounding import rne_bf16
 
 __all__ = [
-    "AddRMSNormFunction",
     "RMSNormFunction",
-    "RMSNormResidualFunction",
+    "ResidualRMSNormFunction",
     "add_rms_norm",
     "rms_norm",
     "rms_norm_backward",
@@ -222,7 +224,7 @@ def rms_norm_forward(
         weight: ``[H]`` scale.
         eps: variance epsilon.
         add: optional ``[..., H]`` summand: the kernel normalises ``h = x + add`` (rounded to ``x.dtype``, as
-            torch's add) and writes ``h`` too, one pass instead of an add kernel and a norm kernel.
+            torch's add) and writes ``h`` too (another dtype than ``x``'s, or fp32: torch's add, then the kernel).
 
     Returns:
         ``(y [..., H] in x.dtype, rstd [N] fp32)``; with ``add``: ``(h, y, rstd)``.
@@ -234,12 +236,11 @@ def rms_norm_forward(
     RSTD = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     A = H = None
     if add is not None:
-        if add.shape != x.shape:
-            raise ValueError(f"add_rms_norm: the summands differ in shape: {list(x.shape)} and {list(add.shape)}")
-        if not _fuse_adds(x):
+        _check_summand(x, add)
+        if not _fuse_adds(x) or add.dtype != x.dtype:
             h = x + add
             return (h, *rms_norm_forward(h, weight, eps))
-        A = _as_rows(add.to(x.dtype))
+        A = _as_rows(add)
         H = torch.empty((n_rows, n_cols), dtype=store, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
     if n_rows > 0:
@@ -362,6 +363,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(dy, x, weight, rstd, need_dw=ctx.needs_input_grad[1])
@@ -397,44 +399,38 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm: x on {x.device} but weight on {weight.device}")
 
 
-class AddRMSNormFunction(torch.autograd.Function):
-    """``h = x + a`` and ``y = rms_norm(h)`` in one kernel; saves ``h``, ``w`` and ``rstd``.
-
-    Backward receives ``h``'s own gradient (the residual stream's) with ``y``'s and returns their sum, formed inside
-    the norm's backward kernel, for both ``x`` and ``a``.
-    """
+class ResidualRMSNormFunction(torch.autograd.Function):
+    """A norm on a decoder layer's residual stream: ``(h, rms_norm(h))`` with ``h = x + a`` in one kernel, or with
+    ``a`` None ``h = x`` (a view). Saves ``h``, ``w`` and ``rstd``. Backward receives ``h``'s own gradient (the
+    residual stream's) with the norm's and returns their sum, formed inside the norm's backward kernel, for ``x``
+    (and ``a``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
-        h, y, rstd = rms_norm_forward(x, weight, eps, add=a)
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor | None, weight: torch.Tensor, eps: float):
+        if a is None:
+            y, rstd = rms_norm_forward(x, weight, eps)
+            h = x
+        else:
+            h, y, rstd = rms_norm_forward(x, weight, eps, add=a)
         ctx.save_for_backward(h, weight, rstd)
-        ctx.a_dtype = a.dtype
-        return h, y
+        ctx.has_a = a is not None
+        ctx.set_materialize_grads(False)  # a gradient that never came stays None, no [N, H] of zeros
+        return (h.view_as(h) if a is None else h), y
 
     @staticmethod
-    def backward(ctx, dh: torch.Tensor, dy: torch.Tensor):
+    @once_differentiable
+    def backward(ctx, dh: torch.Tensor | None, dy: torch.Tensor | None):
         h, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, h, weight, rstd, need_dw=ctx.needs_input_grad[2], residual_grad=dh)
-        return dx, dx.to(ctx.a_dtype), dw, None
+        dx = dh
+        dw = None
+        if dy is not None:
+            dx, dw = rms_norm_backward(dy, h, weight, rstd, need_dw=ctx.needs_input_grad[2], residual_grad=dh)
+        return dx, (dx if ctx.has_a else None), dw, None
 
 
-class RMSNormResidualFunction(torch.autograd.Function):
-    """``(x, rms_norm(x))``: the norm of a layer's input, the input passed on as the residual stream (a view).
-
-    Backward receives both gradients and adds the residual's to the norm's inside the norm's backward kernel.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
-        y, rstd = rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return x.view_as(x), y
-
-    @staticmethod
-    def backward(ctx, dr: torch.Tensor, dy: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd, need_dw=ctx.needs_input_grad[1], residual_grad=dr)
-        return dx, dw, None
+def _check_summand(x: torch.Tensor, a: torch.Tensor) -> None:
+    if a.shape != x.shape:
+        raise ValueError(f"add_rms_norm: the summands differ in shape: {list(x.shape)} and {list(a.shape)}")
 
 
 def add_rms_norm(
@@ -442,23 +438,24 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's residual add and the RMSNorm after it: ``h = x + a``, ``y = rms_norm(h)``.
 
-    One kernel each way instead of two: the forward writes ``h`` and ``y`` from one read of ``x`` and ``a``; the
-    backward adds ``h``'s gradient to the norm's inside the norm's backward. Bit for bit what ``x + a`` followed
-    by :func:`rms_norm` gives, in both directions.
+    One kernel each way instead of an add kernel and a norm kernel: the forward reads ``x`` and ``a`` and writes
+    ``h`` and ``y`` (the norm's re-read of ``h`` saved); the backward adds ``h``'s own gradient to the norm's inside
+    the norm's backward (the add kernel's two reads and one write saved). Bit for bit what ``x + a`` followed by
+    :func:`rms_norm` gives, in both directions. Summands of different dtypes take that separate path (torch's
+    promotion).
 
     Returns:
-        ``(h, y)``, shape and dtype of ``x``.
+        ``(h, y)``.
 
     Raises:
         ValueError: as :func:`rms_norm`, or when ``x`` and ``a`` differ in shape.
     """
     _check(x, weight)
-    if a.shape != x.shape:
-        raise ValueError(f"add_rms_norm: the summands differ in shape: {list(x.shape)} and {list(a.shape)}")
-    if not use_triton(x, a, weight):
+    _check_summand(x, a)
+    if a.dtype != x.dtype or not use_triton(x, a, weight):
         h = x + a
-        return h, reference.rms_norm(h, weight, eps)
-    return AddRMSNormFunction.apply(x, a, weight, eps)
+        return h, rms_norm(h, weight, eps)
+    return ResidualRMSNormFunction.apply(x, a, weight, eps)
 
 
 def rms_norm_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,4 +468,4 @@ def rms_norm_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) 
     _check(x, weight)
     if not use_triton(x, weight):
         return x, reference.rms_norm(x, weight, eps)
-    return RMSNormResidualFunction.apply(x, weight, eps)
+    return ResidualRMSNormFunction.apply(x, None, weight, eps)

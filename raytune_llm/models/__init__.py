@@ -2,7 +2,7 @@
 
 - load.py: `load_model` (local HF folder -> NF4 via bitsandbytes -> PEFT LoRA -> fused kernels).
 - stream_load.py: NF4 loading one safetensors shard at a time, each Linear quantized as it arrives (low host memory).
-- patch.py: `patch` / `unpatch`, per-instance forward swaps with a report of what stayed stock and why.
+- patch.py: `patch` / `unpatch`, per-instance forward swaps with a report of what stayed stock and why (report.py).
 - settings.py: the patched model's run-time settings (checkpointed layers, recompute, stash, MLP split).
 - attention.py: causal attention for packed rows (document ids from restarting position_ids).
 - checkpointing.py: per-layer activation checkpointing, optionally offloading the kept input to host (copied back

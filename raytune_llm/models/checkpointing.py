@@ -33,6 +33,7 @@ requires grad makes the output part of the graph, so the layer's LoRA weights st
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 
 import torch
@@ -46,31 +47,34 @@ MODES = ("off", "on", "offload")
 _streams: dict[int, torch.cuda.Stream] = {}
 
 
-# Nonzero while a checkpointed layer's backward runs the layer again (its recompute): what the layer then returns
-# is only a root for `torch.autograd.backward`, its values are read by nothing.
-_recomputing = [0]
+# Per thread (a recompute runs on autograd's device thread, set and read there): how many checkpointed layers'
+# recomputes are running. What a layer returns inside one is only a root for `torch.autograd.backward`; nothing
+# reads its values.
+_recompute_depth = threading.local()
 
 
 class _SumWithoutValues(torch.autograd.Function):
-    """``h + m`` as autograd sees it (both inputs get the gradient), with no values: a zero-stride tensor."""
+    """``h + m`` as autograd sees it (both inputs get the gradient), with no values: a zero-stride view of one zero."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, m: torch.Tensor):
-        ctx.dtypes = (h.dtype, m.dtype)
-        return h.new_empty(()).expand(h.shape)
+        return h.new_zeros(()).expand(h.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1])
+        return grad, grad
 
 
 def residual_add(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """A decoder layer's last residual add, ``h + m``. Inside a checkpointed layer's recompute the sum's values
     are read by nothing (the recompute's output only roots the layer's backward), so there it returns a tensor
-    with the add's gradient and no values: no [tokens, hidden] pass (0.09 ms a layer at 4x2048 on the H200, where
-    the lean recompute's MLP output is a zero-stride tensor and the add ran as a strided kernel; session 13)."""
-    if _recomputing[0] and torch.is_grad_enabled() and h.shape == m.shape and (h.requires_grad or m.requires_grad):
-        return _SumWithoutValues.apply(h, m)
+    with the add's gradient and no values: no [tokens, hidden] pass (0.084-0.091 ms a layer at 4x2048 on the H200,
+    where the lean recompute's MLP output is a zero-stride tensor and the add ran as a strided kernel; session 13's
+    profile). Operands of different shapes or dtypes (promotion) take the plain add."""
+    recomputing = getattr(_recompute_depth, "n", 0) > 0
+    if recomputing and torch.is_grad_enabled() and h.shape == m.shape and h.dtype == m.dtype:
+        if h.requires_grad or m.requires_grad:
+            return _SumWithoutValues.apply(h, m)
     return h + m
 
 
@@ -145,11 +149,11 @@ class _Slot:
 
 @contextlib.contextmanager
 def _recompute():
-    _recomputing[0] += 1
+    _recompute_depth.n = getattr(_recompute_depth, "n", 0) + 1
     try:
         yield
     finally:
-        _recomputing[0] -= 1
+        _recompute_depth.n -= 1
 
 
 class _CheckpointFunction(torch.autograd.Function):

@@ -95,9 +95,15 @@ def _reasons(prefix: str, names: list[str], modules: list[torch.nn.Module]) -> s
     return None
 
 
-def _patch_norm(state: dict, report: PatchReport, name: str, norm: torch.nn.Module, rms_norm: Callable) -> None:
+def _norm_eps(norm: torch.nn.Module) -> float | None:
+    """An RMSNorm module's epsilon, or None when it has no weight or no epsilon this patch knows."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None or getattr(norm, "weight", None) is None:
+    return None if getattr(norm, "weight", None) is None else eps
+
+
+def _patch_norm(state: dict, report: PatchReport, name: str, norm: torch.nn.Module, rms_norm: Callable) -> None:
+    eps = _norm_eps(norm)
+    if eps is None:
         report.stock[name] = f"{type(norm).__name__} has no weight/eps"
         return
 
@@ -219,46 +225,40 @@ def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 
 
-def _residual_norms(layer, ops: dict) -> tuple[float, float] | None:
-    """The two norms' epsilons when the layer is the pre-norm block `_layer_fn` can run with fused residual adds:
+def _residual_norms(layer) -> tuple[float, float] | None:
+    """The two norms' epsilons when the layer is the pre-norm block `_patch_layer` can run with fused residual adds:
     exactly attention, MLP and their two RMSNorms (each with a weight), as Llama, Mistral, Qwen2 and Qwen3 are."""
-    if ops["add_rms_norm"] is None or ops["rms_norm_residual"] is None:
-        return None
     if {name for name, _ in layer.named_children()} != _LAYER_PARTS:
         return None
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    eps = [getattr(n, "variance_epsilon", getattr(n, "eps", None)) for n in norms]
-    if any(e is None for e in eps) or any(getattr(n, "weight", None) is None for n in norms):
-        return None
-    return eps[0], eps[1]
+    eps = (_norm_eps(layer.input_layernorm), _norm_eps(layer.post_attention_layernorm))
+    return None if None in eps else eps
 
 
 def _patch_layer(state: dict, report: PatchReport, name: str, layer, ops: dict) -> None:
     """The decoder layer's forward with each residual add inside a norm kernel, for calls from the patched layer
     loop (`kernels.rms_norm.add_rms_norm`, `rms_norm_residual`; a recompute's last add keeps no values,
-    `models.checkpointing.residual_add`). Other calls (generation with a cache, HF's own loop) and
-    `fused_residuals` off run the layer's own forward."""
-    norms = _residual_norms(layer, ops)
+    `models.checkpointing.residual_add`). Other calls (generation with a cache, HF's own loop), norms ZeRO-3 has
+    partitioned and `fused_residuals` off run the layer's own forward."""
+    norms = _residual_norms(layer)
+    add_norm, norm_residual = ops["add_rms_norm"], ops["rms_norm_residual"]
+    if add_norm is None or norm_residual is None:
+        report.stock[f"{name}.residuals"] = "kernels.rms_norm.add_rms_norm not available: residual adds stay separate"
+        return
     if norms is None:
         report.stock[f"{name}.residuals"] = "not attention, MLP and two RMSNorms: residual adds stay separate"
         return
     original = _original_later(state, layer)
-    add_norm, norm_residual = ops["add_rms_norm"], ops["rms_norm_residual"]
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        mask = kwargs.get("attention_mask")
+        ours = not args and set(kwargs) <= {"attention_mask", "position_ids", "position_embeddings"}
         # ZeRO-3 gathers a partitioned norm weight only when the norm module itself is called.
-        if not state["fused_residuals"] or not isinstance(attention_mask, AttnMeta) or kwargs:
-            return original()(
-                hidden_states, attention_mask, position_ids, position_embeddings=position_embeddings, **kwargs
-            )
-        if zero3_partitioned(n1.weight):
-            return original()(hidden_states, attention_mask, position_ids, position_embeddings=position_embeddings)
+        partitioned = zero3_partitioned(n1.weight) or zero3_partitioned(n2.weight)
+        if not (state["fused_residuals"] and ours and isinstance(mask, AttnMeta)) or partitioned:
+            return original()(hidden_states, *args, **kwargs)
         residual, x = norm_residual(hidden_states, n1.weight, norms[0])
-        x, _ = self.self_attn(
-            hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-            position_embeddings=position_embeddings,
-        )  # fmt: skip
+        x, _ = self.self_attn(hidden_states=x, **kwargs)
         residual, x = add_norm(residual, x, n2.weight, norms[1])
         return residual_add(residual, self.mlp(x))
 
@@ -505,7 +505,10 @@ def patch(
         "after_layer_backward": None,
     }
     report = PatchReport(
-        family=family.name, gradient_checkpointing=gradient_checkpointing, mlp_chunk_tokens=mlp_chunk_tokens
+        family=family.name,
+        gradient_checkpointing=gradient_checkpointing,
+        mlp_chunk_tokens=mlp_chunk_tokens,
+        fused_residuals=True,
     )
     fuse_attention = not getattr(lm.config, "attention_dropout", 0.0)
     for i, layer in enumerate(inner.layers):

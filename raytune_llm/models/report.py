@@ -28,7 +28,7 @@ class PatchReport:
         keep_mlp_layers: how many of the last checkpointed layers keep their MLP's gate and up outputs from
             forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
         fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
-            keeps no values (`settings.set_fused_residuals`).
+            keeps no values (`settings.set_fused_residuals`; which layers do: `replaced`).
         last_layer_on_device: with offloaded checkpointing, the last layer's input and attention stash stay on the
             device (`settings.set_last_layer_on_device`).
     """
@@ -46,7 +46,7 @@ class PatchReport:
     capture_docs: int | None = None
     embeddings_on_host: bool = False
     keep_mlp_layers: int = 0
-    fused_residuals: bool = True
+    fused_residuals: bool = False
     last_layer_on_device: bool = False
 
     def __str__(self) -> str:

@@ -160,3 +160,61 @@ def test_add_rms_norm_rejects_mismatched_summands():
     x, w = _inputs((2,), 8, torch.device("cpu"))
     with pytest.raises(ValueError, match="summands differ in shape"):
         add_rms_norm(x, x[:1], w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,h", [(8192, 4096), (2048, 8192), (64, 16384)])
+def test_residual_norms_bit_for_bit_at_training_widths(rows, h):
+    # The GPU launches what the small shapes above do not: BLOCK 4096 and 8192 with the pipelined backward and its
+    # third (residual-gradient) row, 16384 wide where that third row drops the pipeline, hundreds of programs.
+    x, w = _inputs((rows,), h, torch.device("cuda"))
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).cuda()
+    x, a, w = x.bfloat16(), a.bfloat16(), w.bfloat16()
+
+    def separate(x, a, w):
+        hh = x + a
+        return hh, rms_norm(hh, w, 1e-5)
+
+    got = _grads(lambda x, a, w: add_rms_norm(x, a, w, 1e-5), [x, a, w], seed=3)
+    want = _grads(separate, [x, a, w], seed=3)
+    for name, g, e in zip(["h", "y", "dx", "da", "dw"], got, want):
+        assert torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+    got = _grads(lambda x, w: rms_norm_residual(x, w, 1e-5), [x, w], seed=5)
+    want = _grads(lambda x, w: (x * 1, rms_norm(x, w, 1e-5)), [x, w], seed=5)
+    for name, g, e in zip(["residual", "y", "dx", "dw"], got, want):
+        assert torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+
+
+@needs_triton
+def test_fused_residuals_in_a_bf16_model_give_the_same_bits(tmp_path):
+    # The whole patched model in bf16 with the fused kernels (the model tests run fp32 on the reference path):
+    # offloaded checkpointing with the attention stash, so the recompute's value-less add runs too.
+    from raytune_llm.models.load import load_model
+    from raytune_llm.models.patch import patch, unpatch
+    from raytune_llm.models.settings import set_fused_residuals, set_stash_attention
+    from raytune_llm.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "llama", family="llama", vocab_size=256, seed=0)
+    dev = kernel_device()
+    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def step(fused):
+        unpatch(model)
+        patch(model, gradient_checkpointing="offload")
+        set_stash_attention(model, True)
+        set_fused_residuals(model, fused)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss0, g0 = step(False)
+    loss1, g1 = step(True)
+    assert torch.equal(loss1, loss0)
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name

@@ -26,12 +26,17 @@ def _count_valueless(monkeypatch) -> list[int]:
     return calls
 
 
-def _run(model, ids, mode: str, fused: bool):
+def _run(model, ids, mode: str, fused: bool, **settings):
+    from raytune_llm.models import settings as S
+
     unpatch(model)
     report = patch(model, gradient_checkpointing=mode)
     set_stash_attention(model, mode == "offload")
+    for name, value in settings.items():
+        getattr(S, f"set_{name}")(model, value)
     set_fused_residuals(model, fused)
-    assert report.fused_residuals is fused
+    n_layers = model.get_base_model().config.num_hidden_layers
+    assert sum("residual adds inside the norms" in r for r in report.replaced) == n_layers
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -70,36 +75,38 @@ def test_the_value_less_add_serves_only_a_recompute():
     with ckpt._recompute():
         out = ckpt.residual_add(h, m)
     assert out.shape == h.shape and out.stride() == (0, 0)  # no values, and no memory for them
+    assert not out.any()  # a view of one zero, should anything read it
+    with ckpt._recompute():
+        mixed = ckpt.residual_add(h, m.double())  # promotion: the plain add
+    assert mixed.dtype == torch.float64 and mixed.stride() == (3, 1)
     g = torch.randn(2, 3)
     torch.autograd.backward(out, g)
     assert torch.equal(h.grad, g) and torch.equal(m.grad, g)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["on", "offload"])
-def test_fused_residuals_on_the_gpu_bit_for_bit(tiny_paths, mode):
-    from raytune_llm.models.settings import set_dequantize_once, set_keep_mlp_layers
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["off", "on", "offload"])
+def test_fused_residuals_on_the_gpu_bit_for_bit(tiny_paths, monkeypatch, family, mode):
+    import raytune_llm.kernels.rms_norm as rms_mod
 
-    model = load_model(
-        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-    )
+    model = load_model(tiny_paths[family], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda")
     sync_and_randomise_lora(model, model)
     ids = torch.randint(3, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
-
-    def run(fused):
-        unpatch(model)
-        patch(model, gradient_checkpointing=mode)
-        set_dequantize_once(model, True)
-        set_stash_attention(model, mode == "offload")
-        set_keep_mlp_layers(model, 1)
-        set_fused_residuals(model, fused)
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), lora_grads(model)
-
-    loss0, g0 = run(False)
-    loss1, g1 = run(True)
+    fused_calls = [0]
+    real = rms_mod.ResidualRMSNormFunction.apply
+    monkeypatch.setattr(
+        rms_mod.ResidualRMSNormFunction, "apply", lambda *a: fused_calls.__setitem__(0, fused_calls[0] + 1) or real(*a)
+    )
+    valueless = _count_valueless(monkeypatch)
+    settings = dict(dequantize_once=mode != "off", keep_mlp_layers=1) if mode != "off" else {}
+    loss0, g0 = _run(model, ids, mode, fused=False, **settings)
+    assert fused_calls[0] == 0 and valueless[0] == 0
+    loss1, g1 = _run(model, ids, mode, fused=True, **settings)
+    n_layers = model.get_base_model().config.num_hidden_layers
+    runs = 1 if mode == "off" else 2  # a checkpointed layer runs its forward twice
+    assert fused_calls[0] == 2 * n_layers * runs  # two norms a layer, in the bf16 kernels
+    assert valueless[0] == (0 if mode == "off" else n_layers)
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
