@@ -2,14 +2,17 @@
 # Prepared in session 13, not run (~420 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim). What session 13 could
 # not measure for want of device time: the last layer's input and stash kept on the device
 # (models.settings.set_last_layer_on_device, off by default: +lastdev), alternated at 4x2048 as a CUDA graph and at
-# 1x16384 eager, with one more kept MLP layer where its memory allows; the step profiled with session 13's code; the
-# losses of ours (session 13's e2e settings) against standard QLoRA in one call.
+# 1x16384 eager, with one more kept MLP layer where its memory allows; the LoRA SwiGLU forward writing H alone (what
+# a checkpointed layer's forward now asks for: kernels.lora_swiglu store_gu); the step profiled with session 13's
+# code; the losses of ours (session 13's e2e settings) against standard QLoRA in one call.
 set -o pipefail
 source bench/gpu/_env.sh
 echo "== GPU tests $(date +%T)"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/models/test_memory_settings.py tests/kernels/test_rms_norm.py \
   tests/models/test_attention_stash.py tests/models/test_fused_residuals.py --timeout=110 -rf --tb=line 2>&1 \
   | grep -E "passed|failed|FAILED|Error|assert" | tail -8 | tee "$OUT/gpu_tests_s14a.log"
+python3 bench/kernels/sweep_lora_swiglu.py --settings 16:128:2,16:128:4 --out "$OUT/lora_swiglu_h_only_s14a.json" 2>&1 \
+  | grep -E "best" | tail -4
 FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once"
 V="all+once+stash+host"
 run_ours var_4x2048_s14a 200 $FLAGS --warmup 3 --steps 6 \

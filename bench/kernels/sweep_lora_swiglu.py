@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     kinds = {
         "fwd": (lambda _: mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5), reset((G, G0), (U, U0))),
+        # a checkpointed layer's forward: H alone, the finished gate and up not written back
+        "fwd_h_only": (
+            lambda _: mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5, store_gu=False),
+            reset((G, G0), (U, U0)),
+        ),
         "bwd": (lambda _: mod.lora_swiglu_backward(dH, G, U, low, Ad), reset((G, G0), (U, U0), (dH, dH0))),
         # a lean recompute's backward: it finishes gate and up with their rank updates itself
         "bwd_finish": (
@@ -67,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             reset((G, G0), (U, U0), (dH, dH0)),
         ),
     }
-    moved = {k: (5 if k == "fwd" else 6) * n * i * G.element_size() for k in kinds}
+    moved = {k: {"fwd": 5, "fwd_h_only": 3}.get(k, 6) * n * i * G.element_size() for k in kinds}
 
     def outputs(kind):
         fn, setup = kinds[kind]
         setup()
         out = fn(None)
-        return [t.clone() for t in ((out, G, U) if kind == "fwd" else (dH, G, U))]
+        return [t.clone() for t in ((out, G, U) if kind.startswith("fwd") else (dH, G, U))]
 
     ref = {kind: outputs(kind) for kind in kinds}
     rows = []
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         setting = tuple(int(x) for x in text.split(":"))
         for kind, (fn, setup) in kinds.items():
             saved = mod._FWD, mod._BWD
-            mod._FWD, mod._BWD = (setting, saved[1]) if kind == "fwd" else (saved[0], setting)  # bwd, bwd_finish
+            mod._FWD, mod._BWD = (setting, saved[1]) if kind.startswith("fwd") else (saved[0], setting)
             try:
                 got = outputs(kind)
                 exact = all(torch.equal(a, b) for a, b in zip(got, ref[kind]))

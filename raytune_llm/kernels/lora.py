@@ -315,11 +315,13 @@ class LoRAProjectionsFunction(torch.autograd.Function):
 class LoRAMLPFunction(torch.autograd.Function):
     """The LoRA SwiGLU MLP; see the module docstring for the math and what is saved.
 
-    ``apply(x, bases, scalings, skip_output, kept, keep_to, A_g, B_g, A_u, B_u, A_d, B_d)`` with
+    ``apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, A_g, B_g, A_u, B_u, A_d, B_d)`` with
     ``bases``/``scalings`` tuples of three (gate, up, down); ``skip_output`` (see `lean_recompute`) saves the
     same tensors but leaves out the down projection and returns zeros. ``kept`` (``(G, U, H A_d^T)`` from
     `reuse_mlp_outputs`, with ``skip_output``) replaces the gate/up GEMMs and the activation kernel; ``keep_to``
-    (a list from `keep_mlp_outputs`) receives those three after a full forward.
+    (a list from `keep_mlp_outputs`) receives those three after a full forward. ``store_gu`` False (a forward
+    whose backward never runs and that keeps nothing: a checkpointed layer's) leaves the finished G and U unwritten:
+    the activation kernel writes H alone (what the down projection reads).
     """
 
     @staticmethod
@@ -331,6 +333,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         skip_output: bool,
         kept: tuple | None,
         keep_to: list | None,
+        store_gu: bool,
         *adapters: torch.Tensor,
     ):
         dt = x.dtype
@@ -360,7 +363,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         else:
             G = X @ _dense(bases[0], dt).t()
             U = X @ _dense(bases[1], dt).t()
-            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_)  # rank updates + activation, one pass
+            # rank updates + activation, one pass
+            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
             HA = H @ Ad.t()  # [N, r_d]
             Y, Y2 = _output(x, Bd.shape[0])
             torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
@@ -395,12 +399,12 @@ class LoRAMLPFunction(torch.autograd.Function):
             xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
         else:
-            dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[11] else None
+            dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[12] else None
         lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
         if HA is None:
-            dB_d = (dY.t() @ (H @ Ad.t())).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[11] else None
-        dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[10] else None
+            dB_d = (dY.t() @ (H @ Ad.t())).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[12] else None
+        dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[11] else None
         del H, dH
 
         low = torch.cat(((dG @ Bg).mul_(sg_), (dU @ Bu).mul_(su_)), dim=1)  # [N, r_g + r_u]
@@ -415,14 +419,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             dX.addmm_(low, A_gu)
             dX = dX.view(ctx.x_shape)
         dA_g = dA_u = None
-        if need[6] or need[8]:
+        if need[7] or need[9]:
             dA_g, dA_u = torch.split(low.t() @ X, ctx.ranks, dim=0)
-            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[6] else None
-            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[8] else None
+            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[7] else None
+            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[9] else None
         xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
-        dB_g = (dG.t() @ xa_g).mul_(sg_).to(ctx.adapter_dtypes[1]) if need[7] else None
-        dB_u = (dU.t() @ xa_u).mul_(su_).to(ctx.adapter_dtypes[3]) if need[9] else None
-        return (dX, None, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+        dB_g = (dG.t() @ xa_g).mul_(sg_).to(ctx.adapter_dtypes[1]) if need[8] else None
+        dB_u = (dU.t() @ xa_u).mul_(su_).to(ctx.adapter_dtypes[3]) if need[10] else None
+        return (dX, None, None, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 # ---- functionals --------------------------------------------------------------------------------
@@ -526,5 +530,7 @@ def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight
     skip_output = bool(_lean) and torch.is_grad_enabled()
     kept = _reuse[-1].pop(0) if skip_output and _reuse and _reuse[-1] else None
     keep_to = _keep[-1] if _keep and not torch.is_grad_enabled() else None
+    # Without grad (a checkpointed layer's forward) nothing reads the finished G and U unless they are kept.
+    store_gu = torch.is_grad_enabled() or keep_to is not None
     bases, scalings = tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws)
-    return LoRAMLPFunction.apply(x, bases, scalings, skip_output, kept, keep_to, *_adapters(ws))
+    return LoRAMLPFunction.apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, *_adapters(ws))

@@ -124,9 +124,11 @@ def _lora_swiglu_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
+    STORE_GU: tl.constexpr,
 ):
-    # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit;
-    # H = silu(G) * U. One pass instead of two addmm epilogues plus an activation kernel.
+    # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit (STORE_GU;
+    # otherwise they are left as they were); H = silu(G) * U. One pass instead of two addmm epilogues plus an
+    # activation kernel.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -142,8 +144,9 @@ def _lora_swiglu_fwd_kernel(
         u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u, U_ptr,
         R_PAD, UPCAST, DOT_PREC, RNE_BF16,
     )  # fmt: skip
-    tl.store(G_ptr + offs, g, mask=mask)
-    tl.store(U_ptr + offs, u, mask=mask)
+    if STORE_GU:
+        tl.store(G_ptr + offs, g, mask=mask)
+        tl.store(U_ptr + offs, u, mask=mask)
     gf = g.to(tl.float32)
     h = gf * tl.sigmoid(gf) * u.to(tl.float32)
     if RNE_BF16:
@@ -246,10 +249,14 @@ def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
     return (triton.cdiv(n_rows, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
 
 
-def lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float) -> torch.Tensor:
+def lora_swiglu_forward(
+    G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float, store_gu: bool = True
+) -> torch.Tensor:
     """Finish the gate and up projections and apply SwiGLU, in one pass.
 
-    ``G += scale_g * xa_g @ Bg^T``, ``U += scale_u * xa_u @ Bu^T`` (in place), ``H = silu(G) * U``.
+    ``G += scale_g * xa_g @ Bg^T``, ``U += scale_u * xa_u @ Bu^T`` (in place), ``H = silu(G) * U``. With
+    ``store_gu`` False the finished projections are not written back (``G`` and ``U`` keep the base outputs): for a
+    forward that needs H alone, two [N, I] writes fewer. H has the same bits either way.
 
     Args:
         G: gate base GEMM output ``[N, I]``, contiguous; becomes the gate projection.
@@ -271,7 +278,7 @@ def lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float
         _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
             G, U, H, xa_g, xa_u, Bg, Bu,
             xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
-            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u, **cfg,
+            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u, STORE_GU=store_gu, **cfg,
         )  # fmt: skip
     return H
 

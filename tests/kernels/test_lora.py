@@ -596,3 +596,51 @@ def test_swiglu_backward_finishing_gate_and_up_gives_the_forward_then_backward_b
     torch.testing.assert_close(dH2, H_fwd, rtol=0, atol=0)  # the H the forward kernel wrote
     torch.testing.assert_close(G2, G, rtol=0, atol=0)  # dG
     torch.testing.assert_close(U2, U, rtol=0, atol=0)  # dU
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_forward_without_gate_and_up_writes_the_same_h(dtype):
+    # A checkpointed layer's forward needs H alone (its recompute rebuilds G and U): store_gu=False leaves the base
+    # outputs in G and U and writes the same H.
+    from raytune_llm.kernels.lora_swiglu import lora_swiglu_forward
+
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(4)
+    n, inter, rg, ru = 37, 150, 5, 3
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    G0, U0 = t(n, inter), t(n, inter)
+    xa_g, xa_u, Bg, Bu = t(n, rg), t(n, ru), t(inter, rg), t(inter, ru)
+    G, U = G0.clone(), U0.clone()
+    H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5)
+    G2, U2 = G0.clone(), U0.clone()
+    H2 = lora_swiglu_forward(G2, U2, xa_g, xa_u, Bg, Bu, 2.0, 0.5, store_gu=False)
+    assert torch.equal(H2, H)
+    assert torch.equal(G2, G0) and torch.equal(U2, U0) and not torch.equal(G, G0)
+
+
+@needs_triton
+def test_a_checkpointed_forward_leaves_gate_and_up_unwritten_unless_kept(monkeypatch):
+    # lora_mlp under no_grad (a checkpointed layer's forward) asks the kernel for H alone; with grad, or when the
+    # layer keeps its MLP outputs, the finished G and U are written (backward or the recompute reads them).
+    import raytune_llm.kernels.lora as lora_mod
+    from raytune_llm.kernels.lora import keep_mlp_outputs, lora_mlp
+
+    seen = []
+    real = lora_mod.lora_swiglu_forward
+    monkeypatch.setattr(lora_mod, "lora_swiglu_forward", lambda *a, **k: seen.append(k["store_gu"]) or real(*a, **k))
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "dense", torch.float32, device, seed=2)
+    gate, up, down = (LoRAWeight(b, a, bb, sc) for b, a, bb, sc in zip(bases, adapters[0::2], adapters[1::2], scalings))
+    x = torch.randn(37, HIDDEN, generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        y_plain = lora_mlp(x, gate, up, down)
+        kept: list = []
+        with keep_mlp_outputs(kept):
+            lora_mlp(x, gate, up, down)
+    y_grad = lora_mlp(x.detach().requires_grad_(), gate, up, down)
+    assert seen == [False, True, True] and len(kept) == 1
+    assert torch.equal(y_plain, y_grad.detach())
