@@ -58,8 +58,9 @@ matmul ceiling). For O and QKV the rank-r update ``s * XA B^T`` is one in-place 
 ``beta=1``: a rank-r GEMM whose epilogue adds into ``Y``, bf16 tensor cores; one extra read and write
 of ``Y``). In the MLP, where the
 ``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
-(a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` in
-one pass instead of two ``addmm_`` passes plus an activation kernel; the backward kernel does the
+(a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` (``H`` alone
+in a forward without grad that keeps nothing: a checkpointed layer's) in one pass instead of two ``addmm_``
+passes plus an activation kernel; the backward kernel does the
 same for ``dH``'s rank update and the activation's derivative (both in kernels/lora_swiglu.py). The NF4 dequantization is Triton
 (kernels/nf4.py).
 """

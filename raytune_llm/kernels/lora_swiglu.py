@@ -259,8 +259,8 @@ def lora_swiglu_forward(
     forward that needs H alone, two [N, I] writes fewer. H has the same bits either way.
 
     Args:
-        G: gate base GEMM output ``[N, I]``, contiguous; becomes the gate projection.
-        U: up base GEMM output ``[N, I]``, contiguous; becomes the up projection.
+        G: gate base GEMM output ``[N, I]``, contiguous; becomes the gate projection (with ``store_gu``).
+        U: up base GEMM output ``[N, I]``, contiguous; becomes the up projection (with ``store_gu``).
         xa_g: ``X A_g^T`` ``[N, r_g]`` (unit column stride).
         xa_u: ``X A_u^T`` ``[N, r_u]`` (unit column stride).
         Bg: ``[I, r_g]`` in ``G``'s dtype.

@@ -22,8 +22,8 @@ row's loads are in flight while this row reduces).
 With a decoder layer's residual stream (`add_rms_norm`, `rms_norm_residual`) the kernels take one more operand:
 the forward reads ``a`` besides ``x``, writes ``h = x + a`` (rounded to the input dtype, as torch's add) and
 normalises ``h``; the backward reads the residual's own gradient and adds it to ``dx`` (``dx`` rounded first, then
-the sum rounded, as autograd's accumulation); the same bits. The add kernel's pass is folded in: the forward no
-longer reads ``h`` back, the backward no longer reads two gradients and writes their sum. Measured on the H200 with
+the sum rounded, as autograd's accumulation); the same bits. One [N, H] pass fewer in the forward (the norm's read
+of ``h``) and two in the backward (the norm's write of its own ``dx`` and the add's read of it). Measured on the H200 with
 the value-less recompute add of `models.checkpointing.residual_add` (session 13; a synthetic Llama-3.1-8B at 4x2048
 as a CUDA graph, one alternation of 6-8 steps per setting): 633.99 -> 628.03 ms and 606.19 -> 602.49 ms on two
 machines, within the steps' own spread on the second.
@@ -440,7 +440,7 @@ def add_rms_norm(
 
     One kernel each way instead of an add kernel and a norm kernel: the forward reads ``x`` and ``a`` and writes
     ``h`` and ``y`` (the norm's re-read of ``h`` saved); the backward adds ``h``'s own gradient to the norm's inside
-    the norm's backward (the add kernel's two reads and one write saved). Bit for bit what ``x + a`` followed by
+    the norm's backward (the norm's write of its own ``dx`` and the add's read of it saved). Bit for bit what ``x + a`` followed by
     :func:`rms_norm` gives, in both directions. Summands of different dtypes take that separate path (torch's
     promotion).
 

@@ -41,7 +41,7 @@ from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 
 SideStream = Callable[[torch.device], torch.cuda.Stream]
 
-# Stack of ("record" | "replay", list of stashes, cursor, side stream getter); module-level, not thread-local,
+# Stack of ("record" | "replay", list of stashes, cursor, new-stash factory or None); module-level, not thread-local,
 # because a recompute runs on autograd's device thread (as kernels.lora's blocks).
 _mode: list[tuple[str, list, list[int], Callable[[], AttentionStash] | None]] = []
 
@@ -96,8 +96,8 @@ class _CopiedIn(torch.autograd.Function):
 class HostCopies:
     """Host copies of tensors' storages (once per storage), and their way back to the device.
 
-    `pack` copies a tensor's storage to pinned host memory on the side stream (a plain clone on the CPU) and
-    returns a handle; `end_packing` lets go of the device storages packed so far; `prefetch` starts the copies
+    `pack` copies a tensor's storage to pinned host memory on the side stream (a plain clone on the CPU; with
+    ``on_device``, no copy: the storage itself is kept) and returns a handle; `end_packing` lets go of the device storages packed so far; `prefetch` starts the copies
     back; `unpack(handle)` gives the tensor on its device, for the compute stream. Used for one attention
     call's saved tensors (below) and for a checkpointed layer's input (models.checkpointing).
 
@@ -112,7 +112,7 @@ class HostCopies:
         # Keep each storage itself, no copy: for the last checkpointed layer, whose backward comes first (its
         # storages would otherwise sit on the device until backward anyway, beside the copies brought back).
         self._on_device = on_device
-        # (device, storage address) -> (host copy, its copy's event or None for a CPU tensor)
+        # (device, storage address) -> (host copy, its copy's event; or None: a CPU tensor, or kept on the device)
         self._host: dict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._dev: dict[tuple, torch.Tensor] = {}
         self._ready: torch.cuda.Event | None = None

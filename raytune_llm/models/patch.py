@@ -342,8 +342,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         keep_from = min(n_run, n_ckpt if n_ckpt is not None else n_run) - state["keep_mlp_layers"]
         offload = mode == "offload"
         chain = OffloadChain() if checkpointing and offload else None
-        # The last layer keeps its input and stash on the device when it is checkpointed (settings).
-        last_on_device = state["last_layer_on_device"] and (n_ckpt is None or n_ckpt >= n_run)
+        # The last layer keeps its input and stash on the device when it is checkpointed (settings); not layer 0,
+        # whose input may be the caller's own tensor (kept as it is, not a copy, it must not change before backward).
+        last_on_device = state["last_layer_on_device"] and (n_ckpt is None or n_ckpt >= n_run) and n_run > 1
         after = state["after_layer_backward"]
         for i, layer in enumerate(self.layers[:n_run]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)

@@ -213,8 +213,57 @@ def test_fused_residuals_in_a_bf16_model_give_the_same_bits(tmp_path):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    loss0, g0 = step(False)
-    loss1, g1 = step(True)
+    import raytune_llm.kernels.rms_norm as rms_mod
+    import raytune_llm.models.checkpointing as ckpt
+
+    calls = {"norm": 0, "sum": 0}
+    real_norm, real_sum = rms_mod.ResidualRMSNormFunction.apply, ckpt._SumWithoutValues.apply
+
+    def norm(*a):
+        calls["norm"] += 1
+        return real_norm(*a)
+
+    def valueless(*a):
+        calls["sum"] += 1
+        return real_sum(*a)
+
+    rms_mod.ResidualRMSNormFunction.apply, ckpt._SumWithoutValues.apply = norm, valueless
+    try:
+        loss0, g0 = step(False)
+        assert calls == {"norm": 0, "sum": 0}
+        loss1, g1 = step(True)
+    finally:
+        rms_mod.ResidualRMSNormFunction.apply, ckpt._SumWithoutValues.apply = real_norm, real_sum
+    n_layers = model.get_base_model().config.num_hidden_layers
+    assert calls == {"norm": 4 * n_layers, "sum": n_layers}  # two norms a layer, forward and recompute
     assert torch.equal(loss1, loss0)
     for name in g0:
         assert torch.equal(g1[name], g0[name]), name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("used", [0, 1], ids=["residual_only", "norm_only"])
+def test_residual_norms_with_one_output_unused(dtype, used):
+    # Backward with a gradient for one output only (the other's is None): the same gradients as the separate ops.
+    dev = kernel_device()
+    x, w = _inputs((9,), 64, dev)
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dev)
+    x, a, w = x.to(dtype), a.to(dtype), w.to(dtype)
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dev, dtype)
+
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        fn(*leaves)[used].backward(gy)
+        return [t.grad for t in leaves]
+
+    def separate_add(x, a, w):
+        hh = x + a
+        return hh, rms_norm(hh, w, 1e-6)
+
+    for got, want in (
+        (grads(lambda x, a, w: add_rms_norm(x, a, w, 1e-6), x, a, w), grads(separate_add, x, a, w)),
+        (grads(lambda x, w: rms_norm_residual(x, w, 1e-6), x, w), grads(lambda x, w: (x * 1, rms_norm(x, w)), x, w)),
+    ):
+        for g, e in zip(got, want):
+            assert (g is None) == (e is None) and (g is None or torch.equal(g, e))

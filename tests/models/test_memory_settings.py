@@ -173,10 +173,27 @@ def test_last_layer_on_device_gives_the_same_bits(tiny_paths, device):
     set_stash_attention(model, True)
     with pytest.raises(ValueError, match="true or false"):
         set_last_layer_on_device(model, 1)
-    loss0, g0 = _step(model, ids)
-    set_last_layer_on_device(model, True)
-    assert report.last_layer_on_device
-    loss1, g1 = _step(model, ids)
+    import raytune_llm.models.attention_stash as stash_mod
+
+    copies = [0]
+    real = stash_mod.HostCopies._to_host
+
+    def counted(self, raw):
+        copies[0] += 1
+        return real(self, raw)
+
+    stash_mod.HostCopies._to_host = counted
+    try:
+        loss0, g0 = _step(model, ids)
+        made_off, copies[0] = copies[0], 0
+        set_last_layer_on_device(model, True)
+        assert report.last_layer_on_device
+        loss1, g1 = _step(model, ids)
+        made_on = copies[0]
+    finally:
+        stash_mod.HostCopies._to_host = real
+    n_layers = model.get_base_model().config.num_hidden_layers
+    assert made_off % n_layers == 0 and made_on == made_off - made_off // n_layers  # the last layer copied nothing
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
