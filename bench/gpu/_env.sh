@@ -33,3 +33,17 @@ gpu_sweep() {
   timeout "$1" python3 bench/tune/bench_fractional.py --trials 2 --fraction 1 --steps 30 --tag "$2" --out "$OUT" 2>&1 \
     | grep -vE "^\(|INFO|WARNING|Warning|warn" | tail -6
 }
+# show_variants TAG SHAPE...: the variants of $OUT/var_SHAPE_TAG.json (run_ours --variants), one line each.
+show_variants() {
+  python3 - "$OUT" "$@" <<'PY'
+import json, sys
+out, tag, *shapes = sys.argv[1:]
+for shape in shapes:
+    try:
+        d = json.load(open(f"{out}/var_{shape}_{tag}.json"))
+    except Exception as exc:
+        print(shape, "no result", exc); continue
+    for name, v in d.get("variants", {}).items():
+        print(f"{shape:8s} {name:40s} {v.get('status')} {v.get('step_ms_median')} ms {v.get('step_ms_all')} peak {v.get('peak_gib')} GiB")
+PY
+}

@@ -20,18 +20,8 @@ run_ours var_4x2048_s14a 200 $FLAGS --warmup 3 --steps 6 \
 run_ours var_1x16384_s14a 130 $FLAGS --batch 1 --seq 16384 --warmup 2 --steps 4 \
   --variants "$V+keep3,$V+keep3+lastdev,$V+keep4+lastdev,$V+keep3"
 run_ours prof_4x2048_s14a 100 $FLAGS --embeddings-on-host --keep-mlp-layers 4 --warmup 2 --steps 4 --profile
-python3 - "$OUT" <<'PY'
-import json, sys
-for shape in ("4x2048", "1x16384"):
-    try:
-        d = json.load(open(f"{sys.argv[1]}/var_{shape}_s14a.json"))
-    except Exception as exc:
-        print(shape, "no result", exc); continue
-    for name, v in d.get("variants", {}).items():
-        print(f"{shape:8s} {name:40s} {v.get('status')} {v.get('step_ms_median')} ms {v.get('step_ms_all')} peak {v.get('peak_gib')} GiB")
-d = json.load(open(f"{sys.argv[1]}/prof_4x2048_s14a.json"))
-print("profile", d.get("step_ms_median"), d.get("profile", {}).get("timeline", {}).get("busy_ms"))
-PY
+show_variants s14a 4x2048 1x16384
+python3 -c "import json; d = json.load(open('$OUT/prof_4x2048_s14a.json')); print('profile', d.get('step_ms_median'), d.get('profile', {}).get('timeline', {}).get('busy_ms'))"
 python3 bench/e2e/bench_e2e.py --budget-s "${BUDGET:-200}" --shapes 4x2048 --stacks ours,std_qlora --ckpt-ours offload \
   --ours-flags "--stash-attention --dequantize-once --embeddings-on-host --keep-mlp-layers 4 --cuda-graph" \
   --out "$OUT/e2e_s14a_losses.json" 2>&1 | grep -v "Failed to query" | tail -8

@@ -123,37 +123,34 @@ def _grads(fn, tensors, seed):
     return [o.detach() for o in outs] + [t.grad for t in leaves]
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape,h", [((3,), 37), ((2, 5), 64), ((9,), 200)])
-def test_add_rms_norm_is_the_add_then_the_norm_bit_for_bit(dtype, shape, h):
-    # The decoder layer's `h = x + attn; y = norm(h)` with h also feeding the next residual add (its own gradient).
-    dev = kernel_device()
-    x, w = _inputs(shape, h, dev)
-    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dev)
-    x, a, w = x.to(dtype), a.to(dtype), w.to(dtype)
+def _check_residual_norms(x, a, w, eps):
+    """add_rms_norm against ``x + a`` then the norm, and rms_norm_residual against ``x`` used twice (its two
+    gradients summed by autograd): outputs and every gradient equal bit for bit, dtypes included."""
 
     def separate(x, a, w):
         hh = x + a
-        return hh, rms_norm(hh, w, 1e-6)
+        return hh, rms_norm(hh, w, eps)
 
-    got = _grads(lambda x, a, w: add_rms_norm(x, a, w, 1e-6), [x, a, w], seed=3)
+    got = _grads(lambda x, a, w: add_rms_norm(x, a, w, eps), [x, a, w], seed=3)
     want = _grads(separate, [x, a, w], seed=3)
     for name, g, e in zip(["h", "y", "dx", "da", "dw"], got, want):
+        assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+    got = _grads(lambda x, w: rms_norm_residual(x, w, eps), [x, w], seed=5)
+    want = _grads(lambda x, w: (x * 1, rms_norm(x, w, eps)), [x, w], seed=5)
+    for name, g, e in zip(["residual", "y", "dx", "dw"], got, want):
         assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape,h", [((3,), 37), ((2, 5), 64), ((9,), 200)])
-def test_rms_norm_residual_sums_both_gradients_bit_for_bit(dtype, shape, h):
-    # The layer input feeds its norm and the residual add; autograd would add the two gradients with an add kernel.
-    x, w = _inputs(shape, h, kernel_device())
-    x, w = x.to(dtype), w.to(dtype)
-    got = _grads(lambda x, w: rms_norm_residual(x, w, 1e-6), [x, w], seed=5)
-    want = _grads(lambda x, w: (x * 1, rms_norm(x, w, 1e-6)), [x, w], seed=5)
-    for name, g, e in zip(["residual", "y", "dx", "dw"], got, want):
-        assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+def test_residual_norms_are_the_separate_add_and_norm_bit_for_bit(dtype, shape, h):
+    # The decoder layer's `h = x + attn; y = norm(h)` with h also feeding the next residual add (its own gradient),
+    # and the layer input feeding its norm and the residual add (autograd would add the two with an add kernel).
+    dev = kernel_device()
+    x, w = _inputs(shape, h, dev)
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dev)
+    _check_residual_norms(x.to(dtype), a.to(dtype), w.to(dtype), 1e-6)
 
 
 def test_add_rms_norm_rejects_mismatched_summands():
@@ -169,20 +166,7 @@ def test_residual_norms_bit_for_bit_at_training_widths(rows, h):
     # third (residual-gradient) row, 16384 wide where that third row drops the pipeline, hundreds of programs.
     x, w = _inputs((rows,), h, torch.device("cuda"))
     a = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).cuda()
-    x, a, w = x.bfloat16(), a.bfloat16(), w.bfloat16()
-
-    def separate(x, a, w):
-        hh = x + a
-        return hh, rms_norm(hh, w, 1e-5)
-
-    got = _grads(lambda x, a, w: add_rms_norm(x, a, w, 1e-5), [x, a, w], seed=3)
-    want = _grads(separate, [x, a, w], seed=3)
-    for name, g, e in zip(["h", "y", "dx", "da", "dw"], got, want):
-        assert torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
-    got = _grads(lambda x, w: rms_norm_residual(x, w, 1e-5), [x, w], seed=5)
-    want = _grads(lambda x, w: (x * 1, rms_norm(x, w, 1e-5)), [x, w], seed=5)
-    for name, g, e in zip(["residual", "y", "dx", "dw"], got, want):
-        assert torch.equal(g, e), f"{name}: max diff {(g.double() - e.double()).abs().max()}"
+    _check_residual_norms(x.bfloat16(), a.bfloat16(), w.bfloat16(), 1e-5)
 
 
 @needs_triton
