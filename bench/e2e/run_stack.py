@@ -607,6 +607,22 @@ def memory_at_peak(args, model, optimizer, batch: dict, device: str, torch, top:
     }
 
 
+# A variant's fixed flags and the settings each sets (keepN and chunkN carry a number: parse_variants).
+_VARIANT_FLAGS = {
+    "once": {"once": True},
+    "full": {"lean": False},
+    "stash": {"stash": True},
+    "stashattn": {"stash": True, "stash_o": False},  # the stash without the O projection (sessions 7-9)
+    "graph": {"graph": True},
+    "on": {"mode": "on"},
+    "offload": {"mode": "offload"},
+    "chunkauto": {"chunk": "auto"},
+    "host": {"host": True},
+    "sep": {"fused_residuals": False},
+    "lastdev": {"last_on_device": True},
+}
+
+
 def parse_variants(text: str) -> list[dict]:
     """``"all,all+once,48+once+chunk0"`` -> one dict per variant: name, layers (checkpoint_layers, None = all),
     once (dequantize_once), lean (lean_recompute; ``+full`` turns it off), stash (stash_attention; ``+stashattn``:
@@ -634,34 +650,15 @@ def parse_variants(text: str) -> list[dict]:
             "last_on_device": False,
         }
         for flag in flags:
-            if flag == "once":
-                v["once"] = True
-            elif flag == "full":
-                v["lean"] = False
-            elif flag == "stash":
-                v["stash"] = True
-            elif flag == "stashattn":  # the stash without the O projection (sessions 7-9)
-                v["stash"], v["stash_o"] = True, False
-            elif flag == "graph":
-                v["graph"] = True
-            elif flag == "host":
-                v["host"] = True
-            elif flag == "sep":
-                v["fused_residuals"] = False
-            elif flag == "lastdev":
-                v["last_on_device"] = True
+            if flag in _VARIANT_FLAGS:
+                v.update(_VARIANT_FLAGS[flag])
             elif flag.startswith("keep") and flag[4:].isdigit():
                 v["keep"] = int(flag[4:])
-            elif flag in ("on", "offload"):
-                v["mode"] = flag
-            elif flag == "chunkauto":
-                v["chunk"] = "auto"
             elif flag.startswith("chunk") and flag[5:].isdigit():
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} (once, full, stash, stashattn, graph, on, offload, chunkN, "
-                    "chunkauto, keepN, host, sep, lastdev)"
+                    f"--variants: unknown flag {flag!r} in {name!r} ({', '.join(_VARIANT_FLAGS)}, chunkN, keepN)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")

@@ -353,17 +353,16 @@ class LoRAMLPFunction(torch.autograd.Function):
                     f"lora_mlp: kept outputs {tuple(G.shape)} {G.dtype} do not match this call "
                     f"({X.shape[0]} tokens, {Bg.shape[0]} wide, {dt}): the recompute ran other inputs"
                 )
-            Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
-        elif skip_output:
-            # Nothing reads H here: the backward kernel finishes G and U with their rank updates itself and
-            # writes H, from which backward takes H A_d^T. One [N, I] pass fewer per recomputed layer.
-            G = X @ _dense(bases[0], dt).t()
-            U = X @ _dense(bases[1], dt).t()
-            HA = None
-            Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
             G = X @ _dense(bases[0], dt).t()
             U = X @ _dense(bases[1], dt).t()
+            HA = None
+        if kept is not None or skip_output:
+            # Nothing reads H here: the backward kernel finishes G and U with their rank updates itself (unless
+            # kept, then they are finished) and writes H, from which backward takes H A_d^T. One [N, I] pass fewer
+            # per recomputed layer.
+            Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
+        else:
             # rank updates + activation, one pass
             H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
             HA = H @ Ad.t()  # [N, r_d]

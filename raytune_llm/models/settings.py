@@ -203,7 +203,7 @@ def set_last_layer_on_device(model: torch.nn.Module, on: bool) -> None:
     Backward reaches the last layer first. Offloaded, its input and stash are copied to the host during the forward,
     yet the device storages they were copied from are freed only when backward starts (`attention_stash
     .release_copied`), and `OffloadChain.prefetch_last` brings the copies back beside them for the loss: twice on the
-    device at the loss (~0.3 GiB at 4x2048 tokens of an 8B model, by size) and ~0.6 GB over PCIe for nothing. On
+    device at the loss (~0.3 GiB at 4x2048 tokens of an 8B model) and ~0.6 GB over PCIe for nothing (both by size). On
     keeps the storages themselves. Same bits. Not yet measured on a GPU (session 13), hence off. Takes effect on the
     next call.
 

@@ -10,11 +10,15 @@ real numbers without a GPU.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from raytune_llm.sharding.planner import LLAMA31_8B, LLAMA31_70B, plan_from_values
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "e2e"))
+from run_stack import parse_variants  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 MEASURED = sorted(RESULTS.glob("e2e_h200_*.json"))
@@ -56,19 +60,20 @@ def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measure
 
 
 def _variant(name: str) -> dict:
-    """run_stack's variant name ('all', '44+once', 'all+once+chunk0', 'all+offload+full', 'all+host+keep2') as
-    plan_from_values arguments ('+full', the whole recompute, '+stash' and '+graph' change no planned memory)."""
-    layers, *flags = name.split("+")
-    kw = {"checkpoint_layers": None if layers == "all" else int(layers), "dequantize_once": "once" in flags}
-    for flag in flags:
-        if flag in ("on", "offload"):
-            kw["checkpointing"] = flag
-        elif flag.startswith("chunk"):
-            kw["mlp_chunk_tokens"] = "auto" if flag == "chunkauto" else int(flag[5:])
-        elif flag.startswith("keep"):
-            kw["keep_mlp_layers"] = int(flag[4:])
-        elif flag == "host":
-            kw["embeddings_on_host"] = True
+    """run_stack's variant name ('all', '44+once', 'all+once+chunk0', 'all+offload+full', 'all+host+keep2'), read by
+    run_stack's own parser, as plan_from_values arguments (the whole recompute, the stash, the graph and the
+    fused residual adds change no planned memory)."""
+    (v,) = parse_variants(name)
+    kw = {
+        "checkpoint_layers": v["layers"],
+        "dequantize_once": v["once"],
+        "keep_mlp_layers": v["keep"],
+        "embeddings_on_host": v["host"],
+    }
+    if v["mode"] is not None:
+        kw["checkpointing"] = v["mode"]
+    if v["chunk"] is not None:
+        kw["mlp_chunk_tokens"] = v["chunk"]
     return kw
 
 
