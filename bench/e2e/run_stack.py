@@ -141,6 +141,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: the frozen input embedding in pinned host memory (models.settings.set_embeddings_on_host)",
     )
     p.add_argument(
+        "--last-layer-on-device",
+        action="store_true",
+        help="ours: the last checkpointed layer's input and stash stay on the device "
+        "(models.settings.set_last_layer_on_device)",
+    )
+    p.add_argument(
+        "--head-on-host",
+        action="store_true",
+        help="ours: the frozen LM head in pinned host memory, streamed in by the loss (models.settings.set_head_on_host)",
+    )
+    p.add_argument(
         "--memory-snapshot",
         action="store_true",
         help="after the timed steps, one more step with the CUDA allocator's history on: what is live at its peak, "
@@ -289,6 +300,16 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_embeddings_on_host(model, True)
             facts["embeddings_on_host"] = model.raytune_patch_report.embeddings_on_host
+        if args.last_layer_on_device:
+            from raytune_llm.models.settings import set_last_layer_on_device
+
+            set_last_layer_on_device(model, True)
+            facts["last_layer_on_device"] = True
+        if args.head_on_host:
+            from raytune_llm.models.settings import set_head_on_host
+
+            set_head_on_host(model, True)
+            facts["head_on_host"] = model.raytune_patch_report.head_on_host
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
@@ -620,6 +641,7 @@ _VARIANT_FLAGS = {
     "host": {"host": True},
     "sep": {"fused_residuals": False},
     "lastdev": {"last_on_device": True},
+    "headhost": {"head_host": True},
 }
 
 
@@ -630,7 +652,8 @@ def parse_variants(text: str) -> list[dict]:
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
     (``+keepN``: keep_mlp_layers), host (``+host``: embeddings_on_host), fused_residuals (``+sep``: off, the
-    residual adds as separate kernels) and last_on_device (``+lastdev``: last_layer_on_device).
+    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device) and head_host
+    (``+headhost``: head_on_host).
     """
     out = []
     for name in text.split(","):
@@ -648,6 +671,7 @@ def parse_variants(text: str) -> list[dict]:
             "host": False,
             "fused_residuals": True,
             "last_on_device": False,
+            "head_host": False,
         }
         for flag in flags:
             if flag in _VARIANT_FLAGS:
@@ -689,6 +713,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_embeddings_on_host(model, v["host"])
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])
+        P.set_head_on_host(model, v["head_host"])
         optimizer.zero_grad(set_to_none=True)
         try:
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {}, graph=v["graph"])

@@ -14,8 +14,9 @@ global) and records the originals on the model so `unpatch(model)` restores them
   (kernels.rms_norm.add_rms_norm / rms_norm_residual; `settings.set_fused_residuals`);
 - the input embedding: kernels.embedding when `settings.set_embeddings_on_host` moved its table to pinned
   host memory (the stock lookup otherwise);
-- the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy and
-  logits are never materialised (`.logits` is None); without labels, logits as HF computes them.
+- the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy (or
+  kernels.cross_entropy_streamed when `settings.set_head_on_host` put the head on the host) and logits are never
+  materialised (`.logits` is None); without labels, logits as HF computes them.
 
 What cannot fuse falls back per layer, per call, to the stock module (a LoRA projection with dropout > 0
 or a bias, DoRA, merged adapters, a missing kernel); the returned PatchReport lists what was replaced
@@ -43,7 +44,7 @@ from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoin
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
-from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_embeddings_on_host
+from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_embeddings_on_host, set_head_on_host, weights_on_device
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 
 
@@ -400,14 +401,15 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
     ):
         stock_loss = labels is not None and loss_stock_reason(self.get_output_embeddings()) is not None
         if _stock_call({**kwargs, "attention_mask": attention_mask}) or stock_loss:
-            return original()(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                **kwargs,
-            )
+            with weights_on_device(self):  # the stock forward reads embedding and head on the device
+                return original()(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    inputs_embeds=inputs_embeds,
+                    labels=labels,
+                    **kwargs,
+                )
         num_items = kwargs.get("num_items_in_batch")
         logits_to_keep = kwargs.get("logits_to_keep", 0)
         out = self.model(
@@ -420,13 +422,17 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
             flat_h = hidden.reshape(-1, hidden.shape[-1])
             weight = self.get_output_embeddings().weight
-            loss = ops["fused_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
+            if state["head_on_host"]:  # settings.set_head_on_host: the head comes over chunk by chunk
+                loss = ops["streamed_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
+            else:
+                loss = ops["fused_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
             if num_items is not None:
                 count = (shifted != -100).sum()
                 loss = loss * count / torch.as_tensor(num_items, device=loss.device)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.get_output_embeddings()(hidden[:, keep, :])
+            with weights_on_device(self):
+                logits = self.get_output_embeddings()(hidden[:, keep, :])
         result = CausalLMOutputWithPast(loss=loss, logits=logits)
         return result.to_tuple() if kwargs.get("return_dict") is False else result
 
@@ -480,6 +486,7 @@ def patch(
         "rope": _op("rope", "rope"),
         "swiglu": _op("swiglu", "swiglu"),
         "fused_linear_cross_entropy": _op("cross_entropy", "fused_linear_cross_entropy"),
+        "streamed_linear_cross_entropy": _op("cross_entropy_streamed", "streamed_linear_cross_entropy"),
         "lora_qkv": _op("lora", "lora_qkv"),
         "lora_linear": _op("lora", "lora_linear"),
         "lora_mlp": _op("lora", "lora_mlp"),
@@ -502,6 +509,8 @@ def patch(
         "fused_residuals": True,
         "last_layer_on_device": False,
         "embed_home": None,
+        "head_home": None,
+        "head_on_host": False,
         "gradient_checkpointing": gradient_checkpointing,
         "after_layer_backward": None,
     }
@@ -546,7 +555,8 @@ def unpatch(model: torch.nn.Module) -> None:
     state = lm.__dict__.get(STATE_ATTR)
     if state is None:
         return
-    set_embeddings_on_host(model, False)  # the stock embedding reads on the device
+    set_embeddings_on_host(model, False)  # the stock embedding and head read on the device
+    set_head_on_host(model, False)
     del lm.__dict__[STATE_ATTR]
     if getattr(lm.__dict__.get("generate"), "_raytune_host_embedding", False):
         del lm.__dict__["generate"]  # settings' wrapper for the host embedding

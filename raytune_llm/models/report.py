@@ -31,6 +31,8 @@ class PatchReport:
             keeps no values (`settings.set_fused_residuals`; which layers do: `replaced`).
         last_layer_on_device: with offloaded checkpointing, the last layer's input and attention stash stay on the
             device (`settings.set_last_layer_on_device`).
+        head_on_host: the frozen LM head sits in pinned host memory and the loss streams it in
+            (`settings.set_head_on_host`).
     """
 
     family: str | None
@@ -48,6 +50,7 @@ class PatchReport:
     keep_mlp_layers: int = 0
     fused_residuals: bool = False
     last_layer_on_device: bool = False
+    head_on_host: bool = False
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]

@@ -8,7 +8,8 @@ time variants).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -251,43 +252,112 @@ def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
                 "embeddings_on_host: the input embedding is tied to the LM head (tie_word_embeddings), "
                 "which reads it on the GPU; leave it on the device"
             )
-        if weight.is_cuda:
-            host = state.get("embed_host")
-            if host is None or host.shape != weight.shape or host.dtype != weight.dtype:
-                host = weight.data.to("cpu").pin_memory()
-            else:  # the pinned copy of an earlier move: refreshed, the weight may have been loaded since
-                host.copy_(weight.data)
-            state["embed_home"], state["embed_host"] = weight.device, host
-            weight.data = host
-            _device_while_generating(lm, state)
-    elif state.get("embed_home") is not None:
-        weight.data = weight.data.to(state.pop("embed_home"))  # the pinned copy stays for the next move
+        _to_host(lm, state, "embed", weight)
+    else:
+        _back_home(state, "embed", weight)
     state["report"].embeddings_on_host = state.get("embed_home") is not None  # moved off a GPU
 
 
+def set_head_on_host(model: torch.nn.Module, on: bool) -> None:
+    """Keep a frozen LM head in pinned host memory; the loss streams it in over PCIe, chunk by chunk.
+
+    The head of a QLoRA run is frozen and read only by the loss, yet it takes vocab x hidden of GPU memory for the
+    whole step (0.98 GiB at Llama-3.1-8B in bf16, by size). On, its weight moves to pinned host memory and the
+    patched loss runs `kernels.cross_entropy_streamed`: 4096-row chunks come over on a side stream, two buffers in
+    turn, under an online softmax, for 2 chunks, a logits chunk and an fp32 ``[tokens, hidden]`` accumulator of
+    device memory (~0.25 GiB at 8,192 tokens of an 8B model). The loss is the same up to fp32 rounding order, the
+    hidden-state gradient within a bf16 rounding; the head's 1 GB crosses PCIe each step, hidden behind the loss's
+    GEMMs from about 2,048 tokens a step. Logits (no labels), calls the patch leaves to the model's own forward and
+    `generate` bring the head back to its device while they run. Only where the weight stays whole on one device:
+    the trainer does not use it under DeepSpeed. On a CPU run nothing moves, but the loss still takes the streamed
+    path. Takes effect at once.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        on: True to move the LM head to pinned host memory, False to bring it back.
+
+    Raises:
+        ValueError: a non-bool value, a model `patch` did not patch, a head the fused loss cannot take (not a
+            plain bias-free Linear), a trainable head, or one tied to the input embedding.
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"head_on_host must be true or false, got {on!r}")
+    lm = causal_lm(model)
+    state = lm.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise ValueError("set_head_on_host needs a model patched by raytune_llm.patch (fused=True)")
+    head = lm.get_output_embeddings()
+    if on:
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            raise ValueError(f"head_on_host: lm_head is {type(head).__name__} (the loss takes a plain bias-free Linear)")
+        if head.weight.requires_grad:
+            raise ValueError("head_on_host needs a frozen LM head; this one is trained")
+        if head.weight is getattr(lm.get_input_embeddings(), "weight", None):
+            raise ValueError(
+                "head_on_host: the LM head is tied to the input embedding (tie_word_embeddings); leave it on the device"
+            )
+        _to_host(lm, state, "head", head.weight)
+    else:
+        _back_home(state, "head", head.weight)
+    state["head_on_host"] = on
+    state["report"].head_on_host = state.get("head_home") is not None  # moved off a GPU
+
+
+def _to_host(lm: torch.nn.Module, state: dict, key: str, weight: torch.nn.Parameter) -> None:
+    """Move a frozen weight to pinned host memory, remembering its device (state ``KEY_home``, ``KEY_host``)."""
+    if not weight.is_cuda:
+        return
+    host = state.get(f"{key}_host")
+    if host is None or host.shape != weight.shape or host.dtype != weight.dtype:
+        host = weight.data.to("cpu").pin_memory()
+    else:  # the pinned copy of an earlier move: refreshed, the weight may have been loaded since
+        host.copy_(weight.data)
+    state[f"{key}_home"], state[f"{key}_host"] = weight.device, host
+    weight.data = host
+    _device_while_generating(lm, state)
+
+
+def _back_home(state: dict, key: str, weight: torch.nn.Parameter) -> None:
+    if state.get(f"{key}_home") is not None:
+        weight.data = weight.data.to(state.pop(f"{key}_home"))  # the pinned copy stays for the next move
+
+
+@contextlib.contextmanager
+def weights_on_device(lm: torch.nn.Module) -> Iterator[None]:
+    """While inside, the input embedding and the LM head are back on their devices if they were moved to the host.
+
+    For `generate` and for the calls the patch leaves to the model's own forward (which read them on the GPU). The
+    frozen weights are not written by training, so the pinned copies stay and moving back costs no host allocation.
+    """
+    state = lm.__dict__.get(STATE_ATTR) or {}
+    moved = []
+    for key, module in (("embed", lm.get_input_embeddings()), ("head", lm.get_output_embeddings())):
+        home = state.get(f"{key}_home")
+        if home is not None:
+            module.weight.data = state[f"{key}_host"].to(home)
+            state[f"{key}_home"] = None
+            moved.append((key, module, home))
+    try:
+        yield
+    finally:
+        for key, module, home in moved:
+            module.weight.data = state[f"{key}_host"]
+            state[f"{key}_home"] = home
+
+
 def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
-    """Generation brings the table back to its device while it runs.
+    """Generation brings the host weights back to their devices while it runs.
 
     transformers takes a model's device from its first parameter, the input embedding: on the host, `generate`
-    would put the prompt on the CPU. The frozen table is not written by training, so the pinned copy is kept
-    and moving it back afterwards costs no new host allocation.
+    would put the prompt on the CPU; and every generated token would read the whole head over PCIe.
     """
     if getattr(lm.__dict__.get("generate"), "_raytune_host_embedding", False):
         return
     original = lm.generate
 
     def generate(*args, **kwargs):
-        home = state.get("embed_home")
-        if home is None:
+        with weights_on_device(lm):
             return original(*args, **kwargs)
-        embed = lm.get_input_embeddings()
-        embed.weight.data = state["embed_host"].to(home)
-        state["embed_home"] = None
-        try:
-            return original(*args, **kwargs)
-        finally:
-            embed.weight.data = state["embed_host"]
-            state["embed_home"] = home
 
     generate._raytune_host_embedding = True  # unpatch removes this wrapper, and only this one
     lm.generate = generate

@@ -61,6 +61,8 @@ _WEIGHT_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0, 16: 2.0}
 # The standard stack's logits path, bytes per token per vocab entry at the loss: bf16 logits (2) + fp32
 # upcast (4) + fp32 log-softmax (4) + fp32 gradient (4). Fits the anchors' 2.08 MB/token slope within 1%.
 _STD_LOGIT_BYTES = 14
+# Head rows per chunk of the streamed loss (kernels.cross_entropy_streamed.VOCAB_CHUNK).
+_HEAD_CHUNK_ROWS = 4096
 # Fused linear+CE works on row chunks: at most this many rows of fp32 logits and their gradient at once
 # (256 x 128256 x 8 B = 263 MB for Llama 3; below one layer's backward from ~1k tokens on).
 _CE_CHUNK_ROWS = 256
@@ -209,11 +211,14 @@ def _activation_bytes(
     *,
     fused_loss: bool,
     keep_mlp_layers: int = 0,
+    streamed_head: bool = False,
 ) -> tuple[float, float]:
     """(checkpointed or stored activations, loss/logits path) at the step's peak, in bytes.
 
     `fused_loss`: the loss runs the chunked linear + CE. Not under ZeRO-3 even when `fused`: the fused CE reads the
     LM head's weight, which ZeRO-3 partitions (models/patch.py leaves that head stock).
+    `streamed_head`: the fused loss streams a host head (`kernels.cross_entropy_streamed`): two 4096-row head
+    chunks, one [tokens, 4096] logits chunk and an fp32 [tokens, hidden] accumulator beside the gradient.
     `keep_mlp_layers`: the last checkpointed layers that keep their MLP's gate and up outputs
     (`models.settings.set_keep_mlp_layers`); every one but the first reached by backward is held at the peak (all
     of them when some layers are not checkpointed).
@@ -241,7 +246,9 @@ def _activation_bytes(
         stored = (2 * 2 * d * tokens if n_ckpt else 0) + kept
     else:
         stored = kept
-    if fused_loss:
+    if fused_loss and streamed_head:
+        loss = 2 * d * tokens + 4 * d * tokens + 2 * _HEAD_CHUNK_ROWS * (tokens + 2 * d)
+    elif fused_loss:
         # hidden-state gradient kept from the fused forward + one chunk of fp32 logits and their gradient
         loss = 2 * d * tokens + 8 * min(tokens, _CE_CHUNK_ROWS) * shape.vocab
     else:
@@ -267,6 +274,10 @@ def _lora_state_bytes(n: int, strategy: str, world: int) -> tuple[float, float]:
     return 4 * n / world, shard
 
 
+def _head_on_host(shape: Shape, strategy: str, a: dict) -> bool:
+    return bool(a.get("head_on_host")) and a["fused"] and not shape.tied and strategy == "DDP"
+
+
 def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, float]:
     linear, dense = _weight_bytes(shape, a["quant_bits"])
     n_lora = lora_param_count(shape, a["lora_rank"], a["lora_targets"])
@@ -282,6 +293,7 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         a.get("checkpoint_layers"),
         fused_loss=a["fused"] and not zero3,
         keep_mlp_layers=a.get("keep_mlp_layers", 0) if a["checkpointing"] != "off" else 0,
+        streamed_head=_head_on_host(shape, strategy, a),
     )
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
@@ -298,6 +310,10 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     host = 0.0
     if a.get("embeddings_on_host") and a["fused"] and not shape.tied and strategy == "DDP":
         table = 2 * shape.vocab * shape.hidden  # the input embedding, in pinned host memory
+        dense -= table
+        host += table
+    if _head_on_host(shape, strategy, a):
+        table = 2 * shape.vocab * shape.hidden  # the LM head, in pinned host memory
         dense -= table
         host += table
     weights = linear + dense
@@ -337,6 +353,7 @@ def plan_from_values(
     dequantize_once: bool = False,
     keep_mlp_layers: int = 0,
     embeddings_on_host: bool = False,
+    head_on_host: bool = False,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -363,6 +380,8 @@ def plan_from_values(
             (`models.settings.set_keep_mlp_layers`).
         embeddings_on_host: the input embedding sits in pinned host memory (`models.settings.set_embeddings_on_host`;
             DDP only, not with a tied head).
+        head_on_host: the LM head sits in pinned host memory and the loss streams it in
+            (`models.settings.set_head_on_host`; DDP only, not tied).
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -416,6 +435,7 @@ def plan_from_values(
         dequantize_once=bool(dequantize_once),
         keep_mlp_layers=keep_mlp_layers,
         embeddings_on_host=bool(embeddings_on_host),
+        head_on_host=bool(head_on_host),
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
@@ -433,6 +453,7 @@ def plan_from_values(
         "dequantize_once": bool(dequantize_once),
         "keep_mlp_layers": keep_mlp_layers,
         "embeddings_on_host": bool(embeddings_on_host),
+        "head_on_host": bool(head_on_host),
         "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
     }
 

@@ -54,6 +54,7 @@ def _plan_args(cfg) -> dict:
         dequantize_once=cfg.model.dequantize_once,
         keep_mlp_layers=cfg.model.keep_mlp_layers,
         embeddings_on_host=cfg.model.embeddings_on_host,
+        head_on_host=cfg.model.head_on_host,
     )
 
 
@@ -133,23 +134,26 @@ def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[st
 
 
 def apply_embeddings_on_host(model, cfg, strategy: str) -> str | None:
-    """Apply `model.embeddings_on_host` to a patched model; returns why it was left off, or None.
+    """Apply `model.embeddings_on_host` and `model.head_on_host` to a patched model; returns why one was left off.
 
-    Left off (the run goes on with the table on the device) under DeepSpeed, which places every weight itself,
-    and for a model whose input embedding is tied to its LM head or trained (`set_embeddings_on_host` says which):
-    the setting is a memory saving, so a model it cannot serve trains as it would without it.
+    Left off (the run goes on with the weight on the device) under DeepSpeed, which places every weight itself,
+    and for a model whose input embedding and LM head are tied, or a trained one (the setters say which): each
+    setting is a memory saving, so a model it cannot serve trains as it would without it.
     """
-    from raytune_llm.models.settings import set_embeddings_on_host
+    from raytune_llm.models.settings import set_embeddings_on_host, set_head_on_host
 
-    if not cfg.model.embeddings_on_host:
-        return None
-    if strategy != "ddp":
-        return f"{strategy} places every weight itself"
-    try:
-        set_embeddings_on_host(model, True)
-    except ValueError as exc:
-        return str(exc).removeprefix("embeddings_on_host: ")
-    return None
+    why = []
+    for name, setter in (("embeddings_on_host", set_embeddings_on_host), ("head_on_host", set_head_on_host)):
+        if not getattr(cfg.model, name):
+            continue
+        if strategy != "ddp":
+            why.append(f"{name}: {strategy} places every weight itself")
+            continue
+        try:
+            setter(model, True)
+        except ValueError as exc:
+            why.append(f"{name}: {str(exc).removeprefix(name + ': ')}")
+    return "; ".join(why) or None
 
 
 def ds_dtype(dtype) -> str:

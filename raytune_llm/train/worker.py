@@ -286,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)
         left_off = sharded_lib.apply_embeddings_on_host(model, cfg, strategy)
         if left_off and rank == 0:
-            print(f"raytune_llm: model.embeddings_on_host left off: {left_off}", flush=True)
+            print(f"raytune_llm: left off: {left_off}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

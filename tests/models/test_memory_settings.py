@@ -62,7 +62,7 @@ def test_the_trainer_leaves_the_host_embedding_off_where_it_cannot_serve(tmp_pat
     )
     on = load_config(None, ["model.embeddings_on_host=true"])
     assert "tied to the LM head" in apply_embeddings_on_host(tied, on, "ddp")
-    assert apply_embeddings_on_host(tied, on, "zero2") == "zero2 places every weight itself"
+    assert apply_embeddings_on_host(tied, on, "zero2") == "embeddings_on_host: zero2 places every weight itself"
     assert apply_embeddings_on_host(tied, load_config(None, []), "ddp") is None
     untied = load_model(build_tiny_model(tmp_path / "untied", vocab_size=VOCAB), lora=dict(r=4, alpha=8), device="cpu")
     assert apply_embeddings_on_host(untied, on, "ddp") is None

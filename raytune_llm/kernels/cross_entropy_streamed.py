@@ -1,0 +1,402 @@
+"""Fused LM-head projection + cross-entropy with the head in pinned host memory, streamed in over PCIe.
+
+The LM head of a QLoRA run is frozen and takes vocab x hidden of GPU memory in bf16 (0.98 GiB at
+Llama-3.1-8B) for the whole step, though only the loss reads it. Here it stays in pinned host memory and
+comes in a chunk of ``Vc`` vocabulary rows at a time on a side stream, double-buffered, while the loss
+works on the chunk before. Every chunk is read once, so the softmax runs online over the vocabulary (as
+flash attention runs it over keys), for hidden states ``h [N, H]``, head ``W [V, H]``, labels ``y``::
+
+    S_j   = h @ W_j^T                             # the chunk's logits [N, Vc] (bf16, fp32 inside the GEMM)
+    m     = running reference per row             # the first chunk's row max; moved up (and l, acc rescaled)
+                                                  # only when a later chunk's max passes it by more than 20
+    P_j   = exp(S_j - m)                          # fp32, stored over S_j in bf16 (at most e^20)
+    l    += sum_v P_j                             # fp32
+    acc  += P_j @ W_j                             # fp32 [N, H], fp32 inside the GEMM
+    z_y   = S_j[y - j0], Wy = W_j[y - j0]         # in the chunk that holds the label
+
+    loss_i = m_i + log(l_i) - z_y                 # counted rows; mean over them (n = max(count, 1))
+    dL/dh  = (acc / l - Wy) / n                   # = (softmax - onehot) @ W / n, rounded once to h's dtype
+
+``Wy`` is written into the ``dL/dh`` buffer itself until the last step reads it, so the extra device memory
+is two head chunks, one ``[N, Vc]`` logits chunk and the fp32 accumulator ``[N, H]`` (at 8,192 tokens of an
+8B model, 4096-row chunks: 64 + 64 + 128 MiB, against the head's 1,002 MiB; by size). Moving the reference
+lazily keeps the accumulator from being rescaled in full each chunk; a row whose max rises by more than 20
+nats over its first chunk's has its accumulator row rescaled inside the row kernel.
+
+Against `kernels.cross_entropy` (head on the device): the same two GEMMs over the vocabulary, plus the
+accumulator's read and write in each chunk's GEMM, plus the head's 1 GB over PCIe (about 19 ms at the H200's
+55 GB/s, hidden behind the GEMMs where a chunk's two GEMMs take longer than its copy: at 4,096-row chunks of an
+8B head, from ~2,048 tokens up). The loss is the same up to fp32 rounding order; ``dL/dh`` differs from the
+device path's in the last bf16 bit at most where that path rounded ``softmax - onehot`` to bf16 first.
+
+Frozen heads only (``dL/dW`` is not made); the backward scales ``dL/dh`` by the upstream scalar, as
+`kernels.cross_entropy` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels._dispatch import kernel_store_dtype, row_block_settings, triton_next_power_of_2, use_triton
+from raytune_llm.kernels.cross_entropy import _scale_unless_one
+
+__all__ = ["StreamedLinearCrossEntropyFunction", "streamed_linear_cross_entropy", "streamed_cross_entropy_forward"]
+
+# Head rows per chunk: 32 MiB of an 8B head in bf16, one row-kernel block of 4096 fp32 values over 8 warps.
+VOCAB_CHUNK = 4096
+# A later chunk's row max may pass the running reference by this many nats before the row is rescaled:
+# exp(20) = 4.9e8 stays well inside bf16's and fp32's range, summed over a 128K vocabulary too.
+_RESCALE_NATS = 20.0
+_BLOCK_H = 1024
+
+
+@triton.jit
+def _stream_row_kernel(
+    S_ptr,
+    stride_s,
+    n_cols,
+    LABELS_ptr,
+    M_ptr,
+    L_ptr,
+    ZT_ptr,
+    ACC_ptr,
+    stride_acc,
+    W_ptr,
+    stride_w,
+    WY_ptr,
+    stride_wy,
+    H,
+    v0,
+    ignore_index,
+    FIRST: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    s = tl.load(S_ptr + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    cmax = tl.max(s, axis=0)
+    if FIRST:
+        m = cmax
+        l_sum = 0.0
+    else:
+        m = tl.load(M_ptr + row)
+        l_sum = tl.load(L_ptr + row)
+        if cmax > m + 20.0:  # _RESCALE_NATS
+            r = tl.exp(m - cmax)
+            l_sum = l_sum * r
+            if HAS_ACC:
+                h0 = 0
+                while h0 < H:  # a while loop: the interpreter cannot range() over a runtime bound
+                    hs = h0 + tl.arange(0, BLOCK_H)
+                    hm = hs < H
+                    a = tl.load(ACC_ptr + row * stride_acc + hs, mask=hm, other=0.0)
+                    tl.store(ACC_ptr + row * stride_acc + hs, a * r, mask=hm)
+                    h0 += BLOCK_H
+            m = cmax
+    p = tl.where(mask, tl.exp(s - m), 0.0)
+    l_sum += tl.sum(p, axis=0)
+    tl.store(S_ptr + row * stride_s + offs, p.to(S_ptr.dtype.element_ty), mask=mask)
+    tl.store(M_ptr + row, m)
+    tl.store(L_ptr + row, l_sum)
+    label = tl.load(LABELS_ptr + row).to(tl.int64)
+    local = label - v0
+    if (label != ignore_index) & (local >= 0) & (local < n_cols):
+        tl.store(ZT_ptr + row, tl.sum(tl.where(offs == local, s, 0.0), axis=0))
+        if HAS_ACC:
+            h0 = 0
+            while h0 < H:
+                hs = h0 + tl.arange(0, BLOCK_H)
+                hm = hs < H
+                w = tl.load(W_ptr + local * stride_w + hs, mask=hm, other=0.0)
+                tl.store(WY_ptr + row * stride_wy + hs, w, mask=hm)
+                h0 += BLOCK_H
+
+
+@triton.jit
+def _stream_final_kernel(
+    ACC_ptr,
+    stride_acc,
+    DH_ptr,
+    stride_dh,
+    M_ptr,
+    L_ptr,
+    ZT_ptr,
+    LABELS_ptr,
+    LOSS_ptr,
+    DENOM_ptr,
+    H,
+    ignore_index,
+    HAS_ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    valid = tl.load(LABELS_ptr + row) != ignore_index
+    m = tl.load(M_ptr + row)
+    l_sum = tl.load(L_ptr + row)
+    zt = tl.load(ZT_ptr + row)
+    tl.store(LOSS_ptr + row, tl.where(valid, m + tl.log(l_sum) - zt, 0.0))
+    if HAS_ACC:
+        inv_l = 1.0 / l_sum
+        scale = tl.where(valid, 1.0, 0.0) / tl.load(DENOM_ptr)
+        h0 = 0
+        while h0 < H:
+            hs = h0 + tl.arange(0, BLOCK_H)
+            hm = hs < H
+            a = tl.load(ACC_ptr + row * stride_acc + hs, mask=hm, other=0.0)
+            wy = tl.load(DH_ptr + row * stride_dh + hs, mask=hm & valid, other=0.0).to(tl.float32)
+            g = tl.where(valid, (a * inv_l - wy) * scale, 0.0)
+            tl.store(DH_ptr + row * stride_dh + hs, g.to(DH_ptr.dtype.element_ty), mask=hm)
+            h0 += BLOCK_H
+
+
+# Whether torch's bf16 x bf16 -> fp32 GEMM (`out_dtype`) ran here; None until first tried on a CUDA device.
+_FP32_OUT_GEMM: list[bool] = []
+
+
+def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool) -> None:
+    """``acc (=|+=) p @ w`` in fp32: one GEMM writing fp32 on CUDA, else through an fp32 product."""
+    if p.is_cuda and _FP32_OUT_GEMM != [False]:
+        try:
+            if first:
+                torch.mm(p, w, out_dtype=torch.float32, out=acc)
+            else:
+                torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
+            if not _FP32_OUT_GEMM:
+                _FP32_OUT_GEMM.append(True)
+            return
+        except (RuntimeError, TypeError):
+            _FP32_OUT_GEMM[:] = [False]
+    prod = torch.mm(p, w) if p.is_cuda else torch.mm(p.float(), w.float())
+    if first:
+        acc.copy_(prod)
+    else:
+        acc.add_(prod)
+
+
+_copy_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _copy_streams:
+        _copy_streams[index] = torch.cuda.Stream(device=index)
+    return _copy_streams[index]
+
+
+class _Chunks:
+    """The head's vocabulary chunks on the compute device: copied over on a side stream into two buffers in turn
+    (CUDA and a host head), else sliced (a head already on the compute device, or a CPU run)."""
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, rows: int) -> None:
+        self.weight, self.rows = weight, rows
+        self.bounds = [(v0, min(v0 + rows, weight.shape[0])) for v0 in range(0, weight.shape[0], rows)]
+        self.streamed = device.type == "cuda" and weight.device.type == "cpu"
+        if not self.streamed:
+            self.device = device
+            return
+        n_bufs = min(2, len(self.bounds))
+        h = weight.shape[1]
+        # Allocated on the compute stream that reads them; the side stream writes each only after the compute
+        # stream is done with its previous chunk (`free`), and the compute stream waits for each copy (`ready`),
+        # so no copy is still running when the buffers are freed.
+        self.bufs = [torch.empty(rows, h, dtype=weight.dtype, device=device) for _ in range(n_bufs)]
+        self.ready = [torch.cuda.Event() for _ in range(n_bufs)]
+        self.free = [torch.cuda.Event() for _ in range(n_bufs)]
+        self.compute = torch.cuda.current_stream(device)
+        self.stream = _copy_stream(device)
+        self.stream.wait_stream(self.compute)
+        for j in range(n_bufs):
+            self._issue(j, wait_free=False)
+
+    def _issue(self, j: int, wait_free: bool) -> None:
+        b = j % len(self.bufs)
+        v0, v1 = self.bounds[j]
+        with torch.cuda.stream(self.stream):
+            if wait_free:
+                self.stream.wait_event(self.free[b])
+            self.bufs[b][: v1 - v0].copy_(self.weight[v0:v1], non_blocking=True)
+            self.ready[b].record(self.stream)
+
+    def get(self, j: int) -> torch.Tensor:
+        v0, v1 = self.bounds[j]
+        if not self.streamed:
+            return self.weight[v0:v1].to(self.device)
+        b = j % len(self.bufs)
+        self.compute.wait_event(self.ready[b])
+        return self.bufs[b][: v1 - v0]
+
+    def done(self, j: int) -> None:
+        """The compute stream has queued everything that reads chunk ``j``: its buffer may take chunk ``j + 2``."""
+        if self.streamed and j + len(self.bufs) < len(self.bounds):
+            b = j % len(self.bufs)
+            self.free[b].record(self.compute)
+            self._issue(j + len(self.bufs), wait_free=True)
+
+
+def streamed_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    need_dh: bool,
+    vocab_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss and, when asked, ``dL/dh``, over the head's vocabulary chunks.
+
+    Args:
+        hidden: ``[N, H]`` on the compute device.
+        weight: ``[V, H]`` frozen head, in pinned host memory (streamed) or on the compute device (sliced).
+        labels: ``[N]`` integer ids on the compute device.
+        ignore_index: label that takes no part.
+        need_dh: compute ``dL/dh``.
+        vocab_chunk: head rows per chunk (None: `VOCAB_CHUNK`).
+
+    Returns:
+        ``(loss fp32 scalar, dL/dh [N, H] or None)`` for an upstream gradient of 1.
+    """
+    N, H = hidden.shape
+    device = hidden.device
+    labels = labels.contiguous()
+    denom = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+    loss_rows = torch.empty(N, dtype=torch.float32, device=device)
+    if N == 0:
+        return loss_rows.sum() / denom, (torch.empty_like(hidden) if need_dh else None)
+    m = torch.empty(N, dtype=torch.float32, device=device)
+    l_sum = torch.empty(N, dtype=torch.float32, device=device)
+    zt = torch.full((N,), float("nan"), dtype=torch.float32, device=device)  # a label outside [0, V): NaN loss
+    acc = torch.empty(N, H, dtype=torch.float32, device=device) if need_dh else None
+    grad_h = torch.empty(N, H, dtype=hidden.dtype, device=device) if need_dh else None  # holds W[y] until the end
+    rows = vocab_chunk or VOCAB_CHUNK
+    chunks = _Chunks(weight, device, rows)
+    BLOCK, num_warps = row_block_settings(min(rows, weight.shape[0]))
+    block_h = min(_BLOCK_H, triton_next_power_of_2(H))
+    dummy = hidden.new_empty(1)
+    for j, (v0, _) in enumerate(chunks.bounds):
+        wc = chunks.get(j)
+        # Under the interpreter bf16 round-trips through fp32 (see kernel_store_dtype); a no-op on GPU.
+        s = (hidden @ wc.t()).to(kernel_store_dtype(hidden.dtype))
+        _stream_row_kernel[(N,)](
+            s,
+            s.stride(0),
+            s.shape[1],
+            labels,
+            m,
+            l_sum,
+            zt,
+            acc if need_dh else dummy,
+            acc.stride(0) if need_dh else 0,
+            wc,
+            wc.stride(0),
+            grad_h if need_dh else dummy,
+            grad_h.stride(0) if need_dh else 0,
+            H,
+            v0,
+            ignore_index,
+            FIRST=j == 0,
+            HAS_ACC=need_dh,
+            BLOCK=BLOCK,
+            BLOCK_H=block_h,
+            num_warps=num_warps,
+        )
+        if need_dh:
+            _accumulate(acc, s.to(hidden.dtype), wc, first=j == 0)
+        del s
+        chunks.done(j)
+    _stream_final_kernel[(N,)](
+        acc if need_dh else dummy,
+        acc.stride(0) if need_dh else 0,
+        grad_h if need_dh else dummy,
+        grad_h.stride(0) if need_dh else 0,
+        m,
+        l_sum,
+        zt,
+        labels,
+        loss_rows,
+        denom,
+        H,
+        ignore_index,
+        HAS_ACC=need_dh,
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return loss_rows.sum() / denom, grad_h
+
+
+class StreamedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper: ``dL/dh`` is made in the forward; the backward scales it by the upstream scalar (once)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index: int, vocab_chunk: int | None):
+        loss, grad_h = streamed_cross_entropy_forward(
+            hidden, weight, labels, ignore_index, ctx.needs_input_grad[0], vocab_chunk
+        )
+        ctx.grad_h = grad_h
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.grad_h is None and ctx.needs_input_grad[0]:
+            raise RuntimeError(
+                "streamed_linear_cross_entropy: backward can run once per forward (the gradient is made in the forward)"
+            )
+        grad_h, ctx.grad_h = ctx.grad_h, None
+        if grad_h is not None:
+            _scale_unless_one(grad_h, grad_output.detach().to(torch.float32))
+        return grad_h, None, None, None, None
+
+
+def streamed_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    vocab_chunk: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, the frozen head read chunk by chunk.
+
+    The head may sit in pinned host memory while ``hidden`` is on a GPU (then its chunks come over on a side
+    stream), or on ``hidden``'s device. Runs the Triton kernels on CUDA or under ``TRITON_INTERPRET=1``, otherwise
+    ``reference.fused_linear_cross_entropy``.
+    The caller shifts labels.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states.
+        weight: ``[V, H]`` frozen LM head weight, same dtype as ``hidden``.
+        labels: ``[N]`` integer targets on ``hidden``'s device.
+        ignore_index: label value excluded from the loss and the count.
+        vocab_chunk: head rows per chunk (None: `VOCAB_CHUNK`).
+
+    Returns:
+        fp32 scalar: summed loss over counted tokens divided by their count (0.0 when none count).
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, a trainable head, a head on another GPU, or a
+            non-positive chunk.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"streamed_linear_cross_entropy: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} "
+            f"and {list(weight.shape)}"
+        )
+    if labels.shape != (hidden.shape[0],) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(
+            f"streamed_linear_cross_entropy: labels must be [{hidden.shape[0]}] integer ids, got "
+            f"{list(labels.shape)} {labels.dtype}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"streamed_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if weight.requires_grad:
+        raise ValueError("streamed_linear_cross_entropy: the head must be frozen (no weight gradient is made)")
+    if labels.device != hidden.device or (weight.device != hidden.device and weight.device.type != "cpu"):
+        raise ValueError("streamed_linear_cross_entropy: labels on hidden's device; weight there or on the host")
+    if vocab_chunk is not None and vocab_chunk < 1:
+        raise ValueError(f"streamed_linear_cross_entropy: vocab_chunk must be >= 1, got {vocab_chunk}")
+    if not use_triton(hidden, labels):  # a CPU run without the interpreter: the head is on the host already
+        return reference.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, None)
+    return StreamedLinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, vocab_chunk)

@@ -1,0 +1,202 @@
+"""Streamed LM-head cross-entropy (head read chunk by chunk, online softmax) against the reference.
+
+Covers fp32 and bf16, one and several chunks (a short last one), ignored labels (some and all), a strided hidden,
+a scaled loss, a later chunk whose logits pass the first chunk's by more than the rescale margin (the rows'
+accumulators rescaled in the row kernel), a label outside the vocabulary (NaN loss), the forward without a
+gradient, and on the GPU: a head in pinned host memory at Llama-3 sizes, the same step recorded in a CUDA graph,
+and the device memory it saves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raytune_llm.kernels import reference
+from raytune_llm.kernels.cross_entropy import fused_linear_cross_entropy
+from raytune_llm.kernels.cross_entropy_streamed import streamed_cross_entropy_forward, streamed_linear_cross_entropy
+from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(n, h, v, device, ignore_frac=0.25, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h**0.5 * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+def _streamed(chunk, scale=1.0):
+    return lambda h, w, y: scale * streamed_linear_cross_entropy(h, w.detach(), y, -100, chunk)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 8, 16, None), (7, 12, 37, 8), (16, 24, 100, 32), (5, 16, 64, 64)])
+def test_streamed_matches_reference(dtype, n, h, v, chunk):
+    hidden, weight, labels = _inputs(n, h, v, kernel_device())
+    check_against_reference(
+        _streamed(chunk),
+        reference.fused_linear_cross_entropy,
+        [hidden, weight, labels],
+        dtype,
+        names=["h", "w", "y"],
+        no_grad=(1,),
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_streamed_strided_hidden_scaled_loss(dtype):
+    hidden, weight, labels = _inputs(9, 2 * 20, 50, kernel_device(), seed=1)
+    check_against_reference(
+        _streamed(16, 2.5),
+        lambda h, w, y: 2.5 * reference.fused_linear_cross_entropy(h, w, y),
+        [hidden, weight[:, :20].contiguous(), labels],
+        dtype,
+        views=[lambda t: t[:, ::2], None, None],
+        no_grad=(1,),
+    )
+
+
+@needs_triton
+def test_streamed_rescales_rows_whose_later_chunk_passes_the_first():
+    # Rows of the third chunk get logits ~40 nats above the first chunk's: the running reference moves (and each
+    # row's accumulator is rescaled) in the row kernel; the result must still match.
+    hidden, weight, labels = _inputs(6, 16, 48, kernel_device(), ignore_frac=0.0, seed=5)
+    weight[32:40] = hidden[0].sign() * 10.0  # aligned with every row's sign pattern of row 0: large logits
+    labels[0] = 35
+    check_against_reference(
+        _streamed(16), reference.fused_linear_cross_entropy, [hidden, weight, labels], torch.float32, no_grad=(1,)
+    )
+    z = hidden.float() @ weight.float().t()
+    assert (z[:, 32:40].max(1).values - z[:, :16].max(1).values).max() > 20  # the case really happened
+
+
+@needs_triton
+def test_streamed_all_ignored_and_no_gradient():
+    hidden, weight, labels = _inputs(4, 8, 16, kernel_device(), ignore_frac=1.1)
+    h = hidden.clone().requires_grad_()
+    loss = streamed_linear_cross_entropy(h, weight, labels, -100, 8)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max().item() == 0.0
+    hidden, weight, labels = _inputs(5, 8, 30, kernel_device(), seed=2)
+    loss, grad = streamed_cross_entropy_forward(hidden, weight, labels, -100, False, 8)
+    assert grad is None
+    assert abs(loss.item() - reference.fused_linear_cross_entropy(hidden, weight, labels).item()) < 1e-5
+
+
+@needs_triton
+def test_streamed_label_outside_the_vocabulary_gives_nan_loss():
+    hidden, weight, labels = _inputs(3, 8, 16, kernel_device(), ignore_frac=0.0)
+    labels[1] = 16
+    assert math.isnan(streamed_linear_cross_entropy(hidden, weight, labels, -100, 8).item())
+
+
+@needs_triton
+def test_streamed_second_backward_raises():
+    hidden, weight, labels = _inputs(3, 8, 16, kernel_device())
+    loss = streamed_linear_cross_entropy(hidden.clone().requires_grad_(), weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_streamed_rejects_bad_input():
+    h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels must be"):
+        streamed_linear_cross_entropy(h, w, y[:2])
+    with pytest.raises(ValueError, match="need hidden"):
+        streamed_linear_cross_entropy(h, torch.randn(5, 3), y)
+    with pytest.raises(ValueError, match="frozen"):
+        streamed_linear_cross_entropy(h, w.requires_grad_(), y)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        streamed_linear_cross_entropy(h, w.detach(), y, -100, 0)
+    with pytest.raises(ValueError, match="dtype|bfloat16"):
+        streamed_linear_cross_entropy(h, w.detach().bfloat16(), y)
+
+
+def _gpu_pair(n, h, v, seed=0):
+    hidden, weight, labels = _inputs(n, h, v, torch.device("cuda"), seed=seed)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    return hidden, weight, weight.cpu().pin_memory(), labels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2048, 8192])
+def test_streamed_host_head_matches_reference_at_llama_sizes(n):
+    # The head in pinned host memory, 128256 x 4096: the chunks come over on the side stream. Judged by the bf16
+    # rule against the reference on the device copy of the same head; the loss scaled to O(1) gradients (a power
+    # of two, exact in bf16).
+    hidden, weight, host, labels = _gpu_pair(n, 4096, 128256)
+    count = 2.0 ** round(math.log2(int((labels != -100).sum())))
+    check_against_reference(
+        lambda a, b, c: count * streamed_linear_cross_entropy(a, host, c),
+        lambda a, b, c: count * reference.fused_linear_cross_entropy(a, b, c),
+        [hidden, weight, labels],
+        torch.bfloat16,
+        no_grad=(1,),
+    )
+
+
+@pytest.mark.gpu
+def test_streamed_uses_the_fp32_output_gemm_and_saves_the_head():
+    # The accumulator's GEMM writes fp32 itself (no fp32 copies of the chunks), and the step's extra device memory
+    # at 8192 tokens is well under the 1,002 MiB head it leaves on the host.
+    from raytune_llm.kernels import cross_entropy_streamed as cs
+
+    hidden, weight, host, labels = _gpu_pair(8192, 4096, 128256, seed=1)
+    del weight
+    h = hidden.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    streamed_linear_cross_entropy(h, host, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert cs._FP32_OUT_GEMM == [True]
+    assert extra < 400 * 2**20, f"extra peak {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_streamed_host_head_in_a_cuda_graph_replays_the_eager_result():
+    # Recorded once and replayed on new inputs: the copies, events and kernels replay; same bits as eager.
+    hidden, weight, host, labels = _gpu_pair(2048, 4096, 128256, seed=2)
+    del weight
+    static_h = hidden.clone()
+    static_y = labels.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        streamed_cross_entropy_forward(static_h, host, static_y, -100, True)  # warm-up: compiles the kernels
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_loss, g_grad = streamed_cross_entropy_forward(static_h, host, static_y, -100, True)
+    new_h, _, _, new_y = _gpu_pair(2048, 4096, 128256, seed=3)
+    static_h.copy_(new_h)
+    static_y.copy_(new_y)
+    graph.replay()
+    loss, grad = streamed_cross_entropy_forward(new_h, host, new_y, -100, True)
+    torch.cuda.synchronize()
+    assert torch.equal(g_loss, loss) and torch.equal(g_grad, grad)
+
+
+@pytest.mark.gpu
+def test_streamed_loss_agrees_with_the_device_path():
+    # Same head on the device (kernels.cross_entropy) and on the host (streamed): losses within fp32 rounding,
+    # gradients within one bf16 rounding of each other's scale.
+    hidden, weight, host, labels = _gpu_pair(4096, 4096, 128256, seed=4)
+    a = hidden.clone().requires_grad_()
+    b = hidden.clone().requires_grad_()
+    la = fused_linear_cross_entropy(a, weight, labels)
+    lb = streamed_linear_cross_entropy(b, host, labels)
+    (la * 4096).backward()
+    (lb * 4096).backward()
+    assert abs(la.item() - lb.item()) <= 1e-5 * abs(la.item()) + 1e-6
+    assert (a.grad.float() - b.grad.float()).abs().max() <= 2**-7 * a.grad.float().abs().max()
