@@ -44,7 +44,13 @@ from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoin
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
-from raytune_llm.models.settings import STATE_ATTR, causal_lm, set_embeddings_on_host, set_head_on_host, weights_on_device
+from raytune_llm.models.settings import (
+    STATE_ATTR,
+    causal_lm,
+    set_embeddings_on_host,
+    set_head_on_host,
+    weights_on_device,
+)
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 
 

@@ -289,7 +289,9 @@ def set_head_on_host(model: torch.nn.Module, on: bool) -> None:
     head = lm.get_output_embeddings()
     if on:
         if type(head) is not torch.nn.Linear or head.bias is not None:
-            raise ValueError(f"head_on_host: lm_head is {type(head).__name__} (the loss takes a plain bias-free Linear)")
+            raise ValueError(
+                f"head_on_host: lm_head is {type(head).__name__} (the loss takes a plain bias-free Linear)"
+            )
         if head.weight.requires_grad:
             raise ValueError("head_on_host needs a frozen LM head; this one is trained")
         if head.weight is getattr(lm.get_input_embeddings(), "weight", None):

@@ -55,6 +55,7 @@ def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measure
         dequantize_once=bool(run.get("dequantize_once")),
         keep_mlp_layers=run.get("keep_mlp_layers") or 0,
         embeddings_on_host=bool(run.get("embeddings_on_host")),
+        head_on_host=bool(run.get("head_on_host")),
     )
     assert abs(plan.peak_gib / measured - 1) <= 0.15, (shape, fused, plan.peak_gib, measured)
 
@@ -69,6 +70,7 @@ def _variant(name: str) -> dict:
         "dequantize_once": v["once"],
         "keep_mlp_layers": v["keep"],
         "embeddings_on_host": v["host"],
+        "head_on_host": v["head_host"],
     }
     if v["mode"] is not None:
         kw["checkpointing"] = v["mode"]
@@ -93,6 +95,7 @@ def _variant_cases():
                     "dequantize_once": bool(run.get("dequantize_once")),
                     "keep_mlp_layers": run.get("keep_mlp_layers") or 0,
                     "embeddings_on_host": bool(run.get("embeddings_on_host")),
+                    "head_on_host": bool(run.get("head_on_host")),
                 }
                 measured = {"run": (run, own)}
             for name, (v, settings) in measured.items():
