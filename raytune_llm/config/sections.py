@@ -85,6 +85,10 @@ class ModelSection:
     2 x tokens x intermediate_size in the compute dtype per layer (470 MiB at 4x2048 tokens of Llama-3.1-8B) past
     the first kept layer, which costs little or nothing when every layer is checkpointed: backward reaches it
     first. H200, 8B, 4x2048: 3 kept layers -9.6 ms a step (1.5%) for +0.44 GiB (bench/NOTES.md, session 12)."""
+    last_layer_on_device: bool = False
+    """With gradient_checkpointing=offload and fused=true: the last checkpointed layer keeps its input and attention
+    stash on the GPU instead of copying them to the host and back (backward reaches it first). H200, 8B: 1x16384
+    1,551 -> 1,540 ms a step at 9.70 -> 9.68 GiB; 4x2048 (CUDA graph) 589.1 -> 587.9 ms at +0.06 GiB (session 14)."""
     embeddings_on_host: bool = False
     """With fused=true: keep the frozen input embedding in pinned CPU memory, read over PCIe per batch by the GPU
     (the table: 0.98 GiB at Llama-3.1-8B, 1.96 GiB at 70B by size; the H200 measured a 1.10 GiB lower peak at 8B, 4x2048). Not with a tied LM head (Qwen's small models),
@@ -135,6 +139,11 @@ class ModelSection:
             )
         if self.embeddings_on_host and not self.fused:
             _fail("embeddings_on_host=true needs fused=true (the patched embedding reads the host table)")
+        if self.last_layer_on_device and (self.gradient_checkpointing != "offload" or not self.fused):
+            _fail(
+                "last_layer_on_device=true needs gradient_checkpointing=offload and fused=true "
+                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
+            )
         if self.head_on_host and not self.fused:
             _fail("head_on_host=true needs fused=true (the patched loss streams the host head)")
         if n is not None and (self.gradient_checkpointing == "off" or not self.fused):

@@ -77,7 +77,7 @@ def test_the_loss_takes_the_streamed_path_with_the_device_paths_numbers(tiny_pat
     assert len(calls) == 1
 
 
-def test_head_on_host_config_trainer_and_planner(tmp_path):
+def test_head_on_host_and_last_layer_config_trainer_and_planner(tmp_path):
     from raytune_llm.config import ConfigError, load_config
     from raytune_llm.models.tiny import build_tiny_model
     from raytune_llm.sharding.planner import LLAMA31_8B, plan_from_values
@@ -87,6 +87,10 @@ def test_head_on_host_config_trainer_and_planner(tmp_path):
         load_config(None, ["model.head_on_host=true", "model.fused=false"])
     with pytest.raises(ConfigError, match="head_on_host needs sharding.strategy ddp or auto"):
         load_config(None, ["model.head_on_host=true", "sharding.strategy=zero2"])
+    with pytest.raises(ConfigError, match="last_layer_on_device=true needs gradient_checkpointing=offload"):
+        load_config(None, ["model.last_layer_on_device=true", "model.gradient_checkpointing=on"])
+    cfg = load_config(None, ["model.last_layer_on_device=true", "model.gradient_checkpointing=offload"])
+    assert cfg.model.last_layer_on_device
     on = load_config(None, ["model.head_on_host=true", "model.embeddings_on_host=true"])
     assert on.model.head_on_host
     tied = load_model(
