@@ -7,27 +7,32 @@ works on the chunk before. Every chunk is read once, so the softmax runs online 
 flash attention runs it over keys), for hidden states ``h [N, H]``, head ``W [V, H]``, labels ``y``::
 
     S_j   = h @ W_j^T                             # the chunk's logits [N, Vc] (bf16, fp32 inside the GEMM)
-    m     = running reference per row             # the first chunk's row max; moved up (and l, acc rescaled)
-                                                  # only when a later chunk's max passes it by more than 20
-    P_j   = exp(S_j - m)                          # fp32, stored over S_j in bf16 (at most e^20)
-    l    += sum_v P_j                             # fp32
+    m     = running reference per row             # the first chunk's row max; moved up (and l, l', acc
+                                                  # rescaled) only when a later chunk's max passes it by > 20
+    E_j   = exp(S_j - m)                          # fp32 (at most e^20)
+    P_j   = E_j without the label's column        # stored over S_j in bf16
+    l    += sum_v E_j,   l' += sum_v P_j          # fp32; l' = l - E_y
     acc  += P_j @ W_j                             # fp32 [N, H], fp32 inside the GEMM
     z_y   = S_j[y - j0], Wy = W_j[y - j0]         # in the chunk that holds the label
 
     loss_i = m_i + log(l_i) - z_y                 # counted rows; mean over them (n = max(count, 1))
-    dL/dh  = (acc / l - Wy) / n                   # = (softmax - onehot) @ W / n, rounded once to h's dtype
+    dL/dh  = (acc - l' Wy) / l / n                # = (softmax - onehot) @ W / n, rounded once to h's dtype
 
-``Wy`` is written into the ``dL/dh`` buffer itself until the last step reads it, so the extra device memory
-is two head chunks, one ``[N, Vc]`` logits chunk and the fp32 accumulator ``[N, H]`` (at 8,192 tokens of an
-8B model, 4096-row chunks: 64 + 64 + 128 MiB, against the head's 1,002 MiB; by size). Moving the reference
-lazily keeps the accumulator from being rescaled in full each chunk; a row whose max rises by more than 20
-nats over its first chunk's has its accumulator row rescaled inside the row kernel.
+The label's column stays out of the GEMM so that its gradient, ``p_y - 1 = -l' / l``, is formed in fp32: a
+confident token's ``acc / l - Wy`` would be a difference of near-equal terms, each rounded through the bf16
+``P``. ``Wy`` is written into the ``dL/dh`` buffer itself until the last kernel reads it, so the extra device
+memory is two head chunks, one ``[N, Vc]`` logits chunk and the fp32 accumulator ``[N, H]`` (at 8,192 tokens of
+an 8B model, 4096-row chunks: 64 + 64 + 128 MiB, against the head's 1,002 MiB; by size). Moving the reference
+lazily keeps the accumulator from being rescaled in full each chunk; a row whose max rises by more than 20 nats
+over its reference has its accumulator row rescaled inside the row kernel.
 
 Against `kernels.cross_entropy` (head on the device): the same two GEMMs over the vocabulary, plus the
-accumulator's read and write in each chunk's GEMM, plus the head's 1 GB over PCIe (about 19 ms at the H200's
-55 GB/s, hidden behind the GEMMs where a chunk's two GEMMs take longer than its copy: at 4,096-row chunks of an
-8B head, from ~2,048 tokens up). The loss is the same up to fp32 rounding order; ``dL/dh`` differs from the
-device path's in the last bf16 bit at most where that path rounded ``softmax - onehot`` to bf16 first.
+accumulator's read and write in each chunk's GEMM, plus the head's 1 GB over PCIe each call (0.61 ms per 32 MiB
+chunk at the H200's 55 GB/s; the first chunk's copy is not hidden). A chunk's two GEMMs (4 x N x 4096 x 4096 FLOP)
+outlast its copy from roughly 6,000-9,000 tokens (by the matmul rate); below that the loss waits on PCIe: about 19
+ms at 2,048 tokens against ~6 ms of GEMMs, so a short step is better served by the head on the device. Measured on
+the H200 at 4x2048 (a CUDA-graph step, session 14): 587.6 -> 586.8 ms a step, 0.92 GiB lower peak. The loss is the
+same up to fp32 rounding order; ``dL/dh`` within a bf16 rounding of the device path's.
 
 Frozen heads only (``dL/dW`` is not made); the backward scales ``dL/dh`` by the upstream scalar, as
 `kernels.cross_entropy` does.
@@ -40,7 +45,13 @@ import triton
 import triton.language as tl
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels._dispatch import kernel_store_dtype, row_block_settings, triton_next_power_of_2, use_triton
+from raytune_llm.kernels._dispatch import (
+    MAX_FUSED_SIZE,
+    kernel_store_dtype,
+    row_block_settings,
+    triton_next_power_of_2,
+    use_triton,
+)
 from raytune_llm.kernels.cross_entropy import _scale_unless_one
 
 __all__ = ["StreamedLinearCrossEntropyFunction", "streamed_linear_cross_entropy", "streamed_cross_entropy_forward"]
@@ -61,6 +72,7 @@ def _stream_row_kernel(
     LABELS_ptr,
     M_ptr,
     L_ptr,
+    LR_ptr,
     ZT_ptr,
     ACC_ptr,
     stride_acc,
@@ -73,6 +85,7 @@ def _stream_row_kernel(
     ignore_index,
     FIRST: tl.constexpr,
     HAS_ACC: tl.constexpr,
+    RESCALE_NATS: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -80,16 +93,23 @@ def _stream_row_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     s = tl.load(S_ptr + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    label = tl.load(LABELS_ptr + row).to(tl.int64)
+    local = label - v0
+    counted = label != ignore_index
+    here = counted & (local >= 0) & (local < n_cols)
     cmax = tl.max(s, axis=0)
     if FIRST:
         m = cmax
         l_sum = 0.0
+        l_rest = 0.0
     else:
         m = tl.load(M_ptr + row)
         l_sum = tl.load(L_ptr + row)
-        if cmax > m + 20.0:  # _RESCALE_NATS
+        l_rest = tl.load(LR_ptr + row)
+        if cmax > m + RESCALE_NATS:
             r = tl.exp(m - cmax)
             l_sum = l_sum * r
+            l_rest = l_rest * r
             if HAS_ACC:
                 h0 = 0
                 while h0 < H:  # a while loop: the interpreter cannot range() over a runtime bound
@@ -99,14 +119,18 @@ def _stream_row_kernel(
                     tl.store(ACC_ptr + row * stride_acc + hs, a * r, mask=hm)
                     h0 += BLOCK_H
             m = cmax
-    p = tl.where(mask, tl.exp(s - m), 0.0)
-    l_sum += tl.sum(p, axis=0)
+    e = tl.where(mask, tl.exp(s - m), 0.0)
+    # The label's own column stays out of P (and so out of acc): its gradient, p_y - 1 = -(sum of the others) / l,
+    # is formed in fp32 at the end from l_rest, not as acc / l - W_y, a difference of near-equal terms on a
+    # confident token.
+    p = tl.where((offs == local) & here, 0.0, e)
+    l_sum += tl.sum(e, axis=0)
+    l_rest += tl.sum(p, axis=0)
     tl.store(S_ptr + row * stride_s + offs, p.to(S_ptr.dtype.element_ty), mask=mask)
     tl.store(M_ptr + row, m)
     tl.store(L_ptr + row, l_sum)
-    label = tl.load(LABELS_ptr + row).to(tl.int64)
-    local = label - v0
-    if (label != ignore_index) & (local >= 0) & (local < n_cols):
+    tl.store(LR_ptr + row, l_rest)
+    if here:
         tl.store(ZT_ptr + row, tl.sum(tl.where(offs == local, s, 0.0), axis=0))
         if HAS_ACC:
             h0 = 0
@@ -122,10 +146,13 @@ def _stream_row_kernel(
 def _stream_final_kernel(
     ACC_ptr,
     stride_acc,
+    WY_ptr,
+    stride_wy,
     DH_ptr,
     stride_dh,
     M_ptr,
     L_ptr,
+    LR_ptr,
     ZT_ptr,
     LABELS_ptr,
     LOSS_ptr,
@@ -143,35 +170,43 @@ def _stream_final_kernel(
     tl.store(LOSS_ptr + row, tl.where(valid, m + tl.log(l_sum) - zt, 0.0))
     if HAS_ACC:
         inv_l = 1.0 / l_sum
-        scale = tl.where(valid, 1.0, 0.0) / tl.load(DENOM_ptr)
+        w_y = tl.load(LR_ptr + row) * inv_l  # 1 - p_y, in fp32
+        # A counted label outside [0, V) found no column: NaN, as its loss (W_y was never written).
+        scale = tl.where(valid, tl.where(zt == zt, 1.0, float("nan")), 0.0) / tl.load(DENOM_ptr)
         h0 = 0
         while h0 < H:
             hs = h0 + tl.arange(0, BLOCK_H)
             hm = hs < H
             a = tl.load(ACC_ptr + row * stride_acc + hs, mask=hm, other=0.0)
-            wy = tl.load(DH_ptr + row * stride_dh + hs, mask=hm & valid, other=0.0).to(tl.float32)
-            g = tl.where(valid, (a * inv_l - wy) * scale, 0.0)
+            wy = tl.load(WY_ptr + row * stride_wy + hs, mask=hm & valid, other=0.0).to(tl.float32)
+            g = tl.where(valid, (a * inv_l - w_y * wy) * scale, 0.0)
             tl.store(DH_ptr + row * stride_dh + hs, g.to(DH_ptr.dtype.element_ty), mask=hm)
             h0 += BLOCK_H
 
 
-# Whether torch's bf16 x bf16 -> fp32 GEMM (`out_dtype`) ran here; None until first tried on a CUDA device.
+# [True] when torch's bf16 x bf16 -> fp32 GEMMs (`out_dtype`) ran here, [False] when not; empty until first tried.
 _FP32_OUT_GEMM: list[bool] = []
 
 
 def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool) -> None:
-    """``acc (=|+=) p @ w`` in fp32: one GEMM writing fp32 on CUDA, else through an fp32 product."""
-    if p.is_cuda and _FP32_OUT_GEMM != [False]:
+    """``acc (=|+=) p @ w``: one GEMM writing fp32 on CUDA (torch's ``out_dtype``), else a product added in fp32."""
+    if p.is_cuda and not _FP32_OUT_GEMM:  # tried once per process, on tiny operands of these dtypes
         try:
-            if first:
-                torch.mm(p, w, out_dtype=torch.float32, out=acc)
-            else:
-                torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
-            if not _FP32_OUT_GEMM:
-                _FP32_OUT_GEMM.append(True)
-            return
-        except (RuntimeError, TypeError):
-            _FP32_OUT_GEMM[:] = [False]
+            a = torch.zeros(16, 16, dtype=p.dtype, device=p.device)
+            c = torch.mm(a, a, out_dtype=torch.float32)
+            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+            _FP32_OUT_GEMM.append(True)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):  # a torch without bf16 -> fp32 GEMMs
+            _FP32_OUT_GEMM.append(False)
+    if p.is_cuda and _FP32_OUT_GEMM[0]:
+        if first:
+            torch.mm(p, w, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
+        return
+    # The CPU (interpreter) in fp32; a CUDA torch without those GEMMs in the input dtype, one rounding per chunk.
     prod = torch.mm(p, w) if p.is_cuda else torch.mm(p.float(), w.float())
     if first:
         acc.copy_(prod)
@@ -202,6 +237,7 @@ class _Chunks:
             return
         n_bufs = min(2, len(self.bounds))
         h = weight.shape[1]
+        rows = min(rows, weight.shape[0])
         # Allocated on the compute stream that reads them; the side stream writes each only after the compute
         # stream is done with its previous chunk (`free`), and the compute stream waits for each copy (`ready`),
         # so no copy is still running when the buffers are freed.
@@ -230,6 +266,13 @@ class _Chunks:
         b = j % len(self.bufs)
         self.compute.wait_event(self.ready[b])
         return self.bufs[b][: v1 - v0]
+
+    def join(self) -> None:
+        """The compute stream waits for every copy issued (after an error part-way, so none still writes a buffer
+        that is freed, and a capture's side stream is joined back)."""
+        if self.streamed:
+            for event in self.ready:
+                self.compute.wait_event(event)
 
     def done(self, j: int) -> None:
         """The compute stream has queued everything that reads chunk ``j``: its buffer may take chunk ``j + 2``."""
@@ -269,14 +312,48 @@ def streamed_cross_entropy_forward(
         return loss_rows.sum() / denom, (torch.empty_like(hidden) if need_dh else None)
     m = torch.empty(N, dtype=torch.float32, device=device)
     l_sum = torch.empty(N, dtype=torch.float32, device=device)
+    l_rest = torch.empty(N, dtype=torch.float32, device=device)
     zt = torch.full((N,), float("nan"), dtype=torch.float32, device=device)  # a label outside [0, V): NaN loss
     acc = torch.empty(N, H, dtype=torch.float32, device=device) if need_dh else None
-    grad_h = torch.empty(N, H, dtype=hidden.dtype, device=device) if need_dh else None  # holds W[y] until the end
+    # Holds W[y] until the last kernel writes dL/dh over it (fp32 under the interpreter: see kernel_store_dtype).
+    grad_h = torch.empty(N, H, dtype=kernel_store_dtype(hidden.dtype), device=device) if need_dh else None
     rows = vocab_chunk or VOCAB_CHUNK
-    chunks = _Chunks(weight, device, rows)
     BLOCK, num_warps = row_block_settings(min(rows, weight.shape[0]))
     block_h = min(_BLOCK_H, triton_next_power_of_2(H))
     dummy = hidden.new_empty(1)
+    chunks = _Chunks(weight, device, rows)
+    try:
+        _over_chunks(hidden, labels, ignore_index, need_dh, chunks, m, l_sum, l_rest, zt, acc, grad_h, BLOCK, num_warps,
+                     block_h, dummy)  # fmt: skip
+    finally:
+        chunks.join()
+    _stream_final_kernel[(N,)](
+        acc if need_dh else dummy,
+        acc.stride(0) if need_dh else 0,
+        grad_h if need_dh else dummy,
+        grad_h.stride(0) if need_dh else 0,
+        grad_h if need_dh else dummy,
+        grad_h.stride(0) if need_dh else 0,
+        m,
+        l_sum,
+        l_rest,
+        zt,
+        labels,
+        loss_rows,
+        denom,
+        H,
+        ignore_index,
+        HAS_ACC=need_dh,
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return loss_rows.sum() / denom, (grad_h.to(hidden.dtype) if need_dh else None)
+
+
+def _over_chunks(hidden, labels, ignore_index, need_dh, chunks, m, l_sum, l_rest, zt, acc, grad_h, BLOCK, num_warps,
+                 block_h, dummy) -> None:  # fmt: skip
+    H = hidden.shape[1]
+    N = hidden.shape[0]
     for j, (v0, _) in enumerate(chunks.bounds):
         wc = chunks.get(j)
         # Under the interpreter bf16 round-trips through fp32 (see kernel_store_dtype); a no-op on GPU.
@@ -288,6 +365,7 @@ def streamed_cross_entropy_forward(
             labels,
             m,
             l_sum,
+            l_rest,
             zt,
             acc if need_dh else dummy,
             acc.stride(0) if need_dh else 0,
@@ -300,6 +378,7 @@ def streamed_cross_entropy_forward(
             ignore_index,
             FIRST=j == 0,
             HAS_ACC=need_dh,
+            RESCALE_NATS=_RESCALE_NATS,
             BLOCK=BLOCK,
             BLOCK_H=block_h,
             num_warps=num_warps,
@@ -308,24 +387,6 @@ def streamed_cross_entropy_forward(
             _accumulate(acc, s.to(hidden.dtype), wc, first=j == 0)
         del s
         chunks.done(j)
-    _stream_final_kernel[(N,)](
-        acc if need_dh else dummy,
-        acc.stride(0) if need_dh else 0,
-        grad_h if need_dh else dummy,
-        grad_h.stride(0) if need_dh else 0,
-        m,
-        l_sum,
-        zt,
-        labels,
-        loss_rows,
-        denom,
-        H,
-        ignore_index,
-        HAS_ACC=need_dh,
-        BLOCK_H=block_h,
-        num_warps=4,
-    )
-    return loss_rows.sum() / denom, grad_h
 
 
 class StreamedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -395,8 +456,19 @@ def streamed_linear_cross_entropy(
         raise ValueError("streamed_linear_cross_entropy: the head must be frozen (no weight gradient is made)")
     if labels.device != hidden.device or (weight.device != hidden.device and weight.device.type != "cpu"):
         raise ValueError("streamed_linear_cross_entropy: labels on hidden's device; weight there or on the host")
-    if vocab_chunk is not None and vocab_chunk < 1:
-        raise ValueError(f"streamed_linear_cross_entropy: vocab_chunk must be >= 1, got {vocab_chunk}")
+    if vocab_chunk is not None and not 1 <= vocab_chunk <= MAX_FUSED_SIZE:
+        raise ValueError(
+            f"streamed_linear_cross_entropy: vocab_chunk must be in [1, {MAX_FUSED_SIZE}], got {vocab_chunk}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError("streamed_linear_cross_entropy: the head has no rows (vocabulary of 0)")
+    if hidden.is_cuda and weight.device.type == "cpu" and not weight.is_pinned():
+        raise ValueError(
+            "streamed_linear_cross_entropy: a host head must be in pinned memory (weight.pin_memory()): "
+            "pageable copies are synchronous and cannot be recorded in a CUDA graph"
+        )
+    if weight.stride(1) != 1:
+        raise ValueError("streamed_linear_cross_entropy: the head needs unit column stride (.contiguous())")
     if not use_triton(hidden, labels):  # a CPU run without the interpreter: the head is on the host already
         return reference.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, None)
     return StreamedLinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, vocab_chunk)

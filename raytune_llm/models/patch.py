@@ -44,13 +44,7 @@ from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoin
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
-from raytune_llm.models.settings import (
-    STATE_ATTR,
-    causal_lm,
-    set_embeddings_on_host,
-    set_head_on_host,
-    weights_on_device,
-)
+from raytune_llm.models.settings import STATE_ATTR, bring_home, causal_lm, weights_on_device
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 
 
@@ -428,8 +422,12 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
             flat_h = hidden.reshape(-1, hidden.shape[-1])
             weight = self.get_output_embeddings().weight
-            if state["head_on_host"]:  # settings.set_head_on_host: the head comes over chunk by chunk
-                loss = ops["streamed_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
+            stream = ops["streamed_linear_cross_entropy"]
+            if (state["head_on_host"] or weight.device != flat_h.device) and stream is not None:
+                # settings.set_head_on_host: the head comes over chunk by chunk
+                loss = stream(flat_h, weight, shifted.reshape(-1))
+            elif weight.device != flat_h.device:  # no streamed kernel here (no triton): the head comes over whole
+                loss = ops["fused_linear_cross_entropy"](flat_h, weight.to(flat_h.device), shifted.reshape(-1))
             else:
                 loss = ops["fused_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
             if num_items is not None:
@@ -437,7 +435,7 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
                 loss = loss * count / torch.as_tensor(num_items, device=loss.device)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            with weights_on_device(self):
+            with weights_on_device(self, keys=("head",)):
                 logits = self.get_output_embeddings()(hidden[:, keep, :])
         result = CausalLMOutputWithPast(loss=loss, logits=logits)
         return result.to_tuple() if kwargs.get("return_dict") is False else result
@@ -561,8 +559,7 @@ def unpatch(model: torch.nn.Module) -> None:
     state = lm.__dict__.get(STATE_ATTR)
     if state is None:
         return
-    set_embeddings_on_host(model, False)  # the stock embedding and head read on the device
-    set_head_on_host(model, False)
+    bring_home(lm, state)  # the stock embedding and head read on the device
     del lm.__dict__[STATE_ATTR]
     if getattr(lm.__dict__.get("generate"), "_raytune_host_embedding", False):
         del lm.__dict__["generate"]  # settings' wrapper for the host embedding

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from raytune_llm.models.checkpointing import check_mode
+from raytune_llm.models.lora import zero3_partitioned
 from raytune_llm.models.tiling import check_chunk_tokens
 
 STATE_ATTR = "_raytune_patch_state"
@@ -239,6 +240,7 @@ def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
     state = lm.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError("set_embeddings_on_host needs a model patched by raytune_llm.patch (fused=True)")
+    _check_not_borrowed(state, "embeddings_on_host")
     embed = lm.get_input_embeddings()
     weight = embed.weight
     if on:
@@ -286,14 +288,19 @@ def set_head_on_host(model: torch.nn.Module, on: bool) -> None:
     state = lm.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError("set_head_on_host needs a model patched by raytune_llm.patch (fused=True)")
+    _check_not_borrowed(state, "head_on_host")
     head = lm.get_output_embeddings()
     if on:
+        if "lm_head.loss" in state["report"].stock:  # the stock loss would bring the head back every step
+            raise ValueError(f"head_on_host: the loss is stock ({state['report'].stock['lm_head.loss']})")
         if type(head) is not torch.nn.Linear or head.bias is not None:
             raise ValueError(
                 f"head_on_host: lm_head is {type(head).__name__} (the loss takes a plain bias-free Linear)"
             )
         if head.weight.requires_grad:
             raise ValueError("head_on_host needs a frozen LM head; this one is trained")
+        if zero3_partitioned(head.weight):
+            raise ValueError("head_on_host: DeepSpeed ZeRO-3 partitions the LM head; leave it on the device")
         if head.weight is getattr(lm.get_input_embeddings(), "weight", None):
             raise ValueError(
                 "head_on_host: the LM head is tied to the input embedding (tie_word_embeddings); leave it on the device"
@@ -320,31 +327,61 @@ def _to_host(lm: torch.nn.Module, state: dict, key: str, weight: torch.nn.Parame
 
 
 def _back_home(state: dict, key: str, weight: torch.nn.Parameter) -> None:
-    if state.get(f"{key}_home") is not None:
-        weight.data = weight.data.to(state.pop(f"{key}_home"))  # the pinned copy stays for the next move
+    home = state.pop(f"{key}_home", None)
+    host = state.get(f"{key}_host")
+    if home is not None and host is not None and weight.data_ptr() == host.data_ptr():  # not replaced since
+        weight.data = weight.data.to(home)  # the pinned copy stays for the next move
+    state[f"{key}_home"] = None
 
 
 @contextlib.contextmanager
-def weights_on_device(lm: torch.nn.Module) -> Iterator[None]:
-    """While inside, the input embedding and the LM head are back on their devices if they were moved to the host.
+def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "head")) -> Iterator[None]:
+    """While inside, the input embedding (``"embed"``) and the LM head (``"head"``) are back on their devices if
+    they were moved to the host.
 
     For `generate` and for the calls the patch leaves to the model's own forward (which read them on the GPU). The
-    frozen weights are not written by training, so the pinned copies stay and moving back costs no host allocation.
+    frozen weights are not written by training, so the pinned copies stay and moving back costs no host allocation;
+    a write to them while inside is lost. A weight replaced since it was moved (a load with ``assign``, ``.to()``,
+    a wrapper) is left as it is, and no longer counted as on the host. Moving the weights to or from the host is
+    refused while inside (`_check_not_borrowed`); after `unpatch` inside, they stay on the device.
     """
-    state = lm.__dict__.get(STATE_ATTR) or {}
+    state = lm.__dict__.get(STATE_ATTR)
+    if state is None:
+        yield
+        return
     moved = []
-    for key, module in (("embed", lm.get_input_embeddings()), ("head", lm.get_output_embeddings())):
-        home = state.get(f"{key}_home")
-        if home is not None:
-            module.weight.data = state[f"{key}_host"].to(home)
+    state["borrowed"] = state.get("borrowed", 0) + 1
+    try:
+        for key, module in (("embed", lm.get_input_embeddings()), ("head", lm.get_output_embeddings())):
+            home = state.get(f"{key}_home")
+            if key not in keys or home is None:
+                continue
+            host = state[f"{key}_host"]
+            if module.weight.data_ptr() != host.data_ptr():  # replaced since: not ours to move
+                state[f"{key}_home"] = None
+                continue
+            module.weight.data = host.to(home)
             state[f"{key}_home"] = None
             moved.append((key, module, home))
-    try:
         yield
     finally:
-        for key, module, home in moved:
-            module.weight.data = state[f"{key}_host"]
-            state[f"{key}_home"] = home
+        state["borrowed"] -= 1
+        if lm.__dict__.get(STATE_ATTR) is state:  # not unpatched inside
+            for key, module, home in moved:
+                module.weight.data = state[f"{key}_host"]
+                state[f"{key}_home"] = home
+
+
+def bring_home(lm: torch.nn.Module, state: dict) -> None:
+    """Both host weights back on their devices (`unpatch`: the stock forwards read them there); also while
+    `weights_on_device` has them, which then leaves them there."""
+    _back_home(state, "embed", lm.get_input_embeddings().weight)
+    _back_home(state, "head", lm.get_output_embeddings().weight)
+
+
+def _check_not_borrowed(state: dict, what: str) -> None:
+    if state.get("borrowed"):
+        raise ValueError(f"{what} cannot change while generate or a stock call has the weights on the device")
 
 
 def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:

@@ -152,7 +152,8 @@ def apply_embeddings_on_host(model, cfg, strategy: str) -> str | None:
         try:
             setter(model, True)
         except ValueError as exc:
-            why.append(f"{name}: {str(exc).removeprefix(name + ': ')}")
+            msg = str(exc)
+            why.append(msg if msg.startswith(name) else f"{name}: {msg}")
     return "; ".join(why) or None
 
 

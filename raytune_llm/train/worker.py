@@ -288,7 +288,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_last_layer_on_device(model, cfg.model.last_layer_on_device)
         left_off = sharded_lib.apply_embeddings_on_host(model, cfg, strategy)
         if left_off and rank == 0:
-            print(f"raytune_llm: left off: {left_off}", flush=True)
+            print(f"raytune_llm: left off (model.*): {left_off}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

@@ -79,6 +79,48 @@ def test_streamed_rescales_rows_whose_later_chunk_passes_the_first():
 
 
 @needs_triton
+def test_streamed_rescale_keeps_what_came_before():
+    # Row 0's first chunk peaks at 0; its second chunk at +19.5 (no rescale) holds the label; its third at +20.5
+    # moves the reference and rescales the row's l, l' and accumulator by e^-20.5 (~1.2e-9 of their values, which
+    # then still count against the new terms). A rescale that dropped the old state would lose the label's chunk.
+    gen = torch.Generator().manual_seed(7)
+    h, v = 8, 48
+    hidden = torch.zeros(2, h)
+    hidden[:, 0] = 1.0
+    weight = torch.randn(v, h, generator=gen) * 0.01
+    weight[:, 0] = 0.0
+    weight[20, 0], weight[21, 0], weight[40, 0] = 19.5, 19.5, 20.5
+    labels = torch.tensor([20, 40])
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(
+            _streamed(16), reference.fused_linear_cross_entropy, [hidden, weight, labels], dtype, no_grad=(1,)
+        )
+
+
+@needs_triton
+def test_streamed_confident_tokens_keep_their_gradient():
+    # p_y close to 1: dL/dh = (p - onehot) W is small and must not drown in the rounding of p_y W_y (the label's
+    # column stays out of the bf16 GEMM). Each row's error against an fp32 reference, relative to the row's own
+    # gradient, stays within 2x that of the device path (kernels.cross_entropy), for 1 - p_y from 1e-2 to 3e-5.
+    gen = torch.Generator().manual_seed(8)
+    n, h, v = 8, 64, 256
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.05
+    labels = torch.arange(n) * 7
+    margins = torch.linspace(5.0, 16.0, n)  # logit of the label above the rest: 1 - p_y ~ 255 e^-margin
+    weight[labels] += margins[:, None] * hidden / hidden.norm(dim=1, keepdim=True) ** 2
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    ref_h = hb.float().requires_grad_()
+    reference.fused_linear_cross_entropy(ref_h, wb.float(), labels).backward()
+    errors = {}
+    for name, fn in (("streamed", streamed_linear_cross_entropy), ("device", fused_linear_cross_entropy)):
+        x = hb.clone().requires_grad_()
+        fn(x, wb, labels).backward()
+        errors[name] = ((x.grad.float() - ref_h.grad).norm(dim=1) / ref_h.grad.norm(dim=1)).max().item()
+    assert errors["streamed"] <= 2 * errors["device"] + 1e-3, errors
+
+
+@needs_triton
 def test_streamed_all_ignored_and_no_gradient():
     hidden, weight, labels = _inputs(4, 8, 16, kernel_device(), ignore_frac=1.1)
     h = hidden.clone().requires_grad_()
@@ -95,7 +137,11 @@ def test_streamed_all_ignored_and_no_gradient():
 def test_streamed_label_outside_the_vocabulary_gives_nan_loss():
     hidden, weight, labels = _inputs(3, 8, 16, kernel_device(), ignore_frac=0.0)
     labels[1] = 16
-    assert math.isnan(streamed_linear_cross_entropy(hidden, weight, labels, -100, 8).item())
+    h = hidden.clone().requires_grad_()
+    loss = streamed_linear_cross_entropy(h, weight, labels, -100, 8)
+    loss.backward()
+    assert math.isnan(loss.item())
+    assert h.grad[1].isnan().all() and not h.grad[0].isnan().any()  # that row's gradient says so too
 
 
 @needs_triton
@@ -117,6 +163,12 @@ def test_streamed_rejects_bad_input():
         streamed_linear_cross_entropy(h, w.requires_grad_(), y)
     with pytest.raises(ValueError, match="vocab_chunk"):
         streamed_linear_cross_entropy(h, w.detach(), y, -100, 0)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        streamed_linear_cross_entropy(h, w.detach(), y, -100, 2**17)
+    with pytest.raises(ValueError, match="no rows"):
+        streamed_linear_cross_entropy(h, torch.randn(0, 4), y)
+    with pytest.raises(ValueError, match="unit column stride"):
+        streamed_linear_cross_entropy(h, torch.randn(4, 5)[:, ::1].t(), y)
     with pytest.raises(ValueError, match="dtype|bfloat16"):
         streamed_linear_cross_entropy(h, w.detach().bfloat16(), y)
 

@@ -113,6 +113,50 @@ def test_head_on_host_and_last_layer_config_trainer_and_planner(tmp_path):
     assert b_dev["weights (base model)"] - b_host["weights (base model)"] == head
     assert b_host["host: offloaded (not on GPU)"] == head
     assert host.inputs["head_on_host"] and not dev.inputs["head_on_host"]
+    # Where the loss is the peak phase (a large vocabulary over small layers), the streamed loss's own terms.
+    from raytune_llm.sharding.planner import _activation_bytes
+    from raytune_llm.sharding.shapes import Shape
+
+    wide = Shape.from_hf(
+        dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=1_000_000)
+    )
+    tokens, d = 8192, 256
+    streamed = _activation_bytes(wide, tokens, "offload", True, fused_loss=True, streamed_head=True)[1]
+    assert streamed == 2 * d * tokens + 4 * d * tokens + 2 * 4096 * (tokens + 2 * d)
+    assert streamed < _activation_bytes(wide, tokens, "offload", True, fused_loss=True)[1]
+
+
+def test_weights_on_device_keeps_the_state_straight(tiny_paths):
+    # A CPU model, its head's "host copy" faked as the weight itself, so the logic runs without a GPU: the setters
+    # are refused while the weights are borrowed, an error inside restores the state, a weight replaced since the
+    # move is left alone (and no longer counted as moved), and unpatch inside leaves the weights where they are.
+    from raytune_llm.models.settings import STATE_ATTR, weights_on_device
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    lm = model.get_base_model()
+    state = lm.__dict__[STATE_ATTR]
+    head = lm.lm_head
+
+    def fake_moved():
+        state["head_home"], state["head_host"] = torch.device("cpu"), head.weight.data
+
+    fake_moved()
+    with weights_on_device(lm):
+        assert state["head_home"] is None and state["borrowed"] == 1
+        with pytest.raises(ValueError, match="cannot change while generate"):
+            set_head_on_host(model, False)
+    assert state["head_home"] == torch.device("cpu") and state["borrowed"] == 0
+    with pytest.raises(RuntimeError, match="boom"), weights_on_device(lm):
+        raise RuntimeError("boom")
+    assert state["head_home"] == torch.device("cpu") and state["borrowed"] == 0
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # replaced since the move
+    with weights_on_device(lm):
+        pass
+    assert state["head_home"] is None  # not ours any more
+    fake_moved()
+    with weights_on_device(lm):
+        unpatch(model)
+    assert STATE_ATTR not in lm.__dict__ and state["head_home"] is None
 
 
 @pytest.mark.gpu
