@@ -642,7 +642,6 @@ _VARIANT_FLAGS = {
     "sep": {"fused_residuals": False},
     "lastdev": {"last_on_device": True},
     "headhost": {"head_host": True},
-    "noprod": {"products": False},  # the SwiGLU backward without its rank-r sums (kernels.lora._SWIGLU_PRODUCTS)
 }
 
 
@@ -653,8 +652,8 @@ def parse_variants(text: str) -> list[dict]:
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
     (``+keepN``: keep_mlp_layers), host (``+host``: embeddings_on_host), fused_residuals (``+sep``: off, the
-    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device), head_host
-    (``+headhost``: head_on_host) and products (``+noprod``: the SwiGLU backward without its rank-r sums).
+    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device) and head_host
+    (``+headhost``: head_on_host).
     """
     out = []
     for name in text.split(","):
@@ -673,7 +672,6 @@ def parse_variants(text: str) -> list[dict]:
             "fused_residuals": True,
             "last_on_device": False,
             "head_host": False,
-            "products": True,
         }
         for flag in flags:
             if flag in _VARIANT_FLAGS:
@@ -698,7 +696,6 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
     leaves the finished variants); an out-of-memory variant is recorded and the next one runs."""
     import gc
 
-    import raytune_llm.kernels.lora as lora_kernels
     from raytune_llm.models import settings as P
 
     report = getattr(model, "raytune_patch_report", None)
@@ -717,7 +714,6 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])
         P.set_head_on_host(model, v["head_host"])
-        lora_kernels._SWIGLU_PRODUCTS = v["products"]
         optimizer.zero_grad(set_to_none=True)
         try:
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {}, graph=v["graph"])

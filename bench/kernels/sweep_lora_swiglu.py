@@ -71,27 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda _: mod.lora_swiglu_backward(dH, G, U, low, Ad, finish=(xa_g, xa_u, Bg, Bu, 2.0, 0.5)),
             reset((G, G0), (U, U0), (dH, dH0)),
         ),
-        # what training runs: the lean backward also summing dG Bg, dU Bu and H Ad^T (three reads of [N, I] saved)
-        "bwd_finish_products": (
-            lambda _: mod.lora_swiglu_backward(
-                dH, G, U, low, Ad, finish=(xa_g, xa_u, Bg, Bu, 2.0, 0.5), products=(Bg, Bu)
-            ),
-            reset((G, G0), (U, U0), (dH, dH0)),
-        ),
-        # what it replaces: bwd_finish, then the three products read back by cuBLAS
-        "bwd_finish_then_gemms": (
-            lambda _: (
-                mod.lora_swiglu_backward(dH, G, U, low, Ad, finish=(xa_g, xa_u, Bg, Bu, 2.0, 0.5)),
-                G @ Bg,
-                U @ Bu,
-                dH @ Ad.t(),
-            ),
-            reset((G, G0), (U, U0), (dH, dH0)),
-        ),
     }
-    moved = {
-        k: {"fwd": 5, "fwd_h_only": 3, "bwd_finish_then_gemms": 9}.get(k, 6) * n * i * G.element_size() for k in kinds
-    }
+    moved = {k: {"fwd": 5, "fwd_h_only": 3}.get(k, 6) * n * i * G.element_size() for k in kinds}
 
     def outputs(kind):
         fn, setup = kinds[kind]

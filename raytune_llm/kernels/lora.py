@@ -42,11 +42,9 @@ over ``U``: no new ``[N, I]`` buffers, which is why running this backward twice
 (``retain_graph=True``) raises instead of silently using overwritten activations. Inside
 `lean_recompute` (a checkpointed layer's recompute, whose MLP output nothing reads) the forward runs no
 Triton kernel at all: it saves the base outputs of gate and up, and the backward kernel adds their rank
-updates itself (rounded as the forward kernel stores them, so the same bits) before writing ``H``. One
-``[N, I]`` pass (read ``G``, ``U``, write ``G``, ``U``, ``H``) fewer per recomputed layer. The same backward
-kernel also sums ``dG B_g``, ``dU B_u`` and ``H A_d^T`` over its columns from the values it stores (fp32, rounded
-once after the scaling), which would otherwise read each of the three ``[N, I]`` results once more (224 MiB each
-at 8,192 tokens of an 8B model).
+updates itself (rounded as the forward kernel stores them, so the same bits) before writing ``H``, from
+which backward then takes ``H A_d^T``. One ``[N, I]`` pass (read ``G``, ``U``, write ``G``, ``U``, ``H``)
+fewer per recomputed layer.
 
 Dtype policy: all GEMMs run in the compute dtype ``x.dtype`` (bf16 in training: tensor cores,
 fp32 accumulation in cuBLAS), never in fp32 adapters. fp32 master ``A``/``B`` are cast to
@@ -136,10 +134,6 @@ def dequantize_once() -> Iterator[None]:
         _once.pop()
         cache.clear()
 
-
-# Whether the MLP backward's SwiGLU kernel also sums dG B_g, dU B_u and H A_d^T (16-bit dtypes; see the module
-# docstring). A switch for timing both forms on one loaded model (bench/e2e/run_stack.py's +noprod), not a setting.
-_SWIGLU_PRODUCTS = True
 
 # Depth of open `lean_recompute` blocks; module-level for the same reason as `_once`.
 _lean: list[bool] = []
@@ -406,22 +400,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
         else:
             dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[12] else None
-        # dH += dYB Ad; then dH <- H, G <- dG, U <- dU; in 16-bit training also, from those stored results, dG Bg,
-        # dU Bu and H Ad^T in fp32 in the same pass (the three [N, I] tensors are not read again for them). fp32 keeps
-        # cuBLAS's products: the kernel's column order of summation is another rounding of fp32 sums.
-        products = (Bg, Bu) if dt in (torch.bfloat16, torch.float16) and _SWIGLU_PRODUCTS else None
-        sums = lora_swiglu_backward(dH, G, U, dYB, Ad, finish, products=products)
+        lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
         if HA is None:
-            HA = sums[2].to(dt) if sums is not None else H @ Ad.t()
-            dB_d = (dY.t() @ HA).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[12] else None
+            dB_d = (dY.t() @ (H @ Ad.t())).mul_(sd_).to(ctx.adapter_dtypes[5]) if need[12] else None
         dA_d = (dYB.t() @ H).to(ctx.adapter_dtypes[4]) if need[11] else None
-        del H, dH, HA
+        del H, dH
 
-        if sums is not None:
-            low = torch.cat((sums[0] * sg_, sums[1] * su_), dim=1).to(dt)  # [N, r_g + r_u], one rounding
-        else:
-            low = torch.cat(((dG @ Bg).mul_(sg_), (dU @ Bu).mul_(su_)), dim=1)
+        low = torch.cat(((dG @ Bg).mul_(sg_), (dU @ Bu).mul_(su_)), dim=1)  # [N, r_g + r_u]
         dX = None
         if need[0]:
             Wg = _dense(ctx.bases[0], dt, last_use=True)

@@ -29,10 +29,6 @@ _FWD = (16, 128, 2)
 _BWD = (16, 128, 4)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
-# With the products (`lora_swiglu_backward(..., products=)`), each program walks a segment of its rows' columns: the
-# columns are cut into as many segments as keep about this many programs in flight (8,192 tokens: 512 row blocks x 2
-# segments; 2,048: 128 x 8), whose fp32 sums are added afterwards.
-_PRODUCT_PROGRAMS = 1024
 
 
 @triton.jit
@@ -159,18 +155,45 @@ def _lora_swiglu_fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(
-    DH_ptr, G_ptr, U_ptr, LOW_ptr, AD_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr,
-    stride_low, stride_ad, stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1,
-    rows, cols, n_rows, n_cols, rank_d, rank_g, rank_u, scale_g, scale_u,
-    R_PAD: tl.constexpr, FINISH_GU: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+def _lora_swiglu_bwd_kernel(
+    DH_ptr,
+    G_ptr,
+    U_ptr,
+    LOW_ptr,
+    AD_ptr,
+    XAG_ptr,
+    XAU_ptr,
+    BG_ptr,
+    BU_ptr,
+    stride_low,
+    stride_ad,
+    stride_xag,
+    stride_xau,
+    stride_bg0,
+    stride_bg1,
+    stride_bu0,
+    stride_bu1,
+    n_rows,
+    n_cols,
+    rank_d,
+    rank_g,
+    rank_u,
+    scale_g,
+    scale_u,
+    R_PAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    FINISH_GU: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
-):  # fmt: skip
+):
     # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
     # H over dH, dG over G, dU over U (each element read before it is written, within one program).
     # FINISH_GU: G and U hold the base GEMM outputs (a lean recompute ran no forward kernel); their rank
     # updates are added here as the forward kernel adds them, rounded to the stored dtype the same way.
-    # Returns the stored H, dG, dU (in their storage dtypes).
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offs = rows[:, None] * n_cols + cols[None, :]
     dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -197,77 +220,9 @@ def _bwd_tile(
         h = rne_bf16(h)
         dg = rne_bf16(dg)
         du = rne_bf16(du)
-    h = h.to(DH_ptr.dtype.element_ty)
-    dg = dg.to(G_ptr.dtype.element_ty)
-    du = du.to(U_ptr.dtype.element_ty)
-    tl.store(DH_ptr + offs, h, mask=mask)
-    tl.store(G_ptr + offs, dg, mask=mask)
-    tl.store(U_ptr + offs, du, mask=mask)
-    return h, dg, du
-
-
-@triton.jit
-def _product(acc, x, R_ptr, stride_c, stride_k, cols, n_cols, rank, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
-             DOT_PREC: tl.constexpr):  # fmt: skip
-    # acc [BM, R_PAD] fp32 += x [BM, BN] @ R[cols, :rank] (R read through its strides; rank padded with zeros).
-    k = tl.arange(0, R_PAD)
-    r = tl.load(
-        R_ptr + cols[:, None] * stride_c + k[None, :] * stride_k,
-        mask=(cols[:, None] < n_cols) & (k[None, :] < rank),
-        other=0.0,
-    )
-    if UPCAST:  # the CPU interpreter gets bf16 tl.dot wrong
-        x = x.to(tl.float32)
-        r = r.to(tl.float32)
-    return acc + tl.dot(x, r, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _lora_swiglu_bwd_kernel(
-    DH_ptr, G_ptr, U_ptr, LOW_ptr, AD_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr, P_ptr,
-    stride_low, stride_ad, stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1,
-    stride_ps, stride_pn,
-    n_rows, n_cols, rank_d, rank_g, rank_u, scale_g, scale_u, seg_cols,
-    R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FINISH_GU: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, RNE_BF16: tl.constexpr, PRODUCTS: tl.constexpr,
-):  # fmt: skip
-    # Without PRODUCTS one [BM, BN] tile per program. With PRODUCTS a program walks the tiles of its rows over a
-    # segment of `seg_cols` columns and also sums, over those columns, the three rank-r products that backward
-    # otherwise reads the [N, I] results again for: dG @ B_g, dU @ B_u and H @ A_d^T, from the values as stored.
-    # Each segment's fp32 sums go to its own slice of P [segments, N, 3 * R_PAD] (no atomics: same bits every run).
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    if PRODUCTS:
-        acc_g = tl.zeros([BM, R_PAD], dtype=tl.float32)
-        acc_u = tl.zeros([BM, R_PAD], dtype=tl.float32)
-        acc_h = tl.zeros([BM, R_PAD], dtype=tl.float32)
-        c0 = tl.program_id(1) * seg_cols
-        c_end = tl.minimum(c0 + seg_cols, n_cols)
-        while c0 < c_end:  # a while loop: the interpreter cannot range() over a runtime bound
-            cols = c0 + tl.arange(0, BN)
-            h, dg, du = _bwd_tile(
-                DH_ptr, G_ptr, U_ptr, LOW_ptr, AD_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr,
-                stride_low, stride_ad, stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1,
-                rows, cols, n_rows, n_cols, rank_d, rank_g, rank_u, scale_g, scale_u,
-                R_PAD, FINISH_GU, UPCAST, DOT_PREC, RNE_BF16,
-            )  # fmt: skip
-            acc_g = _product(acc_g, dg, BG_ptr, stride_bg0, stride_bg1, cols, n_cols, rank_g, R_PAD, UPCAST, DOT_PREC)
-            acc_u = _product(acc_u, du, BU_ptr, stride_bu0, stride_bu1, cols, n_cols, rank_u, R_PAD, UPCAST, DOT_PREC)
-            acc_h = _product(acc_h, h, AD_ptr, 1, stride_ad, cols, n_cols, rank_d, R_PAD, UPCAST, DOT_PREC)
-            c0 += BN
-        k = tl.arange(0, R_PAD)
-        out = P_ptr + tl.program_id(1) * stride_ps + rows[:, None] * stride_pn + k[None, :]
-        pm = rows[:, None] < n_rows
-        tl.store(out, acc_g, mask=pm)
-        tl.store(out + R_PAD, acc_u, mask=pm)
-        tl.store(out + 2 * R_PAD, acc_h, mask=pm)
-    else:
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        _bwd_tile(
-            DH_ptr, G_ptr, U_ptr, LOW_ptr, AD_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr,
-            stride_low, stride_ad, stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1,
-            rows, cols, n_rows, n_cols, rank_d, rank_g, rank_u, scale_g, scale_u,
-            R_PAD, FINISH_GU, UPCAST, DOT_PREC, RNE_BF16,
-        )  # fmt: skip
+    tl.store(DH_ptr + offs, h.to(DH_ptr.dtype.element_ty), mask=mask)
+    tl.store(G_ptr + offs, dg.to(G_ptr.dtype.element_ty), mask=mask)
+    tl.store(U_ptr + offs, du.to(U_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -328,13 +283,10 @@ def lora_swiglu_forward(
     return H
 
 
-def lora_swiglu_backward(
-    dH, G, U, low_d, Ad, finish: tuple | None = None, products: tuple | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None) -> None:
     """Finish ``dH`` with the down adapter's rank update, then differentiate SwiGLU, all in place.
 
-    ``dH += low_d @ Ad``; then ``dH <- H = silu(G) * U``, ``G <- dG``, ``U <- dU``. With ``products`` the same
-    pass also sums the rank-r products backward needs of those results, so it need not read them again.
+    ``dH += low_d @ Ad``; then ``dH <- H = silu(G) * U``, ``G <- dG``, ``U <- dU``.
 
     Args:
         dH: ``dY W_d`` ``[N, I]``, contiguous.
@@ -345,50 +297,23 @@ def lora_swiglu_backward(
         finish: ``(xa_g, xa_u, Bg, Bu, scale_g, scale_u)`` as `lora_swiglu_forward` takes them: first finish
             ``G`` and ``U`` with their rank updates, rounded as that kernel stores them, so the results are
             the bits of `lora_swiglu_forward` followed by this backward. None: ``G`` and ``U`` are finished.
-        products: ``(Bg [I, r_g], Bu [I, r_u])``: also compute ``dG @ Bg``, ``dU @ Bu`` and ``H @ Ad^T`` from the
-            stored (rounded) results, fp32 sums of fp32 products; None: not.
-
-    Returns:
-        With ``products``, ``(dG @ Bg, dU @ Bu, H @ Ad^T)`` in fp32 ``[N, r]`` each; else None.
     """
     n_rows, n_cols = G.shape
-    if products is not None:
-        Bg, Bu = products
-        ranks = [low_d.shape[1], Bg.shape[1], Bu.shape[1]]
-    if finish is not None:
+    if not G.numel():
+        return
+    if finish is None:
+        xa_g = xa_u = low_d
+        Bg = Bu = Ad.t()
+        scale_g = scale_u = 0.0
+        ranks = [low_d.shape[1]]
+    else:
         xa_g, xa_u, Bg, Bu, scale_g, scale_u = finish
         ranks = [low_d.shape[1], xa_g.shape[1], xa_u.shape[1]]
-    else:
-        xa_g = xa_u = low_d
-        if products is None:
-            Bg = Bu = Ad.t()
-            ranks = [low_d.shape[1]]
-        scale_g = scale_u = 0.0
-    if not G.numel():
-        if products is None:
-            return None
-        return tuple(G.new_zeros(n_rows, r, dtype=torch.float32) for r in (Bg.shape[1], Bu.shape[1], Ad.shape[0]))
     cfg = _tile_cfg(G, ranks, _BWD)
-    r_pad, bm, bn = cfg["R_PAD"], cfg["BM"], cfg["BN"]
-    if products is None:
-        grid, segs, seg_cols = _grid(n_rows, n_cols, cfg), 1, 0
-        P = low_d  # not read
-    else:
-        row_blocks, tiles = triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn)
-        per_seg = triton.cdiv(tiles, min(tiles, max(1, triton.cdiv(_PRODUCT_PROGRAMS, row_blocks))))
-        segs, seg_cols = triton.cdiv(tiles, per_seg), per_seg * bn
-        grid = (row_blocks, segs)
-        P = torch.empty(segs, n_rows, 3 * r_pad, dtype=torch.float32, device=G.device)
-    _lora_swiglu_bwd_kernel[grid](
-        dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, P,
+    _lora_swiglu_bwd_kernel[_grid(n_rows, n_cols, cfg)](
+        dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu,
         low_d.stride(0), Ad.stride(0), xa_g.stride(0), xa_u.stride(0),
         Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
-        P.stride(0) if products is not None else 0, P.stride(1) if products is not None else 0,
-        n_rows, n_cols, low_d.shape[1], Bg.shape[1] if products is not None or finish is not None else 0,
-        Bu.shape[1] if products is not None or finish is not None else 0, scale_g, scale_u, seg_cols,
-        FINISH_GU=finish is not None, PRODUCTS=products is not None, **cfg,
+        n_rows, n_cols, low_d.shape[1], xa_g.shape[1], xa_u.shape[1], scale_g, scale_u,
+        FINISH_GU=finish is not None, **cfg,
     )  # fmt: skip
-    if products is None:
-        return None
-    p = P[0] if segs == 1 else P.sum(0)  # the segments in a fixed order: same bits every run
-    return p[:, : Bg.shape[1]], p[:, r_pad : r_pad + Bu.shape[1]], p[:, 2 * r_pad : 2 * r_pad + Ad.shape[0]]

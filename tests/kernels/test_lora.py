@@ -644,34 +644,3 @@ def test_a_checkpointed_forward_leaves_gate_and_up_unwritten_unless_kept(monkeyp
     y_grad = lora_mlp(x.detach().requires_grad_(), gate, up, down)
     assert seen == [False, True, True] and len(kept) == 1
     assert torch.equal(y_plain, y_grad.detach())
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("finish", [False, True], ids=["plain", "finish"])
-def test_swiglu_backward_products_are_those_of_its_stored_results(dtype, finish):
-    # With products, the backward kernel also sums dG Bg, dU Bu and H Ad^T over its columns, walking segments of
-    # them (several here: 300 columns in tiles of 128, up to 1024 programs): equal, to fp32 rounding, to the fp64
-    # products of the H, dG, dU it stored, which are the bits of the pass without products.
-    import raytune_llm.kernels.lora_swiglu as ls
-
-    device = kernel_device()
-    gen = torch.Generator().manual_seed(4)
-    n, inter, rg, ru, rd = 37, 300, 5, 3, 4
-
-    def t(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    G0, U0, dH0 = t(n, inter), t(n, inter), t(n, inter)
-    xa_g, xa_u, Bg, Bu, low, Ad = t(n, rg), t(n, ru), t(inter, rg), t(inter, ru), t(n, rd), t(rd, inter)
-    fin = (xa_g, xa_u, Bg, Bu, 2.0, 0.5) if finish else None
-    G, U, dH = G0.clone(), U0.clone(), dH0.clone()
-    assert ls.lora_swiglu_backward(dH, G, U, low, Ad, fin) is None
-    G2, U2, dH2 = G0.clone(), U0.clone(), dH0.clone()
-    sums = ls.lora_swiglu_backward(dH2, G2, U2, low, Ad, fin, products=(Bg, Bu))
-    for a, b in ((dH2, dH), (G2, G), (U2, U)):  # the stored results: the same bits
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    expected = (G.double() @ Bg.double(), U.double() @ Bu.double(), dH.double() @ Ad.double().t())
-    for got, want in zip(sums, expected):
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
