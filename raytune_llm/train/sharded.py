@@ -133,7 +133,7 @@ def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[st
     return strategy, offload_opt, offload_params
 
 
-def apply_embeddings_on_host(model, cfg, strategy: str) -> str | None:
+def apply_host_weights(model, cfg, strategy: str) -> str | None:
     """Apply `model.embeddings_on_host` and `model.head_on_host` to a patched model; returns why one was left off.
 
     Left off (the run goes on with the weight on the device) under DeepSpeed, which places every weight itself,

@@ -286,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_stash_attention(model, cfg.model.stash_attention)
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)
         set_last_layer_on_device(model, cfg.model.last_layer_on_device)
-        left_off = sharded_lib.apply_embeddings_on_host(model, cfg, strategy)
+        left_off = sharded_lib.apply_host_weights(model, cfg, strategy)
         if left_off and rank == 0:
             print(f"raytune_llm: left off (model.*): {left_off}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]

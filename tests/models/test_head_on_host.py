@@ -81,7 +81,7 @@ def test_head_on_host_and_last_layer_config_trainer_and_planner(tmp_path):
     from raytune_llm.config import ConfigError, load_config
     from raytune_llm.models.tiny import build_tiny_model
     from raytune_llm.sharding.planner import LLAMA31_8B, plan_from_values
-    from raytune_llm.train.sharded import apply_embeddings_on_host
+    from raytune_llm.train.sharded import apply_host_weights
 
     with pytest.raises(ConfigError, match="head_on_host=true needs fused=true"):
         load_config(None, ["model.head_on_host=true", "model.fused=false"])
@@ -99,9 +99,9 @@ def test_head_on_host_and_last_layer_config_trainer_and_planner(tmp_path):
         dtype=torch.float32,
         device="cpu",
     )
-    why = apply_embeddings_on_host(tied, on, "ddp")  # a memory saving: left off, said why, the run goes on
+    why = apply_host_weights(tied, on, "ddp")  # a memory saving: left off, said why, the run goes on
     assert "embeddings_on_host: the input embedding is tied" in why and "head_on_host: the LM head is tied" in why
-    assert apply_embeddings_on_host(tied, on, "zero3") == (
+    assert apply_host_weights(tied, on, "zero3") == (
         "embeddings_on_host: zero3 places every weight itself; head_on_host: zero3 places every weight itself"
     )
     # The planner: the head's bytes move to the host; the loss phase holds the streamed loss's workspace.

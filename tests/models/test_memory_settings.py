@@ -48,11 +48,11 @@ def test_embeddings_on_host_refuses_what_it_cannot_serve(tiny_paths):
 
 
 def test_the_trainer_leaves_the_host_embedding_off_where_it_cannot_serve(tmp_path):
-    # train/sharded.apply_embeddings_on_host: a memory saving, so a tied head, a trained embedding or DeepSpeed
+    # train/sharded.apply_host_weights: a memory saving, so a tied head, a trained embedding or DeepSpeed
     # train as without it (the worker prints why) instead of failing after the model has loaded.
     from raytune_llm.config import load_config
     from raytune_llm.models.tiny import build_tiny_model
-    from raytune_llm.train.sharded import apply_embeddings_on_host
+    from raytune_llm.train.sharded import apply_host_weights
 
     tied = load_model(
         build_tiny_model(tmp_path / "tied", vocab_size=VOCAB, tie_word_embeddings=True),
@@ -61,11 +61,11 @@ def test_the_trainer_leaves_the_host_embedding_off_where_it_cannot_serve(tmp_pat
         device="cpu",
     )
     on = load_config(None, ["model.embeddings_on_host=true"])
-    assert "tied to the LM head" in apply_embeddings_on_host(tied, on, "ddp")
-    assert apply_embeddings_on_host(tied, on, "zero2") == "embeddings_on_host: zero2 places every weight itself"
-    assert apply_embeddings_on_host(tied, load_config(None, []), "ddp") is None
+    assert "tied to the LM head" in apply_host_weights(tied, on, "ddp")
+    assert apply_host_weights(tied, on, "zero2") == "embeddings_on_host: zero2 places every weight itself"
+    assert apply_host_weights(tied, load_config(None, []), "ddp") is None
     untied = load_model(build_tiny_model(tmp_path / "untied", vocab_size=VOCAB), lora=dict(r=4, alpha=8), device="cpu")
-    assert apply_embeddings_on_host(untied, on, "ddp") is None
+    assert apply_host_weights(untied, on, "ddp") is None
 
 
 def test_keep_mlp_layers_and_embeddings_on_host_settings_and_config(tiny_paths):
