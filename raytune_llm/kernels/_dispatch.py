@@ -103,3 +103,17 @@ def kernel_store_dtype(dtype: torch.dtype) -> torch.dtype:
         ``torch.float32`` for bf16 under ``TRITON_INTERPRET=1``, else ``dtype``.
     """
     return torch.float32 if dtype == torch.bfloat16 and interpret_mode() else dtype
+
+
+# (purpose, device index) -> a side stream kept for the process: one per purpose, so copies of different kinds
+# (offloaded checkpoints, a streamed head) queue separately.
+_side_streams: dict[tuple[str, int], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    """The process's side stream for ``purpose`` on CUDA ``device`` (made on first use)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (purpose, index)
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(device=index)
+    return _side_streams[key]

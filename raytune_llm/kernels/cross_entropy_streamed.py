@@ -49,6 +49,7 @@ from raytune_llm.kernels._dispatch import (
     MAX_FUSED_SIZE,
     kernel_store_dtype,
     row_block_settings,
+    side_stream,
     triton_next_power_of_2,
     use_triton,
 )
@@ -214,16 +215,6 @@ def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool
         acc.add_(prod)
 
 
-_copy_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _copy_streams:
-        _copy_streams[index] = torch.cuda.Stream(device=index)
-    return _copy_streams[index]
-
-
 class _Chunks:
     """The head's vocabulary chunks on the compute device: copied over on a side stream into two buffers in turn
     (CUDA and a host head), else sliced (a head already on the compute device, or a CPU run)."""
@@ -245,7 +236,7 @@ class _Chunks:
         self.ready = [torch.cuda.Event() for _ in range(n_bufs)]
         self.free = [torch.cuda.Event() for _ in range(n_bufs)]
         self.compute = torch.cuda.current_stream(device)
-        self.stream = _copy_stream(device)
+        self.stream = side_stream(device, "head")
         self.stream.wait_stream(self.compute)
         for j in range(n_bufs):
             self._issue(j, wait_free=False)

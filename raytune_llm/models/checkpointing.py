@@ -38,14 +38,12 @@ from collections.abc import Callable
 
 import torch
 
+from raytune_llm.kernels._dispatch import side_stream
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import keep_mlp_outputs, lean_recompute, reuse_mlp_outputs
 from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, release_copied, replaying
 
 MODES = ("off", "on", "offload")
-
-_streams: dict[int, torch.cuda.Stream] = {}
-
 
 # Per thread (a recompute runs on autograd's device thread, set and read there): how many checkpointed layers'
 # recomputes are running. What a layer returns inside one is only a root for `torch.autograd.backward`; nothing
@@ -89,10 +87,7 @@ def check_mode(mode: str) -> None:
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _streams:
-        _streams[index] = torch.cuda.Stream(device=index)
-    return _streams[index]
+    return side_stream(device, "offload")
 
 
 class OffloadChain:

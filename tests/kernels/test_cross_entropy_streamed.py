@@ -18,17 +18,9 @@ from raytune_llm.kernels import reference
 from raytune_llm.kernels.cross_entropy import fused_linear_cross_entropy
 from raytune_llm.kernels.cross_entropy_streamed import streamed_cross_entropy_forward, streamed_linear_cross_entropy
 from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
+from tests.kernels.test_cross_entropy import _inputs
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _inputs(n, h, v, device, ignore_frac=0.25, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / h**0.5 * 2
-    labels = torch.randint(0, v, (n,), generator=gen)
-    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
-    return hidden.to(device), weight.to(device), labels.to(device)
 
 
 def _streamed(chunk, scale=1.0):

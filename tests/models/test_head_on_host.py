@@ -14,14 +14,8 @@ import torch
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import unpatch
 from raytune_llm.models.settings import set_head_on_host
-from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
-
-
-def _step(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), lora_grads(model)
+from tests.models.conftest import VOCAB, sync_and_randomise_lora
+from tests.models.test_memory_settings import _step
 
 
 def test_head_on_host_refuses_what_it_cannot_serve(tiny_paths):
