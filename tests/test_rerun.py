@@ -42,6 +42,25 @@ def test_a_rerun_may_change_length_cadence_and_exports_only(tmp_path):
     assert "lr: 0.5" not in saved  # the record of what was trained is untouched
 
 
+def test_a_rerun_may_move_memory_and_resume_a_config_saved_before_a_setting_existed(tmp_path):
+    # Where weights and activations sit changes no gradient: a resume may move them. A config.yaml written before
+    # model.head_on_host existed lacks it; the run then had its default, which this run keeps.
+    offload = "model.gradient_checkpointing=offload"
+    cfg = _run_folder(tmp_path, offload)
+    same = [f"output_dir={tmp_path}", "name=r", offload]
+    moved = ["model.head_on_host=true", "model.keep_mlp_layers=2", "model.last_layer_on_device=true"]
+    assert check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, *moved])) == []
+    with pytest.raises(UserError, match="model.gradient_checkpointing"):  # not a placement: refused as before
+        check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, "model.gradient_checkpointing=on"]))
+    saved = cfg.run_dir / "config.yaml"
+    lines = saved.read_text().splitlines()
+    saved.write_text("\n".join(line for line in lines if "head_on_host" not in line) + "\n")
+    assert check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", same)) == []
+    saved.write_text("\n".join(line for line in lines if "fused:" not in line) + "\n")
+    with pytest.raises(UserError, match="model.fused=True"):  # a missing key compares against its default
+        check_rerun(load_config(ROOT / "conf" / "quickstart.yaml", [*same, "model.fused=false"]))
+
+
 def test_a_run_that_never_trained_may_run_again_under_other_settings(tmp_path):
     # A run that stopped before its first step (bad data, LoRA targets the model lacks, too few CPUs) left its
     # config.yaml, base model and tokenizer: a corrected rerun goes ahead. The base model and tokenizer are handed back

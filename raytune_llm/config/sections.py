@@ -86,8 +86,8 @@ class ModelSection:
     the first kept layer, which costs little or nothing when every layer is checkpointed: backward reaches it
     first. H200, 8B, 4x2048: 3 kept layers -9.6 ms a step (1.5%) for +0.44 GiB (bench/NOTES.md, session 12)."""
     last_layer_on_device: bool = False
-    """With gradient_checkpointing=offload and fused=true: the last checkpointed layer keeps its input and attention
-    stash on the GPU instead of copying them to the host and back (backward reaches it first). H200, 8B: 1x16384
+    """With gradient_checkpointing=offload and fused=true (no effect otherwise): the last checkpointed layer keeps its
+    input and attention stash on the GPU instead of copying them to the host and back (backward reaches it first). H200, 8B: 1x16384
     1,551 -> 1,540 ms a step at 9.70 -> 9.68 GiB; 4x2048 (CUDA graph) 589.1 -> 587.9 ms at +0.06 GiB (session 14)."""
     embeddings_on_host: bool = False
     """With fused=true: keep the frozen input embedding in pinned CPU memory, read over PCIe per batch by the GPU
@@ -96,8 +96,7 @@ class ModelSection:
     head_on_host: bool = False
     """With fused=true: keep the frozen LM head in pinned CPU memory; the loss streams it in over PCIe in 4096-row
     chunks under an online softmax (`kernels.cross_entropy_streamed`): the head's 0.98 GiB (Llama-3.1-8B) leaves the
-    GPU, for a loss workspace ~0.19 GiB larger at 8,192 tokens. H200, 8B, 4x2048 (CUDA graph): peak 0.92 GiB lower,
-    587.6 -> 586.8 ms a step (session 14). Same loss up to fp32 rounding order. Below ~6,000 tokens a step the loss
+    GPU. H200, 8B, 4x2048 (CUDA graph): peak 0.92 GiB lower, 587.6 -> 586.8 ms a step (session 14). Same loss up to fp32 rounding order. Below ~6,000 tokens a step the loss
     waits on PCIe (~19 ms for the head at 2,048 tokens), so short steps keep it on the device. Not with a tied or
     trained head, or DeepSpeed (a ZeRO strategy, or auto choosing one, leaves it on the GPU)."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
@@ -141,11 +140,6 @@ class ModelSection:
             )
         if self.embeddings_on_host and not self.fused:
             _fail("embeddings_on_host=true needs fused=true (the patched embedding reads the host table)")
-        if self.last_layer_on_device and (self.gradient_checkpointing != "offload" or not self.fused):
-            _fail(
-                "last_layer_on_device=true needs gradient_checkpointing=offload and fused=true "
-                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
-            )
         if self.head_on_host and not self.fused:
             _fail("head_on_host=true needs fused=true (the patched loss streams the host head)")
         if n is not None and (self.gradient_checkpointing == "off" or not self.fused):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raytune_llm.config import RunConfig, to_dict
+from raytune_llm.config import RunConfig, load_config, to_dict
 from raytune_llm.config_save import redact
 from raytune_llm.train.errors import UserError
 
@@ -21,6 +21,14 @@ _RERUN_MAY_CHANGE = (
     "export.",
     "cluster.",
     "sweep.",
+    # Where weights and activations sit, not what is computed: the same gradients (the streamed head's loss to fp32
+    # rounding order), so a run may resume with more or less memory.
+    "model.embeddings_on_host",
+    "model.head_on_host",
+    "model.last_layer_on_device",
+    "model.keep_mlp_layers",
+    "model.stash_attention",
+    "model.dequantize_once",
 )
 
 
@@ -86,6 +94,9 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
     adapter = (run_dir / "adapter" / "adapter_config.json").is_file()
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
     now = _flat(redact(to_dict(cfg)))
+    # A setting added since the run was saved took its default then: compare against that, not against None.
+    defaults = _flat(redact(to_dict(load_config(None, []))))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in now}, **saved}
     if not (checkpoint or adapter or remote):
         if _differ(saved, now, lambda k: k.startswith(_BASE_MADE_FROM)):
             return [p for p in (run_dir / "base_model", run_dir / "tokenizer") if p.is_dir()]

@@ -81,9 +81,8 @@ def test_head_on_host_and_last_layer_config_trainer_and_planner(tmp_path):
         load_config(None, ["model.head_on_host=true", "model.fused=false"])
     with pytest.raises(ConfigError, match="head_on_host needs sharding.strategy ddp or auto"):
         load_config(None, ["model.head_on_host=true", "sharding.strategy=zero2"])
-    with pytest.raises(ConfigError, match="last_layer_on_device=true needs gradient_checkpointing=offload"):
-        load_config(None, ["model.last_layer_on_device=true", "model.gradient_checkpointing=on"])
-    cfg = load_config(None, ["model.last_layer_on_device=true", "model.gradient_checkpointing=offload"])
+    # No effect outside offloaded checkpointing, so a conf that sets it still takes model.gradient_checkpointing=on.
+    cfg = load_config(None, ["model.last_layer_on_device=true", "model.gradient_checkpointing=on"])
     assert cfg.model.last_layer_on_device
     on = load_config(None, ["model.head_on_host=true", "model.embeddings_on_host=true"])
     assert on.model.head_on_host
