@@ -644,3 +644,25 @@ def test_a_checkpointed_forward_leaves_gate_and_up_unwritten_unless_kept(monkeyp
     y_grad = lora_mlp(x.detach().requires_grad_(), gate, up, down)
     assert seen == [False, True, True] and len(kept) == 1
     assert torch.equal(y_plain, y_grad.detach())
+
+
+@needs_triton
+def test_unit_scaling_runs_no_multiply_in_backward(monkeypatch):
+    # alpha = r (scaling 1, the benchmarks' setting): the backward's rank-r products are used as they come, no
+    # `mul_` by 1.0 (one kernel each on the GPU); any other scaling is still applied (the reference tests above).
+    device = kernel_device()
+    specs = [(s[0], s[1], s[2], 1.0) for s in SPECS["mlp"]]
+    bases, adapters, scalings = _case("mlp", "dense", torch.bfloat16, device, specs=specs)
+    calls = []
+    real = torch.Tensor.mul_
+
+    def counted(self, *args, **kwargs):
+        calls.append(args)
+        return real(self, *args, **kwargs)
+
+    x = torch.randn(9, HIDDEN, device=device).to(torch.bfloat16).requires_grad_()
+    params = [a.clone().requires_grad_() for a in adapters]
+    out = _bind(lora_mlp, bases, scalings)(x, *params)
+    monkeypatch.setattr(torch.Tensor, "mul_", counted)
+    out.float().sum().backward()
+    assert not calls and all(p.grad is not None for p in params)
