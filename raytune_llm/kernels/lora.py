@@ -135,6 +135,12 @@ def dequantize_once() -> Iterator[None]:
         cache.clear()
 
 
+def _as_grads(t: torch.Tensor, dtypes: list[torch.dtype]) -> torch.Tensor:
+    """The stacked A gradients ``t`` cast once to the adapters' dtype when they share one (fp32 masters: one kernel
+    instead of one per adapter; the per-adapter ``.to`` after the split is then a no-op). Same bits."""
+    return t.to(dtypes[0]) if len(set(dtypes)) == 1 else t
+
+
 def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
     """``t * s`` in place, or ``t`` itself when ``s`` is 1 (alpha = r, as in the benchmarks): x * 1.0 is x, and the
     multiply was one kernel per adapter product in backward, 448 a step at 32 layers (0.57 ms on the H200, session 14's
@@ -274,10 +280,9 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, skip_output: bool, *adapters: torch.Tensor):
         dt = x.dtype
         X = _rows(x)
-        As = [a.to(dt) for a in adapters[0::2]]
         Bs = [b.to(dt) for b in adapters[1::2]]
-        ranks = [a.shape[0] for a in As]
-        A_cat = _cat(As)
+        ranks = [a.shape[0] for a in adapters[0::2]]
+        A_cat = _cat(list(adapters[0::2])).to(dt)  # joined, then cast once (one kernel, not one per adapter)
         XA = X @ A_cat.t()  # one read of X for every projection's adapter
         outs = []
         for base, s, B, xa in zip(bases, scalings, Bs, _split(XA, ranks, 1)):
@@ -312,7 +317,9 @@ class LoRAProjectionsFunction(torch.autograd.Function):
             dX = dX.view(ctx.x_shape)
         grads = []
         need_a = any(ctx.needs_input_grad[4::2])
-        dA_all = _split(low_cat.t() @ X, ctx.ranks, 0) if need_a else [None] * len(Bs)
+        dA_all = (
+            _split(_as_grads(low_cat.t() @ X, ctx.adapter_dtypes[0::2]), ctx.ranks, 0) if need_a else [None] * len(Bs)
+        )
         for i, (s, dY, xa) in enumerate(zip(ctx.scalings, dYs2, _split(XA, ctx.ranks, 1))):
             dA = dA_all[i].to(ctx.adapter_dtypes[2 * i]) if ctx.needs_input_grad[4 + 2 * i] else None
             dB = _scaled(dY.t() @ xa, s).to(ctx.adapter_dtypes[2 * i + 1]) if ctx.needs_input_grad[5 + 2 * i] else None
@@ -346,11 +353,11 @@ class LoRAMLPFunction(torch.autograd.Function):
     ):
         dt = x.dtype
         X = _rows(x)
-        Ag, Bg, Au, Bu, Ad, Bd = (t.to(dt) for t in adapters)
+        Bg, Bu, Ad, Bd = (adapters[i].to(dt) for i in (1, 3, 4, 5))  # adapters: A_g, B_g, A_u, B_u, A_d, B_d
         Ad = Ad.contiguous()  # the backward kernel reads A_d rows with unit stride
         sg_, su_, sd_ = scalings
-        ranks = [Ag.shape[0], Au.shape[0]]
-        A_gu = torch.cat((Ag, Au), dim=0)
+        ranks = [adapters[0].shape[0], adapters[2].shape[0]]
+        A_gu = torch.cat((adapters[0], adapters[2]), dim=0).to(dt)  # joined, then cast once
         XA = X @ A_gu.t()  # [N, r_g + r_u], one read of X for both adapters
         xa_g, xa_u = torch.split(XA, ranks, dim=1)
         if kept is not None:  # a recompute that `reuse_mlp_outputs` serves: the forward's finished G, U and H A_d^T
@@ -427,7 +434,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dX = dX.view(ctx.x_shape)
         dA_g = dA_u = None
         if need[7] or need[9]:
-            dA_g, dA_u = torch.split(low.t() @ X, ctx.ranks, dim=0)
+            dA_g, dA_u = torch.split(_as_grads(low.t() @ X, ctx.adapter_dtypes[0::2][:2]), ctx.ranks, dim=0)
             dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[7] else None
             dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[9] else None
         xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
