@@ -97,7 +97,7 @@ class ModelSection:
     """With fused=true: keep the frozen LM head in pinned CPU memory; the loss streams it in over PCIe in 4096-row
     chunks under an online softmax (`kernels.cross_entropy_streamed`): the head's 0.98 GiB (Llama-3.1-8B) leaves the
     GPU. H200, 8B, 4x2048 (CUDA graph): peak 0.92 GiB lower, 587.6 -> 586.8 ms a step (session 14). Same loss up to fp32 rounding order. Below ~6,000 tokens a step the loss
-    waits on PCIe (~19 ms for the head at 2,048 tokens), so short steps keep it on the device. Not with a tied or
+    waits on PCIe (~19 ms for the head at 2,048 tokens, by the copy rate), so short steps keep it on the device. Not with a tied or
     trained head, or DeepSpeed (a ZeRO strategy, or auto choosing one, leaves it on the GPU)."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
     """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor

@@ -220,11 +220,10 @@ class _Chunks:
     (CUDA and a host head), else sliced (a head already on the compute device, or a CPU run)."""
 
     def __init__(self, weight: torch.Tensor, device: torch.device, rows: int) -> None:
-        self.weight, self.rows = weight, rows
+        self.weight = weight
         self.bounds = [(v0, min(v0 + rows, weight.shape[0])) for v0 in range(0, weight.shape[0], rows)]
         self.streamed = device.type == "cuda" and weight.device.type == "cpu"
-        if not self.streamed:
-            self.device = device
+        if not self.streamed:  # the head is on the compute device already (checked by the caller), or a CPU run
             return
         n_bufs = min(2, len(self.bounds))
         h = weight.shape[1]
@@ -253,7 +252,7 @@ class _Chunks:
     def get(self, j: int) -> torch.Tensor:
         v0, v1 = self.bounds[j]
         if not self.streamed:
-            return self.weight[v0:v1].to(self.device)
+            return self.weight[v0:v1]
         b = j % len(self.bufs)
         self.compute.wait_event(self.ready[b])
         return self.bufs[b][: v1 - v0]

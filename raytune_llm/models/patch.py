@@ -44,7 +44,7 @@ from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoin
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
-from raytune_llm.models.settings import STATE_ATTR, bring_home, causal_lm, weights_on_device
+from raytune_llm.models.settings import STATE_ATTR, bring_home, causal_lm, head_loss_reason, weights_on_device
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
 
 
@@ -383,13 +383,7 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
         # Checked per call as well: PEFT may freeze the head (or wrap it) after patching.
         if ops["fused_linear_cross_entropy"] is None:
             return "kernels.fused_linear_cross_entropy not available"
-        if type(head) is not torch.nn.Linear or head.bias is not None:
-            return f"lm_head is {type(head).__name__} (fused loss takes a plain bias-free Linear)"
-        if head.weight.requires_grad:
-            return "lm_head weight is trainable"
-        if zero3_partitioned(head.weight):
-            return "DeepSpeed ZeRO-3 partitioned lm_head"
-        return None
+        return head_loss_reason(head)
 
     why = loss_stock_reason(lm.get_output_embeddings())
     if why is not None:
@@ -426,8 +420,6 @@ def _patch_lm(state: dict, report: PatchReport, lm, ops) -> None:
             if (state["head_on_host"] or weight.device != flat_h.device) and stream is not None:
                 # settings.set_head_on_host: the head comes over chunk by chunk
                 loss = stream(flat_h, weight, shifted.reshape(-1))
-            elif weight.device != flat_h.device:  # no streamed kernel here (no triton): the head comes over whole
-                loss = ops["fused_linear_cross_entropy"](flat_h, weight.to(flat_h.device), shifted.reshape(-1))
             else:
                 loss = ops["fused_linear_cross_entropy"](flat_h, weight, shifted.reshape(-1))
             if num_items is not None:

@@ -235,13 +235,7 @@ def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:
         ValueError: a non-bool value, a model `patch` did not patch, an embedding the patch left stock, a
             trainable embedding, or one tied to the LM head (the head reads the same weight on the GPU).
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"embeddings_on_host must be true or false, got {on!r}")
-    lm = causal_lm(model)
-    state = lm.__dict__.get(STATE_ATTR)
-    if state is None:
-        raise ValueError("set_embeddings_on_host needs a model patched by raytune_llm.patch (fused=True)")
-    _check_not_borrowed(state, "embeddings_on_host")
+    lm, state = _host_setting(model, "embeddings_on_host", on)
     embed = lm.get_input_embeddings()
     weight = embed.weight
     if on:
@@ -271,10 +265,10 @@ def set_head_on_host(model: torch.nn.Module, on: bool) -> None:
     device memory. H200, 8B, 4x2048 as a CUDA graph (session 14): peak 0.92 GiB lower, 587.6 -> 586.8 ms a step. The
     loss is the same up to fp32 rounding order, the hidden-state gradient within a bf16 rounding. The head's 1 GB
     crosses PCIe each step, hidden behind the loss's GEMMs only from roughly 6,000 tokens a step (at 2,048 the loss
-    waits ~19 ms on it: keep the head on the device for short steps). Logits (no labels), calls the patch leaves to the model's own forward and
-    `generate` bring the head back to its device while they run. Only where the weight stays whole on one device:
-    the trainer does not use it under DeepSpeed. On a CPU run nothing moves, but the loss still takes the streamed
-    path. Takes effect at once.
+    waits ~19 ms on it, by the copy rate: keep the head on the device for short steps). Logits (no labels), calls the
+    patch leaves to the model's own forward and `generate` bring the head back to its device while they run. Only
+    where the weight stays whole on one device: the trainer does not use it under DeepSpeed. On a CPU run nothing
+    moves, but the loss still takes the streamed path. Takes effect at once.
 
     Args:
         model: a model `patch` patched (PEFT wrapper or causal LM).
@@ -282,27 +276,16 @@ def set_head_on_host(model: torch.nn.Module, on: bool) -> None:
 
     Raises:
         ValueError: a non-bool value, a model `patch` did not patch, a head the fused loss cannot take (not a
-            plain bias-free Linear), a trainable head, or one tied to the input embedding.
+            plain bias-free Linear, or a stock loss), a trainable head, one tied to the input embedding or
+            partitioned by ZeRO-3, or a call while `weights_on_device` holds the weights.
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"head_on_host must be true or false, got {on!r}")
-    lm = causal_lm(model)
-    state = lm.__dict__.get(STATE_ATTR)
-    if state is None:
-        raise ValueError("set_head_on_host needs a model patched by raytune_llm.patch (fused=True)")
-    _check_not_borrowed(state, "head_on_host")
+    lm, state = _host_setting(model, "head_on_host", on)
     head = lm.get_output_embeddings()
     if on:
-        if "lm_head.loss" in state["report"].stock:  # the stock loss would bring the head back every step
-            raise ValueError(f"head_on_host: the loss is stock ({state['report'].stock['lm_head.loss']})")
-        if type(head) is not torch.nn.Linear or head.bias is not None:
-            raise ValueError(
-                f"head_on_host: lm_head is {type(head).__name__} (the loss takes a plain bias-free Linear)"
-            )
-        if head.weight.requires_grad:
-            raise ValueError("head_on_host needs a frozen LM head; this one is trained")
-        if zero3_partitioned(head.weight):
-            raise ValueError("head_on_host: DeepSpeed ZeRO-3 partitions the LM head; leave it on the device")
+        # The loss the patch would leave stock (it would bring the head back every step), as patch decides per call.
+        why = state["report"].stock.get("lm_head.loss") or head_loss_reason(head)
+        if why is not None:
+            raise ValueError(f"head_on_host: the loss is stock ({why})")
         if head.weight is getattr(lm.get_input_embeddings(), "weight", None):
             raise ValueError(
                 "head_on_host: the LM head is tied to the input embedding (tie_word_embeddings); leave it on the device"
@@ -328,12 +311,16 @@ def _to_host(lm: torch.nn.Module, state: dict, key: str, weight: torch.nn.Parame
     _device_while_generating(lm, state)
 
 
-def _back_home(state: dict, key: str, weight: torch.nn.Parameter) -> None:
-    home = state.pop(f"{key}_home", None)
-    host = state.get(f"{key}_host")
-    if home is not None and host is not None and weight.data_ptr() == host.data_ptr():  # not replaced since
-        weight.data = weight.data.to(home)  # the pinned copy stays for the next move
+def _back_home(state: dict, key: str, weight: torch.nn.Parameter) -> torch.device | None:
+    """Move a weight `_to_host` moved back to its device (the pinned copy stays for the next move); the device, or
+    None when it was not on the host or has been replaced since (then it is left as it is). Either way no longer
+    counted as on the host."""
+    home, host = state.get(f"{key}_home"), state.get(f"{key}_host")
     state[f"{key}_home"] = None
+    if home is None or host is None or weight.data_ptr() != host.data_ptr():
+        return None
+    weight.data = weight.data.to(home)
+    return home
 
 
 @contextlib.contextmanager
@@ -345,7 +332,7 @@ def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "he
     frozen weights are not written by training, so the pinned copies stay and moving back costs no host allocation;
     a write to them while inside is lost. A weight replaced since it was moved (a load with ``assign``, ``.to()``,
     a wrapper) is left as it is, and no longer counted as on the host. Moving the weights to or from the host is
-    refused while inside (`_check_not_borrowed`); after `unpatch` inside, they stay on the device.
+    refused while inside (`_host_setting`); after `unpatch` inside, they stay on the device.
     """
     state = lm.__dict__.get(STATE_ATTR)
     if state is None:
@@ -355,16 +342,8 @@ def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "he
     state["borrowed"] = state.get("borrowed", 0) + 1
     try:
         for key, module in (("embed", lm.get_input_embeddings()), ("head", lm.get_output_embeddings())):
-            home = state.get(f"{key}_home")
-            if key not in keys or home is None:
-                continue
-            host = state[f"{key}_host"]
-            if module.weight.data_ptr() != host.data_ptr():  # replaced since: not ours to move
-                state[f"{key}_home"] = None
-                continue
-            module.weight.data = host.to(home)
-            state[f"{key}_home"] = None
-            moved.append((key, module, home))
+            if key in keys and (home := _back_home(state, key, module.weight)) is not None:
+                moved.append((key, module, home))
         yield
     finally:
         state["borrowed"] -= 1
@@ -381,9 +360,29 @@ def bring_home(lm: torch.nn.Module, state: dict) -> None:
     _back_home(state, "head", lm.get_output_embeddings().weight)
 
 
-def _check_not_borrowed(state: dict, what: str) -> None:
+def head_loss_reason(head: torch.nn.Module | None) -> str | None:
+    """Why the fused loss cannot read this LM head (it then runs stock), or None: `models.patch` asks per call, as
+    PEFT may freeze or wrap the head after patching; `set_head_on_host` asks before moving it."""
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return f"lm_head is {type(head).__name__} (fused loss takes a plain bias-free Linear)"
+    if head.weight.requires_grad:
+        return "lm_head weight is trainable"
+    if zero3_partitioned(head.weight):
+        return "DeepSpeed ZeRO-3 partitioned lm_head"
+    return None
+
+
+def _host_setting(model: torch.nn.Module, name: str, on: bool) -> tuple[torch.nn.Module, dict]:
+    """The causal LM and patch state a host-weight setter works on, after the checks both setters share."""
+    if not isinstance(on, bool):
+        raise ValueError(f"{name} must be true or false, got {on!r}")
+    lm = causal_lm(model)
+    state = lm.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise ValueError(f"set_{name} needs a model patched by raytune_llm.patch (fused=True)")
     if state.get("borrowed"):
-        raise ValueError(f"{what} cannot change while generate or a stock call has the weights on the device")
+        raise ValueError(f"{name} cannot change while generate or a stock call has the weights on the device")
+    return lm, state
 
 
 def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:

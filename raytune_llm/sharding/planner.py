@@ -274,8 +274,9 @@ def _lora_state_bytes(n: int, strategy: str, world: int) -> tuple[float, float]:
     return 4 * n / world, shard
 
 
-def _head_on_host(shape: Shape, strategy: str, a: dict) -> bool:
-    return bool(a.get("head_on_host")) and a["fused"] and not shape.tied and strategy == "DDP"
+def _on_host(setting: str, shape: Shape, strategy: str, a: dict) -> bool:
+    """Whether a host-weight setting (`embeddings_on_host`, `head_on_host`) moves its table: fused, untied, DDP."""
+    return bool(a.get(setting)) and a["fused"] and not shape.tied and strategy == "DDP"
 
 
 def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, float]:
@@ -284,6 +285,7 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     lora_gpu, lora_host = _lora_state_bytes(n_lora, strategy, world)
     tokens = a["seq_len"] * a["micro_batch"]
     zero3 = strategy in ("ZeRO-3", "ZeRO-3+offload")
+    on_host = [setting for setting in ("embeddings_on_host", "head_on_host") if _on_host(setting, shape, strategy, a)]
     stored, phase = _activation_bytes(
         shape,
         tokens,
@@ -293,7 +295,7 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         a.get("checkpoint_layers"),
         fused_loss=a["fused"] and not zero3,
         keep_mlp_layers=a.get("keep_mlp_layers", 0) if a["checkpointing"] != "off" else 0,
-        streamed_head=_head_on_host(shape, strategy, a),
+        streamed_head="head_on_host" in on_host,
     )
     largest_linear = max(i * o for i, o in shape.projections().values())
     # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
@@ -307,15 +309,9 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     if once and a["checkpointing"] != "off" and a.get("checkpoint_layers") != 0:
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
-    host = 0.0
-    if a.get("embeddings_on_host") and a["fused"] and not shape.tied and strategy == "DDP":
-        table = 2 * shape.vocab * shape.hidden  # the input embedding, in pinned host memory
-        dense -= table
-        host += table
-    if _head_on_host(shape, strategy, a):
-        table = 2 * shape.vocab * shape.hidden  # the LM head, in pinned host memory
-        dense -= table
-        host += table
+    table = 2 * shape.vocab * shape.hidden  # the input embedding's or the LM head's bf16 bytes
+    dense -= table * len(on_host)  # in pinned host memory
+    host = table * len(on_host)
     weights = linear + dense
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers

@@ -113,9 +113,14 @@ def test_flce_vocab_wider_than_one_block():
 
 
 @needs_triton
-def test_flce_second_backward_raises():
+@pytest.mark.parametrize("fn", ["fused", "streamed"])
+def test_flce_second_backward_raises(fn):
+    # Both losses make their gradients in the forward (the streamed one: kernels.cross_entropy_streamed).
+    from raytune_llm.kernels.cross_entropy_streamed import streamed_linear_cross_entropy
+
+    loss_fn = fused_linear_cross_entropy if fn == "fused" else streamed_linear_cross_entropy
     hidden, weight, labels = _inputs(3, 8, 16, kernel_device())
-    loss = fused_linear_cross_entropy(hidden.clone().requires_grad_(), weight, labels)
+    loss = loss_fn(hidden.clone().requires_grad_(), weight, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()

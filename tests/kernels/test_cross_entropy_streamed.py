@@ -2,9 +2,9 @@
 
 Covers fp32 and bf16, one and several chunks (a short last one), ignored labels (some and all), a strided hidden,
 a scaled loss, a later chunk whose logits pass the first chunk's by more than the rescale margin (the rows'
-accumulators rescaled in the row kernel), a label outside the vocabulary (NaN loss), the forward without a
-gradient, and on the GPU: a head in pinned host memory at Llama-3 sizes, the same step recorded in a CUDA graph,
-and the device memory it saves.
+accumulators rescaled in the row kernel), confident tokens, a label outside the vocabulary (NaN loss and gradient
+row), the forward without a gradient, and on the GPU: a head in pinned host memory at Llama-3 sizes, the same step
+recorded in a CUDA graph, and the device memory it saves. A second backward: tests/kernels/test_cross_entropy.py.
 """
 
 from __future__ import annotations
@@ -134,15 +134,6 @@ def test_streamed_label_outside_the_vocabulary_gives_nan_loss():
     loss.backward()
     assert math.isnan(loss.item())
     assert h.grad[1].isnan().all() and not h.grad[0].isnan().any()  # that row's gradient says so too
-
-
-@needs_triton
-def test_streamed_second_backward_raises():
-    hidden, weight, labels = _inputs(3, 8, 16, kernel_device())
-    loss = streamed_linear_cross_entropy(hidden.clone().requires_grad_(), weight, labels)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="once per forward"):
-        loss.backward()
 
 
 def test_streamed_rejects_bad_input():
