@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "MAX_FUSED_SIZE",
+    "fp32_out_gemms",
     "interpret_mode",
     "kernel_store_dtype",
     "row_block_settings",
@@ -117,3 +118,28 @@ def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
     if key not in _side_streams:
         _side_streams[key] = torch.cuda.Stream(device=index)
     return _side_streams[key]
+
+
+# [True] when torch's bf16 x bf16 -> fp32 GEMMs (`out_dtype`) ran here, [False] when not; empty until first tried.
+_FP32_OUT_GEMM: list[bool] = []
+
+
+def fp32_out_gemms(t: torch.Tensor) -> bool:
+    """Whether one cuBLAS GEMM can take ``t``'s dtype in and write fp32 (torch's ``out_dtype``, CUDA only).
+
+    Tried once per process on tiny operands of ``t``'s device and dtype; False on the CPU (torch has no such
+    kernel there) and on a torch without it.
+    """
+    if not t.is_cuda:
+        return False
+    if not _FP32_OUT_GEMM:
+        try:
+            a = torch.zeros(16, 16, dtype=t.dtype, device=t.device)
+            c = torch.mm(a, a, out_dtype=torch.float32)
+            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+            _FP32_OUT_GEMM.append(True)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):  # a torch without bf16 -> fp32 GEMMs
+            _FP32_OUT_GEMM.append(False)
+    return _FP32_OUT_GEMM[0]

@@ -47,6 +47,7 @@ import triton.language as tl
 from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import (
     MAX_FUSED_SIZE,
+    fp32_out_gemms,
     kernel_store_dtype,
     row_block_settings,
     side_stream,
@@ -185,23 +186,9 @@ def _stream_final_kernel(
             h0 += BLOCK_H
 
 
-# [True] when torch's bf16 x bf16 -> fp32 GEMMs (`out_dtype`) ran here, [False] when not; empty until first tried.
-_FP32_OUT_GEMM: list[bool] = []
-
-
 def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool) -> None:
     """``acc (=|+=) p @ w``: one GEMM writing fp32 on CUDA (torch's ``out_dtype``), else a product added in fp32."""
-    if p.is_cuda and not _FP32_OUT_GEMM:  # tried once per process, on tiny operands of these dtypes
-        try:
-            a = torch.zeros(16, 16, dtype=p.dtype, device=p.device)
-            c = torch.mm(a, a, out_dtype=torch.float32)
-            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-            _FP32_OUT_GEMM.append(True)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # a torch without bf16 -> fp32 GEMMs
-            _FP32_OUT_GEMM.append(False)
-    if p.is_cuda and _FP32_OUT_GEMM[0]:
+    if fp32_out_gemms(p):
         if first:
             torch.mm(p, w, out_dtype=torch.float32, out=acc)
         else:

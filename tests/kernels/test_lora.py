@@ -666,3 +666,83 @@ def test_unit_scaling_runs_no_multiply_in_backward(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "mul_", counted)
     out.float().sum().backward()
     assert not calls and all(p.grad is not None for p in params)
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["linear", "qkv", "mlp"])
+def test_adapters_reach_the_compute_dtype_in_one_copy(op):
+    # fp32 master adapters become bf16 inside the op through one multi-tensor copy per call (one kernel on CUDA),
+    # no concatenation or per-adapter cast; the values are those of `.to(bf16)` (the reference tests above hold the
+    # results), and each adapter still gets its fp32 gradient.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    device = kernel_device()
+    fn = OPS[op][0]
+    bases, adapters, scalings = _case(op, "dense", torch.bfloat16, device)
+    x = torch.randn(9, SPECS[op][0][1], device=device).to(torch.bfloat16).requires_grad_()
+    params = [a.clone().requires_grad_() for a in adapters]
+    with Ops() as seen:
+        out = _bind(fn, bases, scalings)(x, *params)
+    assert seen.names.count("_foreach_copy_") == 1
+    assert "cat" not in seen.names and "_to_copy" not in seen.names, seen.names
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().sum() for o in outs).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["qkv", "mlp"])
+def test_fp32_adapter_gradients_come_from_fp32_output_gemms(op, monkeypatch):
+    # On CUDA the adapters' gradient products write fp32 themselves: no bf16 rounding of the product, no cast
+    # kernel. Q's dB = dY^T (X A^T) is then within fp32 summation error of the product in fp64 from the op's own
+    # bf16 operands (a bf16-rounded product is off by up to 2^-9 of its largest element); every gradient differs
+    # from the cast path's (forced here) by no more than that path's rounding.
+    from raytune_llm.kernels import _dispatch
+
+    n, hidden, inter, r = 2048, 256, 512, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    dims = [(hidden, hidden), (hidden // 2, hidden), (hidden // 2, hidden)] if op == "qkv" else [
+        (inter, hidden), (inter, hidden), (hidden, inter)]
+    bases = [(rand(o, i) / i**0.5).bfloat16() for o, i in dims]
+    adapters = [t for o, i in dims for t in (rand(r, i) / i**0.5, rand(o, r) / r**0.5)]
+    x = rand(n, hidden).bfloat16()
+    fn = lora_qkv if op == "qkv" else lora_mlp
+
+    def grads():
+        ps = [a.clone().requires_grad_() for a in adapters]
+        ws = [LoRAWeight(b, a, bb, 1.0) for b, a, bb in zip(bases, ps[0::2], ps[1::2])]
+        out = fn(x, *ws)
+        outs = out if isinstance(out, tuple) else (out,)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        torch.autograd.backward(outs, [torch.randn(o.shape, device="cuda", generator=g).bfloat16() for o in outs])
+        return [p.grad for p in ps], g
+
+    fp32_out, _ = grads()
+    assert _dispatch._FP32_OUT_GEMM == [True]
+    monkeypatch.setattr(_dispatch, "_FP32_OUT_GEMM", [False])
+    cast, _ = grads()
+    for a, b in zip(fp32_out, cast):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 2**-7 * b.abs().max(), "beyond the cast path's rounding"
+    assert any(not torch.equal(a, b) for a, b in zip(fp32_out, cast)), "the fp32-output GEMMs did not run"
+    if op == "qkv":
+        g = torch.Generator(device="cuda").manual_seed(1)
+        dy = torch.randn(n, dims[0][0], device="cuda", generator=g).bfloat16()
+        a_cat = torch.cat(adapters[0::2]).bfloat16()
+        xa = x @ a_cat.t()  # the op's own X A^T (the same GEMM), Q's columns first
+        exact = dy.double().t() @ xa[:, :r].double()
+        err = (fp32_out[1].double() - exact).abs().max() / exact.abs().max()
+        assert err < 2e-5, f"Q's dB relative error {err:.2e}: the product was rounded below fp32"
