@@ -362,9 +362,12 @@ class LoRAProjectionsFunction(torch.autograd.Function):
 class LoRAMLPFunction(torch.autograd.Function):
     """The LoRA SwiGLU MLP; see the module docstring for the math and what is saved.
 
-    ``apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, A_g, B_g, A_u, B_u, A_d, B_d)`` with
-    ``bases``/``scalings`` tuples of three (gate, up, down); ``skip_output`` (see `lean_recompute`) saves the
-    same tensors but leaves out the down projection and returns zeros. ``kept`` (``(G, U, H A_d^T)`` from
+    ``apply(x, residual, bases, scalings, skip_output, kept, keep_to, store_gu, A_g, B_g, A_u, B_u, A_d, B_d)`` with
+    ``bases``/``scalings`` tuples of three (gate, up, down); ``residual`` (``[..., hidden]`` or None) is added to
+    the output by the down projection's GEMM (beta = 1: its epilogue reads it, where a separate add read both and
+    wrote the sum). ``skip_output`` (see `lean_recompute`) saves the
+    same tensors but leaves out the down projection and returns zeros (the residual's gradient is still the
+    output's, as `models.checkpointing.residual_add` gives it inside a recompute). ``kept`` (``(G, U, H A_d^T)`` from
     `reuse_mlp_outputs`, with ``skip_output``) replaces the gate/up GEMMs and the activation kernel; ``keep_to``
     (a list from `keep_mlp_outputs`) receives those three after a full forward. ``store_gu`` False (a forward
     whose backward never runs and that keeps nothing: a checkpointed layer's) leaves the finished G and U unwritten:
@@ -375,6 +378,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(
         ctx,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         bases: tuple,
         scalings: tuple,
         skip_output: bool,
@@ -413,7 +417,10 @@ class LoRAMLPFunction(torch.autograd.Function):
             H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
             HA = H @ Ad.t()  # [N, r_d]
             Y, Y2 = _output(x, Bd.shape[0])
-            torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
+            if residual is None:
+                torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
+            else:  # the residual add in the GEMM's epilogue: one rounding of residual + H W_d^T
+                torch.addmm(_rows(residual), H, _dense(bases[2], dt).t(), out=Y2)
             Y2.addmm_(HA, Bd.t(), alpha=sd_)
             del H  # recomputed in backward from G and U
             if keep_to is not None:
@@ -433,7 +440,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd = ctx.saved_tensors
         dt = X.dtype
         sg_, su_, sd_ = ctx.scalings
-        need = ctx.needs_input_grad
+        d_residual = dY if ctx.needs_input_grad[1] else None
+        need = ctx.needs_input_grad[8:]  # the adapters': A_g, B_g, A_u, B_u, A_d, B_d
+        need_x = ctx.needs_input_grad[0]
         dY = _rows(dY).to(dt)
 
         dYB = _scaled(dY @ Bd, sd_)  # s_d dY B_d  [N, r_d]
@@ -445,17 +454,17 @@ class LoRAMLPFunction(torch.autograd.Function):
             xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
         else:
-            dB_d = _grad(dY.t(), HA, sd_, ctx.adapter_dtypes[5]) if need[12] else None
+            dB_d = _grad(dY.t(), HA, sd_, ctx.adapter_dtypes[5]) if need[5] else None
         lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
         if HA is None:
-            dB_d = _grad(dY.t(), H @ Ad.t(), sd_, ctx.adapter_dtypes[5]) if need[12] else None
-        dA_d = _grad(dYB.t(), H, 1.0, ctx.adapter_dtypes[4]) if need[11] else None
+            dB_d = _grad(dY.t(), H @ Ad.t(), sd_, ctx.adapter_dtypes[5]) if need[5] else None
+        dA_d = _grad(dYB.t(), H, 1.0, ctx.adapter_dtypes[4]) if need[4] else None
         del H, dH
 
         low = torch.cat((_scaled(dG @ Bg, sg_), _scaled(dU @ Bu, su_)), dim=1)  # [N, r_g + r_u]
         dX = None
-        if need[0]:
+        if need_x:
             Wg = _dense(ctx.bases[0], dt, last_use=True)
             dX = dG @ Wg
             del Wg
@@ -465,14 +474,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             dX.addmm_(low, A_gu)
             dX = dX.view(ctx.x_shape)
         dA_g = dA_u = None
-        if need[7] or need[9]:
+        if need[0] or need[2]:
             dA_g, dA_u = torch.split(_joint_grad(low.t(), X, ctx.adapter_dtypes[0::2][:2]), ctx.ranks, dim=0)
-            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[7] else None
-            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[9] else None
+            dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[0] else None
+            dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[2] else None
         xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
-        dB_g = _grad(dG.t(), xa_g, sg_, ctx.adapter_dtypes[1]) if need[8] else None
-        dB_u = _grad(dU.t(), xa_u, su_, ctx.adapter_dtypes[3]) if need[10] else None
-        return (dX, None, None, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+        dB_g = _grad(dG.t(), xa_g, sg_, ctx.adapter_dtypes[1]) if need[1] else None
+        dB_u = _grad(dU.t(), xa_u, su_, ctx.adapter_dtypes[3]) if need[3] else None
+        return (dX, d_residual, None, None, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 # ---- functionals --------------------------------------------------------------------------------
@@ -547,17 +556,23 @@ def lora_qkv(
     )
 
 
-def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight) -> torch.Tensor:
-    """The LoRA SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection with its adapter.
+def lora_mlp(
+    x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The LoRA SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection with its adapter, plus ``residual``.
 
     Args:
         x: activations ``[..., hidden]``.
         gate: ``[inter, hidden]`` projection.
         up: ``[inter, hidden]`` projection.
         down: ``[hidden, inter]`` projection.
+        residual: optional ``[..., out]`` of ``x``'s leading shape and dtype, added to the output. On the Triton
+            path the down projection's GEMM adds it (its epilogue reads it: no separate ``[N, out]`` pass; the sum
+            is rounded once, before the rank-r update is added, where ``residual + mlp(x)`` rounds the MLP output
+            first).
 
     Returns:
-        ``[..., hidden]`` in ``x.dtype``.
+        ``[..., out]`` in ``x.dtype``.
 
     Raises:
         TypeError, ValueError: on a malformed :class:`LoRAWeight` or mismatched shapes.
@@ -571,12 +586,18 @@ def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight
         raise ValueError(
             f"lora_mlp: intermediate sizes disagree: gate {gate.B.shape[0]}, up {up.B.shape[0]}, down {down.A.shape[1]}"
         )
+    out_shape = (*x.shape[:-1], down.B.shape[0])
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"lora_mlp: residual {tuple(residual.shape)} {residual.dtype} must be {out_shape} {x.dtype} (the output's)"
+        )
     if not use_triton(x):
-        return reference.lora_mlp(x, gate, up, down)
+        y = reference.lora_mlp(x, gate, up, down)
+        return y if residual is None else residual + y
     skip_output = bool(_lean) and torch.is_grad_enabled()
     kept = _reuse[-1].pop(0) if skip_output and _reuse and _reuse[-1] else None
     keep_to = _keep[-1] if _keep and not torch.is_grad_enabled() else None
     # Without grad (a checkpointed layer's forward) nothing reads the finished G and U unless they are kept.
     store_gu = torch.is_grad_enabled() or keep_to is not None
     bases, scalings = tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws)
-    return LoRAMLPFunction.apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, *_adapters(ws))
+    return LoRAMLPFunction.apply(x, residual, bases, scalings, skip_output, kept, keep_to, store_gu, *_adapters(ws))

@@ -10,6 +10,8 @@ and a bitsandbytes ``Linear4bit``.
 
 from __future__ import annotations
 
+import contextlib
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
@@ -746,3 +748,44 @@ def test_fp32_adapter_gradients_come_from_fp32_output_gemms(op, monkeypatch):
         exact = dy.double().t() @ xa[:, :r].double()
         err = (fp32_out[1].double() - exact).abs().max() / exact.abs().max()
         assert err < 2e-5, f"Q's dB relative error {err:.2e}: the product was rounded below fp32"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_mlp_adds_the_residual_in_the_down_projection(dtype):
+    # lora_mlp(x, ..., residual=h) is h + lora_mlp(x), the add rounded once with the down GEMM's product; the
+    # residual's gradient is the output's, and every other gradient is bit for bit the residual-free op's (the
+    # backward does not read h). Inside a lean recompute the output keeps no values and h still gets its gradient.
+    from raytune_llm.kernels.lora import lean_recompute
+
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "dense", dtype, device)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, HIDDEN, generator=gen).to(device, dtype)
+    h = torch.randn(2, 7, HIDDEN, generator=gen).to(device, dtype)
+    g = torch.randn(2, 7, HIDDEN, generator=gen).to(device, dtype)
+
+    def run(residual, lean=False):
+        xs = x.clone().requires_grad_()
+        ps = [a.clone().requires_grad_() for a in adapters]
+        ws = [LoRAWeight(b, a, bb, s) for b, a, bb, s in zip(bases, ps[0::2], ps[1::2], scalings)]
+        r = None if residual is None else residual.clone().requires_grad_()
+        with lean_recompute() if lean else contextlib.nullcontext():
+            out = lora_mlp(xs, *ws, residual=r)
+        out.backward(g)
+        return out.detach(), [xs.grad, *(p.grad for p in ps)], r
+
+    plain, grads0, _ = run(None)
+    fused, grads1, r = run(h)
+    # bf16: both sides round twice (h + plain rounds plain first), so up to two units in the last place of the sum
+    big = (h + plain).abs().max().item()
+    tol = dict(rtol=0, atol=2**-7 * big) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.float(), (h + plain).float(), **tol)
+    assert torch.equal(r.grad, g)
+    for a, b in zip(grads1, grads0):
+        assert torch.equal(a, b)
+    lean, grads2, r2 = run(h, lean=True)
+    assert lean.stride() == (0, 0, 0) and torch.equal(r2.grad, g)
+    with pytest.raises(ValueError, match="residual"):
+        lora_mlp(x, *[LoRAWeight(b, a, bb, s) for b, a, bb, s in zip(bases, adapters[0::2], adapters[1::2], scalings)],
+                 residual=h[:, :3])
