@@ -10,6 +10,7 @@ CPU smoke run at small shapes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,7 +39,21 @@ def saved(fn) -> dict:
     return out
 
 
-def probe(h: Harness, name: str, b: int, s: int, packed: bool, heads: tuple[int, int, int]) -> dict:
+def _backend(name: str):
+    """A context that lets SDPA use only ``name`` ("cudnn", "flash", "efficient"), or lets it choose ("auto")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel([table[name]])
+
+
+def probe(h: Harness, name: str, b: int, s: int, packed: bool, heads: tuple[int, int, int], backend: str = "auto") -> dict:
+    with _backend(backend):
+        return _probe(h, name, b, s, packed, heads) | {"backend": backend}
+
+
+def _probe(h: Harness, name: str, b: int, s: int, packed: bool, heads: tuple[int, int, int]) -> dict:
     hq, hk, d = heads
     g = torch.Generator(device=h.device).manual_seed(0)
     q = torch.randn(b, hq, s, d, device=h.device, dtype=h.dtype, generator=g).requires_grad_()
@@ -80,6 +95,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: 4 / 2 heads of 16, rows of 64")
+    p.add_argument("--backends", default="auto", help="comma list of auto, cudnn, flash, efficient (SDPA's choice "
+                   "limited to one; the packed shape takes flash varlen whatever this says)")
+    p.add_argument("--shapes", default=None, help="comma list of shape names (default: all)")
     args = p.parse_args()
     h = Harness(tiny=args.tiny, reps=5, warmup=2)
     rows = []
@@ -87,11 +105,18 @@ def main() -> None:
     shapes += [("1x65536", 1, 65536, False)]
     if args.tiny:
         shapes = [("2x64", 2, 64, False), ("packed_64", 1, 64, True)]
+    if args.shapes:
+        shapes = [sh for sh in shapes if sh[0] in args.shapes.split(",")]
     for name, b, s, packed in shapes:
-        row = probe(h, name, b, s, packed, (4, 2, 16) if args.tiny else (32, 8, 128))
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        torch.cuda.empty_cache()
+        for backend in args.backends.split(","):
+            try:
+                row = probe(h, name, b, s, packed, (4, 2, 16) if args.tiny else (32, 8, 128), backend)
+            except RuntimeError as exc:  # a backend that refuses these inputs
+                row = {"shape": name, "backend": backend, "error": str(exc).splitlines()[0][:200]}
+            print(json.dumps({k: v for k, v in row.items() if k != "nodes"}), flush=True)
+            rows.append(row)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         gpu = "cpu" if args.tiny else torch.cuda.get_device_name()
         json.dump({"torch": torch.__version__, "gpu": gpu, "rows": rows}, f, indent=1)
