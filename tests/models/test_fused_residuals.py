@@ -128,9 +128,10 @@ def test_fused_residuals_on_the_gpu_within_one_rounding(tiny_paths, monkeypatch,
     runs = 1 if mode == "off" else 2  # a checkpointed layer runs its forward twice
     assert fused_calls[0] == 2 * n_layers * runs  # two norms a layer, in the bf16 kernels
     assert in_gemm[0] == n_layers * runs and valueless[0] == 0
-    # bf16: the last add's one rounding (2^-8 of an element) moves the loss by well under 1e-3 and each LoRA
-    # gradient by well under 1% of its norm
+    # bf16: the last add's one rounding (2^-8 of an element) moves the loss by well under 1e-3; through the rest of
+    # this bf16 model it moved the LoRA gradients by up to 1.5% of their norms on the H200 (session 15, the q_proj
+    # A gradients), where a wrong add moves them by their whole size
     torch.testing.assert_close(loss1, loss0, rtol=1e-3, atol=0)
     for name in g0:
         rel = (g1[name].float() - g0[name].float()).norm() / g0[name].float().norm().clamp_min(1e-30)
-        assert rel < 1e-2, f"{name}: gradient moved {rel:.2e} of its norm"
+        assert rel < 3e-2, f"{name}: gradient moved {rel:.2e} of its norm"
