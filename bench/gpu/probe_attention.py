@@ -43,12 +43,17 @@ def _backend(name: str):
     """A context that lets SDPA use only ``name`` ("cudnn", "flash", "efficient"), or lets it choose ("auto")."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    table = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel([table[name]])
 
 
-def probe(h: Harness, name: str, b: int, s: int, packed: bool, heads: tuple[int, int, int], backend: str = "auto") -> dict:
+def probe(
+    h: Harness, name: str, b: int, s: int, packed: bool, heads: tuple[int, int, int], backend: str = "auto"
+) -> dict:
     with _backend(backend):
         return _probe(h, name, b, s, packed, heads) | {"backend": backend}
 
@@ -95,8 +100,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: 4 / 2 heads of 16, rows of 64")
-    p.add_argument("--backends", default="auto", help="comma list of auto, cudnn, flash, efficient (SDPA's choice "
-                   "limited to one; the packed shape takes flash varlen whatever this says)")
+    p.add_argument(
+        "--backends",
+        default="auto",
+        help="comma list of auto, cudnn, flash, efficient (SDPA's choice "
+        "limited to one; the packed shape takes flash varlen whatever this says)",
+    )
     p.add_argument("--shapes", default=None, help="comma list of shape names (default: all)")
     args = p.parse_args()
     h = Harness(tiny=args.tiny, reps=5, warmup=2)

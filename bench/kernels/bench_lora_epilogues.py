@@ -70,7 +70,11 @@ def main() -> None:
         "dA down: (dY B_d)^T H [16 x 14336]": (rnd(n, r).t(), rnd(n, inter)),
     }
     for name, (a, b) in products.items():
-        now = (lambda a=a, b=b: torch.mm(a, b, out_dtype=torch.float32)) if fp32_out else (lambda a=a, b=b: (a @ b).float())
+        now = (
+            (lambda a=a, b=b: torch.mm(a, b, out_dtype=torch.float32))
+            if fp32_out
+            else (lambda a=a, b=b: (a @ b).float())
+        )
         pair(name, lambda a=a, b=b: (a @ b).float(), now)
     f32 = torch.float32
     As = [rnd(r, hid, dtype=f32), rnd(r, hid, dtype=f32)]

@@ -716,8 +716,11 @@ def test_fp32_adapter_gradients_come_from_fp32_output_gemms(op, monkeypatch):
     def rand(*shape):
         return torch.randn(*shape, device="cuda", generator=gen)
 
-    dims = [(hidden, hidden), (hidden // 2, hidden), (hidden // 2, hidden)] if op == "qkv" else [
-        (inter, hidden), (inter, hidden), (hidden, inter)]
+    dims = (
+        [(hidden, hidden), (hidden // 2, hidden), (hidden // 2, hidden)]
+        if op == "qkv"
+        else [(inter, hidden), (inter, hidden), (hidden, inter)]
+    )
     bases = [(rand(o, i) / i**0.5).bfloat16() for o, i in dims]
     adapters = [t for o, i in dims for t in (rand(r, i) / i**0.5, rand(o, r) / r**0.5)]
     x = rand(n, hidden).bfloat16()
@@ -787,5 +790,8 @@ def test_mlp_adds_the_residual_in_the_down_projection(dtype):
     lean, grads2, r2 = run(h, lean=True)
     assert lean.stride() == (0, 0, 0) and torch.equal(r2.grad, g)
     with pytest.raises(ValueError, match="residual"):
-        lora_mlp(x, *[LoRAWeight(b, a, bb, s) for b, a, bb, s in zip(bases, adapters[0::2], adapters[1::2], scalings)],
-                 residual=h[:, :3])
+        lora_mlp(
+            x,
+            *[LoRAWeight(b, a, bb, s) for b, a, bb, s in zip(bases, adapters[0::2], adapters[1::2], scalings)],
+            residual=h[:, :3],
+        )
