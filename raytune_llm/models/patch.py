@@ -11,8 +11,7 @@ global) and records the originals on the model so `unpatch(model)` restores them
 - the inner model's forward: builds the attention metadata once, runs the layers (checkpointed when
   asked, see models.checkpointing) and never builds HF's 4D mask;
 - each decoder layer, for the patched loop's calls: its residual adds inside the RMSNorm kernels
-  (kernels.rms_norm.add_rms_norm / rms_norm_residual) and the last one in the down projection's GEMM
-  (kernels.lora_mlp's ``residual``); `settings.set_fused_residuals`;
+  (kernels.rms_norm.add_rms_norm / rms_norm_residual; `settings.set_fused_residuals`);
 - the input embedding: kernels.embedding when `settings.set_embeddings_on_host` moved its table to pinned
   host memory (the stock lookup otherwise);
 - the causal LM's forward: with labels, the loss goes through kernels.fused_linear_cross_entropy (or
@@ -204,27 +203,22 @@ def _patch_mlp(state: dict, report: PatchReport, name: str, mlp, ops) -> None:
 
     intermediate = getattr(mlp, "intermediate_size", None) or mlp.config.intermediate_size
 
-    def run(module, x, residual=None):
+    def run(module, x):
         mods = [module.gate_proj, module.up_proj, module.down_proj]  # per call: PEFT may wrap them after patching
         fused = _fused_weights(mods) if ops["lora_mlp"] is not None else None
         if fused is not None and all(b is None for b in fused[1]):
-            return ops["lora_mlp"](x, *fused[0], residual=residual)
-        y = module.down_proj(ops["swiglu"](module.gate_proj(x), module.up_proj(x)))
-        return y if residual is None else residual_add(residual, y)
+            return ops["lora_mlp"](x, *fused[0])
+        return module.down_proj(ops["swiglu"](module.gate_proj(x), module.up_proj(x)))
 
-    def forward(self, x, residual=None):
-        """``mlp(x)``, or ``residual + mlp(x)`` with the add inside the down projection's GEMM where it fuses (the
-        decoder layer's last residual add, from `_patch_layer`)."""
+    def forward(self, x):
         tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
         chunk = chunk_tokens_for(state["mlp_chunk_tokens"], tokens, intermediate, x.element_size())
         if chunk is None:
-            return run(self, x, residual)
+            return run(self, x)
         params = [p for p in self.parameters() if p.requires_grad]
         with keep_mlp_outputs(None):  # split over tokens so as to keep no [tokens, intermediate] tensor
-            y = tiled_over_tokens(lambda rows: run(self, rows), x, chunk, params)
-        return y if residual is None else residual_add(residual, y)
+            return tiled_over_tokens(lambda rows: run(self, rows), x, chunk, params)
 
-    forward.takes_residual = True
     _set_forward(state, mlp, forward)
     report.replaced.append(f"{name}: lora_mlp")
 
@@ -267,8 +261,6 @@ def _patch_layer(state: dict, report: PatchReport, name: str, layer, ops: dict) 
         residual, x = norm_residual(hidden_states, n1.weight, norms[0])
         x, _ = self.self_attn(hidden_states=x, **kwargs)
         residual, x = add_norm(residual, x, n2.weight, norms[1])
-        if getattr(self.mlp.forward, "takes_residual", False):  # patched: the add inside the down projection
-            return self.mlp(x, residual=residual)
         return residual_add(residual, self.mlp(x))
 
     _set_forward(state, layer, forward)
