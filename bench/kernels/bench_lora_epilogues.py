@@ -6,6 +6,8 @@
    (``out_dtype``, now), for each product shape of a layer's backward.
 3. The MLP's six fp32 adapters to bf16: a concatenation and cast of the A pair and four casts (before) against one
    multi-tensor copy (now).
+4. An adapter's two backward products of one upstream gradient, ``M B`` and ``M^T (X A^T)``: two cuBLAS GEMMs (bf16
+   and fp32 out) against `kernels.lora_pair` (one read of ``M``), at each tile setting of a small sweep.
 
 Device time per form (bench/_harness.py: median of many repetitions, each after an L2 flush). Writes JSON to --out.
 ``--tiny``: a CPU smoke run at small shapes.
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from _harness import Harness, environment  # noqa: E402
 
+import raytune_llm.kernels.lora_pair as lp  # noqa: E402
 from raytune_llm.kernels.lora import _cast_adapters  # noqa: E402
 
 
@@ -84,6 +87,23 @@ def main() -> None:
         lambda: (torch.cat(As).to(bf), [t.to(bf) for t in others]),
         lambda: _cast_adapters(As, others, bf),
     )
+    tiles = [(32, 32, 4)] if args.tiny else [(64, 256, 8), (32, 256, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8)]
+    for width in (96,) if args.tiny else (inter, hid, 1024):
+        M, R, L = rnd(n, width), rnd(width, r), rnd(n, r)
+
+        def cublas(M=M, R=R, L=L):
+            return M @ R, (torch.mm(M.t(), L, out_dtype=torch.float32) if fp32_out else (M.t() @ L).float())
+
+        for tile in tiles:
+            lp._TILE = tile
+            if args.tiny:
+                lp._TILE_INTERPRET = tile
+            pair(
+                f"pair {n}x{width} r{r} tile {tile}",
+                cublas,
+                lambda M=M, R=R, L=L: lp.lora_pair(M, R, L, bf, torch.float32),
+            )
+        lp._TILE = tiles[0]
     with open(args.out, "w") as f:
         json.dump({"environment": environment(), "rows": rows}, f, indent=1)
 

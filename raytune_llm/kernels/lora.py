@@ -76,6 +76,7 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import fp32_out_gemms, use_triton
+from raytune_llm.kernels.lora_pair import lora_pair
 from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
 from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
@@ -144,6 +145,25 @@ def _grad(a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> tor
     if dtype == torch.float32 and fp32_out_gemms(a):
         return _scaled(torch.mm(a, b, out_dtype=torch.float32), s)
     return _scaled(a @ b, s).to(dtype)
+
+
+# Both rank-r products of one upstream gradient from one read of it (`kernels.lora_pair`) in bf16/fp16; False: two
+# GEMMs each (as fp32 always does: the fp32 reference tests hold each product to 1e-5 of its element).
+_PAIRED = [True]
+
+
+def _products(
+    M: torch.Tensor, R: torch.Tensor | None, L: torch.Tensor | None, s: float, q_dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(s M R, s M^T L)``, each None where its operand is: an adapter's ``s dY B`` (in ``M``'s dtype) and its
+    ``dB = s dY^T (X A^T)`` (in ``q_dtype``), from one read of ``M`` where both are asked for. One product alone
+    comes from the same kernel with the same bits, so a path that cannot pair matches one that does."""
+    if _PAIRED[0] and M.dtype in (torch.bfloat16, torch.float16):
+        P, Q = lora_pair(M, R, L, M.dtype, q_dtype)
+    else:
+        P = M @ R if R is not None else None
+        Q = _grad(M.t(), L, 1.0, q_dtype) if L is not None else None
+    return (None if P is None else _scaled(P, s)), (None if Q is None else _scaled(Q, s))
 
 
 def _joint_grad(a: torch.Tensor, b: torch.Tensor, dtypes: list[torch.dtype]) -> torch.Tensor:
@@ -335,14 +355,17 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         dt = X.dtype
         need_x = ctx.needs_input_grad[0]
         dX = None
-        low = []
+        low, dBs = [], []
         dYs2 = [_rows(dy).to(dt) for dy in dYs]
-        for base, s, B, dY in zip(ctx.bases, ctx.scalings, Bs, dYs2):
+        for i, (base, s, B, dY, xa) in enumerate(zip(ctx.bases, ctx.scalings, Bs, dYs2, _split(XA, ctx.ranks, 1))):
             if need_x:
                 W = _dense(base, dt, last_use=True)
                 dX = dY @ W if dX is None else dX.addmm_(dY, W)
                 del W
-            low.append(_scaled(dY @ B, s))  # s * dY B  [N, r]
+            # s dY B [N, r] and dB = s dY^T (X A^T), from one read of dY
+            p, dB = _products(dY, B, xa if ctx.needs_input_grad[5 + 2 * i] else None, s, ctx.adapter_dtypes[2 * i + 1])
+            low.append(p)
+            dBs.append(dB)
         low_cat = torch.cat(low, dim=1) if len(low) > 1 else low[0]
         if need_x:
             dX.addmm_(low_cat, A_cat)  # all rank updates in one GEMM of inner size sum(r)
@@ -352,9 +375,8 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         dA_all = (
             _split(_joint_grad(low_cat.t(), X, ctx.adapter_dtypes[0::2]), ctx.ranks, 0) if need_a else [None] * len(Bs)
         )
-        for i, (s, dY, xa) in enumerate(zip(ctx.scalings, dYs2, _split(XA, ctx.ranks, 1))):
+        for i, dB in enumerate(dBs):
             dA = dA_all[i].to(ctx.adapter_dtypes[2 * i]) if ctx.needs_input_grad[4 + 2 * i] else None
-            dB = _grad(dY.t(), xa, s, ctx.adapter_dtypes[2 * i + 1]) if ctx.needs_input_grad[5 + 2 * i] else None
             grads += [dA, dB]
         return (dX, None, None, None, *grads)
 
@@ -362,12 +384,9 @@ class LoRAProjectionsFunction(torch.autograd.Function):
 class LoRAMLPFunction(torch.autograd.Function):
     """The LoRA SwiGLU MLP; see the module docstring for the math and what is saved.
 
-    ``apply(x, residual, bases, scalings, skip_output, kept, keep_to, store_gu, A_g, B_g, A_u, B_u, A_d, B_d)`` with
-    ``bases``/``scalings`` tuples of three (gate, up, down); ``residual`` (``[..., hidden]`` or None) is added to
-    the output by the down projection's GEMM (beta = 1: its epilogue reads it, where a separate add read both and
-    wrote the sum). ``skip_output`` (see `lean_recompute`) saves the
-    same tensors but leaves out the down projection and returns zeros (the residual's gradient is still the
-    output's, as `models.checkpointing.residual_add` gives it inside a recompute). ``kept`` (``(G, U, H A_d^T)`` from
+    ``apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, A_g, B_g, A_u, B_u, A_d, B_d)`` with
+    ``bases``/``scalings`` tuples of three (gate, up, down); ``skip_output`` (see `lean_recompute`) saves the
+    same tensors but leaves out the down projection and returns zeros. ``kept`` (``(G, U, H A_d^T)`` from
     `reuse_mlp_outputs`, with ``skip_output``) replaces the gate/up GEMMs and the activation kernel; ``keep_to``
     (a list from `keep_mlp_outputs`) receives those three after a full forward. ``store_gu`` False (a forward
     whose backward never runs and that keeps nothing: a checkpointed layer's) leaves the finished G and U unwritten:
@@ -378,7 +397,6 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(
         ctx,
         x: torch.Tensor,
-        residual: torch.Tensor | None,
         bases: tuple,
         scalings: tuple,
         skip_output: bool,
@@ -415,12 +433,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         else:
             # rank updates + activation, one pass
             H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
-            HA = H @ Ad.t()  # [N, r_d]
+            HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
             Y, Y2 = _output(x, Bd.shape[0])
-            if residual is None:
-                torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
-            else:  # the residual add in the GEMM's epilogue: one rounding of residual + H W_d^T
-                torch.addmm(_rows(residual), H, _dense(bases[2], dt).t(), out=Y2)
+            torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
             Y2.addmm_(HA, Bd.t(), alpha=sd_)
             del H  # recomputed in backward from G and U
             if keep_to is not None:
@@ -440,12 +455,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd = ctx.saved_tensors
         dt = X.dtype
         sg_, su_, sd_ = ctx.scalings
-        d_residual = dY if ctx.needs_input_grad[1] else None
-        need = ctx.needs_input_grad[8:]  # the adapters': A_g, B_g, A_u, B_u, A_d, B_d
+        need = ctx.needs_input_grad[7:]  # the adapters': A_g, B_g, A_u, B_u, A_d, B_d
         need_x = ctx.needs_input_grad[0]
         dY = _rows(dY).to(dt)
 
-        dYB = _scaled(dY @ Bd, sd_)  # s_d dY B_d  [N, r_d]
+        # s_d dY B_d [N, r_d], with dB_d = s_d dY^T (H A_d^T) from the same read of dY where H A_d^T is at hand
+        dYB, dB_d = _products(dY, Bd, HA if need[5] else None, sd_, ctx.adapter_dtypes[5])
         Wd = _dense(ctx.bases[2], dt, last_use=True)
         dH = dY @ Wd
         del Wd
@@ -453,16 +468,21 @@ class LoRAMLPFunction(torch.autograd.Function):
         if HA is None:  # a lean recompute: G and U are the base outputs (see forward)
             xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
-        else:
-            dB_d = _grad(dY.t(), HA, sd_, ctx.adapter_dtypes[5]) if need[5] else None
         lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
-        if HA is None:
-            dB_d = _grad(dY.t(), H @ Ad.t(), sd_, ctx.adapter_dtypes[5]) if need[5] else None
-        dA_d = _grad(dYB.t(), H, 1.0, ctx.adapter_dtypes[4]) if need[4] else None
-        del H, dH
+        lean = HA is None
+        # dA_d^T = H^T (s_d dY B_d), with H A_d^T from the same read of H in a lean recompute
+        HA_, dA_dt = _products(H, Ad.t() if lean else None, dYB if need[4] else None, 1.0, ctx.adapter_dtypes[4])
+        dA_d = dA_dt.t().contiguous() if dA_dt is not None else None
+        if lean and need[5]:
+            dB_d = _products(dY, None, HA_, sd_, ctx.adapter_dtypes[5])[1]
+        del H, dH, HA_
 
-        low = torch.cat((_scaled(dG @ Bg, sg_), _scaled(dU @ Bu, su_)), dim=1)  # [N, r_g + r_u]
+        xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
+        # s dG B_g and dB_g = s dG^T (X A_g^T) from one read of dG; the same for up
+        low_g, dB_g = _products(dG, Bg, xa_g if need[1] else None, sg_, ctx.adapter_dtypes[1])
+        low_u, dB_u = _products(dU, Bu, xa_u if need[3] else None, su_, ctx.adapter_dtypes[3])
+        low = torch.cat((low_g, low_u), dim=1)  # [N, r_g + r_u]
         dX = None
         if need_x:
             Wg = _dense(ctx.bases[0], dt, last_use=True)
@@ -478,10 +498,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dA_g, dA_u = torch.split(_joint_grad(low.t(), X, ctx.adapter_dtypes[0::2][:2]), ctx.ranks, dim=0)
             dA_g = dA_g.to(ctx.adapter_dtypes[0]) if need[0] else None
             dA_u = dA_u.to(ctx.adapter_dtypes[2]) if need[2] else None
-        xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
-        dB_g = _grad(dG.t(), xa_g, sg_, ctx.adapter_dtypes[1]) if need[1] else None
-        dB_u = _grad(dU.t(), xa_u, su_, ctx.adapter_dtypes[3]) if need[3] else None
-        return (dX, d_residual, None, None, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+        return (dX, None, None, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 # ---- functionals --------------------------------------------------------------------------------
@@ -556,23 +573,16 @@ def lora_qkv(
     )
 
 
-def lora_mlp(
-    x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The LoRA SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection with its adapter, plus ``residual``.
+def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight) -> torch.Tensor:
+    """The LoRA SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection with its adapter.
 
     Args:
         x: activations ``[..., hidden]``.
         gate: ``[inter, hidden]`` projection.
         up: ``[inter, hidden]`` projection.
         down: ``[hidden, inter]`` projection.
-        residual: optional ``[..., out]`` of ``x``'s leading shape and dtype, added to the output. On the Triton
-            path the down projection's GEMM adds it (its epilogue reads it: no separate ``[N, out]`` pass; the sum
-            is rounded once, before the rank-r update is added, where ``residual + mlp(x)`` rounds the MLP output
-            first).
-
     Returns:
-        ``[..., out]`` in ``x.dtype``.
+        ``[..., hidden]`` in ``x.dtype``.
 
     Raises:
         TypeError, ValueError: on a malformed :class:`LoRAWeight` or mismatched shapes.
@@ -586,18 +596,12 @@ def lora_mlp(
         raise ValueError(
             f"lora_mlp: intermediate sizes disagree: gate {gate.B.shape[0]}, up {up.B.shape[0]}, down {down.A.shape[1]}"
         )
-    out_shape = (*x.shape[:-1], down.B.shape[0])
-    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"lora_mlp: residual {tuple(residual.shape)} {residual.dtype} must be {out_shape} {x.dtype} (the output's)"
-        )
     if not use_triton(x):
-        y = reference.lora_mlp(x, gate, up, down)
-        return y if residual is None else residual + y
+        return reference.lora_mlp(x, gate, up, down)
     skip_output = bool(_lean) and torch.is_grad_enabled()
     kept = _reuse[-1].pop(0) if skip_output and _reuse and _reuse[-1] else None
     keep_to = _keep[-1] if _keep and not torch.is_grad_enabled() else None
     # Without grad (a checkpointed layer's forward) nothing reads the finished G and U unless they are kept.
     store_gu = torch.is_grad_enabled() or keep_to is not None
     bases, scalings = tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws)
-    return LoRAMLPFunction.apply(x, residual, bases, scalings, skip_output, kept, keep_to, store_gu, *_adapters(ws))
+    return LoRAMLPFunction.apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, *_adapters(ws))
