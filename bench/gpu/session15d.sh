@@ -29,8 +29,9 @@ print("new" if ms["new"] <= ms["base"] else "base")
 PY
 )
 echo "== e2e 4x2048 with $pick $(date +%T)"
-root=$PWD; [ "$pick" = base ] && root=$PWD/.ab/base
-PYTHONPATH=/tmp/site:$root python3 bench/e2e/bench_e2e.py --budget-s 300 --shapes 4x2048 \
+# bench_e2e puts the checkout first on its children's path, so the base code replaces the checkout's here (a copy)
+[ "$pick" = base ] && rm -rf raytune_llm && cp -r .ab/base/raytune_llm raytune_llm
+python3 bench/e2e/bench_e2e.py --budget-s 300 --shapes 4x2048 \
   --stacks ours,unsloth,std_qlora --ckpt-ours offload --ours-flags "$OURS --keep-mlp-layers 6 --cuda-graph" \
   --out "$OUT/e2e_s15d_$pick.json" 2>&1 | grep -v "Failed to query" | tail -12
 echo "== done $(date +%T)"
