@@ -158,6 +158,8 @@ def _products(
     """``(s M R, s M^T L)``, each None where its operand is: an adapter's ``s dY B`` (in ``M``'s dtype) and its
     ``dB = s dY^T (X A^T)`` (in ``q_dtype``), from one read of ``M`` where both are asked for. One product alone
     comes from the same kernel with the same bits, so a path that cannot pair matches one that does."""
+    if R is None and L is None:
+        return None, None
     if _PAIRED[0] and M.dtype in (torch.bfloat16, torch.float16):
         P, Q = lora_pair(M, R, L, M.dtype, q_dtype)
     else:

@@ -752,3 +752,18 @@ def test_fp32_adapter_gradients_are_not_rounded_to_bf16(op, monkeypatch):
         exact = dy.double().t() @ xa[:, :r].double()
         err = (fp32_out[1].double() - exact).abs().max() / exact.abs().max()
         assert err < 2e-5, f"Q's dB relative error {err:.2e}: the product was rounded below fp32"
+
+
+@needs_triton
+@pytest.mark.parametrize("frozen", ["A", "B"])
+def test_mlp_with_a_frozen_down_adapter_half(frozen):
+    # An adapter half that does not require grad (frozen A or B of down): its products are skipped, the rest of
+    # the gradients still match the reference.
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", "dense", torch.bfloat16, device)
+    x = torch.randn(9, HIDDEN, device=device).to(torch.bfloat16).requires_grad_()
+    params = [a.clone().requires_grad_(not (i == (4 if frozen == "A" else 5))) for i, a in enumerate(adapters)]
+    _bind(lora_mlp, bases, scalings)(x, *params).float().sum().backward()
+    assert params[4 if frozen == "A" else 5].grad is None
+    assert all(p.grad is not None for i, p in enumerate(params) if i != (4 if frozen == "A" else 5))
+    assert x.grad is not None and torch.isfinite(x.grad).all()
