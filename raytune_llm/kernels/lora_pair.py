@@ -23,9 +23,12 @@ from raytune_llm.kernels._dispatch import interpret_mode
 
 __all__ = ["lora_pair"]
 
-# (BN, BK, warps): the tile walked and the column block each program owns. Not yet swept on the H200
-# (bench/kernels/bench_lora_epilogues.py does); BK = 256 keeps P's partials at 8 B per element of M's rows.
-_TILE = (64, 256, 8)
+# (BN, BK, warps): the tile walked and the column block each program owns. Swept on the H200 at N = 8192, r = 16
+# (bench/kernels/bench_lora_epilogues.py, bench/results/lora_pair_s15d_h200_20261130.json), against cuBLAS's two
+# products: K = 14336 0.132 -> 0.104 ms, K = 4096 0.053 -> 0.044, K = 1024 0.025 -> 0.025; (64, 256, 8), which the
+# session's e2e ran, 0.108 and 0.051; (128, 256, 8) 0.103 and 0.051. BK = 256 keeps P's partials at 8 B per element
+# of M's rows.
+_TILE = (32, 256, 4)
 _TILE_INTERPRET = (32, 32, 4)
 
 
