@@ -136,6 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: the last N checkpointed layers keep their MLP's gate/up outputs (models.settings.set_keep_mlp_layers)",
     )
     p.add_argument(
+        "--keep-mlp-layers-on-host",
+        type=int,
+        default=None,
+        help="ours, offload: N more checkpointed layers keep their MLP's gate/up outputs in host memory "
+        "(models.settings.set_keep_mlp_layers_on_host)",
+    )
+    p.add_argument(
         "--embeddings-on-host",
         action="store_true",
         help="ours: the frozen input embedding in pinned host memory (models.settings.set_embeddings_on_host)",
@@ -295,6 +302,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_keep_mlp_layers(model, args.keep_mlp_layers)
             facts["keep_mlp_layers"] = args.keep_mlp_layers
+        if args.keep_mlp_layers_on_host is not None:
+            from raytune_llm.models.settings import set_keep_mlp_layers_on_host
+
+            set_keep_mlp_layers_on_host(model, args.keep_mlp_layers_on_host)
+            facts["keep_mlp_layers_on_host"] = args.keep_mlp_layers_on_host
         if args.embeddings_on_host:
             from raytune_llm.models.settings import set_embeddings_on_host
 
@@ -651,7 +663,8 @@ def parse_variants(text: str) -> list[dict]:
     without the O projection), graph
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
-    (``+keepN``: keep_mlp_layers), host (``+host``: embeddings_on_host), fused_residuals (``+sep``: off, the
+    (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), host (``+host``:
+    embeddings_on_host), fused_residuals (``+sep``: off, the
     residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device) and head_host
     (``+headhost``: head_on_host).
     """
@@ -668,6 +681,7 @@ def parse_variants(text: str) -> list[dict]:
             "chunk": None,
             "graph": False,
             "keep": 0,
+            "keep_host": 0,
             "host": False,
             "fused_residuals": True,
             "last_on_device": False,
@@ -678,11 +692,13 @@ def parse_variants(text: str) -> list[dict]:
                 v.update(_VARIANT_FLAGS[flag])
             elif flag.startswith("keep") and flag[4:].isdigit():
                 v["keep"] = int(flag[4:])
+            elif flag.startswith("hostkeep") and flag[8:].isdigit():
+                v["keep_host"] = int(flag[8:])
             elif flag.startswith("chunk") and flag[5:].isdigit():
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} ({', '.join(_VARIANT_FLAGS)}, chunkN, keepN)"
+                    f"--variants: unknown flag {flag!r} in {name!r} ({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -710,6 +726,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_gradient_checkpointing(model, v["mode"] or args.ckpt)
         P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
         P.set_keep_mlp_layers(model, v["keep"])
+        P.set_keep_mlp_layers_on_host(model, v["keep_host"])
         P.set_embeddings_on_host(model, v["host"])
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])

@@ -85,6 +85,12 @@ class ModelSection:
     2 x tokens x intermediate_size in the compute dtype per layer (470 MiB at 4x2048 tokens of Llama-3.1-8B) past
     the first kept layer, which costs little or nothing when every layer is checkpointed: backward reaches it
     first. H200, 8B, 4x2048: 3 kept layers -9.6 ms a step (1.5%) for +0.44 GiB (bench/NOTES.md, session 12)."""
+    keep_mlp_layers_on_host: int = 0
+    """With gradient_checkpointing=offload and fused=true: this-many more checkpointed layers keep their MLP's gate and
+    up outputs, in pinned CPU memory: copied there in the forward with the layer's input, back one layer ahead of its
+    backward. No GPU memory at the peak; 2 x tokens x intermediate_size x 2 bytes of CPU memory and of PCIe traffic
+    each way per layer (470 MiB at 4x2048 tokens of 8B). The layers are spread evenly below the GPU-kept ones.
+    Not yet measured on a GPU (bench/NOTES.md, session 15, says what should limit it)."""
     last_layer_on_device: bool = False
     """With gradient_checkpointing=offload and fused=true (no effect otherwise): the last checkpointed layer keeps its
     input and attention stash on the GPU instead of copying them to the host and back (backward reaches it first). H200, 8B: 1x16384
@@ -136,6 +142,14 @@ class ModelSection:
         if k and (self.gradient_checkpointing == "off" or not self.fused):
             _fail(
                 f"keep_mlp_layers={k} needs gradient_checkpointing on or offload and fused=true "
+                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
+            )
+        k = self.keep_mlp_layers_on_host
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            _fail(f"keep_mlp_layers_on_host must be an integer >= 0; got {k!r}")
+        if k and (self.gradient_checkpointing != "offload" or not self.fused):
+            _fail(
+                f"keep_mlp_layers_on_host={k} needs gradient_checkpointing offload and fused=true "
                 f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
             )
         if self.embeddings_on_host and not self.fused:

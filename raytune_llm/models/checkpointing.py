@@ -76,6 +76,17 @@ def residual_add(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return h + m
 
 
+def host_kept_layers(below: int, n: int) -> set[int]:
+    """The layers of ``range(below)`` whose kept MLP outputs go to host memory (`settings.set_keep_mlp_layers_on_host`):
+    ``n`` of them spread evenly, from ``below - 1`` down, so that the forward's copies of one have the layers after it
+    to catch up before the next."""
+    n = min(n, below)
+    if n <= 0:
+        return set()
+    stride = below // n
+    return {below - 1 - j * stride for j in range(n)}
+
+
 def check_mode(mode: str) -> None:
     """Validate a gradient_checkpointing mode.
 
@@ -101,8 +112,10 @@ class OffloadChain:
     def __init__(self) -> None:
         self._slots: list[_Slot] = []
 
-    def _add(self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False) -> int:
-        self._slots.append(_Slot(hidden, stashes, on_device))
+    def _add(
+        self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False, kept: list | None = None
+    ) -> int:
+        self._slots.append(_Slot(hidden, stashes, on_device, kept or []))
         return len(self._slots) - 1
 
     def prefetch_last(self) -> None:
@@ -118,11 +131,16 @@ class OffloadChain:
 
 
 class _Slot:
-    """One offloaded layer input (and its attention stashes): in pinned host memory, or on its way back."""
+    """One offloaded layer input (its attention stashes, and kept MLP outputs sent to the host): in pinned host
+    memory, or on their way back."""
 
-    def __init__(self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False) -> None:
+    def __init__(
+        self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False, kept: list | None = None
+    ) -> None:
         self.copies = HostCopies(_side_stream, on_device)
         self.handle: tuple | None = self.copies.pack(hidden.detach())
+        self.kept_handles = [self.copies.pack(t) for t in kept or []]
+        self.kept: list[torch.Tensor] = []  # the kept outputs back on the device, after `take`
         self.copies.end_packing()
         self.stashes = stashes
 
@@ -137,7 +155,8 @@ class _Slot:
         if self.handle is None:
             raise RuntimeError("an offloaded checkpoint's backward ran twice (retain_graph): its input was used up")
         x = self.copies.unpack(self.handle)
-        self.handle = None
+        self.kept = [self.copies.unpack(h) for h in self.kept_handles]
+        self.handle, self.kept_handles = None, []
         self.copies.clear()
         return x
 
@@ -164,6 +183,7 @@ class _CheckpointFunction(torch.autograd.Function):
         chain,
         after_backward,
         keep_mlp,
+        keep_on_host,
         on_device,
         hidden,
         anchor,
@@ -190,7 +210,12 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.chain, ctx.index = None, None
         if offload:
             ctx.chain = chain if chain is not None else OffloadChain()
-            ctx.index = ctx.chain._add(hidden, ctx.stashes, on_device)
+            # Kept outputs sent to the host go with the input: G and U of each kept call; H A_d^T ([N, r]) stays.
+            to_host = keep_on_host and not on_device and bool(ctx.kept_mlp)
+            kept = [t for entry in ctx.kept_mlp for t in entry[:2]] if to_host else None
+            ctx.index = ctx.chain._add(hidden, ctx.stashes, on_device, kept)
+            if to_host:
+                ctx.kept_mlp[:] = [(None, None, entry[2]) for entry in ctx.kept_mlp]  # the device storages may go
         else:
             ctx.save_for_backward(hidden)
         return out
@@ -200,7 +225,12 @@ class _CheckpointFunction(torch.autograd.Function):
         if ctx.chain is not None:
             if ctx.device.type == "cuda":
                 release_copied(everything=True)  # the last layers' copies to host (a no-op after the first layer)
-            hidden = ctx.chain._slots[ctx.index].take()
+            slot = ctx.chain._slots[ctx.index]
+            hidden = slot.take()
+            if slot.kept:  # kept MLP outputs back from the host: (G, U) pairs, in call order
+                g_u = slot.kept
+                ctx.kept_mlp[:] = [(g_u[2 * j], g_u[2 * j + 1], e[2]) for j, e in enumerate(ctx.kept_mlp)]
+                slot.kept = []
             if ctx.index > 0:
                 ctx.chain._slots[ctx.index - 1].prefetch()
         else:
@@ -224,7 +254,7 @@ class _CheckpointFunction(torch.autograd.Function):
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, None, None, None, None, grad_hidden, None
+        return None, None, None, None, None, None, None, None, None, None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -239,6 +269,7 @@ def checkpoint_layer(
     after_backward: Callable[[], None] | None = None,
     keep_mlp: bool = False,
     on_device: bool = False,
+    keep_on_host: bool = False,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -263,11 +294,25 @@ def checkpoint_layer(
         on_device: with `offload`, keep the input and the attention stash where they are, no host copies: for the
             last layer, whose backward runs first, so that they are not on the device twice (the forward's own,
             freed at backward's start, and the copies brought back for it) and cross PCIe for nothing.
+        keep_on_host: with `keep_mlp` and `offload` (not `on_device`), the kept gate and up outputs go to pinned
+            host memory with the layer's input and come back with it, one layer ahead of this layer's backward.
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
     return _CheckpointFunction.apply(
-        fn, offload, dequant_once, lean, stash, lean_qkv, chain, after_backward, keep_mlp, on_device, hidden, anchor
+        fn,
+        offload,
+        dequant_once,
+        lean,
+        stash,
+        lean_qkv,
+        chain,
+        after_backward,
+        keep_mlp,
+        keep_on_host,
+        on_device,
+        hidden,
+        anchor,
     )

@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from raytune_llm.kernels.lora import keep_mlp_outputs
 from raytune_llm.models import attention_stash
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, one_kernel_path
-from raytune_llm.models.checkpointing import OffloadChain, check_mode, checkpoint_layer, residual_add
+from raytune_llm.models.checkpointing import (
+    OffloadChain,
+    check_mode,
+    checkpoint_layer,
+    host_kept_layers,
+    residual_add,
+)
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
@@ -346,6 +352,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         # The last layer keeps its input and stash on the device when it is checkpointed (settings); not layer 0,
         # whose input may be the caller's own tensor (kept as it is, not a copy, it must not change before backward).
         last_on_device = state["last_layer_on_device"] and (n_ckpt is None or n_ckpt >= n_run) and n_run > 1
+        # More layers keep those outputs in host memory, spread over the rest (settings; offload only).
+        below = min(keep_from, n_run - 1 if last_on_device else n_run)
+        on_host = host_kept_layers(below, state["keep_mlp_layers_on_host"]) if offload else set()
         after = state["after_layer_backward"]
         for i, layer in enumerate(self.layers[:n_run]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
@@ -360,7 +369,8 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     stash=state["stash_attention"],
                     lean_qkv=not state["qk_norm"],
                     after_backward=None if after is None else functools.partial(after, i),
-                    keep_mlp=i >= keep_from,
+                    keep_mlp=i >= keep_from or i in on_host,
+                    keep_on_host=i in on_host,
                     on_device=last_on_device and i == n_run - 1,
                 )
             else:
@@ -502,6 +512,7 @@ def patch(
         "qk_norm": family.qk_norm,
         "capture_docs": None,
         "keep_mlp_layers": 0,
+        "keep_mlp_layers_on_host": 0,
         "fused_residuals": True,
         "last_layer_on_device": False,
         "embed_home": None,

@@ -403,6 +403,32 @@ def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
     lm.generate = generate
 
 
+def set_keep_mlp_layers_on_host(model: torch.nn.Module, layers: int) -> None:
+    """Let `layers` more checkpointed decoder layers keep their MLP's gate and up outputs, in pinned host memory.
+
+    `set_keep_mlp_layers` holds the kept outputs on the device, 470 MiB a layer at 4x2048 tokens of Llama-3.1-8B,
+    and the memory cap stops it there. These layers copy theirs to the host in the forward (with the layer's input
+    and attention stash, on the offload side stream) and bring them back with them, one layer ahead of their
+    backward: no device memory at the peak, and their recompute runs no MLP GEMM either, with the same bits. The
+    cost is PCIe time: 2 x tokens x intermediate x 2 bytes each way (8 ms at 55 GB/s at 4x2048), which the forward
+    has to spare only between layers that copy less (session 14's profile: the forward's copies fill 86% of it at
+    4x2048; more at longer rows, where attention lengthens each layer). So the layers are spread evenly over the
+    checkpointed layers below the device-kept ones (from the last of them down; never the last layer kept on the
+    device). Only with offloaded checkpointing (ignored otherwise) and `lean_recompute`. Takes effect on the next
+    call.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        layers: an int >= 0.
+
+    Raises:
+        ValueError: a bad value, or a model `patch` did not patch.
+    """
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"keep_mlp_layers_on_host must be an integer >= 0, got {layers!r}")
+    _set_setting(model, "keep_mlp_layers_on_host", layers)
+
+
 def set_keep_mlp_layers(model: torch.nn.Module, layers: int) -> None:
     """Let the last `layers` checkpointed decoder layers keep their MLP's gate and up outputs; 0: none (default).
 

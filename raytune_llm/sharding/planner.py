@@ -312,6 +312,8 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     table = 2 * shape.vocab * shape.hidden  # the input embedding's or the LM head's bf16 bytes
     dense -= table * len(on_host)  # in pinned host memory
     host = table * len(on_host)
+    if a["checkpointing"] == "offload" and a["fused"]:  # kept MLP outputs sent to the host (no GPU bytes at the peak)
+        host += min(a.get("keep_mlp_layers_on_host", 0), shape.layers) * 2 * 2 * tokens * shape.intermediate
     weights = linear + dense
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers
@@ -350,6 +352,7 @@ def plan_from_values(
     keep_mlp_layers: int = 0,
     embeddings_on_host: bool = False,
     head_on_host: bool = False,
+    keep_mlp_layers_on_host: int = 0,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -378,6 +381,8 @@ def plan_from_values(
             DDP only, not with a tied head).
         head_on_host: the LM head sits in pinned host memory and the loss streams it in
             (`models.settings.set_head_on_host`; DDP only, not tied).
+        keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
+            `models.settings.set_keep_mlp_layers_on_host`): host bytes, none at the GPU's peak.
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -399,8 +404,9 @@ def plan_from_values(
         isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int) or checkpoint_layers < 0
     ):
         raise PlanError(f"checkpoint_layers must be an int >= 0 or None, got {checkpoint_layers!r}")
-    if isinstance(keep_mlp_layers, bool) or not isinstance(keep_mlp_layers, int) or keep_mlp_layers < 0:
-        raise PlanError(f"keep_mlp_layers must be an int >= 0, got {keep_mlp_layers!r}")
+    for name, k in (("keep_mlp_layers", keep_mlp_layers), ("keep_mlp_layers_on_host", keep_mlp_layers_on_host)):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise PlanError(f"{name} must be an int >= 0, got {k!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
@@ -432,6 +438,7 @@ def plan_from_values(
         keep_mlp_layers=keep_mlp_layers,
         embeddings_on_host=bool(embeddings_on_host),
         head_on_host=bool(head_on_host),
+        keep_mlp_layers_on_host=keep_mlp_layers_on_host,
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     inputs = {
@@ -450,6 +457,7 @@ def plan_from_values(
         "keep_mlp_layers": keep_mlp_layers,
         "embeddings_on_host": bool(embeddings_on_host),
         "head_on_host": bool(head_on_host),
+        "keep_mlp_layers_on_host": keep_mlp_layers_on_host,
         "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
     }
 

@@ -27,6 +27,7 @@ _RERUN_MAY_CHANGE = (
     "model.head_on_host",
     "model.last_layer_on_device",
     "model.keep_mlp_layers",
+    "model.keep_mlp_layers_on_host",
     "model.stash_attention",
     "model.dequantize_once",
 )

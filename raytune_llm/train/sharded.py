@@ -53,6 +53,7 @@ def _plan_args(cfg) -> dict:
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
         dequantize_once=cfg.model.dequantize_once,
         keep_mlp_layers=cfg.model.keep_mlp_layers,
+        keep_mlp_layers_on_host=cfg.model.keep_mlp_layers_on_host,
         embeddings_on_host=cfg.model.embeddings_on_host,
         head_on_host=cfg.model.head_on_host,
     )

@@ -767,3 +767,64 @@ def test_mlp_with_a_frozen_down_adapter_half(frozen):
     assert params[4 if frozen == "A" else 5].grad is None
     assert all(p.grad is not None for i, p in enumerate(params) if i != (4 if frozen == "A" else 5))
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("once", [False, True], ids=["dequant", "once"])
+def test_kept_mlp_outputs_in_host_memory_give_the_same_bits(monkeypatch, once):
+    # keep_on_host: the kept gate and up outputs leave the device with the layer's input (host copies; on the CPU
+    # clones) and come back with it for the layer's backward. The recompute still runs neither GEMM, and the
+    # gradients are the lean recompute's bit for bit.
+    import raytune_llm.kernels.lora as lora_mod
+    import raytune_llm.models.attention_stash as stash_mod
+    from raytune_llm.models.checkpointing import OffloadChain, checkpoint_layer
+
+    device = kernel_device()
+    parts = _toy_layer_parts(device)
+    gate_up = {id(b) for b in parts[2][0][:2]}
+    calls, stores, copies = [], [], [0]
+    real = lora_mod.nf4_dequantize
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in gate_up) or real(w, dt))
+    real_keep = lora_mod.keep_mlp_outputs
+    monkeypatch.setattr("raytune_llm.models.checkpointing.keep_mlp_outputs", lambda s: stores.append(s) or real_keep(s))
+    real_copy = stash_mod.HostCopies._to_host
+    monkeypatch.setattr(
+        stash_mod.HostCopies, "_to_host", lambda self, raw: copies.__setitem__(0, copies[0] + 1) or real_copy(self, raw)
+    )
+
+    def run(keep, on_host):
+        leaves, layer = _toy_layer(parts)
+        x = _toy_input(device)
+        calls.clear(), stores.clear()
+        copies[0] = 0
+        chain, y = OffloadChain(), x
+        for _ in range(2):
+            y = checkpoint_layer(
+                layer, y, offload=True, lean=True, chain=chain, dequant_once=once, keep_mlp=keep, keep_on_host=on_host
+            )
+        sent = [[entry[0] is None and entry[1] is None for entry in store] for store in stores]
+        made = copies[0]
+        y.square().sum().backward()
+        return y.detach(), calls.count(True), sent, made, [x.grad] + [t.grad for ts in leaves.values() for t in ts]
+
+    y_lean, _, _, made_lean, g_lean = run(False, False)
+    y_dev, n_dev, sent_dev, made_dev, g_dev = run(True, False)
+    y_host, n_host, sent_host, made_host, g_host = run(True, True)
+    assert n_host == n_dev == 2 * 2 * 2  # forward and backward: the recompute runs neither gate nor up
+    assert sent_dev == [[False], [False]] and sent_host == [[True], [True]]  # G and U left the device's store
+    assert made_dev == made_lean and made_host == made_lean + 2 * 2  # two more host copies a layer: G and U
+    assert all(not store for store in stores)  # taken by backward
+    torch.testing.assert_close(y_host, y_lean, rtol=0, atol=0)
+    for a, b, c in zip(g_host, g_dev, g_lean):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
+def test_host_kept_layers_are_spread_from_the_last_down():
+    from raytune_llm.models.checkpointing import host_kept_layers
+
+    assert host_kept_layers(26, 0) == set()
+    assert host_kept_layers(26, 1) == {25}
+    assert host_kept_layers(26, 3) == {25, 17, 9}
+    assert host_kept_layers(4, 9) == {0, 1, 2, 3}  # no more than there are
+    assert host_kept_layers(0, 2) == set()

@@ -126,8 +126,73 @@ def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
     assert embed.weight.is_cuda and "generate" not in model.get_base_model().__dict__
 
 
+def test_keep_mlp_layers_on_host_setting_config_and_plan(tiny_paths):
+    from raytune_llm.config import ConfigError, load_config
+    from raytune_llm.models.settings import set_keep_mlp_layers_on_host
+    from raytune_llm.sharding.planner import PlanError, plan_from_values
+    from raytune_llm.sharding.shapes import LLAMA31_8B
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    patch(model, gradient_checkpointing="offload")
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="keep_mlp_layers_on_host must be an integer"):
+            set_keep_mlp_layers_on_host(model, bad)
+    set_keep_mlp_layers_on_host(model, 3)
+    assert model.raytune_patch_report.keep_mlp_layers_on_host == 3
+    with pytest.raises(ConfigError, match="keep_mlp_layers_on_host=2 needs gradient_checkpointing offload"):
+        load_config(None, ["model.keep_mlp_layers_on_host=2", "model.gradient_checkpointing=on"])
+    cfg = load_config(None, ["model.keep_mlp_layers_on_host=2", "model.gradient_checkpointing=offload"])
+    assert cfg.model.keep_mlp_layers_on_host == 2
+    # The planner: host bytes for the kept outputs (2 x 2 x tokens x intermediate each), nothing more on the GPU.
+    common = dict(seq_len=2048, micro_batch=4, checkpointing="offload", keep_mlp_layers=2)
+    p0 = plan_from_values(LLAMA31_8B, **common)
+    p3 = plan_from_values(LLAMA31_8B, **common, keep_mlp_layers_on_host=3)
+    assert p3.strategy == p0.strategy and p3.peak_bytes == p0.peak_bytes
+    host = [p.breakdown.get("host: offloaded (not on GPU)", 0) for p in (p0, p3)]
+    assert host[1] - host[0] == 3 * 2 * 2 * 8192 * 14336, host
+    with pytest.raises(PlanError, match="keep_mlp_layers_on_host must be an int"):
+        plan_from_values(LLAMA31_8B, keep_mlp_layers_on_host=-1)
+
+
+@pytest.mark.parametrize(
+    "mode,keep,on_host,lastdev,want",
+    [
+        ("offload", 1, 1, False, [(True, True), (True, False)]),  # layer 0 below the GPU-kept last one
+        ("offload", 0, 2, False, [(True, True), (True, True)]),
+        ("offload", 0, 2, True, [(True, True), (False, False)]),  # never the last layer kept on the device
+        ("on", 0, 2, False, [(False, False), (False, False)]),  # offload only
+    ],
+)
+def test_the_layer_loop_sends_the_chosen_layers_outputs_to_the_host(
+    tiny_paths, monkeypatch, mode, keep, on_host, lastdev, want
+):
+    # Which layers keep their MLP outputs, and where (the kept tensors' round trip is proved in
+    # tests/kernels/test_lora.py; on the GPU, tests below): (keep_mlp, keep_on_host) per checkpoint_layer call.
+    import raytune_llm.models.patch as patch_mod
+    from raytune_llm.models.settings import set_keep_mlp_layers_on_host, set_last_layer_on_device
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    seen = []
+    real = patch_mod.checkpoint_layer
+
+    def spy(fn, hidden, **kw):
+        seen.append((kw["keep_mlp"], kw["keep_on_host"]))
+        return real(fn, hidden, **kw)
+
+    monkeypatch.setattr(patch_mod, "checkpoint_layer", spy)
+    unpatch(model)
+    patch(model, gradient_checkpointing=mode)
+    set_keep_mlp_layers(model, keep)
+    set_keep_mlp_layers_on_host(model, on_host)
+    set_last_layer_on_device(model, lastdev)
+    model.train()
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    _step(model, ids)
+    assert seen == want
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["on", "offload"])
+@pytest.mark.parametrize("mode", ["on", "offload", "offload-host"])
 def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, monkeypatch, mode):
     import raytune_llm.kernels.lora as lora_mod
     from raytune_llm.models.settings import set_dequantize_once, set_stash_attention
@@ -142,13 +207,18 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
     real = lora_mod.nf4_dequantize
     monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.__setitem__(0, calls[0] + 1) or real(w, dt))
 
+    host = mode == "offload-host"  # the kept outputs in host memory (set_keep_mlp_layers_on_host), on every layer
+
     def run(keep):
+        from raytune_llm.models.settings import set_keep_mlp_layers_on_host
+
         unpatch(model)
-        report = patch(model, gradient_checkpointing=mode)
+        report = patch(model, gradient_checkpointing=mode.split("-")[0])
         set_dequantize_once(model, False)  # with it the recompute's gate/up copies serve backward: counts level
-        set_stash_attention(model, mode == "offload")
-        set_keep_mlp_layers(model, keep)
-        assert report.keep_mlp_layers == keep
+        set_stash_attention(model, mode != "on")
+        set_keep_mlp_layers(model, 0 if host else keep)
+        set_keep_mlp_layers_on_host(model, keep if host else 0)
+        assert report.keep_mlp_layers == (0 if host else keep)
         calls[0] = 0
         return (*_step(model, ids), calls[0])
 
