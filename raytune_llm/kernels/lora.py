@@ -138,26 +138,22 @@ def dequantize_once() -> Iterator[None]:
 
 
 def _grad(a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
-    """An adapter's gradient ``s * a @ b`` in its ``dtype``. fp32 adapters on CUDA: one GEMM that writes fp32 (torch's
-    ``out_dtype``; the product is not rounded to the compute dtype first, and no cast kernel follows: 451 casts a step
-    at 32 layers, 1.46 ms on the H200 in session 14's profile). Elsewhere the product in the compute dtype, scaled,
-    then cast."""
+    """An adapter's gradient ``s * a @ b`` in its ``dtype``: for fp32 on CUDA one GEMM writing fp32 (``out_dtype``: not
+    rounded to the compute dtype first, no cast kernel), else the product in the compute dtype, scaled, cast."""
     if dtype == torch.float32 and fp32_out_gemms(a):
         return _scaled(torch.mm(a, b, out_dtype=torch.float32), s)
     return _scaled(a @ b, s).to(dtype)
 
 
-# Both rank-r products of one upstream gradient from one read of it (`kernels.lora_pair`) in bf16/fp16; False: two
-# GEMMs each (as fp32 always does: the fp32 reference tests hold each product to 1e-5 of its element).
+# bf16/fp16: an adapter's two products of one operand from one read (`kernels.lora_pair`); False (and fp32): two GEMMs.
 _PAIRED = [True]
 
 
 def _products(
     M: torch.Tensor, R: torch.Tensor | None, L: torch.Tensor | None, s: float, q_dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(s M R, s M^T L)``, each None where its operand is: an adapter's ``s dY B`` (in ``M``'s dtype) and its
-    ``dB = s dY^T (X A^T)`` (in ``q_dtype``), from one read of ``M`` where both are asked for. One product alone
-    comes from the same kernel with the same bits, so a path that cannot pair matches one that does."""
+    """``(s M R, s M^T L)`` (None where its operand is): an adapter's ``s dY B`` and ``dB = s dY^T (X A^T)`` (in
+    ``q_dtype``). One product alone has its paired bits, so a path that cannot pair matches one that does."""
     if R is None and L is None:
         return None, None
     if _PAIRED[0] and M.dtype in (torch.bfloat16, torch.float16):
@@ -169,20 +165,15 @@ def _products(
 
 
 def _joint_grad(a: torch.Tensor, b: torch.Tensor, dtypes: list[torch.dtype]) -> torch.Tensor:
-    """The stacked A gradients ``a @ b`` of one fused call, in the adapters' dtype when they share one (one GEMM and
-    at most one cast for all; the per-adapter ``.to`` after the split is then a no-op), else in the compute dtype."""
+    """A fused call's stacked A gradients ``a @ b``: in the adapters' dtype when they share one, else the compute's."""
     return _grad(a, b, 1.0, dtypes[0]) if len(set(dtypes)) == 1 else a @ b
 
 
 def _cast_adapters(
     As: list[torch.Tensor], others: list[torch.Tensor], dt: torch.dtype
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The A adapters joined (``[sum r, in]``) and the ``others``, in the compute dtype ``dt``.
-
-    fp32 masters are copied into one buffer by one multi-tensor copy (one kernel on CUDA where the adapters share a
-    dtype: it was a concatenation, a cast of the joined A and one cast per other adapter, 5-6 kernels a fused call,
-    ~830 a step at 32 layers in session 14's profile). Same values as ``.to(dt)``.
-    """
+    """The A adapters joined (``[sum r, in]``) and the ``others``, in the compute dtype ``dt``: fp32 masters through
+    one multi-tensor copy into one buffer (one kernel on CUDA, where a concatenation and 5-6 casts ran). Same values."""
     ts = [t.detach() for t in (*As, *others)]
     if all(t.dtype == dt for t in ts):
         return _cat(list(As)), list(others)
@@ -472,8 +463,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
         lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
-        lean = HA is None
-        # dA_d^T = H^T (s_d dY B_d), with H A_d^T from the same read of H in a lean recompute
+        lean = HA is None  # dA_d^T = H^T (s_d dY B_d); in a lean recompute H A_d^T from the same read of H
         HA_, dA_dt = _products(H, Ad.t() if lean else None, dYB if need[4] else None, 1.0, ctx.adapter_dtypes[4])
         dA_d = dA_dt.t().contiguous() if dA_dt is not None else None
         if lean and need[5]:

@@ -64,6 +64,13 @@ def _set_setting(model: torch.nn.Module, name: str, value) -> None:
     setattr(state["report"], name, value)
 
 
+def _set_count(model: torch.nn.Module, name: str, n: int) -> None:
+    """`_set_setting` for a count, refusing anything but an int >= 0."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
+    _set_setting(model, name, n)
+
+
 def _set_flag(model: torch.nn.Module, name: str, on: bool) -> None:
     """`_set_setting` for a true/false setting, refusing anything but a bool."""
     if not isinstance(on, bool):
@@ -424,9 +431,7 @@ def set_keep_mlp_layers_on_host(model: torch.nn.Module, layers: int) -> None:
     Raises:
         ValueError: a bad value, or a model `patch` did not patch.
     """
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError(f"keep_mlp_layers_on_host must be an integer >= 0, got {layers!r}")
-    _set_setting(model, "keep_mlp_layers_on_host", layers)
+    _set_count(model, "keep_mlp_layers_on_host", layers)
 
 
 def set_keep_mlp_layers(model: torch.nn.Module, layers: int) -> None:
@@ -450,6 +455,4 @@ def set_keep_mlp_layers(model: torch.nn.Module, layers: int) -> None:
     Raises:
         ValueError: a bad value, or a model `patch` did not patch.
     """
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError(f"keep_mlp_layers must be an integer >= 0, got {layers!r}")
-    _set_setting(model, "keep_mlp_layers", layers)
+    _set_count(model, "keep_mlp_layers", layers)
