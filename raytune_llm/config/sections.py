@@ -88,8 +88,10 @@ class ModelSection:
     keep_mlp_layers_on_host: int = 0
     """With gradient_checkpointing=offload and fused=true: this-many more checkpointed layers keep their MLP's gate and
     up outputs, in pinned CPU memory: copied there in the forward with the layer's input, back one layer ahead of its
-    backward. No GPU memory at the peak; 2 x tokens x intermediate_size x 2 bytes of CPU memory and of PCIe traffic
-    each way per layer (470 MiB at 4x2048 tokens of 8B). The layers are spread evenly below the GPU-kept ones.
+    backward. On the GPU one layer's at a time, during the backward of the layer above it (below the start of
+    backward, where the GPU-kept layers peak, when 2 or more are kept); 2 x tokens x intermediate_size x 2 bytes of
+    CPU memory and of PCIe traffic each way per layer (470 MiB at 4x2048 tokens of 8B). The layers are spread evenly
+    below the GPU-kept ones, never the last layer.
     Not yet measured on a GPU (bench/NOTES.md, session 15, says what should limit it)."""
     last_layer_on_device: bool = False
     """With gradient_checkpointing=offload and fused=true (no effect otherwise): the last checkpointed layer keeps its

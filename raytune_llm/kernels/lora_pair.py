@@ -60,7 +60,7 @@ def _lora_pair_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    cols = pid_c * BK + tl.arange(0, BK)
+    cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)  # int64: a transposed M's column stride is N
     k = tl.arange(0, R_PAD)
     col_ok = cols < n_cols
     if WANT_P:

@@ -352,8 +352,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         # The last layer keeps its input and stash on the device when it is checkpointed (settings); not layer 0,
         # whose input may be the caller's own tensor (kept as it is, not a copy, it must not change before backward).
         last_on_device = state["last_layer_on_device"] and (n_ckpt is None or n_ckpt >= n_run) and n_run > 1
-        # More layers keep those outputs in host memory, spread over the rest (settings; offload only).
-        below = min(keep_from, n_run - 1 if last_on_device else n_run)
+        # More layers keep those outputs in host memory, spread over the rest (settings; offload only); never the
+        # last layer, whose copies would come straight back (`prefetch_last`) beside the forward's own.
+        below = min(keep_from, n_run - 1)
         on_host = host_kept_layers(below, state["keep_mlp_layers_on_host"]) if offload else set()
         after = state["after_layer_backward"]
         for i, layer in enumerate(self.layers[:n_run]):

@@ -416,12 +416,14 @@ def set_keep_mlp_layers_on_host(model: torch.nn.Module, layers: int) -> None:
     `set_keep_mlp_layers` holds the kept outputs on the device, 470 MiB a layer at 4x2048 tokens of Llama-3.1-8B,
     and the memory cap stops it there. These layers copy theirs to the host in the forward (with the layer's input
     and attention stash, on the offload side stream) and bring them back with them, one layer ahead of their
-    backward: no device memory at the peak, and their recompute runs no MLP GEMM either, with the same bits. The
+    backward: on the device one layer's at a time, during the backward of the layer above it (after the device-kept
+    layers, whose outputs make the step's peak at backward's start, are gone), and their recompute runs no MLP GEMM
+    either, with the same bits. The
     cost is PCIe time: 2 x tokens x intermediate x 2 bytes each way (8 ms at 55 GB/s at 4x2048), which the forward
     has to spare only between layers that copy less (session 14's profile: the forward's copies fill 86% of it at
     4x2048; more at longer rows, where attention lengthens each layer). So the layers are spread evenly over the
-    checkpointed layers below the device-kept ones (from the last of them down; never the last layer kept on the
-    device). Only with offloaded checkpointing (ignored otherwise) and `lean_recompute`. Takes effect on the next
+    checkpointed layers below the device-kept ones (from the last of them down; never the last layer, whose copies
+    would come straight back beside the forward's own). Only with offloaded checkpointing (ignored otherwise) and `lean_recompute`. Takes effect on the next
     call.
 
     Args:

@@ -312,8 +312,10 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     table = 2 * shape.vocab * shape.hidden  # the input embedding's or the LM head's bf16 bytes
     dense -= table * len(on_host)  # in pinned host memory
     host = table * len(on_host)
-    if a["checkpointing"] == "offload" and a["fused"]:  # kept MLP outputs sent to the host (no GPU bytes at the peak)
-        host += min(a.get("keep_mlp_layers_on_host", 0), shape.layers) * 2 * 2 * tokens * shape.intermediate
+    n_host = min(a.get("keep_mlp_layers_on_host", 0), max(shape.layers - a.get("keep_mlp_layers", 0) - 1, 0))
+    if a["checkpointing"] == "offload" and a["fused"] and n_host:  # kept MLP outputs sent to the host; one layer's
+        host += n_host * 2 * 2 * tokens * shape.intermediate  # come back during the backward of the layer above
+        stored += 2 * 2 * tokens * shape.intermediate
     weights = linear + dense
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers
@@ -382,7 +384,7 @@ def plan_from_values(
         head_on_host: the LM head sits in pinned host memory and the loss streams it in
             (`models.settings.set_head_on_host`; DDP only, not tied).
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
-            `models.settings.set_keep_mlp_layers_on_host`): host bytes, none at the GPU's peak.
+            `models.settings.set_keep_mlp_layers_on_host`): host bytes, and one layer's on the GPU (in backward).
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
