@@ -61,9 +61,9 @@ of ``Y``). In the MLP, where the
 ``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
 (a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` (``H`` alone
 in a forward without grad that keeps nothing: a checkpointed layer's) in one pass instead of two ``addmm_``
-passes plus an activation kernel; the backward kernel does the
-same for ``dH``'s rank update and the activation's derivative (both in kernels/lora_swiglu.py). The NF4 dequantization is Triton
-(kernels/nf4.py).
+passes plus an activation kernel; the backward kernel does the same for ``dH``'s rank update and the activation's
+derivative (both in kernels/lora_swiglu.py). In bf16 each adapter's two backward products of one operand (``dY B``
+and ``dY^T (X A^T)``; ``dG``'s, ``dU``'s, ``H``'s) come from one read of it (kernels/lora_pair.py). NF4: kernels/nf4.py.
 """
 
 from __future__ import annotations
@@ -573,6 +573,7 @@ def lora_mlp(x: torch.Tensor, gate: LoRAWeight, up: LoRAWeight, down: LoRAWeight
         gate: ``[inter, hidden]`` projection.
         up: ``[inter, hidden]`` projection.
         down: ``[hidden, inter]`` projection.
+
     Returns:
         ``[..., hidden]`` in ``x.dtype``.
 
