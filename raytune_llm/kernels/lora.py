@@ -57,7 +57,8 @@ activation kernels load in the tensor dtype, compute in fp32 and round once on s
 Where Triton is used, and where not: the base GEMMs stay on cuBLAS (``torch.matmul``, already at the
 matmul ceiling). For O and QKV the rank-r update ``s * XA B^T`` is one in-place ``addmm_`` (cuBLAS,
 ``beta=1``: a rank-r GEMM whose epilogue adds into ``Y``, bf16 tensor cores; one extra read and write
-of ``Y``). In the MLP, where the
+of ``Y``). The MLP's down projection with an NF4 weight takes its update along K instead: ``[H | H A_d^T] @
+[W_d | s B_d]^T``, one GEMM (``H`` written into the wider buffer, ``W_d`` dequantized into it), the sum rounded once. In the MLP, where the
 ``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
 (a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` (``H`` alone
 in a forward without grad that keeps nothing: a checkpointed layer's) in one pass instead of two ``addmm_``
@@ -75,8 +76,8 @@ from typing import NamedTuple
 import torch
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels._dispatch import fp32_out_gemms, use_triton
-from raytune_llm.kernels.lora_pair import lora_pair
+from raytune_llm.kernels._dispatch import use_triton
+from raytune_llm.kernels.lora_pair import _joint_grad, _products
 from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
 from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
@@ -137,38 +138,6 @@ def dequantize_once() -> Iterator[None]:
         cache.clear()
 
 
-def _grad(a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
-    """An adapter's gradient ``s * a @ b`` in its ``dtype``: for fp32 on CUDA one GEMM writing fp32 (``out_dtype``: not
-    rounded to the compute dtype first, no cast kernel), else the product in the compute dtype, scaled, cast."""
-    if dtype == torch.float32 and fp32_out_gemms(a):
-        return _scaled(torch.mm(a, b, out_dtype=torch.float32), s)
-    return _scaled(a @ b, s).to(dtype)
-
-
-# bf16/fp16: an adapter's two products of one operand from one read (`kernels.lora_pair`); False (and fp32): two GEMMs.
-_PAIRED = [True]
-
-
-def _products(
-    M: torch.Tensor, R: torch.Tensor | None, L: torch.Tensor | None, s: float, q_dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(s M R, s M^T L)`` (None where its operand is): an adapter's ``s dY B`` and ``dB = s dY^T (X A^T)`` (in
-    ``q_dtype``). One product alone has its paired bits, so a path that cannot pair matches one that does."""
-    if R is None and L is None:
-        return None, None
-    if _PAIRED[0] and M.dtype in (torch.bfloat16, torch.float16):
-        P, Q = lora_pair(M, R, L, M.dtype, q_dtype)
-    else:
-        P = M @ R if R is not None else None
-        Q = _grad(M.t(), L, 1.0, q_dtype) if L is not None else None
-    return (None if P is None else _scaled(P, s)), (None if Q is None else _scaled(Q, s))
-
-
-def _joint_grad(a: torch.Tensor, b: torch.Tensor, dtypes: list[torch.dtype]) -> torch.Tensor:
-    """A fused call's stacked A gradients ``a @ b``: in the adapters' dtype when they share one, else the compute's."""
-    return _grad(a, b, 1.0, dtypes[0]) if len(set(dtypes)) == 1 else a @ b
-
-
 def _cast_adapters(
     As: list[torch.Tensor], others: list[torch.Tensor], dt: torch.dtype
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -185,13 +154,6 @@ def _cast_adapters(
     torch._foreach_copy_(views, ts)
     rows = sum(a.shape[0] for a in As)
     return flat[: rows * As[0].shape[1]].view(rows, As[0].shape[1]), views[len(As) :]
-
-
-def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
-    """``t * s`` in place, or ``t`` itself when ``s`` is 1 (alpha = r, as in the benchmarks): x * 1.0 is x, and the
-    multiply was one kernel per adapter product in backward, 448 a step at 32 layers (0.57 ms on the H200, session 14's
-    profile)."""
-    return t if s == 1.0 else t.mul_(s)
 
 
 # Depth of open `lean_recompute` blocks; module-level for the same reason as `_once`.
@@ -285,6 +247,18 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype, last_use: bool = 
     if not last_use:
         cache[key] = (base.packed, w)
     return w
+
+
+def _dense_wide(base: NF4Weight, extra: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[W | extra | 0]`` ``[out, in + k]`` in ``dtype``, ``k`` the extra columns rounded up to 8 (16-byte rows):
+    the NF4 weight dequantized straight into the first columns (one pass, no copy), ``extra`` rounded once."""
+    out_f, in_f = base.shape
+    k = -(-extra.shape[1] // 8) * 8
+    buf = torch.empty(out_f, in_f + k, dtype=dtype, device=extra.device)
+    nf4_dequantize(base, dtype, out=buf[:, :in_f])
+    buf[:, in_f:].zero_()
+    buf[:, in_f : in_f + extra.shape[1]].copy_(extra)
+    return buf
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -424,13 +398,24 @@ class LoRAMLPFunction(torch.autograd.Function):
             # per recomputed layer.
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
-            # rank updates + activation, one pass
-            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
+            # rank updates + activation, one pass; with an NF4 down weight (outside a dequantize_once block) H is
+            # written into [H | H A_d^T] and the down GEMM takes its rank update along K: [H | H A_d^T] [W_d | s B_d]^T
+            wide = isinstance(bases[2], NF4Weight) and not _once
+            r_d, inter = Bd.shape[1], G.shape[1]
+            Hw = torch.empty(X.shape[0], inter + -(-r_d // 8) * 8, dtype=dt, device=X.device) if wide else None
+            H = lora_swiglu_forward(
+                G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu, out=None if Hw is None else Hw[:, :inter]
+            )
             HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
             Y, Y2 = _output(x, Bd.shape[0])
-            torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
-            Y2.addmm_(HA, Bd.t(), alpha=sd_)
-            del H  # recomputed in backward from G and U
+            if wide:
+                Hw[:, inter:].zero_()
+                Hw[:, inter : inter + r_d].copy_(HA)
+                torch.mm(Hw, _dense_wide(bases[2], adapters[5] * sd_, dt).t(), out=Y2)
+            else:
+                torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
+                Y2.addmm_(HA, Bd.t(), alpha=sd_)
+            del H, Hw  # recomputed in backward from G and U
             if keep_to is not None:
                 keep_to.append((G, U, HA))
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)

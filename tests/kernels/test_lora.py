@@ -310,7 +310,7 @@ def test_dequantize_once_reuses_the_recompute_weights(monkeypatch):
     n_bases = sum(len(case[0]) for case in parts)
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w.shape) or real(w, dt))
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(w.shape) or real(w, dt, **kw))
 
     def run(dequant_once):
         leaves, layer = _toy_layer(parts)
@@ -363,7 +363,7 @@ def test_lean_recompute_skips_the_down_projection_with_the_same_gradients(monkey
     down = parts[2][0][2]
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w is down) or real(w, dt))
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(w is down) or real(w, dt, **kw))
 
     def run(lean):
         leaves, layer = _toy_layer(parts)
@@ -402,7 +402,9 @@ def test_kept_mlp_outputs_spare_the_recompute_its_gate_and_up(monkeypatch, offlo
     gate_up = {id(b) for b in parts[2][0][:2]}
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in gate_up) or real(w, dt))
+    monkeypatch.setattr(
+        lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(id(w) in gate_up) or real(w, dt, **kw)
+    )
     kept_sizes = []
     real_keep = lora_mod.keep_mlp_outputs
 
@@ -532,7 +534,9 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
     qkv_ids = {id(b) for b in qkv[0]}
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in qkv_ids) or real(w, dt))
+    monkeypatch.setattr(
+        lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(id(w) in qkv_ids) or real(w, dt, **kw)
+    )
 
     def attn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
@@ -710,7 +714,7 @@ def test_fp32_adapter_gradients_are_not_rounded_to_bf16(op, monkeypatch):
     # product in fp64 from the op's own bf16 operands (a bf16-rounded product is off by up to 2^-9 of its largest
     # element); every gradient differs from the cast path's (two bf16 GEMMs and a cast, forced here) by no more than
     # that path's rounding.
-    import raytune_llm.kernels.lora as lora_mod
+    import raytune_llm.kernels.lora_pair as lora_pair_mod
     from raytune_llm.kernels import _dispatch
 
     n, hidden, inter, r = 2048, 256, 512, 16
@@ -741,7 +745,7 @@ def test_fp32_adapter_gradients_are_not_rounded_to_bf16(op, monkeypatch):
     fp32_out, _ = grads()
     assert _dispatch._FP32_OUT_GEMM == [True]
     monkeypatch.setattr(_dispatch, "_FP32_OUT_GEMM", [False])
-    monkeypatch.setattr(lora_mod, "_PAIRED", [False])
+    monkeypatch.setattr(lora_pair_mod, "_PAIRED", [False])
     cast, _ = grads()
     for a, b in zip(fp32_out, cast):
         assert a.dtype == torch.float32
@@ -794,7 +798,9 @@ def test_kept_mlp_outputs_in_host_memory_give_the_same_bits(monkeypatch, once):
     gate_up = {id(b) for b in parts[2][0][:2]}
     calls, stores, copies = [], [], [0]
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in gate_up) or real(w, dt))
+    monkeypatch.setattr(
+        lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(id(w) in gate_up) or real(w, dt, **kw)
+    )
     real_keep = lora_mod.keep_mlp_outputs
     monkeypatch.setattr("raytune_llm.models.checkpointing.keep_mlp_outputs", lambda s: stores.append(s) or real_keep(s))
     real_copy = stash_mod.HostCopies._to_host
@@ -838,3 +844,29 @@ def test_host_kept_layers_are_spread_from_the_last_down():
     assert host_kept_layers(26, 3) == {25, 17, 9}
     assert host_kept_layers(4, 9) == {0, 1, 2, 3}  # no more than there are
     assert host_kept_layers(0, 2) == set()
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+def test_the_down_projection_takes_its_rank_update_along_k(monkeypatch, kind):
+    # With an NF4 down weight the forward writes H into [H | H A_d^T | 0] and multiplies by [W_d | s B_d | 0]^T: one
+    # GEMM, no rank-update pass over the output; a dense weight keeps the GEMM and addmm_ (a wide copy of it would
+    # cost a pass). The results are the reference's (test_matches_reference); here, which path ran and its shapes.
+    import raytune_llm.kernels.lora as lora_mod
+
+    device = kernel_device()
+    bases, adapters, scalings = _case("mlp", kind, torch.bfloat16, device)
+    seen = []
+    real = lora_mod._dense_wide
+    monkeypatch.setattr(lora_mod, "_dense_wide", lambda b, e, dt: seen.append(real(b, e, dt)) or seen[-1])
+    x = torch.randn(9, HIDDEN, device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        _bind(lora_mlp, bases, scalings)(x, *adapters)
+    if kind == "dense":
+        assert not seen
+        return
+    (w,) = seen
+    r_d = adapters[4].shape[0]
+    assert w.shape == (HIDDEN, INTER + 8) and r_d <= 8  # the rank's columns rounded up to 8
+    torch.testing.assert_close(w[:, INTER : INTER + r_d].float(), (adapters[5] * scalings[2]).bfloat16().float())
+    assert not w[:, INTER + r_d :].any()
