@@ -57,8 +57,10 @@ activation kernels load in the tensor dtype, compute in fp32 and round once on s
 Where Triton is used, and where not: the base GEMMs stay on cuBLAS (``torch.matmul``, already at the
 matmul ceiling). For O and QKV the rank-r update ``s * XA B^T`` is one in-place ``addmm_`` (cuBLAS,
 ``beta=1``: a rank-r GEMM whose epilogue adds into ``Y``, bf16 tensor cores; one extra read and write
-of ``Y``). The MLP's down projection with an NF4 weight takes its update along K instead: ``[H | H A_d^T] @
-[W_d | s B_d]^T``, one GEMM (``H`` written into the wider buffer, ``W_d`` dequantized into it), the sum rounded once. In the MLP, where the
+of ``Y``). The MLP's down projection with an NF4 weight takes its update along K instead:
+``[H | H A_d^T] @ [W_d | s B_d]^T``, one GEMM (``H`` written into the wider buffer, ``W_d`` dequantized into
+it), the sum rounded once (``s B_d`` rounded from the fp32 master, where backward uses ``s`` times the bf16 ``B_d``:
+the same when ``s`` is a power of two). In the MLP, where the
 ``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
 (a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` (``H`` alone
 in a forward without grad that keeps nothing: a checkpointed layer's) in one pass instead of two ``addmm_``
@@ -249,11 +251,16 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype, last_use: bool = 
     return w
 
 
+# The down projection's extra K columns are padded to a multiple of this (see `_dense_wide`).
+_WIDE = 32
+
+
 def _dense_wide(base: NF4Weight, extra: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[W | extra | 0]`` ``[out, in + k]`` in ``dtype``, ``k`` the extra columns rounded up to 8 (16-byte rows):
-    the NF4 weight dequantized straight into the first columns (one pass, no copy), ``extra`` rounded once."""
+    """``[W | extra | 0]`` ``[out, in + k]`` in ``dtype``, ``k`` the extra columns rounded up to `_WIDE` (rows of a
+    multiple of 64 bytes, so that Triton takes the strides as divisible by 16): the NF4 weight dequantized straight
+    into the first columns (one pass, no copy), ``extra`` rounded once."""
     out_f, in_f = base.shape
-    k = -(-extra.shape[1] // 8) * 8
+    k = -(-extra.shape[1] // _WIDE) * _WIDE
     buf = torch.empty(out_f, in_f + k, dtype=dtype, device=extra.device)
     nf4_dequantize(base, dtype, out=buf[:, :in_f])
     buf[:, in_f:].zero_()
@@ -402,7 +409,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             # written into [H | H A_d^T] and the down GEMM takes its rank update along K: [H | H A_d^T] [W_d | s B_d]^T
             wide = isinstance(bases[2], NF4Weight) and not _once
             r_d, inter = Bd.shape[1], G.shape[1]
-            Hw = torch.empty(X.shape[0], inter + -(-r_d // 8) * 8, dtype=dt, device=X.device) if wide else None
+            Hw = torch.empty(X.shape[0], inter + -(-r_d // _WIDE) * _WIDE, dtype=dt, device=X.device) if wide else None
             H = lora_swiglu_forward(
                 G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu, out=None if Hw is None else Hw[:, :inter]
             )

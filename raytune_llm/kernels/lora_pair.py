@@ -157,7 +157,8 @@ def lora_pair(
     _lora_pair_kernel[(n_rb, n_cb)](
         M, R if R is not None else M, L if L is not None else M, pp if pp is not None else M,
         qp if qp is not None else M, n, kk, r, r2,
-        M.stride(0), M.stride(1), *(R.stride() if R is not None else (0, 0)), *(L.stride() if L is not None else (0, 0)),
+        M.stride(0), M.stride(1),
+        *(R.stride() if R is not None else (0, 0)), *(L.stride() if L is not None else (0, 0)),
         ROWS=rows, BN=bn, BK=bk, R_PAD=r_pad, UPCAST=interp,
         DOT_PREC="ieee" if (interp or M.dtype == torch.float32) else "tf32", num_warps=warps,
         WANT_P=R is not None, WANT_Q=L is not None,

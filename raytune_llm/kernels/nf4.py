@@ -223,7 +223,7 @@ def _nf4_dequant_kernel(
         lo = _round_bits(_scaled(lo, scale, SCALES, HALF), RNE_BF16)
         hi16 = hi.to(HALF_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
         lo16 = lo.to(HALF_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
-        # STRIDED: rows of n_cols elements at row_stride apart (both in 32-bit words here), e.g. a wider buffer's columns
+        # STRIDED: rows of n_cols elements row_stride apart (in 32-bit words here): the first columns of a wider buffer
         o = (j // n_cols) * row_stride + j % n_cols if STRIDED else j
         tl.store(OUT_ptr + o, (hi16 | (lo16 << 16)).to(tl.int32, bitcast=True), mask=jmask)
     else:

@@ -867,6 +867,6 @@ def test_the_down_projection_takes_its_rank_update_along_k(monkeypatch, kind):
         return
     (w,) = seen
     r_d = adapters[4].shape[0]
-    assert w.shape == (HIDDEN, INTER + 8) and r_d <= 8  # the rank's columns rounded up to 8
+    assert w.shape == (HIDDEN, INTER + lora_mod._WIDE) and r_d <= lora_mod._WIDE  # the rank's columns, padded
     torch.testing.assert_close(w[:, INTER : INTER + r_d].float(), (adapters[5] * scalings[2]).bfloat16().float())
     assert not w[:, INTER + r_d :].any()
