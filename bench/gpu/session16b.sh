@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepared in session 15, not run (~400 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE sourcing
-# _env.sh). model.keep_mlp_layers_on_host at 1x16384 (prediction: 940 MiB a layer, 2 x 2.6 ms of GEMMs saved each,
+# _env.sh). model.keep_mlp_layers_on_host at 1x16384 (prediction: 896 MiB a layer, 2 x 2.6 ms of GEMMs saved each,
 # the forward's copies ~65% busy there: +hostkeep4-8 -20 to -40 ms a step, the 35 ms 1x16384 lacks), then the e2e
 # at 1x16384 against Unsloth in the same call (HOSTKEEP_16K: the best variant's count, set after reading them;
 # default none). The 4x2048 e2e: session16c.sh.

@@ -1,7 +1,8 @@
-"""Session 15's three LoRA-op changes, each against the form it replaced, at Llama-3.1-8B's 4x2048 shapes.
+"""Session 15's LoRA-op changes, each against the form it replaced, at Llama-3.1-8B's 4x2048 shapes.
 
-1. The decoder layer's last residual add: the down projection's GEMM, its rank-r update, then ``h + Y`` (before)
-   against the GEMM with ``h`` in its epilogue (``addmm``, beta = 1), then the rank-r update (now).
+1. The down projection: its GEMM then the rank-r update as an ``addmm_`` pass over the output (before) against one
+   GEMM along a K widened by the rank's columns, ``[H | H A_d^T | 0] @ [W_d | s B_d | 0]^T`` (now). (Call 3 of
+   session 15 timed the residual add in that GEMM's epilogue here instead: 1.2587 against 1.2588 ms, reverted.)
 2. The adapters' gradient products: a bf16 GEMM and a cast to fp32 (before) against one GEMM writing fp32
    (``out_dtype``, now), for each product shape of a layer's backward.
 3. The MLP's six fp32 adapters to bf16: a concatenation and cast of the A pair and four casts (before) against one
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from _harness import Harness, environment  # noqa: E402
 
 import raytune_llm.kernels.lora_pair as lp  # noqa: E402
-from raytune_llm.kernels.lora import _cast_adapters  # noqa: E402
+from raytune_llm.kernels._dispatch import fp32_out_gemms  # noqa: E402
+from raytune_llm.kernels.lora import _cast_adapters, _wide_cols  # noqa: E402
 
 
 def main() -> None:
@@ -53,19 +55,17 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    H, W, res, HA, Bd = rnd(n, inter), rnd(hid, inter), rnd(n, hid), rnd(n, r), rnd(hid, r)
+    H, W, HA, Bd = rnd(n, inter), rnd(hid, inter), rnd(n, r), rnd(hid, r)
+    k = inter + _wide_cols(r)
+    Hw, Ww = torch.zeros(n, k, dtype=bf, device=dev), torch.zeros(hid, k, dtype=bf, device=dev)
+    Hw[:, :inter], Hw[:, inter : inter + r], Ww[:, :inter], Ww[:, inter : inter + r] = H, HA, W, Bd
 
     def down_before():
         y = torch.mm(H, W.t())
-        y.addmm_(HA, Bd.t())
-        return res + y
-
-    def down_now():
-        y = torch.addmm(res, H, W.t())
         return y.addmm_(HA, Bd.t())
 
-    pair("down projection + residual add", down_before, down_now)
-    fp32_out = dev == "cuda"
+    pair("down projection: GEMM + rank-r addmm_ / one GEMM along K", down_before, lambda: torch.mm(Hw, Ww.t()))
+    fp32_out = fp32_out_gemms(H)
     products = {  # (a, b) of a = [m, N]^T-style operand, b = [N, k]
         "dB q/o/down: dY^T (X A^T) [4096 x 16]": (rnd(n, hid).t(), rnd(n, r)),
         "dB gate/up: dG^T (X A_g^T) [14336 x 16]": (rnd(n, inter).t(), rnd(n, r)),

@@ -82,7 +82,7 @@ class ModelSection:
     keep_mlp_layers: int = 0
     """With gradient_checkpointing on/offload and fused=true: the last this-many checkpointed layers keep their MLP's
     gate and up outputs from forward to backward, so their recompute runs no MLP GEMM (same gradients). Costs
-    2 x tokens x intermediate_size in the compute dtype per layer (470 MiB at 4x2048 tokens of Llama-3.1-8B) past
+    2 x tokens x intermediate_size in the compute dtype per layer (448 MiB at 4x2048 tokens of Llama-3.1-8B) past
     the first kept layer, which costs little or nothing when every layer is checkpointed: backward reaches it
     first. H200, 8B, 4x2048: 3 kept layers -9.6 ms a step (1.5%) for +0.44 GiB (bench/NOTES.md, session 12)."""
     keep_mlp_layers_on_host: int = 0
@@ -90,7 +90,7 @@ class ModelSection:
     up outputs, in pinned CPU memory: copied there in the forward with the layer's input, back one layer ahead of its
     backward. On the GPU one layer's at a time, during the backward of the layer above it (below the start of
     backward, where the GPU-kept layers peak, when 2 or more are kept); 2 x tokens x intermediate_size x 2 bytes of
-    CPU memory and of PCIe traffic each way per layer (470 MiB at 4x2048 tokens of 8B). The layers are spread evenly
+    CPU memory and of PCIe traffic each way per layer (448 MiB at 4x2048 tokens of 8B). The layers are spread evenly
     below the GPU-kept ones, never the last layer.
     Not yet measured on a GPU (bench/NOTES.md, session 15, says what should limit it)."""
     last_layer_on_device: bool = False
@@ -138,22 +138,17 @@ class ModelSection:
                 "stash_attention=true needs gradient_checkpointing offload and fused=true "
                 f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
             )
-        k = self.keep_mlp_layers
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            _fail(f"keep_mlp_layers must be an integer >= 0; got {k!r}")
-        if k and (self.gradient_checkpointing == "off" or not self.fused):
-            _fail(
-                f"keep_mlp_layers={k} needs gradient_checkpointing on or offload and fused=true "
-                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
-            )
-        k = self.keep_mlp_layers_on_host
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            _fail(f"keep_mlp_layers_on_host must be an integer >= 0; got {k!r}")
-        if k and (self.gradient_checkpointing != "offload" or not self.fused):
-            _fail(
-                f"keep_mlp_layers_on_host={k} needs gradient_checkpointing offload and fused=true "
-                f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
-            )
+        for name, k, modes in (
+            ("keep_mlp_layers", self.keep_mlp_layers, ("on", "offload")),
+            ("keep_mlp_layers_on_host", self.keep_mlp_layers_on_host, ("offload",)),
+        ):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                _fail(f"{name} must be an integer >= 0; got {k!r}")
+            if k and (self.gradient_checkpointing not in modes or not self.fused):
+                _fail(
+                    f"{name}={k} needs gradient_checkpointing {' or '.join(modes)} and fused=true "
+                    f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
+                )
         if self.embeddings_on_host and not self.fused:
             _fail("embeddings_on_host=true needs fused=true (the patched embedding reads the host table)")
         if self.head_on_host and not self.fused:

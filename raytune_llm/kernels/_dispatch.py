@@ -18,6 +18,7 @@ __all__ = [
     "interpret_mode",
     "kernel_store_dtype",
     "row_block_settings",
+    "side_stream",
     "triton_next_power_of_2",
     "use_triton",
 ]

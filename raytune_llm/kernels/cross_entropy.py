@@ -254,6 +254,21 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def check_loss_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    """The checks a linear + CE loss makes of its operands (also `kernels.cross_entropy_streamed`'s): hidden
+    ``[N, H]``, weight ``[V, H]`` of hidden's dtype, labels ``[N]`` integer ids. ValueError naming ``name``."""
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"{name}: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}"
+        )
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"{name}: labels must be [{hidden.shape[0]}], got {list(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name}: labels must be integer ids, got {labels.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{name}: hidden is {hidden.dtype} but weight is {weight.dtype}")
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -279,17 +294,7 @@ def fused_linear_cross_entropy(
     Raises:
         ValueError: on mismatched shapes, dtypes or devices, or a non-positive chunk size.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"fused_linear_cross_entropy: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} "
-            f"and {list(weight.shape)}"
-        )
-    if labels.shape != (hidden.shape[0],):
-        raise ValueError(f"fused_linear_cross_entropy: labels must be [{hidden.shape[0]}], got {list(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"fused_linear_cross_entropy: labels must be integer ids, got {labels.dtype}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    check_loss_inputs("fused_linear_cross_entropy", hidden, weight, labels)
     if len({hidden.device, weight.device, labels.device}) != 1:
         raise ValueError("fused_linear_cross_entropy: hidden, weight and labels must be on one device")
     if chunk_size is not None and chunk_size < 1:

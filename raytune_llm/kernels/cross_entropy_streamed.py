@@ -54,7 +54,7 @@ from raytune_llm.kernels._dispatch import (
     triton_next_power_of_2,
     use_triton,
 )
-from raytune_llm.kernels.cross_entropy import _scale_unless_one
+from raytune_llm.kernels.cross_entropy import _scale_unless_one, check_loss_inputs
 
 __all__ = ["StreamedLinearCrossEntropyFunction", "streamed_linear_cross_entropy", "streamed_cross_entropy_forward"]
 
@@ -417,18 +417,7 @@ def streamed_linear_cross_entropy(
         ValueError: mismatched shapes, dtypes or devices, a trainable head, a head on another GPU, or a
             non-positive chunk.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"streamed_linear_cross_entropy: need hidden [N, H] and weight [V, H], got {list(hidden.shape)} "
-            f"and {list(weight.shape)}"
-        )
-    if labels.shape != (hidden.shape[0],) or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(
-            f"streamed_linear_cross_entropy: labels must be [{hidden.shape[0]}] integer ids, got "
-            f"{list(labels.shape)} {labels.dtype}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"streamed_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    check_loss_inputs("streamed_linear_cross_entropy", hidden, weight, labels)
     if weight.requires_grad:
         raise ValueError("streamed_linear_cross_entropy: the head must be frozen (no weight gradient is made)")
     if labels.device != hidden.device or (weight.device != hidden.device and weight.device.type != "cpu"):

@@ -201,7 +201,7 @@ def keep_mlp_outputs(store: list | None) -> Iterator[None]:
     recompute runs the gate and up GEMMs again only to rebuild them, the one recompute left under
     `lean_recompute` with a replayed attention (`models.attention_stash`): 2 x 1.23 ms a layer at 4x2048 tokens
     of Llama-3.1-8B on the H200. Kept instead, for ``2 N I`` elements held from this forward to the layer's
-    backward (470 MiB at 4x2048 tokens of 8B), ``reuse_mlp_outputs`` around the recompute hands them back, in
+    backward (448 MiB at 4x2048 tokens of 8B), ``reuse_mlp_outputs`` around the recompute hands them back, in
     call order, with ``H A_d^T``: the recompute then runs no MLP GEMM and no activation kernel, and the backward
     gets the same tensors bit for bit (the lean backward kernel finishes ``G`` and ``U`` exactly as the forward
     kernel does). Entries are ``(G, U, H A_d^T)``. ``store=None`` keeps nothing inside an outer block (an MLP
@@ -255,16 +255,21 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype, last_use: bool = 
 _WIDE = 32
 
 
+def _wide_cols(r: int) -> int:
+    """``r`` extra K columns rounded up to a multiple of `_WIDE`."""
+    return -(-r // _WIDE) * _WIDE
+
+
 def _dense_wide(base: NF4Weight, extra: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[W | extra | 0]`` ``[out, in + k]`` in ``dtype``, ``k`` the extra columns rounded up to `_WIDE` (rows of a
     multiple of 64 bytes, so that Triton takes the strides as divisible by 16): the NF4 weight dequantized straight
     into the first columns (one pass, no copy), ``extra`` rounded once."""
     out_f, in_f = base.shape
-    k = -(-extra.shape[1] // _WIDE) * _WIDE
-    buf = torch.empty(out_f, in_f + k, dtype=dtype, device=extra.device)
+    k = extra.shape[1]
+    buf = torch.empty(out_f, in_f + _wide_cols(k), dtype=dtype, device=extra.device)
     nf4_dequantize(base, dtype, out=buf[:, :in_f])
-    buf[:, in_f:].zero_()
-    buf[:, in_f : in_f + extra.shape[1]].copy_(extra)
+    buf[:, in_f : in_f + k].copy_(extra)
+    buf[:, in_f + k :].zero_()
     return buf
 
 
@@ -409,16 +414,17 @@ class LoRAMLPFunction(torch.autograd.Function):
             # written into [H | H A_d^T] and the down GEMM takes its rank update along K: [H | H A_d^T] [W_d | s B_d]^T
             wide = isinstance(bases[2], NF4Weight) and not _once
             r_d, inter = Bd.shape[1], G.shape[1]
-            Hw = torch.empty(X.shape[0], inter + -(-r_d // _WIDE) * _WIDE, dtype=dt, device=X.device) if wide else None
+            Hw = torch.empty(X.shape[0], inter + _wide_cols(r_d), dtype=dt, device=X.device) if wide else None
             H = lora_swiglu_forward(
                 G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu, out=None if Hw is None else Hw[:, :inter]
             )
             HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
             Y, Y2 = _output(x, Bd.shape[0])
             if wide:
-                Hw[:, inter:].zero_()
                 Hw[:, inter : inter + r_d].copy_(HA)
-                torch.mm(Hw, _dense_wide(bases[2], adapters[5] * sd_, dt).t(), out=Y2)
+                Hw[:, inter + r_d :].zero_()
+                s_bd = adapters[5] if sd_ == 1.0 else adapters[5] * sd_  # alpha = r: no multiply
+                torch.mm(Hw, _dense_wide(bases[2], s_bd, dt).t(), out=Y2)
             else:
                 torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
                 Y2.addmm_(HA, Bd.t(), alpha=sd_)

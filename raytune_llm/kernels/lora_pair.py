@@ -10,7 +10,7 @@ Here each program owns a block of ``M``: ``ROWS`` rows by ``BK`` columns. It kee
 once and feeds both tensor-core dots, ``tile @ R_block`` (this column block's share of ``P`` for those rows)
 and ``tile^T @ L_rows`` (added to ``Q``'s accumulator). The shares are fp32 partial sums in two small buffers
 (``[K / BK, N, r]`` and ``[N / ROWS, K, r]``), summed afterwards in a fixed order: deterministic, no atomics.
-At ``N = 8192``, ``K = 14336``, ``r = 16`` they are 29 and 7 MiB against the 224 MiB read saved.
+At ``N = 8192``, ``K = 14336``, ``r = 16`` they are 28 and 7 MiB against the 224 MiB read saved.
 
 Below the kernel, the helpers kernels/lora.py forms every adapter gradient with: `_products` (paired through the
 kernel in bf16/fp16), `_grad` (a GEMM writing fp32 on CUDA), `_joint_grad` and `_scaled`.

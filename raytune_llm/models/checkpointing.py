@@ -115,7 +115,7 @@ class OffloadChain:
     def _add(
         self, hidden: torch.Tensor, stashes: list[AttentionStash], on_device: bool = False, kept: list | None = None
     ) -> int:
-        self._slots.append(_Slot(hidden, stashes, on_device, kept or []))
+        self._slots.append(_Slot(hidden, stashes, on_device, kept))
         return len(self._slots) - 1
 
     def prefetch_last(self) -> None:

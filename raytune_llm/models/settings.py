@@ -413,7 +413,7 @@ def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
 def set_keep_mlp_layers_on_host(model: torch.nn.Module, layers: int) -> None:
     """Let `layers` more checkpointed decoder layers keep their MLP's gate and up outputs, in pinned host memory.
 
-    `set_keep_mlp_layers` holds the kept outputs on the device, 470 MiB a layer at 4x2048 tokens of Llama-3.1-8B,
+    `set_keep_mlp_layers` holds the kept outputs on the device, 448 MiB a layer at 4x2048 tokens of Llama-3.1-8B,
     and the memory cap stops it there. These layers copy theirs to the host in the forward (with the layer's input
     and attention stash, on the offload side stream) and bring them back with them, one layer ahead of their
     backward: on the device one layer's at a time, during the backward of the layer above it (after the device-kept
@@ -442,7 +442,7 @@ def set_keep_mlp_layers(model: torch.nn.Module, layers: int) -> None:
     Under the lean recompute with a replayed attention, a checkpointed layer's recompute runs two GEMMs: the
     MLP's gate and up (2 x 1.23 ms a layer at 4x2048 tokens of Llama-3.1-8B on the H200). A kept layer holds
     their outputs from its forward to its backward instead (2 x tokens x intermediate in the compute dtype:
-    470 MiB at 4x2048 tokens of 8B, 940 MiB at 16k) and its recompute runs no MLP GEMM; the gradients are the
+    448 MiB at 4x2048 tokens of 8B, 896 MiB at 16k) and its recompute runs no MLP GEMM; the gradients are the
     same bits (`kernels.lora.keep_mlp_outputs`). The last layers are the ones chosen because backward reaches
     them first: with every layer checkpointed, the last one's outputs are freed when the step's first layer
     backward would have rebuilt them anyway, so keeping one layer adds little or nothing to the peak and each

@@ -312,7 +312,10 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     table = 2 * shape.vocab * shape.hidden  # the input embedding's or the LM head's bf16 bytes
     dense -= table * len(on_host)  # in pinned host memory
     host = table * len(on_host)
-    n_host = min(a.get("keep_mlp_layers_on_host", 0), max(shape.layers - a.get("keep_mlp_layers", 0) - 1, 0))
+    # As models.patch picks them: below the GPU-kept layers of the checkpointed ones, never the last layer.
+    n_ckpt = shape.layers if a.get("checkpoint_layers") is None else min(a["checkpoint_layers"], shape.layers)
+    below = min(n_ckpt - a.get("keep_mlp_layers", 0), shape.layers - 1)
+    n_host = min(a.get("keep_mlp_layers_on_host", 0), max(below, 0))
     if a["checkpointing"] == "offload" and a["fused"] and n_host:  # kept MLP outputs sent to the host; one layer's
         host += n_host * 2 * 2 * tokens * shape.intermediate  # come back during the backward of the layer above
         stored += 2 * 2 * tokens * shape.intermediate

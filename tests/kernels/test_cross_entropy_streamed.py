@@ -180,11 +180,15 @@ def test_streamed_host_head_matches_reference_at_llama_sizes(n):
 
 
 @pytest.mark.gpu
-def test_streamed_uses_the_fp32_output_gemm_and_saves_the_head():
+def test_streamed_uses_the_fp32_output_gemm_and_saves_the_head(monkeypatch):
     # The accumulator's GEMM writes fp32 itself (no fp32 copies of the chunks), and the step's extra device memory
     # at 8192 tokens is well under the 1,002 MiB head it leaves on the host.
-    from raytune_llm.kernels import _dispatch
-
+    out_dtypes = []
+    for name in ("mm", "addmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda *a, _real=real, **kw: out_dtypes.append(kw.get("out_dtype")) or _real(*a, **kw)
+        )
     hidden, weight, host, labels = _gpu_pair(8192, 4096, 128256, seed=1)
     del weight
     h = hidden.requires_grad_()
@@ -194,7 +198,7 @@ def test_streamed_uses_the_fp32_output_gemm_and_saves_the_head():
     streamed_linear_cross_entropy(h, host, labels).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert _dispatch._FP32_OUT_GEMM == [True]
+    assert out_dtypes.count(torch.float32) >= 128256 // 4096  # one accumulating GEMM per head chunk at least
     assert extra < 400 * 2**20, f"extra peak {extra / 2**20:.0f} MiB"
 
 

@@ -69,6 +69,7 @@ def _variant(name: str) -> dict:
         "checkpoint_layers": v["layers"],
         "dequantize_once": v["once"],
         "keep_mlp_layers": v["keep"],
+        "keep_mlp_layers_on_host": v["keep_host"],
         "embeddings_on_host": v["host"],
         "head_on_host": v["head_host"],
     }
@@ -94,6 +95,7 @@ def _variant_cases():
                     "checkpoint_layers": run.get("checkpoint_layers"),
                     "dequantize_once": bool(run.get("dequantize_once")),
                     "keep_mlp_layers": run.get("keep_mlp_layers") or 0,
+                    "keep_mlp_layers_on_host": run.get("keep_mlp_layers_on_host") or 0,
                     "embeddings_on_host": bool(run.get("embeddings_on_host")),
                     "head_on_host": bool(run.get("head_on_host")),
                 }
