@@ -1,13 +1,11 @@
-"""Session 15's LoRA-op changes, each against the form it replaced, at Llama-3.1-8B's 4x2048 shapes.
+"""Session 15's LoRA-op changes, each against the form it replaced, at Llama-3.1-8B's 4x2048 shapes (the down
+projection along K, timed here in session 16: 1.244 -> 1.225 ms, no gain in the step, reverted; bench/NOTES.md).
 
-1. The down projection: its GEMM then the rank-r update as an ``addmm_`` pass over the output (before) against one
-   GEMM along a K widened by the rank's columns, ``[H | H A_d^T | 0] @ [W_d | s B_d | 0]^T`` (now). (Call 3 of
-   session 15 timed the residual add in that GEMM's epilogue here instead: 1.2587 against 1.2588 ms, reverted.)
-2. The adapters' gradient products: a bf16 GEMM and a cast to fp32 (before) against one GEMM writing fp32
+1. The adapters' gradient products: a bf16 GEMM and a cast to fp32 (before) against one GEMM writing fp32
    (``out_dtype``, now), for each product shape of a layer's backward.
-3. The MLP's six fp32 adapters to bf16: a concatenation and cast of the A pair and four casts (before) against one
+2. The MLP's six fp32 adapters to bf16: a concatenation and cast of the A pair and four casts (before) against one
    multi-tensor copy (now).
-4. An adapter's two backward products of one upstream gradient, ``M B`` and ``M^T (X A^T)``: two cuBLAS GEMMs (bf16
+3. An adapter's two backward products of one upstream gradient, ``M B`` and ``M^T (X A^T)``: two cuBLAS GEMMs (bf16
    and fp32 out) against `kernels.lora_pair` (one read of ``M``), at each tile setting of a small sweep.
 
 Device time per form (bench/_harness.py: median of many repetitions, each after an L2 flush). Writes JSON to --out.
@@ -30,7 +28,7 @@ from _harness import Harness, environment  # noqa: E402
 
 import raytune_llm.kernels.lora_pair as lp  # noqa: E402
 from raytune_llm.kernels._dispatch import fp32_out_gemms  # noqa: E402
-from raytune_llm.kernels.lora import _cast_adapters, _wide_cols  # noqa: E402
+from raytune_llm.kernels.lora import _cast_adapters  # noqa: E402
 
 
 def main() -> None:
@@ -55,17 +53,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    H, W, HA, Bd = rnd(n, inter), rnd(hid, inter), rnd(n, r), rnd(hid, r)
-    k = inter + _wide_cols(r)
-    Hw, Ww = torch.zeros(n, k, dtype=bf, device=dev), torch.zeros(hid, k, dtype=bf, device=dev)
-    Hw[:, :inter], Hw[:, inter : inter + r], Ww[:, :inter], Ww[:, inter : inter + r] = H, HA, W, Bd
-
-    def down_before():
-        y = torch.mm(H, W.t())
-        return y.addmm_(HA, Bd.t())
-
-    pair("down projection: GEMM + rank-r addmm_ / one GEMM along K", down_before, lambda: torch.mm(Hw, Ww.t()))
-    fp32_out = fp32_out_gemms(H)
+    fp32_out = fp32_out_gemms(rnd(n, r))
     products = {  # (a, b) of a = [m, N]^T-style operand, b = [N, k]
         "dB q/o/down: dY^T (X A^T) [4096 x 16]": (rnd(n, hid).t(), rnd(n, r)),
         "dB gate/up: dG^T (X A_g^T) [14336 x 16]": (rnd(n, inter).t(), rnd(n, r)),

@@ -57,10 +57,7 @@ activation kernels load in the tensor dtype, compute in fp32 and round once on s
 Where Triton is used, and where not: the base GEMMs stay on cuBLAS (``torch.matmul``, already at the
 matmul ceiling). For O and QKV the rank-r update ``s * XA B^T`` is one in-place ``addmm_`` (cuBLAS,
 ``beta=1``: a rank-r GEMM whose epilogue adds into ``Y``, bf16 tensor cores; one extra read and write
-of ``Y``). The MLP's down projection with an NF4 weight takes its update along K instead:
-``[H | H A_d^T] @ [W_d | s B_d]^T``, one GEMM (``H`` written into the wider buffer, ``W_d`` dequantized into
-it), the sum rounded once (``s B_d`` rounded from the fp32 master, where backward uses ``s`` times the bf16 ``B_d``:
-the same when ``s`` is a power of two). In the MLP, where the
+of ``Y``). In the MLP, where the
 ``[N, I]`` tensors dominate the traffic, one Triton kernel adds both rank-r updates of gate and up
 (a ``[BM, r] x [r, BN]`` ``tl.dot`` per tile) and applies SwiGLU, writing ``G``, ``U`` and ``H`` (``H`` alone
 in a forward without grad that keeps nothing: a checkpointed layer's) in one pass instead of two ``addmm_``
@@ -251,28 +248,6 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype, last_use: bool = 
     return w
 
 
-# The down projection's extra K columns are padded to a multiple of this (see `_dense_wide`).
-_WIDE = 32
-
-
-def _wide_cols(r: int) -> int:
-    """``r`` extra K columns rounded up to a multiple of `_WIDE`."""
-    return -(-r // _WIDE) * _WIDE
-
-
-def _dense_wide(base: NF4Weight, extra: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[W | extra | 0]`` ``[out, in + k]`` in ``dtype``, ``k`` the extra columns rounded up to `_WIDE` (rows of a
-    multiple of 64 bytes, so that Triton takes the strides as divisible by 16): the NF4 weight dequantized straight
-    into the first columns (one pass, no copy), ``extra`` rounded once."""
-    out_f, in_f = base.shape
-    k = extra.shape[1]
-    buf = torch.empty(out_f, in_f + _wide_cols(k), dtype=dtype, device=extra.device)
-    nf4_dequantize(base, dtype, out=buf[:, :in_f])
-    buf[:, in_f : in_f + k].copy_(extra)
-    buf[:, in_f + k :].zero_()
-    return buf
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``[..., in]`` -> ``[N, in]`` (a copy only when the view is impossible; matmul takes strides)."""
     return x.reshape(-1, x.shape[-1])
@@ -410,25 +385,13 @@ class LoRAMLPFunction(torch.autograd.Function):
             # per recomputed layer.
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
-            # rank updates + activation, one pass; with an NF4 down weight (outside a dequantize_once block) H is
-            # written into [H | H A_d^T] and the down GEMM takes its rank update along K: [H | H A_d^T] [W_d | s B_d]^T
-            wide = isinstance(bases[2], NF4Weight) and not _once
-            r_d, inter = Bd.shape[1], G.shape[1]
-            Hw = torch.empty(X.shape[0], inter + _wide_cols(r_d), dtype=dt, device=X.device) if wide else None
-            H = lora_swiglu_forward(
-                G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu, out=None if Hw is None else Hw[:, :inter]
-            )
+            # rank updates + activation, one pass
+            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
             HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
             Y, Y2 = _output(x, Bd.shape[0])
-            if wide:
-                Hw[:, inter : inter + r_d].copy_(HA)
-                Hw[:, inter + r_d :].zero_()
-                s_bd = adapters[5] if sd_ == 1.0 else adapters[5] * sd_  # alpha = r: no multiply
-                torch.mm(Hw, _dense_wide(bases[2], s_bd, dt).t(), out=Y2)
-            else:
-                torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
-                Y2.addmm_(HA, Bd.t(), alpha=sd_)
-            del H, Hw  # recomputed in backward from G and U
+            torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
+            Y2.addmm_(HA, Bd.t(), alpha=sd_)
+            del H  # recomputed in backward from G and U
             if keep_to is not None:
                 keep_to.append((G, U, HA))
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)

@@ -112,7 +112,6 @@ def _lora_swiglu_fwd_kernel(
     stride_bg1,
     stride_bu0,
     stride_bu1,
-    stride_h,
     n_rows,
     n_cols,
     rank_g,
@@ -152,7 +151,7 @@ def _lora_swiglu_fwd_kernel(
     h = gf * tl.sigmoid(gf) * u.to(tl.float32)
     if RNE_BF16:
         h = rne_bf16(h)
-    tl.store(H_ptr + rows[:, None] * stride_h + cols[None, :], h.to(H_ptr.dtype.element_ty), mask=mask)
+    tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,7 +250,7 @@ def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
 
 
 def lora_swiglu_forward(
-    G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float, store_gu: bool = True, out: torch.Tensor | None = None
+    G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float, store_gu: bool = True
 ) -> torch.Tensor:
     """Finish the gate and up projections and apply SwiGLU, in one pass.
 
@@ -268,21 +267,17 @@ def lora_swiglu_forward(
         Bu: ``[I, r_u]`` in ``U``'s dtype.
         scale_g: gate LoRA scaling.
         scale_u: up LoRA scaling.
-        out: where to write ``H``: ``[N, I]`` in ``G``'s dtype with unit column stride (the first columns of a wider
-            buffer, say); default a new contiguous tensor.
 
     Returns:
-        ``H`` ``[N, I]`` in ``G``'s dtype (``out`` when given).
+        ``H`` ``[N, I]`` in ``G``'s dtype.
     """
     n_rows, n_cols = G.shape
-    H = torch.empty_like(G) if out is None else out
-    if H.shape != G.shape or H.dtype != G.dtype or (H.numel() and H.stride(1) != 1):
-        raise ValueError(f"lora_swiglu_forward: out must be {tuple(G.shape)} {G.dtype} with unit column stride")
+    H = torch.empty_like(G)
     if G.numel():
         cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD)
         _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
             G, U, H, xa_g, xa_u, Bg, Bu,
-            xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1), H.stride(0),
+            xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
             n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u, STORE_GU=store_gu, **cfg,
         )  # fmt: skip
     return H

@@ -191,12 +191,9 @@ def _nf4_dequant_kernel(
     n_elements,
     blocksize,
     blocksize2,
-    n_cols,
-    row_stride,
     NESTED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     PAIRS: tl.constexpr,
-    STRIDED: tl.constexpr,
     HALF_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
@@ -223,9 +220,7 @@ def _nf4_dequant_kernel(
         lo = _round_bits(_scaled(lo, scale, SCALES, HALF), RNE_BF16)
         hi16 = hi.to(HALF_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
         lo16 = lo.to(HALF_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
-        # STRIDED: rows of n_cols elements row_stride apart (in 32-bit words here): the first columns of a wider buffer
-        o = (j // n_cols) * row_stride + j % n_cols if STRIDED else j
-        tl.store(OUT_ptr + o, (hi16 | (lo16 << 16)).to(tl.int32, bitcast=True), mask=jmask)
+        tl.store(OUT_ptr + j, (hi16 | (lo16 << 16)).to(tl.int32, bitcast=True), mask=jmask)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
@@ -237,8 +232,7 @@ def _nf4_dequant_kernel(
         scale = _block_scales(ABSMAX_ptr, ABSMAX2_ptr, CODE2_ptr, OFFSET_ptr, pid * BLOCK, n_elements, blocksize,
                               blocksize2, NESTED, SCALES)  # fmt: skip
         value = _round_bits(_scaled(value, scale, SCALES, BLOCK), RNE_BF16)
-        o = (offs // n_cols) * row_stride + offs % n_cols if STRIDED else offs
-        tl.store(OUT_ptr + o, value.to(OUT_ptr.dtype.element_ty), mask=mask)
+        tl.store(OUT_ptr + offs, value.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
@@ -247,8 +241,7 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
     Args:
         w: the 4-bit weight.
         dtype: output dtype (default ``w.dtype``).
-        out: optional output of ``w.shape``: contiguous, or 2-D rows at a larger stride (the first columns of a
-            wider buffer; unit column stride).
+        out: optional contiguous output buffer of ``w.shape`` (reused across layers to save allocations).
 
     Returns:
         The dequantized weight, ``w.shape`` in ``dtype``.
@@ -263,20 +256,10 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
     nested = w.nested
     # Unused pointers when not nested: pass tensors that exist (never read: NESTED is a constexpr).
     absmax2, code2, offset = (nested.absmax, nested.code, nested.offset) if nested else (w.absmax, w.code, w.code)
-    strided = not out.is_contiguous()
-    cols, stride = (out.shape[1], out.stride(0)) if strided else (1, 1)
-    # Pairs of 16-bit outputs as one 32-bit word each when the output allows it (n even, 4-byte aligned; a strided
-    # output's row length and stride even too), the kernel's offsets then in words.
+    # Pairs of 16-bit outputs as one 32-bit word each when the output allows it (n even, 4-byte aligned).
     pairs = _PAIRS and out.element_size() == 2 and n % 2 == 0 and out.data_ptr() % 4 == 0
-    pairs = pairs and not (strided and (cols % 2 or stride % 2))
-    if pairs:
-        span = (out.shape[0] - 1) * stride + cols if strided else n  # the elements from the first to the last
-        target = out.as_strided((span,), (1,)).view(torch.int32)
-        cols, stride = (cols // 2, stride // 2) if strided else (cols, stride)
-    else:
-        target = out
     _nf4_dequant_kernel[(triton.cdiv(n, block),)](
-        target,
+        out.view(-1).view(torch.int32) if pairs else out,
         w.packed,
         w.absmax,
         w.code,
@@ -286,12 +269,9 @@ def nf4_dequantize_forward(w: NF4Weight, dtype: torch.dtype | None = None, out: 
         n,
         w.blocksize,
         nested.blocksize if nested else 1,
-        cols,
-        stride,
         NESTED=nested is not None,
         RNE_BF16=interpret_mode() and dtype == torch.bfloat16,
         PAIRS=pairs,
-        STRIDED=strided,
         HALF_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16,
         BLOCK=block,
         GROUP=min(w.blocksize, block),
@@ -308,13 +288,8 @@ def _check(w: NF4Weight, out: torch.Tensor | None, dtype: torch.dtype | None) ->
         raise ValueError(f"NF4Weight.packed must be uint8 with ceil(n/2) bytes for shape {tuple(w.shape)}")
     if w.blocksize < 2 or w.blocksize & (w.blocksize - 1):
         raise ValueError(f"NF4Weight.blocksize must be a power of two (bitsandbytes' are), got {w.blocksize}")
-    rows_ok = out is not None and out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1]
-    if out is not None and (
-        out.shape != w.shape or not (out.is_contiguous() or rows_ok) or (dtype and out.dtype != dtype)
-    ):
-        raise ValueError(
-            f"out must be a {tuple(w.shape)} tensor of the requested dtype, contiguous or rows at a larger stride"
-        )
+    if out is not None and (out.shape != w.shape or not out.is_contiguous() or (dtype and out.dtype != dtype)):
+        raise ValueError(f"out must be a contiguous {tuple(w.shape)} tensor of the requested dtype")
 
 
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,7 +300,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
     Args:
         w: the 4-bit weight (see :class:`NF4Weight`).
         dtype: output dtype; defaults to ``w.dtype``, the only bitsandbytes-exact choice.
-        out: optional output of ``w.shape`` and ``dtype``: contiguous, or 2-D rows at a larger stride.
+        out: optional contiguous output buffer of ``w.shape`` and ``dtype``.
 
     Returns:
         ``Tensor[w.shape]`` in ``dtype``.

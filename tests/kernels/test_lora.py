@@ -310,7 +310,7 @@ def test_dequantize_once_reuses_the_recompute_weights(monkeypatch):
     n_bases = sum(len(case[0]) for case in parts)
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(w.shape) or real(w, dt, **kw))
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w.shape) or real(w, dt))
 
     def run(dequant_once):
         leaves, layer = _toy_layer(parts)
@@ -363,7 +363,7 @@ def test_lean_recompute_skips_the_down_projection_with_the_same_gradients(monkey
     down = parts[2][0][2]
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(w is down) or real(w, dt, **kw))
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(w is down) or real(w, dt))
 
     def run(lean):
         leaves, layer = _toy_layer(parts)
@@ -402,9 +402,7 @@ def test_kept_mlp_outputs_spare_the_recompute_its_gate_and_up(monkeypatch, offlo
     gate_up = {id(b) for b in parts[2][0][:2]}
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(
-        lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(id(w) in gate_up) or real(w, dt, **kw)
-    )
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in gate_up) or real(w, dt))
     kept_sizes = []
     real_keep = lora_mod.keep_mlp_outputs
 
@@ -534,9 +532,7 @@ def test_lean_qkv_with_a_replayed_attention_skips_the_qkv_projections(monkeypatc
     qkv_ids = {id(b) for b in qkv[0]}
     calls = []
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(
-        lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(id(w) in qkv_ids) or real(w, dt, **kw)
-    )
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in qkv_ids) or real(w, dt))
 
     def attn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
@@ -798,9 +794,7 @@ def test_kept_mlp_outputs_in_host_memory_give_the_same_bits(monkeypatch, once):
     gate_up = {id(b) for b in parts[2][0][:2]}
     calls, stores, copies = [], [], [0]
     real = lora_mod.nf4_dequantize
-    monkeypatch.setattr(
-        lora_mod, "nf4_dequantize", lambda w, dt, **kw: calls.append(id(w) in gate_up) or real(w, dt, **kw)
-    )
+    monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.append(id(w) in gate_up) or real(w, dt))
     real_keep = lora_mod.keep_mlp_outputs
     monkeypatch.setattr("raytune_llm.models.checkpointing.keep_mlp_outputs", lambda s: stores.append(s) or real_keep(s))
     real_copy = stash_mod.HostCopies._to_host
@@ -844,29 +838,3 @@ def test_host_kept_layers_are_spread_from_the_last_down():
     assert host_kept_layers(26, 3) == {25, 17, 9}
     assert host_kept_layers(4, 9) == {0, 1, 2, 3}  # no more than there are
     assert host_kept_layers(0, 2) == set()
-
-
-@needs_triton
-@pytest.mark.parametrize("kind", ["nf4", "dense"])
-def test_the_down_projection_takes_its_rank_update_along_k(monkeypatch, kind):
-    # With an NF4 down weight the forward writes H into [H | H A_d^T | 0] and multiplies by [W_d | s B_d | 0]^T: one
-    # GEMM, no rank-update pass over the output; a dense weight keeps the GEMM and addmm_ (a wide copy of it would
-    # cost a pass). The results are the reference's (test_matches_reference); here, which path ran and its shapes.
-    import raytune_llm.kernels.lora as lora_mod
-
-    device = kernel_device()
-    bases, adapters, scalings = _case("mlp", kind, torch.bfloat16, device)
-    seen = []
-    real = lora_mod._dense_wide
-    monkeypatch.setattr(lora_mod, "_dense_wide", lambda b, e, dt: seen.append(real(b, e, dt)) or seen[-1])
-    x = torch.randn(9, HIDDEN, device=device).to(torch.bfloat16)
-    with torch.no_grad():
-        _bind(lora_mlp, bases, scalings)(x, *adapters)
-    if kind == "dense":
-        assert not seen
-        return
-    (w,) = seen
-    r_d = adapters[4].shape[0]
-    assert w.shape == (HIDDEN, INTER + lora_mod._WIDE) and r_d <= lora_mod._WIDE  # the rank's columns, padded
-    torch.testing.assert_close(w[:, INTER : INTER + r_d].float(), (adapters[5] * scalings[2]).bfloat16().float())
-    assert not w[:, INTER + r_d :].any()

@@ -89,24 +89,6 @@ def test_kernel_other_dtype_and_out_buffer():
 
 
 @needs_triton
-@pytest.mark.parametrize("extra", [16, 3], ids=["even", "odd"])
-@pytest.mark.parametrize("shape", [(37, 130), (5, 9)], ids=["even_cols", "odd_cols"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_kernel_writes_rows_into_a_wider_buffer(shape, dtype, extra):
-    # `out` as the first columns of a buffer `extra` columns wider (the down projection's [W | s B] operand): the
-    # same bits in those columns (32-bit pair stores where row length and stride are even, one element each
-    # otherwise), the extra columns untouched.
-    packed, qs = _quantize(shape, dtype, nested=True, device=kernel_device())
-    w = NF4Weight.from_bnb(packed, qs)
-    wide = torch.full((shape[0], shape[1] + extra), 7.0, dtype=dtype, device=kernel_device())
-    assert nf4_dequantize(w, out=wide[:, : shape[1]]).data_ptr() == wide.data_ptr()
-    _assert_bit_exact(wide[:, : shape[1]], bnbF.dequantize_4bit(packed, qs))
-    assert (wide[:, shape[1] :] == 7.0).all()
-    with pytest.raises(ValueError, match="rows at a larger stride"):
-        nf4_dequantize(w, out=wide[:, : shape[1] - 1])
-
-
-@needs_triton
 @pytest.mark.parametrize("shape", [(16, 70), (5, 9)], ids=["even", "odd"])
 def test_kernel_fp16_bit_exact(shape):
     # fp16 pairs are written through the same 32-bit stores as bf16 (an odd n takes the one-element path).
