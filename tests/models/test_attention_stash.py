@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from raytune_llm.models import attention_stash
@@ -148,3 +149,34 @@ def test_the_last_layer_on_the_device_copies_nothing_and_gives_the_same_gradient
     assert made_on * 3 == made_off * 2  # one layer of three made no host copies at all
     for got, want in zip(g_on, g_off):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_pinned_pieces_are_powers_of_two_that_add_up_to_the_copy():
+    # torch's pinned allocator rounds each block up to a power of two; the pieces waste at most 1/32 of the copy
+    # (the last one, below the largest's 1/32), against up to all of it for one block (1.75 GiB took 2).
+    pieces = attention_stash.pinned_pieces
+    assert pieces(7 << 28) == [1 << 30, 1 << 29, 1 << 28]  # a host-kept gate output at 65,536 tokens of 8B
+    assert pieces(1 << 30) == [1 << 30] and pieces(3 << 18) == [3 << 18]  # a power of two; small: one block
+    for n in [(1 << 20) + 1, 65_537 * 14_336 * 2, 3 * 5 * 7 * 11 * 13 * 17 * 19, (1 << 40) - 1]:
+        got = pieces(n)
+        allocated = sum(1 << (p - 1).bit_length() for p in got)
+        assert sum(got) == n and allocated <= n + n // 32, (n, got)
+        assert all(p & (p - 1) == 0 for p in got[:-1]) and len(got) <= 7
+
+
+@pytest.mark.gpu
+def test_a_host_copy_in_pieces_comes_back_the_same_bits():
+    # A storage of 7 MiB + 3 bytes: pinned pieces of 4, 2 and 1 MiB and one of 3 bytes, each pinned; back on the
+    # device the same bytes, at the same storage offset and strides.
+    side = torch.cuda.Stream()
+    n = (7 << 20) + 3
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    view = src[5:].view(-1)
+    copies = attention_stash.HostCopies(lambda device: side)
+    handle = copies.pack(view)
+    ((bufs, done),) = copies._host.values()
+    assert [b.numel() for b in bufs] == [4 << 20, 2 << 20, 1 << 20, 3] and all(b.is_pinned() for b in bufs)
+    copies.end_packing()
+    copies.prefetch()
+    back = copies.unpack(handle)
+    assert back.storage_offset() == 5 and torch.equal(back, view)
