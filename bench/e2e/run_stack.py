@@ -707,12 +707,24 @@ def parse_variants(text: str) -> list[dict]:
     return out
 
 
+def check_pinned_host_memory(args, model, device: str) -> None:
+    """Ours on CUDA: raise `HostMemoryError` (one line) when the model's offload settings would pin more host memory
+    than this machine has (`sharding.host_memory`); session 16's +hostkeep16 at 1x65536 was killed instead."""
+    if args.stack == "ours" and device == "cuda":
+        from raytune_llm.sharding.host_memory import check_host_memory, patched_pinned_bytes
+        from raytune_llm.sharding.shapes import Shape
+
+        report = getattr(model, "raytune_patch_report", None)
+        check_host_memory(patched_pinned_bytes(report, Shape.from_hf(model.config.to_dict()), args.batch * args.seq))
+
+
 def run_variants(args, model, optimizer, batches, device: str, torch, result: dict) -> None:
     """Time each variant on the one loaded model into ``result["variants"]`` (kept after each one, so a crash
     leaves the finished variants); an out-of-memory variant is recorded and the next one runs."""
     import gc
 
     from raytune_llm.models import settings as P
+    from raytune_llm.sharding.host_memory import HostMemoryError
 
     report = getattr(model, "raytune_patch_report", None)
     chunk_default = report.mlp_chunk_tokens if report is not None else "auto"
@@ -733,7 +745,10 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_head_on_host(model, v["head_host"])
         optimizer.zero_grad(set_to_none=True)
         try:
+            check_pinned_host_memory(args, model, device)
             out[name] = time_steps(args, model, optimizer, batches, device, torch, {}, graph=v["graph"])
+        except HostMemoryError as exc:  # refused up front: past it the kernel kills the process, results and all
+            out[name] = {"status": "host_memory", "error": str(exc)}
         except torch.OutOfMemoryError as exc:
             out[name] = {"status": "oom", "error": str(exc).splitlines()[0][:300]}
         except RuntimeError as exc:  # a step that cannot be recorded: say why, time the next variant
@@ -747,6 +762,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         v = out[name]
         log(f"run_stack variant {name}: {v['status']} {v.get('tokens_per_s')} tok/s, peak {v.get('peak_gib')} GiB")
         result["variants"] = out
+        write_json(args.out, result, copy_to_out=False)  # the finished variants, should a later one kill the process
 
 
 def run(args: argparse.Namespace, result: dict) -> int:
@@ -831,6 +847,7 @@ def run(args: argparse.Namespace, result: dict) -> int:
         result.update(status="ok", phase="done")
         return EXIT_OK
     kept: dict = {}
+    check_pinned_host_memory(args, model, device)
     result.update(time_steps(args, model, optimizer, batches, device, torch, result, graph=args.cuda_graph, keep=kept))
     result["ballast_held"] = ballast is not None  # alive through every step above
     if args.memory_snapshot and cuda:

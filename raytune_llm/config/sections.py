@@ -91,8 +91,10 @@ class ModelSection:
     backward. On the GPU one layer's at a time, during the backward of the layer above it (below the start of
     backward, where the GPU-kept layers peak, when 2 or more are kept); 2 x tokens x intermediate_size x 2 bytes of
     CPU memory and of PCIe traffic each way per layer (448 MiB at 4x2048 tokens of 8B). The layers are spread evenly
-    below the GPU-kept ones, never the last layer.
-    Not yet measured on a GPU (bench/NOTES.md, session 15, says what should limit it)."""
+    below the GPU-kept ones, never the last layer. H200, 8B (session 16): 1x65536 keep 2, +8 / +12 layers 11,523 ->
+    11,414 / 11,248 ms a step at 19.32 -> 19.77 GiB; 1x16384 keep 4, +8 1,554 -> 1,539 ms; slower at 4x2048, where the
+    forward's copies already fill the PCIe link. A GPU worker checks that its node can pin it all (with the layer
+    inputs and attention stash: `raytune-llm plan`'s host line) and stops with a one-line error if not."""
     last_layer_on_device: bool = False
     """With gradient_checkpointing=offload and fused=true (no effect otherwise): the last checkpointed layer keeps its
     input and attention stash on the GPU instead of copying them to the host and back (backward reaches it first). H200, 8B: 1x16384

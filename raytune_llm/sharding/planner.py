@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The model's dimensions live in sharding/shapes.py; imported here, the planner's callers find them here too.
+from raytune_llm.sharding.host_memory import host_kept_count, pinned_host_bytes
 from raytune_llm.sharding.shapes import GIB, LLAMA31_8B, LLAMA31_70B, PlanError, Shape, load_hf_config
 
 __all__ = [
@@ -309,16 +310,22 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     if once and a["checkpointing"] != "off" and a.get("checkpoint_layers") != 0:
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
-    table = 2 * shape.vocab * shape.hidden  # the input embedding's or the LM head's bf16 bytes
-    dense -= table * len(on_host)  # in pinned host memory
-    host = table * len(on_host)
-    # As models.patch picks them: below the GPU-kept layers of the checkpointed ones, never the last layer.
-    n_ckpt = shape.layers if a.get("checkpoint_layers") is None else min(a["checkpoint_layers"], shape.layers)
-    below = min(n_ckpt - a.get("keep_mlp_layers", 0), shape.layers - 1)
-    n_host = min(a.get("keep_mlp_layers_on_host", 0), max(below, 0))
-    if a["checkpointing"] == "offload" and a["fused"] and n_host:  # kept MLP outputs sent to the host; one layer's
-        host += n_host * 2 * 2 * tokens * shape.intermediate  # come back during the backward of the layer above
-        stored += 2 * 2 * tokens * shape.intermediate
+    dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
+    offload = a["checkpointing"] == "offload"
+    ckpt, keep = a.get("checkpoint_layers"), a.get("keep_mlp_layers", 0)
+    n_host = host_kept_count(shape, ckpt, keep, a.get("keep_mlp_layers_on_host", 0)) if offload and a["fused"] else 0
+    stored += 2 * 2 * tokens * shape.intermediate if n_host else 0  # one layer's back for the backward above it
+    pinned = pinned_host_bytes(
+        shape,
+        tokens,
+        checkpoint_layers=ckpt if offload else 0,
+        stash_attention=a.get("stash_attention", False) and a["fused"],
+        last_layer_on_device=a.get("last_layer_on_device", False),
+        keep_mlp_layers=keep,
+        keep_mlp_layers_on_host=n_host,
+        tables_on_host=len(on_host),
+    )
+    host = sum(pinned.values())
     weights = linear + dense
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers
@@ -358,6 +365,8 @@ def plan_from_values(
     embeddings_on_host: bool = False,
     head_on_host: bool = False,
     keep_mlp_layers_on_host: int = 0,
+    stash_attention: bool = False,
+    last_layer_on_device: bool = False,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -388,6 +397,8 @@ def plan_from_values(
             (`models.settings.set_head_on_host`; DDP only, not tied).
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and one layer's on the GPU (in backward).
+        stash_attention, last_layer_on_device: with offload, what goes to pinned host memory besides the layer
+            inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes unchanged).
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -444,27 +455,17 @@ def plan_from_values(
         embeddings_on_host=bool(embeddings_on_host),
         head_on_host=bool(head_on_host),
         keep_mlp_layers_on_host=keep_mlp_layers_on_host,
+        stash_attention=bool(stash_attention),
+        last_layer_on_device=bool(last_layer_on_device),
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
-    inputs = {
-        "layers": shape.layers,
-        "hidden": shape.hidden,
-        "vocab": shape.vocab,
-        "bits": quant_bits,
-        "r": lora_rank,
-        "targets": len(targets),
-        "tokens": f"{micro_batch}x{seq_len}",
-        "checkpointing": checkpointing,
-        "fused": fused,
-        "mlp_chunk_tokens": mlp_chunk_tokens if fused else None,
-        "checkpoint_layers": checkpoint_layers,
-        "dequantize_once": bool(dequantize_once),
-        "keep_mlp_layers": keep_mlp_layers,
-        "embeddings_on_host": bool(embeddings_on_host),
-        "head_on_host": bool(head_on_host),
-        "keep_mlp_layers_on_host": keep_mlp_layers_on_host,
-        "gpus": f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB",
+    named = ("quant_bits", "lora_rank", "lora_targets", "seq_len", "micro_batch")  # shown as bits, r, targets, tokens
+    inputs = {"layers": shape.layers, "hidden": shape.hidden, "vocab": shape.vocab, "bits": quant_bits, "r": lora_rank}
+    inputs |= {"targets": len(targets), "tokens": f"{micro_batch}x{seq_len}"}
+    inputs |= {k: v for k, v in args.items() if k not in named} | {
+        "mlp_chunk_tokens": mlp_chunk_tokens if fused else None
     }
+    inputs["gpus"] = f"{nodes}x{gpus_per_node}x{gpu_mem_gib:g}GiB"
 
     breakdowns = {s: _breakdown(shape, s, world, args) for s in STRATEGIES}
     peaks = {s: sum(v for k, v in b.items() if not k.startswith("host")) for s, b in breakdowns.items()}

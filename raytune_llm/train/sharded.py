@@ -56,6 +56,8 @@ def _plan_args(cfg) -> dict:
         keep_mlp_layers_on_host=cfg.model.keep_mlp_layers_on_host,
         embeddings_on_host=cfg.model.embeddings_on_host,
         head_on_host=cfg.model.head_on_host,
+        stash_attention=cfg.model.stash_attention,
+        last_layer_on_device=cfg.model.last_layer_on_device,
     )
 
 

@@ -1,0 +1,122 @@
+"""The pinned host memory a training process holds, and the check that a node has it.
+
+Offloaded checkpointing keeps every checkpointed layer's input in pinned host memory from its forward to its
+backward, and with `stash_attention` what the layer's attention saved as well (q, k, v, the attention output and
+its log-sum-exp, and the O projection's output); `keep_mlp_layers_on_host` adds the gate and up outputs of that
+many layers, and `embeddings_on_host` / `head_on_host` a table each. All of it is page-locked: the kernel cannot
+swap it, and a node that runs short kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B
+on a 125 GiB host, ~136 GiB by the count below, was killed with no error; `+hostkeep12`, ~120 GiB, ran). `check_host_memory` turns that into a one-line error before the first step. Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+from raytune_llm.sharding.shapes import GIB, Shape
+
+_ACT = 2  # bf16 activations
+# What a node keeps for everything else: the process's own memory (CUDA context, libraries), Ray, the OS. The larger
+# of the two. Session 16 on a 125 GiB host: 120 GiB pinned (+hostkeep12 at 1x65536, its gate and up outputs then
+# rounded up to 2 GiB each) ran; 136 GiB (+hostkeep16) was killed.
+_RESERVE_GIB = 6.0
+_RESERVE_FRACTION = 0.05
+
+
+class HostMemoryError(ValueError):
+    """A run's pinned host memory does not fit its node (one line: what it needs, what there is, what to lower)."""
+
+
+def host_kept_count(shape: Shape, checkpoint_layers: int | None, keep_mlp_layers: int, on_host: int) -> int:
+    """How many layers `keep_mlp_layers_on_host` really sends to the host, as `models.patch` picks them: below the
+    GPU-kept layers of the checkpointed ones, never the last layer."""
+    n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
+    return max(min(on_host, n_ckpt - keep_mlp_layers, shape.layers - 1), 0)
+
+
+def pinned_host_bytes(
+    shape: Shape,
+    tokens: int,
+    *,
+    checkpoint_layers: int | None = None,
+    stash_attention: bool = False,
+    last_layer_on_device: bool = False,
+    keep_mlp_layers: int = 0,
+    keep_mlp_layers_on_host: int = 0,
+    tables_on_host: int = 0,
+    act_bytes: int = _ACT,
+) -> dict[str, int]:
+    """The pinned host bytes of one training process under offloaded checkpointing, by what holds them (zero
+    entries left out). The settings are the model's (`models.settings`, `model.*` in the run config).
+
+    Args:
+        shape: the model's dimensions.
+        tokens: tokens per micro-batch (rows x sequence length).
+        checkpoint_layers: how many layers are checkpointed (None: all); each sends its input to the host but the
+            last with `last_layer_on_device`.
+        stash_attention: each of those layers keeps its attention's saved tensors there too.
+        last_layer_on_device: the last layer's input and stash stay on the GPU.
+        keep_mlp_layers, keep_mlp_layers_on_host: the layers that keep their gate and up outputs, on the GPU and
+            in host memory (`host_kept_count`).
+        tables_on_host: the input embedding and/or the LM head in pinned host memory (0, 1 or 2 tables).
+        act_bytes: bytes per activation element (2: bf16).
+    """
+    d, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
+    offloaded = max(n_ckpt - (last_layer_on_device and n_ckpt == shape.layers), 0)
+    kept = host_kept_count(shape, checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host)
+    out = {
+        "layer inputs": offloaded * act_bytes * tokens * d,
+        # q, k, v, the attention output, the O projection's output; the log-sum-exp in fp32
+        "attention stash": offloaded * (act_bytes * tokens * (2 * q + 2 * kv + d) + 4 * tokens * shape.heads)
+        if stash_attention
+        else 0,
+        "kept MLP outputs": kept * 2 * act_bytes * tokens * shape.intermediate,
+        "host tables": tables_on_host * act_bytes * shape.vocab * d,
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:
+    """`pinned_host_bytes` under a patched model's settings (its `models.report.PatchReport`); {} unless it
+    offloads."""
+    if report is None or report.gradient_checkpointing != "offload":
+        return {}
+    return pinned_host_bytes(
+        shape,
+        tokens,
+        checkpoint_layers=report.checkpoint_layers,
+        stash_attention=report.stash_attention,
+        last_layer_on_device=report.last_layer_on_device,
+        keep_mlp_layers=report.keep_mlp_layers,
+        keep_mlp_layers_on_host=report.keep_mlp_layers_on_host,
+        tables_on_host=report.embeddings_on_host + report.head_on_host,
+        act_bytes=act_bytes,
+    )
+
+
+def node_memory_bytes() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_host_memory(needed: dict[str, int], processes: int = 1, total: int | None = None) -> None:
+    """Raise `HostMemoryError` when ``processes`` processes holding ``needed`` each (`pinned_host_bytes`) would not
+    leave the node's reserve (the larger of 6 GiB and 5% of its memory) free.
+
+    Args:
+        needed: pinned bytes of one process, by what holds them.
+        processes: training processes on this node (one per GPU).
+        total: the node's memory in bytes (default: this machine's).
+    """
+    total = node_memory_bytes() if total is None else total
+    usable = total - max(_RESERVE_GIB * GIB, _RESERVE_FRACTION * total)
+    want = processes * sum(needed.values())
+    if want > usable:
+        largest = max(needed, key=needed.get)
+        per = f" ({processes} processes)" if processes > 1 else ""
+        raise HostMemoryError(
+            f"offloaded checkpointing needs {want / GIB:.1f} GiB of pinned host memory{per}, {largest} "
+            f"{processes * needed[largest] / GIB:.1f} GiB of it, and this node has {total / GIB:.1f} GiB "
+            f"({usable / GIB:.1f} usable): lower model.keep_mlp_layers_on_host, turn off model.stash_attention, "
+            "or use gradient_checkpointing=on or shorter rows"
+        )

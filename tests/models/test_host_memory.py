@@ -1,0 +1,84 @@
+"""sharding.host_memory: the pinned host bytes it counts are the bytes the offload chain copies, and a run that
+would not fit its node's memory is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytune_llm.models import attention_stash
+from raytune_llm.models.load import load_model
+from raytune_llm.models.patch import patch, unpatch
+from raytune_llm.models.settings import set_last_layer_on_device, set_stash_attention
+from raytune_llm.sharding.host_memory import (
+    GIB,
+    HostMemoryError,
+    check_host_memory,
+    patched_pinned_bytes,
+    pinned_host_bytes,
+)
+from raytune_llm.sharding.shapes import LLAMA31_8B, Shape
+from tests.models.conftest import VOCAB
+
+
+@pytest.mark.parametrize("stash,last_on_device", [(False, False), (True, False), (True, True)])
+def test_the_count_is_what_the_offload_chain_copies(tiny_paths, monkeypatch, stash, last_on_device):
+    # Real layers on the CPU (fp32: 4 bytes an activation): the bytes the forward hands to host copies at 48 tokens
+    # less those at 24 (what does not grow with the tokens, the O adapter and, on the CPU's reference path, its
+    # weight, cancels) against the count's difference, which leaves out only the O adapter's x A^T (r columns; 1.5%
+    # here, 0.1% at 8B). The kept MLP outputs are counted on the GPU (tests/models/test_memory_settings.py): the
+    # CPU's reference MLP keeps none.
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    unpatch(model)
+    report = patch(model, gradient_checkpointing="offload")
+    set_stash_attention(model, stash)
+    set_last_layer_on_device(model, last_on_device)
+    copied = [0]
+    real = attention_stash.HostCopies._to_host
+    monkeypatch.setattr(
+        attention_stash.HostCopies,
+        "_to_host",
+        lambda self, raw: copied.__setitem__(0, copied[0] + raw.numel()) or real(self, raw),
+    )
+    model.train()
+    shape = Shape.from_hf(model.get_base_model().config.to_dict())
+    got, want = [], []
+    for seq in (12, 24):
+        ids = torch.randint(3, VOCAB, (2, seq), generator=torch.Generator().manual_seed(0))
+        copied[0] = 0
+        model(input_ids=ids, labels=ids).loss.backward()
+        got.append(copied[0])
+        want.append(sum(patched_pinned_bytes(report, shape, ids.numel(), act_bytes=4).values()))
+    assert want[1] > want[0] > 0
+    assert abs((got[1] - got[0]) - (want[1] - want[0])) <= 0.02 * (want[1] - want[0]), (got, want)
+
+
+def test_a_run_that_would_not_fit_the_node_is_refused_in_one_line():
+    shape = Shape.from_hf(LLAMA31_8B)
+    # Session 16's 1x65536 runs on a 125 GiB host: +hostkeep12 ran (120 GiB pinned with the allocator's rounding of
+    # that session, 113.9 by this count), +hostkeep16 was killed (127.9 by this count).
+    common = dict(stash_attention=True, last_layer_on_device=True, keep_mlp_layers=2, tables_on_host=2)
+    ran = pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=12, **common)
+    killed = pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=16, **common)
+    assert ran["kept MLP outputs"] == 12 * 2 * 2 * 65536 * 14336 and ran["layer inputs"] == 31 * 2 * 65536 * 4096
+    check_host_memory(ran, total=125 * GIB)
+    with pytest.raises(HostMemoryError, match=r"needs 1\d\d\.\d GiB of pinned host memory.*lower") as err:
+        check_host_memory(killed, total=125 * GIB)
+    assert "\n" not in str(err.value) and "kept MLP outputs 56.0 GiB" in str(err.value)  # the largest part named
+    with pytest.raises(HostMemoryError, match=r"\(8 processes\)"):  # one GPU worker each
+        check_host_memory(pinned_host_bytes(shape, 8192, **common), processes=8, total=64 * GIB)
+    assert patched_pinned_bytes(None, shape, 8192) == {}  # the standard stack: nothing pinned by us
+
+
+def test_the_planner_shows_the_same_host_bytes():
+    # `raytune-llm plan`'s host line is this count (plus ZeRO's offloaded states, none under DDP).
+    from raytune_llm.sharding.planner import plan_from_values
+
+    kw = dict(stash_attention=True, last_layer_on_device=True, keep_mlp_layers=2, keep_mlp_layers_on_host=12)
+    plan = plan_from_values(
+        LLAMA31_8B, seq_len=65536, checkpointing="offload", embeddings_on_host=True, head_on_host=True, **kw
+    )
+    want = pinned_host_bytes(Shape.from_hf(LLAMA31_8B), 65536, tables_on_host=2, **kw)
+    assert plan.strategy == "DDP" and plan.breakdown["host: offloaded (not on GPU)"] == sum(want.values())
+    off = plan_from_values(LLAMA31_8B, seq_len=65536, checkpointing="on", **kw)
+    assert "host: offloaded (not on GPU)" not in off.breakdown  # nothing pinned without offload
