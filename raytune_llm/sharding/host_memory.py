@@ -16,10 +16,10 @@ from raytune_llm.sharding.shapes import GIB, Shape
 
 _ACT = 2  # bf16 activations
 # What a node keeps for everything else: the process's own memory (CUDA context, libraries), Ray, the OS. The larger
-# of the two. Session 16 on a 125 GiB host: 120 GiB pinned (+hostkeep12 at 1x65536, its gate and up outputs then
-# rounded up to 2 GiB each) ran; 136 GiB (+hostkeep16) was killed.
-_RESERVE_GIB = 6.0
-_RESERVE_FRACTION = 0.05
+# of the two, so 120 of 125 GiB usable, what session 16 saw run on such a host (+hostkeep12 at 1x65536, its gate and
+# up outputs then rounded up to 2 GiB each); 136 GiB (+hostkeep16) was killed. No margin beyond that was measured.
+_RESERVE_GIB = 5.0
+_RESERVE_FRACTION = 0.04
 
 
 class HostMemoryError(ValueError):
@@ -101,7 +101,7 @@ def node_memory_bytes() -> int:
 
 def check_host_memory(needed: dict[str, int], processes: int = 1, total: int | None = None) -> None:
     """Raise `HostMemoryError` when ``processes`` processes holding ``needed`` each (`pinned_host_bytes`) would not
-    leave the node's reserve (the larger of 6 GiB and 5% of its memory) free.
+    leave the node's reserve (the larger of 5 GiB and 4% of its memory) free.
 
     Args:
         needed: pinned bytes of one process, by what holds them.
