@@ -159,6 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: the frozen LM head in pinned host memory, streamed in by the loss (models.settings.set_head_on_host)",
     )
     p.add_argument(
+        "--weights-on-host",
+        action="store_true",
+        help="ours: the decoder layers' base weights in pinned host memory, each layer's brought in as it runs "
+        "(models.settings.set_weights_on_host)",
+    )
+    p.add_argument(
         "--memory-snapshot",
         action="store_true",
         help="after the timed steps, one more step with the CUDA allocator's history on: what is live at its peak, "
@@ -322,6 +328,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_head_on_host(model, True)
             facts["head_on_host"] = model.raytune_patch_report.head_on_host
+        if args.weights_on_host:
+            from raytune_llm.models.settings import set_weights_on_host
+
+            set_weights_on_host(model, True)
+            facts["weights_on_host"] = True
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
@@ -654,6 +665,7 @@ _VARIANT_FLAGS = {
     "sep": {"fused_residuals": False},
     "lastdev": {"last_on_device": True},
     "headhost": {"head_host": True},
+    "wh": {"weights_host": True},
 }
 
 
@@ -665,8 +677,8 @@ def parse_variants(text: str) -> list[dict]:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
     (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), host (``+host``:
     embeddings_on_host), fused_residuals (``+sep``: off, the
-    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device) and head_host
-    (``+headhost``: head_on_host).
+    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device), head_host
+    (``+headhost``: head_on_host) and weights_host (``+wh``: weights_on_host).
     """
     out = []
     for name in text.split(","):
@@ -686,6 +698,7 @@ def parse_variants(text: str) -> list[dict]:
             "fused_residuals": True,
             "last_on_device": False,
             "head_host": False,
+            "weights_host": False,
         }
         for flag in flags:
             if flag in _VARIANT_FLAGS:
@@ -743,6 +756,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])
         P.set_head_on_host(model, v["head_host"])
+        P.set_weights_on_host(model, v["weights_host"])
         optimizer.zero_grad(set_to_none=True)
         try:
             check_pinned_host_memory(args, model, device)

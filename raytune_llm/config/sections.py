@@ -109,6 +109,12 @@ class ModelSection:
     GPU. H200, 8B, 4x2048 (CUDA graph): peak 0.92 GiB lower, 587.6 -> 586.8 ms a step (session 14). Same loss up to fp32 rounding order. Below ~6,000 tokens a step the loss
     waits on PCIe (~19 ms for the head at 2,048 tokens, by the copy rate), so short steps keep it on the device. Not with a tied or
     trained head, or DeepSpeed (a ZeRO strategy, or auto choosing one, leaves it on the GPU)."""
+    weights_on_host: bool = False
+    """With fused=true: keep the decoder layers' frozen base weights (NF4: 3.35 GiB at Llama-3.1-8B) in pinned CPU
+    memory; the layer loop brings each layer's in over PCIe while the layer before it runs, and a checkpointed
+    layer's backward again (`models.host_weights`): about three layers' on the GPU at a time, room for more
+    keep_mlp_layers. Same gradients. Not with DeepSpeed (a ZeRO strategy, or auto choosing one, leaves them on the
+    GPU). Not yet measured on a GPU."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
     """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor
     kept); 0/null = never; auto = only once one such tensor would pass 1 GiB (e.g. from ~37k tokens at 8B)."""
@@ -155,6 +161,8 @@ class ModelSection:
             _fail("embeddings_on_host=true needs fused=true (the patched embedding reads the host table)")
         if self.head_on_host and not self.fused:
             _fail("head_on_host=true needs fused=true (the patched loss streams the host head)")
+        if self.weights_on_host and not self.fused:
+            _fail("weights_on_host=true needs fused=true (the patched layer loop brings each layer's weights in)")
         if n is not None and (self.gradient_checkpointing == "off" or not self.fused):
             _fail(
                 f"checkpoint_layers={n} needs gradient_checkpointing on or offload and fused=true "
@@ -367,7 +375,7 @@ class RunConfig:
                     "model.random_weights trains on weights that are never saved, so there is nothing to export: "
                     f"set export.formats=[] (got {list(self.export.formats)})"
                 )
-        for name in ("embeddings_on_host", "head_on_host"):
+        for name in ("embeddings_on_host", "head_on_host", "weights_on_host"):
             if getattr(self.model, name) and self.sharding.strategy in ("zero2", "zero3"):
                 _fail(
                     f"model.{name} needs sharding.strategy ddp or auto (DeepSpeed places every weight "

@@ -185,11 +185,12 @@ class _CheckpointFunction(torch.autograd.Function):
         keep_mlp,
         keep_on_host,
         on_device,
+        weights,
         hidden,
         anchor,
     ):
         del anchor
-        ctx.fn, ctx.after_backward = fn, after_backward
+        ctx.fn, ctx.after_backward, ctx.weights = fn, after_backward, weights
         ctx.dequant_once, ctx.lean, ctx.lean_qkv = dequant_once, lean, lean_qkv
         ctx.device = hidden.device
         ctx.hidden_requires_grad = hidden.requires_grad
@@ -222,6 +223,10 @@ class _CheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.weights is not None:  # models.host_weights: this layer's bound, the one below on its way
+            ctx.weights[0].bind()
+            if ctx.weights[1] is not None:
+                ctx.weights[1].fetch()
         if ctx.chain is not None:
             if ctx.device.type == "cuda":
                 release_copied(everything=True)  # the last layers' copies to host (a no-op after the first layer)
@@ -251,10 +256,12 @@ class _CheckpointFunction(torch.autograd.Function):
                         out = ctx.fn(hidden)
                 ctx.kept_mlp = None  # the recompute's graph holds what it took; nothing else may
                 torch.autograd.backward(out, grad_out)
+        if ctx.weights is not None:
+            ctx.weights[0].unbind()
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, None, None, None, None, None, grad_hidden, None
+        return None, None, None, None, None, None, None, None, None, None, None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -270,6 +277,7 @@ def checkpoint_layer(
     keep_mlp: bool = False,
     on_device: bool = False,
     keep_on_host: bool = False,
+    weights: tuple | None = None,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -296,6 +304,8 @@ def checkpoint_layer(
             freed at backward's start, and the copies brought back for it) and cross PCIe for nothing.
         keep_on_host: with `keep_mlp` and `offload` (not `on_device`), the kept gate and up outputs go to pinned
             host memory with the layer's input and come back with it, one layer ahead of this layer's backward.
+        weights: `models.host_weights`: (this layer's `LayerWeights`, the layer below's or None): backward binds
+            this layer's base weights, starts the next one's on their way, and lets this layer's go when done.
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
@@ -313,6 +323,7 @@ def checkpoint_layer(
         keep_mlp,
         keep_on_host,
         on_device,
+        weights,
         hidden,
         anchor,
     )

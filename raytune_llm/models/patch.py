@@ -48,6 +48,7 @@ from raytune_llm.models.checkpointing import (
     residual_add,
 )
 from raytune_llm.models.families import FamilySpec, family_of
+from raytune_llm.models.host_weights import stream_layers
 from raytune_llm.models.lora import lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
 from raytune_llm.models.settings import STATE_ATTR, bring_home, causal_lm, head_loss_reason, weights_on_device
@@ -357,9 +358,13 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         below = min(keep_from, n_run - 1)
         on_host = host_kept_layers(below, state["keep_mlp_layers_on_host"]) if offload else set()
         after = state["after_layer_backward"]
+        # settings.set_weights_on_host: each layer's brought in as it runs (all of them already are while borrowed)
+        hw = None if state.get("borrowed") else state.get("host_weights")
         for i, layer in enumerate(self.layers[:n_run]):
             run = _layer_fn(layer, meta, position_embeddings, position_ids)
-            if checkpointing and (n_ckpt is None or i < n_ckpt):
+            stream_layers(hw, i)
+            ckpt = checkpointing and (n_ckpt is None or i < n_ckpt)
+            if ckpt:
                 hidden = checkpoint_layer(
                     run,
                     hidden,
@@ -373,9 +378,12 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     keep_mlp=i >= keep_from or i in on_host,
                     keep_on_host=i in on_host,
                     on_device=last_on_device and i == n_run - 1,
+                    weights=(hw[i], hw[i - 1] if i else None) if hw else None,
                 )
             else:
                 hidden = run(hidden)
+            if hw and not (ckpt and i == n_run - 1):  # the last checkpointed layer's backward comes next
+                hw[i].unbind()
         if chain is not None and (n_ckpt is None or n_ckpt >= n_run):
             # Only when the last layer is checkpointed: otherwise the copies would sit on the GPU through the
             # backward of the layers that kept their activations.
@@ -519,6 +527,7 @@ def patch(
         "embed_home": None,
         "head_home": None,
         "head_on_host": False,
+        "host_weights": None,
         "gradient_checkpointing": gradient_checkpointing,
         "after_layer_backward": None,
     }

@@ -35,6 +35,8 @@ class PatchReport:
             device (`settings.set_last_layer_on_device`).
         head_on_host: the frozen LM head sits in pinned host memory and the loss streams it in
             (`settings.set_head_on_host`).
+        weights_on_host: the decoder layers' base weights sit in pinned host memory, each layer's brought in as
+            it runs (`settings.set_weights_on_host`); host_weight_bytes: how many bytes that is.
     """
 
     family: str | None
@@ -54,6 +56,8 @@ class PatchReport:
     fused_residuals: bool = False
     last_layer_on_device: bool = False
     head_on_host: bool = False
+    weights_on_host: bool = False
+    host_weight_bytes: int = 0
 
     def __str__(self) -> str:
         lines = [f"raytune_llm patch: family={self.family}, {len(self.replaced)} replaced, {len(self.stock)} stock"]

@@ -304,6 +304,47 @@ def set_head_on_host(model: torch.nn.Module, on: bool) -> None:
     state["report"].head_on_host = state.get("head_home") is not None  # moved off a GPU
 
 
+def set_weights_on_host(model: torch.nn.Module, on: bool) -> None:
+    """Keep the decoder layers' frozen base weights in pinned host memory, each layer's brought in as it runs.
+
+    `models.host_weights`: the patched layer loop copies layer ``i + 1``'s weights to the GPU while layer ``i``
+    runs, a checkpointed layer's backward brings its own back (started by the layer above it), and about three
+    layers' are on the GPU at a time instead of all of them (3.35 GiB of NF4 at Llama-3.1-8B), for
+    `keep_mlp_layers` to spend. Costs a layer's weights over PCIe host-to-device in its forward and again in its
+    backward. The same bits: the kernels read the same bytes. `generate` and the calls the patch leaves to the
+    model's own forward bring every layer's back while they run, `unpatch` for good. Only where the weights stay
+    whole on one device: the trainer does not use it under DeepSpeed. Takes effect on the next call.
+
+    Args:
+        model: a model `patch` patched (PEFT wrapper or causal LM).
+        on: True to move the layers' base weights to the host, False to bring them back.
+
+    Raises:
+        ValueError: a non-bool value, a model `patch` did not patch, a layer without LoRA base weights or with
+            ZeRO-3 partitioned ones, or a call while `weights_on_device` holds the weights.
+    """
+    from raytune_llm.models.host_weights import LayerWeights, layer_base_weights
+
+    lm, state = _host_setting(model, "weights_on_host", on)
+    current = state.get("host_weights")
+    if on and current is None:
+        layers = lm.get_decoder().layers
+        params = [layer_base_weights(layer) for layer in layers]
+        if not all(params):
+            raise ValueError("weights_on_host: a decoder layer has no frozen LoRA base weights to move")
+        if any(zero3_partitioned(p) for ps in params for p in ps):
+            raise ValueError("weights_on_host: DeepSpeed ZeRO-3 partitioned the base weights; it places them itself")
+        state["host_weights"] = [LayerWeights(ps, ps[0].device) for ps in params]
+        _device_while_generating(lm, state)
+    elif not on and current is not None:
+        for weights in current:
+            weights.restore()
+        state["host_weights"] = None
+    hw = state.get("host_weights")
+    state["report"].weights_on_host = hw is not None
+    state["report"].host_weight_bytes = sum(w.host.numel() for w in hw) if hw else 0
+
+
 def _to_host(lm: torch.nn.Module, state: dict, key: str, weight: torch.nn.Parameter) -> None:
     """Move a frozen weight to pinned host memory, remembering its device (state ``KEY_home``, ``KEY_host``)."""
     if not weight.is_cuda:
@@ -333,7 +374,7 @@ def _back_home(state: dict, key: str, weight: torch.nn.Parameter) -> torch.devic
 @contextlib.contextmanager
 def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "head")) -> Iterator[None]:
     """While inside, the input embedding (``"embed"``) and the LM head (``"head"``) are back on their devices if
-    they were moved to the host.
+    they were moved to the host, and with ``"embed"`` every decoder layer's base weights (`set_weights_on_host`).
 
     For `generate` and for the calls the patch leaves to the model's own forward (which read them on the GPU). The
     frozen weights are not written by training, so the pinned copies stay and moving back costs no host allocation;
@@ -345,14 +386,20 @@ def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "he
     if state is None:
         yield
         return
-    moved = []
+    moved, layers = [], None
     state["borrowed"] = state.get("borrowed", 0) + 1
     try:
         for key, module in (("embed", lm.get_input_embeddings()), ("head", lm.get_output_embeddings())):
             if key in keys and (home := _back_home(state, key, module.weight)) is not None:
                 moved.append((key, module, home))
+        layers = state.get("host_weights") if "embed" in keys else None  # a stock forward reads every layer's
+        for weights in layers or []:
+            weights.bind()
         yield
     finally:
+        if layers is not None and state.get("host_weights") is layers:  # not unpatched or moved back inside
+            for weights in layers:
+                weights.unbind()
         state["borrowed"] -= 1
         if lm.__dict__.get(STATE_ATTR) is state:  # not unpatched inside
             for key, module, home in moved:
@@ -365,6 +412,9 @@ def bring_home(lm: torch.nn.Module, state: dict) -> None:
     `weights_on_device` has them, which then leaves them there."""
     _back_home(state, "embed", lm.get_input_embeddings().weight)
     _back_home(state, "head", lm.get_output_embeddings().weight)
+    for weights in state.get("host_weights") or []:
+        weights.restore()
+    state["host_weights"] = None
 
 
 def head_loss_reason(head: torch.nn.Module | None) -> str | None:

@@ -3,9 +3,11 @@
 Offloaded checkpointing keeps every checkpointed layer's input in pinned host memory from its forward to its
 backward, and with `stash_attention` what the layer's attention saved as well (q, k, v, the attention output and
 its log-sum-exp, and the O projection's output); `keep_mlp_layers_on_host` adds the gate and up outputs of that
-many layers, and `embeddings_on_host` / `head_on_host` a table each. All of it is page-locked: the kernel cannot
-swap it, and a node that runs short kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B
-on a 125 GiB host, ~136 GiB by the count below, was killed with no error; `+hostkeep12`, ~120 GiB, ran). `check_host_memory` turns that into a one-line error before the first step. Plain Python: no torch.
+many layers, `embeddings_on_host` / `head_on_host` a table each, and `weights_on_host` the decoder layers' base
+weights (with or without offload). All of it is page-locked: the kernel cannot swap it, and a node that runs short
+kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B on a 125 GiB host, ~136 GiB by the
+count below, was killed with no error; `+hostkeep12`, ~120 GiB, ran). `check_host_memory` turns that into a
+one-line error before the first step. Plain Python: no torch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def pinned_host_bytes(
     keep_mlp_layers: int = 0,
     keep_mlp_layers_on_host: int = 0,
     tables_on_host: int = 0,
+    layer_weight_bytes: float = 0,
     act_bytes: int = _ACT,
 ) -> dict[str, int]:
     """The pinned host bytes of one training process under offloaded checkpointing, by what holds them (zero
@@ -58,6 +61,7 @@ def pinned_host_bytes(
         keep_mlp_layers, keep_mlp_layers_on_host: the layers that keep their gate and up outputs, on the GPU and
             in host memory (`host_kept_count`).
         tables_on_host: the input embedding and/or the LM head in pinned host memory (0, 1 or 2 tables).
+        layer_weight_bytes: the decoder layers' base weights in pinned host memory (`models.host_weights`).
         act_bytes: bytes per activation element (2: bf16).
     """
     d, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -72,24 +76,52 @@ def pinned_host_bytes(
         else 0,
         "kept MLP outputs": kept * 2 * act_bytes * tokens * shape.intermediate,
         "host tables": tables_on_host * act_bytes * shape.vocab * d,
+        "layer weights": layer_weight_bytes,
     }
     return {k: v for k, v in out.items() if v}
 
 
+def planned_pinned_bytes(
+    shape: Shape, tokens: int, a: dict, ddp: bool, linear: float, tables: int
+) -> tuple[dict[str, int], int, float]:
+    """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' weight bytes):
+    (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes on the host). With
+    `weights_on_host` (fused, DDP) about three layers' weights are on the device at a time."""
+    offload = a["checkpointing"] == "offload"
+    ckpt, keep = a.get("checkpoint_layers"), a.get("keep_mlp_layers", 0)
+    n_host = host_kept_count(shape, ckpt, keep, a.get("keep_mlp_layers_on_host", 0)) if offload and a["fused"] else 0
+    streamed = (
+        linear * max(shape.layers - 3, 0) / shape.layers if a.get("weights_on_host") and a["fused"] and ddp else 0
+    )
+    pinned = pinned_host_bytes(
+        shape,
+        tokens,
+        checkpoint_layers=ckpt if offload else 0,
+        stash_attention=a.get("stash_attention", False) and a["fused"],
+        last_layer_on_device=a.get("last_layer_on_device", False),
+        keep_mlp_layers=keep,
+        keep_mlp_layers_on_host=n_host,
+        tables_on_host=tables,
+        layer_weight_bytes=streamed,
+    )
+    return pinned, n_host, streamed
+
+
 def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:
-    """`pinned_host_bytes` under a patched model's settings (its `models.report.PatchReport`); {} unless it
-    offloads."""
-    if report is None or report.gradient_checkpointing != "offload":
+    """`pinned_host_bytes` under a patched model's settings (its `models.report.PatchReport`; None: {})."""
+    if report is None:
         return {}
+    offload = report.gradient_checkpointing == "offload"
     return pinned_host_bytes(
         shape,
         tokens,
-        checkpoint_layers=report.checkpoint_layers,
+        checkpoint_layers=report.checkpoint_layers if offload else 0,
         stash_attention=report.stash_attention,
         last_layer_on_device=report.last_layer_on_device,
         keep_mlp_layers=report.keep_mlp_layers,
         keep_mlp_layers_on_host=report.keep_mlp_layers_on_host,
         tables_on_host=report.embeddings_on_host + report.head_on_host,
+        layer_weight_bytes=report.host_weight_bytes,
         act_bytes=act_bytes,
     )
 

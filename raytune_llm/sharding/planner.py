@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The model's dimensions live in sharding/shapes.py; imported here, the planner's callers find them here too.
-from raytune_llm.sharding.host_memory import host_kept_count, pinned_host_bytes
+from raytune_llm.sharding.host_memory import planned_pinned_bytes
 from raytune_llm.sharding.shapes import GIB, LLAMA31_8B, LLAMA31_70B, PlanError, Shape, load_hf_config
 
 __all__ = [
@@ -311,22 +311,10 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
     dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
-    offload = a["checkpointing"] == "offload"
-    ckpt, keep = a.get("checkpoint_layers"), a.get("keep_mlp_layers", 0)
-    n_host = host_kept_count(shape, ckpt, keep, a.get("keep_mlp_layers_on_host", 0)) if offload and a["fused"] else 0
+    pinned, n_host, streamed = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", linear, len(on_host))
     stored += 2 * 2 * tokens * shape.intermediate if n_host else 0  # one layer's back for the backward above it
-    pinned = pinned_host_bytes(
-        shape,
-        tokens,
-        checkpoint_layers=ckpt if offload else 0,
-        stash_attention=a.get("stash_attention", False) and a["fused"],
-        last_layer_on_device=a.get("last_layer_on_device", False),
-        keep_mlp_layers=keep,
-        keep_mlp_layers_on_host=n_host,
-        tables_on_host=len(on_host),
-    )
     host = sum(pinned.values())
-    weights = linear + dense
+    weights = linear + dense - streamed
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers
         if strategy == "ZeRO-3":
@@ -367,6 +355,7 @@ def plan_from_values(
     keep_mlp_layers_on_host: int = 0,
     stash_attention: bool = False,
     last_layer_on_device: bool = False,
+    weights_on_host: bool = False,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -399,6 +388,7 @@ def plan_from_values(
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and one layer's on the GPU (in backward).
         stash_attention, last_layer_on_device: with offload, what goes to pinned host memory besides the layer
             inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes unchanged).
+        weights_on_host: the layers' base weights in pinned host memory, three layers' on the GPU (DDP, fused).
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no
@@ -457,6 +447,7 @@ def plan_from_values(
         keep_mlp_layers_on_host=keep_mlp_layers_on_host,
         stash_attention=bool(stash_attention),
         last_layer_on_device=bool(last_layer_on_device),
+        weights_on_host=bool(weights_on_host),
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     named = ("quant_bits", "lora_rank", "lora_targets", "seq_len", "micro_batch")  # shown as bits, r, targets, tokens

@@ -25,6 +25,7 @@ _RERUN_MAY_CHANGE = (
     # rounding order), so a run may resume with more or less memory.
     "model.embeddings_on_host",
     "model.head_on_host",
+    "model.weights_on_host",
     "model.last_layer_on_device",
     "model.keep_mlp_layers",
     "model.keep_mlp_layers_on_host",

@@ -56,6 +56,7 @@ def _plan_args(cfg) -> dict:
         keep_mlp_layers_on_host=cfg.model.keep_mlp_layers_on_host,
         embeddings_on_host=cfg.model.embeddings_on_host,
         head_on_host=cfg.model.head_on_host,
+        weights_on_host=cfg.model.weights_on_host,
         stash_attention=cfg.model.stash_attention,
         last_layer_on_device=cfg.model.last_layer_on_device,
     )
@@ -137,16 +138,18 @@ def resolve_strategy(cfg, model_path: str | os.PathLike, world: int) -> tuple[st
 
 
 def apply_host_weights(model, cfg, strategy: str) -> str | None:
-    """Apply `model.embeddings_on_host` and `model.head_on_host` to a patched model; returns why one was left off.
+    """Apply `model.embeddings_on_host`, `model.head_on_host` and `model.weights_on_host` to a patched model; returns
+    why one was left off.
 
     Left off (the run goes on with the weight on the device) under DeepSpeed, which places every weight itself,
     and for a model whose input embedding and LM head are tied, or a trained one (the setters say which): each
     setting is a memory saving, so a model it cannot serve trains as it would without it.
     """
-    from raytune_llm.models.settings import set_embeddings_on_host, set_head_on_host
+    from raytune_llm.models.settings import set_embeddings_on_host, set_head_on_host, set_weights_on_host
 
     why = []
-    for name, setter in (("embeddings_on_host", set_embeddings_on_host), ("head_on_host", set_head_on_host)):
+    setters = (set_embeddings_on_host, set_head_on_host, set_weights_on_host)
+    for name, setter in zip(("embeddings_on_host", "head_on_host", "weights_on_host"), setters):
         if not getattr(cfg.model, name):
             continue
         if strategy != "ddp":

@@ -82,3 +82,16 @@ def test_the_planner_shows_the_same_host_bytes():
     assert plan.strategy == "DDP" and plan.breakdown["host: offloaded (not on GPU)"] == sum(want.values())
     off = plan_from_values(LLAMA31_8B, seq_len=65536, checkpointing="on", **kw)
     assert "host: offloaded (not on GPU)" not in off.breakdown  # nothing pinned without offload
+
+
+def test_weights_on_host_moves_all_but_three_layers_weights_in_the_plan():
+    from raytune_llm.sharding.planner import plan_from_values
+
+    kw = dict(seq_len=2048, micro_batch=4, checkpointing="offload", keep_mlp_layers=6)
+    dev, host = plan_from_values(LLAMA31_8B, **kw), plan_from_values(LLAMA31_8B, weights_on_host=True, **kw)
+    moved = dev.breakdown["weights (base model)"] - host.breakdown["weights (base model)"]
+    assert 3.0 * GIB < moved < 3.35 * GIB  # 29 of 32 layers' NF4 weights
+    key = "host: offloaded (not on GPU)"
+    assert host.breakdown[key] - dev.breakdown[key] == moved and host.inputs["weights_on_host"]
+    zero = plan_from_values(LLAMA31_8B, weights_on_host=True, gpus_per_node=2, **kw).alternatives
+    assert zero["ZeRO-3"] == plan_from_values(LLAMA31_8B, gpus_per_node=2, **kw).alternatives["ZeRO-3"]  # DDP only
