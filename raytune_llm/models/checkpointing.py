@@ -198,6 +198,9 @@ class _CheckpointFunction(torch.autograd.Function):
         # Inside a CUDA graph capture (models.graphs, which refuses dropout) the RNG state cannot be read or restored.
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
+        # models.host_weights: layer 0's weights stay bound after its backward for the next forward's start, but not
+        # in a CUDA graph, whose next replay copies them in again (a copy left from the capture is not the graph's)
+        ctx.weights_stay = weights is not None and weights[1] is None and not capturing
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.stashes = []
         ctx.kept_mlp = [] if keep_mlp and lean else None
@@ -256,7 +259,7 @@ class _CheckpointFunction(torch.autograd.Function):
                         out = ctx.fn(hidden)
                 ctx.kept_mlp = None  # the recompute's graph holds what it took; nothing else may
                 torch.autograd.backward(out, grad_out)
-        if ctx.weights is not None:
+        if ctx.weights is not None and not ctx.weights_stay:
             ctx.weights[0].unbind()
         if ctx.after_backward is not None:
             ctx.after_backward()
@@ -305,7 +308,8 @@ def checkpoint_layer(
         keep_on_host: with `keep_mlp` and `offload` (not `on_device`), the kept gate and up outputs go to pinned
             host memory with the layer's input and come back with it, one layer ahead of this layer's backward.
         weights: `models.host_weights`: (this layer's `LayerWeights`, the layer below's or None): backward binds
-            this layer's base weights, starts the next one's on their way, and lets this layer's go when done.
+            this layer's base weights, starts the next one's on their way, and lets this layer's go when done
+            (layer 0's stay bound: the next forward starts with them).
 
     Returns:
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.

@@ -111,6 +111,14 @@ def layer_base_weights(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
 def stream_layers(host_weights: list[LayerWeights] | None, i: int) -> None:
     """Before layer ``i``'s forward in the layer loop: its weights bound, the next layer's on their way."""
     if host_weights:
+        first = host_weights[0]
+        if (
+            i == 0
+            and first.dev is not None
+            and first.device.type == "cuda"
+            and torch.cuda.is_current_stream_capturing()
+        ):
+            first.unbind()  # left bound by an eager step: a graph reads only copies made in its own capture
         host_weights[i].bind()
         if i + 1 < len(host_weights):
             host_weights[i + 1].fetch()

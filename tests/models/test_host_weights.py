@@ -57,18 +57,24 @@ def test_the_same_gradients_with_each_layer_brought_in_as_it_runs(tiny_paths, mo
     fetches = _count_fetches(monkeypatch)
     loss1, g1 = _step(model, ids)
     # one copy in for each layer's forward, and one more for each checkpointed layer's backward but the last's
-    # (its forward's copy stays for it); no layer left bound
+    # (its forward's copy stays for it); none left bound but layer 0's after a checkpointed backward (the next
+    # forward starts with it: one copy fewer)
     n = len(layers)
     assert fetches[0] == (n + n - 1 if mode != "off" else n)
-    for w, ps in zip(hw, bases):
-        assert w.dev is None and all(p.data.data_ptr() >= w.host.data_ptr() for p in ps)
-        assert all(p.data.data_ptr() < w.host.data_ptr() + w.host.numel() for p in ps)
+    for i, (w, ps) in enumerate(zip(hw, bases)):
+        bound = i == 0 and mode != "off"
+        buf = w.dev if bound else w.host
+        assert (w.dev is not None) == bound and all(p.data.data_ptr() >= buf.data_ptr() for p in ps)
+        assert all(p.data.data_ptr() < buf.data_ptr() + buf.numel() for p in ps)
+    fetches[0] = 0
+    _step(model, ids)
+    assert fetches[0] == (2 * n - 2 if mode != "off" else n)
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
     with torch.no_grad():  # generate (every layer's weights bound while it runs) and eval
         out = model.generate(input_ids=ids[:1, :6], max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 9) and all(w.dev is None for w in hw)
+    assert out.shape == (1, 9) and all(w.dev is None for w in hw[1:])
     set_weights_on_host(model, False)
     assert not report.weights_on_host and report.host_weight_bytes == 0
     for ps, old in zip(bases, before):
@@ -114,7 +120,7 @@ def test_on_the_gpu_the_same_bits_and_the_weights_off_the_device(tiny_paths):
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
-    assert all(w.dev is None for w in hw)
+    assert all(w.dev is None for w in hw[1:]) and hw[0].dev is not None
     with torch.no_grad():
         out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12) and out.is_cuda
@@ -128,3 +134,37 @@ def test_the_config_setting():
         load_config(None, ["model.weights_on_host=true", "model.fused=false"])
     with pytest.raises(ConfigError, match="model.weights_on_host needs sharding.strategy ddp or auto"):
         load_config(None, ["model.weights_on_host=true", "sharding.strategy=zero3"])
+
+
+@pytest.mark.gpu
+def test_a_recorded_step_brings_the_weights_in_itself(tiny_paths):
+    # models.graphs.CapturedStep over offloaded checkpointing with the weights on the host: the replays copy each
+    # layer's weights in (from the fixed pinned buffers) and give the eager step's losses; an eager call between
+    # replays (which unbinds what it binds) does not disturb them.
+    from raytune_llm.models.graphs import CapturedStep
+
+    def build():
+        model = load_model(
+            tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
+        )
+        sync_and_randomise_lora(model, model)
+        unpatch(model)
+        patch(model, gradient_checkpointing="offload")
+        set_stash_attention(model, True)
+        model.train()
+        return model
+
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    ref = build()
+    want = []
+    for _ in range(4):
+        ref.zero_grad(set_to_none=False)
+        want.append(float(ref(input_ids=ids, labels=ids).loss))
+    model = build()
+    set_weights_on_host(model, True)
+    step = CapturedStep(model)
+    got = [float(step(input_ids=ids, labels=ids).loss) for _ in range(3)]
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    got.append(float(step(input_ids=ids, labels=ids).loss))
+    assert step.captured and got == want
