@@ -11,7 +11,13 @@ import torch
 from raytune_llm.models import host_weights
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import patch, unpatch
-from raytune_llm.models.settings import set_keep_mlp_layers, set_stash_attention, set_weights_on_host
+from raytune_llm.models.settings import (
+    set_dequantize_once,
+    set_keep_mlp_layers,
+    set_last_layer_on_device,
+    set_stash_attention,
+    set_weights_on_host,
+)
 from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
 
 
@@ -105,7 +111,9 @@ def test_on_the_gpu_the_same_bits_and_the_weights_off_the_device(tiny_paths):
     sync_and_randomise_lora(model, model)
     unpatch(model)
     report = patch(model, gradient_checkpointing="offload")
-    set_stash_attention(model, True)
+    set_stash_attention(model, True)  # the e2e's settings (bench/gpu: --stash-attention --dequantize-once ...)
+    set_dequantize_once(model, True)
+    set_last_layer_on_device(model, True)
     set_keep_mlp_layers(model, 1)
     model.train()
     ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
@@ -151,6 +159,9 @@ def test_a_recorded_step_brings_the_weights_in_itself(tiny_paths):
         unpatch(model)
         patch(model, gradient_checkpointing="offload")
         set_stash_attention(model, True)
+        set_dequantize_once(model, True)
+        set_last_layer_on_device(model, True)
+        set_keep_mlp_layers(model, 1)
         model.train()
         return model
 
