@@ -69,7 +69,7 @@ and ``dY^T (X A^T)``; ``dG``'s, ``dU``'s, ``H``'s) come from one read of it (ker
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -100,13 +100,15 @@ class LoRAWeight(NamedTuple):
     """One LoRA-adapted linear layer, in PEFT's layout.
 
     Attributes:
-        base: the frozen weight ``[out, in]`` (a tensor) or an :class:`~raytune_llm.kernels.nf4.NF4Weight`.
+        base: the frozen weight ``[out, in]`` (a tensor) or an :class:`~raytune_llm.kernels.nf4.NF4Weight`, or a
+            zero-argument callable returning one, resolved at each use (forward and backward), for a weight that
+            moves between host and device in between (`models.host_weights`).
         A: ``lora_A.weight`` ``[r, in]``.
         B: ``lora_B.weight`` ``[out, r]``.
         scaling: ``lora_alpha / r`` (PEFT's ``layer.scaling[adapter]``).
     """
 
-    base: torch.Tensor | NF4Weight
+    base: torch.Tensor | NF4Weight | Callable[[], torch.Tensor | NF4Weight]
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
@@ -231,6 +233,8 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype, last_use: bool = 
     the innermost `dequantize_once` block. ``last_use`` (the backward's ``dX``): a weight dequantized here is not
     kept for a second use; a layer's recompute skips some projections (the lean Q/K/V and down projection, an O
     projection inside a replayed stash), and holding those until the block ends only raised the peak."""
+    if callable(base):  # resolved now: a weight that moves between host and device (models.host_weights)
+        base = base()
     if not isinstance(base, NF4Weight):
         return base.detach().to(dtype)
     if not _once:
@@ -461,7 +465,7 @@ def _check(x: torch.Tensor, ws: tuple[LoRAWeight, ...], names: tuple[str, ...]) 
     for name, w in zip(names, ws):
         if not isinstance(w, LoRAWeight):
             raise TypeError(f"{name}: expected a LoRAWeight, got {type(w).__name__}")
-        out_f, in_f = (tuple(w.base.shape) + (None, None))[:2]
+        out_f, in_f = (tuple((w.base() if callable(w.base) else w.base).shape) + (None, None))[:2]
         if w.A.dim() != 2 or w.B.dim() != 2 or w.B.shape[1] != w.A.shape[0]:
             raise ValueError(
                 f"{name}: A must be [r, in] and B [out, r], got A {tuple(w.A.shape)}, B {tuple(w.B.shape)}"

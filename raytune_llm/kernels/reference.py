@@ -172,6 +172,8 @@ def nf4_dequantize(w, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def _lora_base(base, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight ``[out, in]`` in ``dtype`` (NF4 dequantized), never receiving a gradient."""
+    if callable(base):  # kernels.lora.LoRAWeight: resolved at use
+        base = base()
     if isinstance(base, torch.Tensor):
         return base.detach().to(dtype)
     return nf4_dequantize(base, dtype)

@@ -39,6 +39,8 @@ class LayerWeights:
             self.views.append((total, n, p.data.dtype, p.data.shape))
             total += -(-n // _ALIGN) * _ALIGN
         self.host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        # what it takes: torch's pinned allocator rounds each block up to a power of two (104 -> 128 MiB a layer at 8B)
+        self.pinned_bytes = 1 << (total - 1).bit_length() if device.type == "cuda" else total
         for p, view in zip(params, self.views):
             self._view(self.host, view).copy_(p.data)
         self.dev: torch.Tensor | None = None
@@ -111,14 +113,9 @@ def layer_base_weights(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
 def stream_layers(host_weights: list[LayerWeights] | None, i: int) -> None:
     """Before layer ``i``'s forward in the layer loop: its weights bound, the next layer's on their way."""
     if host_weights:
-        first = host_weights[0]
-        if (
-            i == 0
-            and first.dev is not None
-            and first.device.type == "cuda"
-            and torch.cuda.is_current_stream_capturing()
-        ):
-            first.unbind()  # left bound by an eager step: a graph reads only copies made in its own capture
+        if i == 0 and host_weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            for weights in host_weights:  # left bound by an eager step: a graph reads only copies made in its capture
+                weights.unbind()
         host_weights[i].bind()
         if i + 1 < len(host_weights):
             host_weights[i + 1].fetch()

@@ -109,7 +109,12 @@ def _base_weight(base: torch.nn.Module) -> tuple[Any, str | None]:
         return NF4Weight.from_bnb(weight), None
     if type(base) is not torch.nn.Linear:
         return None, f"base layer {type(base).__name__} is not a plain Linear or an NF4 Linear4bit"
-    return weight, None
+    return weight.detach(), None  # the storage of now: backward reads what forward did (models.host_weights)
+
+
+def base_weight(base: torch.nn.Module) -> Any:
+    """`_base_weight`'s weight alone, read from the module now (a lazy `LoRAWeight.base`: `models.host_weights`)."""
+    return _base_weight(base)[0]
 
 
 def lora_weight(module: torch.nn.Module) -> tuple[Any, torch.Tensor | None, str | None]:

@@ -49,7 +49,7 @@ from raytune_llm.models.checkpointing import (
 )
 from raytune_llm.models.families import FamilySpec, family_of
 from raytune_llm.models.host_weights import stream_layers
-from raytune_llm.models.lora import lora_weight, zero3_partitioned
+from raytune_llm.models.lora import base_weight, lora_weight, zero3_partitioned
 from raytune_llm.models.report import PatchReport
 from raytune_llm.models.settings import STATE_ATTR, bring_home, causal_lm, head_loss_reason, weights_on_device
 from raytune_llm.models.tiling import check_chunk_tokens, chunk_tokens_for, tiled_over_tokens
@@ -171,6 +171,8 @@ def _patch_attention(
         wo = _fused_weights([self.o_proj]) if ops["lora_linear"] is not None else None
         if wo is not None and state["stash_o_proj"]:
             w = wo[0][0]
+            if state.get("host_weights"):  # the kept graph must not hold this layer's device copy until backward:
+                w = w._replace(base=functools.partial(base_weight, self.o_proj.base_layer))  # read at each use
 
             def attention_o(q, k, v, A, B):
                 o = causal_attention(q, k, v, attention_mask, self.scaling, window).reshape(b, s, -1)
@@ -382,7 +384,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                 )
             else:
                 hidden = run(hidden)
-            if hw and not (ckpt and i == n_run - 1):  # the last checkpointed layer's backward comes next
+            # A checkpointed layer brings its weights back for its backward (not the last: its backward comes next);
+            # one that is not keeps them while anything may still read them (its ops' backward, a tiled MLP's rerun)
+            if hw and (not torch.is_grad_enabled() or (ckpt and i < n_run - 1)):
                 hw[i].unbind()
         if chain is not None and (n_ckpt is None or n_ckpt >= n_run):
             # Only when the last layer is checkpointed: otherwise the copies would sit on the GPU through the

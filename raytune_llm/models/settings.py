@@ -327,6 +327,8 @@ def set_weights_on_host(model: torch.nn.Module, on: bool) -> None:
 
     lm, state = _host_setting(model, "weights_on_host", on)
     current = state.get("host_weights")
+    if on and "model" in state["report"].stock:  # the model's own layer loop would read them on the host
+        raise ValueError(f"weights_on_host: the layer loop is stock ({state['report'].stock['model']})")
     if on and current is None:
         layers = lm.get_decoder().layers
         params = [layer_base_weights(layer) for layer in layers]
@@ -342,7 +344,7 @@ def set_weights_on_host(model: torch.nn.Module, on: bool) -> None:
         state["host_weights"] = None
     hw = state.get("host_weights")
     state["report"].weights_on_host = hw is not None
-    state["report"].host_weight_bytes = sum(w.host.numel() for w in hw) if hw else 0
+    state["report"].host_weight_bytes = sum(w.pinned_bytes for w in hw) if hw else 0
 
 
 def _to_host(lm: torch.nn.Module, state: dict, key: str, weight: torch.nn.Parameter) -> None:
@@ -392,13 +394,16 @@ def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "he
         for key, module in (("embed", lm.get_input_embeddings()), ("head", lm.get_output_embeddings())):
             if key in keys and (home := _back_home(state, key, module.weight)) is not None:
                 moved.append((key, module, home))
-        layers = state.get("host_weights") if "embed" in keys else None  # a stock forward reads every layer's
+        # a stock forward reads every layer's weights: bound by the outermost call; left bound after one with grad
+        # (its backward reads them; the next patched forward lets the checkpointed layers' go again)
+        outer = "embed" in keys and state["borrowed"] == 1
+        layers = state.get("host_weights") if outer else None
         for weights in layers or []:
             weights.bind()
         yield
     finally:
-        if layers is not None and state.get("host_weights") is layers:  # not unpatched or moved back inside
-            for weights in layers:
+        if layers is not None and state.get("host_weights") is layers and not torch.is_grad_enabled():
+            for weights in layers:  # not unpatched or moved back inside
                 weights.unbind()
         state["borrowed"] -= 1
         if lm.__dict__.get(STATE_ATTR) is state:  # not unpatched inside

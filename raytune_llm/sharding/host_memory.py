@@ -85,14 +85,24 @@ def planned_pinned_bytes(
     shape: Shape, tokens: int, a: dict, ddp: bool, linear: float, tables: int
 ) -> tuple[dict[str, int], int, float]:
     """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' weight bytes):
-    (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes on the host). With
-    `weights_on_host` (fused, DDP) about three layers' weights are on the device at a time."""
+    (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes off the device).
+
+    With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
+    each layer's buffer rounded up to a power of two by torch's pinned allocator; off the device are those of the
+    checkpointed layers less about three (the last layer's, the next one's on its way, layer 0's between steps): the
+    others keep theirs for their backward.
+    """
     offload = a["checkpointing"] == "offload"
     ckpt, keep = a.get("checkpoint_layers"), a.get("keep_mlp_layers", 0)
     n_host = host_kept_count(shape, ckpt, keep, a.get("keep_mlp_layers_on_host", 0)) if offload and a["fused"] else 0
-    streamed = (
-        linear * max(shape.layers - 3, 0) / shape.layers if a.get("weights_on_host") and a["fused"] and ddp else 0
-    )
+    host_weights, off_device = 0, 0.0
+    if a.get("weights_on_host") and a["fused"] and ddp:
+        sizes = shape.projections()
+        per_layer = linear / shape.layers * sum(i * o for t, (i, o) in sizes.items() if t in a["lora_targets"])
+        per_layer /= sum(i * o for i, o in sizes.values())
+        host_weights = shape.layers * (1 << (max(int(per_layer), 1) - 1).bit_length())
+        n_ckpt = 0 if a["checkpointing"] == "off" else shape.layers if ckpt is None else min(ckpt, shape.layers)
+        off_device = per_layer * max(n_ckpt - 3, 0)
     pinned = pinned_host_bytes(
         shape,
         tokens,
@@ -102,9 +112,9 @@ def planned_pinned_bytes(
         keep_mlp_layers=keep,
         keep_mlp_layers_on_host=n_host,
         tables_on_host=tables,
-        layer_weight_bytes=streamed,
+        layer_weight_bytes=host_weights,
     )
-    return pinned, n_host, streamed
+    return pinned, n_host, off_device
 
 
 def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:

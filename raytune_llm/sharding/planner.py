@@ -311,10 +311,10 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
     dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
-    pinned, n_host, streamed = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", linear, len(on_host))
+    pinned, n_host, off_device = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", linear, len(on_host))
     stored += 2 * 2 * tokens * shape.intermediate if n_host else 0  # one layer's back for the backward above it
     host = sum(pinned.values())
-    weights = linear + dense - streamed
+    weights = linear + dense - off_device
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
         live = _ZERO3_LIVE_LAYERS * linear / shape.layers
         if strategy == "ZeRO-3":

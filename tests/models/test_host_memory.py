@@ -92,6 +92,18 @@ def test_weights_on_host_moves_all_but_three_layers_weights_in_the_plan():
     moved = dev.breakdown["weights (base model)"] - host.breakdown["weights (base model)"]
     assert 3.0 * GIB < moved < 3.35 * GIB  # 29 of 32 layers' NF4 weights
     key = "host: offloaded (not on GPU)"
-    assert host.breakdown[key] - dev.breakdown[key] == moved and host.inputs["weights_on_host"]
+    # on the host: every layer's, each buffer rounded up to a power of two by the pinned allocator (107 -> 128 MiB)
+    assert host.breakdown[key] - dev.breakdown[key] == 32 * 128 * 2**20 and host.inputs["weights_on_host"]
+    # only checkpointed layers let theirs go (the others keep them for their backward); q/v targets: theirs only
+    half = plan_from_values(LLAMA31_8B, weights_on_host=True, checkpoint_layers=16, **kw).breakdown
+    assert moved / 2.3 < dev.breakdown["weights (base model)"] - half["weights (base model)"] < moved / 2
+    off = plan_from_values(LLAMA31_8B, weights_on_host=True, **{**kw, "checkpointing": "off", "keep_mlp_layers": 0})
+    assert off.breakdown["weights (base model)"] == dev.breakdown["weights (base model)"]
+    qv = dict(lora_targets=["q_proj", "v_proj"], **kw)
+    qv_moved = (
+        plan_from_values(LLAMA31_8B, **qv).breakdown["weights (base model)"]
+        - (plan_from_values(LLAMA31_8B, weights_on_host=True, **qv).breakdown["weights (base model)"])
+    )
+    assert abs(qv_moved - moved * 20 / 208) < 2**20  # q and v: 20 of a layer's 208 Mi parameters
     zero = plan_from_values(LLAMA31_8B, weights_on_host=True, gpus_per_node=2, **kw).alternatives
     assert zero["ZeRO-3"] == plan_from_values(LLAMA31_8B, gpus_per_node=2, **kw).alternatives["ZeRO-3"]  # DDP only

@@ -59,28 +59,28 @@ def test_the_same_gradients_with_each_layer_brought_in_as_it_runs(tiny_paths, mo
     set_weights_on_host(model, True)
     hw = model.get_base_model().__dict__["_raytune_patch_state"]["host_weights"]
     assert report.weights_on_host and report.host_weight_bytes == sum(w.host.numel() for w in hw)
-    assert report.host_weight_bytes >= sum(p.numel() * p.element_size() for ps in bases for p in ps)
+    assert report.host_weight_bytes >= sum(p.numel() * p.element_size() for ps in bases for p in ps)  # CPU: exact
     fetches = _count_fetches(monkeypatch)
     loss1, g1 = _step(model, ids)
     # one copy in for each layer's forward, and one more for each checkpointed layer's backward but the last's
-    # (its forward's copy stays for it); none left bound but layer 0's after a checkpointed backward (the next
-    # forward starts with it: one copy fewer)
+    # (its forward's copy stays for it). After the step layer 0's stays bound (the next forward starts with it), and
+    # without checkpointing every layer's (its backward read them; nothing brings them back)
     n = len(layers)
     assert fetches[0] == (n + n - 1 if mode != "off" else n)
     for i, (w, ps) in enumerate(zip(hw, bases)):
-        bound = i == 0 and mode != "off"
+        bound = i == 0 or mode == "off"
         buf = w.dev if bound else w.host
         assert (w.dev is not None) == bound and all(p.data.data_ptr() >= buf.data_ptr() for p in ps)
         assert all(p.data.data_ptr() < buf.data_ptr() + buf.numel() for p in ps)
     fetches[0] = 0
     _step(model, ids)
-    assert fetches[0] == (2 * n - 2 if mode != "off" else n)
+    assert fetches[0] == (2 * n - 2 if mode != "off" else 0)
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
     with torch.no_grad():  # generate (every layer's weights bound while it runs) and eval
         out = model.generate(input_ids=ids[:1, :6], max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 9) and all(w.dev is None for w in hw[1:])
+    assert out.shape == (1, 9) and all(w.dev is None for w in hw)  # generate (no grad) lets them all go
     set_weights_on_host(model, False)
     assert not report.weights_on_host and report.host_weight_bytes == 0
     for ps, old in zip(bases, before):
@@ -179,3 +179,38 @@ def test_a_recorded_step_brings_the_weights_in_itself(tiny_paths):
         model(input_ids=ids, labels=ids)
     got.append(float(step(input_ids=ids, labels=ids).loss))
     assert step.captured and got == want
+
+
+def test_a_layer_that_is_not_checkpointed_reads_in_backward_what_its_forward_read(tiny_paths):
+    # Without checkpointing a layer's ops keep what they read for their backward (the dense base here, as a view of
+    # the forward's copy): the host buffers overwritten between forward and backward change nothing.
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    sync_and_randomise_lora(model, model)
+    unpatch(model)
+    patch(model, gradient_checkpointing="off")
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss0, g0 = _step(model, ids)
+    set_weights_on_host(model, True)
+    hw = model.get_base_model().__dict__["_raytune_patch_state"]["host_weights"]
+    for w in hw:
+        w.unbind()  # none bound from an earlier step
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    for w in hw:
+        w.host.fill_(0x7F)  # the host copies, garbage from here on
+    loss.backward()
+    g1 = lora_grads(model)
+    torch.testing.assert_close(loss.detach(), loss0, rtol=0, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_stock_layer_loop_is_refused(tiny_paths):
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    unpatch(model)
+    model.get_base_model().config.attention_dropout = 0.1  # the patch leaves the model's own layer loop
+    report = patch(model, gradient_checkpointing="offload")
+    assert "model" in report.stock
+    with pytest.raises(ValueError, match="weights_on_host: the layer loop is stock"):
+        set_weights_on_host(model, True)
