@@ -5,10 +5,9 @@ copy until then. (tests/models/test_host_weights.py: the same settings through t
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import patch, unpatch
@@ -80,14 +79,14 @@ def test_the_stashed_o_projection_does_not_hold_the_layers_device_copy(tiny_llam
         fresh = self.dev is None
         real_fetch(self)
         if fresh:
-            made.append((hw.index(self), weakref.ref(self.dev)))
+            made.append((hw.index(self), StorageWeakRef(self.dev.untyped_storage())))
 
     type(hw[0]).fetch = fetch
     try:
         hw[0].unbind()
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
-        alive = [i for i, ref in made if ref() is not None]
+        alive = [i for i, ref in made if not ref.expired()]
         assert alive == [len(hw) - 1], alive  # only the last layer's, whose backward comes first
         loss.backward()
     finally:
