@@ -11,18 +11,7 @@ V="all+once+stash+host+lastdev+headhost"
 run_ours var_1x65536_s17d 170 $FLAGS --batch 1 --seq 65536 --warmup 1 --steps 2 \
   --variants "$V+keep2+hostkeep13,$V+keep2+hostkeep14"
 show_variants s17d 1x65536
-HK=$(python3 - "$OUT/var_1x65536_s17d.json" <<'PY'
-import json, sys
-best = (11262.1, 12)  # session 16's e2e with +hostkeep12
-try:
-    for name, v in json.load(open(sys.argv[1])).get("variants", {}).items():
-        if v.get("status") == "ok" and v["step_ms_median"] < best[0]:
-            best = (v["step_ms_median"], int(name.rsplit("hostkeep", 1)[1]))
-except Exception as exc:
-    print(exc, file=sys.stderr)
-print(best[1])
-PY
-)
+HK=$(best_count "$OUT/var_1x65536_s17d.json" hostkeep 11262.1 12)  # session 16's e2e: +hostkeep12, 11,262 ms
 echo "== chosen: --keep-mlp-layers-on-host $HK"
 run_e2e e2e_s17d_64k 370 1x65536 "--stash-attention --dequantize-once --mlp-chunk-tokens 0 --embeddings-on-host \
   --last-layer-on-device --head-on-host --keep-mlp-layers 2 --keep-mlp-layers-on-host $HK"

@@ -27,7 +27,8 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _model(path, mode):
+def _model(path, mode, ids):
+    """The model, its gradients with the weights on the device, and then the weights on the host, none bound."""
     model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -37,14 +38,6 @@ def _model(path, mode):
     patch(model, gradient_checkpointing=mode)
     set_stash_attention(model, mode == "offload")
     model.train()
-    return model
-
-
-@needs_triton
-def test_backward_never_reads_the_host_copy_of_a_layer_it_did_not_bring_back(tiny_llama):
-    # No checkpointing: nothing brings a layer's weights back for its backward, which reads what its forward read.
-    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    model = _model(tiny_llama, "off")
     model(input_ids=ids, labels=ids).loss.backward()
     want = _grads(model)
     set_weights_on_host(model, True)
@@ -52,26 +45,33 @@ def test_backward_never_reads_the_host_copy_of_a_layer_it_did_not_bring_back(tin
     for w in hw:
         w.unbind()
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    for w in hw:
-        w.host.fill_(0x7F)  # garbage from here on
-    loss.backward()
-    got = _grads(model)
+    return model, want, hw
+
+
+def _same(got, want):
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_triton
-def test_the_stashed_o_projection_does_not_hold_the_layers_device_copy(tiny_llama):
+def test_backward_never_reads_the_host_copy_of_a_layer_it_did_not_bring_back(tiny_llama):
+    # No checkpointing: nothing brings a layer's weights back for its backward, which reads what its forward read.
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    model, want, hw = _model(tiny_llama, "off", ids)
+    loss = model(input_ids=ids, labels=ids).loss
+    for w in hw:
+        w.host.fill_(0x7F)  # garbage from here on
+    loss.backward()
+    _same(_grads(model), want)
+
+
+@needs_triton
+def test_the_stashed_o_projection_does_not_hold_the_layers_device_copy(tiny_llama, monkeypatch):
     # Offloaded checkpointing with the O projection in the kept attention block: after the forward, the device copy
     # of every layer but the last is gone (the kept O projection reads the weight again in its backward), and the
     # gradients are those with the weights on the device.
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    model = _model(tiny_llama, "offload")
-    model(input_ids=ids, labels=ids).loss.backward()
-    want = _grads(model)
-    set_weights_on_host(model, True)
-    hw = model.get_base_model().__dict__["_raytune_patch_state"]["host_weights"]
+    model, want, hw = _model(tiny_llama, "offload", ids)
     made = []
     real_fetch = type(hw[0]).fetch
 
@@ -81,16 +81,9 @@ def test_the_stashed_o_projection_does_not_hold_the_layers_device_copy(tiny_llam
         if fresh:
             made.append((hw.index(self), StorageWeakRef(self.dev.untyped_storage())))
 
-    type(hw[0]).fetch = fetch
-    try:
-        hw[0].unbind()
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        alive = [i for i, ref in made if not ref.expired()]
-        assert alive == [len(hw) - 1], alive  # only the last layer's, whose backward comes first
-        loss.backward()
-    finally:
-        type(hw[0]).fetch = real_fetch
-    got = _grads(model)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    monkeypatch.setattr(type(hw[0]), "fetch", fetch)
+    loss = model(input_ids=ids, labels=ids).loss
+    alive = [i for i, ref in made if not ref.expired()]
+    assert alive == [len(hw) - 1], alive  # only the last layer's, whose backward comes first
+    loss.backward()
+    _same(_grads(model), want)
