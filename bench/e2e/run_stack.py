@@ -724,11 +724,10 @@ def check_pinned_host_memory(args, model, device: str) -> None:
     """Ours on CUDA: raise `HostMemoryError` (one line) when the model's offload settings would pin more host memory
     than this machine has (`sharding.host_memory`); session 16's +hostkeep16 at 1x65536 was killed instead."""
     if args.stack == "ours" and device == "cuda":
-        from raytune_llm.sharding.host_memory import check_host_memory, patched_pinned_bytes
-        from raytune_llm.sharding.shapes import Shape
+        from raytune_llm.sharding.host_memory import check_patched_host_memory
 
         report = getattr(model, "raytune_patch_report", None)
-        check_host_memory(patched_pinned_bytes(report, Shape.from_hf(model.config.to_dict()), args.batch * args.seq))
+        check_patched_host_memory(report, model.config.to_dict(), args.batch * args.seq)
 
 
 def run_variants(args, model, optimizer, batches, device: str, torch, result: dict) -> None:
@@ -743,7 +742,8 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
     chunk_default = report.mlp_chunk_tokens if report is not None else "auto"
     out = {}
     for v in parse_variants(args.variants):
-        name = v["name"]
+        name, runs = v["name"], sum(k.split("#")[0] == v["name"] for k in out)
+        name += f"#{runs + 1}" if runs else ""  # a name given twice (a base timed first and last) keeps both
         P.set_checkpoint_layers(model, v["layers"])
         P.set_dequantize_once(model, v["once"])
         P.set_lean_recompute(model, v["lean"])

@@ -110,11 +110,12 @@ class ModelSection:
     waits on PCIe (~19 ms for the head at 2,048 tokens, by the copy rate), so short steps keep it on the device. Not with a tied or
     trained head, or DeepSpeed (a ZeRO strategy, or auto choosing one, leaves it on the GPU)."""
     weights_on_host: bool = False
-    """With fused=true: keep the decoder layers' frozen base weights (NF4: 3.35 GiB at Llama-3.1-8B) in pinned CPU
-    memory; the layer loop brings each layer's in over PCIe while the layer before it runs, and a checkpointed
-    layer's backward again (`models.host_weights`): about three layers' on the GPU at a time, room for more
-    keep_mlp_layers. Same gradients. Not with DeepSpeed (a ZeRO strategy, or auto choosing one, leaves them on the
-    GPU). Not yet measured on a GPU."""
+    """With fused=true: keep the decoder layers' frozen base weights (3.25 GiB of packed NF4 at Llama-3.1-8B) in
+    pinned CPU memory; the layer loop brings each layer's in over PCIe while the layer before it runs, and a
+    checkpointed layer's backward again (`models.host_weights`): of the checkpointed layers about three have theirs
+    on the GPU at a time, room for more keep_mlp_layers (layers that are not checkpointed keep theirs while
+    training). Same gradients. Not with DeepSpeed (a ZeRO strategy, or auto choosing one, leaves them on the GPU).
+    Not yet measured on a GPU."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
     """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor
     kept); 0/null = never; auto = only once one such tensor would pass 1 GiB (e.g. from ~37k tokens at 8B)."""

@@ -101,9 +101,16 @@ _SPLIT_ABOVE = 1 << 20
 
 
 def pinned_pieces(n: int) -> list[int]:
-    """The lengths of the pinned blocks a host copy of ``n`` bytes goes into: ``[n]`` for a power of two or at most
-    `_SPLIT_ABOVE` bytes; else ``n``'s binary digits down to 1/32 of the largest, and what is left below them as one
-    more piece (the allocator rounds that one up: at most 1/32 of ``n`` more, against up to ``n`` for one block)."""
+    """The lengths of the pinned blocks a host copy of ``n`` bytes goes into.
+
+    Args:
+        n: the copy's length in bytes.
+
+    Returns:
+        ``[n]`` for a power of two or at most `_SPLIT_ABOVE` bytes; else ``n``'s binary digits down to 1/32 of the
+        largest, and what is left below them as one more piece (the allocator rounds that one up: at most 1/32 of
+        ``n`` more, against up to ``n`` for one block). They add up to ``n``.
+    """
     if n <= _SPLIT_ABOVE or n & (n - 1) == 0:
         return [n]
     top = n.bit_length() - 1

@@ -1,17 +1,21 @@
 """The decoder layers' frozen base weights in pinned host memory, brought to the GPU one layer ahead of their use.
 
-A QLoRA run holds every layer's NF4 base weights on the GPU for the whole step (3.35 GiB at Llama-3.1-8B), yet a
-layer reads its own only during its forward and, checkpointed, during its backward. With
-`settings.set_weights_on_host` each layer's base weights sit in one pinned host buffer; the patched layer loop
-copies layer ``i + 1``'s to the GPU on a side stream while layer ``i`` runs, and a checkpointed layer's backward
-brings its own back (started by the backward of the layer above it): about three layers' weights on the GPU at a
-time. The memory goes to what the cap held back: more layers keeping their MLP outputs (`keep_mlp_layers`, 448 MiB
-a layer at 4x2048 tokens of 8B, 2.3-5.4 ms a step each in sessions 12-14). The cost is host-to-device PCIe time,
-105 MiB a layer in the forward (where that direction is idle: the offloaded checkpoints go the other way) and again
-in the backward (beside the checkpoints coming back). The weights are never written, so the host copy is the only
-copy and nothing goes back. A parameter's ``.data`` points at the device buffer while its layer runs and at its
-host view otherwise, so the fused ops read whichever is bound, through `models.lora` as before. On the CPU the
-"device" buffer is a plain copy: the same code runs, which is what the CPU tests prove.
+A QLoRA run holds every layer's NF4 base weights on the GPU for the whole step (3.25 GiB of packed NF4 at
+Llama-3.1-8B; the quant state, 0.1 GiB, stays where it is), yet a layer reads its own only during its forward and,
+checkpointed, during its backward. With `settings.set_weights_on_host` each layer's base weights sit in one pinned
+host buffer; the patched layer loop copies layer ``i + 1``'s to the GPU on a side stream while layer ``i`` runs,
+and a checkpointed layer's backward brings its own back (started by the backward of the layer above it): of the
+checkpointed layers about three have theirs on the GPU at a time (the last one's between its forward and backward,
+the next one's on its way, layer 0's between steps); a layer that is not checkpointed keeps its own while training,
+for its backward. The memory goes to what the cap held back: more layers keeping their MLP outputs
+(`keep_mlp_layers`, 448 MiB a layer at 4x2048 tokens of 8B, 2.3-5.4 ms a step each in sessions 12-14). The cost is
+host-to-device PCIe time, 104 MiB a layer in the forward (where that direction is idle: the offloaded checkpoints go
+the other way) and again in the backward (beside the checkpoints coming back). The weights are never written, so
+the host copy is the only copy and nothing goes back. A parameter's ``.data`` points at the device buffer while its
+layer runs and at its host view otherwise; the fused ops read whichever is bound, through `models.lora` as before
+(a stashed O projection, kept until the layer's backward, reads its base at each use instead: the kept graph must
+not hold the device copy). On the CPU the "device" buffer is a plain copy: the same code runs, which is what the
+CPU tests prove.
 """
 
 from __future__ import annotations
@@ -111,7 +115,12 @@ def layer_base_weights(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def stream_layers(host_weights: list[LayerWeights] | None, i: int) -> None:
-    """Before layer ``i``'s forward in the layer loop: its weights bound, the next layer's on their way."""
+    """Before layer ``i``'s forward in the layer loop: its weights bound, the next layer's on their way.
+
+    Args:
+        host_weights: every layer's `LayerWeights` (None or empty: the weights are on the device, nothing to do).
+        i: the layer about to run.
+    """
     if host_weights:
         if i == 0 and host_weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             for weights in host_weights:  # left bound by an eager step: a graph reads only copies made in its capture

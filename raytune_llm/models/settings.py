@@ -308,12 +308,14 @@ def set_weights_on_host(model: torch.nn.Module, on: bool) -> None:
     """Keep the decoder layers' frozen base weights in pinned host memory, each layer's brought in as it runs.
 
     `models.host_weights`: the patched layer loop copies layer ``i + 1``'s weights to the GPU while layer ``i``
-    runs, a checkpointed layer's backward brings its own back (started by the layer above it), and about three
-    layers' are on the GPU at a time instead of all of them (3.35 GiB of NF4 at Llama-3.1-8B), for
-    `keep_mlp_layers` to spend. Costs a layer's weights over PCIe host-to-device in its forward and again in its
-    backward. The same bits: the kernels read the same bytes. `generate` and the calls the patch leaves to the
-    model's own forward bring every layer's back while they run, `unpatch` for good. Only where the weights stay
-    whole on one device: the trainer does not use it under DeepSpeed. Takes effect on the next call.
+    runs and a checkpointed layer's backward brings its own back (started by the layer above it), so of the
+    checkpointed layers about three have theirs on the GPU at a time instead of all of them (3.25 GiB of packed NF4
+    at Llama-3.1-8B; the quant state, 0.1 GiB, stays), for `keep_mlp_layers` to spend. A layer that is not
+    checkpointed keeps its weights on the GPU while training (its backward reads them). Costs a layer's weights
+    over PCIe host-to-device in its forward and again in its backward. The same bits: the kernels read the same
+    bytes. `generate` and the calls the patch leaves to the model's own forward bring every layer's back while they
+    run (a stock call with grad leaves them for its backward), `unpatch` for good. Only where the weights stay whole
+    on one device: the trainer does not use it under DeepSpeed. Takes effect on the next call.
 
     Args:
         model: a model `patch` patched (PEFT wrapper or causal LM).
@@ -374,9 +376,13 @@ def _back_home(state: dict, key: str, weight: torch.nn.Parameter) -> torch.devic
 
 
 @contextlib.contextmanager
-def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "head")) -> Iterator[None]:
+def weights_on_device(
+    lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "head"), release: bool | None = None
+) -> Iterator[None]:
     """While inside, the input embedding (``"embed"``) and the LM head (``"head"``) are back on their devices if
-    they were moved to the host, and with ``"embed"`` every decoder layer's base weights (`set_weights_on_host`).
+    they were moved to the host, and with ``"embed"`` every decoder layer's base weights (`set_weights_on_host`),
+    which stay bound after a call made with grad (its backward reads them) unless ``release`` says otherwise
+    (`generate`: True).
 
     For `generate` and for the calls the patch leaves to the model's own forward (which read them on the GPU). The
     frozen weights are not written by training, so the pinned copies stay and moving back costs no host allocation;
@@ -402,7 +408,8 @@ def weights_on_device(lm: torch.nn.Module, keys: tuple[str, ...] = ("embed", "he
             weights.bind()
         yield
     finally:
-        if layers is not None and state.get("host_weights") is layers and not torch.is_grad_enabled():
+        let_go = not torch.is_grad_enabled() if release is None else release
+        if layers is not None and state.get("host_weights") is layers and let_go:
             for weights in layers:  # not unpatched or moved back inside
                 weights.unbind()
         state["borrowed"] -= 1
@@ -458,7 +465,7 @@ def _device_while_generating(lm: torch.nn.Module, state: dict) -> None:
     original = lm.generate
 
     def generate(*args, **kwargs):
-        with weights_on_device(lm):
+        with weights_on_device(lm, release=True):  # generate runs without grad inside, not around this
             return original(*args, **kwargs)
 
     generate._raytune_host_embedding = True  # unpatch removes this wrapper, and only this one

@@ -5,9 +5,10 @@ backward, and with `stash_attention` what the layer's attention saved as well (q
 its log-sum-exp, and the O projection's output); `keep_mlp_layers_on_host` adds the gate and up outputs of that
 many layers, `embeddings_on_host` / `head_on_host` a table each, and `weights_on_host` the decoder layers' base
 weights (with or without offload). All of it is page-locked: the kernel cannot swap it, and a node that runs short
-kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B on a 125 GiB host, ~136 GiB by the
-count below, was killed with no error; `+hostkeep12`, ~120 GiB, ran). `check_host_memory` turns that into a
-one-line error before the first step. Plain Python: no torch.
+kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B on a 125 GiB host, 127.9 GiB by the
+count below and 136 with the pinned allocator's rounding of that session, was killed with no error; `+hostkeep12`,
+113.9 and 120, ran). `check_host_memory` turns that into a one-line error before the first step. Plain Python: no
+torch.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def pinned_host_bytes(
     keep_mlp_layers: int = 0,
     keep_mlp_layers_on_host: int = 0,
     tables_on_host: int = 0,
-    layer_weight_bytes: float = 0,
+    layer_weight_bytes: int = 0,
     act_bytes: int = _ACT,
 ) -> dict[str, int]:
     """The pinned host bytes of one training process under offloaded checkpointing, by what holds them (zero
@@ -84,7 +85,7 @@ def pinned_host_bytes(
 def planned_pinned_bytes(
     shape: Shape, tokens: int, a: dict, ddp: bool, linear: float, tables: int
 ) -> tuple[dict[str, int], int, float]:
-    """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' weight bytes):
+    """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' packed weight bytes):
     (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes off the device).
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
@@ -100,7 +101,7 @@ def planned_pinned_bytes(
         sizes = shape.projections()
         per_layer = linear / shape.layers * sum(i * o for t, (i, o) in sizes.items() if t in a["lora_targets"])
         per_layer /= sum(i * o for i, o in sizes.values())
-        host_weights = shape.layers * (1 << (max(int(per_layer), 1) - 1).bit_length())
+        host_weights = shape.layers * (1 << (max(int(per_layer), 1) - 1).bit_length())  # the allocator's power of two
         n_ckpt = 0 if a["checkpointing"] == "off" else shape.layers if ckpt is None else min(ckpt, shape.layers)
         off_device = per_layer * max(n_ckpt - 3, 0)
     pinned = pinned_host_bytes(
@@ -141,14 +142,27 @@ def node_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+# What to lower for each part of the count, for the refusal.
+_LOWER = {
+    "layer inputs": "gradient_checkpointing=on or shorter rows",
+    "attention stash": "model.stash_attention",
+    "kept MLP outputs": "model.keep_mlp_layers_on_host",
+    "host tables": "model.embeddings_on_host / model.head_on_host",
+    "layer weights": "model.weights_on_host",
+}
+
+
 def check_host_memory(needed: dict[str, int], processes: int = 1, total: int | None = None) -> None:
-    """Raise `HostMemoryError` when ``processes`` processes holding ``needed`` each (`pinned_host_bytes`) would not
-    leave the node's reserve (the larger of 5 GiB and 4% of its memory) free.
+    """Refuse ``processes`` processes holding ``needed`` each (`pinned_host_bytes`) when they would not leave the
+    node's reserve (the larger of 5 GiB and 4% of its memory) free.
 
     Args:
         needed: pinned bytes of one process, by what holds them.
         processes: training processes on this node (one per GPU).
         total: the node's memory in bytes (default: this machine's).
+
+    Raises:
+        HostMemoryError: one line: what is needed, the largest part, what the node has, the setting to lower.
     """
     total = node_memory_bytes() if total is None else total
     usable = total - max(_RESERVE_GIB * GIB, _RESERVE_FRACTION * total)
@@ -157,8 +171,13 @@ def check_host_memory(needed: dict[str, int], processes: int = 1, total: int | N
         largest = max(needed, key=needed.get)
         per = f" ({processes} processes)" if processes > 1 else ""
         raise HostMemoryError(
-            f"offloaded checkpointing needs {want / GIB:.1f} GiB of pinned host memory{per}, {largest} "
+            f"this run needs {want / GIB:.1f} GiB of pinned host memory{per}, {largest} "
             f"{processes * needed[largest] / GIB:.1f} GiB of it, and this node has {total / GIB:.1f} GiB "
-            f"({usable / GIB:.1f} usable): lower model.keep_mlp_layers_on_host, turn off model.stash_attention, "
-            "or use gradient_checkpointing=on or shorter rows"
+            f"({usable / GIB:.1f} usable): lower {_LOWER[largest]}"
         )
+
+
+def check_patched_host_memory(report, hf_config: dict, tokens: int, processes: int = 1) -> None:
+    """`check_host_memory` for a patched model (its `models.report.PatchReport`; None: nothing pinned) of this
+    config.json, at ``tokens`` a micro-batch: what a GPU worker and the benchmarks run before their first step."""
+    check_host_memory(patched_pinned_bytes(report, Shape.from_hf(hf_config), tokens), processes)

@@ -311,7 +311,8 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         # dequantize_once: the recompute's copies of the whole layer wait for the backward
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
     dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
-    pinned, n_host, off_device = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", linear, len(on_host))
+    packed = linear * (a["quant_bits"] / 8) / _WEIGHT_BYTES[a["quant_bits"]]  # what weights_on_host moves (no absmax)
+    pinned, n_host, off_device = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", packed, len(on_host))
     stored += 2 * 2 * tokens * shape.intermediate if n_host else 0  # one layer's back for the backward above it
     host = sum(pinned.values())
     weights = linear + dense - off_device
@@ -388,7 +389,8 @@ def plan_from_values(
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and one layer's on the GPU (in backward).
         stash_attention, last_layer_on_device: with offload, what goes to pinned host memory besides the layer
             inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes unchanged).
-        weights_on_host: the layers' base weights in pinned host memory, three layers' on the GPU (DDP, fused).
+        weights_on_host: the layers' base weights in pinned host memory; those of the checkpointed layers less
+            about three leave the GPU (DDP, fused; `sharding.host_memory.planned_pinned_bytes`).
 
     Returns:
         The Plan; `plan.fits` is False with a reason naming the largest component and what to try when no

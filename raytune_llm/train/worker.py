@@ -225,9 +225,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_stash_attention,
     )
     from raytune_llm.packing.stream import iter_torch_batches
-    from raytune_llm.sharding.host_memory import check_host_memory, patched_pinned_bytes
+    from raytune_llm.sharding.host_memory import check_patched_host_memory
     from raytune_llm.sharding.planner import load_hf_config
-    from raytune_llm.sharding.shapes import Shape
     from raytune_llm.train import sharded as sharded_lib
 
     cfg = from_dict(loop_config["config"])
@@ -294,10 +293,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         left_off = sharded_lib.apply_host_weights(model, cfg, strategy)
         if left_off and rank == 0:
             print(f"raytune_llm: left off (model.*): {left_off}", flush=True)
-        if on_gpu:  # refused in one line before the first step, not killed in it (session 16)
-            shape = Shape.from_hf(load_hf_config(loop_config["model_path"]))
-            pinned = patched_pinned_bytes(patched, shape, cfg.data.seq_len * cfg.train.micro_batch_size)
-            check_host_memory(pinned, processes=ctx.get_local_world_size())  # every GPU worker of this node
+        if on_gpu:  # refused in one line before the first step, not killed in it (session 16); every GPU worker
+            tokens = cfg.data.seq_len * cfg.train.micro_batch_size  # of this node pins as much
+            hf_config = load_hf_config(loop_config["model_path"])
+            check_patched_host_memory(patched, hf_config, tokens, processes=ctx.get_local_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None
     if zero:

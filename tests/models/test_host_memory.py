@@ -90,9 +90,9 @@ def test_weights_on_host_moves_all_but_three_layers_weights_in_the_plan():
     kw = dict(seq_len=2048, micro_batch=4, checkpointing="offload", keep_mlp_layers=6)
     dev, host = plan_from_values(LLAMA31_8B, **kw), plan_from_values(LLAMA31_8B, weights_on_host=True, **kw)
     moved = dev.breakdown["weights (base model)"] - host.breakdown["weights (base model)"]
-    assert 3.0 * GIB < moved < 3.35 * GIB  # 29 of 32 layers' NF4 weights
+    assert 2.9 * GIB < moved < 3.0 * GIB  # 29 of 32 layers' packed NF4 weights (3.25 GiB in all; absmax stays)
     key = "host: offloaded (not on GPU)"
-    # on the host: every layer's, each buffer rounded up to a power of two by the pinned allocator (107 -> 128 MiB)
+    # on the host: every layer's, each buffer rounded up to a power of two by the pinned allocator (104 -> 128 MiB)
     assert host.breakdown[key] - dev.breakdown[key] == 32 * 128 * 2**20 and host.inputs["weights_on_host"]
     # only checkpointed layers let theirs go (the others keep them for their backward); q/v targets: theirs only
     half = plan_from_values(LLAMA31_8B, weights_on_host=True, checkpoint_layers=16, **kw).breakdown
