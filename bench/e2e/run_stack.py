@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(models.settings.set_stash_attention)",
     )
     p.add_argument(
+        "--no-stash-o-proj",
+        action="store_true",
+        help="ours, with --stash-attention: the kept block ends at the attention output, not after the O projection "
+        "(less host memory: set_stash_attention's o_proj=False)",
+    )
+    p.add_argument(
         "--cuda-graph",
         action="store_true",
         help="ours: each step (forward, backward, AdamW, zeroing) is recorded once as a CUDA graph at the last "
@@ -301,8 +307,9 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
         if args.stash_attention:
             from raytune_llm.models.settings import set_stash_attention
 
-            set_stash_attention(model, True)
+            set_stash_attention(model, True, o_proj=not args.no_stash_o_proj)
             facts["stash_attention"] = True
+            facts["stash_o_proj"] = not args.no_stash_o_proj
         if args.keep_mlp_layers is not None:
             from raytune_llm.models.settings import set_keep_mlp_layers
 

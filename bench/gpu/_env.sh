@@ -47,19 +47,3 @@ for shape in shapes:
         print(f"{shape:8s} {name:40s} {v.get('status')} {v.get('step_ms_median')} ms {v.get('step_ms_all')} peak {v.get('peak_gib')} GiB")
 PY
 }
-# best_count VARJSON FLAG BASE_MS BASE_N: the count after FLAG (e.g. hostkeep) of VARJSON's fastest ok variant, or
-# BASE_N when none is faster than BASE_MS (what ran before) or the JSON is missing (a killed process writes none).
-best_count() {
-  python3 - "$@" <<'PY'
-import json, sys
-path, flag, base_ms, base_n = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-best = (base_ms, base_n)
-try:
-    for name, v in json.load(open(path)).get("variants", {}).items():
-        if v.get("status") == "ok" and v["step_ms_median"] < best[0]:
-            best = (v["step_ms_median"], int(name.rsplit(flag, 1)[1].split("+")[0]))
-except Exception as exc:
-    print(exc, file=sys.stderr)
-print(best[1])
-PY
-}

@@ -79,6 +79,10 @@ class ModelSection:
     backward needs (q, k, v, output) in pinned CPU memory, and the recompute replays it instead of running
     attention (and the Q/K/V projections) again. H200, 8B, QLoRA: +4% tokens/s at 4x2048, +10% at 16k, +17% at
     64k tokens, for about 2.5x the CPU memory of the offloaded checkpoints (1.3 GiB more per layer at 64k)."""
+    stash_o_proj: bool = True
+    """With stash_attention: the kept block ends after the O projection, whose output is kept too (3.5x the layer
+    input's CPU memory instead of 2.5x; the recompute skips that GEMM: +1.9% at 4x2048 in session 10). False frees
+    that memory (0.5 GiB a layer at 64k tokens of 8B) for keep_mlp_layers_on_host where the host is the limit."""
     keep_mlp_layers: int = 0
     """With gradient_checkpointing on/offload and fused=true: the last this-many checkpointed layers keep their MLP's
     gate and up outputs from forward to backward, so their recompute runs no MLP GEMM (same gradients). Costs

@@ -42,6 +42,7 @@ def pinned_host_bytes(
     *,
     checkpoint_layers: int | None = None,
     stash_attention: bool = False,
+    stash_o_proj: bool = True,
     last_layer_on_device: bool = False,
     keep_mlp_layers: int = 0,
     keep_mlp_layers_on_host: int = 0,
@@ -58,6 +59,7 @@ def pinned_host_bytes(
         checkpoint_layers: how many layers are checkpointed (None: all); each sends its input to the host but the
             last with `last_layer_on_device`.
         stash_attention: each of those layers keeps its attention's saved tensors there too.
+        stash_o_proj: with it, the O projection's output as well (`settings.set_stash_attention`'s ``o_proj``).
         last_layer_on_device: the last layer's input and stash stay on the GPU.
         keep_mlp_layers, keep_mlp_layers_on_host: the layers that keep their gate and up outputs, on the GPU and
             in host memory (`host_kept_count`).
@@ -71,8 +73,9 @@ def pinned_host_bytes(
     kept = host_kept_count(shape, checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host)
     out = {
         "layer inputs": offloaded * act_bytes * tokens * d,
-        # q, k, v, the attention output, the O projection's output; the log-sum-exp in fp32
-        "attention stash": offloaded * (act_bytes * tokens * (2 * q + 2 * kv + d) + 4 * tokens * shape.heads)
+        # q, k, v, the attention output, the O projection's output (stash_o_proj); the log-sum-exp in fp32
+        "attention stash": offloaded
+        * (act_bytes * tokens * (2 * q + 2 * kv + d * stash_o_proj) + 4 * tokens * shape.heads)
         if stash_attention
         else 0,
         "kept MLP outputs": kept * 2 * act_bytes * tokens * shape.intermediate,
@@ -109,6 +112,7 @@ def planned_pinned_bytes(
         tokens,
         checkpoint_layers=ckpt if offload else 0,
         stash_attention=a.get("stash_attention", False) and a["fused"],
+        stash_o_proj=a.get("stash_o_proj", True),
         last_layer_on_device=a.get("last_layer_on_device", False),
         keep_mlp_layers=keep,
         keep_mlp_layers_on_host=n_host,
@@ -128,6 +132,7 @@ def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _AC
         tokens,
         checkpoint_layers=report.checkpoint_layers if offload else 0,
         stash_attention=report.stash_attention,
+        stash_o_proj=report.stash_o_proj,
         last_layer_on_device=report.last_layer_on_device,
         keep_mlp_layers=report.keep_mlp_layers,
         keep_mlp_layers_on_host=report.keep_mlp_layers_on_host,

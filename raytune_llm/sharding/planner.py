@@ -357,6 +357,7 @@ def plan_from_values(
     stash_attention: bool = False,
     last_layer_on_device: bool = False,
     weights_on_host: bool = False,
+    stash_o_proj: bool = True,
 ) -> Plan:
     """Predict per-GPU peak memory and pick the cheapest strategy that fits.
 
@@ -387,8 +388,9 @@ def plan_from_values(
             (`models.settings.set_head_on_host`; DDP only, not tied).
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and one layer's on the GPU (in backward).
-        stash_attention, last_layer_on_device: with offload, what goes to pinned host memory besides the layer
-            inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes unchanged).
+        stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
+            the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes as they
+            were).
         weights_on_host: the layers' base weights in pinned host memory; those of the checkpointed layers less
             about three leave the GPU (DDP, fused; `sharding.host_memory.planned_pinned_bytes`).
 
@@ -450,6 +452,7 @@ def plan_from_values(
         stash_attention=bool(stash_attention),
         last_layer_on_device=bool(last_layer_on_device),
         weights_on_host=bool(weights_on_host),
+        stash_o_proj=bool(stash_o_proj),
     )
     usable = (gpu_mem_gib * _USABLE_FRACTION - _RESERVE_GIB) * GIB
     named = ("quant_bits", "lora_rank", "lora_targets", "seq_len", "micro_batch")  # shown as bits, r, targets, tokens

@@ -58,6 +58,7 @@ def _plan_args(cfg) -> dict:
         head_on_host=cfg.model.head_on_host,
         weights_on_host=cfg.model.weights_on_host,
         stash_attention=cfg.model.stash_attention,
+        stash_o_proj=cfg.model.stash_o_proj,
         last_layer_on_device=cfg.model.last_layer_on_device,
     )
 

@@ -286,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 flush=True,
             )
         set_dequantize_once(model, cfg.model.dequantize_once)
-        set_stash_attention(model, cfg.model.stash_attention)
+        set_stash_attention(model, cfg.model.stash_attention, o_proj=cfg.model.stash_o_proj)
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)
         set_keep_mlp_layers_on_host(model, cfg.model.keep_mlp_layers_on_host)
         set_last_layer_on_device(model, cfg.model.last_layer_on_device)

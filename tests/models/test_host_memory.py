@@ -21,8 +21,10 @@ from raytune_llm.sharding.shapes import LLAMA31_8B, Shape
 from tests.models.conftest import VOCAB
 
 
-@pytest.mark.parametrize("stash,last_on_device", [(False, False), (True, False), (True, True)])
-def test_the_count_is_what_the_offload_chain_copies(tiny_paths, monkeypatch, stash, last_on_device):
+@pytest.mark.parametrize(
+    "stash,o_proj,last_on_device", [(False, True, False), (True, True, False), (True, False, False), (True, True, True)]
+)
+def test_the_count_is_what_the_offload_chain_copies(tiny_paths, monkeypatch, stash, o_proj, last_on_device):
     # Real layers on the CPU (fp32: 4 bytes an activation): the bytes the forward hands to host copies at 48 tokens
     # less those at 24 (what does not grow with the tokens, the O adapter and, on the CPU's reference path, its
     # weight, cancels) against the count's difference, which leaves out only the O adapter's x A^T (r columns; 1.5%
@@ -31,7 +33,7 @@ def test_the_count_is_what_the_offload_chain_copies(tiny_paths, monkeypatch, sta
     model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
     unpatch(model)
     report = patch(model, gradient_checkpointing="offload")
-    set_stash_attention(model, stash)
+    set_stash_attention(model, stash, o_proj=o_proj)
     set_last_layer_on_device(model, last_on_device)
     copied = [0]
     real = attention_stash.HostCopies._to_host
@@ -82,6 +84,21 @@ def test_the_planner_shows_the_same_host_bytes():
     assert plan.strategy == "DDP" and plan.breakdown["host: offloaded (not on GPU)"] == sum(want.values())
     off = plan_from_values(LLAMA31_8B, seq_len=65536, checkpointing="on", **kw)
     assert "host: offloaded (not on GPU)" not in off.breakdown  # nothing pinned without offload
+    # the stash without the O projection's output (model.stash_o_proj: false): 31 layers x 512 MiB less
+    from raytune_llm.config import load_config
+
+    assert not load_config(None, ["model.stash_o_proj=false"]).model.stash_o_proj
+    no_o = plan_from_values(
+        LLAMA31_8B,
+        seq_len=65536,
+        checkpointing="offload",
+        embeddings_on_host=True,
+        head_on_host=True,
+        stash_o_proj=False,
+        **kw,
+    )
+    key = "host: offloaded (not on GPU)"
+    assert plan.breakdown[key] - no_o.breakdown[key] == 31 * 2 * 65536 * 4096
 
 
 def test_weights_on_host_moves_all_but_three_layers_weights_in_the_plan():
