@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
 from collections.abc import Callable
 
 import torch
@@ -172,26 +173,12 @@ def _recompute():
 
 class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        fn,
-        offload,
-        dequant_once,
-        lean,
-        stash,
-        lean_qkv,
-        chain,
-        after_backward,
-        keep_mlp,
-        keep_on_host,
-        on_device,
-        weights,
-        hidden,
-        anchor,
-    ):
+    def forward(ctx, fn, opt, hidden, anchor):
+        # opt: checkpoint_layer's settings (one namespace: a new one is one argument here, and backward's
+        # gradient tuple stays four long)
         del anchor
-        ctx.fn, ctx.after_backward, ctx.weights = fn, after_backward, weights
-        ctx.dequant_once, ctx.lean, ctx.lean_qkv = dequant_once, lean, lean_qkv
+        ctx.fn, ctx.after_backward, ctx.weights = fn, opt.after_backward, opt.weights
+        ctx.dequant_once, ctx.lean, ctx.lean_qkv = opt.dequant_once, opt.lean, opt.lean_qkv
         ctx.device = hidden.device
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
@@ -200,24 +187,28 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and not capturing else None
         # models.host_weights: layer 0's weights stay bound after its backward for the next forward's start, but not
         # in a CUDA graph, whose next replay copies them in again (a copy left from the capture is not the graph's)
-        ctx.weights_stay = weights is not None and weights[1] is None and not capturing
+        ctx.weights_stay = opt.weights is not None and opt.weights[1] is None and not capturing
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.stashes = []
-        ctx.kept_mlp = [] if keep_mlp and lean else None
+        ctx.kept_mlp = [] if opt.keep_mlp and opt.lean else None
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
-        if offload and hidden.is_cuda:
+        if opt.offload and hidden.is_cuda:
             release_copied()  # the copies to host of the layer before the previous one: done by now
-        record = recording(ctx.stashes, _side_stream, on_device) if stash and offload else contextlib.nullcontext()
+        record = (
+            recording(ctx.stashes, _side_stream, opt.on_device)
+            if opt.stash and opt.offload
+            else contextlib.nullcontext()
+        )
         with torch.no_grad(), record:
             with keep:
                 out = fn(hidden)
         ctx.chain, ctx.index = None, None
-        if offload:
-            ctx.chain = chain if chain is not None else OffloadChain()
+        if opt.offload:
+            ctx.chain = opt.chain if opt.chain is not None else OffloadChain()
             # Kept outputs sent to the host go with the input: G and U of each kept call; H A_d^T ([N, r]) stays.
-            to_host = keep_on_host and not on_device and bool(ctx.kept_mlp)
+            to_host = opt.keep_on_host and not opt.on_device and bool(ctx.kept_mlp)
             kept = [t for entry in ctx.kept_mlp for t in entry[:2]] if to_host else None
-            ctx.index = ctx.chain._add(hidden, ctx.stashes, on_device, kept)
+            ctx.index = ctx.chain._add(hidden, ctx.stashes, opt.on_device, kept)
             if to_host:
                 ctx.kept_mlp[:] = [(None, None, entry[2]) for entry in ctx.kept_mlp]  # the device storages may go
         else:
@@ -264,7 +255,7 @@ class _CheckpointFunction(torch.autograd.Function):
         if ctx.after_backward is not None:
             ctx.after_backward()
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return None, None, None, None, None, None, None, None, None, None, None, None, grad_hidden, None
+        return None, None, grad_hidden, None
 
 
 def checkpoint_layer(
@@ -315,19 +306,17 @@ def checkpoint_layer(
         The layer output; backward recomputes the layer and accumulates gradients into its parameters.
     """
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _CheckpointFunction.apply(
-        fn,
-        offload,
-        dequant_once,
-        lean,
-        stash,
-        lean_qkv,
-        chain,
-        after_backward,
-        keep_mlp,
-        keep_on_host,
-        on_device,
-        weights,
-        hidden,
-        anchor,
+    opt = types.SimpleNamespace(
+        offload=offload,
+        dequant_once=dequant_once,
+        lean=lean,
+        chain=chain,
+        stash=stash,
+        lean_qkv=lean_qkv,
+        after_backward=after_backward,
+        keep_mlp=keep_mlp,
+        on_device=on_device,
+        keep_on_host=keep_on_host,
+        weights=weights,
     )
+    return _CheckpointFunction.apply(fn, opt, hidden, anchor)
