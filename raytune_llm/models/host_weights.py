@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from raytune_llm.kernels._dispatch import side_stream
+from raytune_llm.kernels._dispatch import side_stream, triton_next_power_of_2
 
 _ALIGN = 256  # bytes: each weight's view starts aligned (the NF4 kernel reads 32-bit words)
 
@@ -44,7 +44,7 @@ class LayerWeights:
             total += -(-n // _ALIGN) * _ALIGN
         self.host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
         # what it takes: torch's pinned allocator rounds each block up to a power of two (104 -> 128 MiB a layer at 8B)
-        self.pinned_bytes = 1 << (total - 1).bit_length() if device.type == "cuda" else total
+        self.pinned_bytes = triton_next_power_of_2(total) if device.type == "cuda" else total
         for p, view in zip(params, self.views):
             self._view(self.host, view).copy_(p.data)
         self.dev: torch.Tensor | None = None

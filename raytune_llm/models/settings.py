@@ -480,13 +480,14 @@ def set_keep_mlp_layers_on_host(model: torch.nn.Module, layers: int) -> None:
     and attention stash, on the offload side stream) and bring them back with them, one layer ahead of their
     backward: on the device one layer's at a time, during the backward of the layer above it (after the device-kept
     layers, whose outputs make the step's peak at backward's start, are gone), and their recompute runs no MLP GEMM
-    either, with the same bits. The
-    cost is PCIe time: 2 x tokens x intermediate x 2 bytes each way (8 ms at 55 GB/s at 4x2048), which the forward
-    has to spare only between layers that copy less (session 14's profile: the forward's copies fill 86% of it at
-    4x2048; more at longer rows, where attention lengthens each layer). So the layers are spread evenly over the
-    checkpointed layers below the device-kept ones (from the last of them down; never the last layer, whose copies
-    would come straight back beside the forward's own). Only with offloaded checkpointing (ignored otherwise) and `lean_recompute`. Takes effect on the next
-    call.
+    either, with the same bits. The cost is PCIe time: 2 x tokens x intermediate x 2 bytes each way (8 ms at 55
+    GB/s at 4x2048), which the forward has to spare only where its own copies leave room, and pinned host memory
+    (`sharding.host_memory` counts it; a GPU worker refuses a run its node cannot hold). So the layers are spread
+    evenly over the checkpointed layers below the device-kept ones (from the last of them down; never the last layer,
+    whose copies would come straight back beside the forward's own). H200, 8B (session 16): 4x2048 slower (keep 6,
+    +1 / +2 / +4 layers: 588.3 -> 590.8 / 596.7 / 608.8 ms; the forward's copies fill 86% of it); 1x16384 keep 4,
+    +8: 1,554.1 -> 1,538.7 ms; 1x65536 keep 2, +12: 11,523 -> 11,248 ms. Only with offloaded checkpointing
+    (ignored otherwise) and `lean_recompute`. Takes effect on the next call.
 
     Args:
         model: a model `patch` patched (PEFT wrapper or causal LM).
