@@ -12,12 +12,12 @@ source bench/gpu/_env.sh
 FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --mlp-chunk-tokens 0"
 V="all+once+stash+host+lastdev+headhost"
 VA="all+once+stashattn+host+lastdev+headhost"
-run_ours var_1x65536_s17d 260 $FLAGS --batch 1 --seq 65536 --warmup 1 --steps 2 \
-  --variants "$V+keep2+hostkeep13,$VA+keep2+hostkeep18"
+run_ours var_1x65536_s17d 540 $FLAGS --batch 1 --seq 65536 --warmup 1 --steps 2 \
+  --variants "$V+wh+keep3+hostkeep12,$V+keep2+hostkeep13,$VA+wh+keep3+hostkeep17"
 show_variants s17d 1x65536
 BEST=$(python3 - "$OUT/var_1x65536_s17d.json" <<'PY'
 import json, sys
-best = (11262.1, "stash+hostkeep12")  # session 16's e2e
+best = (11262.1, "stash+keep2+hostkeep12")  # session 16's e2e
 try:
     for name, v in json.load(open(sys.argv[1])).get("variants", {}).items():
         if v.get("status") == "ok" and v["step_ms_median"] < best[0]:
@@ -25,7 +25,10 @@ try:
 except Exception as exc:
     print(exc, file=sys.stderr)
 name = best[1]
-print(("--no-stash-o-proj " if "stashattn" in name else "") + "--keep-mlp-layers-on-host " + name.rsplit("hostkeep", 1)[1])
+flags = ["--no-stash-o-proj"] if "stashattn" in name else []
+flags += ["--weights-on-host"] if "+wh+" in name else []
+flags += ["--keep-mlp-layers", name.split("+keep", 1)[1].split("+", 1)[0]]
+print(" ".join(flags + ["--keep-mlp-layers-on-host", name.rsplit("hostkeep", 1)[1]]))
 PY
 )
 echo "== chosen: $BEST (session17e.sh: FLAGS_64K=\"$BEST\")"

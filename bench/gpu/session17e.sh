@@ -5,5 +5,5 @@
 set -o pipefail
 source bench/gpu/_env.sh
 run_e2e e2e_s17e_64k 370 1x65536 "--stash-attention --dequantize-once --mlp-chunk-tokens 0 --embeddings-on-host \
-  --last-layer-on-device --head-on-host --keep-mlp-layers 2 ${FLAGS_64K:---keep-mlp-layers-on-host 12}"
+  --last-layer-on-device --head-on-host ${FLAGS_64K:---keep-mlp-layers 2 --keep-mlp-layers-on-host 12}"
 echo "== done $(date +%T)"
