@@ -545,8 +545,26 @@ def time_steps(
         tokens_per_s=round(tokens * len(timed) / (sum(timed) / 1e3), 1),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        pinned_host_gib=pinned_host_gib(torch) if cuda else None,
         cuda_graph=captured.captured if captured is not None else False,
     )
+
+
+def pinned_host_gib(torch) -> float | None:
+    """The pinned host memory torch's caching host allocator holds now (blocks in use and cached, each rounded up to
+    a power of two), in GiB; None where this torch does not say."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    value = stats().get("allocated_bytes.current") if stats is not None else None
+    return round(value / 2**30, 3) if value is not None else None
+
+
+def release_pinned_cache(torch) -> None:
+    """Give the cached pinned host blocks back (a variant's stash and copies, which the next variant's sizes may not
+    reuse: left cached they count twice, and session 17's second 1x65536 variant then ran out of host memory)."""
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+        if hasattr(torch._C, name):
+            getattr(torch._C, name)()
+            return
 
 
 def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: int = 30, captured=None) -> dict:
@@ -780,6 +798,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+            release_pinned_cache(torch)
         v = out[name]
         log(f"run_stack variant {name}: {v['status']} {v.get('tokens_per_s')} tok/s, peak {v.get('peak_gib')} GiB")
         result["variants"] = out

@@ -150,11 +150,11 @@ def test_a_recorded_step_brings_the_weights_in_itself(tiny_paths):
     # replays (which unbinds what it binds) does not disturb them.
     from raytune_llm.models.graphs import CapturedStep
 
-    def build():
+    def build(source=None):
         model = load_model(
             tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
         )
-        sync_and_randomise_lora(model, model)
+        sync_and_randomise_lora(source or model, model)  # PEFT draws lora_A from the global RNG: copy the ref's
         unpatch(model)
         patch(model, gradient_checkpointing="offload")
         set_stash_attention(model, True)
@@ -170,7 +170,7 @@ def test_a_recorded_step_brings_the_weights_in_itself(tiny_paths):
     for _ in range(4):
         ref.zero_grad(set_to_none=False)
         want.append(float(ref(input_ids=ids, labels=ids).loss))
-    model = build()
+    model = build(ref)
     set_weights_on_host(model, True)
     step = CapturedStep(model)
     got = [float(step(input_ids=ids, labels=ids).loss) for _ in range(3)]
