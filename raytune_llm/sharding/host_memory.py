@@ -7,7 +7,7 @@ many layers, `embeddings_on_host` / `head_on_host` a table each, and `weights_on
 weights (with or without offload). All of it is page-locked: the kernel cannot swap it, and a node that runs short
 kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B on a 125 GiB host, 127.9 GiB by the
 count below and 136 with the pinned allocator's rounding of that session, was killed with no error; `+hostkeep12`,
-113.9 and 120, ran). `check_host_memory` turns that into a one-line error before the first step. Plain Python: no
+113.9 and 120, ran; session 17, in power-of-two pieces: `+hostkeep13` 117.4 by the count, 117.56 by torch's). `check_host_memory` turns that into a one-line error before the first step. Plain Python: no
 torch.
 """
 
@@ -18,11 +18,16 @@ import os
 from raytune_llm.sharding.shapes import GIB, Shape
 
 _ACT = 2  # bf16 activations
-# What a node keeps for everything else: the process's own memory (CUDA context, libraries), Ray, the OS. The larger
-# of the two, so 120 of 125 GiB usable, what session 16 saw run on such a host (+hostkeep12 at 1x65536, its gate and
-# up outputs then rounded up to 2 GiB each); 136 GiB (+hostkeep16) was killed. No margin beyond that was measured.
-_RESERVE_GIB = 5.0
-_RESERVE_FRACTION = 0.04
+# What a node keeps for everything else: the process's own memory (CUDA context, libraries), Ray, the OS. Session 17
+# on the 125 GiB host, 1x65536, one process each, `free` sampled every 2 s: +hostkeep13 pinned 117.56 GiB (torch's
+# count) at 122.1 GiB used, +stashattn+hostkeep18 119.49 at 124.6, less than 1 GiB left: 4.5-5.1 GiB besides the
+# pinned blocks. The larger of the two leaves about 1 GiB more than that (118.75 of 125 GiB usable: the first
+# passes, the second is refused); 136 GiB (session 16's +hostkeep16) was killed.
+_RESERVE_GIB = 6.0
+_RESERVE_FRACTION = 0.05
+# What the process may still take besides its pinned blocks after the check (the steps' own buffers, Triton's
+# compiles): for the check against what is free now. Not measured on its own; 1-1.5 GiB of the above came after.
+_GROWTH_GIB = 2.0
 
 
 class HostMemoryError(ValueError):
@@ -147,6 +152,18 @@ def node_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def node_available_bytes() -> int | None:
+    """What this machine can still give without swapping (Linux's MemAvailable) in bytes; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # What to lower for each part of the count, for the refusal.
 _LOWER = {
     "layer inputs": "gradient_checkpointing=on or shorter rows",
@@ -157,32 +174,48 @@ _LOWER = {
 }
 
 
-def check_host_memory(needed: dict[str, int], processes: int = 1, total: int | None = None) -> None:
+def check_host_memory(
+    needed: dict[str, int], processes: int = 1, total: int | None = None, available: int | None = None
+) -> None:
     """Refuse ``processes`` processes holding ``needed`` each (`pinned_host_bytes`) when they would not leave the
-    node's reserve (the larger of 5 GiB and 4% of its memory) free.
+    node's reserve (the larger of 6 GiB and 5% of its memory) free, or when this process's share is more than what
+    is free now (``available``) less room to grow: pinned memory another job holds, or blocks torch's pinned cache
+    kept from an earlier run in this process (session 17: a second 1x65536 variant in one process then ran at 26 s
+    a step, and a third was killed).
 
     Args:
         needed: pinned bytes of one process, by what holds them.
         processes: training processes on this node (one per GPU).
         total: the node's memory in bytes (default: this machine's).
+        available: what the node can still give now, in bytes (`node_available_bytes`); None: not checked.
 
     Raises:
         HostMemoryError: one line: what is needed, the largest part, what the node has, the setting to lower.
     """
+    if not needed:
+        return
     total = node_memory_bytes() if total is None else total
     usable = total - max(_RESERVE_GIB * GIB, _RESERVE_FRACTION * total)
-    want = processes * sum(needed.values())
+    one = sum(needed.values())
+    want = processes * one
+    largest = max(needed, key=needed.get)
+    per = f" ({processes} processes)" if processes > 1 else ""
     if want > usable:
-        largest = max(needed, key=needed.get)
-        per = f" ({processes} processes)" if processes > 1 else ""
         raise HostMemoryError(
             f"this run needs {want / GIB:.1f} GiB of pinned host memory{per}, {largest} "
             f"{processes * needed[largest] / GIB:.1f} GiB of it, and this node has {total / GIB:.1f} GiB "
             f"({usable / GIB:.1f} usable): lower {_LOWER[largest]}"
+        )
+    if available is not None and one > available - _GROWTH_GIB * GIB:
+        raise HostMemoryError(
+            f"this process needs {one / GIB:.1f} GiB of pinned host memory, {largest} {needed[largest] / GIB:.1f} "
+            f"GiB of it, and this node has {available / GIB:.1f} GiB free now ({_GROWTH_GIB:.0f} GiB kept for the "
+            f"process to grow): free the node's memory or lower {_LOWER[largest]}"
         )
 
 
 def check_patched_host_memory(report, hf_config: dict, tokens: int, processes: int = 1) -> None:
     """`check_host_memory` for a patched model (its `models.report.PatchReport`; None: nothing pinned) of this
     config.json, at ``tokens`` a micro-batch: what a GPU worker and the benchmarks run before their first step."""
-    check_host_memory(patched_pinned_bytes(report, Shape.from_hf(hf_config), tokens), processes)
+    needed = patched_pinned_bytes(report, Shape.from_hf(hf_config), tokens)
+    check_host_memory(needed, processes, available=node_available_bytes() if needed else None)

@@ -313,7 +313,9 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
     packed = linear * (a["quant_bits"] / 8) / _WEIGHT_BYTES[a["quant_bits"]]  # what weights_on_host moves (no absmax)
     pinned, n_host, off_device = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", packed, len(on_host))
-    stored += 2 * 2 * tokens * shape.intermediate if n_host else 0  # one layer's back for the backward above it
+    # One host-kept layer's outputs back for the backward above it; where layers keep theirs on the GPU too, those
+    # (the last layers, backward's first) are gone by then (session 16: 19.32 -> 19.76 GiB at 1x65536, +0.01 at 1x16384)
+    stored += 2 * 2 * tokens * shape.intermediate if n_host and not a.get("keep_mlp_layers", 0) else 0
     host = sum(pinned.values())
     weights = linear + dense - off_device
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
@@ -387,7 +389,8 @@ def plan_from_values(
         head_on_host: the LM head sits in pinned host memory and the loss streams it in
             (`models.settings.set_head_on_host`; DDP only, not tied).
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
-            `models.settings.set_keep_mlp_layers_on_host`): host bytes, and one layer's on the GPU (in backward).
+            `models.settings.set_keep_mlp_layers_on_host`): host bytes, and without `keep_mlp_layers` one
+            layer's on the GPU (in backward).
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
             the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes as they
             were).

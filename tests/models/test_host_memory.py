@@ -70,6 +70,18 @@ def test_a_run_that_would_not_fit_the_node_is_refused_in_one_line():
     with pytest.raises(HostMemoryError, match=r"\(8 processes\)"):  # one GPU worker each
         check_host_memory(pinned_host_bytes(shape, 8192, **common), processes=8, total=64 * GIB)
     assert patched_pinned_bytes(None, shape, 8192) == {}  # the standard stack: nothing pinned by us
+    # Session 17, one process each: +hostkeep13 ran with 3 GiB left; +stashattn+hostkeep18 ran with under 1 GiB
+    # left (124.6 GiB used), which the reserve refuses
+    check_host_memory(pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=13, **common), total=125 * GIB)
+    no_o = dict(common, stash_o_proj=False, keep_mlp_layers_on_host=18)
+    with pytest.raises(HostMemoryError, match=r"needs 119\.\d GiB.*\(118\.8 usable\)"):
+        check_host_memory(pinned_host_bytes(shape, 65536, **no_o), total=125 * GIB)
+    # what is free now: pinned memory held elsewhere (another job, blocks torch cached from an earlier run)
+    check_host_memory(ran, total=125 * GIB, available=120 * GIB)
+    with pytest.raises(HostMemoryError, match=r"this process needs 113\.9 GiB.*has 100\.0 GiB free now") as err:
+        check_host_memory(ran, total=125 * GIB, available=100 * GIB)
+    assert "\n" not in str(err.value) and str(err.value).endswith("lower model.stash_attention")
+    check_host_memory({}, total=1, available=0)  # nothing pinned: nothing to check
 
 
 def test_the_planner_shows_the_same_host_bytes():
