@@ -21,9 +21,9 @@ _ACT = 2  # bf16 activations
 # What a node keeps for everything else: the process's own memory (CUDA context, libraries), Ray, the OS. Session 17
 # on the device host (MemTotal 125.87 GiB), 1x65536, one process each, `free` sampled every 2 s: +hostkeep13 pinned
 # 117.56 GiB (torch's count; 117.45 by ours) at 122.1 GiB used, the tables on the GPU +hostkeep14 119.06 (118.99) at
-# 123.5, +stashattn+hostkeep18 119.49 (119.45) at 124.6: 4.4-5.1 GiB besides the pinned blocks. The larger of the
-# two leaves at least 1.2 GiB beyond that (119.57 usable there: all three pass; +hostkeep14 with the tables on the
-# host, 120.95, is refused); session 16's +hostkeep16, 127.9 by this count, was killed.
+# 123.5, +stashattn+hostkeep18 119.49 (119.45) at 124.6: 4.4-5.1 GiB besides the pinned blocks, 1.3-3.8 GiB left.
+# The larger of the two is 6.29 GiB there (119.57 usable: all three pass; +hostkeep14 with the tables on the host,
+# 120.95, is refused); session 16's +hostkeep16, 127.9 by this count, was killed.
 _RESERVE_GIB = 6.0
 _RESERVE_FRACTION = 0.05
 # What the process may still take besides its pinned blocks after the check (the steps' own buffers, Triton's

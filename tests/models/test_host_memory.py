@@ -71,8 +71,8 @@ def test_a_run_that_would_not_fit_the_node_is_refused_in_one_line():
         check_host_memory(pinned_host_bytes(shape, 8192, **common), processes=8, total=64 * GIB)
     assert patched_pinned_bytes(None, shape, 8192) == {}  # the standard stack: nothing pinned by us
     # Session 17 on the device host (MemTotal below), one process each: +hostkeep13, +stashattn+hostkeep18 and (the
-    # tables on the GPU) +hostkeep14 ran, with 1.2-3.7 GiB left; +hostkeep14 with the tables on the host would leave
-    # about 0.5 GiB of the 4.4-5.1 GiB the process took besides its pinned blocks
+    # tables on the GPU) +hostkeep14 ran, with 1.3-3.8 GiB left; +hostkeep14 with the tables on the host would leave
+    # at most 0.5 GiB after the 4.4-5.1 GiB the process took besides its pinned blocks
     node = 131981020 * 1024
     check_host_memory(pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=13, **common), total=node)
     check_host_memory(
