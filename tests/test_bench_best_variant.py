@@ -22,6 +22,7 @@ from run_stack import parse_args, parse_variants  # noqa: E402
         "all+once+stash+host+lastdev+headhost+wh+keep13+graph",
         "all+once+stashattn+host+lastdev+headhost+keep2+hostkeep18",
         "all+once+stash+lastdev+keep2+hostkeep14+chunk0",
+        "all+once+stash+host+lastdev3+headhost+wh+keep6+hostkeep10",
         "24+once+chunkauto#2",
     ],
 )

@@ -155,8 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--last-layer-on-device",
-        action="store_true",
-        help="ours: the last checkpointed layer's input and stash stay on the device "
+        nargs="?",
+        const=1,
+        type=int,
+        default=0,
+        metavar="N",
+        help="ours: the last checkpointed layer's input and stash stay on the device; N: the last N layers' "
         "(models.settings.set_last_layer_on_device)",
     )
     p.add_argument(
@@ -328,8 +332,8 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
         if args.last_layer_on_device:
             from raytune_llm.models.settings import set_last_layer_on_device
 
-            set_last_layer_on_device(model, True)
-            facts["last_layer_on_device"] = True
+            set_last_layer_on_device(model, args.last_layer_on_device)
+            facts["last_layer_on_device"] = args.last_layer_on_device
         if args.head_on_host:
             from raytune_llm.models.settings import set_head_on_host
 
@@ -702,7 +706,8 @@ def parse_variants(text: str) -> list[dict]:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
     (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), host (``+host``:
     embeddings_on_host), fused_residuals (``+sep``: off, the
-    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device), head_host
+    residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device; ``+lastdevN``: the last N
+    layers), head_host
     (``+headhost``: head_on_host) and weights_host (``+wh``: weights_on_host).
     """
     out = []
@@ -730,13 +735,15 @@ def parse_variants(text: str) -> list[dict]:
                 v.update(_VARIANT_FLAGS[flag])
             elif flag.startswith("keep") and flag[4:].isdigit():
                 v["keep"] = int(flag[4:])
+            elif flag.startswith("lastdev") and flag[7:].isdigit():
+                v["last_on_device"] = int(flag[7:])
             elif flag.startswith("hostkeep") and flag[8:].isdigit():
                 v["keep_host"] = int(flag[8:])
             elif flag.startswith("chunk") and flag[5:].isdigit():
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} ({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN)"
+                    f"--variants: unknown flag {flag!r} in {name!r} ({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, lastdevN)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")

@@ -34,7 +34,6 @@ def variant_flags(name: str) -> str:
     for key, flag in (
         ("once", "--dequantize-once"),
         ("host", "--embeddings-on-host"),
-        ("last_on_device", "--last-layer-on-device"),
         ("head_host", "--head-on-host"),
         ("weights_host", "--weights-on-host"),
         ("graph", "--cuda-graph"),
@@ -42,6 +41,8 @@ def variant_flags(name: str) -> str:
         flags += [flag] if v[key] else []
     if v["chunk"] is not None:
         flags += ["--mlp-chunk-tokens", str(v["chunk"])]
+    dev = v["last_on_device"]
+    flags += ["--last-layer-on-device"] + ([] if dev is True else [str(dev)]) if dev else []
     flags += ["--keep-mlp-layers", str(v["keep"])] if v["keep"] else []
     flags += ["--keep-mlp-layers-on-host", str(v["keep_host"])] if v["keep_host"] else []
     return " ".join(flags)

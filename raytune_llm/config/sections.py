@@ -97,12 +97,16 @@ class ModelSection:
     CPU memory and of PCIe traffic each way per layer (448 MiB at 4x2048 tokens of 8B). The layers are spread evenly
     below the GPU-kept ones, never the last layer. H200, 8B (session 16): 1x65536 keep 2, +8 / +12 layers 11,523 ->
     11,414 / 11,248 ms a step at 19.32 -> 19.77 GiB; 1x16384 keep 4, +8 1,554 -> 1,539 ms; slower at 4x2048, where the
-    forward's copies already fill the PCIe link. Session 17: 1x65536 +13 11,139 ms at 117.56 GiB pinned. A GPU worker checks that its node can pin it all (with the layer
-    inputs and attention stash: `raytune-llm plan`'s host line) and stops with a one-line error if not."""
-    last_layer_on_device: bool = False
+    forward's copies already fill the PCIe link. Session 17: 1x65536 +13 11,139 ms at 117.56 GiB pinned. A GPU
+    worker checks that its node can pin it all (with the layer inputs and attention stash: `raytune-llm plan`'s host
+    line) and stops with a one-line error if not."""
+    last_layer_on_device: bool | int = False
     """With gradient_checkpointing=offload and fused=true (no effect otherwise): the last checkpointed layer keeps its
-    input and attention stash on the GPU instead of copying them to the host and back (backward reaches it first). H200, 8B: 1x16384
-    1,551 -> 1,540 ms a step at 9.70 -> 9.68 GiB; 4x2048 (CUDA graph) 589.1 -> 587.9 ms at +0.06 GiB (session 14)."""
+    input and attention stash on the GPU instead of copying them to the host and back (backward reaches it first).
+    H200, 8B: 1x16384 1,551 -> 1,540 ms a step at 9.70 -> 9.68 GiB; 4x2048 (CUDA graph) 589.1 -> 587.9 ms at +0.06 GiB
+    (session 14). An integer N: the last N layers (never layer 0; true is 1), each further one holding its input and
+    stash on the GPU until its backward (576 MiB at 16,384 tokens of 8B) and taking them off the PCIe link, whose
+    copies to the host bound keep_mlp_layers_on_host (which skips these layers)."""
     embeddings_on_host: bool = False
     """With fused=true: keep the frozen input embedding in pinned CPU memory, read over PCIe per batch by the GPU
     (the table: 0.98 GiB at Llama-3.1-8B, 1.96 GiB at 70B by size; the H200 measured a 1.10 GiB lower peak at 8B, 4x2048). Not with a tied LM head (Qwen's small models),
@@ -163,6 +167,9 @@ class ModelSection:
                     f"{name}={k} needs gradient_checkpointing {' or '.join(modes)} and fused=true "
                     f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
                 )
+        dev = self.last_layer_on_device
+        if not isinstance(dev, bool) and dev < 0:
+            _fail(f"last_layer_on_device must be true, false or a layer count >= 0; got {dev!r}")
         if self.embeddings_on_host and not self.fused:
             _fail("embeddings_on_host=true needs fused=true (the patched embedding reads the host table)")
         if self.head_on_host and not self.fused:

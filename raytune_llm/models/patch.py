@@ -352,12 +352,14 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         keep_from = min(n_run, n_ckpt if n_ckpt is not None else n_run) - state["keep_mlp_layers"]
         offload = mode == "offload"
         chain = OffloadChain() if checkpointing and offload else None
-        # The last layer keeps its input and stash on the device when it is checkpointed (settings); not layer 0,
-        # whose input may be the caller's own tensor (kept as it is, not a copy, it must not change before backward).
-        last_on_device = state["last_layer_on_device"] and (n_ckpt is None or n_ckpt >= n_run) and n_run > 1
+        # The last layers (settings: true is one) keep their inputs and stashes on the device when the last layer is
+        # checkpointed; not layer 0, whose input may be the caller's own tensor (kept as it is, not a copy, it must
+        # not change before backward).
+        n_dev = min(int(state["last_layer_on_device"]), n_run - 1) if n_ckpt is None or n_ckpt >= n_run else 0
         # More layers keep those outputs in host memory, spread over the rest (settings; offload only); never the
-        # last layer, whose copies would come straight back (`prefetch_last`) beside the forward's own.
-        below = min(keep_from, n_run - 1)
+        # last layer, whose copies would come straight back (`prefetch_last`) beside the forward's own, nor one
+        # that keeps its stash on the device.
+        below = min(keep_from, n_run - max(n_dev, 1))
         on_host = host_kept_layers(below, state["keep_mlp_layers_on_host"]) if offload else set()
         after = state["after_layer_backward"]
         # settings.set_weights_on_host: each layer's brought in as it runs (all of them already are while borrowed)
@@ -379,7 +381,7 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     after_backward=None if after is None else functools.partial(after, i),
                     keep_mlp=i >= keep_from or i in on_host,
                     keep_on_host=i in on_host,
-                    on_device=last_on_device and i == n_run - 1,
+                    on_device=i >= n_run - n_dev,
                     weights=(hw[i], hw[i - 1] if i else None) if hw else None,
                 )
             else:

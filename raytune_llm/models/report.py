@@ -32,7 +32,7 @@ class PatchReport:
         fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
             keeps no values (`settings.set_fused_residuals`; which layers do: `replaced`).
         last_layer_on_device: with offloaded checkpointing, the last layer's input and attention stash stay on the
-            device (`settings.set_last_layer_on_device`).
+            device; an int: the last that many layers' (`settings.set_last_layer_on_device`).
         head_on_host: the frozen LM head sits in pinned host memory and the loss streams it in
             (`settings.set_head_on_host`).
         weights_on_host: the decoder layers' base weights sit in pinned host memory, each layer's brought in as
@@ -54,7 +54,7 @@ class PatchReport:
     keep_mlp_layers: int = 0
     keep_mlp_layers_on_host: int = 0
     fused_residuals: bool = False
-    last_layer_on_device: bool = False
+    last_layer_on_device: bool | int = False
     head_on_host: bool = False
     weights_on_host: bool = False
     host_weight_bytes: int = 0

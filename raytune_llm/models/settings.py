@@ -206,21 +206,27 @@ def set_fused_residuals(model: torch.nn.Module, on: bool) -> None:
     _set_flag(model, "fused_residuals", on)
 
 
-def set_last_layer_on_device(model: torch.nn.Module, on: bool) -> None:
-    """Under offloaded checkpointing, keep the last layer's input and attention stash on the device (off by default).
+def set_last_layer_on_device(model: torch.nn.Module, on: bool | int) -> None:
+    """Under offloaded checkpointing, keep the last layer's input and attention stash on the device (off by default);
+    an int N: the last N layers' (true is 1; never layer 0's).
 
     Backward reaches the last layer first. Offloaded, its input and stash are copied to the host during the forward,
     yet the device storages they were copied from are freed only when backward starts (`attention_stash
     .release_copied`), and `OffloadChain.prefetch_last` brings the copies back beside them for the loss: twice on the
     device at the loss (~0.3 GiB at 4x2048 tokens of an 8B model) and ~0.6 GB over PCIe for nothing (both by size). On
     keeps the storages themselves. Same bits. H200, 8B (session 14): 1x16384 1,551 -> 1,540 ms a step at the same
-    peak; 4x2048 as a CUDA graph 589.1 -> 587.9 ms at +0.06 GiB (the loss is not that step's peak). Off by default;
-    `model.last_layer_on_device`, on in conf/llama3_8b_qlora.yaml. Takes effect on the next call.
+    peak; 4x2048 as a CUDA graph 589.1 -> 587.9 ms at +0.06 GiB (the loss is not that step's peak). Each further layer
+    holds its input and stash on the device until its backward (576 MiB at 16,384 tokens of 8B) and takes them off
+    the PCIe link both ways, where the forward's copies to the host bound how many layers can keep their MLP outputs
+    there (`set_keep_mlp_layers_on_host`, which skips these layers). Off by default; `model.last_layer_on_device`, on
+    in conf/llama3_8b_qlora.yaml. Takes effect on the next call.
 
     Raises:
-        ValueError: a non-bool value, or a model `patch` did not patch.
+        ValueError: neither a bool nor an int >= 0, or a model `patch` did not patch.
     """
-    _set_flag(model, "last_layer_on_device", on)
+    if not isinstance(on, bool) and (not isinstance(on, int) or on < 0):
+        raise ValueError(f"last_layer_on_device must be true, false or a layer count >= 0, got {on!r}")
+    _set_setting(model, "last_layer_on_device", on)
 
 
 def set_embeddings_on_host(model: torch.nn.Module, on: bool) -> None:

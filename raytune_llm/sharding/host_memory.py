@@ -35,11 +35,25 @@ class HostMemoryError(ValueError):
     """A run's pinned host memory does not fit its node (one line: what it needs, what there is, what to lower)."""
 
 
-def host_kept_count(shape: Shape, checkpoint_layers: int | None, keep_mlp_layers: int, on_host: int) -> int:
-    """How many layers `keep_mlp_layers_on_host` really sends to the host, as `models.patch` picks them: below the
-    GPU-kept layers of the checkpointed ones, never the last layer."""
+def device_layers(shape: Shape, checkpoint_layers: int | None, last_layer_on_device: bool | int) -> int:
+    """How many of the last layers keep their inputs and stashes on the GPU, as `models.patch` picks them: none
+    unless the last layer is checkpointed, never layer 0 (true is one)."""
     n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
-    return max(min(on_host, n_ckpt - keep_mlp_layers, shape.layers - 1), 0)
+    return min(int(last_layer_on_device), shape.layers - 1) if n_ckpt == shape.layers else 0
+
+
+def host_kept_count(
+    shape: Shape,
+    checkpoint_layers: int | None,
+    keep_mlp_layers: int,
+    on_host: int,
+    last_layer_on_device: bool | int = 0,
+) -> int:
+    """How many layers `keep_mlp_layers_on_host` really sends to the host, as `models.patch` picks them: below the
+    GPU-kept layers of the checkpointed ones, never the last layer nor one that keeps its stash on the GPU."""
+    n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
+    n_dev = max(device_layers(shape, checkpoint_layers, last_layer_on_device), 1)
+    return max(min(on_host, n_ckpt - keep_mlp_layers, shape.layers - n_dev), 0)
 
 
 def pinned_host_bytes(
@@ -49,7 +63,7 @@ def pinned_host_bytes(
     checkpoint_layers: int | None = None,
     stash_attention: bool = False,
     stash_o_proj: bool = True,
-    last_layer_on_device: bool = False,
+    last_layer_on_device: bool | int = False,
     keep_mlp_layers: int = 0,
     keep_mlp_layers_on_host: int = 0,
     tables_on_host: int = 0,
@@ -66,36 +80,45 @@ def pinned_host_bytes(
             last with `last_layer_on_device`.
         stash_attention: each of those layers keeps its attention's saved tensors there too.
         stash_o_proj: with it, the O projection's output as well (`settings.set_stash_attention`'s ``o_proj``).
-        last_layer_on_device: the last layer's input and stash stay on the GPU.
+        last_layer_on_device: the last layer's input and stash stay on the GPU (an int: the last that many).
         keep_mlp_layers, keep_mlp_layers_on_host: the layers that keep their gate and up outputs, on the GPU and
             in host memory (`host_kept_count`).
         tables_on_host: the input embedding and/or the LM head in pinned host memory (0, 1 or 2 tables).
         layer_weight_bytes: the decoder layers' base weights in pinned host memory (`models.host_weights`).
         act_bytes: bytes per activation element (2: bf16).
     """
-    d, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
-    offloaded = max(n_ckpt - (last_layer_on_device and n_ckpt == shape.layers), 0)
-    kept = host_kept_count(shape, checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host)
+    offloaded = max(n_ckpt - device_layers(shape, checkpoint_layers, last_layer_on_device), 0)
+    kept = host_kept_count(shape, checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host, last_layer_on_device)
+    layer_input, stash = layer_offload_bytes(shape, tokens, stash_attention, stash_o_proj, act_bytes)
     out = {
-        "layer inputs": offloaded * act_bytes * tokens * d,
-        # q, k, v, the attention output, the O projection's output (stash_o_proj); the log-sum-exp in fp32
-        "attention stash": offloaded
-        * (act_bytes * tokens * (2 * q + 2 * kv + d * stash_o_proj) + 4 * tokens * shape.heads)
-        if stash_attention
-        else 0,
+        "layer inputs": offloaded * layer_input,
+        "attention stash": offloaded * stash,
         "kept MLP outputs": kept * 2 * act_bytes * tokens * shape.intermediate,
-        "host tables": tables_on_host * act_bytes * shape.vocab * d,
+        "host tables": tables_on_host * act_bytes * shape.vocab * shape.hidden,
         "layer weights": layer_weight_bytes,
     }
     return {k: v for k, v in out.items() if v}
 
 
+def layer_offload_bytes(
+    shape: Shape, tokens: int, stash_attention: bool, stash_o_proj: bool = True, act_bytes: int = _ACT
+) -> tuple[int, int]:
+    """(input, attention stash) bytes one offloaded layer copies to the host, or keeps on the GPU when it is one of
+    `last_layer_on_device`'s: q, k, v, the attention output, the O projection's output (``stash_o_proj``) and the
+    log-sum-exp in fp32; no stash without ``stash_attention``."""
+    d, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    stash = act_bytes * tokens * (2 * q + 2 * kv + d * stash_o_proj) + 4 * tokens * shape.heads
+    return act_bytes * tokens * d, stash if stash_attention else 0
+
+
 def planned_pinned_bytes(
     shape: Shape, tokens: int, a: dict, ddp: bool, linear: float, tables: int
-) -> tuple[dict[str, int], int, float]:
+) -> tuple[dict[str, int], int, float, int]:
     """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' packed weight bytes):
-    (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes off the device).
+    (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes off the device, the GPU
+    bytes of the layers `last_layer_on_device` N keeps there besides the last one's: N - 1 inputs and stashes, held
+    from their forward to their backward; the last one's are on the GPU at the peak either way, its copies back).
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
     each layer's buffer rounded up to a power of two by torch's pinned allocator; off the device are those of the
@@ -104,7 +127,8 @@ def planned_pinned_bytes(
     """
     offload = a["checkpointing"] == "offload"
     ckpt, keep = a.get("checkpoint_layers"), a.get("keep_mlp_layers", 0)
-    n_host = host_kept_count(shape, ckpt, keep, a.get("keep_mlp_layers_on_host", 0)) if offload and a["fused"] else 0
+    on_host, n_dev = a.get("keep_mlp_layers_on_host", 0), a.get("last_layer_on_device", False)
+    n_host = host_kept_count(shape, ckpt, keep, on_host, n_dev) if offload and a["fused"] else 0
     host_weights, off_device = 0, 0.0
     if a.get("weights_on_host") and a["fused"] and ddp:
         sizes = shape.projections()
@@ -125,7 +149,12 @@ def planned_pinned_bytes(
         tables_on_host=tables,
         layer_weight_bytes=host_weights,
     )
-    return pinned, n_host, off_device
+    on_device = 0
+    if offload and a["fused"]:
+        stash = a.get("stash_attention", False)
+        per_layer = sum(layer_offload_bytes(shape, tokens, stash, a.get("stash_o_proj", True)))
+        on_device = max(device_layers(shape, ckpt, n_dev) - 1, 0) * per_layer
+    return pinned, n_host, off_device, on_device
 
 
 def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 # The model's dimensions live in sharding/shapes.py; imported here, the planner's callers find them here too.
 from raytune_llm.sharding.host_memory import planned_pinned_bytes
-from raytune_llm.sharding.shapes import GIB, LLAMA31_8B, LLAMA31_70B, PlanError, Shape, load_hf_config
+from raytune_llm.sharding.shapes import GIB, LLAMA31_8B, LLAMA31_70B, PlanError, Shape, load_hf_config, lora_param_count
 
 __all__ = [
     "GIB",
@@ -147,12 +147,6 @@ def _weight_bytes(shape: Shape, quant_bits: int) -> tuple[float, float]:
     linear = shape.layers * per_layer * _WEIGHT_BYTES[quant_bits]
     dense = 2 * shape.vocab * shape.hidden * (1 if shape.tied else 2) + 2 * shape.hidden * (2 * shape.layers + 1)
     return linear, dense
-
-
-def lora_param_count(shape: Shape, rank: int, targets: tuple[str, ...]) -> int:
-    """Trainable LoRA parameters: r * (in + out) per targeted Linear per layer."""
-    proj = shape.projections()
-    return shape.layers * sum(rank * (proj[t][0] + proj[t][1]) for t in targets)
 
 
 def mlp_chunk_rows(intermediate: int, tokens: int, mlp_chunk_tokens: int | str | None) -> int | None:
@@ -312,10 +306,13 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
     dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
     packed = linear * (a["quant_bits"] / 8) / _WEIGHT_BYTES[a["quant_bits"]]  # what weights_on_host moves (no absmax)
-    pinned, n_host, off_device = planned_pinned_bytes(shape, tokens, a, strategy == "DDP", packed, len(on_host))
+    pinned, n_host, off_device, on_device = planned_pinned_bytes(
+        shape, tokens, a, strategy == "DDP", packed, len(on_host)
+    )
     # One host-kept layer's outputs back for the backward above it; where layers keep theirs on the GPU too, those
     # (the last layers, backward's first) are gone by then (session 16: 19.32 -> 19.76 GiB at 1x65536, +0.01 at 1x16384)
     stored += 2 * 2 * tokens * shape.intermediate if n_host and not a.get("keep_mlp_layers", 0) else 0
+    stored += on_device
     host = sum(pinned.values())
     weights = linear + dense - off_device
     if strategy in ("ZeRO-3", "ZeRO-3+offload"):
@@ -357,7 +354,7 @@ def plan_from_values(
     head_on_host: bool = False,
     keep_mlp_layers_on_host: int = 0,
     stash_attention: bool = False,
-    last_layer_on_device: bool = False,
+    last_layer_on_device: bool | int = False,
     weights_on_host: bool = False,
     stash_o_proj: bool = True,
 ) -> Plan:
@@ -392,8 +389,8 @@ def plan_from_values(
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and without `keep_mlp_layers` one
             layer's on the GPU (in backward).
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
-            the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line; GPU bytes as they
-            were).
+            the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line); an int
+            last_layer_on_device N holds N - 1 more layers' inputs and stashes on the GPU.
         weights_on_host: the layers' base weights in pinned host memory; those of the checkpointed layers less
             about three leave the GPU (DDP, fused; `sharding.host_memory.planned_pinned_bytes`).
 
@@ -413,13 +410,14 @@ def plan_from_values(
         or (isinstance(mlp_chunk_tokens, int) and not isinstance(mlp_chunk_tokens, bool) and mlp_chunk_tokens >= 0)
     ):
         raise PlanError(f"mlp_chunk_tokens must be a positive int, 0, None or 'auto', got {mlp_chunk_tokens!r}")
-    if checkpoint_layers is not None and (
-        isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int) or checkpoint_layers < 0
+    for name, k, also in (
+        ("checkpoint_layers", checkpoint_layers, (None,)),
+        ("keep_mlp_layers", keep_mlp_layers, ()),
+        ("keep_mlp_layers_on_host", keep_mlp_layers_on_host, ()),
+        ("last_layer_on_device", last_layer_on_device, (True, False)),
     ):
-        raise PlanError(f"checkpoint_layers must be an int >= 0 or None, got {checkpoint_layers!r}")
-    for name, k in (("keep_mlp_layers", keep_mlp_layers), ("keep_mlp_layers_on_host", keep_mlp_layers_on_host)):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise PlanError(f"{name} must be an int >= 0, got {k!r}")
+        if not (any(k is a for a in also) or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
+            raise PlanError(f"{name} must be an int >= 0{''.join(f' or {a}' for a in also)}, got {k!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
@@ -453,7 +451,7 @@ def plan_from_values(
         head_on_host=bool(head_on_host),
         keep_mlp_layers_on_host=keep_mlp_layers_on_host,
         stash_attention=bool(stash_attention),
-        last_layer_on_device=bool(last_layer_on_device),
+        last_layer_on_device=last_layer_on_device,
         weights_on_host=bool(weights_on_host),
         stash_o_proj=bool(stash_o_proj),
     )

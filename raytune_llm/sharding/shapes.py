@@ -100,6 +100,12 @@ class Shape:
         }
 
 
+def lora_param_count(shape: Shape, rank: int, targets: tuple[str, ...]) -> int:
+    """Trainable LoRA parameters: r * (in + out) per targeted Linear per layer."""
+    proj = shape.projections()
+    return shape.layers * sum(rank * (proj[t][0] + proj[t][1]) for t in targets)
+
+
 def load_hf_config(path: str | os.PathLike) -> dict:
     """Read an HF config.json, given the file or the model folder.
 

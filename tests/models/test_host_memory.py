@@ -143,3 +143,28 @@ def test_weights_on_host_moves_all_but_three_layers_weights_in_the_plan():
     assert abs(qv_moved - moved * 20 / 208) < 2**20  # q and v: 20 of a layer's 208 Mi parameters
     zero = plan_from_values(LLAMA31_8B, weights_on_host=True, gpus_per_node=2, **kw).alternatives
     assert zero["ZeRO-3"] == plan_from_values(LLAMA31_8B, gpus_per_node=2, **kw).alternatives["ZeRO-3"]  # DDP only
+
+
+def test_more_layers_on_the_device_move_their_bytes_from_the_host_to_the_gpu():
+    # last_layer_on_device N at 1x16384 of 8B: N layers copy nothing (never layer 0); the planner puts the N - 1
+    # before the last one's inputs and stashes on the GPU (the last one's are there at the peak either way) and
+    # keeps the host-kept layers below them
+    from raytune_llm.sharding.host_memory import device_layers, host_kept_count, layer_offload_bytes
+    from raytune_llm.sharding.planner import PlanError, plan_from_values
+
+    shape = Shape.from_hf(LLAMA31_8B)
+    layer_input, stash = layer_offload_bytes(shape, 16384, True)
+    assert (layer_input, stash) == (128 << 20, 2 * 16384 * (2 * 4096 + 2 * 1024 + 4096) + 4 * 16384 * 32)
+    assert [device_layers(shape, None, n) for n in (False, True, 3, 40)] == [0, 1, 3, 31]
+    assert device_layers(shape, 30, 3) == 0  # the last layer not checkpointed: none
+    assert host_kept_count(shape, None, 6, 30, 3) == 26 and host_kept_count(shape, None, 2, 30, 3) == 29
+    kw = dict(
+        seq_len=16384, checkpointing="offload", stash_attention=True, keep_mlp_layers=6, keep_mlp_layers_on_host=8
+    )
+    plans = {n: plan_from_values(LLAMA31_8B, last_layer_on_device=n, **kw) for n in (True, 1, 3)}
+    host = {n: p.breakdown["host: offloaded (not on GPU)"] for n, p in plans.items()}
+    assert plans[True].peak_bytes == plans[1].peak_bytes and host[True] == host[1]
+    assert host[1] - host[3] == 2 * (layer_input + stash)
+    assert plans[3].peak_bytes - plans[1].peak_bytes == 2 * (layer_input + stash)
+    with pytest.raises(PlanError, match="last_layer_on_device must be an int >= 0 or True or False"):
+        plan_from_values(LLAMA31_8B, last_layer_on_device=-2)

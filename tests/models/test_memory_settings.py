@@ -250,8 +250,9 @@ def test_last_layer_on_device_gives_the_same_bits(tiny_paths, device):
     unpatch(model)
     report = patch(model, gradient_checkpointing="offload")
     set_stash_attention(model, True)
-    with pytest.raises(ValueError, match="true or false"):
-        set_last_layer_on_device(model, 1)
+    for bad in (-1, "yes", 1.0):
+        with pytest.raises(ValueError, match="true, false or a layer count"):
+            set_last_layer_on_device(model, bad)
     import raytune_llm.models.attention_stash as stash_mod
 
     copies = [0]
@@ -277,3 +278,58 @@ def test_last_layer_on_device_gives_the_same_bits(tiny_paths, device):
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_last_layers_on_device_copy_nothing_and_give_the_same_bits(tmp_path, monkeypatch, device):
+    # last_layer_on_device N on four layers: the last N (never layer 0) keep input and stash on the device, the same
+    # bits; host-kept MLP layers skip them (the kept outputs' round trip: tests/kernels/test_lora.py)
+    import raytune_llm.models.attention_stash as stash_mod
+    import raytune_llm.models.patch as patch_mod
+    from raytune_llm.models.settings import (
+        set_keep_mlp_layers_on_host,
+        set_last_layer_on_device,
+        set_stash_attention,
+    )
+    from raytune_llm.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "four", vocab_size=VOCAB, num_hidden_layers=4)
+    dtype, quantize = (torch.float32, None) if device == "cpu" else (torch.bfloat16, "nf4")
+    model = load_model(path, quantize=quantize, lora=dict(r=4, alpha=8), dtype=dtype, device=device)
+    sync_and_randomise_lora(model, model)
+    unpatch(model)
+    report = patch(model, gradient_checkpointing="offload")
+    set_stash_attention(model, True)
+    n_host = 3 if device == "cpu" else 0  # the GPU's MLP keeps outputs: host-kept ones would copy them too
+    set_keep_mlp_layers_on_host(model, n_host)
+    copies, seen = [0], []
+    real_copy, real_ckpt = stash_mod.HostCopies._to_host, patch_mod.checkpoint_layer
+    monkeypatch.setattr(
+        stash_mod.HostCopies, "_to_host", lambda self, raw: copies.__setitem__(0, copies[0] + 1) or real_copy(self, raw)
+    )
+
+    def spy(fn, hidden, **kw):
+        seen.append((kw["on_device"], kw["keep_on_host"]))
+        return real_ckpt(fn, hidden, **kw)
+
+    monkeypatch.setattr(patch_mod, "checkpoint_layer", spy)
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    runs = {}
+    for n in (0, True, 2, 3, 9):
+        set_last_layer_on_device(model, n)
+        assert report.last_layer_on_device == n
+        copies[0], seen[:] = 0, []
+        runs[n] = (*_step(model, ids), copies[0], list(seen))
+    loss0, g0, made0, _ = runs[0]
+    assert made0 > 0 and made0 % 4 == 0  # each layer copies its input and stash, as many each
+    per_layer = made0 // 4
+    for n, want_dev in ((True, 1), (2, 2), (3, 3), (9, 3)):
+        loss, g, made, where = runs[n]
+        assert [d for d, _ in where] == [i >= 4 - want_dev for i in range(4)]
+        assert made == (4 - want_dev) * per_layer, (n, made, made0)  # an on-device layer copies nothing
+        on_host = {i for i, (_, h) in enumerate(where) if h}
+        assert on_host == set(range(min(n_host, 4 - want_dev))), (n, on_host)  # below the on-device layers
+        torch.testing.assert_close(loss, loss0, rtol=0, atol=0)
+        for name in g0:
+            torch.testing.assert_close(g[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
