@@ -743,7 +743,8 @@ def parse_variants(text: str) -> list[dict]:
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
-                    f"--variants: unknown flag {flag!r} in {name!r} ({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, lastdevN)"
+                    f"--variants: unknown flag {flag!r} in {name!r} "
+                    f"({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, lastdevN)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")

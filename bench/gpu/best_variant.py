@@ -4,9 +4,9 @@
 
 Prints the `--ours-flags` of the variant with the lowest median step among those with status ok and, with
 --max-peak-gib, a peak at most that (Unsloth's, for issue 5's memory goal), followed by --extra (what the variant
-run set for all of them, e.g. --mlp-chunk-tokens 0); --default when none qualifies. Each
-variant's flags are read off its name (run_stack.parse_variants), so the e2e runs what the variant timed. The
-choice and its figures go to stderr.
+run set for all of them, e.g. --mlp-chunk-tokens 0); --default when none qualifies. Each variant's flags are read
+off its name (run_stack.parse_variants), so the e2e runs what the variant timed. The choice and its figures go to
+stderr.
 """
 
 from __future__ import annotations

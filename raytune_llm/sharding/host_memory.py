@@ -7,8 +7,8 @@ many layers, `embeddings_on_host` / `head_on_host` a table each, and `weights_on
 weights (with or without offload). All of it is page-locked: the kernel cannot swap it, and a node that runs short
 kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B on a 125 GiB host, 127.9 GiB by the
 count below and 136 with the pinned allocator's rounding of that session, was killed with no error; `+hostkeep12`,
-113.9 and 120, ran; session 17, in power-of-two pieces: `+hostkeep13` 117.4 by the count, 117.56 by torch's). `check_host_memory` turns that into a one-line error before the first step. Plain Python: no
-torch.
+113.9 and 120, ran; session 17, in power-of-two pieces: `+hostkeep13` 117.4 by the count, 117.56 by torch's).
+`check_host_memory` turns that into a one-line error before the first step. Plain Python: no torch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ _ACT = 2  # bf16 activations
 _RESERVE_GIB = 6.0
 _RESERVE_FRACTION = 0.05
 # What the process may still take besides its pinned blocks after the check (the steps' own buffers, Triton's
-# compiles): for the check against what is free now. Not measured on its own; 1-1.5 GiB of the above came after.
+# compiles): for the check against what is free now. Not measured on its own (sampling `free` from the process's
+# start, session 17 did not see what it held at the check).
 _GROWTH_GIB = 2.0
 
 
