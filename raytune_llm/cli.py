@@ -163,6 +163,14 @@ def cmd_plan(args) -> int:
             raise planner.PlanError(f"{flag} must be a positive integer, got {value}")
     plan = plan_for(cfg, hf, gpus_per_node=gpus, nodes=args.nodes)
     print(plan.table())
+    host = plan.breakdown.get("host: offloaded (not on GPU)", 0)
+    if host:
+        from raytune_llm.sharding.host_memory import node_memory_needed
+
+        print(
+            f"host: {host / 2**30:.2f} GiB per GPU worker, {gpus} per node: a node needs "
+            f"{node_memory_needed(host, gpus) / 2**30:.1f} GiB of memory or more (with the reserve the workers check)"
+        )
     configured = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}.get(cfg.sharding.strategy)
     if configured is None:  # auto: the run takes the plan's choice
         return 0 if plan.fits else 1

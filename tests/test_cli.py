@@ -211,6 +211,17 @@ def test_plan_judges_the_configured_strategy():
     assert "GiB per GPU, fits the 35.80 GiB usable" in out.stdout
 
 
+def test_plan_says_how_much_memory_a_node_needs():
+    # Session 17's 1x65536 settings pin 117.45 GiB per GPU worker (tests/models/test_host_memory.py)
+    out = _run("plan", "conf/llama3_8b_qlora_64k.yaml", "--shape", "llama-3.1-8b", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "host: 117.45 GiB per GPU worker, 1 per node: a node needs 123.6 GiB of memory or more" in out.stdout
+    out = _run("plan", "conf/llama3_8b_qlora_64k.yaml", "--shape", "llama-3.1-8b", "--gpus-per-node", "2", timeout=60)
+    assert "2 per node: a node needs 247.3 GiB" in out.stdout, out.stdout
+    out = _run("plan", "conf/quickstart.yaml", timeout=60)  # nothing pinned: no host line
+    assert out.returncode == 0 and "host:" not in out.stdout, out.stdout
+
+
 def test_an_unreachable_cluster_address_fails_in_seconds(tmp_path):
     out = _run("train", "conf/quickstart.yaml", "cluster.address=127.0.0.1:1", f"output_dir={tmp_path}", timeout=60)
     _assert_one_line_error(out, "cluster.address '127.0.0.1:1': nothing answers there")

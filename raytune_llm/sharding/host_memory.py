@@ -205,6 +205,13 @@ _LOWER = {
 }
 
 
+def node_memory_needed(per_process: float, processes: int = 1) -> float:
+    """The least node memory in bytes on which `check_host_memory` lets ``processes`` processes holding
+    ``per_process`` pinned bytes each run: their sum plus the reserve."""
+    want = processes * per_process
+    return max(want + _RESERVE_GIB * GIB, want / (1 - _RESERVE_FRACTION))
+
+
 def check_host_memory(
     needed: dict[str, int], processes: int = 1, total: int | None = None, available: int | None = None
 ) -> None:

@@ -83,6 +83,15 @@ def test_a_run_that_would_not_fit_the_node_is_refused_in_one_line():
     )
     with pytest.raises(HostMemoryError, match=r"needs 120\.9 GiB.*has 125\.9 GiB \(119\.6 usable\)"):
         check_host_memory(pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=14, **common), total=node)
+    # the least node memory that passes: what `raytune-llm plan` prints
+    from raytune_llm.sharding.host_memory import node_memory_needed
+
+    for needed, processes in ((ran, 1), ({"layer inputs": 10 * GIB}, 8), ({"layer inputs": 100 * GIB}, 2)):
+        least = node_memory_needed(sum(needed.values()), processes)
+        check_host_memory(needed, processes, total=int(least) + 1)
+        with pytest.raises(HostMemoryError):
+            check_host_memory(needed, processes, total=int(least * 0.999))
+    assert node_memory_needed(100 * GIB) == 106 * GIB and node_memory_needed(200 * GIB) == 200 / 0.95 * GIB
     # what is free now: pinned memory held elsewhere (another job, blocks torch cached from an earlier run)
     check_host_memory(ran, total=125 * GIB, available=120 * GIB)
     with pytest.raises(HostMemoryError, match=r"this process needs 113\.9 GiB.*has 100\.0 GiB free now") as err:
