@@ -164,7 +164,7 @@ def cmd_plan(args) -> int:
     plan = plan_for(cfg, hf, gpus_per_node=gpus, nodes=args.nodes)
     print(plan.table())
     host = plan.breakdown.get("host: offloaded (not on GPU)", 0)
-    if host:
+    if host and plan.strategy == "DDP" and cfg.sharding.strategy in ("auto", "ddp"):  # ZeRO's states: its own
         from raytune_llm.sharding.host_memory import node_memory_needed
 
         print(

@@ -160,8 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         metavar="N",
-        help="ours: the last checkpointed layer's input and stash stay on the device; N: the last N layers' "
-        "(models.settings.set_last_layer_on_device)",
+        help="ours: the last layer's input and stash stay on the device (every layer checkpointed); N: the last N "
+        "layers' (models.settings.set_last_layer_on_device)",
     )
     p.add_argument(
         "--head-on-host",

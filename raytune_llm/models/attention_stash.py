@@ -136,7 +136,8 @@ class HostCopies:
     def __init__(self, side_stream: SideStream | None, on_device: bool = False) -> None:
         self._side_stream = side_stream
         # Keep each storage itself, no copy: for the last checkpointed layer, whose backward comes first (its
-        # storages would otherwise sit on the device until backward anyway, beside the copies brought back).
+        # storages would otherwise sit on the device until backward anyway, beside the copies brought back), and
+        # the layers before it that `settings.set_last_layer_on_device` N keeps there too.
         self._on_device = on_device
         # (device, storage address) -> (host copy, its copy's event; or None: a CPU tensor, or kept on the device)
         # (the host copy: a list of pinned pieces on CUDA, see `pinned_pieces`)

@@ -125,7 +125,8 @@ class OffloadChain:
         Backward reaches that layer first, with nothing before it to hide the copy behind: without this its
         input and then its stashes were copied back while the compute stream waited (~9 ms at 4x2048 tokens of
         an 8B model, an estimate from the copy rate, not measured). Started here, the copies run behind the final
-        norm, the LM head and the loss.
+        norm, the LM head and the loss. A no-op when the last layer keeps its own on the device
+        (`settings.set_last_layer_on_device`).
         """
         if self._slots:
             self._slots[-1].prefetch()
@@ -295,7 +296,9 @@ def checkpoint_layer(
             the recompute reuses them instead of running those GEMMs again (`kernels.lora.keep_mlp_outputs`).
         on_device: with `offload`, keep the input and the attention stash where they are, no host copies: for the
             last layer, whose backward runs first, so that they are not on the device twice (the forward's own,
-            freed at backward's start, and the copies brought back for it) and cross PCIe for nothing.
+            freed at backward's start, and the copies brought back for it) and cross PCIe for nothing; for the
+            layers before it (`settings.set_last_layer_on_device` N), held on the device from forward to backward,
+            off the PCIe link.
         keep_on_host: with `keep_mlp` and `offload` (not `on_device`), the kept gate and up outputs go to pinned
             host memory with the layer's input and come back with it, one layer ahead of this layer's backward.
         weights: `models.host_weights`: (this layer's `LayerWeights`, the layer below's or None): backward binds

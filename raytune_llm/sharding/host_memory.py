@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from raytune_llm.sharding.shapes import GIB, Shape
+from raytune_llm.sharding.shapes import GIB, Shape, mlp_chunk_rows
 
 _ACT = 2  # bf16 activations
 # What a node keeps for everything else: the process's own memory (CUDA context, libraries), Ray, the OS. Session 17
@@ -69,6 +69,7 @@ def pinned_host_bytes(
     keep_mlp_layers_on_host: int = 0,
     tables_on_host: int = 0,
     layer_weight_bytes: int = 0,
+    mlp_chunk_tokens: int | str | None = None,
     act_bytes: int = _ACT,
 ) -> dict[str, int]:
     """The pinned host bytes of one training process under offloaded checkpointing, by what holds them (zero
@@ -86,11 +87,13 @@ def pinned_host_bytes(
             in host memory (`host_kept_count`).
         tables_on_host: the input embedding and/or the LM head in pinned host memory (0, 1 or 2 tables).
         layer_weight_bytes: the decoder layers' base weights in pinned host memory (`models.host_weights`).
+        mlp_chunk_tokens: the model's setting; an MLP split over its tokens at this many keeps no outputs.
         act_bytes: bytes per activation element (2: bf16).
     """
     n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
     offloaded = max(n_ckpt - device_layers(shape, checkpoint_layers, last_layer_on_device), 0)
     kept = host_kept_count(shape, checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host, last_layer_on_device)
+    kept = 0 if mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) is not None else kept
     layer_input, stash = layer_offload_bytes(shape, tokens, stash_attention, stash_o_proj, act_bytes)
     out = {
         "layer inputs": offloaded * layer_input,
@@ -118,8 +121,9 @@ def planned_pinned_bytes(
 ) -> tuple[dict[str, int], int, float, int]:
     """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' packed weight bytes):
     (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes off the device, the GPU
-    bytes of the layers `last_layer_on_device` N keeps there besides the last one's: N - 1 inputs and stashes, held
-    from their forward to their backward; the last one's are on the GPU at the peak either way, its copies back).
+    bytes of the layers `last_layer_on_device` N keeps there besides the last one: N - 1 inputs and stashes, held
+    from their forward to their backward; the planner's offload baseline, two layers' inputs and no stash, stands
+    for the last one, whose copies would come back for the peak anyway: measured within 15% with N = 1).
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
     each layer's buffer rounded up to a power of two by torch's pinned allocator; off the device are those of the
@@ -149,7 +153,9 @@ def planned_pinned_bytes(
         keep_mlp_layers_on_host=n_host,
         tables_on_host=tables,
         layer_weight_bytes=host_weights,
+        mlp_chunk_tokens=a.get("mlp_chunk_tokens") if a["fused"] else None,
     )
+    n_host = n_host if "kept MLP outputs" in pinned else 0
     on_device = 0
     if offload and a["fused"]:
         stash = a.get("stash_attention", False)
@@ -174,6 +180,7 @@ def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _AC
         keep_mlp_layers_on_host=report.keep_mlp_layers_on_host,
         tables_on_host=report.embeddings_on_host + report.head_on_host,
         layer_weight_bytes=report.host_weight_bytes,
+        mlp_chunk_tokens=report.mlp_chunk_tokens,
         act_bytes=act_bytes,
     )
 
@@ -212,8 +219,17 @@ def node_memory_needed(per_process: float, processes: int = 1) -> float:
     return max(want + _RESERVE_GIB * GIB, want / (1 - _RESERVE_FRACTION))
 
 
+# What a patched model pins when its setting is made, before the first step (`models.settings`): gone from what is
+# free by the time a worker checks.
+PINNED_AT_SETUP = ("host tables", "layer weights")
+
+
 def check_host_memory(
-    needed: dict[str, int], processes: int = 1, total: int | None = None, available: int | None = None
+    needed: dict[str, int],
+    processes: int = 1,
+    total: int | None = None,
+    available: int | None = None,
+    pinned_now: tuple[str, ...] = (),
 ) -> None:
     """Refuse ``processes`` processes holding ``needed`` each (`pinned_host_bytes`) when they would not leave the
     node's reserve (the larger of 6 GiB and 5% of its memory) free, or when this process's share is more than what
@@ -226,6 +242,8 @@ def check_host_memory(
         processes: training processes on this node (one per GPU).
         total: the node's memory in bytes (default: this machine's).
         available: what the node can still give now, in bytes (`node_available_bytes`); None: not checked.
+        pinned_now: the parts of ``needed`` already pinned (`PINNED_AT_SETUP`): out of the check against
+            ``available``, which no longer holds them.
 
     Raises:
         HostMemoryError: one line: what is needed, the largest part, what the node has, the setting to lower.
@@ -244,11 +262,13 @@ def check_host_memory(
             f"{processes * needed[largest] / GIB:.1f} GiB of it, and this node has {total / GIB:.1f} GiB "
             f"({usable / GIB:.1f} usable): lower {_LOWER[largest]}"
         )
-    if available is not None and one > available - _GROWTH_GIB * GIB:
+    to_come = {k: v for k, v in needed.items() if k not in pinned_now}
+    if available is not None and to_come and sum(to_come.values()) > available - _GROWTH_GIB * GIB:
+        part = max(to_come, key=to_come.get)
         raise HostMemoryError(
-            f"this process needs {one / GIB:.1f} GiB of pinned host memory, {largest} {needed[largest] / GIB:.1f} "
-            f"GiB of it, and this node has {available / GIB:.1f} GiB free now ({_GROWTH_GIB:.0f} GiB kept for the "
-            f"process to grow): free the node's memory or lower {_LOWER[largest]}"
+            f"this process will pin {sum(to_come.values()) / GIB:.1f} GiB more host memory, {part} "
+            f"{to_come[part] / GIB:.1f} GiB of it, and this node has {available / GIB:.1f} GiB free now "
+            f"({_GROWTH_GIB:.0f} GiB kept for the process to grow): free the node's memory or lower {_LOWER[part]}"
         )
 
 
@@ -256,4 +276,5 @@ def check_patched_host_memory(report, hf_config: dict, tokens: int, processes: i
     """`check_host_memory` for a patched model (its `models.report.PatchReport`; None: nothing pinned) of this
     config.json, at ``tokens`` a micro-batch: what a GPU worker and the benchmarks run before their first step."""
     needed = patched_pinned_bytes(report, Shape.from_hf(hf_config), tokens)
-    check_host_memory(needed, processes, available=node_available_bytes() if needed else None)
+    available = node_available_bytes() if needed else None
+    check_host_memory(needed, processes, available=available, pinned_now=PINNED_AT_SETUP)

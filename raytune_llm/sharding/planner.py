@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 
 # The model's dimensions live in sharding/shapes.py; imported here, the planner's callers find them here too.
 from raytune_llm.sharding.host_memory import planned_pinned_bytes
-from raytune_llm.sharding.shapes import GIB, LLAMA31_8B, LLAMA31_70B, PlanError, Shape, load_hf_config, lora_param_count
+from raytune_llm.sharding.shapes import (
+    GIB,
+    LLAMA31_8B,
+    LLAMA31_70B,
+    PlanError,
+    Shape,
+    load_hf_config,
+    lora_param_count,
+    mlp_chunk_rows,
+)
 
 __all__ = [
     "GIB",
@@ -85,12 +94,6 @@ _USABLE_FRACTION = 0.92
 _RESERVE_GIB = 1.0
 # ZeRO-3 keeps the current layer gathered and prefetches the next: two layers' weights live at once.
 _ZERO3_LIVE_LAYERS = 2
-# models/tiling.py's "auto" rule for mlp_chunk_tokens (sharding/ may not import models/; a test keeps the two
-# equal): chunks of the tallest height (whole 64-row tiles) whose [chunk, intermediate] bf16 tensor fits in
-# 1 GiB, and only for calls with more tokens than that, so the MLP's rows are min(tokens, chunk): monotonic.
-_MLP_AUTO_BYTES = 1 << 30
-_MLP_AUTO_ALIGN = 64
-_ACT_BYTES = 2  # bf16 activations
 
 
 @dataclass
@@ -147,16 +150,6 @@ def _weight_bytes(shape: Shape, quant_bits: int) -> tuple[float, float]:
     linear = shape.layers * per_layer * _WEIGHT_BYTES[quant_bits]
     dense = 2 * shape.vocab * shape.hidden * (1 if shape.tied else 2) + 2 * shape.hidden * (2 * shape.layers + 1)
     return linear, dense
-
-
-def mlp_chunk_rows(intermediate: int, tokens: int, mlp_chunk_tokens: int | str | None) -> int | None:
-    """Tokens per MLP chunk the fused path uses (models/tiling.py's rule, bf16), or None when it does not tile."""
-    if not mlp_chunk_tokens or tokens <= 0:
-        return None
-    if mlp_chunk_tokens != "auto":
-        return int(mlp_chunk_tokens)
-    chunk = max(_MLP_AUTO_ALIGN, _MLP_AUTO_BYTES // (intermediate * _ACT_BYTES) // _MLP_AUTO_ALIGN * _MLP_AUTO_ALIGN)
-    return chunk if tokens > chunk else None
 
 
 def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float:
@@ -309,9 +302,10 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     pinned, n_host, off_device, on_device = planned_pinned_bytes(
         shape, tokens, a, strategy == "DDP", packed, len(on_host)
     )
-    # One host-kept layer's outputs back for the backward above it; where layers keep theirs on the GPU too, those
-    # (the last layers, backward's first) are gone by then (session 16: 19.32 -> 19.76 GiB at 1x65536, +0.01 at 1x16384)
-    stored += 2 * 2 * tokens * shape.intermediate if n_host and not a.get("keep_mlp_layers", 0) else 0
+    # One host-kept layer's outputs back for the backward above it; where 2 or more layers keep theirs on the GPU, those
+    # (the last layers, backward's first) are gone by then (session 16, keep 2: 19.32 -> 19.76 GiB at 1x65536, +0.01
+    # at 1x16384); with one, the layer above the host-kept one holds its own at that moment
+    stored += 2 * 2 * tokens * shape.intermediate if n_host and a.get("keep_mlp_layers", 0) < 2 else 0
     stored += on_device
     host = sum(pinned.values())
     weights = linear + dense - off_device

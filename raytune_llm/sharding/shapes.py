@@ -100,6 +100,24 @@ class Shape:
         }
 
 
+# models/tiling.py's "auto" rule for mlp_chunk_tokens (sharding/ may not import models/; a test keeps the two
+# equal): chunks of the tallest height (whole 64-row tiles) whose [chunk, intermediate] bf16 tensor fits in
+# 1 GiB, and only for calls with more tokens than that, so the MLP's rows are min(tokens, chunk): monotonic.
+_MLP_AUTO_BYTES = 1 << 30
+_MLP_AUTO_ALIGN = 64
+_ACT_BYTES = 2  # bf16 activations
+
+
+def mlp_chunk_rows(intermediate: int, tokens: int, mlp_chunk_tokens: int | str | None) -> int | None:
+    """Tokens per MLP chunk the fused path uses (models/tiling.py's rule, bf16), or None when it does not tile."""
+    if not mlp_chunk_tokens or tokens <= 0:
+        return None
+    if mlp_chunk_tokens != "auto":
+        return int(mlp_chunk_tokens)
+    chunk = max(_MLP_AUTO_ALIGN, _MLP_AUTO_BYTES // (intermediate * _ACT_BYTES) // _MLP_AUTO_ALIGN * _MLP_AUTO_ALIGN)
+    return chunk if tokens > chunk else None
+
+
 def lora_param_count(shape: Shape, rank: int, targets: tuple[str, ...]) -> int:
     """Trainable LoRA parameters: r * (in + out) per targeted Linear per layer."""
     proj = shape.projections()

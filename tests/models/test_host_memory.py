@@ -12,6 +12,7 @@ from raytune_llm.models.patch import patch, unpatch
 from raytune_llm.models.settings import set_last_layer_on_device, set_stash_attention
 from raytune_llm.sharding.host_memory import (
     GIB,
+    PINNED_AT_SETUP,
     HostMemoryError,
     check_host_memory,
     patched_pinned_bytes,
@@ -94,9 +95,16 @@ def test_a_run_that_would_not_fit_the_node_is_refused_in_one_line():
     assert node_memory_needed(100 * GIB) == 106 * GIB and node_memory_needed(200 * GIB) == 200 / 0.95 * GIB
     # what is free now: pinned memory held elsewhere (another job, blocks torch cached from an earlier run)
     check_host_memory(ran, total=125 * GIB, available=120 * GIB)
-    with pytest.raises(HostMemoryError, match=r"this process needs 113\.9 GiB.*has 100\.0 GiB free now") as err:
+    with pytest.raises(HostMemoryError, match=r"will pin 113\.9 GiB more host memory.*has 100\.0 GiB free now") as err:
         check_host_memory(ran, total=125 * GIB, available=100 * GIB)
     assert "\n" not in str(err.value) and str(err.value).endswith("lower model.stash_attention")
+    # the tables (and layer weights) are pinned when set, before the check: free memory no longer holds them
+    just = sum(ran.values()) - ran["host tables"] + 2 * GIB  # what passes, exactly
+    check_host_memory(ran, total=125 * GIB, available=just, pinned_now=PINNED_AT_SETUP)
+    with pytest.raises(HostMemoryError, match=r"will pin 112\.0 GiB more"):
+        check_host_memory(ran, total=125 * GIB, available=just - 1, pinned_now=PINNED_AT_SETUP)
+    with pytest.raises(HostMemoryError, match=r"will pin 113\.9 GiB more"):  # counted again, it would not pass
+        check_host_memory(ran, total=125 * GIB, available=just)
     check_host_memory({}, total=1, available=0)  # nothing pinned: nothing to check
 
 
@@ -105,11 +113,20 @@ def test_the_planner_shows_the_same_host_bytes():
     from raytune_llm.sharding.planner import plan_from_values
 
     kw = dict(stash_attention=True, last_layer_on_device=True, keep_mlp_layers=2, keep_mlp_layers_on_host=12)
-    plan = plan_from_values(
-        LLAMA31_8B, seq_len=65536, checkpointing="offload", embeddings_on_host=True, head_on_host=True, **kw
-    )
-    want = pinned_host_bytes(Shape.from_hf(LLAMA31_8B), 65536, tables_on_host=2, **kw)
-    assert plan.strategy == "DDP" and plan.breakdown["host: offloaded (not on GPU)"] == sum(want.values())
+    host = "host: offloaded (not on GPU)"
+    for chunk in (0, "auto", 8192):  # a split MLP (auto splits above ~37k tokens at 8B) keeps no outputs
+        plan = plan_from_values(
+            LLAMA31_8B,
+            seq_len=65536,
+            checkpointing="offload",
+            embeddings_on_host=True,
+            head_on_host=True,
+            mlp_chunk_tokens=chunk,
+            **kw,
+        )
+        want = pinned_host_bytes(Shape.from_hf(LLAMA31_8B), 65536, tables_on_host=2, mlp_chunk_tokens=chunk, **kw)
+        assert plan.strategy == "DDP" and plan.breakdown[host] == sum(want.values())
+        assert ("kept MLP outputs" in want) == (chunk == 0), (chunk, want)
     off = plan_from_values(LLAMA31_8B, seq_len=65536, checkpointing="on", **kw)
     assert "host: offloaded (not on GPU)" not in off.breakdown  # nothing pinned without offload
     # the stash without the O projection's output (model.stash_o_proj: false): 31 layers x 512 MiB less
