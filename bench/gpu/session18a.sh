@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in session 17, not run (~370 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh).
+# Prepared in session 17, not run (~470 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh).
 # 1x65536, one process per variant in one call (torch's pinned cache must not carry over), `free` sampled:
 # A: session 17's e2e settings, the tables on the host, +hostkeep13 (call 4: 11,138.6 ms, 117.56 GiB pinned);
 # B: the input embedding and the LM head on the GPU (+1.96 GiB, under Unsloth's 22.64), +hostkeep14 (call 7 on
@@ -11,6 +11,8 @@
 # last). ~370 s.
 set -o pipefail
 source bench/gpu/_env.sh
+# session 17's code on a GPU first: last_layer_on_device N (same bits, no copies), the weights on the host
+gpu_tests 100 gpu_tests_s18a.log tests/models/test_memory_settings.py tests/models/test_host_weights.py
 FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --mlp-chunk-tokens 0"
 for v in "all+once+stash+host+lastdev+headhost+keep2+hostkeep13" "all+once+stash+lastdev+keep2+hostkeep14" \
   "all+once+stash+host+lastdev2+headhost+keep2+hostkeep14"; do

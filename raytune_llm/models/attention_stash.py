@@ -119,6 +119,14 @@ def pinned_pieces(n: int) -> list[int]:
     return pieces + [rest] if rest else pieces
 
 
+def _spans(bufs: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, piece) of each of a host copy's pinned pieces, in order."""
+    start = 0
+    for buf in bufs:
+        yield start, buf
+        start += buf.numel()
+
+
 class HostCopies:
     """Host copies of tensors' storages (once per storage), and their way back to the device.
 
@@ -168,10 +176,8 @@ class HostCopies:
         stream = self._side_stream(raw.device)
         stream.wait_stream(torch.cuda.current_stream(raw.device))
         with torch.cuda.stream(stream):
-            start = 0
-            for buf in bufs:
+            for start, buf in _spans(bufs):
                 buf.copy_(raw[start : start + buf.numel()], non_blocking=True)
-                start += buf.numel()
             done = torch.cuda.Event()
             done.record(stream)
         self._last_done = done  # end_packing hands the storages to release_copied, which waits for this
@@ -196,10 +202,8 @@ class HostCopies:
             with torch.cuda.stream(stream):
                 for key, (bufs, done) in cuda.items():
                     stream.wait_event(done)
-                    start = 0
-                    for buf in bufs:
+                    for start, buf in _spans(bufs):
                         self._dev[key][start : start + buf.numel()].copy_(buf, non_blocking=True)
-                        start += buf.numel()
                 self._ready = torch.cuda.Event()
                 self._ready.record(stream)
         self._host.clear()  # the host allocator keeps each pinned block until its copy has read it

@@ -133,7 +133,9 @@ def planned_pinned_bytes(
     offload = a["checkpointing"] == "offload"
     ckpt, keep = a.get("checkpoint_layers"), a.get("keep_mlp_layers", 0)
     on_host, n_dev = a.get("keep_mlp_layers_on_host", 0), a.get("last_layer_on_device", False)
-    n_host = host_kept_count(shape, ckpt, keep, on_host, n_dev) if offload and a["fused"] else 0
+    chunk = a.get("mlp_chunk_tokens") if a["fused"] else None  # a split MLP keeps no outputs
+    keeps = offload and a["fused"] and mlp_chunk_rows(shape.intermediate, tokens, chunk) is None
+    n_host = host_kept_count(shape, ckpt, keep, on_host, n_dev) if keeps else 0
     host_weights, off_device = 0, 0.0
     if a.get("weights_on_host") and a["fused"] and ddp:
         sizes = shape.projections()
@@ -148,19 +150,16 @@ def planned_pinned_bytes(
         checkpoint_layers=ckpt if offload else 0,
         stash_attention=a.get("stash_attention", False) and a["fused"],
         stash_o_proj=a.get("stash_o_proj", True),
-        last_layer_on_device=a.get("last_layer_on_device", False),
+        last_layer_on_device=n_dev,
         keep_mlp_layers=keep,
         keep_mlp_layers_on_host=n_host,
         tables_on_host=tables,
         layer_weight_bytes=host_weights,
-        mlp_chunk_tokens=a.get("mlp_chunk_tokens") if a["fused"] else None,
     )
-    n_host = n_host if "kept MLP outputs" in pinned else 0
     on_device = 0
     if offload and a["fused"]:
-        stash = a.get("stash_attention", False)
-        per_layer = sum(layer_offload_bytes(shape, tokens, stash, a.get("stash_o_proj", True)))
-        on_device = max(device_layers(shape, ckpt, n_dev) - 1, 0) * per_layer
+        held = layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True))
+        on_device = max(device_layers(shape, ckpt, n_dev) - 1, 0) * sum(held)
     return pinned, n_host, off_device, on_device
 
 

@@ -302,9 +302,9 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
     pinned, n_host, off_device, on_device = planned_pinned_bytes(
         shape, tokens, a, strategy == "DDP", packed, len(on_host)
     )
-    # One host-kept layer's outputs back for the backward above it; where 2 or more layers keep theirs on the GPU, those
-    # (the last layers, backward's first) are gone by then (session 16, keep 2: 19.32 -> 19.76 GiB at 1x65536, +0.01
-    # at 1x16384); with one, the layer above the host-kept one holds its own at that moment
+    # One host-kept layer's outputs back for the backward above it; where 2 or more layers keep theirs on the GPU,
+    # those (the last layers, backward's first) are gone by then (session 16, keep 2: 19.32 -> 19.76 GiB at 1x65536,
+    # +0.01 at 1x16384); with one, the layer above the host-kept one holds its own at that moment
     stored += 2 * 2 * tokens * shape.intermediate if n_host and a.get("keep_mlp_layers", 0) < 2 else 0
     stored += on_device
     host = sum(pinned.values())
@@ -380,8 +380,8 @@ def plan_from_values(
         head_on_host: the LM head sits in pinned host memory and the loss streams it in
             (`models.settings.set_head_on_host`; DDP only, not tied).
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
-            `models.settings.set_keep_mlp_layers_on_host`): host bytes, and without `keep_mlp_layers` one
-            layer's on the GPU (in backward).
+            `models.settings.set_keep_mlp_layers_on_host`): host bytes, and with fewer than 2 `keep_mlp_layers`
+            one layer's on the GPU (in backward).
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
             the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line); an int
             last_layer_on_device N holds N - 1 more layers' inputs and stashes on the GPU.

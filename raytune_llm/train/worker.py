@@ -226,7 +226,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     from raytune_llm.packing.stream import iter_torch_batches
     from raytune_llm.sharding.host_memory import check_patched_host_memory
-    from raytune_llm.sharding.planner import load_hf_config
     from raytune_llm.train import sharded as sharded_lib
 
     cfg = from_dict(loop_config["config"])
@@ -295,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"raytune_llm: left off (model.*): {left_off}", flush=True)
         if on_gpu:  # refused in one line before the first step, not killed in it (session 16); every GPU worker
             tokens = cfg.data.seq_len * cfg.train.micro_batch_size  # of this node pins as much
-            hf_config = load_hf_config(loop_config["model_path"])
+            hf_config = model.config.to_dict()  # the loaded model's own
             check_patched_host_memory(patched, hf_config, tokens, processes=ctx.get_local_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None

@@ -293,6 +293,8 @@ def test_the_last_layers_on_device_copy_nothing_and_give_the_same_bits(tmp_path,
         set_stash_attention,
     )
     from raytune_llm.models.tiny import build_tiny_model
+    from raytune_llm.sharding.host_memory import device_layers, host_kept_count
+    from raytune_llm.sharding.shapes import Shape
 
     path = build_tiny_model(tmp_path / "four", vocab_size=VOCAB, num_hidden_layers=4)
     dtype, quantize = (torch.float32, None) if device == "cpu" else (torch.bfloat16, "nf4")
@@ -331,6 +333,9 @@ def test_the_last_layers_on_device_copy_nothing_and_give_the_same_bits(tmp_path,
         assert made == (4 - want_dev) * per_layer, (n, made, made0)  # an on-device layer copies nothing
         on_host = {i for i, (_, h) in enumerate(where) if h}
         assert on_host == set(range(min(n_host, 4 - want_dev))), (n, on_host)  # below the on-device layers
+        # sharding.host_memory's mirror of this choice (it may not import models) counts the same layers
+        shape = Shape.from_hf(model.get_base_model().config.to_dict())
+        assert device_layers(shape, None, n) == want_dev and host_kept_count(shape, None, 0, n_host, n) == len(on_host)
         torch.testing.assert_close(loss, loss0, rtol=0, atol=0)
         for name in g0:
             torch.testing.assert_close(g[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
