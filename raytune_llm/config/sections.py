@@ -106,7 +106,7 @@ class ModelSection:
     reaches it first).
     H200, 8B: 1x16384 1,551 -> 1,540 ms a step at 9.70 -> 9.68 GiB; 4x2048 (CUDA graph) 589.1 -> 587.9 ms at +0.06 GiB
     (session 14). An integer N: the last N layers (never layer 0; true is 1), each further one holding its input and
-    stash on the GPU until its backward (576 MiB at 16,384 tokens of 8B) and taking them off the PCIe link, whose
+    stash on the GPU until its backward (576 MiB at 16,384 tokens of 8B, by size) and taking them off the PCIe link, whose
     copies to the host bound keep_mlp_layers_on_host (which skips these layers)."""
     embeddings_on_host: bool = False
     """With fused=true: keep the frozen input embedding in pinned CPU memory, read over PCIe per batch by the GPU
@@ -125,7 +125,7 @@ class ModelSection:
     on the GPU at a time, room for more keep_mlp_layers (layers that are not checkpointed keep theirs while
     training). Same gradients. Not with DeepSpeed (a ZeRO strategy, or auto choosing one, leaves them on the GPU).
     H200, 8B, 4x2048 (CUDA graph, keep 6): peak 7.82 -> 4.83 GiB, 582.4 -> 589.7 ms a step; with keep 13 571.0 ms at
-    8.02 GiB (session 17). Pinned host memory: 4 GiB (each layer's buffer a power of two, 128 MiB)."""
+    8.02 GiB (session 17). Pinned host memory by size: 4 GiB (each layer's buffer a power of two, 128 MiB)."""
     mlp_chunk_tokens: int | Literal["auto"] | None = "auto"
     """Run each MLP over this many tokens at a time, recomputed in backward (no [tokens, intermediate] tensor
     kept); 0/null = never; auto = only once one such tensor would pass 1 GiB (e.g. from ~37k tokens at 8B)."""

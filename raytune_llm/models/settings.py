@@ -216,7 +216,7 @@ def set_last_layer_on_device(model: torch.nn.Module, on: bool | int) -> None:
     device at the loss (~0.3 GiB at 4x2048 tokens of an 8B model) and ~0.6 GB over PCIe for nothing (both by size). On
     keeps the storages themselves. Same bits. H200, 8B (session 14): 1x16384 1,551 -> 1,540 ms a step at the same
     peak; 4x2048 as a CUDA graph 589.1 -> 587.9 ms at +0.06 GiB (the loss is not that step's peak). Each further layer
-    holds its input and stash on the device until its backward (576 MiB at 16,384 tokens of 8B) and takes them off
+    holds its input and stash on the device until its backward (576 MiB at 16,384 tokens of 8B, by size) and takes them off
     the PCIe link both ways, where the forward's copies to the host bound how many layers can keep their MLP outputs
     there (`set_keep_mlp_layers_on_host`, which skips these layers). Off by default; `model.last_layer_on_device`, on
     in conf/llama3_8b_qlora.yaml. Takes effect on the next call.
