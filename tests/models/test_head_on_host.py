@@ -179,7 +179,7 @@ def test_head_on_host_trains_as_on_the_gpu_and_frees_the_head(tiny_paths):
         assert diff <= 2e-2 * g_dev[name].float().norm() + 1e-6, name
     with torch.no_grad():
         logits = model(input_ids=ids).logits  # no labels: the head comes back for the call
-        out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, do_sample=False)
+        out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert logits.is_cuda and out.shape == (1, 12) and head.is_pinned()
     set_head_on_host(model, False)
     assert head.is_cuda and torch.equal(head, original) and not model.raytune_patch_report.head_on_host

@@ -108,7 +108,7 @@ def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
     for name in g_dev:
         torch.testing.assert_close(g_host[name], g_dev[name], rtol=0, atol=0)
     with torch.no_grad():  # transformers reads the model's device off the embedding: generate brings it back
-        out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, do_sample=False)
+        out = model.generate(input_ids=ids[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12) and out.is_cuda and embed.weight.is_pinned()
     set_embeddings_on_host(model, False)
     assert embed.weight.is_cuda and not model.raytune_patch_report.embeddings_on_host

@@ -109,7 +109,7 @@ def test_labels_give_loss_without_logits_and_generation_still_works(tiny_paths):
     ids = _ids()
     out = model(input_ids=ids, labels=ids)
     assert out.logits is None and out.loss.ndim == 0
-    generated = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False)
+    generated = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 7)
 
 
