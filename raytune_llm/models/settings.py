@@ -217,7 +217,9 @@ def set_last_layer_on_device(model: torch.nn.Module, on: bool | int) -> None:
     keeps the storages themselves. Same bits. H200, 8B (session 14): 1x16384 1,551 -> 1,540 ms a step at the same
     peak; 4x2048 as a CUDA graph 589.1 -> 587.9 ms at +0.06 GiB (the loss is not that step's peak). Each further layer
     holds its input and stash on the device until its backward (576 MiB at 16,384 tokens of 8B, by size) and takes them off
-    the PCIe link both ways, where the forward's copies to the host bound how many layers can keep their MLP outputs
+    the PCIe link both ways; the second adds nothing to the peak, where its copies are back for the last layer's
+    backward anyway (session 18, 1x65536: N = 1 -> 2 +0.01 GiB, 11,156 -> 11,120 ms with a 14th host-kept layer;
+    1x16384: N = 3 / 4 +0.69 / +1.26 GiB), where the forward's copies to the host bound how many layers can keep their MLP outputs
     there (`set_keep_mlp_layers_on_host`, which skips these layers). Off by default; `model.last_layer_on_device`, on
     in conf/llama3_8b_qlora.yaml. Takes effect on the next call.
 

@@ -384,7 +384,7 @@ def plan_from_values(
             one layer's on the GPU (in backward).
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
             the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line); an int
-            last_layer_on_device N holds N - 1 more layers' inputs and stashes on the GPU.
+            last_layer_on_device N holds N - 2 more layers' inputs and stashes on the GPU at the peak.
         weights_on_host: the layers' base weights in pinned host memory; those of the checkpointed layers less
             about three leave the GPU (DDP, fused; `sharding.host_memory.planned_pinned_bytes`).
 

@@ -78,7 +78,9 @@ def test_the_same_gradients_with_each_layer_brought_in_as_it_runs(tiny_paths, mo
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
-    out = model.generate(input_ids=ids[:1, :6], max_new_tokens=3, min_new_tokens=3, do_sample=False)  # every layer's bound inside
+    out = model.generate(
+        input_ids=ids[:1, :6], max_new_tokens=3, min_new_tokens=3, do_sample=False
+    )  # every layer's bound inside
     assert out.shape == (1, 9) and all(w.dev is None for w in hw)  # and all let go after
     set_weights_on_host(model, False)
     assert not report.weights_on_host and report.host_weight_bytes == 0
