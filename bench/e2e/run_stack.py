@@ -149,6 +149,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(models.settings.set_keep_mlp_layers_on_host)",
     )
     p.add_argument(
+        "--keep-mlp-gate-on-host",
+        type=int,
+        default=None,
+        help="ours, offload: N more checkpointed layers keep their MLP's gate output alone in host memory "
+        "(models.settings.set_keep_mlp_gate_on_host)",
+    )
+    p.add_argument(
         "--embeddings-on-host",
         action="store_true",
         help="ours: the frozen input embedding in pinned host memory (models.settings.set_embeddings_on_host)",
@@ -324,6 +331,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_keep_mlp_layers_on_host(model, args.keep_mlp_layers_on_host)
             facts["keep_mlp_layers_on_host"] = args.keep_mlp_layers_on_host
+        if args.keep_mlp_gate_on_host is not None:
+            from raytune_llm.models.settings import set_keep_mlp_gate_on_host
+
+            set_keep_mlp_gate_on_host(model, args.keep_mlp_gate_on_host)
+            facts["keep_mlp_gate_on_host"] = args.keep_mlp_gate_on_host
         if args.embeddings_on_host:
             from raytune_llm.models.settings import set_embeddings_on_host
 
@@ -704,7 +716,8 @@ def parse_variants(text: str) -> list[dict]:
     without the O projection), graph
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
-    (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), host (``+host``:
+    (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), gate_host (``+hostgateN``:
+    keep_mlp_gate_on_host), host (``+host``:
     embeddings_on_host), fused_residuals (``+sep``: off, the
     residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device; ``+lastdevN``: the last N
     layers), head_host
@@ -724,6 +737,7 @@ def parse_variants(text: str) -> list[dict]:
             "graph": False,
             "keep": 0,
             "keep_host": 0,
+            "gate_host": 0,
             "host": False,
             "fused_residuals": True,
             "last_on_device": False,
@@ -739,12 +753,14 @@ def parse_variants(text: str) -> list[dict]:
                 v["last_on_device"] = int(flag[7:])
             elif flag.startswith("hostkeep") and flag[8:].isdigit():
                 v["keep_host"] = int(flag[8:])
+            elif flag.startswith("hostgate") and flag[8:].isdigit():
+                v["gate_host"] = int(flag[8:])
             elif flag.startswith("chunk") and flag[5:].isdigit():
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
                     f"--variants: unknown flag {flag!r} in {name!r} "
-                    f"({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, lastdevN)"
+                    f"({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, hostgateN, lastdevN)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -785,6 +801,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_mlp_chunk_tokens(model, chunk_default if v["chunk"] is None else v["chunk"])
         P.set_keep_mlp_layers(model, v["keep"])
         P.set_keep_mlp_layers_on_host(model, v["keep_host"])
+        P.set_keep_mlp_gate_on_host(model, v["gate_host"])
         P.set_embeddings_on_host(model, v["host"])
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])

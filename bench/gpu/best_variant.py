@@ -45,6 +45,7 @@ def variant_flags(name: str) -> str:
     flags += ["--last-layer-on-device"] + ([] if dev is True else [str(dev)]) if dev else []
     flags += ["--keep-mlp-layers", str(v["keep"])] if v["keep"] else []
     flags += ["--keep-mlp-layers-on-host", str(v["keep_host"])] if v["keep_host"] else []
+    flags += ["--keep-mlp-gate-on-host", str(v["gate_host"])] if v["gate_host"] else []
     return " ".join(flags)
 
 

@@ -203,8 +203,10 @@ def keep_mlp_outputs(store: list | None) -> Iterator[None]:
     backward (448 MiB at 4x2048 tokens of 8B), ``reuse_mlp_outputs`` around the recompute hands them back, in
     call order, with ``H A_d^T``: the recompute then runs no MLP GEMM and no activation kernel, and the backward
     gets the same tensors bit for bit (the lean backward kernel finishes ``G`` and ``U`` exactly as the forward
-    kernel does). Entries are ``(G, U, H A_d^T)``. ``store=None`` keeps nothing inside an outer block (an MLP
-    split over its tokens so as to hold no ``[N, I]`` tensor).
+    kernel does). Entries are ``(G, U, H A_d^T)``; an entry handed back with ``U`` None (the gate's alone was kept:
+    `models.checkpointing.checkpoint_layer` keep_gate_only) runs the up GEMM again and the backward kernel finishes
+    it, the same bits. ``store=None`` keeps nothing inside an outer block (an MLP split over its tokens so as to hold
+    no ``[N, I]`` tensor).
     """
     _keep.append(store)
     try:
@@ -379,6 +381,8 @@ class LoRAMLPFunction(torch.autograd.Function):
                     f"lora_mlp: kept outputs {tuple(G.shape)} {G.dtype} do not match this call "
                     f"({X.shape[0]} tokens, {Bg.shape[0]} wide, {dt}): the recompute ran other inputs"
                 )
+            if U is None:  # the gate's alone (`checkpoint_layer` keep_gate_only): up's base GEMM, finished in backward
+                U = X @ _dense(bases[1], dt).t()
         else:
             G = X @ _dense(bases[0], dt).t()
             U = X @ _dense(bases[1], dt).t()
@@ -399,6 +403,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             if keep_to is not None:
                 keep_to.append((G, U, HA))
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
+        ctx.finish_up = kept is not None and kept[1] is None
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
         ctx.adapter_dtypes = [t.dtype for t in adapters]
         ctx.x_shape = x.shape
@@ -426,6 +431,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         if HA is None:  # a lean recompute: G and U are the base outputs (see forward)
             xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
+        elif ctx.finish_up:  # G kept finished, U the base output: G + 0.0 * (its update) is G, U finished as forward's
+            xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
+            finish = (xa_g, xa_u, Bg, Bu, 0.0, su_)
         lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
         H, dG, dU = dH, G, U
         lean = HA is None  # dA_d^T = H^T (s_d dY B_d); in a lean recompute H A_d^T from the same read of H

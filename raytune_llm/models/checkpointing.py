@@ -88,6 +88,17 @@ def host_kept_layers(below: int, n: int) -> set[int]:
     return {below - 1 - j * stride for j in range(n)}
 
 
+def host_gate_layers(below: int, n_host: int, n: int) -> set[int]:
+    """The layers of ``range(below)`` that send their MLP's gate output alone to host memory
+    (`settings.set_keep_mlp_gate_on_host`): ``n`` of those `host_kept_layers` left out, spread evenly from the top."""
+    rest = sorted(set(range(below)) - host_kept_layers(below, n_host), reverse=True)
+    n = min(n, len(rest))
+    if n <= 0:
+        return set()
+    stride = len(rest) // n
+    return {rest[j * stride] for j in range(n)}
+
+
 def check_mode(mode: str) -> None:
     """Validate a gradient_checkpointing mode.
 
@@ -203,12 +214,14 @@ class _CheckpointFunction(torch.autograd.Function):
         with torch.no_grad(), record:
             with keep:
                 out = fn(hidden)
-        ctx.chain, ctx.index = None, None
+        ctx.chain, ctx.index, ctx.gate_only = None, None, False
         if opt.offload:
             ctx.chain = opt.chain if opt.chain is not None else OffloadChain()
-            # Kept outputs sent to the host go with the input: G and U of each kept call; H A_d^T ([N, r]) stays.
+            # Kept outputs sent to the host go with the input: G and U of each kept call (G alone with keep_gate_only,
+            # U let go); H A_d^T ([N, r]) stays.
             to_host = opt.keep_on_host and not opt.on_device and bool(ctx.kept_mlp)
-            kept = [t for entry in ctx.kept_mlp for t in entry[:2]] if to_host else None
+            ctx.gate_only = to_host and opt.keep_gate_only
+            kept = [t for entry in ctx.kept_mlp for t in entry[: 1 if ctx.gate_only else 2]] if to_host else None
             ctx.index = ctx.chain._add(hidden, ctx.stashes, opt.on_device, kept)
             if to_host:
                 ctx.kept_mlp[:] = [(None, None, entry[2]) for entry in ctx.kept_mlp]  # the device storages may go
@@ -227,9 +240,12 @@ class _CheckpointFunction(torch.autograd.Function):
                 release_copied(everything=True)  # the last layers' copies to host (a no-op after the first layer)
             slot = ctx.chain._slots[ctx.index]
             hidden = slot.take()
-            if slot.kept:  # kept MLP outputs back from the host: (G, U) pairs, in call order
-                g_u = slot.kept
-                ctx.kept_mlp[:] = [(g_u[2 * j], g_u[2 * j + 1], e[2]) for j, e in enumerate(ctx.kept_mlp)]
+            if slot.kept:  # kept MLP outputs back from the host: (G, U) pairs, in call order (G alone: U None)
+                back = slot.kept
+                if ctx.gate_only:
+                    ctx.kept_mlp[:] = [(back[j], None, e[2]) for j, e in enumerate(ctx.kept_mlp)]
+                else:
+                    ctx.kept_mlp[:] = [(back[2 * j], back[2 * j + 1], e[2]) for j, e in enumerate(ctx.kept_mlp)]
                 slot.kept = []
             if ctx.index > 0:
                 ctx.chain._slots[ctx.index - 1].prefetch()
@@ -273,6 +289,7 @@ def checkpoint_layer(
     on_device: bool = False,
     keep_on_host: bool = False,
     weights: tuple | None = None,
+    keep_gate_only: bool = False,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -301,6 +318,8 @@ def checkpoint_layer(
             off the PCIe link.
         keep_on_host: with `keep_mlp` and `offload` (not `on_device`), the kept gate and up outputs go to pinned
             host memory with the layer's input and come back with it, one layer ahead of this layer's backward.
+        keep_gate_only: with `keep_on_host`, the gate output alone goes to the host (half the bytes) and the up
+            output is let go: the recompute runs the up GEMM again (`settings.set_keep_mlp_gate_on_host`).
         weights: `models.host_weights`: (this layer's `LayerWeights`, the layer below's or None): backward binds
             this layer's base weights, starts the next one's on their way, and lets this layer's go when done
             (layer 0's stay bound: the next forward starts with them).
@@ -320,6 +339,7 @@ def checkpoint_layer(
         keep_mlp=keep_mlp,
         on_device=on_device,
         keep_on_host=keep_on_host,
+        keep_gate_only=keep_gate_only,
         weights=weights,
     )
     return _CheckpointFunction.apply(fn, opt, hidden, anchor)

@@ -44,6 +44,7 @@ from raytune_llm.models.checkpointing import (
     OffloadChain,
     check_mode,
     checkpoint_layer,
+    host_gate_layers,
     host_kept_layers,
     residual_add,
 )
@@ -361,6 +362,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         # that keeps its stash on the device.
         below = min(keep_from, n_run - max(n_dev, 1))
         on_host = host_kept_layers(below, state["keep_mlp_layers_on_host"]) if offload else set()
+        gate = (
+            host_gate_layers(below, state["keep_mlp_layers_on_host"], state["keep_mlp_gate_on_host"]) if offload else ()
+        )
         after = state["after_layer_backward"]
         # settings.set_weights_on_host: each layer's brought in as it runs (all of them already are while borrowed)
         hw = None if state.get("borrowed") else state.get("host_weights")
@@ -379,8 +383,9 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     stash=state["stash_attention"],
                     lean_qkv=not state["qk_norm"],
                     after_backward=None if after is None else functools.partial(after, i),
-                    keep_mlp=i >= keep_from or i in on_host,
-                    keep_on_host=i in on_host,
+                    keep_mlp=i >= keep_from or i in on_host or i in gate,
+                    keep_on_host=i in on_host or i in gate,
+                    keep_gate_only=i in gate,
                     on_device=i >= n_run - n_dev,
                     weights=(hw[i], hw[i - 1] if i else None) if hw else None,
                 )
@@ -528,6 +533,7 @@ def patch(
         "capture_docs": None,
         "keep_mlp_layers": 0,
         "keep_mlp_layers_on_host": 0,
+        "keep_mlp_gate_on_host": 0,
         "fused_residuals": True,
         "last_layer_on_device": False,
         "embed_home": None,

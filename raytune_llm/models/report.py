@@ -28,7 +28,8 @@ class PatchReport:
         keep_mlp_layers: how many of the last checkpointed layers keep their MLP's gate and up outputs from
             forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
         keep_mlp_layers_on_host: how many more checkpointed layers keep those outputs in pinned host memory
-            (`settings.set_keep_mlp_layers_on_host`).
+            (`settings.set_keep_mlp_layers_on_host`); keep_mlp_gate_on_host: how many more keep the gate's alone
+            there (`settings.set_keep_mlp_gate_on_host`).
         fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
             keeps no values (`settings.set_fused_residuals`; which layers do: `replaced`).
         last_layer_on_device: with offloaded checkpointing, the last layer's input and attention stash stay on the
@@ -53,6 +54,7 @@ class PatchReport:
     embeddings_on_host: bool = False
     keep_mlp_layers: int = 0
     keep_mlp_layers_on_host: int = 0
+    keep_mlp_gate_on_host: int = 0
     fused_residuals: bool = False
     last_layer_on_device: bool | int = False
     head_on_host: bool = False

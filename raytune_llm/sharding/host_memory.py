@@ -3,7 +3,8 @@
 Offloaded checkpointing keeps every checkpointed layer's input in pinned host memory from its forward to its
 backward, and with `stash_attention` what the layer's attention saved as well (q, k, v, the attention output and
 its log-sum-exp, and the O projection's output); `keep_mlp_layers_on_host` adds the gate and up outputs of that
-many layers, `embeddings_on_host` / `head_on_host` a table each, and `weights_on_host` the decoder layers' base
+many layers (`keep_mlp_gate_on_host` the gate output alone of that many more), `embeddings_on_host` /
+`head_on_host` a table each, and `weights_on_host` the decoder layers' base
 weights (with or without offload). All of it is page-locked: the kernel cannot swap it, and a node that runs short
 kills the process (session 16: `+hostkeep16` at 65,536 tokens of Llama-3.1-8B on a 125 GiB host, 127.9 GiB by the
 count below and 136 with the pinned allocator's rounding of that session, was killed with no error; `+hostkeep12`,
@@ -52,9 +53,29 @@ def host_kept_count(
 ) -> int:
     """How many layers `keep_mlp_layers_on_host` really sends to the host, as `models.patch` picks them: below the
     GPU-kept layers of the checkpointed ones, never the last layer nor one that keeps its stash on the GPU."""
+    return min(on_host, _below(shape, checkpoint_layers, keep_mlp_layers, last_layer_on_device))
+
+
+def host_gate_count(
+    shape: Shape,
+    checkpoint_layers: int | None,
+    keep_mlp_layers: int,
+    on_host: int,
+    gate_on_host: int,
+    last_layer_on_device: bool | int = 0,
+) -> int:
+    """How many layers `keep_mlp_gate_on_host` really sends the gate output of to the host: of the layers
+    `host_kept_count` could have taken, those it left (`models.checkpointing.host_gate_layers`)."""
+    below = _below(shape, checkpoint_layers, keep_mlp_layers, last_layer_on_device)
+    return max(min(gate_on_host, below - min(on_host, below)), 0)
+
+
+def _below(shape: Shape, checkpoint_layers: int | None, keep_mlp_layers: int, last_layer_on_device: bool | int) -> int:
+    """The layers that may keep their MLP outputs on the host, as `models.patch` counts them: the checkpointed ones
+    below the GPU-kept ones, never the last layer nor one that keeps its stash on the GPU."""
     n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
     n_dev = max(device_layers(shape, checkpoint_layers, last_layer_on_device), 1)
-    return max(min(on_host, n_ckpt - keep_mlp_layers, shape.layers - n_dev), 0)
+    return max(min(n_ckpt - keep_mlp_layers, shape.layers - n_dev), 0)
 
 
 def pinned_host_bytes(
@@ -71,6 +92,7 @@ def pinned_host_bytes(
     layer_weight_bytes: int = 0,
     mlp_chunk_tokens: int | str | None = None,
     act_bytes: int = _ACT,
+    keep_mlp_gate_on_host: int = 0,
 ) -> dict[str, int]:
     """The pinned host bytes of one training process under offloaded checkpointing, by what holds them (zero
     entries left out). The settings are the model's (`models.settings`, `model.*` in the run config).
@@ -85,6 +107,7 @@ def pinned_host_bytes(
         last_layer_on_device: the last layer's input and stash stay on the GPU (an int: the last that many).
         keep_mlp_layers, keep_mlp_layers_on_host: the layers that keep their gate and up outputs, on the GPU and
             in host memory (`host_kept_count`).
+        keep_mlp_gate_on_host: more layers send their gate output alone (`host_gate_count`).
         tables_on_host: the input embedding and/or the LM head in pinned host memory (0, 1 or 2 tables).
         layer_weight_bytes: the decoder layers' base weights in pinned host memory (`models.host_weights`).
         mlp_chunk_tokens: the model's setting; an MLP split over its tokens at this many keeps no outputs.
@@ -92,13 +115,15 @@ def pinned_host_bytes(
     """
     n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
     offloaded = max(n_ckpt - device_layers(shape, checkpoint_layers, last_layer_on_device), 0)
-    kept = host_kept_count(shape, checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host, last_layer_on_device)
+    k = (checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host)
+    kept = 2 * host_kept_count(shape, *k, last_layer_on_device)  # outputs: gate and up a layer, or the gate alone
+    kept += host_gate_count(shape, *k, keep_mlp_gate_on_host, last_layer_on_device)
     kept = 0 if mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) is not None else kept
     layer_input, stash = layer_offload_bytes(shape, tokens, stash_attention, stash_o_proj, act_bytes)
     out = {
         "layer inputs": offloaded * layer_input,
         "attention stash": offloaded * stash,
-        "kept MLP outputs": kept * 2 * act_bytes * tokens * shape.intermediate,
+        "kept MLP outputs": kept * act_bytes * tokens * shape.intermediate,
         "host tables": tables_on_host * act_bytes * shape.vocab * shape.hidden,
         "layer weights": layer_weight_bytes,
     }
@@ -120,7 +145,8 @@ def planned_pinned_bytes(
     shape: Shape, tokens: int, a: dict, ddp: bool, linear: float, tables: int
 ) -> tuple[dict[str, int], int, float, int]:
     """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' packed weight bytes):
-    (`pinned_host_bytes`, how many layers keep MLP outputs on the host, the weight bytes off the device, the GPU
+    (`pinned_host_bytes`, the GPU bytes of one host-kept layer's outputs back for its backward (0: none kept there),
+    the weight bytes off the device, the GPU
     bytes of the layers `last_layer_on_device` N keeps there besides the last two: N - 2 inputs and stashes, held
     from their forward to their backward. The planner's offload baseline, two layers' inputs and no stash, stands for
     the last one; the one below it is prefetched during the last one's backward, the peak, either way. H200, 8B
@@ -138,6 +164,7 @@ def planned_pinned_bytes(
     chunk = a.get("mlp_chunk_tokens") if a["fused"] else None  # a split MLP keeps no outputs
     keeps = offload and a["fused"] and mlp_chunk_rows(shape.intermediate, tokens, chunk) is None
     n_host = host_kept_count(shape, ckpt, keep, on_host, n_dev) if keeps else 0
+    n_gate = host_gate_count(shape, ckpt, keep, on_host, a.get("keep_mlp_gate_on_host", 0), n_dev) if keeps else 0
     host_weights, off_device = 0, 0.0
     if a.get("weights_on_host") and a["fused"] and ddp:
         sizes = shape.projections()
@@ -155,6 +182,7 @@ def planned_pinned_bytes(
         last_layer_on_device=n_dev,
         keep_mlp_layers=keep,
         keep_mlp_layers_on_host=n_host,
+        keep_mlp_gate_on_host=n_gate,
         tables_on_host=tables,
         layer_weight_bytes=host_weights,
     )
@@ -162,7 +190,8 @@ def planned_pinned_bytes(
     if offload and a["fused"]:
         held = layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True))
         on_device = max(device_layers(shape, ckpt, n_dev) - 2, 0) * sum(held)
-    return pinned, n_host, off_device, on_device
+    back = (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
+    return pinned, back, off_device, on_device
 
 
 def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:
@@ -179,6 +208,7 @@ def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _AC
         last_layer_on_device=report.last_layer_on_device,
         keep_mlp_layers=report.keep_mlp_layers,
         keep_mlp_layers_on_host=report.keep_mlp_layers_on_host,
+        keep_mlp_gate_on_host=report.keep_mlp_gate_on_host,
         tables_on_host=report.embeddings_on_host + report.head_on_host,
         layer_weight_bytes=report.host_weight_bytes,
         mlp_chunk_tokens=report.mlp_chunk_tokens,
@@ -207,7 +237,7 @@ def node_available_bytes() -> int | None:
 _LOWER = {
     "layer inputs": "gradient_checkpointing=on or shorter rows",
     "attention stash": "model.stash_attention",
-    "kept MLP outputs": "model.keep_mlp_layers_on_host",
+    "kept MLP outputs": "model.keep_mlp_layers_on_host / model.keep_mlp_gate_on_host",
     "host tables": "model.embeddings_on_host / model.head_on_host",
     "layer weights": "model.weights_on_host",
 }

@@ -299,13 +299,13 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         dequant = 2 * sum(i * o for i, o in shape.projections().values())
     dense -= 2 * shape.vocab * shape.hidden * len(on_host)  # tables in pinned host memory
     packed = linear * (a["quant_bits"] / 8) / _WEIGHT_BYTES[a["quant_bits"]]  # what weights_on_host moves (no absmax)
-    pinned, n_host, off_device, on_device = planned_pinned_bytes(
+    pinned, back, off_device, on_device = planned_pinned_bytes(
         shape, tokens, a, strategy == "DDP", packed, len(on_host)
     )
     # One host-kept layer's outputs back for the backward above it; where 2 or more layers keep theirs on the GPU,
     # those (the last layers, backward's first) are gone by then (session 16, keep 2: 19.32 -> 19.76 GiB at 1x65536,
     # +0.01 at 1x16384); with one, the layer above the host-kept one holds its own at that moment
-    stored += 2 * 2 * tokens * shape.intermediate if n_host and a.get("keep_mlp_layers", 0) < 2 else 0
+    stored += back if a.get("keep_mlp_layers", 0) < 2 else 0
     stored += on_device
     host = sum(pinned.values())
     weights = linear + dense - off_device
@@ -347,6 +347,7 @@ def plan_from_values(
     embeddings_on_host: bool = False,
     head_on_host: bool = False,
     keep_mlp_layers_on_host: int = 0,
+    keep_mlp_gate_on_host: int = 0,
     stash_attention: bool = False,
     last_layer_on_device: bool | int = False,
     weights_on_host: bool = False,
@@ -381,7 +382,8 @@ def plan_from_values(
             (`models.settings.set_head_on_host`; DDP only, not tied).
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and with fewer than 2 `keep_mlp_layers`
-            one layer's on the GPU (in backward).
+            one layer's on the GPU (in backward). keep_mlp_gate_on_host: more layers keep the gate's alone there
+            (`models.settings.set_keep_mlp_gate_on_host`), half the bytes a layer.
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
             the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line); an int
             last_layer_on_device N holds N - 2 more layers' inputs and stashes on the GPU at the peak.
@@ -408,6 +410,7 @@ def plan_from_values(
         ("checkpoint_layers", checkpoint_layers, (None,)),
         ("keep_mlp_layers", keep_mlp_layers, ()),
         ("keep_mlp_layers_on_host", keep_mlp_layers_on_host, ()),
+        ("keep_mlp_gate_on_host", keep_mlp_gate_on_host, ()),
         ("last_layer_on_device", last_layer_on_device, (True, False)),
     ):
         if not (any(k is a for a in also) or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
@@ -444,6 +447,7 @@ def plan_from_values(
         embeddings_on_host=bool(embeddings_on_host),
         head_on_host=bool(head_on_host),
         keep_mlp_layers_on_host=keep_mlp_layers_on_host,
+        keep_mlp_gate_on_host=keep_mlp_gate_on_host,
         stash_attention=bool(stash_attention),
         last_layer_on_device=last_layer_on_device,
         weights_on_host=bool(weights_on_host),

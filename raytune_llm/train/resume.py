@@ -29,6 +29,7 @@ _RERUN_MAY_CHANGE = (
     "model.last_layer_on_device",
     "model.keep_mlp_layers",
     "model.keep_mlp_layers_on_host",
+    "model.keep_mlp_gate_on_host",
     "model.stash_attention",
     "model.stash_o_proj",
     "model.dequantize_once",

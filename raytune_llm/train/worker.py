@@ -218,6 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raytune_llm.models.settings import (
         set_checkpoint_layers,
         set_dequantize_once,
+        set_keep_mlp_gate_on_host,
         set_keep_mlp_layers,
         set_keep_mlp_layers_on_host,
         set_last_layer_on_device,
@@ -288,6 +289,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_stash_attention(model, cfg.model.stash_attention, o_proj=cfg.model.stash_o_proj)
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)
         set_keep_mlp_layers_on_host(model, cfg.model.keep_mlp_layers_on_host)
+        set_keep_mlp_gate_on_host(model, cfg.model.keep_mlp_gate_on_host)
         set_last_layer_on_device(model, cfg.model.last_layer_on_device)
         left_off = sharded_lib.apply_host_weights(model, cfg, strategy)
         if left_off and rank == 0:

@@ -802,7 +802,7 @@ def test_kept_mlp_outputs_in_host_memory_give_the_same_bits(monkeypatch, once):
         stash_mod.HostCopies, "_to_host", lambda self, raw: copies.__setitem__(0, copies[0] + 1) or real_copy(self, raw)
     )
 
-    def run(keep, on_host):
+    def run(keep, on_host, gate_only=False):
         leaves, layer = _toy_layer(parts)
         x = _toy_input(device)
         calls.clear(), stores.clear()
@@ -810,8 +810,9 @@ def test_kept_mlp_outputs_in_host_memory_give_the_same_bits(monkeypatch, once):
         chain, y = OffloadChain(), x
         for _ in range(2):
             y = checkpoint_layer(
-                layer, y, offload=True, lean=True, chain=chain, dequant_once=once, keep_mlp=keep, keep_on_host=on_host
-            )
+                layer, y, offload=True, lean=True, chain=chain, dequant_once=once, keep_mlp=keep, keep_on_host=on_host,
+                keep_gate_only=gate_only,
+            )  # fmt: skip
         sent = [[entry[0] is None and entry[1] is None for entry in store] for store in stores]
         made = copies[0]
         y.square().sum().backward()
@@ -820,14 +821,20 @@ def test_kept_mlp_outputs_in_host_memory_give_the_same_bits(monkeypatch, once):
     y_lean, _, _, made_lean, g_lean = run(False, False)
     y_dev, n_dev, sent_dev, made_dev, g_dev = run(True, False)
     y_host, n_host, sent_host, made_host, g_host = run(True, True)
+    y_gate, n_gate, sent_gate, made_gate, g_gate = run(True, True, gate_only=True)
     assert n_host == n_dev == 2 * 2 * 2  # forward and backward: the recompute runs neither gate nor up
-    assert sent_dev == [[False], [False]] and sent_host == [[True], [True]]  # G and U left the device's store
+    # the gate alone kept: the recompute runs up's GEMM again (its weight dequantized for it, once: kept for backward)
+    assert n_gate == n_host + (0 if once else 2)
+    assert sent_dev == [[False], [False]] and sent_host == sent_gate == [[True], [True]]  # they left the device's store
     assert made_dev == made_lean and made_host == made_lean + 2 * 2  # two more host copies a layer: G and U
+    assert made_gate == made_lean + 2  # G alone
     assert all(not store for store in stores)  # taken by backward
     torch.testing.assert_close(y_host, y_lean, rtol=0, atol=0)
-    for a, b, c in zip(g_host, g_dev, g_lean):
+    torch.testing.assert_close(y_gate, y_lean, rtol=0, atol=0)
+    for a, b, c, d in zip(g_host, g_dev, g_lean, g_gate):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
         torch.testing.assert_close(b, c, rtol=0, atol=0)
+        torch.testing.assert_close(d, c, rtol=0, atol=0)
 
 
 def test_host_kept_layers_are_spread_from_the_last_down():
@@ -838,3 +845,15 @@ def test_host_kept_layers_are_spread_from_the_last_down():
     assert host_kept_layers(26, 3) == {25, 17, 9}
     assert host_kept_layers(4, 9) == {0, 1, 2, 3}  # no more than there are
     assert host_kept_layers(0, 2) == set()
+
+
+def test_gate_only_layers_take_the_host_kept_layers_leftovers():
+    from raytune_llm.models.checkpointing import host_gate_layers, host_kept_layers
+
+    assert host_gate_layers(26, 3, 0) == set()
+    assert host_gate_layers(26, 3, 1) == {24}  # the top layer of those {25, 17, 9} left
+    rest = set(range(26)) - host_kept_layers(26, 3)
+    two = host_gate_layers(26, 3, 2)
+    assert two <= rest and len(two) == 2 and 24 in two
+    assert host_gate_layers(4, 3, 9) == {0, 1, 2, 3} - host_kept_layers(4, 3)  # no more than are left
+    assert host_gate_layers(4, 9, 2) == set()

@@ -84,6 +84,16 @@ def test_a_run_that_would_not_fit_the_node_is_refused_in_one_line():
     )
     with pytest.raises(HostMemoryError, match=r"needs 120\.9 GiB.*has 125\.9 GiB \(119\.6 usable\)"):
         check_host_memory(pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=14, **common), total=node)
+    # The tables on the GPU, the last 2 layers' stashes there too (no GPU peak cost, session 18): a 15th whole layer
+    # does not fit, its gate output alone (1.75 GiB) does; the gate counts only on layers the whole ones left
+    gpu_tables = dict(common, tables_on_host=0, last_layer_on_device=2)
+    gate = pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=14, keep_mlp_gate_on_host=1, **gpu_tables)
+    assert gate["kept MLP outputs"] == (14 * 2 + 1) * 2 * 65536 * 14336
+    check_host_memory(gate, total=node)
+    with pytest.raises(HostMemoryError, match=r"needs 120\.2 GiB.*\(119\.6 usable\)"):
+        check_host_memory(pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=15, **gpu_tables), total=node)
+    every = pinned_host_bytes(shape, 65536, keep_mlp_layers_on_host=40, keep_mlp_gate_on_host=5, **gpu_tables)
+    assert every["kept MLP outputs"] == 30 * 2 * 2 * 65536 * 14336  # all but the last 2 (GPU-kept): no gate left
     # the least node memory that passes: what `raytune-llm plan` prints
     from raytune_llm.sharding.host_memory import node_memory_needed
 

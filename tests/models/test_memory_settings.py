@@ -158,6 +158,54 @@ def test_keep_mlp_layers_on_host_setting_config_and_plan(tiny_paths):
         plan_from_values(LLAMA31_8B, keep_mlp_layers_on_host=-1)
 
 
+def test_keep_mlp_gate_on_host_setting_config_plan_and_layers(tiny_paths, monkeypatch):
+    # The gate output alone in host memory: a count >= 0, offload only, half a host-kept layer's bytes in the plan,
+    # and the layer loop sends it for the layers keep_mlp_layers_on_host left (never the last one)
+    import raytune_llm.models.patch as patch_mod
+    from raytune_llm.config import ConfigError, load_config
+    from raytune_llm.models.settings import set_keep_mlp_gate_on_host, set_keep_mlp_layers_on_host
+    from raytune_llm.sharding.planner import PlanError, plan_from_values
+    from raytune_llm.sharding.shapes import LLAMA31_8B
+
+    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu")
+    seen = []
+    real = patch_mod.checkpoint_layer
+
+    def spy(fn, hidden, **kw):
+        seen.append((kw["keep_mlp"], kw["keep_on_host"], kw["keep_gate_only"]))
+        return real(fn, hidden, **kw)
+
+    monkeypatch.setattr(patch_mod, "checkpoint_layer", spy)
+    unpatch(model)
+    report = patch(model, gradient_checkpointing="offload")
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="keep_mlp_gate_on_host must be an integer"):
+            set_keep_mlp_gate_on_host(model, bad)
+    set_keep_mlp_gate_on_host(model, 1)
+    assert report.keep_mlp_gate_on_host == 1
+    model.train()
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    _step(model, ids)
+    assert seen == [(True, True, True), (False, False, False)]  # layer 0's gate; never the last layer
+    seen.clear()
+    set_keep_mlp_layers_on_host(model, 1)  # layer 0 keeps both: none left for the gate alone
+    _step(model, ids)
+    assert seen == [(True, True, False), (False, False, False)]
+    with pytest.raises(ConfigError, match="keep_mlp_gate_on_host=1 needs gradient_checkpointing offload"):
+        load_config(None, ["model.keep_mlp_gate_on_host=1", "model.gradient_checkpointing=on"])
+    cfg = load_config(None, ["model.keep_mlp_gate_on_host=1", "model.gradient_checkpointing=offload"])
+    assert cfg.model.keep_mlp_gate_on_host == 1
+    common = dict(seq_len=65536, checkpointing="offload", stash_attention=True, keep_mlp_layers=2, mlp_chunk_tokens=0)
+    base = plan_from_values(LLAMA31_8B, **common, keep_mlp_layers_on_host=14)
+    more = plan_from_values(LLAMA31_8B, **common, keep_mlp_layers_on_host=14, keep_mlp_gate_on_host=1)
+    whole = plan_from_values(LLAMA31_8B, **common, keep_mlp_layers_on_host=15)
+    host = [p.breakdown["host: offloaded (not on GPU)"] for p in (base, more, whole)]
+    assert host[1] - host[0] == 2 * 65536 * 14336 == (host[2] - host[0]) / 2  # 1.75 GiB, half a layer's
+    assert more.peak_bytes == base.peak_bytes  # with 2 GPU-kept layers its return is not at the peak
+    with pytest.raises(PlanError, match="keep_mlp_gate_on_host must be an int"):
+        plan_from_values(LLAMA31_8B, keep_mlp_gate_on_host=-1)
+
+
 @pytest.mark.parametrize(
     "mode,keep,on_host,lastdev,want",
     [
@@ -202,7 +250,7 @@ def test_the_layer_loop_sends_the_chosen_layers_outputs_to_the_host(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["on", "offload", "offload-host"])
+@pytest.mark.parametrize("mode", ["on", "offload", "offload-host", "offload-gate"])
 def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, monkeypatch, mode):
     import raytune_llm.kernels.lora as lora_mod
     from raytune_llm.models.settings import set_dequantize_once, set_stash_attention
@@ -217,24 +265,28 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
     real = lora_mod.nf4_dequantize
     monkeypatch.setattr(lora_mod, "nf4_dequantize", lambda w, dt: calls.__setitem__(0, calls[0] + 1) or real(w, dt))
 
-    host = mode == "offload-host"  # the last layer's kept on the GPU, every other layer's in host memory
+    # offload-host: the last layer's kept on the GPU, every other layer's in host memory; offload-gate: the others'
+    # gate output alone there (their recompute runs the up GEMM, the backward kernel finishes it)
+    host, gate = mode == "offload-host", mode == "offload-gate"
 
     def run(keep):
-        from raytune_llm.models.settings import set_keep_mlp_layers_on_host
+        from raytune_llm.models.settings import set_keep_mlp_gate_on_host, set_keep_mlp_layers_on_host
 
         unpatch(model)
         report = patch(model, gradient_checkpointing=mode.split("-")[0])
         set_dequantize_once(model, False)  # with it the recompute's gate/up copies serve backward: counts level
         set_stash_attention(model, mode != "on")
-        set_keep_mlp_layers(model, min(keep, 1) if host else keep)
+        set_keep_mlp_layers(model, min(keep, 1) if host or gate else keep)
         set_keep_mlp_layers_on_host(model, keep if host else 0)
-        assert report.keep_mlp_layers == (min(keep, 1) if host else keep)
+        set_keep_mlp_gate_on_host(model, keep if gate else 0)
+        assert report.keep_mlp_layers == (min(keep, 1) if host or gate else keep)
         calls[0] = 0
         return (*_step(model, ids), calls[0])
 
     loss0, g0, n0 = run(0)
     loss1, g1, n1 = run(n_layers + 3)  # more than there are layers: every layer
-    assert n0 - n1 == 2 * n_layers  # each layer's recompute dequantized gate and up; kept, it does not
+    # each layer's recompute dequantized gate and up; kept, it does not (gate alone kept: up's still)
+    assert n0 - n1 == (n_layers + 1 if gate else 2 * n_layers)
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")

@@ -76,6 +76,7 @@ def _variant(name: str) -> dict:
         "dequantize_once": v["once"],
         "keep_mlp_layers": v["keep"],
         "keep_mlp_layers_on_host": v["keep_host"],
+        "keep_mlp_gate_on_host": v["gate_host"],
         "embeddings_on_host": v["host"],
         "head_on_host": v["head_host"],
         "stash_attention": v["stash"],
