@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# Prepared in session 18, not run (~420 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE
-# sourcing _env.sh). The GPU test session 18's budget cut (test_host_weights.py: generate now asks for
-# min_new_tokens), then the 1x65536 e2e with session 18's settings (tables on the GPU, keep2 +hostkeep14: 1.2985x and
-# 1.297x in two calls; 1.3x needed 11,102 and 11,148 ms) and a second on-device layer, which session 18 measured
-# costs no GPU memory at the peak (+0.01 GiB) and frees 2.27 GiB of host memory (not enough for a 15th host-kept
-# layer, 3.5). Prediction: 0 to -15 ms (one layer's input and stash off the PCIe link each way).
+# Prepared in session 18, not run (~380 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh).
+# The GPU tests session 18's budget cut (test_host_weights.py: generate now asks for min_new_tokens) and those of
+# keep_mlp_gate_on_host (test_memory_settings.py: the same gradients with each layer's gate alone on the host).
+# Then 1x65536, one process per variant (torch's pinned cache must not carry over), `free` sampled, from session
+# 18's e2e settings (tables on the GPU, keep2 +hostkeep14: 11,110.4 ms in call 1; e2e 1.2985x and 1.297x):
+# A: a second on-device layer (session 18: no GPU peak cost, +0.01 GiB at 1x65536), which frees 2.27 GiB of host
+#    memory; prediction 0 to -15 ms (one layer's input and stash off the PCIe link each way);
+# B: A and a 15th layer's gate output alone on the host (+1.75 GiB: 118.47 GiB by the count, 119.6 usable);
+#    prediction -8 to -11 ms against A (one of two 7.7-TFLOP GEMMs off the recompute).
+# session19c.sh runs the e2e with the faster (FLAGS_64K printed last).
 set -o pipefail
 source bench/gpu/_env.sh
-gpu_tests 60 gpu_tests_s19b.log tests/models/test_host_weights.py
-run_e2e e2e_s19b_64k 420 1x65536 "--stash-attention --dequantize-once --last-layer-on-device 2 --keep-mlp-layers 2 \
---keep-mlp-layers-on-host 14 --mlp-chunk-tokens 0"
+gpu_tests 90 gpu_tests_s19b.log tests/models/test_host_weights.py tests/models/test_memory_settings.py
+FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --mlp-chunk-tokens 0"
+for v in "all+once+stash+lastdev2+keep2+hostkeep14" "all+once+stash+lastdev2+keep2+hostkeep14+hostgate1"; do
+  tag=$(echo "$v" | tr '+' '_' | sed 's/all_once_stash_//')
+  ( while sleep 2; do free -m | awk '/Mem:/{print $3}'; done > "$OUT/free_$tag.log" ) & S=$!
+  run_ours "var_1x65536_s19b_$tag" 170 $FLAGS --batch 1 --seq 65536 --warmup 1 --steps 2 --variants "$v"
+  kill $S; echo "max used MiB: $(sort -n "$OUT/free_$tag.log" | tail -1)"
+done
+show_variants s19b_lastdev2_keep2_hostkeep14 1x65536
+show_variants s19b_lastdev2_keep2_hostkeep14_hostgate1 1x65536
+FLAGS_64K=$(python3 bench/gpu/best_variant.py "$OUT"/var_1x65536_s19b_*.json --max-peak-gib 22.64 \
+  --extra "--mlp-chunk-tokens 0" --default "--stash-attention --dequantize-once --last-layer-on-device 2 \
+--keep-mlp-layers 2 --keep-mlp-layers-on-host 14 --mlp-chunk-tokens 0")
+echo "== FLAGS_64K=\"$FLAGS_64K\""
 echo "== done $(date +%T)"
