@@ -217,7 +217,8 @@ def keep_mlp_outputs(store: list | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def reuse_mlp_outputs(store: list) -> Iterator[None]:
-    """Inside this block, a lean recompute's `lora_mlp` takes the next ``store`` entry instead of running its GEMMs.
+    """Inside this block, a lean recompute's `lora_mlp` takes the next ``store`` entry instead of running its GEMMs
+    (the up GEMM still runs for an entry whose ``U`` is None: the gate's alone was kept).
 
     ``store`` is what `keep_mlp_outputs` filled in the same layer's forward; an empty store (a forward whose MLP
     was split over tokens, or ran stock) leaves `lora_mlp` as it is. Only inside `lean_recompute`: without it
@@ -347,7 +348,8 @@ class LoRAMLPFunction(torch.autograd.Function):
     ``apply(x, bases, scalings, skip_output, kept, keep_to, store_gu, A_g, B_g, A_u, B_u, A_d, B_d)`` with
     ``bases``/``scalings`` tuples of three (gate, up, down); ``skip_output`` (see `lean_recompute`) saves the
     same tensors but leaves out the down projection and returns zeros. ``kept`` (``(G, U, H A_d^T)`` from
-    `reuse_mlp_outputs`, with ``skip_output``) replaces the gate/up GEMMs and the activation kernel; ``keep_to``
+    `reuse_mlp_outputs`, with ``skip_output``) replaces the gate/up GEMMs and the activation kernel (``U`` None: the
+    gate's alone; the up GEMM runs and the backward kernel finishes its output); ``keep_to``
     (a list from `keep_mlp_outputs`) receives those three after a full forward. ``store_gu`` False (a forward
     whose backward never runs and that keeps nothing: a checkpointed layer's) leaves the finished G and U unwritten:
     the activation kernel writes H alone (what the down projection reads).
@@ -388,9 +390,9 @@ class LoRAMLPFunction(torch.autograd.Function):
             U = X @ _dense(bases[1], dt).t()
             HA = None
         if kept is not None or skip_output:
-            # Nothing reads H here: the backward kernel finishes G and U with their rank updates itself (unless
-            # kept, then they are finished) and writes H, from which backward takes H A_d^T. One [N, I] pass fewer
-            # per recomputed layer.
+            # Nothing reads H here: the backward kernel finishes G and U with their rank updates itself (unless kept,
+            # then they are finished; U alone where the gate's alone was kept) and writes H, from which backward takes H
+            # A_d^T. One [N, I] pass fewer per recomputed layer.
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
             # rank updates + activation, one pass
@@ -428,13 +430,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         dH = dY @ Wd
         del Wd
         finish = None
-        if HA is None:  # a lean recompute: G and U are the base outputs (see forward)
+        if HA is None or ctx.finish_up:  # G and U the base outputs (a lean recompute), or U alone (the gate kept)
             xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
-        elif ctx.finish_up:  # G kept finished, U the base output: G + 0.0 * (its update) is G, U finished as forward's
-            xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
-            finish = (xa_g, xa_u, Bg, Bu, 0.0, su_)
-        lora_swiglu_backward(dH, G, U, dYB, Ad, finish)  # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
+        # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
+        lora_swiglu_backward(dH, G, U, dYB, Ad, finish, finish_gate=not ctx.finish_up)
         H, dG, dU = dH, G, U
         lean = HA is None  # dA_d^T = H^T (s_d dY B_d); in a lean recompute H A_d^T from the same read of H
         HA_, dA_dt = _products(H, Ad.t() if lean else None, dYB if need[4] else None, 1.0, ctx.adapter_dtypes[4])

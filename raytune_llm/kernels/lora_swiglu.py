@@ -183,15 +183,17 @@ def _lora_swiglu_bwd_kernel(
     R_PAD: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    FINISH_GU: tl.constexpr,
+    FINISH_G: tl.constexpr,
+    FINISH_U: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
     # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
     # H over dH, dG over G, dU over U (each element read before it is written, within one program).
-    # FINISH_GU: G and U hold the base GEMM outputs (a lean recompute ran no forward kernel); their rank
-    # updates are added here as the forward kernel adds them, rounded to the stored dtype the same way.
+    # FINISH_G / FINISH_U: G / U hold the base GEMM output (a lean recompute ran no forward kernel; U alone where the
+    # finished gate was kept); the rank update is added here as the forward kernel adds it, rounded to the stored
+    # dtype the same way.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -202,11 +204,12 @@ def _lora_swiglu_bwd_kernel(
     )
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FINISH_GU:  # the forward kernel's own finishing step, so the same stored values
+    if FINISH_G:  # the forward kernel's own finishing step, so the same stored values
         g = _finish_projection(
             g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g,
             G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
         ).to(tl.float32)  # fmt: skip
+    if FINISH_U:
         u = _finish_projection(
             u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u,
             U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
@@ -283,7 +286,7 @@ def lora_swiglu_forward(
     return H
 
 
-def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None) -> None:
+def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None, finish_gate: bool = True) -> None:
     """Finish ``dH`` with the down adapter's rank update, then differentiate SwiGLU, all in place.
 
     ``dH += low_d @ Ad``; then ``dH <- H = silu(G) * U``, ``G <- dG``, ``U <- dU``.
@@ -297,6 +300,7 @@ def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None) -> No
         finish: ``(xa_g, xa_u, Bg, Bu, scale_g, scale_u)`` as `lora_swiglu_forward` takes them: first finish
             ``G`` and ``U`` with their rank updates, rounded as that kernel stores them, so the results are
             the bits of `lora_swiglu_forward` followed by this backward. None: ``G`` and ``U`` are finished.
+        finish_gate: with ``finish``, False finishes ``U`` alone (``G`` is the finished gate, kept from the forward).
     """
     n_rows, n_cols = G.shape
     if not G.numel():
@@ -315,5 +319,5 @@ def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None) -> No
         low_d.stride(0), Ad.stride(0), xa_g.stride(0), xa_u.stride(0),
         Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
         n_rows, n_cols, low_d.shape[1], xa_g.shape[1], xa_u.shape[1], scale_g, scale_u,
-        FINISH_GU=finish is not None, **cfg,
+        FINISH_G=finish is not None and finish_gate, FINISH_U=finish is not None, **cfg,
     )  # fmt: skip

@@ -90,13 +90,20 @@ def host_kept_layers(below: int, n: int) -> set[int]:
 
 def host_gate_layers(below: int, n_host: int, n: int) -> set[int]:
     """The layers of ``range(below)`` that send their MLP's gate output alone to host memory
-    (`settings.set_keep_mlp_gate_on_host`): ``n`` of those `host_kept_layers` left out, spread evenly from the top."""
-    rest = sorted(set(range(below)) - host_kept_layers(below, n_host), reverse=True)
-    n = min(n, len(rest))
-    if n <= 0:
-        return set()
-    stride = len(rest) // n
-    return {rest[j * stride] for j in range(n)}
+    (`settings.set_keep_mlp_gate_on_host`): ``n`` of those `host_kept_layers` left out, spread evenly from the top over
+    the ones with no host-kept neighbour first (whose copies would join a host-kept layer's on the PCIe link), then
+    over the rest."""
+    host = host_kept_layers(below, n_host)
+    rest = [i for i in range(below - 1, -1, -1) if i not in host]
+    apart = [i for i in rest if i - 1 not in host and i + 1 not in host]
+    picked = _spread(apart, n)
+    return picked | _spread([i for i in rest if i not in apart], n - len(picked))
+
+
+def _spread(layers: list[int], n: int) -> set[int]:
+    """``n`` of ``layers`` (in order), evenly spaced from the first."""
+    n = min(n, len(layers))
+    return {layers[j * (len(layers) // n)] for j in range(n)} if n > 0 else set()
 
 
 def check_mode(mode: str) -> None:

@@ -210,18 +210,18 @@ def set_last_layer_on_device(model: torch.nn.Module, on: bool | int) -> None:
     """Under offloaded checkpointing, keep the last layer's input and attention stash on the device (off by default);
     an int N: the last N layers' (true is 1; never layer 0's).
 
-    Backward reaches the last layer first. Offloaded, its input and stash are copied to the host during the forward,
-    yet the device storages they were copied from are freed only when backward starts (`attention_stash
-    .release_copied`), and `OffloadChain.prefetch_last` brings the copies back beside them for the loss: twice on the
-    device at the loss (~0.3 GiB at 4x2048 tokens of an 8B model) and ~0.6 GB over PCIe for nothing (both by size). On
-    keeps the storages themselves. Same bits. H200, 8B (session 14): 1x16384 1,551 -> 1,540 ms a step at the same
-    peak; 4x2048 as a CUDA graph 589.1 -> 587.9 ms at +0.06 GiB (the loss is not that step's peak). Each further layer
-    holds its input and stash on the device until its backward (576 MiB at 16,384 tokens of 8B, by size) and takes them off
-    the PCIe link both ways; the second adds nothing to the peak, where its copies are back for the last layer's
-    backward anyway (session 18, 1x65536: N = 1 -> 2 +0.01 GiB, 11,156 -> 11,120 ms with a 14th host-kept layer;
-    1x16384: N = 3 / 4 +0.69 / +1.26 GiB), where the forward's copies to the host bound how many layers can keep their MLP outputs
-    there (`set_keep_mlp_layers_on_host`, which skips these layers). Off by default; `model.last_layer_on_device`, on
-    in conf/llama3_8b_qlora.yaml. Takes effect on the next call.
+    Backward reaches the last layer first. Offloaded, its input and stash are copied to the host during the forward, yet
+    the device storages they were copied from are freed only when backward starts (`attention_stash.release_copied`),
+    and `OffloadChain.prefetch_last` brings the copies back beside them for the loss: twice on the device at the loss
+    (~0.3 GiB at 4x2048 tokens of an 8B model) and ~0.6 GB over PCIe for nothing (both by size). On keeps the storages
+    themselves. Same bits. H200, 8B (session 14): 1x16384 1,551 -> 1,540 ms a step at the same peak; 4x2048 as a CUDA
+    graph 589.1 -> 587.9 ms at +0.06 GiB (the loss is not that step's peak). Each further layer holds its input and
+    stash on the device until its backward (576 MiB at 16,384 tokens of 8B, by size) and takes them off the PCIe link
+    both ways, where the forward's copies to the host bound how many layers can keep their MLP outputs there
+    (`set_keep_mlp_layers_on_host`, which skips these layers). The second adds nothing to the peak: its copies would be
+    back for the last layer's backward anyway (session 18, 1x65536: N = 1 -> 2 +0.01 GiB, and with the host memory it
+    frees a 14th host-kept layer, 11,156 -> 11,120 ms; 1x16384: N = 3 / 4 +0.69 / +1.26 GiB). Off by default;
+    `model.last_layer_on_device`, on in conf/llama3_8b_qlora.yaml. Takes effect on the next call.
 
     Raises:
         ValueError: neither a bool nor an int >= 0, or a model `patch` did not patch.
@@ -510,13 +510,14 @@ def set_keep_mlp_layers_on_host(model: torch.nn.Module, layers: int) -> None:
 def set_keep_mlp_gate_on_host(model: torch.nn.Module, layers: int) -> None:
     """Let `layers` more checkpointed decoder layers keep their MLP's gate output alone in pinned host memory.
 
-    Half of what a `set_keep_mlp_layers_on_host` layer sends over PCIe and pins (tokens x intermediate x 2 bytes:
-    1.75 GiB at 65,536 tokens of Llama-3.1-8B), for half its saving: the recompute runs the up GEMM again, not the
-    gate's (7.7 TFLOP at 65,536 tokens of 8B, ~10.5 ms at the H200's measured matmul rate; not timed yet), and the backward kernel finishes the up output as the forward did,
-    the same bits. For the host memory a whole layer's 3.5 GiB does not fit in. These layers are spread evenly over
-    the checkpointed layers below the device-kept ones that `set_keep_mlp_layers_on_host` left, from the top. Only
-    with offloaded checkpointing (ignored otherwise) and `lean_recompute`; `sharding.host_memory` counts the pinned
-    bytes. Takes effect on the next call.
+    Half of what a `set_keep_mlp_layers_on_host` layer sends over PCIe and pins (tokens x intermediate x 2 bytes: 1.75
+    GiB at 65,536 tokens of Llama-3.1-8B), for half its saving: the recompute runs the up GEMM again, not the gate's
+    (7.7 TFLOP at 65,536 tokens of 8B, ~10.5 ms at the H200's measured matmul rate; not timed yet), and the backward
+    kernel finishes the up output as the forward did, the same bits. For the host memory a whole layer's 3.5 GiB does
+    not fit in. These layers are spread evenly over the checkpointed layers below the device-kept ones that
+    `set_keep_mlp_layers_on_host` left, from the top, those with no host-kept neighbour first
+    (`checkpointing.host_gate_layers`). Only with offloaded checkpointing (ignored otherwise) and
+    `lean_recompute`; `sharding.host_memory` counts the pinned bytes. Takes effect on the next call.
 
     Args:
         model: a model `patch` patched (PEFT wrapper or causal LM).

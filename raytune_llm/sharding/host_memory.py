@@ -145,9 +145,8 @@ def planned_pinned_bytes(
     shape: Shape, tokens: int, a: dict, ddp: bool, linear: float, tables: int
 ) -> tuple[dict[str, int], int, float, int]:
     """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' packed weight bytes):
-    (`pinned_host_bytes`, the GPU bytes of one host-kept layer's outputs back for its backward (0: none kept there),
-    the weight bytes off the device, the GPU
-    bytes of the layers `last_layer_on_device` N keeps there besides the last two: N - 2 inputs and stashes, held
+    (`pinned_host_bytes`, the GPU bytes of one host-kept layer's outputs brought back during the backward of the layer
+    above it (0: none kept there), the weight bytes off the device, the GPU bytes of the layers `last_layer_on_device` N keeps there besides the last two: N - 2 inputs and stashes, held
     from their forward to their backward. The planner's offload baseline, two layers' inputs and no stash, stands for
     the last one; the one below it is prefetched during the last one's backward, the peak, either way. H200, 8B
     (session 18): 1x65536 N = 1 -> 2 +0.01 GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26

@@ -851,9 +851,13 @@ def test_gate_only_layers_take_the_host_kept_layers_leftovers():
     from raytune_llm.models.checkpointing import host_gate_layers, host_kept_layers
 
     assert host_gate_layers(26, 3, 0) == set()
-    assert host_gate_layers(26, 3, 1) == {24}  # the top layer of those {25, 17, 9} left
-    rest = set(range(26)) - host_kept_layers(26, 3)
+    assert host_gate_layers(26, 3, 1) == {23}  # the top one of those {25, 17, 9} left with no host-kept neighbour
+    host = host_kept_layers(26, 3)
     two = host_gate_layers(26, 3, 2)
-    assert two <= rest and len(two) == 2 and 24 in two
+    assert len(two) == 2 and 23 in two and not two & (host | {i + 1 for i in host} | {i - 1 for i in host})
+    # session 18's 1x65536 layout (30 layers below the GPU-kept ones, 14 host-kept: 29, 27, ..., 3): 1, not 28
+    assert host_kept_layers(30, 14) == set(range(3, 30, 2)) and host_gate_layers(30, 14, 1) == {1}
+    assert host_gate_layers(30, 15, 1) == {28}  # every layer left has a host-kept neighbour: the top one
+    assert host_gate_layers(30, 14, 3) == {1, 0, 28}  # the two apart, then the rest
     assert host_gate_layers(4, 3, 9) == {0, 1, 2, 3} - host_kept_layers(4, 3)  # no more than are left
     assert host_gate_layers(4, 9, 2) == set()

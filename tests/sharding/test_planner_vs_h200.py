@@ -56,6 +56,7 @@ def test_planner_within_15_percent_of_h200_peak(e2e, shape, fused, ckpt, measure
         dequantize_once=bool(run.get("dequantize_once")),
         keep_mlp_layers=run.get("keep_mlp_layers") or 0,
         keep_mlp_layers_on_host=run.get("keep_mlp_layers_on_host") or 0,
+        keep_mlp_gate_on_host=run.get("keep_mlp_gate_on_host") or 0,
         embeddings_on_host=bool(run.get("embeddings_on_host")),
         head_on_host=bool(run.get("head_on_host")),
         stash_attention=bool(run.get("stash_attention")),
@@ -120,8 +121,13 @@ def _variant_cases():
                     "dequantize_once": bool(run.get("dequantize_once")),
                     "keep_mlp_layers": run.get("keep_mlp_layers") or 0,
                     "keep_mlp_layers_on_host": run.get("keep_mlp_layers_on_host") or 0,
+                    "keep_mlp_gate_on_host": run.get("keep_mlp_gate_on_host") or 0,
                     "embeddings_on_host": bool(run.get("embeddings_on_host")),
                     "head_on_host": bool(run.get("head_on_host")),
+                    "stash_attention": bool(run.get("stash_attention")),
+                    "stash_o_proj": run.get("stash_o_proj", True) is not False,
+                    "last_layer_on_device": run.get("last_layer_on_device") or False,
+                    "weights_on_host": bool(run.get("weights_on_host")),
                 }
                 measured = {"run": (run, own)}
             for name, (v, settings) in measured.items():
