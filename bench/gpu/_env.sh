@@ -40,6 +40,19 @@ gpu_sweep() {
   timeout "$1" python3 bench/tune/bench_fractional.py --trials 2 --fraction 1 --steps 30 --tag "$2" --out "$OUT" 2>&1 \
     | grep -vE "^\(|INFO|WARNING|Warning|warn" | tail -6
 }
+# run_each PREFIX TIMEOUT "FLAGS" VARIANT...: each variant in its own process (torch's pinned cache must not carry
+# over), `free -m` sampled every 2 s into $OUT/free_TAG.log, into $OUT/PREFIX_TAG.json (TAG: the variant's name less
+# all+once+stash, '+' as '_').
+run_each() {
+  local prefix=$1 t=$2 flags=$3 v tag S; shift 3
+  for v in "$@"; do
+    tag=$(echo "$v" | tr '+' '_' | sed 's/all_once_stash_//')
+    ( while sleep 2; do free -m | awk '/Mem:/{print $3}'; done > "$OUT/free_$tag.log" ) & S=$!
+    # shellcheck disable=SC2086
+    run_ours "${prefix}_$tag" "$t" $flags --variants "$v"
+    kill $S; echo "max used MiB: $(sort -n "$OUT/free_$tag.log" | tail -1)"
+  done
+}
 # show_variants TAG SHAPE...: the variants of $OUT/var_SHAPE_TAG.json (run_ours --variants), one line each.
 show_variants() {
   python3 - "$OUT" "$@" <<'PY'

@@ -12,13 +12,9 @@
 set -o pipefail
 source bench/gpu/_env.sh
 gpu_tests 90 gpu_tests_s19b.log tests/models/test_host_weights.py tests/models/test_memory_settings.py
-FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --mlp-chunk-tokens 0"
-for v in "all+once+stash+lastdev2+keep2+hostkeep14" "all+once+stash+lastdev2+keep2+hostkeep14+hostgate1"; do
-  tag=$(echo "$v" | tr '+' '_' | sed 's/all_once_stash_//')
-  ( while sleep 2; do free -m | awk '/Mem:/{print $3}'; done > "$OUT/free_$tag.log" ) & S=$!
-  run_ours "var_1x65536_s19b_$tag" 170 $FLAGS --batch 1 --seq 65536 --warmup 1 --steps 2 --variants "$v"
-  kill $S; echo "max used MiB: $(sort -n "$OUT/free_$tag.log" | tail -1)"
-done
+run_each var_1x65536_s19b 170 "--synthetic 8b --ckpt offload --stash-attention --dequantize-once --mlp-chunk-tokens 0 \
+--batch 1 --seq 65536 --warmup 1 --steps 2" "all+once+stash+lastdev2+keep2+hostkeep14" \
+  "all+once+stash+lastdev2+keep2+hostkeep14+hostgate1"
 show_variants s19b_lastdev2_keep2_hostkeep14 1x65536
 show_variants s19b_lastdev2_keep2_hostkeep14_hostgate1 1x65536
 FLAGS_64K=$(python3 bench/gpu/best_variant.py "$OUT"/var_1x65536_s19b_*.json --max-peak-gib 22.64 \
