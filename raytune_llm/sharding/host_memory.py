@@ -118,7 +118,7 @@ def pinned_host_bytes(
     k = (checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host)
     kept = 2 * host_kept_count(shape, *k, last_layer_on_device)  # outputs: gate and up a layer, or the gate alone
     kept += host_gate_count(shape, *k, keep_mlp_gate_on_host, last_layer_on_device)
-    kept = 0 if mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) is not None else kept
+    kept = 0 if mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens, act_bytes) is not None else kept
     layer_input, stash = layer_offload_bytes(shape, tokens, stash_attention, stash_o_proj, act_bytes)
     out = {
         "layer inputs": offloaded * layer_input,
@@ -194,10 +194,12 @@ def planned_pinned_bytes(
 
 
 def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:
-    """`pinned_host_bytes` under a patched model's settings (its `models.report.PatchReport`; None: {})."""
+    """`pinned_host_bytes` under a patched model's settings (its `models.report.PatchReport`; None: {}). Without
+    `lean_recompute` no layer keeps its MLP outputs (`models.checkpointing`), so none are counted."""
     if report is None:
         return {}
     offload = report.gradient_checkpointing == "offload"
+    lean = report.lean_recompute
     return pinned_host_bytes(
         shape,
         tokens,
@@ -206,8 +208,8 @@ def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _AC
         stash_o_proj=report.stash_o_proj,
         last_layer_on_device=report.last_layer_on_device,
         keep_mlp_layers=report.keep_mlp_layers,
-        keep_mlp_layers_on_host=report.keep_mlp_layers_on_host,
-        keep_mlp_gate_on_host=report.keep_mlp_gate_on_host,
+        keep_mlp_layers_on_host=report.keep_mlp_layers_on_host if lean else 0,
+        keep_mlp_gate_on_host=report.keep_mlp_gate_on_host if lean else 0,
         tables_on_host=report.embeddings_on_host + report.head_on_host,
         layer_weight_bytes=report.host_weight_bytes,
         mlp_chunk_tokens=report.mlp_chunk_tokens,
@@ -302,9 +304,10 @@ def check_host_memory(
         )
 
 
-def check_patched_host_memory(report, hf_config: dict, tokens: int, processes: int = 1) -> None:
+def check_patched_host_memory(report, hf_config: dict, tokens: int, processes: int = 1, act_bytes: int = _ACT) -> None:
     """`check_host_memory` for a patched model (its `models.report.PatchReport`; None: nothing pinned) of this
-    config.json, at ``tokens`` a micro-batch: what a GPU worker and the benchmarks run before their first step."""
-    needed = patched_pinned_bytes(report, Shape.from_hf(hf_config), tokens)
+    config.json, at ``tokens`` a micro-batch and ``act_bytes`` an activation element (the compute dtype's size): what
+    a GPU worker and the benchmarks run before their first step."""
+    needed = patched_pinned_bytes(report, Shape.from_hf(hf_config), tokens, act_bytes)
     available = node_available_bytes() if needed else None
     check_host_memory(needed, processes, available=available, pinned_now=PINNED_AT_SETUP)

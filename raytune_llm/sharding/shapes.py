@@ -108,13 +108,16 @@ _MLP_AUTO_ALIGN = 64
 _ACT_BYTES = 2  # bf16 activations
 
 
-def mlp_chunk_rows(intermediate: int, tokens: int, mlp_chunk_tokens: int | str | None) -> int | None:
-    """Tokens per MLP chunk the fused path uses (models/tiling.py's rule, bf16), or None when it does not tile."""
+def mlp_chunk_rows(
+    intermediate: int, tokens: int, mlp_chunk_tokens: int | str | None, act_bytes: int = _ACT_BYTES
+) -> int | None:
+    """Tokens per MLP chunk the fused path uses (models/tiling.py's rule; ``act_bytes`` a compute-dtype element, 2:
+    bf16), or None when it does not tile."""
     if not mlp_chunk_tokens or tokens <= 0:
         return None
     if mlp_chunk_tokens != "auto":
         return int(mlp_chunk_tokens)
-    chunk = max(_MLP_AUTO_ALIGN, _MLP_AUTO_BYTES // (intermediate * _ACT_BYTES) // _MLP_AUTO_ALIGN * _MLP_AUTO_ALIGN)
+    chunk = max(_MLP_AUTO_ALIGN, _MLP_AUTO_BYTES // (intermediate * act_bytes) // _MLP_AUTO_ALIGN * _MLP_AUTO_ALIGN)
     return chunk if tokens > chunk else None
 
 

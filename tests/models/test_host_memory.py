@@ -205,3 +205,35 @@ def test_more_layers_on_the_device_move_their_bytes_from_the_host_to_the_gpu():
     assert plans[3].peak_bytes - plans[1].peak_bytes == layer_input + stash
     with pytest.raises(PlanError, match="last_layer_on_device must be an int >= 0 or True or False"):
         plan_from_values(LLAMA31_8B, last_layer_on_device=-2)
+
+
+def test_nothing_kept_is_counted_where_nothing_is_kept():
+    # Without lean_recompute no layer keeps its MLP outputs (models.checkpointing), and an MLP split over its tokens
+    # keeps none: the "auto" split starts at half the tokens in fp32 (models/tiling.py's rule, by element size)
+    from raytune_llm.models.report import PatchReport
+
+    shape = Shape.from_hf(LLAMA31_8B)
+    report = PatchReport(family="llama", gradient_checkpointing="offload", mlp_chunk_tokens=0)
+    report.keep_mlp_layers, report.keep_mlp_layers_on_host, report.keep_mlp_gate_on_host = 2, 4, 1
+    assert patched_pinned_bytes(report, shape, 16384)["kept MLP outputs"] == 9 * 2 * 16384 * 14336
+    report.lean_recompute = False
+    assert "kept MLP outputs" not in patched_pinned_bytes(report, shape, 16384)
+    kw = dict(keep_mlp_layers=2, keep_mlp_layers_on_host=4, mlp_chunk_tokens="auto")
+    assert "kept MLP outputs" in pinned_host_bytes(shape, 20000, **kw)  # bf16: split above 37,440 tokens
+    assert "kept MLP outputs" not in pinned_host_bytes(shape, 20000, act_bytes=4, **kw)  # fp32: above 18,688
+
+
+def test_the_worker_check_counts_the_compute_dtype(monkeypatch):
+    # An fp32 run pins twice a bf16 run's bytes: the worker passes its dtype's element size
+    import raytune_llm.sharding.host_memory as hm
+    from raytune_llm.models.report import PatchReport
+
+    report = PatchReport(family="llama", gradient_checkpointing="offload", stash_attention=True, mlp_chunk_tokens=0)
+    bf16 = sum(patched_pinned_bytes(report, Shape.from_hf(LLAMA31_8B), 65536).values())
+    lse = 4 * 65536 * 32 * 32  # the log-sum-exp is fp32 either way
+    assert sum(patched_pinned_bytes(report, Shape.from_hf(LLAMA31_8B), 65536, 4).values()) == 2 * bf16 - lse
+    monkeypatch.setattr(hm, "node_memory_bytes", lambda: int(bf16 * 1.3))
+    monkeypatch.setattr(hm, "node_available_bytes", lambda: None)
+    hm.check_patched_host_memory(report, LLAMA31_8B, 65536)
+    with pytest.raises(HostMemoryError, match="needs"):
+        hm.check_patched_host_memory(report, LLAMA31_8B, 65536, act_bytes=4)
