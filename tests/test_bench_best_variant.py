@@ -23,6 +23,7 @@ from run_stack import parse_args, parse_variants  # noqa: E402
         "all+once+stashattn+host+lastdev+headhost+keep2+hostkeep18",
         "all+once+stash+lastdev+keep2+hostkeep14+chunk0",
         "all+once+stash+lastdev2+keep2+hostkeep14+hostgate1+chunk0",
+        "all+once+stash+host+headhost+wh+lastdev2+keep6+hostkeep9+lag3",
         "all+once+stash+host+lastdev3+headhost+wh+keep6+hostkeep10",
         "24+once+chunkauto#2",
     ],
@@ -37,7 +38,7 @@ def test_the_flags_set_what_the_name_does(name, tmp_path):
     assert args.embeddings_on_host == v["host"] and args.head_on_host == v["head_host"]
     assert args.last_layer_on_device == v["last_on_device"] and args.weights_on_host == v["weights_host"]
     assert (args.keep_mlp_layers or 0) == v["keep"] and (args.keep_mlp_layers_on_host or 0) == v["keep_host"]
-    assert (args.keep_mlp_gate_on_host or 0) == v["gate_host"]
+    assert (args.keep_mlp_gate_on_host or 0) == v["gate_host"] and (args.offload_lag or 2) == v["lag"]
     assert args.checkpoint_layers == v["layers"]
     assert args.mlp_chunk_tokens == (None if v["chunk"] is None else str(v["chunk"]))  # no flag: the model's own
 

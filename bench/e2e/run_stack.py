@@ -149,6 +149,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(models.settings.set_keep_mlp_layers_on_host)",
     )
     p.add_argument(
+        "--offload-lag",
+        type=int,
+        default=None,
+        help="ours, offload: layer i's forward waits for layer i - N's copies to the host "
+        "(models.settings.set_offload_lag; default 2)",
+    )
+    p.add_argument(
         "--keep-mlp-gate-on-host",
         type=int,
         default=None,
@@ -331,6 +338,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_keep_mlp_layers_on_host(model, args.keep_mlp_layers_on_host)
             facts["keep_mlp_layers_on_host"] = args.keep_mlp_layers_on_host
+        if args.offload_lag is not None:
+            from raytune_llm.models.settings import set_offload_lag
+
+            set_offload_lag(model, args.offload_lag)
+            facts["offload_lag"] = args.offload_lag
         if args.keep_mlp_gate_on_host is not None:
             from raytune_llm.models.settings import set_keep_mlp_gate_on_host
 
@@ -717,7 +729,7 @@ def parse_variants(text: str) -> list[dict]:
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
     (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), gate_host (``+hostgateN``:
-    keep_mlp_gate_on_host), host (``+host``:
+    keep_mlp_gate_on_host), lag (``+lagN``: offload_lag), host (``+host``:
     embeddings_on_host), fused_residuals (``+sep``: off, the
     residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device; ``+lastdevN``: the last N
     layers), head_host
@@ -738,6 +750,7 @@ def parse_variants(text: str) -> list[dict]:
             "keep": 0,
             "keep_host": 0,
             "gate_host": 0,
+            "lag": 2,
             "host": False,
             "fused_residuals": True,
             "last_on_device": False,
@@ -755,12 +768,14 @@ def parse_variants(text: str) -> list[dict]:
                 v["keep_host"] = int(flag[8:])
             elif flag.startswith("hostgate") and flag[8:].isdigit():
                 v["gate_host"] = int(flag[8:])
+            elif flag.startswith("lag") and flag[3:].isdigit() and int(flag[3:]) >= 1:
+                v["lag"] = int(flag[3:])
             elif flag.startswith("chunk") and flag[5:].isdigit():
                 v["chunk"] = int(flag[5:])
             else:
                 raise SystemExit(
                     f"--variants: unknown flag {flag!r} in {name!r} "
-                    f"({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, hostgateN, lastdevN)"
+                    f"({', '.join(_VARIANT_FLAGS)}, chunkN, keepN, hostkeepN, hostgateN, lagN, lastdevN)"
                 )
         if not (layers == "all" or layers.isdigit()):
             raise SystemExit(f"--variants: {name!r} does not start with 'all' or a layer count")
@@ -802,6 +817,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_keep_mlp_layers(model, v["keep"])
         P.set_keep_mlp_layers_on_host(model, v["keep_host"])
         P.set_keep_mlp_gate_on_host(model, v["gate_host"])
+        P.set_offload_lag(model, v["lag"])
         P.set_embeddings_on_host(model, v["host"])
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])

@@ -106,6 +106,11 @@ class ModelSection:
     of a keep_mlp_layers_on_host layer's memory and PCIe traffic for half its saving (the recompute runs the up GEMM,
     not the gate's): for a node whose memory has room for half a layer more. Spread over the layers
     keep_mlp_layers_on_host left, below the GPU-kept ones."""
+    offload_lag: int = 2
+    """With gradient_checkpointing=offload: layer i's forward waits for the copies to CPU memory of layer i - this-many
+    (and frees their GPU storages). More lets a burst of copies (a keep_mlp_layers_on_host layer's) run under more
+    layers' compute, for one more layer's input and stash on the GPU during the forward each; 1 waits for the layer
+    before. Not measured yet."""
     last_layer_on_device: bool | int = False
     """With gradient_checkpointing=offload and fused=true (no effect otherwise), and every layer checkpointed: the last
     layer keeps its input and attention stash on the GPU instead of copying them to the host and back (backward
@@ -175,6 +180,8 @@ class ModelSection:
                     f"{name}={k} needs gradient_checkpointing {' or '.join(modes)} and fused=true "
                     f"(got gradient_checkpointing={self.gradient_checkpointing}, fused={self.fused})"
                 )
+        if isinstance(self.offload_lag, bool) or not isinstance(self.offload_lag, int) or self.offload_lag < 1:
+            _fail(f"offload_lag must be an integer >= 1; got {self.offload_lag!r}")
         dev = self.last_layer_on_device
         if not isinstance(dev, bool) and dev < 0:
             _fail(f"last_layer_on_device must be true, false or a layer count >= 0; got {dev!r}")

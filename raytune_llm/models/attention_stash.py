@@ -46,24 +46,26 @@ SideStream = Callable[[torch.device], torch.cuda.Stream]
 _mode: list[tuple[str, list, list[int], Callable[[], AttentionStash] | None]] = []
 
 # Device storages whose copies to host may still be reading them, with the event after their copies: those of the
-# layer being recorded (`_copying`) and of the layer before it (`_copied`). No `record_stream`: inside a CUDA graph
-# capture the caching allocator cannot reuse a block freed with uses on another stream until the capture ends, so
-# every layer's saved tensors stayed reserved (24 GiB at 4x2048 with 7.8 GiB allocated, session 8). Instead the
-# forward of layer i + 2 makes the compute stream wait for layer i's copies (`release_copied`; a whole layer's
-# compute later, so they are done) and frees the storages on that stream itself.
+# layer being recorded (`_copying`) and of the layers before it still in flight (`_in_flight`, oldest first). No
+# `record_stream`: inside a CUDA graph capture the caching allocator cannot reuse a block freed with uses on another
+# stream until the capture ends, so every layer's saved tensors stayed reserved (24 GiB at 4x2048 with 7.8 GiB
+# allocated, session 8). Instead the forward of layer i + lag makes the compute stream wait for layer i's copies
+# (`release_copied`; lag 2 by default: a whole layer's compute later, so they are mostly done) and frees the storages
+# on that stream itself.
 _copying: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
-_copied: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
+_in_flight: list[list[tuple[torch.cuda.Event, list[torch.Tensor]]]] = []
 
 
-def release_copied(everything: bool = False) -> None:
-    """Free the device storages whose copies to host were started two layers back (`_copied`), the compute stream
-    first waiting for those copies; the last layer's become `_copied`. A checkpointed layer's forward calls this
-    before it runs; ``everything`` (backward's start): both layers' at once."""
-    global _copying, _copied
-    for done, storages in _copied + (_copying if everything else []):
-        torch.cuda.current_stream(storages[0].device).wait_event(done)
-    _copied = [] if everything else _copying
+def release_copied(everything: bool = False, lag: int = 2) -> None:
+    """Free the device storages whose copies to host were started ``lag`` layers back, the compute stream first
+    waiting for those copies; the last layer's join the ones in flight. A checkpointed layer's forward calls this
+    before it runs (`settings.set_offload_lag`); ``everything`` (backward's start): every layer's at once."""
+    global _copying
+    _in_flight.append(_copying)
     _copying = []
+    while len(_in_flight) > (0 if everything else max(lag - 1, 0)):
+        for done, storages in _in_flight.pop(0):
+            torch.cuda.current_stream(storages[0].device).wait_event(done)
 
 
 class _PassThrough(torch.autograd.Function):

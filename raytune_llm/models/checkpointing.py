@@ -212,7 +212,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.kept_mlp = [] if opt.keep_mlp and opt.lean else None
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
         if opt.offload and hidden.is_cuda:
-            release_copied()  # the copies to host of the layer before the previous one: done by now
+            release_copied(lag=opt.offload_lag)  # the copies to host of the layer `lag` back: done by now
         record = (
             recording(ctx.stashes, _side_stream, opt.on_device)
             if opt.stash and opt.offload
@@ -297,6 +297,7 @@ def checkpoint_layer(
     keep_on_host: bool = False,
     weights: tuple | None = None,
     keep_gate_only: bool = False,
+    offload_lag: int = 2,
 ) -> torch.Tensor:
     """Run one decoder layer under activation checkpointing.
 
@@ -327,6 +328,8 @@ def checkpoint_layer(
             host memory with the layer's input and come back with it, one layer ahead of this layer's backward.
         keep_gate_only: with `keep_on_host`, the gate output alone goes to the host (half the bytes) and the up
             output is let go: the recompute runs the up GEMM again (`settings.set_keep_mlp_gate_on_host`).
+        offload_lag: with `offload`, this layer's forward first waits for the copies to host of the layer this many
+            back and frees their device storages (`settings.set_offload_lag`).
         weights: `models.host_weights`: (this layer's `LayerWeights`, the layer below's or None): backward binds
             this layer's base weights, starts the next one's on their way, and lets this layer's go when done
             (layer 0's stay bound: the next forward starts with them).
@@ -347,6 +350,7 @@ def checkpoint_layer(
         on_device=on_device,
         keep_on_host=keep_on_host,
         keep_gate_only=keep_gate_only,
+        offload_lag=offload_lag,
         weights=weights,
     )
     return _CheckpointFunction.apply(fn, opt, hidden, anchor)

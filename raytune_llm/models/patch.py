@@ -386,6 +386,7 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
                     keep_mlp=i >= keep_from or i in on_host or i in gate,
                     keep_on_host=i in on_host or i in gate,
                     keep_gate_only=i in gate,
+                    offload_lag=state["offload_lag"],
                     on_device=i >= n_run - n_dev,
                     weights=(hw[i], hw[i - 1] if i else None) if hw else None,
                 )
@@ -534,6 +535,7 @@ def patch(
         "keep_mlp_layers": 0,
         "keep_mlp_layers_on_host": 0,
         "keep_mlp_gate_on_host": 0,
+        "offload_lag": 2,
         "fused_residuals": True,
         "last_layer_on_device": False,
         "embed_home": None,

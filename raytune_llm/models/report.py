@@ -30,6 +30,8 @@ class PatchReport:
         keep_mlp_layers_on_host: how many more checkpointed layers keep those outputs in pinned host memory
             (`settings.set_keep_mlp_layers_on_host`); keep_mlp_gate_on_host: how many more keep the gate's alone
             there (`settings.set_keep_mlp_gate_on_host`).
+        offload_lag: under offloaded checkpointing, layer i's forward waits for layer i - offload_lag's copies to
+            the host (`settings.set_offload_lag`).
         fused_residuals: each layer's residual adds run inside its RMSNorm kernels, and a recompute's last add
             keeps no values (`settings.set_fused_residuals`; which layers do: `replaced`).
         last_layer_on_device: with offloaded checkpointing, the last layer's input and attention stash stay on the
@@ -55,6 +57,7 @@ class PatchReport:
     keep_mlp_layers: int = 0
     keep_mlp_layers_on_host: int = 0
     keep_mlp_gate_on_host: int = 0
+    offload_lag: int = 2
     fused_residuals: bool = False
     last_layer_on_device: bool | int = False
     head_on_host: bool = False

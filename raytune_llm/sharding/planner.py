@@ -348,6 +348,7 @@ def plan_from_values(
     head_on_host: bool = False,
     keep_mlp_layers_on_host: int = 0,
     keep_mlp_gate_on_host: int = 0,
+    offload_lag: int = 2,
     stash_attention: bool = False,
     last_layer_on_device: bool | int = False,
     weights_on_host: bool = False,
@@ -383,7 +384,8 @@ def plan_from_values(
         keep_mlp_layers_on_host: more checkpointed layers keep those outputs in pinned host memory (offload only;
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and with fewer than 2 `keep_mlp_layers`
             one layer's on the GPU (in backward). keep_mlp_gate_on_host: more layers keep the gate's alone there
-            (`models.settings.set_keep_mlp_gate_on_host`), half the bytes a layer.
+            (`models.settings.set_keep_mlp_gate_on_host`), half the bytes a layer. offload_lag: past 2, one more
+            layer's input and stash on the GPU each (`models.settings.set_offload_lag`).
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
             the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line); an int
             last_layer_on_device N holds N - 2 more layers' inputs and stashes on the GPU at the peak.
@@ -415,6 +417,8 @@ def plan_from_values(
     ):
         if not (any(k is a for a in also) or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
             raise PlanError(f"{name} must be an int >= 0{''.join(f' or {a}' for a in also)}, got {k!r}")
+    if type(offload_lag) is not int or offload_lag < 1:
+        raise PlanError(f"offload_lag must be an int >= 1, got {offload_lag!r}")
     targets = ALL_TARGETS if lora_targets in ("all", "all-linear") else tuple(lora_targets)
     unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown or not targets:
@@ -448,6 +452,7 @@ def plan_from_values(
         head_on_host=bool(head_on_host),
         keep_mlp_layers_on_host=keep_mlp_layers_on_host,
         keep_mlp_gate_on_host=keep_mlp_gate_on_host,
+        offload_lag=offload_lag,
         stash_attention=bool(stash_attention),
         last_layer_on_device=last_layer_on_device,
         weights_on_host=bool(weights_on_host),

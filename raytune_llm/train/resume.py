@@ -30,6 +30,7 @@ _RERUN_MAY_CHANGE = (
     "model.keep_mlp_layers",
     "model.keep_mlp_layers_on_host",
     "model.keep_mlp_gate_on_host",
+    "model.offload_lag",
     "model.stash_attention",
     "model.stash_o_proj",
     "model.dequantize_once",

@@ -55,6 +55,7 @@ def _plan_args(cfg) -> dict:
         keep_mlp_layers=cfg.model.keep_mlp_layers,
         keep_mlp_layers_on_host=cfg.model.keep_mlp_layers_on_host,
         keep_mlp_gate_on_host=cfg.model.keep_mlp_gate_on_host,
+        offload_lag=cfg.model.offload_lag,
         embeddings_on_host=cfg.model.embeddings_on_host,
         head_on_host=cfg.model.head_on_host,
         weights_on_host=cfg.model.weights_on_host,

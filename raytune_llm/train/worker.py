@@ -223,6 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_keep_mlp_layers_on_host,
         set_last_layer_on_device,
         set_mlp_chunk_tokens,
+        set_offload_lag,
         set_stash_attention,
     )
     from raytune_llm.packing.stream import iter_torch_batches
@@ -290,6 +291,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_keep_mlp_layers(model, cfg.model.keep_mlp_layers)
         set_keep_mlp_layers_on_host(model, cfg.model.keep_mlp_layers_on_host)
         set_keep_mlp_gate_on_host(model, cfg.model.keep_mlp_gate_on_host)
+        set_offload_lag(model, cfg.model.offload_lag)
         set_last_layer_on_device(model, cfg.model.last_layer_on_device)
         left_off = sharded_lib.apply_host_weights(model, cfg, strategy)
         if left_off and rank == 0:
