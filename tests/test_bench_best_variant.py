@@ -38,7 +38,7 @@ def test_the_flags_set_what_the_name_does(name, tmp_path):
     assert args.embeddings_on_host == v["host"] and args.head_on_host == v["head_host"]
     assert args.last_layer_on_device == v["last_on_device"] and args.weights_on_host == v["weights_host"]
     assert (args.keep_mlp_layers or 0) == v["keep"] and (args.keep_mlp_layers_on_host or 0) == v["keep_host"]
-    assert (args.keep_mlp_gate_on_host or 0) == v["gate_host"] and (args.offload_lag or 2) == v["lag"]
+    assert (args.keep_mlp_gate_on_host or 0) == v["gate_host"] and args.offload_lag == v["lag"]
     assert args.checkpoint_layers == v["layers"]
     assert args.mlp_chunk_tokens == (None if v["chunk"] is None else str(v["chunk"]))  # no flag: the model's own
 

@@ -208,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.variants and args.profile:
         p.error("--profile profiles one setting; run it without --variants")
+    if args.offload_lag is not None and args.offload_lag < 1:
+        p.error(f"--offload-lag must be >= 1, got {args.offload_lag}")
     if args.memory_snapshot and (args.cuda_graph or args.variants):
         p.error("--memory-snapshot follows one eager step: not with --cuda-graph or --variants")
     if args.cuda_graph and args.stack != "ours":
@@ -729,7 +731,7 @@ def parse_variants(text: str) -> list[dict]:
     (``+graph``: a CUDA-graph step), mode (``+on`` / ``+offload``; None = the model's own), chunk (``chunkN``:
     ``mlp_chunk_tokens``, ``chunk0`` never split, ``chunkauto`` the default; None = the model's own setting), keep
     (``+keepN``: keep_mlp_layers), keep_host (``+hostkeepN``: keep_mlp_layers_on_host), gate_host (``+hostgateN``:
-    keep_mlp_gate_on_host), lag (``+lagN``: offload_lag), host (``+host``:
+    keep_mlp_gate_on_host), lag (``+lagN``: offload_lag; None: ``--offload-lag`` or 2), host (``+host``:
     embeddings_on_host), fused_residuals (``+sep``: off, the
     residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device; ``+lastdevN``: the last N
     layers), head_host
@@ -750,7 +752,7 @@ def parse_variants(text: str) -> list[dict]:
             "keep": 0,
             "keep_host": 0,
             "gate_host": 0,
-            "lag": 2,
+            "lag": None,
             "host": False,
             "fused_residuals": True,
             "last_on_device": False,
@@ -817,7 +819,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_keep_mlp_layers(model, v["keep"])
         P.set_keep_mlp_layers_on_host(model, v["keep_host"])
         P.set_keep_mlp_gate_on_host(model, v["gate_host"])
-        P.set_offload_lag(model, v["lag"])
+        P.set_offload_lag(model, v["lag"] or args.offload_lag or 2)
         P.set_embeddings_on_host(model, v["host"])
         P.set_fused_residuals(model, v["fused_residuals"])
         P.set_last_layer_on_device(model, v["last_on_device"])

@@ -109,8 +109,8 @@ class ModelSection:
     offload_lag: int = 2
     """With gradient_checkpointing=offload: layer i's forward waits for the copies to CPU memory of layer i - this-many
     (and frees their GPU storages). More lets a burst of copies (a keep_mlp_layers_on_host layer's) run under more
-    layers' compute, for one more layer's input and stash on the GPU during the forward each; 1 waits for the layer
-    before. Not measured yet."""
+    layers' compute, for one more layer's input, stash and host-kept outputs on the GPU during the forward each; 1
+    waits for the layer before. Not measured yet."""
     last_layer_on_device: bool | int = False
     """With gradient_checkpointing=offload and fused=true (no effect otherwise), and every layer checkpointed: the last
     layer keeps its input and attention stash on the GPU instead of copying them to the host and back (backward

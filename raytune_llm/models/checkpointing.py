@@ -212,7 +212,9 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.kept_mlp = [] if opt.keep_mlp and opt.lean else None
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
         if opt.offload and hidden.is_cuda:
-            release_copied(lag=opt.offload_lag)  # the copies to host of the layer `lag` back: done by now
+            release_copied(
+                lag=opt.offload_lag
+            )  # waits for the copies of the layer `lag` back (mostly done at 2 or more)
         record = (
             recording(ctx.stashes, _side_stream, opt.on_device)
             if opt.stash and opt.offload

@@ -150,7 +150,8 @@ def planned_pinned_bytes(
     from their forward to their backward. The planner's offload baseline, two layers' inputs and no stash, stands for
     the last one; the one below it is prefetched during the last one's backward, the peak, either way. H200, 8B
     (session 18): 1x65536 N = 1 -> 2 +0.01 GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26
-    (one / two layers: 0.56 / 1.13). An `offload_lag` past 2 adds a layer's each.
+    (one / two layers: 0.56 / 1.13). An `offload_lag` past 2 adds, during the forward and the loss (counted as if
+    at the peak), a layer's input, stash and host-kept outputs each: the most a layer copies.
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
     each layer's buffer rounded up to a power of two by torch's pinned allocator; off the device are those of the
@@ -189,7 +190,10 @@ def planned_pinned_bytes(
     if offload and a["fused"]:
         held = layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True))
         on_device = max(device_layers(shape, ckpt, n_dev) - 2, 0) * sum(held)
-        on_device += max(a.get("offload_lag", 2) - 2, 0) * sum(held)  # layers whose copies may still be in flight
+        # layers whose copies may still be in flight: the most one copies (a host-kept layer's outputs with its own)
+        n_ckpt = shape.layers if ckpt is None else min(ckpt, shape.layers)
+        burst = sum(held) + (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
+        on_device += max(min(a.get("offload_lag", 2), n_ckpt) - 2, 0) * burst
     back = (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
     return pinned, back, off_device, on_device
 

@@ -79,7 +79,7 @@ def _variant(name: str) -> dict:
         "keep_mlp_layers": v["keep"],
         "keep_mlp_layers_on_host": v["keep_host"],
         "keep_mlp_gate_on_host": v["gate_host"],
-        "offload_lag": v["lag"],
+        "offload_lag": v["lag"] or 2,
         "embeddings_on_host": v["host"],
         "head_on_host": v["head_host"],
         "stash_attention": v["stash"],
