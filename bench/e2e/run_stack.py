@@ -308,11 +308,14 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
                 device=device,
             )
         facts["document_mask"] = "ours: document ids from position ids restarting at 0" if args.packed else None
-        if args.checkpoint_layers is not None:
-            from raytune_llm.models.settings import set_checkpoint_layers
+        from raytune_llm.models import settings as model_settings
 
-            set_checkpoint_layers(model, args.checkpoint_layers)
-            facts["checkpoint_layers"] = args.checkpoint_layers
+        # the counts the command line gives (otherwise the model's own), each through its setter
+        for name in ("checkpoint_layers", "keep_mlp_layers", "keep_mlp_layers_on_host", "keep_mlp_gate_on_host",
+                     "offload_lag"):  # fmt: skip
+            if getattr(args, name) is not None:
+                getattr(model_settings, f"set_{name}")(model, getattr(args, name))
+                facts[name] = getattr(args, name)
         if args.dequantize_once:
             from raytune_llm.models.settings import set_dequantize_once
 
@@ -330,26 +333,6 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
             set_stash_attention(model, True, o_proj=not args.no_stash_o_proj)
             facts["stash_attention"] = True
             facts["stash_o_proj"] = not args.no_stash_o_proj
-        if args.keep_mlp_layers is not None:
-            from raytune_llm.models.settings import set_keep_mlp_layers
-
-            set_keep_mlp_layers(model, args.keep_mlp_layers)
-            facts["keep_mlp_layers"] = args.keep_mlp_layers
-        if args.keep_mlp_layers_on_host is not None:
-            from raytune_llm.models.settings import set_keep_mlp_layers_on_host
-
-            set_keep_mlp_layers_on_host(model, args.keep_mlp_layers_on_host)
-            facts["keep_mlp_layers_on_host"] = args.keep_mlp_layers_on_host
-        if args.offload_lag is not None:
-            from raytune_llm.models.settings import set_offload_lag
-
-            set_offload_lag(model, args.offload_lag)
-            facts["offload_lag"] = args.offload_lag
-        if args.keep_mlp_gate_on_host is not None:
-            from raytune_llm.models.settings import set_keep_mlp_gate_on_host
-
-            set_keep_mlp_gate_on_host(model, args.keep_mlp_gate_on_host)
-            facts["keep_mlp_gate_on_host"] = args.keep_mlp_gate_on_host
         if args.embeddings_on_host:
             from raytune_llm.models.settings import set_embeddings_on_host
 

@@ -22,10 +22,11 @@ gpu_tests() {
   timeout "$t" python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" "$@" --timeout=$((t - 10)) -rf \
     --tb=line 2>&1 | grep -E "passed|failed|FAILED|Error|assert" | tail -12 | tee "$OUT/$log"
 }
-# run_e2e NAME BUDGET SHAPES OURS_FLAGS: the e2e protocol for ours and Unsloth into $OUT/NAME.json, its table shown.
+# run_e2e NAME BUDGET SHAPES OURS_FLAGS [STACKS]: the e2e protocol for ours and Unsloth (or STACKS) into
+# $OUT/NAME.json, its table shown.
 run_e2e() {
   echo "== e2e $3 $(date +%T)"
-  python3 bench/e2e/bench_e2e.py --budget-s "$2" --shapes "$3" --stacks ours,unsloth --ckpt-ours offload \
+  python3 bench/e2e/bench_e2e.py --budget-s "$2" --shapes "$3" --stacks "${5:-ours,unsloth}" --ckpt-ours offload \
     --ours-flags "$4" --out "$OUT/$1.json" 2>&1 | grep -v "Failed to query" | tail -16
 }
 # multigpu_tests TIMEOUT LOG: the 2-GPU tests (ZeRO-3's bf16 NF4 partitioning; DDP and ZeRO-3 through the CLI).

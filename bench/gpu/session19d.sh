@@ -6,9 +6,6 @@
 # (its peak, 7.83 GiB, is 0.22 under Unsloth's: nothing untried here).
 set -o pipefail
 source bench/gpu/_env.sh
-OURS="--stash-attention --dequantize-once --embeddings-on-host --last-layer-on-device --head-on-host --weights-on-host"
-echo "== e2e 4x2048 $(date +%T)"
-python3 bench/e2e/bench_e2e.py --budget-s 320 --shapes 4x2048 --stacks ours,unsloth,std_qlora --ckpt-ours offload \
-  --ours-flags "$OURS --keep-mlp-layers 13 --cuda-graph" \
-  --out "$OUT/e2e_s19d.json" 2>&1 | grep -v "Failed to query" | tail -12
+run_e2e e2e_s19d 320 4x2048 "--stash-attention --dequantize-once --embeddings-on-host --last-layer-on-device \
+--head-on-host --weights-on-host --keep-mlp-layers 13 --cuda-graph" ours,unsloth,std_qlora
 echo "== done $(date +%T)"
