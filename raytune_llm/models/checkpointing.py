@@ -212,9 +212,8 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.kept_mlp = [] if opt.keep_mlp and opt.lean else None
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
         if opt.offload and hidden.is_cuda:
-            release_copied(
-                lag=opt.offload_lag
-            )  # waits for the copies of the layer `lag` back (mostly done at 2 or more)
+            # waits for the copies of the layer `lag` back (mostly done by now at 2 or more)
+            release_copied(lag=opt.offload_lag)
         record = (
             recording(ctx.stashes, _side_stream, opt.on_device)
             if opt.stash and opt.offload

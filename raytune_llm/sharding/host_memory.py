@@ -37,11 +37,16 @@ class HostMemoryError(ValueError):
     """A run's pinned host memory does not fit its node (one line: what it needs, what there is, what to lower)."""
 
 
+def _checkpointed(shape: Shape, checkpoint_layers: int | None) -> int:
+    """How many decoder layers are checkpointed (None: all)."""
+    return shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
+
+
 def device_layers(shape: Shape, checkpoint_layers: int | None, last_layer_on_device: bool | int) -> int:
     """How many of the last layers keep their inputs and stashes on the GPU, as `models.patch` picks them: none
     unless the last layer is checkpointed, never layer 0 (true is one)."""
-    n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
-    return min(int(last_layer_on_device), shape.layers - 1) if n_ckpt == shape.layers else 0
+    last_checkpointed = _checkpointed(shape, checkpoint_layers) == shape.layers
+    return min(int(last_layer_on_device), shape.layers - 1) if last_checkpointed else 0
 
 
 def host_kept_count(
@@ -73,9 +78,8 @@ def host_gate_count(
 def _below(shape: Shape, checkpoint_layers: int | None, keep_mlp_layers: int, last_layer_on_device: bool | int) -> int:
     """The layers that may keep their MLP outputs on the host, as `models.patch` counts them: the checkpointed ones
     below the GPU-kept ones, never the last layer nor one that keeps its stash on the GPU."""
-    n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
     n_dev = max(device_layers(shape, checkpoint_layers, last_layer_on_device), 1)
-    return max(min(n_ckpt - keep_mlp_layers, shape.layers - n_dev), 0)
+    return max(min(_checkpointed(shape, checkpoint_layers) - keep_mlp_layers, shape.layers - n_dev), 0)
 
 
 def pinned_host_bytes(
@@ -113,8 +117,9 @@ def pinned_host_bytes(
         mlp_chunk_tokens: the model's setting; an MLP split over its tokens at this many keeps no outputs.
         act_bytes: bytes per activation element (2: bf16).
     """
-    n_ckpt = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
-    offloaded = max(n_ckpt - device_layers(shape, checkpoint_layers, last_layer_on_device), 0)
+    offloaded = max(
+        _checkpointed(shape, checkpoint_layers) - device_layers(shape, checkpoint_layers, last_layer_on_device), 0
+    )
     k = (checkpoint_layers, keep_mlp_layers, keep_mlp_layers_on_host)
     kept = 2 * host_kept_count(shape, *k, last_layer_on_device)  # outputs: gate and up a layer, or the gate alone
     kept += host_gate_count(shape, *k, keep_mlp_gate_on_host, last_layer_on_device)
@@ -146,8 +151,8 @@ def planned_pinned_bytes(
 ) -> tuple[dict[str, int], int, float, int]:
     """The planner's side (`sharding.planner`, its settings dict ``a``, ``linear`` the layers' packed weight bytes):
     (`pinned_host_bytes`, the GPU bytes of one host-kept layer's outputs brought back during the backward of the layer
-    above it (0: none kept there), the weight bytes off the device, the GPU bytes of the layers `last_layer_on_device` N keeps there besides the last two: N - 2 inputs and stashes, held
-    from their forward to their backward. The planner's offload baseline, two layers' inputs and no stash, stands for
+    above it (0: none kept there), the weight bytes off the device, the GPU bytes of the layers `last_layer_on_device`
+    N keeps there besides the last two: N - 2 inputs and stashes, held from their forward to their backward. The planner's offload baseline, two layers' inputs and no stash, stands for
     the last one; the one below it is prefetched during the last one's backward, the peak, either way. H200, 8B
     (session 18): 1x65536 N = 1 -> 2 +0.01 GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26
     (one / two layers: 0.56 / 1.13). An `offload_lag` past 2 adds, during the forward and the loss (counted as if
@@ -171,7 +176,7 @@ def planned_pinned_bytes(
         per_layer = linear / shape.layers * sum(i * o for t, (i, o) in sizes.items() if t in a["lora_targets"])
         per_layer /= sum(i * o for i, o in sizes.values())
         host_weights = shape.layers * (1 << (max(int(per_layer), 1) - 1).bit_length())  # the allocator's power of two
-        n_ckpt = 0 if a["checkpointing"] == "off" else shape.layers if ckpt is None else min(ckpt, shape.layers)
+        n_ckpt = 0 if a["checkpointing"] == "off" else _checkpointed(shape, ckpt)
         off_device = per_layer * max(n_ckpt - 3, 0)
     pinned = pinned_host_bytes(
         shape,
@@ -186,15 +191,13 @@ def planned_pinned_bytes(
         tables_on_host=tables,
         layer_weight_bytes=host_weights,
     )
+    back = (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
     on_device = 0
     if offload and a["fused"]:
-        held = layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True))
-        on_device = max(device_layers(shape, ckpt, n_dev) - 2, 0) * sum(held)
+        held = sum(layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True)))
+        on_device = max(device_layers(shape, ckpt, n_dev) - 2, 0) * held
         # layers whose copies may still be in flight: the most one copies (a host-kept layer's outputs with its own)
-        n_ckpt = shape.layers if ckpt is None else min(ckpt, shape.layers)
-        burst = sum(held) + (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
-        on_device += max(min(a.get("offload_lag", 2), n_ckpt) - 2, 0) * burst
-    back = (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
+        on_device += max(min(a.get("offload_lag", 2), _checkpointed(shape, ckpt)) - 2, 0) * (held + back)
     return pinned, back, off_device, on_device
 
 

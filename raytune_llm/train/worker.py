@@ -299,7 +299,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if on_gpu:  # refused in one line before the first step, not killed in it (session 16); every GPU worker
             tokens = cfg.data.seq_len * cfg.train.micro_batch_size  # of this node pins as much
             hf_config = model.config.to_dict()  # the loaded model's own
-            act = torch.empty((), dtype=dtype).element_size()  # fp32 runs pin twice bf16's bytes
+            act = dtype.itemsize  # fp32 runs pin twice bf16's bytes
             check_patched_host_memory(patched, hf_config, tokens, processes=ctx.get_local_world_size(), act_bytes=act)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = optimizer = scheduler = None

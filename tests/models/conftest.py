@@ -34,6 +34,16 @@ def sync_and_randomise_lora(ref: torch.nn.Module, ours: torch.nn.Module, seed: i
                 ours_params[name].copy_(p)
 
 
+def nf4_cuda_model(path, source: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The GPU tests' model: NF4 base, LoRA r=4 in bf16 on CUDA, its LoRA weights randomised
+    (`sync_and_randomise_lora`), or copied from ``source`` (PEFT draws lora_A from the global RNG)."""
+    from raytune_llm.models.load import load_model
+
+    model = load_model(path, quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda")
+    sync_and_randomise_lora(source or model, model)
+    return model
+
+
 def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gradients of the trainable (LoRA) parameters by name."""
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -16,7 +16,7 @@ import raytune_llm.models.checkpointing as ckpt
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import patch, unpatch
 from raytune_llm.models.settings import set_fused_residuals, set_stash_attention
-from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
+from tests.models.conftest import VOCAB, lora_grads, nf4_cuda_model, sync_and_randomise_lora
 
 
 def _count_valueless(monkeypatch) -> list[int]:
@@ -90,8 +90,7 @@ def test_the_value_less_add_serves_only_a_recompute():
 def test_fused_residuals_on_the_gpu_bit_for_bit(tiny_paths, monkeypatch, family, mode):
     import raytune_llm.kernels.rms_norm as rms_mod
 
-    model = load_model(tiny_paths[family], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda")
-    sync_and_randomise_lora(model, model)
+    model = nf4_cuda_model(tiny_paths[family])
     ids = torch.randint(3, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     fused_calls = [0]
     real = rms_mod.ResidualRMSNormFunction.apply

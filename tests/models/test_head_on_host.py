@@ -14,7 +14,7 @@ import torch
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import unpatch
 from raytune_llm.models.settings import set_head_on_host
-from tests.models.conftest import VOCAB, sync_and_randomise_lora
+from tests.models.conftest import VOCAB, nf4_cuda_model, sync_and_randomise_lora
 from tests.models.test_memory_settings import _step
 
 
@@ -157,10 +157,7 @@ def test_weights_on_device_keeps_the_state_straight(tiny_paths):
 
 @pytest.mark.gpu
 def test_head_on_host_trains_as_on_the_gpu_and_frees_the_head(tiny_paths):
-    model = load_model(
-        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-    )
-    sync_and_randomise_lora(model, model)
+    model = nf4_cuda_model(tiny_paths["llama"])
     ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
     loss_dev, g_dev = _step(model, ids)
     head = model.get_base_model().lm_head.weight

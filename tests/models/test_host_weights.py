@@ -18,7 +18,7 @@ from raytune_llm.models.settings import (
     set_stash_attention,
     set_weights_on_host,
 )
-from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
+from tests.models.conftest import VOCAB, lora_grads, nf4_cuda_model, sync_and_randomise_lora
 
 
 def _step(model, ids):
@@ -106,10 +106,7 @@ def test_unpatch_brings_the_weights_back(tiny_paths):
 
 @pytest.mark.gpu
 def test_on_the_gpu_the_same_bits_and_the_weights_off_the_device(tiny_paths):
-    model = load_model(
-        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-    )
-    sync_and_randomise_lora(model, model)
+    model = nf4_cuda_model(tiny_paths["llama"])
     unpatch(model)
     report = patch(model, gradient_checkpointing="offload")
     set_stash_attention(model, True)  # the e2e's settings (bench/gpu: --stash-attention --dequantize-once ...)
@@ -153,10 +150,7 @@ def test_a_recorded_step_brings_the_weights_in_itself(tiny_paths):
     from raytune_llm.models.graphs import CapturedStep
 
     def build(source=None):
-        model = load_model(
-            tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-        )
-        sync_and_randomise_lora(source or model, model)  # PEFT draws lora_A from the global RNG: copy the ref's
+        model = nf4_cuda_model(tiny_paths["llama"], source)  # PEFT draws lora_A from the global RNG: copy the ref's
         unpatch(model)
         patch(model, gradient_checkpointing="offload")
         set_stash_attention(model, True)

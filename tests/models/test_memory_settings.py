@@ -15,7 +15,7 @@ import torch
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import patch, unpatch
 from raytune_llm.models.settings import set_embeddings_on_host, set_keep_mlp_layers
-from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
+from tests.models.conftest import VOCAB, lora_grads, nf4_cuda_model, sync_and_randomise_lora
 
 
 def _step(model, ids):
@@ -91,10 +91,7 @@ def test_keep_mlp_layers_and_embeddings_on_host_settings_and_config(tiny_paths):
 
 @pytest.mark.gpu
 def test_embeddings_on_host_train_and_generate_as_on_the_gpu(tiny_paths):
-    model = load_model(
-        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-    )
-    sync_and_randomise_lora(model, model)
+    model = nf4_cuda_model(tiny_paths["llama"])
     ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
     loss_dev, g_dev = _step(model, ids)
     embed = model.get_base_model().get_input_embeddings()
@@ -255,10 +252,7 @@ def test_kept_mlp_layers_give_the_same_gradients_and_skip_the_gemms(tiny_paths, 
     import raytune_llm.kernels.lora as lora_mod
     from raytune_llm.models.settings import set_dequantize_once, set_stash_attention
 
-    model = load_model(
-        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-    )
-    sync_and_randomise_lora(model, model)
+    model = nf4_cuda_model(tiny_paths["llama"])
     ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
     n_layers = model.get_base_model().config.num_hidden_layers
     calls = [0]

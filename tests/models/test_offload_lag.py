@@ -13,7 +13,7 @@ import torch
 import raytune_llm.models.attention_stash as stash_mod
 from raytune_llm.models.load import load_model
 from raytune_llm.models.patch import patch, unpatch
-from tests.models.conftest import VOCAB, lora_grads, sync_and_randomise_lora
+from tests.models.conftest import VOCAB, lora_grads, nf4_cuda_model
 
 
 class _Stream:
@@ -89,10 +89,7 @@ def test_the_setting_reaches_every_checkpointed_layer_and_the_config_and_plan(ti
 def test_any_lag_gives_the_same_bits_on_the_gpu(tiny_paths):
     from raytune_llm.models.settings import set_keep_mlp_layers_on_host, set_offload_lag, set_stash_attention
 
-    model = load_model(
-        tiny_paths["llama"], quantize="nf4", lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device="cuda"
-    )
-    sync_and_randomise_lora(model, model)
+    model = nf4_cuda_model(tiny_paths["llama"])
     unpatch(model)
     patch(model, gradient_checkpointing="offload")
     set_stash_attention(model, True)

@@ -163,7 +163,10 @@ def test_planner_mirrors_the_auto_rule():
         width = cfg["intermediate_size"]
         for tokens in (1, 2048, 18_688, 18_689, 37_440, 37_441, 65_536, 131_072, 400_001, 10**6):
             for setting in ("auto", None, 0, 1000):
-                assert mlp_chunk_rows(width, tokens, setting) == chunk_tokens_for(setting, tokens, width, 2)
+                for size in (2, 4):  # bf16 and fp32 elements
+                    assert mlp_chunk_rows(width, tokens, setting, size) == chunk_tokens_for(
+                        setting, tokens, width, size
+                    )
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "yes", True])
