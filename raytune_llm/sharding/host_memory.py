@@ -191,14 +191,28 @@ def planned_pinned_bytes(
         tables_on_host=tables,
         layer_weight_bytes=host_weights,
     )
-    back = (2 if n_host else 1 if n_gate else 0) * _ACT * tokens * shape.intermediate
+    out = _ACT * tokens * shape.intermediate  # one MLP output (gate or up)
+    back = (2 if n_host else 1 if n_gate else 0) * out
     on_device = 0
     if offload and a["fused"]:
         held = sum(layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True)))
         on_device = max(device_layers(shape, ckpt, n_dev) - 2, 0) * held
-        # layers whose copies may still be in flight: the most one copies (a host-kept layer's outputs with its own)
-        on_device += max(min(a.get("offload_lag", 2), _checkpointed(shape, ckpt)) - 2, 0) * (held + back)
+        # past a lag of 2, the layers whose copies may still be in flight when the forward ends: those just below
+        # the on-device ones, each with its host-kept outputs (a gate-only layer counted wherever one may be)
+        lag = min(a.get("offload_lag", 2), _checkpointed(shape, ckpt))
+        top = _checkpointed(shape, ckpt) - device_layers(shape, ckpt, n_dev)
+        below = _below(shape, ckpt, keep, n_dev)
+        host = host_kept_placement(below, n_host)
+        for i in range(max(top - max(lag - 2, 0), 0), top):
+            on_device += held + (2 * out if i in host else out if n_gate and i < below else 0)
     return pinned, back, off_device, on_device
+
+
+def host_kept_placement(below: int, n: int) -> set[int]:
+    """The layers `models.checkpointing.host_kept_layers` sends to the host (the same rule; sharding may not import
+    models): ``n`` of ``range(below)`` spread evenly from ``below - 1`` down."""
+    n = min(n, below)
+    return {below - 1 - j * (below // n) for j in range(n)} if n > 0 else set()
 
 
 def patched_pinned_bytes(report, shape: Shape, tokens: int, act_bytes: int = _ACT) -> dict[str, int]:

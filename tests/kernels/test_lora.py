@@ -845,6 +845,12 @@ def test_host_kept_layers_are_spread_from_the_last_down():
     assert host_kept_layers(26, 3) == {25, 17, 9}
     assert host_kept_layers(4, 9) == {0, 1, 2, 3}  # no more than there are
     assert host_kept_layers(0, 2) == set()
+    # the planner's copy of the rule (sharding may not import models) picks the same layers
+    from raytune_llm.sharding.host_memory import host_kept_placement
+
+    for below in range(0, 40):
+        for n in range(0, 42):
+            assert host_kept_placement(below, n) == host_kept_layers(below, n), (below, n)
 
 
 def test_gate_only_layers_take_the_host_kept_layers_leftovers():

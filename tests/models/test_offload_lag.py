@@ -75,10 +75,15 @@ def test_the_setting_reaches_every_checkpointed_layer_and_the_config_and_plan(ti
     held = 2 * 16384 * 4096 + 2 * 16384 * (2 * 4096 + 2 * 1024 + 4096) + 4 * 16384 * 32
     plans = [plan_from_values(LLAMA31_8B, offload_lag=n, **kw).peak_bytes for n in (1, 2, 4)]
     assert plans[0] == plans[1] and plans[2] - plans[1] == 2 * held
-    # a host-kept layer in flight holds its gate and up outputs too: the planner counts the largest layer's
+    # those layers are the ones just below the on-device ones when the forward ends: here GPU-kept (keep 6), so a
+    # host-kept layer lower down adds nothing; with none GPU-kept and the last 2 on the device, layers 28 and 29 are
+    # in flight, and 29 is host-kept (8 of range(30), every third from 29 down): its gate and up outputs too
     kw["keep_mlp_layers_on_host"] = 8
     host = [plan_from_values(LLAMA31_8B, offload_lag=n, **kw).peak_bytes for n in (2, 4)]
-    assert host[1] - host[0] == 2 * (held + 2 * 2 * 16384 * 14336)
+    assert host[1] - host[0] == 2 * held
+    kw.update(keep_mlp_layers=0, last_layer_on_device=2)
+    host = [plan_from_values(LLAMA31_8B, offload_lag=n, **kw).peak_bytes for n in (2, 4)]
+    assert host[1] - host[0] == 2 * held + 2 * 2 * 16384 * 14336
     no_ckpt = [plan_from_values(LLAMA31_8B, offload_lag=n, **dict(kw, checkpoint_layers=2)).peak_bytes for n in (2, 4)]
     assert no_ckpt[0] == no_ckpt[1]  # two checkpointed layers: no more than two in flight
     with pytest.raises(PlanError, match="offload_lag must be an int >= 1"):
