@@ -155,10 +155,11 @@ def planned_pinned_bytes(
     N keeps there besides the last two: N - 2 inputs and stashes, held from their forward to their backward. The
     planner's offload baseline, two layers' inputs and no stash, stands for the last one; the one below it is
     prefetched during the last one's backward, the peak, either way. H200, 8B (session 18): 1x65536 N = 1 -> 2 +0.01
-    GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26 (one / two layers: 0.56 / 1.13). An `offload_lag` past 2 adds (counted as if at the peak) the layers whose
-    copies may still be in flight when the forward ends, just below the on-device ones: each one's input and stash,
-    and its MLP outputs where it is host-kept. H200, 8B, 1x16384 (session 19): lag 2 -> 3 +0.34 GiB measured, one
-    GPU-kept layer's input and stash (0.56) counted.
+    GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26 (one / two layers: 0.56 / 1.13).
+    An `offload_lag` past 2 adds (counted as if at the peak) the layers whose copies may still be in flight when the
+    forward ends, just below the on-device ones: each one's input and stash, and its MLP outputs where it is
+    host-kept. H200, 8B, 1x16384 (session 19): lag 2 -> 3 +0.34 GiB measured, one GPU-kept layer's input and stash
+    (0.56) counted.
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
     each layer's buffer rounded up to a power of two by torch's pinned allocator; off the device are those of the
