@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 19, not run (~480-600 s: the first warm-up step reads 54-93 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh).
+# Prepared in session 19, not run (~480-600 s: the first warm-up step reads 54-93 s; carry .whl/slim, WHEELS=.whl/slim
+# exported BEFORE sourcing _env.sh).
 # Session 19 could not resolve a 15th layer's gate output alone on the host at 1x65536 (one process each, 2 timed
 # steps: +34.7 ms, while the e2e without it read the gate variant's figure). Interleaved A B A B, 4 timed steps
 # each. Prediction: B 8-11 ms faster than A in both pairs (the up GEMM alone in its recompute, ~10.5 ms).
