@@ -13,6 +13,8 @@ for round in 1 2; do
   run_each "var_1x65536_s20d$round" 190 "$F" "$A" "$A+hostgate1"
 done
 for round in 1 2; do
-  for t in lastdev2_keep2_hostkeep14 lastdev2_keep2_hostkeep14_hostgate1; do show_variants "s20d${round}_$t" 1x65536; done
+  for t in lastdev2_keep2_hostkeep14 lastdev2_keep2_hostkeep14_hostgate1; do
+    show_variants "s20d${round}_$t" 1x65536
+  done
 done
 echo "== done $(date +%T)"
