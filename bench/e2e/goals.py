@@ -1,0 +1,134 @@
+"""Issue 5's goals against the end-to-end results on record: for each shape, the latest device call in which ours and
+Unsloth both ran at Llama-3.1-8B shapes, its ratios against the goal, every such call's ratio since a date, and the
+latest loss agreement with standard QLoRA.
+
+    python bench/e2e/goals.py                      # bench/results/e2e_*.json
+    python bench/e2e/goals.py --since 2026-11-30   # and every same-call ratio since then
+    python bench/e2e/goals.py --json goals.json    # the table as JSON too
+
+Exit status 0 when every goal holds in its shape's latest call, 1 when one does not, 2 when a shape has no call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import LLAMA31_8B, RESULTS_DIR  # noqa: E402
+
+# Issue 5's acceptance, per shape: the least speedup over Unsloth, the most memory against Unsloth's (None: no
+# memory goal), the least MFU (None: none); and for every shape, losses within LOSS_TOL of standard QLoRA's.
+GOALS = {
+    "4x2048": (1.3, 1.0, 0.60),
+    "1x2048": (1.2, None, None),
+    "packed_8192": (1.3, None, None),
+    "1x16384": (1.3, 1.0, None),
+    "1x65536": (1.3, 1.0, None),
+}
+LOSS_TOL = 1e-2
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def calls(results: Path) -> list[tuple[str, str, dict]]:
+    """(date, file name, document) of every bench_e2e call at Llama-3.1-8B shapes, oldest first."""
+    out = []
+    for path in sorted(results.glob("e2e_*.json")):
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("bench") != "e2e" or doc.get("tiny") or "summary" not in doc:
+            continue
+        config = doc.get("model", {}).get("config", {})
+        if any(config.get(k) != LLAMA31_8B[k] for k in _SHAPE_KEYS):
+            continue
+        out.append(((doc.get("environment") or {}).get("date_utc") or "", path.name, doc))
+    return sorted(out, key=lambda c: c[:2])
+
+
+def verdicts(found: list[tuple[str, str, dict]], since: str = "") -> dict[str, dict]:
+    """Per shape of GOALS: the latest call with ours and Unsloth (its ratios, MFU and whether each goal holds), the
+    ratios of every such call dated ``since`` or later, and the latest loss agreement with standard QLoRA."""
+    table = {}
+    for shape, (speed, memory, least_mfu) in GOALS.items():
+        both = [(d, f, doc["summary"][shape]) for d, f, doc in found if _ratio(doc, shape) is not None]
+        losses = [
+            (d, f, s["max_loss_diff_vs_std_qlora"])
+            for d, f, doc in found
+            if (s := doc["summary"].get(shape)) and s.get("max_loss_diff_vs_std_qlora") is not None
+        ]
+        row: dict = {"goal": {"speedup_vs_unsloth": speed, "memory_vs_unsloth": memory, "mfu": least_mfu}}
+        if both:
+            date, name, s = both[-1]
+            checks = {"speedup_vs_unsloth": s["speedup_vs_unsloth"] >= speed}
+            if memory is not None:
+                checks["memory_vs_unsloth"] = s["memory_vs_unsloth"] is not None and s["memory_vs_unsloth"] <= memory
+            if least_mfu is not None:
+                checks["mfu"] = s["mfu"] is not None and s["mfu"] >= least_mfu
+            row["latest"] = {
+                "file": name,
+                "date": date,
+                "tokens_per_s": s["tokens_per_s"],
+                "peak_gib": s["peak_gib"],
+                "speedup_vs_unsloth": s["speedup_vs_unsloth"],
+                "memory_vs_unsloth": s["memory_vs_unsloth"],
+                "mfu": s["mfu"],
+                "holds": checks,
+            }
+            row["since"] = [(f, s["speedup_vs_unsloth"]) for d, f, s in both if d >= since] if since else []
+        if losses:
+            date, name, diff = losses[-1]
+            row["losses"] = {"file": name, "max_diff_vs_std_qlora": diff, "holds": diff <= LOSS_TOL}
+        table[shape] = row
+    return table
+
+
+def _ratio(doc: dict, shape: str) -> float | None:
+    return (doc["summary"].get(shape) or {}).get("speedup_vs_unsloth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of e2e_*.json (bench/results)")
+    p.add_argument("--since", default="", help="also list every same-call ratio dated this (UTC, ISO) or later")
+    p.add_argument("--json", type=Path, help="write the table here too")
+    args = p.parse_args(argv)
+    table = verdicts(calls(args.results), args.since)
+    print(
+        f"{'shape':12s} {'latest call with Unsloth':42s} {'ours':>8s} {'Unsloth':>8s} {'ratio':>6s} {'goal':>5s} "
+        f"{'memory':>6s} {'MFU':>6s} {'loss diff':>9s}  verdict"
+    )
+    status = 0
+    for shape, row in table.items():
+        latest, losses = row.get("latest"), row.get("losses")
+        loss = f"{losses['max_diff_vs_std_qlora']:.4f}" if losses else "-"
+        if latest is None:
+            print(f"{shape:12s} {'(none)':42s}{'':>50s}  NO CALL")
+            status = max(status, 2)
+            continue
+        failed = [k for k, v in latest["holds"].items() if not v] + (
+            ["losses"] if losses and not losses["holds"] else []
+        )
+        status = max(status, 1 if failed else 0)
+        tps, mem, mfu = latest["tokens_per_s"], latest["memory_vs_unsloth"], latest["mfu"]
+        print(
+            f"{shape:12s} {latest['file']:42s} {tps['ours']:8,.0f} {tps['unsloth']:8,.0f} "
+            f"{latest['speedup_vs_unsloth']:6.3f} {row['goal']['speedup_vs_unsloth']:5.2f} "
+            f"{mem if mem is not None else '-':>6} {f'{mfu:.1%}' if mfu else '-':>6} {loss:>9s}  "
+            f"{'NOT HELD: ' + ', '.join(failed) if failed else 'held'}"
+        )
+        if row["since"]:
+            print(f"{'':12s} since {args.since}: " + ", ".join(f"{r:.3f} ({f})" for f, r in row["since"]))
+    for shape, row in table.items():
+        if row.get("losses"):
+            print(
+                f"losses {shape}: within {row['losses']['max_diff_vs_std_qlora']} of standard QLoRA in "
+                f"{row['losses']['file']}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""bench/e2e/goals.py: issue 5's goals read from the e2e results, the latest call with Unsloth per shape."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "e2e"))
+from _common import LLAMA31_8B, TINY  # noqa: E402
+from bench_e2e import summarize  # noqa: E402
+from goals import GOALS, main  # noqa: E402
+
+
+def _call(folder: Path, name: str, date: str, figures: dict, config: dict = LLAMA31_8B, std_diff: float = 0.0) -> None:
+    """An e2e file as bench_e2e writes it: figures {shape: {stack: (tokens/s, peak GiB)}}, MFU 0.65 for ours, and a
+    standard QLoRA run whose second loss is ``std_diff`` off ours (none at 0)."""
+    runs = {}
+    for shape, stacks in figures.items():
+        runs[shape] = {}
+        for stack, (tps, peak) in stacks.items():
+            runs[shape][stack] = {"status": "ok", "tokens_per_s": tps, "peak_gib": peak, "losses": [12.5, 12.4]}
+            if stack == "ours":
+                runs[shape][stack]["mfu"] = 0.65
+        if std_diff:
+            std = {"status": "ok", "tokens_per_s": 1.0, "peak_gib": 30.0, "losses": [12.5, 12.4 + std_diff]}
+            runs[shape]["std_qlora"] = std
+    doc = {"bench": "e2e", "tiny": False, "model": {"config": config}, "environment": {"date_utc": date}}
+    doc.update(runs=runs, summary=summarize(runs, list(GOALS)))
+    (folder / name).write_text(json.dumps(doc))
+
+
+def _all_held(folder: Path, date: str = "2026-12-01T00:00:00+00:00", std_diff: float = 0.005) -> None:
+    figures = {shape: {"ours": (1400.0, 7.0), "unsloth": (1000.0, 8.0)} for shape in GOALS}
+    _call(folder, "e2e_all.json", date, figures, std_diff=std_diff)
+
+
+def test_every_goal_held_in_its_latest_call(tmp_path, capsys):
+    _all_held(tmp_path)
+    assert main(["--results", str(tmp_path), "--json", str(tmp_path / "goals.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" held") == len(GOALS) and "NOT HELD" not in out
+    table = json.loads((tmp_path / "goals.json").read_text())
+    assert table["4x2048"]["latest"]["speedup_vs_unsloth"] == 1.4 and table["4x2048"]["latest"]["mfu"] == 0.65
+    assert table["1x65536"]["losses"] == {"file": "e2e_all.json", "max_diff_vs_std_qlora": 0.005, "holds": True}
+
+
+def test_losses_off_standard_qlora_fail_the_shape(tmp_path, capsys):
+    _all_held(tmp_path, std_diff=0.02)
+    assert main(["--results", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("NOT HELD: losses") == len(GOALS), out
+
+
+@pytest.mark.parametrize(
+    ("figures", "why"),
+    [
+        ({"1x65536": {"ours": (1290.0, 7.0), "unsloth": (1000.0, 8.0)}}, "NOT HELD: speedup_vs_unsloth"),
+        ({"1x16384": {"ours": (1400.0, 8.5), "unsloth": (1000.0, 8.0)}}, "NOT HELD: memory_vs_unsloth"),
+        ({"1x2048": {"ours": (1210.0, 9.0), "unsloth": (1000.0, 8.0)}}, None),  # 1.2x, no memory goal: held
+    ],
+)
+def test_the_latest_call_decides_by_date_not_by_name(tmp_path, capsys, figures, why):
+    _all_held(tmp_path, "2026-12-01T00:00:00+00:00")
+    # a later call under an earlier name, and a later one at another model's shapes, which does not count
+    _call(tmp_path, "e2e_a_later.json", "2026-12-02T00:00:00+00:00", figures)
+    _call(
+        tmp_path,
+        "e2e_z_tiny.json",
+        "2026-12-03T00:00:00+00:00",
+        {s: {"ours": (1.0, 9.0), "unsloth": (9.0, 1.0)} for s in GOALS},
+        config=TINY,
+    )
+    rc = main(["--results", str(tmp_path), "--since", "2026-12-01"])
+    out = capsys.readouterr().out
+    shape = next(iter(figures))
+    line = next(x for x in out.splitlines() if x.startswith(shape))
+    assert "e2e_a_later.json" in line and "e2e_z_tiny" not in out
+    if why:
+        assert rc == 1 and why in line, out
+    else:
+        assert rc == 0 and line.endswith("held"), out
+    # every same-call ratio since the date, oldest first
+    assert f"since 2026-12-01: 1.400 (e2e_all.json), {figures[shape]['ours'][0] / 1000:.3f} (e2e_a_later.json)" in out
+
+
+def test_a_shape_without_a_call_is_exit_2(tmp_path, capsys):
+    _call(
+        tmp_path,
+        "e2e_one.json",
+        "2026-12-01T00:00:00+00:00",
+        {"4x2048": {"ours": (1400.0, 7.0), "unsloth": (1e3, 8.0)}},
+    )
+    assert main(["--results", str(tmp_path)]) == 2
+    assert "1x65536      (none)" in capsys.readouterr().out
+
+
+def test_the_results_on_record_read_as_the_readme_says(capsys):
+    main([])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("4x2048"))
+    assert "e2e_h200_20261130_s19d.json" in line and " 1.319 " in line and "68.6%" in line
