@@ -58,18 +58,9 @@ def cmd_validate(args) -> int:
         if spec.eval_path:
             resolve_data_paths(spec.eval_path, "sweep.eval_path")
         checked.append(f"sweep: {len(spec.space)} key(s)")
+    stats = preflight(cfg)  # what `train` checks before Ray starts: paths, output_dir, LoRA targets, tokenizer, data
     if cfg.data.path:
-        from raytune_llm.packing.validate import validate_data
-
-        paths = resolve_data_paths(cfg.data.path)
-        stats = validate_data(
-            paths,
-            cfg.data.format,
-            skip_bad_records=cfg.data.on_bad_record == "skip",
-            max_bad_fraction=cfg.data.max_bad_fraction,
-        )
         checked.append(f"data: {stats.get('records', 0)} records, {stats.get('bad_records', 0)} bad")
-    preflight(cfg)  # what `train` checks before Ray starts: paths, output_dir, LoRA targets, tokenizer source
     print(
         f"{args.config or 'defaults'}: OK ({time.perf_counter() - t0:.2f} s){'; ' if checked else ''}{'; '.join(checked)}"
     )

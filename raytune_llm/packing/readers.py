@@ -119,7 +119,7 @@ def _iter_jsonl(path: str, start: int, stop: int | None) -> Iterator[Record]:
                 except UnicodeDecodeError as e:
                     yield Record(path, lineno, None, f"not valid UTF-8 (byte {e.start + 1} of the line)")
                 except json.JSONDecodeError as e:
-                    yield Record(path, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")
+                    yield Record(path, lineno, None, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
             index += 1
 
 

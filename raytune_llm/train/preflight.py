@@ -50,13 +50,19 @@ def _check_writable(path: Path, key: str) -> None:
         raise UserError(f"{key} {str(path)!r}: cannot write there ({probe} is not a writable folder)")
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Cheap checks of the user's paths, run before Ray starts.
+def preflight(cfg: RunConfig) -> dict[str, int]:
+    """Checks of the user's paths and data, run before Ray starts and before anything is written.
+
+    Returns:
+        `packing.validate.validate_data`'s stats of data.path's records ({} for the embedded task): every record's
+        JSON and schema is read once here, so bad data fails in one line before a tokenizer or model is built (the
+        packing pipeline reads them again as it tokenizes).
 
     Raises:
         UserError: an output_dir that cannot be written, a missing model or tokenizer folder, LoRA targets the model
             lacks, a missing or empty data file, data a tokenizer cannot be trained from, a GGUF export of a model
             type it does not support.
+        DataError: a bad record (data.on_bad_record=fail), too many (skip), or no valid record.
     """
     in_job_package = "/runtime_resources/working_dir_files/" in str(Path.cwd())  # `ray job submit --working-dir`
     if in_job_package and not Path(cfg.output_dir).expanduser().is_absolute():
@@ -71,15 +77,6 @@ def preflight(cfg: RunConfig) -> None:
     check_lora_targets(cfg, model, None if model is not None else set(TINY_MODULE_NAMES))
     if cfg.model.tokenizer_path and not has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
         raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
-    if cfg.data.path:
-        paths = resolve_data_paths(cfg.data.path)
-        trains_tokenizer = not cfg.model.tokenizer_path and not (model is not None and has_tokenizer(model))
-        other = [p for p in paths if not p.endswith((".jsonl", ".json"))]
-        if trains_tokenizer and other:
-            raise UserError(
-                f"{other[0]}: a tokenizer is trained only from JSONL data; set model.tokenizer_path (or a model.path "
-                "with a tokenizer)"
-            )
     if "gguf" in cfg.export.formats:  # found out before training, not after it
         from raytune_llm.export.gguf import GGUF_MODEL_TYPES
 
@@ -92,6 +89,25 @@ def preflight(cfg: RunConfig) -> None:
             raise UserError(
                 f"export.formats has gguf, which supports model types {', '.join(GGUF_MODEL_TYPES)}, not {model_type!r}"
             )
+    if not cfg.data.path:
+        return {}
+    from raytune_llm.packing.validate import validate_data
+
+    paths = resolve_data_paths(cfg.data.path)
+    stats = validate_data(
+        paths,
+        cfg.data.format,
+        skip_bad_records=cfg.data.on_bad_record == "skip",
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
+    trains_tokenizer = not cfg.model.tokenizer_path and not (model is not None and has_tokenizer(model))
+    other = [p for p in paths if not p.endswith((".jsonl", ".json"))]
+    if trains_tokenizer and other:
+        raise UserError(
+            f"{other[0]}: a tokenizer is trained only from JSONL data; set model.tokenizer_path (or a model.path "
+            "with a tokenizer)"
+        )
+    return stats
 
 
 def check_lora_targets(cfg: RunConfig, model_path: Path | None, names: set[str] | None = None) -> None:
