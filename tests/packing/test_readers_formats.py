@@ -20,12 +20,13 @@ ROWS = [{"text": f"row {i}"} for i in range(7)]
 
 def test_jsonl_lines_blank_lines_and_bad_json(tmp_path):
     p = tmp_path / "a.jsonl"
-    p.write_text('{"text": "a"}\n\n{"text": "b"}\n{oops\n  \n{"text": "c"}\n')
+    p.write_text('{"text": "a"}\n\n{"text": "b"}\n{oops\n  \n{"text": "c"}\n{"text": "tab\tin a string"}\n')
     recs = list(iter_file(str(p)))
-    assert [r.line for r in recs] == [1, 3, 4, 6]
+    assert [r.line for r in recs] == [1, 3, 4, 6, 7]
     assert recs[2].error.startswith("invalid JSON") and recs[2].where == f"{p}:4"
+    assert recs[4].error == "invalid JSON (Invalid control character at column 14)"  # json's own "...at" not doubled
     assert [r.value["text"] for r in iter_file(str(p), 1, 4) if r.error is None] == ["b", "c"]
-    assert count_records(str(p)) == 4
+    assert count_records(str(p)) == 5
 
 
 def test_jsonl_bytes_the_reader_and_the_counter_agree_on(tmp_path):
