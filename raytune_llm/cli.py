@@ -141,7 +141,9 @@ def cmd_plan(args) -> int:
         p = Path(os.path.expanduser(cfg.model.path))
         p = p if p.suffix == ".json" else p / "config.json"
         if not p.is_file():
-            raise FileNotFoundError(f"model.path: no config.json at {p}")
+            raise FileNotFoundError(
+                f"model.path: no config.json at {p} (or plan a known shape: --shape {' / '.join(known)})"
+            )
         try:
             hf = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -169,7 +171,9 @@ def cmd_plan(args) -> int:
         configured = "ZeRO-3+offload"  # the planner models parameters and optimizer states offloaded together
     peak = plan.alternatives[configured]
     fits = peak <= plan.usable_bytes
-    other = f"; the plan's choice is {plan.strategy}" if plan.fits and plan.strategy != configured else ""
+    other, choice = "", "the plan's choice, " if plan.fits else ""
+    if plan.strategy != configured:
+        other = f"; the table above is {choice}{plan.strategy}"
     if cfg.sharding.offload_optimizer and configured != "ZeRO-3+offload":
         other += " (sharding.offload_optimizer is not modeled: the figure keeps the optimizer states on the GPU)"
     print(
