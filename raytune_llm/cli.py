@@ -156,6 +156,11 @@ def cmd_plan(args) -> int:
             raise planner.PlanError(f"{flag} must be a positive integer, got {value}")
     plan = plan_for(cfg, hf, gpus_per_node=gpus, nodes=args.nodes)
     print(plan.table())
+    from raytune_llm.sharding.host_memory import capped_settings
+    from raytune_llm.sharding.shapes import Shape
+
+    for line in capped_settings(Shape.from_hf(hf), plan.inputs):
+        print(f"note: {line}")
     host = plan.breakdown.get("host: offloaded (not on GPU)", 0)
     if host and plan.strategy == "DDP" and cfg.sharding.strategy in ("auto", "ddp"):  # ZeRO's states: its own
         from raytune_llm.sharding.host_memory import node_memory_needed

@@ -230,6 +230,23 @@ def test_plan_says_how_much_memory_a_node_needs():
     assert "host: 116.73 GiB per GPU worker, 1 per node: a node needs 122.9 GiB of memory or more" in out.stdout
     out = _run("plan", "conf/llama3_8b_qlora_64k.yaml", "--shape", "llama-3.1-8b", "--gpus-per-node", "2", timeout=60)
     assert "2 per node: a node needs 245.8 GiB" in out.stdout, out.stdout
+    # a count past what the model takes is capped, as the patched model caps it, and said
+    out = _run(
+        "plan",
+        "conf/llama3_8b_qlora_16k.yaml",
+        "--shape",
+        "llama-3.1-8b",
+        "model.offload_lag=99",
+        "model.keep_mlp_layers_on_host=999",
+        "model.last_layer_on_device=40",
+        timeout=60,
+    )
+    notes = [line for line in out.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: model.keep_mlp_layers_on_host=999: 1 here (below the GPU-kept and on-device layers)",
+        "note: model.last_layer_on_device=40: 31 here (never layer 0)",
+        "note: model.offload_lag=99: 32 here (of the checkpointed layers)",
+    ], out.stdout
     out = _run("plan", "conf/quickstart.yaml", timeout=60)  # nothing pinned: no host line
     assert out.returncode == 0 and "host:" not in out.stdout, out.stdout
 

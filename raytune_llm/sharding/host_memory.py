@@ -211,6 +211,30 @@ def planned_pinned_bytes(
     return pinned, back, off_device, on_device
 
 
+def capped_settings(shape: Shape, a: dict) -> list[str]:
+    """The layer counts in the planner's settings ``a`` (`Plan.inputs`) that this model takes fewer of than asked,
+    each as `models.patch` caps it: one line each, for `raytune-llm plan` to say (a count past the layers is not an
+    error: each setting takes what it can)."""
+    ckpt = a.get("checkpoint_layers")
+    n = _checkpointed(shape, ckpt)
+    keep, on_host, gate, n_dev = (
+        a.get(k, 0)
+        for k in ("keep_mlp_layers", "keep_mlp_layers_on_host", "keep_mlp_gate_on_host", "last_layer_on_device")
+    )
+    took = {
+        "keep_mlp_layers": (keep, min(keep, n), "of the checkpointed layers"),
+        "keep_mlp_layers_on_host": (
+            on_host,
+            host_kept_count(shape, ckpt, keep, on_host, n_dev),
+            "below the GPU-kept and on-device layers",
+        ),
+        "keep_mlp_gate_on_host": (gate, host_gate_count(shape, ckpt, keep, on_host, gate, n_dev), "of those left"),
+        "last_layer_on_device": (int(n_dev), device_layers(shape, ckpt, n_dev), "never layer 0"),
+        "offload_lag": (a.get("offload_lag", 2), min(a.get("offload_lag", 2), n), "of the checkpointed layers"),
+    }
+    return [f"model.{k}={asked}: {got} here ({why})" for k, (asked, got, why) in took.items() if got < asked]
+
+
 def host_kept_placement(below: int, n: int) -> set[int]:
     """The layers `models.checkpointing.host_kept_layers` sends to the host (the same rule; sharding may not import
     models): ``n`` of ``range(below)`` spread evenly from ``below - 1`` down."""
