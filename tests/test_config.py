@@ -65,6 +65,11 @@ def test_overrides_merge_and_validate(tmp_path):
         load_config(p, ["train.max_steps"])
     with pytest.raises(ConfigError, match="unknown key 'train.max_step'; did you mean 'train.max_steps'"):
         load_config(p, ["train.max_step=3"])
+    # an override that is not YAML, or has no key, is named: not the file
+    assert _errors(tmp_path, "train: {max_steps: 10}\n", ["train.max_steps=3", "lora.r=[1,2"]) == [
+        "override 'lora.r=[1,2': did not find expected ',' or ']'"
+    ]
+    assert _errors(tmp_path, "train: {max_steps: 10}\n", ["=5"]) == ["override '=5' is not key=value"]
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

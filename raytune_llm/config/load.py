@@ -180,18 +180,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             base = OmegaConf.load(p)
             if not isinstance(base, type(OmegaConf.create({}))):
                 raise ConfigError(["the top level must be a mapping of sections"], source)
-        bad = [o for o in overrides or [] if "=" not in o]
+        bad = [o for o in overrides or [] if "=" not in o or not o.split("=", 1)[0].strip()]
         if bad:
             raise ConfigError([f"override {o!r} is not key=value" for o in bad], source)
         try:
             merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
-        except (OmegaConfBaseException, ValueError, TypeError):
-            # Name the override that does not fit the file (e.g. lora=[1] over the lora section).
+        except Exception:
+            # Name the override that does not fit the file (e.g. lora=[1] over the lora section) or is not YAML.
             for o in overrides or []:
                 try:
                     OmegaConf.merge(base, OmegaConf.from_dotlist([o]))
-                except (OmegaConfBaseException, ValueError, TypeError) as one:
+                except OmegaConfBaseException as one:
                     raise ConfigError([f"override {o!r}: {str(one).splitlines()[0]}"], source) from None
+                except Exception as one:  # not YAML: the problem alone (its line and column are the dotlist's)
+                    raise ConfigError(
+                        [f"override {o!r}: {getattr(one, 'problem', None) or _yaml_problem(one)}"], source
+                    ) from None
             raise
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
