@@ -48,3 +48,8 @@ def test_trains_from_a_bare_config_and_exports_nothing(ray_session, tmp_path):
     assert not (run / "eval.json").exists() and not (run / "exports").exists()
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # nothing written into the user's folder
+    # exporting it afterwards says why there is nothing to export, in one line
+    from raytune_llm.export import ExportError, export
+
+    with pytest.raises(ExportError, match=r"trained on random base weights \(model.random_weights\), which were never"):
+        export(str(run), "hf")

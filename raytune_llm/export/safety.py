@@ -120,6 +120,11 @@ def resolve_source(source: str | os.PathLike) -> Source:
     cfg = _read_json(adapter_dir / ADAPTER_CONFIG)
     base = cfg.get("base_model_name_or_path")
     if not base:
+        if _random_weights(root / RUN_CONFIG):
+            raise ExportError(
+                f"{root} trained on random base weights (model.random_weights), which were never saved: there is "
+                "nothing to merge or export"
+            )
         raise ExportError(f"{adapter_dir / ADAPTER_CONFIG} has no base_model_name_or_path")
     if not isinstance(base, str):
         raise ExportError(
@@ -245,3 +250,14 @@ def atomic_file(target: Path, force: bool) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _random_weights(run_config: Path) -> bool:
+    """Whether a run folder's saved config.yaml set model.random_weights (False where there is none to read)."""
+    import yaml
+
+    try:
+        model = (yaml.safe_load(run_config.read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return model.get("random_weights") is True
