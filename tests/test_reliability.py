@@ -1,5 +1,5 @@
-"""Reliability on a real local Ray cluster: exact resume, worker-failure recovery, SIGTERM, atomic checkpoints,
-non-finite losses, and the security defaults."""
+"""Reliability on a real local Ray cluster: exact resume, worker-failure recovery, SIGTERM and Ctrl-C, atomic
+checkpoints, non-finite losses, and the security defaults."""
 
 from __future__ import annotations
 
@@ -50,13 +50,37 @@ def out(tmp_path_factory):
 ONE_WORKER = ["train.num_workers=1", "train.max_steps=100"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_ask_for_a_checkpoint_then_a_second_stops_now(sig):
+    from raytune_llm.train.driver import stop_on_signals
+
+    class Flag:  # the stop flag actor's handle: `set.remote()` is what the handler calls
+        def __init__(self):
+            self.set, self.calls = self, 0
+
+        def remote(self):
+            self.calls += 1
+
+    flag, logged = Flag(), []
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(KeyboardInterrupt), stop_on_signals(flag, logged.append) as received:
+        os.kill(os.getpid(), sig)
+        time.sleep(0.1)
+        assert received == [sig.name] and flag.calls == 1 and logged[0].startswith(f"[raytune-llm] {sig.name}: ")
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal, either: stop now
+        time.sleep(5)
+    assert flag.calls == 1
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers before it are back
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_then_resume_in_new_process_is_bitwise_then_nan_stops(ray_session, out, tmp_path, monkeypatch, capsys):
     """Three fits prove three things:
 
     1. `full1`, uninterrupted (in this process): the reference curve.
-    2. `term`, the CLI in a new process: SIGTERM to its driver once its step-5 checkpoint is written; the workers save a
+    2. `term`, the CLI in a new process: Ctrl-C (SIGINT to its process group; SIGTERM takes the same path, as the test
+       above shows) once its step-5 checkpoint is written; the workers save a
        checkpoint at the step they reached and stop, the CLI exits 2 naming the step.
     3. `term` resumed in this process (not the one that wrote the checkpoint), a NaN loss injected at the 11th step
        after the stop: the 10 steps before it are bitwise the uninterrupted run's, and the default on_nonfinite=stop
@@ -79,16 +103,17 @@ def test_sigterm_then_resume_in_new_process_is_bitwise_then_nan_stops(ray_sessio
             stdout=f,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
         )
     train = out / "term" / "ray" / "train"
     deadline = time.time() + 400
     while latest_complete(train) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: every process of the group gets it, as from a terminal
     proc.wait(timeout=300)
     text = log.read_text()
     assert proc.returncode == 2, text[-3000:]
-    stopped = re.search(r"stopped at step (\d+) on SIGTERM", text)
+    stopped = re.search(r"stopped at step (\d+) on SIGINT", text)
     assert stopped, text[-3000:]
     stop = int(stopped.group(1))
     saved = json.loads((latest_complete(train) / "trainer_state.json").read_text())

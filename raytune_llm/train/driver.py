@@ -19,10 +19,12 @@ Run folder:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,36 @@ from raytune_llm.train.preflight import (
 from raytune_llm.train.resume import check_rerun, check_resumable, run_storage
 
 __all__ = ["StoppedEarly", "UserError", "check_rerun", "check_resumable", "run_storage"]  # re-exported
+
+
+# What stops a run gracefully (the workers save a checkpoint at the step they reached, then stop): SIGTERM (a
+# scheduler, `kill`) and Ctrl-C; a second one stops at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop_flag, log=print):
+    """While inside, SIGTERM and Ctrl-C set ``stop_flag`` (the workers save a checkpoint and stop); a second one
+    raises KeyboardInterrupt (stop now). Yields the names of the signals received. Outside the main thread, which
+    alone may handle signals, it does nothing."""
+    stopping = STOP_SIGNALS if threading_main() else ()
+    previous = {sig: signal.getsignal(sig) for sig in stopping}
+    received: list[str] = []
+
+    def on_stop(signum, frame):  # checkpoint first, then exit: never lose the last steps
+        if received:  # a second Ctrl-C / SIGTERM: stop now, the steps since the last checkpoint lost
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        log(f"[raytune-llm] {received[0]}: asking the workers to save a checkpoint and stop (again: stop now)")
+        stop_flag.set.remote()
+
+    for sig in stopping:
+        signal.signal(sig, on_stop)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def threading_main() -> bool:
@@ -363,6 +395,10 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
         datasets={"train": ds},
         torch_config=LoopbackTorchConfig(),
     )
+    if stop_flag is not None and hasattr(trainer, "_register_sigint_handler"):
+        # Ray Train's own Ctrl-C handler aborts the run (the steps since the last checkpoint lost, exit status 1, no
+        # line from us); run_training's saves a checkpoint and stops, as on SIGTERM.
+        trainer._register_sigint_handler = lambda controller: None
     try:
         result = trainer.fit()
     except Exception as exc:  # Train V2 raises worker errors from fit(): name the cause in one line
@@ -400,22 +436,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
             prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits, cfg.quant.double_quant
         )
         log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
-    import signal
-
     stop_flag = make_stop_flag()
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # checkpoint first, then exit: never lose the last steps
-        log("[raytune-llm] SIGTERM: asking the workers to save a checkpoint and stop")
-        stop_flag.set.remote()
-
-    if threading_main():
-        signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    with stop_on_signals(stop_flag, log) as received:
         result, data_stats = fit(cfg, prep, use_gpu, stop_flag)
-    finally:
-        if threading_main():
-            signal.signal(signal.SIGTERM, previous)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -425,7 +448,8 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         state = json.loads((d / "trainer_state.json").read_text())
         if state.get("stopped_early"):
             raise StoppedEarly(
-                f"stopped at step {state['step']} on SIGTERM; checkpoint saved in {result.checkpoint.path}; "
+                f"stopped at step {state['step']} on {received[0] if received else 'SIGTERM'}; checkpoint saved in "
+                f"{result.checkpoint.path}; "
                 "run the same command again to resume"
             )
         adapter = prep.run_dir / "adapter"
