@@ -176,9 +176,9 @@ def cmd_plan(args) -> int:
         configured = "ZeRO-3+offload"  # the planner models parameters and optimizer states offloaded together
     peak = plan.alternatives[configured]
     fits = peak <= plan.usable_bytes
-    other, choice = "", "the plan's choice, " if plan.fits else ""
-    if plan.strategy != configured:
-        other = f"; the table above is {choice}{plan.strategy}"
+    other = (
+        f"; the table above is the plan's choice, {plan.strategy}" if plan.fits and plan.strategy != configured else ""
+    )
     if cfg.sharding.offload_optimizer and configured != "ZeRO-3+offload":
         other += " (sharding.offload_optimizer is not modeled: the figure keeps the optimizer states on the GPU)"
     print(

@@ -94,6 +94,10 @@ def test_bad_input_through_validate_and_plan_is_one_line(args, needle):
 
 
 def test_bad_files_through_validate_and_plan_are_one_line(tmp_path):
+    from raytune_llm.packing.tokenizer import train_tokenizer
+
+    tok = tmp_path / "tok"
+    train_tokenizer(["a few words to train on"] * 50, 300, tok)
     csv, parquet, as_list, not_json = (tmp_path / n for n in ("d.csv", "d.parquet", "list.json", "bad.json"))
     csv.write_text("a,b\n")
     parquet.write_bytes(b"PAR1 this is not parquet PAR1")
@@ -101,7 +105,9 @@ def test_bad_files_through_validate_and_plan_are_one_line(tmp_path):
     not_json.write_text("{bad")
     for args, needle in (
         (["validate", "conf/quickstart.yaml", f"data.path={csv}"], "unknown data file type"),
-        (["validate", "conf/quickstart.yaml", f"data.path={parquet}"], "not a readable Parquet file"),
+        # no tokenizer to train from it: said before the file is read
+        (["validate", "conf/quickstart.yaml", f"data.path={parquet}"], "a tokenizer is trained only from JSONL data"),
+        (["validate", "conf/quickstart.yaml", f"data.path={parquet}", f"model.tokenizer_path={tok}"], "not a readable"),
         (["plan", "conf/quickstart.yaml", f"model.path={as_list}"], "a model config must be a JSON object"),
         (["plan", "conf/quickstart.yaml", f"model.path={not_json}"], "not valid JSON"),
     ):

@@ -366,11 +366,13 @@ def build_ray_dataset(
     num_cpus_per_task: float = 1.0,
     preserve_order: bool = True,
     pack: bool = True,
+    validated: bool = False,
 ):
     """A Ray Dataset of packed rows (one row per packed row), built lazily by Ray Data tasks.
 
     With skip_bad_records off, the driver first runs `validate_data` over all records, so bad data
-    fails before training starts with file:line: reason. Call after `ray.init`.
+    fails before training starts with file:line: reason; ``validated``: the caller has (`train.preflight`), with
+    ``format`` the format it detected, and the records are not read twice. Call after `ray.init`.
 
     Args:
         paths, tokenizer, seq_len, format, train_on_prompt, overlong, skip_bad_records, max_bad_fraction,
@@ -396,7 +398,7 @@ def build_ray_dataset(
     if records_per_task < 1:
         raise ValueError(f"records_per_task={records_per_task}: must be at least 1")
     files = expand_paths(paths)
-    if not skip_bad_records:
+    if not skip_bad_records and not (validated and format != "auto"):
         vstats = validate_data(files, format)
         format = next(k[7:] for k in vstats if k.startswith("format/"))
     elif format == "auto":

@@ -157,8 +157,8 @@ def planned_pinned_bytes(
     prefetched during the last one's backward, the peak, either way. H200, 8B (session 18): 1x65536 N = 1 -> 2 +0.01
     GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26 (one / two layers: 0.56 / 1.13).
     An `offload_lag` past 2 adds (counted as if at the peak) the layers whose copies may still be in flight when the
-    forward ends, just below the on-device ones: each one's input and stash, and its MLP outputs where it is
-    host-kept. H200, 8B, 1x16384 (session 19): lag 2 -> 3 +0.34 GiB measured, one GPU-kept layer's input and stash
+    forward ends besides lag 2's (layers n - lag .. n - 3 of n checkpointed, less the on-device ones): each one's
+    input and stash, and its MLP outputs where it is host-kept. H200, 8B, 1x16384 (session 19): lag 2 -> 3 +0.34 GiB measured, one GPU-kept layer's input and stash
     (0.56) counted.
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
@@ -200,13 +200,16 @@ def planned_pinned_bytes(
     if offload and a["fused"]:
         held = sum(layer_offload_bytes(shape, tokens, a.get("stash_attention", False), a.get("stash_o_proj", True)))
         on_device = max(device_layers(shape, ckpt, n_dev) - 2, 0) * held
-        # past a lag of 2, the layers whose copies may still be in flight when the forward ends: those just below
-        # the on-device ones, each with its host-kept outputs (a gate-only layer counted wherever one may be)
-        lag = min(a.get("offload_lag", 2), _checkpointed(shape, ckpt))
-        top = _checkpointed(shape, ckpt) - device_layers(shape, ckpt, n_dev)
+        # past a lag of 2, the layers whose copies may still be in flight when the forward ends besides lag 2's (the
+        # last checkpointed layer's forward waits for those lag back: layers n - lag .. n - 3 of n checkpointed),
+        # less the on-device ones, which copy nothing; each with its host-kept outputs (a gate-only layer counted
+        # wherever one may be)
+        n = _checkpointed(shape, ckpt)
+        lag = min(a.get("offload_lag", 2), n)
+        top = n - device_layers(shape, ckpt, n_dev)
         below = _below(shape, ckpt, keep, n_dev)
         host = host_kept_placement(below, n_host)
-        for i in range(max(top - max(lag - 2, 0), 0), top):
+        for i in range(max(n - lag, 0), min(n - 2, top)):
             on_device += held + (2 * out if i in host else out if n_gate and i < below else 0)
     return pinned, back, off_device, on_device
 

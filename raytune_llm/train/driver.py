@@ -282,15 +282,17 @@ def record_options(cfg: RunConfig) -> dict[str, Any]:
     return {"format": cfg.data.format, "train_on_prompt": cfg.data.train_on_prompt, "overlong": cfg.data.overlong}
 
 
-def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str):
-    """The Ray Dataset of packed rows for a run config (the trainer and the sweep's trials): (dataset, stats actor)."""
+def packed_dataset(cfg: RunConfig, paths: list[str], tokenizer: str, validated_format: str | None = None):
+    """The Ray Dataset of packed rows for a run config (the trainer and the sweep's trials): (dataset, stats actor).
+    ``validated_format``: the format `preflight` detected while it read every record of ``paths`` (not read again)."""
     from raytune_llm.packing.stream import build_ray_dataset
 
     return build_ray_dataset(
         paths,
         tokenizer,
         cfg.data.seq_len,
-        **record_options(cfg),
+        **{**record_options(cfg), "format": validated_format or cfg.data.format},
+        validated=validated_format is not None,
         skip_bad_records=cfg.data.on_bad_record == "skip",
         max_bad_fraction=cfg.data.max_bad_fraction,
         seed=cfg.train.seed,
@@ -324,7 +326,8 @@ def failure_cause(exc: BaseException) -> str:
 
 
 def make_stop_flag():
-    """A tiny actor the driver sets on SIGTERM; rank 0 polls it each step, then all workers checkpoint and stop."""
+    """A tiny actor the driver sets on SIGTERM or Ctrl-C (`stop_on_signals`); rank 0 polls it each step, then all
+    workers checkpoint and stop."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -341,8 +344,18 @@ def make_stop_flag():
     return StopFlag.remote()
 
 
-def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
-    """Build the Ray Dataset and run the TorchTrainer; return the Ray Train Result."""
+def fit(
+    cfg: RunConfig,
+    prep: Prepared,
+    use_gpu: bool,
+    stop_flag=None,
+    received: list[str] | None = None,
+    validated_format: str | None = None,
+):
+    """Build the Ray Dataset and run the TorchTrainer; return the Ray Train Result. With a ``stop_flag``, SIGTERM
+    and Ctrl-C during training ask the workers to checkpoint and stop (`stop_on_signals`; their names go to
+    ``received``); before it (packing, materialising), a Ctrl-C stops at once. ``validated_format``: see
+    `packed_dataset`."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -350,7 +363,7 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
     from raytune_llm.train.loopback import LoopbackTorchConfig
     from raytune_llm.train.worker import train_loop_per_worker
 
-    ds, stats_actor = packed_dataset(cfg, prep.data_paths, str(prep.tokenizer_path))
+    ds, stats_actor = packed_dataset(cfg, prep.data_paths, str(prep.tokenizer_path), validated_format)
     # Materialise the packed rows once: small next to the model, and it makes every epoch and a
     # resumed run see exactly the same rows in the same order.
     ds = ds.materialize()
@@ -400,7 +413,10 @@ def fit(cfg: RunConfig, prep: Prepared, use_gpu: bool, stop_flag=None):
         # line from us); run_training's saves a checkpoint and stops, as on SIGTERM.
         trainer._register_sigint_handler = lambda controller: None
     try:
-        result = trainer.fit()
+        with stop_on_signals(stop_flag) if stop_flag is not None else contextlib.nullcontext([]) as got:
+            result = trainer.fit()
+        if received is not None:
+            received.extend(got)
     except Exception as exc:  # Train V2 raises worker errors from fit(): name the cause in one line
         raise RuntimeError(f"training failed: {failure_cause(exc)}") from exc
     try:
@@ -419,7 +435,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         UserError: bad input found before training starts.
     """
     t0 = time.time()
-    preflight(cfg)
+    data_checked = preflight(cfg)
     for stale in check_rerun(cfg):  # built by an earlier run that never trained, from other settings
         log(f"[raytune-llm] {stale.name}/ was built for other settings by a run that never trained: building it again")
         shutil.rmtree(stale)
@@ -436,9 +452,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
             prep.model_path, prep.tokenizer_path, prep.eval_records, None, cfg.quant.bits, cfg.quant.double_quant
         )
         log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
-    stop_flag = make_stop_flag()
-    with stop_on_signals(stop_flag, log) as received:
-        result, data_stats = fit(cfg, prep, use_gpu, stop_flag)
+    stop_flag, received = make_stop_flag(), []
+    fmt = next((k.removeprefix("format/") for k in data_checked if k.startswith("format/")), None)
+    result, data_stats = fit(cfg, prep, use_gpu, stop_flag, received, validated_format=fmt)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:

@@ -8,4 +8,4 @@ class UserError(RuntimeError):
 
 
 class StoppedEarly(UserError):
-    """Training stopped on request (SIGTERM) after saving a checkpoint."""
+    """Training stopped on request (SIGTERM or Ctrl-C) after saving a checkpoint."""

@@ -55,8 +55,8 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
 
     Returns:
         `packing.validate.validate_data`'s stats of data.path's records ({} for the embedded task): every record's
-        JSON and schema is read once here, so bad data fails in one line before a tokenizer or model is built (the
-        packing pipeline reads them again as it tokenizes).
+        JSON and schema is read once here, so bad data fails in one line before a tokenizer or model is built (a
+        trainer's packing pipeline takes the format found here and does not scan them again).
 
     Raises:
         UserError: an output_dir that cannot be written, a missing model or tokenizer folder, LoRA targets the model
@@ -91,15 +91,10 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
             )
     if not cfg.data.path:
         return {}
+    from raytune_llm.packing.readers import expand_paths
     from raytune_llm.packing.validate import validate_data
 
-    paths = resolve_data_paths(cfg.data.path)
-    stats = validate_data(
-        paths,
-        cfg.data.format,
-        skip_bad_records=cfg.data.on_bad_record == "skip",
-        max_bad_fraction=cfg.data.max_bad_fraction,
-    )
+    paths = expand_paths(resolve_data_paths(cfg.data.path))  # an unknown file type fails here, before the scan
     trains_tokenizer = not cfg.model.tokenizer_path and not (model is not None and has_tokenizer(model))
     other = [p for p in paths if not p.endswith((".jsonl", ".json"))]
     if trains_tokenizer and other:
@@ -107,7 +102,12 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
             f"{other[0]}: a tokenizer is trained only from JSONL data; set model.tokenizer_path (or a model.path "
             "with a tokenizer)"
         )
-    return stats
+    return validate_data(
+        paths,
+        cfg.data.format,
+        skip_bad_records=cfg.data.on_bad_record == "skip",
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
 
 
 def check_lora_targets(cfg: RunConfig, model_path: Path | None, names: set[str] | None = None) -> None:

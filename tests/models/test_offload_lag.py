@@ -84,6 +84,15 @@ def test_the_setting_reaches_every_checkpointed_layer_and_the_config_and_plan(ti
     kw.update(keep_mlp_layers=0, last_layer_on_device=2)
     host = [plan_from_values(LLAMA31_8B, offload_lag=n, **kw).peak_bytes for n in (2, 4)]
     assert host[1] - host[0] == 2 * held + 2 * 2 * 16384 * 14336
+    # with no layer on the device the newly in-flight one is still layer 29 (lag 3: the last layer waits for 29's
+    # copies instead of 30's), host-kept with keep 2 (8 of range(30) again); with 4 on the device (28-31) it copies
+    # nothing
+    kw.update(keep_mlp_layers=2, last_layer_on_device=0)
+    host = [plan_from_values(LLAMA31_8B, offload_lag=n, **kw).peak_bytes for n in (2, 3)]
+    assert host[1] - host[0] == held + 2 * 2 * 16384 * 14336
+    kw.update(last_layer_on_device=4)
+    host = [plan_from_values(LLAMA31_8B, offload_lag=n, **kw).peak_bytes for n in (2, 3)]
+    assert host[1] == host[0]
     no_ckpt = [plan_from_values(LLAMA31_8B, offload_lag=n, **dict(kw, checkpoint_layers=2)).peak_bytes for n in (2, 4)]
     assert no_ckpt[0] == no_ckpt[1]  # two checkpointed layers: no more than two in flight
     with pytest.raises(PlanError, match="offload_lag must be an int >= 1"):
