@@ -109,8 +109,8 @@ class ModelSection:
     offload_lag: int = 2
     """With gradient_checkpointing=offload: layer i's forward waits for the copies to CPU memory of layer i - this-many
     (and frees their GPU storages). More lets a burst of copies (a keep_mlp_layers_on_host layer's) run under more
-    layers' compute, for one more layer's input and stash (and its MLP outputs where it is host-kept) on the GPU as the
-    forward ends, each; 1 waits for the layer before.
+    layers' compute, for one more layer's input and stash (and its MLP outputs where it is host-kept) on the GPU as
+    the forward ends, each; 1 waits for the layer before.
     H200, 8B, 1x16384, 8 host-kept layers: 2 -> 3 1,537.1 -> 1,517.6 ms a step at +0.34 GiB (session 19); past 8
     host-kept layers 3 did not help (9: 1,557.5)."""
     last_layer_on_device: bool | int = False

@@ -158,8 +158,8 @@ def planned_pinned_bytes(
     GiB (N - 1 layers would be +2.27); 1x16384 N = 1 -> 3 / 4 +0.69 / +1.26 (one / two layers: 0.56 / 1.13).
     An `offload_lag` past 2 adds (counted as if at the peak) the layers whose copies may still be in flight when the
     forward ends besides lag 2's (layers n - lag .. n - 3 of n checkpointed, less the on-device ones): each one's
-    input and stash, and its MLP outputs where it is host-kept. H200, 8B, 1x16384 (session 19): lag 2 -> 3 +0.34 GiB measured, one GPU-kept layer's input and stash
-    (0.56) counted.
+    input and stash, and its MLP outputs where it is host-kept. H200, 8B, 1x16384 (session 19): lag 2 -> 3 +0.34 GiB
+    measured, one GPU-kept layer's input and stash (0.56) counted.
 
     With `weights_on_host` (fused, DDP) the LoRA-wrapped projections' base weights of every layer sit on the host,
     each layer's buffer rounded up to a power of two by torch's pinned allocator; off the device are those of the
