@@ -253,6 +253,8 @@ def test_plan_says_how_much_memory_a_node_needs():
         "note: model.last_layer_on_device=40: 31 here (never layer 0)",
         "note: model.offload_lag=99: 32 here (of the checkpointed layers)",
     ], out.stdout
+    out = _run("plan", "conf/llama3_8b_qlora_16k.yaml", "--shape", "llama-3.1-8b", "model.checkpoint_layers=20")
+    assert "note: model.last_layer_on_device=2: 0 here (the last layer is not checkpointed)\n" in out.stdout
     out = _run("plan", "conf/quickstart.yaml", timeout=60)  # nothing pinned: no host line
     assert out.returncode == 0 and "host:" not in out.stdout, out.stdout
 

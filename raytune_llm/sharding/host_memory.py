@@ -215,24 +215,34 @@ def planned_pinned_bytes(
 
 
 def capped_settings(shape: Shape, a: dict) -> list[str]:
-    """The layer counts in the planner's settings ``a`` (`Plan.inputs`) that this model takes fewer of than asked,
-    each as `models.patch` caps it: one line each, for `raytune-llm plan` to say (a count past the layers is not an
-    error: each setting takes what it can)."""
+    """The layer-count settings in the planner's settings ``a`` (`Plan.inputs`) that this model and mode take fewer
+    of than asked, as `models.patch` caps them: one line each, for `raytune-llm plan` to say (a count past what the
+    model takes is not an error: each setting takes what it can)."""
     ckpt = a.get("checkpoint_layers")
-    n = _checkpointed(shape, ckpt)
+    n = _checkpointed(shape, ckpt) if a.get("checkpointing", "off") != "off" else 0
+    offload = a.get("checkpointing") == "offload" and a.get("fused")
     keep, on_host, gate, n_dev = (
         a.get(k, 0)
         for k in ("keep_mlp_layers", "keep_mlp_layers_on_host", "keep_mlp_gate_on_host", "last_layer_on_device")
     )
+    needs = "needs gradient_checkpointing=offload and fused=true"
     took = {
-        "keep_mlp_layers": (keep, min(keep, n), "of the checkpointed layers"),
+        "keep_mlp_layers": (keep, min(keep, n) if a.get("fused") else 0, "of the checkpointed layers, fused=true"),
         "keep_mlp_layers_on_host": (
             on_host,
-            host_kept_count(shape, ckpt, keep, on_host, n_dev),
-            "below the GPU-kept and on-device layers",
+            host_kept_count(shape, ckpt, keep, on_host, n_dev) if offload else 0,
+            "below the GPU-kept and on-device layers" if offload else needs,
         ),
-        "keep_mlp_gate_on_host": (gate, host_gate_count(shape, ckpt, keep, on_host, gate, n_dev), "of those left"),
-        "last_layer_on_device": (int(n_dev), device_layers(shape, ckpt, n_dev), "never layer 0"),
+        "keep_mlp_gate_on_host": (
+            gate,
+            host_gate_count(shape, ckpt, keep, on_host, gate, n_dev) if offload else 0,
+            "of those left" if offload else needs,
+        ),
+        "last_layer_on_device": (
+            int(n_dev),
+            device_layers(shape, ckpt, n_dev) if offload else 0,
+            needs if not offload else "never layer 0" if n == shape.layers else "the last layer is not checkpointed",
+        ),
         "offload_lag": (a.get("offload_lag", 2), min(a.get("offload_lag", 2), n), "of the checkpointed layers"),
     }
     return [f"model.{k}={asked}: {got} here ({why})" for k, (asked, got, why) in took.items() if got < asked]
