@@ -45,7 +45,13 @@ def test_every_goal_held_in_its_latest_call(tmp_path, capsys):
     assert out.count(" held") == len(GOALS) and "NOT HELD" not in out
     table = json.loads((tmp_path / "goals.json").read_text())
     assert table["4x2048"]["latest"]["speedup_vs_unsloth"] == 1.4 and table["4x2048"]["latest"]["mfu"] == 0.65
-    assert table["1x65536"]["losses"] == {"file": "e2e_all.json", "max_diff_vs_std_qlora": 0.005, "holds": True}
+    assert table["1x65536"]["losses"] == {
+        "file": "e2e_all.json",
+        "date": "2026-12-01T00:00:00+00:00",
+        "same_call": True,
+        "max_diff_vs_std_qlora": 0.005,
+        "holds": True,
+    }
 
 
 def test_losses_off_standard_qlora_fail_the_shape(tmp_path, capsys):
@@ -98,8 +104,12 @@ def test_a_shape_without_a_call_is_exit_2(tmp_path, capsys):
     assert "1x65536      (none)" in capsys.readouterr().out
 
 
-def test_the_results_on_record_read_as_the_readme_says(capsys):
-    main([])
+def test_a_real_call_on_record_reads_as_the_readme_says(tmp_path, capsys):
+    # session 19's 4x2048 call (ours, Unsloth and standard QLoRA), alone in a folder: its row and its losses' line
+    name = "e2e_h200_20261130_s19d.json"
+    (tmp_path / name).write_bytes((ROOT / "bench" / "results" / name).read_bytes())
+    assert main(["--results", str(tmp_path)]) == 2  # the other shapes have no call here
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("4x2048"))
-    assert "e2e_h200_20261130_s19d.json" in line and " 1.319 " in line and "68.6%" in line
+    assert name in line and " 1.319 " in line and "68.6%" in line and " 0.0021 " in line and line.endswith(" held")
+    assert f"losses 4x2048: within 0.00206 of standard QLoRA in {name} (the same call)" in out

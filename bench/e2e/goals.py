@@ -60,25 +60,33 @@ def verdicts(found: list[tuple[str, str, dict]], since: str = "") -> dict[str, d
         row: dict = {"goal": {"speedup_vs_unsloth": speed, "memory_vs_unsloth": memory, "mfu": least_mfu}}
         if both:
             date, name, s = both[-1]
+            mem, mfu = s.get("memory_vs_unsloth"), s.get("mfu")
             checks = {"speedup_vs_unsloth": s["speedup_vs_unsloth"] >= speed}
             if memory is not None:
-                checks["memory_vs_unsloth"] = s["memory_vs_unsloth"] is not None and s["memory_vs_unsloth"] <= memory
+                checks["memory_vs_unsloth"] = mem is not None and mem <= memory
             if least_mfu is not None:
-                checks["mfu"] = s["mfu"] is not None and s["mfu"] >= least_mfu
+                checks["mfu"] = mfu is not None and mfu >= least_mfu
             row["latest"] = {
                 "file": name,
                 "date": date,
-                "tokens_per_s": s["tokens_per_s"],
-                "peak_gib": s["peak_gib"],
+                "tokens_per_s": s.get("tokens_per_s") or {},
+                "peak_gib": s.get("peak_gib") or {},
                 "speedup_vs_unsloth": s["speedup_vs_unsloth"],
-                "memory_vs_unsloth": s["memory_vs_unsloth"],
-                "mfu": s["mfu"],
+                "memory_vs_unsloth": mem,
+                "mfu": mfu,
                 "holds": checks,
             }
             row["since"] = [(f, s["speedup_vs_unsloth"]) for d, f, s in both if d >= since] if since else []
         if losses:
             date, name, diff = losses[-1]
-            row["losses"] = {"file": name, "max_diff_vs_std_qlora": diff, "holds": diff <= LOSS_TOL}
+            same = bool(both) and name == both[-1][1]
+            row["losses"] = {
+                "file": name,
+                "date": date,
+                "same_call": same,
+                "max_diff_vs_std_qlora": diff,
+                "holds": diff <= LOSS_TOL,
+            }
         table[shape] = row
     return table
 
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for shape, row in table.items():
         latest, losses = row.get("latest"), row.get("losses")
-        loss = f"{losses['max_diff_vs_std_qlora']:.4f}" if losses else "-"
+        # a loss difference from another call than the ratio's is starred; the lines below name its call
+        loss = f"{losses['max_diff_vs_std_qlora']:.4f}{'' if losses['same_call'] else '*'}" if losses else "-"
         if latest is None:
             print(f"{shape:12s} {'(none)':42s}{'':>50s}  NO CALL")
             status = max(status, 2)
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         status = max(status, 1 if failed else 0)
         tps, mem, mfu = latest["tokens_per_s"], latest["memory_vs_unsloth"], latest["mfu"]
         print(
-            f"{shape:12s} {latest['file']:42s} {tps['ours']:8,.0f} {tps['unsloth']:8,.0f} "
+            f"{shape:12s} {latest['file']:42s} {tps.get('ours', 0):8,.0f} {tps.get('unsloth', 0):8,.0f} "
             f"{latest['speedup_vs_unsloth']:6.3f} {row['goal']['speedup_vs_unsloth']:5.2f} "
             f"{mem if mem is not None else '-':>6} {f'{mfu:.1%}' if mfu else '-':>6} {loss:>9s}  "
             f"{'NOT HELD: ' + ', '.join(failed) if failed else 'held'}"
@@ -121,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':12s} since {args.since}: " + ", ".join(f"{r:.3f} ({f})" for f, r in row["since"]))
     for shape, row in table.items():
         if row.get("losses"):
-            print(
-                f"losses {shape}: within {row['losses']['max_diff_vs_std_qlora']} of standard QLoRA in "
-                f"{row['losses']['file']}"
-            )
+            got = row["losses"]
+            where = "the same call" if got["same_call"] else f"another call, {got['date'][:16]}"
+            print(f"losses {shape}: within {got['max_diff_vs_std_qlora']} of standard QLoRA in {got['file']} ({where})")
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
     return status
