@@ -410,7 +410,7 @@ def fit(
     )
     if stop_flag is not None and hasattr(trainer, "_register_sigint_handler"):
         # Ray Train's own Ctrl-C handler aborts the run (the steps since the last checkpoint lost, exit status 1, no
-        # line from us); run_training's saves a checkpoint and stops, as on SIGTERM.
+        # line from us); stop_on_signals' saves a checkpoint and stops, as on SIGTERM.
         trainer._register_sigint_handler = lambda controller: None
     try:
         with stop_on_signals(stop_flag) if stop_flag is not None else contextlib.nullcontext([]) as got:
