@@ -385,8 +385,7 @@ def plan_from_values(
             `models.settings.set_keep_mlp_layers_on_host`): host bytes, and with fewer than 2 `keep_mlp_layers`
             one layer's on the GPU (in backward). keep_mlp_gate_on_host: more layers keep the gate's alone there
             (`models.settings.set_keep_mlp_gate_on_host`), half the bytes a layer. offload_lag: past 2, one more
-            layer's input and stash on the GPU each, and its MLP outputs where it is host-kept
-            (`models.settings.set_offload_lag`, `sharding.host_memory.planned_pinned_bytes`).
+            layer's input and stash (and host-kept outputs) on the GPU each (`host_memory.planned_pinned_bytes`).
         stash_attention, last_layer_on_device, stash_o_proj: with offload, what goes to pinned host memory besides
             the layer inputs (`sharding.host_memory.pinned_host_bytes`, the breakdown's host line); an int
             last_layer_on_device N holds N - 2 more layers' inputs and stashes on the GPU at the peak.
