@@ -146,8 +146,9 @@ class ModelSection:
     """Allow a model folder's own Python code to run (off: only transformers' own classes)."""
     random_weights: bool = False
     """Draw the base weights at random on each worker (seeded by train.seed) instead of reading them: `path` then
-    needs only config.json (a tokenizer too, or one is trained on the data as for any folder without one). For measuring a run's memory and speed (e.g. 70B across GPUs) before
-    downloading its weights; the adapter learns nothing useful, so nothing is evaluated or exported."""
+    needs only config.json (a tokenizer too, or one is trained on the data as for any folder without one). For
+    measuring a run's memory and speed (e.g. 70B across GPUs) before downloading its weights; the adapter learns
+    nothing useful, so nothing is evaluated or exported."""
 
     def __post_init__(self):
         value = self.mlp_chunk_tokens

@@ -28,7 +28,7 @@ import pyarrow as pa
 from .formats import FORMATS, check_record, detect_format, encode_chunk, render
 from .packer import IGNORE_INDEX, PackedStream, SourceItem, fit_length, has_trainable_token, pack_window, rows_to_arrow
 from .readers import count_records, expand_paths, iter_file, iter_records
-from .validate import MIN_RECORDS_FOR_SHARE, DataError, DataStats, validate_data
+from .validate import MIN_RECORDS_FOR_SHARE, DataError, DataStats, detected_format, validate_data
 
 OVERLONG = ("truncate", "drop", "split")
 # Records rendered and tokenized per encode_batch call: enough to keep the Rust tokenizer's
@@ -400,7 +400,7 @@ def build_ray_dataset(
     files = expand_paths(paths)
     if not skip_bad_records and not (validated and format != "auto"):
         vstats = validate_data(files, format)
-        format = next(k[7:] for k in vstats if k.startswith("format/"))
+        format = detected_format(vstats)
     elif format == "auto":
         format = detect_data_format(files)
     units = []

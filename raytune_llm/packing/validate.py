@@ -100,6 +100,11 @@ class DataStats:
         self.bad_reasons = Counter({k[4:]: v for k, v in d.items() if k.startswith("bad/")})
 
 
+def detected_format(stats: dict[str, int]) -> str | None:
+    """The format `validate_data` detected (its ``format/<name>`` key), or None in stats without one."""
+    return next((k.removeprefix("format/") for k in stats if k.startswith("format/")), None)
+
+
 def validate_data(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     format: str = "auto",

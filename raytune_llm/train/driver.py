@@ -453,8 +453,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
         )
         log(f"[raytune-llm] exact match before training: {before:.3f} on {len(prep.eval_records)} held-out examples")
     stop_flag, received = make_stop_flag(), []
-    fmt = next((k.removeprefix("format/") for k in data_checked if k.startswith("format/")), None)
-    result, data_stats = fit(cfg, prep, use_gpu, stop_flag, received, validated_format=fmt)
+    from raytune_llm.packing.validate import detected_format
+
+    result, data_stats = fit(cfg, prep, use_gpu, stop_flag, received, validated_format=detected_format(data_checked))
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:
