@@ -22,11 +22,17 @@ def _call(folder: Path, name: str, date: str, figures: dict, config: dict = LLAM
     for shape, stacks in figures.items():
         runs[shape] = {}
         for stack, (tps, peak) in stacks.items():
-            runs[shape][stack] = {"status": "ok", "tokens_per_s": tps, "peak_gib": peak, "losses": [12.5, 12.4]}
+            runs[shape][stack] = {
+                "status": "ok",
+                "tokens_per_s": tps,
+                "peak_gib": peak,
+                "losses": [12.5, 12.4],
+                "seed": 0,
+            }
             if stack == "ours":
                 runs[shape][stack]["mfu"] = 0.65
         if std_diff:
-            std = {"status": "ok", "tokens_per_s": 1.0, "peak_gib": 30.0, "losses": [12.5, 12.4 + std_diff]}
+            std = {"status": "ok", "tokens_per_s": 1.0, "peak_gib": 30.0, "losses": [12.5, 12.4 + std_diff], "seed": 0}
             runs[shape]["std_qlora"] = std
     doc = {"bench": "e2e", "tiny": False, "model": {"config": config}, "environment": {"date_utc": date}}
     doc.update(runs=runs, summary=summarize(runs, list(GOALS)))
@@ -90,7 +96,7 @@ def test_the_latest_call_decides_by_date_not_by_name(tmp_path, capsys, figures, 
     else:
         assert rc == 0 and line.endswith("held"), out
     # every same-call ratio since the date, oldest first
-    assert f"since 2026-12-01: 1.400 (e2e_all.json), {figures[shape]['ours'][0] / 1000:.3f} (e2e_a_later.json)" in out
+    assert f"since 2026-12-01: 1.4000 (e2e_all.json), {figures[shape]['ours'][0] / 1000:.4f} (e2e_a_later.json)" in out
 
 
 def test_a_shape_without_a_call_is_exit_2(tmp_path, capsys):
@@ -111,5 +117,46 @@ def test_a_real_call_on_record_reads_as_the_readme_says(tmp_path, capsys):
     assert main(["--results", str(tmp_path)]) == 2  # the other shapes have no call here
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("4x2048"))
-    assert name in line and " 1.319 " in line and "68.6%" in line and " 0.0021 " in line and line.endswith(" held")
+    assert name in line and " 1.3192 " in line and "68.6%" in line and " 0.0021 " in line and line.endswith(" held")
     assert f"losses 4x2048: within 0.00206 of standard QLoRA in {name} (the same call)" in out
+
+
+def test_a_ratio_just_under_the_goal_is_not_rounded_up(tmp_path, capsys):
+    # session 20's 1x65536 call: 5,869.6 against 4,516.8 tokens/s is 1.29951, which 3 places printed as 1.3
+    _all_held(tmp_path)
+    _call(
+        tmp_path,
+        "e2e_later.json",
+        "2026-12-02T00:00:00+00:00",
+        {"1x65536": {"ours": (5869.6, 21.75), "unsloth": (4516.8, 22.64)}},
+    )
+    assert main(["--results", str(tmp_path)]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("1x65536"))
+    assert " 1.2995 " in line and line.endswith("NOT HELD: speedup_vs_unsloth"), line
+
+
+def _std_alone(folder: Path, name: str, date: str, shape: str, losses: list[float], seed: int = 0) -> None:
+    runs = {
+        shape: {"std_qlora": {"status": "ok", "tokens_per_s": 1.0, "peak_gib": 30.0, "losses": losses, "seed": seed}}
+    }
+    doc = {"bench": "e2e", "tiny": False, "model": {"config": LLAMA31_8B}, "environment": {"date_utc": date}}
+    doc.update(runs=runs, summary=summarize(runs, list(GOALS)))
+    (folder / name).write_text(json.dumps(doc))
+
+
+def test_losses_from_a_later_standard_run_on_the_same_inputs(tmp_path, capsys):
+    # the judged call has no standard QLoRA run: an older call's summary (0.005) is on record; a later standard run
+    # fed the same seeded inputs is compared with the judged run's own losses instead, one on other inputs is not
+    _all_held(tmp_path, "2026-12-01T00:00:00+00:00")
+    _call(
+        tmp_path,
+        "e2e_b_judged.json",
+        "2026-12-02T00:00:00+00:00",
+        {"1x65536": {"ours": (1400.0, 7.0), "unsloth": (1e3, 8.0)}},
+    )
+    _std_alone(tmp_path, "e2e_c_std.json", "2026-12-03T00:00:00+00:00", "1x65536", [12.5, 12.403])
+    _std_alone(tmp_path, "e2e_d_other_seed.json", "2026-12-04T00:00:00+00:00", "1x65536", [12.5, 12.9], seed=1)
+    assert main(["--results", str(tmp_path), "--json", str(tmp_path / "g.json")]) == 0
+    got = json.loads((tmp_path / "g.json").read_text())["1x65536"]["losses"]
+    assert got["file"] == "e2e_c_std.json" and not got["same_call"] and got["max_diff_vs_std_qlora"] == 0.003
+    assert "losses 1x65536: within 0.003 of standard QLoRA in e2e_c_std.json (another call" in capsys.readouterr().out

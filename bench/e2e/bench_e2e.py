@@ -197,7 +197,7 @@ def summarize(runs: dict, shapes: list[str]) -> dict:
             if _ours is None or other is None or _ours.get(key) is None or other.get(key) is None:
                 return None
             a, b = (other[key], _ours[key]) if inverse else (_ours[key], other[key])
-            return round(a / b, 3) if b else None
+            return round(a / b, 4) if b else None  # 3 places made 1.29914 read 1.3 (session 20)
 
         loss_diff = None
         if ours is not None and "std_qlora" in by:

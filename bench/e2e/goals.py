@@ -1,6 +1,11 @@
 """Issue 5's goals against the end-to-end results on record: for each shape, the latest device call in which ours and
 Unsloth both ran at Llama-3.1-8B shapes, its ratios against the goal, every such call's ratio since a date, and the
-latest loss agreement with standard QLoRA.
+loss agreement with standard QLoRA of the run each ratio is judged on.
+
+Ratios come from the runs' own tokens/s (the summary's, rounded to 3 places until session 20, read 1.29914 as 1.3).
+The losses are those of the judged ours run against standard QLoRA's in the same call, else against the latest
+standard QLoRA run fed the same inputs (seed, steps, shape, LoRA, learning rate: the model and data are seeded), else
+the latest same-call agreement on record (starred in the table, named below it).
 
     python bench/e2e/goals.py                      # bench/results/e2e_*.json
     python bench/e2e/goals.py --since 2026-11-30   # and every same-call ratio since then
@@ -30,6 +35,8 @@ GOALS = {
 }
 LOSS_TOL = 1e-2
 _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# what makes two runs' losses comparable across calls: the model and the data are built from these and a fixed seed
+_INPUT_KEYS = ("seed", "steps", "warmup", "batch", "seq", "packed", "doc_len_range", "lr", "lora")
 
 
 def calls(results: Path) -> list[tuple[str, str, dict]]:
@@ -48,20 +55,16 @@ def calls(results: Path) -> list[tuple[str, str, dict]]:
 
 def verdicts(found: list[tuple[str, str, dict]], since: str = "") -> dict[str, dict]:
     """Per shape of GOALS: the latest call with ours and Unsloth (its ratios, MFU and whether each goal holds), the
-    ratios of every such call dated ``since`` or later, and the latest loss agreement with standard QLoRA."""
+    ratios of every such call dated ``since`` or later, and the loss agreement of that call's ours run."""
     table = {}
     for shape, (speed, memory, least_mfu) in GOALS.items():
-        both = [(d, f, doc["summary"][shape]) for d, f, doc in found if _ratio(doc, shape) is not None]
-        losses = [
-            (d, f, s["max_loss_diff_vs_std_qlora"])
-            for d, f, doc in found
-            if (s := doc["summary"].get(shape)) and s.get("max_loss_diff_vs_std_qlora") is not None
-        ]
+        both = [(d, f, doc) for d, f, doc in found if _ratio(doc, shape, "tokens_per_s") is not None]
         row: dict = {"goal": {"speedup_vs_unsloth": speed, "memory_vs_unsloth": memory, "mfu": least_mfu}}
         if both:
-            date, name, s = both[-1]
-            mem, mfu = s.get("memory_vs_unsloth"), s.get("mfu")
-            checks = {"speedup_vs_unsloth": s["speedup_vs_unsloth"] >= speed}
+            date, name, doc = both[-1]
+            s = doc["summary"][shape]
+            ratio, mem, mfu = _ratio(doc, shape, "tokens_per_s"), _ratio(doc, shape, "peak_gib"), s.get("mfu")
+            checks = {"speedup_vs_unsloth": ratio >= speed}
             if memory is not None:
                 checks["memory_vs_unsloth"] = mem is not None and mem <= memory
             if least_mfu is not None:
@@ -71,28 +74,58 @@ def verdicts(found: list[tuple[str, str, dict]], since: str = "") -> dict[str, d
                 "date": date,
                 "tokens_per_s": s.get("tokens_per_s") or {},
                 "peak_gib": s.get("peak_gib") or {},
-                "speedup_vs_unsloth": s["speedup_vs_unsloth"],
+                "speedup_vs_unsloth": ratio,
                 "memory_vs_unsloth": mem,
                 "mfu": mfu,
                 "holds": checks,
             }
-            row["since"] = [(f, s["speedup_vs_unsloth"]) for d, f, s in both if d >= since] if since else []
+            row["since"] = [(f, _ratio(x, shape, "tokens_per_s")) for d, f, x in both if d >= since] if since else []
+        losses = _losses(found, shape, both[-1] if both else None)
         if losses:
-            date, name, diff = losses[-1]
-            same = bool(both) and name == both[-1][1]
-            row["losses"] = {
-                "file": name,
-                "date": date,
-                "same_call": same,
-                "max_diff_vs_std_qlora": diff,
-                "holds": diff <= LOSS_TOL,
-            }
+            row["losses"] = losses | {"holds": losses["max_diff_vs_std_qlora"] <= LOSS_TOL}
         table[shape] = row
     return table
 
 
-def _ratio(doc: dict, shape: str) -> float | None:
-    return (doc["summary"].get(shape) or {}).get("speedup_vs_unsloth")
+def _run(doc: dict, shape: str, stack: str) -> dict | None:
+    run = ((doc.get("runs") or {}).get(shape) or {}).get(stack)
+    return run if run and run.get("status") == "ok" else None
+
+
+def _ratio(doc: dict, shape: str, key: str) -> float | None:
+    """Ours against Unsloth in ``doc`` from the runs' own figures, unrounded; None unless both ran."""
+    ours, unsloth = _run(doc, shape, "ours"), _run(doc, shape, "unsloth")
+    if ours is None or unsloth is None or not ours.get(key) or not unsloth.get(key):
+        return None
+    return ours[key] / unsloth[key]
+
+
+def _same_inputs(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in _INPUT_KEYS)
+
+
+def _losses(found: list[tuple[str, str, dict]], shape: str, judged: tuple[str, str, dict] | None) -> dict | None:
+    """The judged call's ours losses against standard QLoRA: the same call's, else the latest run on the same inputs,
+    else the latest same-call agreement on record."""
+    if judged is not None:
+        date, name, doc = judged
+        ours = _run(doc, shape, "ours")
+        same = [(d, f, x) for d, f, x in found if f == name] + [(d, f, x) for d, f, x in reversed(found) if f != name]
+        for d, f, x in same:
+            std = _run(x, shape, "std_qlora")
+            if std and ours and std.get("losses") and _same_inputs(ours, std):
+                diff = max(abs(a - b) for a, b in zip(ours["losses"], std["losses"]))
+                return {"file": f, "date": d, "same_call": f == name, "max_diff_vs_std_qlora": round(diff, 5)}
+    on_record = [
+        (d, f, s["max_loss_diff_vs_std_qlora"])
+        for d, f, doc in found
+        if (s := doc["summary"].get(shape)) and s.get("max_loss_diff_vs_std_qlora") is not None
+    ]
+    if not on_record:
+        return None
+    date, name, diff = on_record[-1]
+    same = judged is not None and name == judged[1]
+    return {"file": name, "date": date, "same_call": same, "max_diff_vs_std_qlora": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         tps, mem, mfu = latest["tokens_per_s"], latest["memory_vs_unsloth"], latest["mfu"]
         print(
             f"{shape:12s} {latest['file']:42s} {tps.get('ours', 0):8,.0f} {tps.get('unsloth', 0):8,.0f} "
-            f"{latest['speedup_vs_unsloth']:6.3f} {row['goal']['speedup_vs_unsloth']:5.2f} "
-            f"{mem if mem is not None else '-':>6} {f'{mfu:.1%}' if mfu else '-':>6} {loss:>9s}  "
+            f"{latest['speedup_vs_unsloth']:6.4f} {row['goal']['speedup_vs_unsloth']:5.2f} "
+            f"{f'{mem:.3f}' if mem is not None else '-':>6} {f'{mfu:.1%}' if mfu else '-':>6} {loss:>9s}  "
             f"{'NOT HELD: ' + ', '.join(failed) if failed else 'held'}"
         )
         if row["since"]:
-            print(f"{'':12s} since {args.since}: " + ", ".join(f"{r:.3f} ({f})" for f, r in row["since"]))
+            print(f"{'':12s} since {args.since}: " + ", ".join(f"{r:.4f} ({f})" for f, r in row["since"]))
     for shape, row in table.items():
         if row.get("losses"):
             got = row["losses"]
