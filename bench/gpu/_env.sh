@@ -15,12 +15,14 @@ run_ours() {
   timeout "$t" python3 bench/e2e/run_stack.py --stack ours --out "$OUT/$name.json" "$@" 2>&1 \
     | grep -E "variant|loaded|Error|error|ms |top" | tail -40
 }
-# gpu_tests TIMEOUT LOG FILE...: the GPU tests (gpu and not slow) of those files, their summary into $OUT/LOG.
+# gpu_tests TIMEOUT LOG FILE...: the GPU tests (gpu and not slow) of those files, one line per test into $OUT/LOG as
+# they finish (a run cut by TIMEOUT keeps what finished: session 20's whole-suite run ran past 270 s and, with only the
+# summary kept, left nothing), the summary shown.
 gpu_tests() {
   local t=$1 log=$2; shift 2
   echo "== GPU tests $(date +%T)"
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" "$@" --timeout=$((t - 10)) -rf \
-    --tb=line 2>&1 | grep -E "passed|failed|FAILED|Error|assert" | tail -12 | tee "$OUT/$log"
+  timeout "$t" python3 -m pytest -v -p no:cacheprovider -m "gpu and not slow" "$@" --timeout=$((t - 10)) -rf \
+    --tb=line --durations=15 2>&1 | tee "$OUT/$log" | grep -E "passed|failed|FAILED|Error|assert" | tail -12
 }
 # run_e2e NAME BUDGET SHAPES OURS_FLAGS [STACKS]: the e2e protocol for ours and Unsloth (or STACKS) into
 # $OUT/NAME.json, its table shown.
