@@ -88,3 +88,35 @@ def test_session9_eager_step_on_the_h200_is_gpu_bound():
     assert out["span_ms"] == 613.265 and out["busy_ms"] == 588.548 and out["idle_ms"] == 24.717
     assert out["idle_by_cause_ms"] == {"launch": 6.316, "copy": 8.182, "other": 1.38}
     assert out["idle_ms_by_gap_size"]["<5us"] == 8.838
+
+
+def test_kernel_categories_of_a_recorded_profile():
+    # session 8's 4x2048 profile (its 30 largest kernels), summed by kind
+    import json
+
+    from timeline import kernel_categories, kernel_category
+
+    doc = json.loads((RESULTS / "profile_h200_20261129_s8.json").read_text())
+
+    def find(o):
+        if isinstance(o, dict):
+            return o if "gpu_ms_total" in o else next((r for v in o.values() if (r := find(v))), None)
+        return next((r for v in o if (r := find(v))), None) if isinstance(o, list) else None
+
+    rows = [tuple(r) for r in find(doc)["top"]]
+    cats = kernel_categories(rows)
+    assert abs(sum(c["ms"] for c in cats.values()) - sum(r[1] for r in rows)) < 1e-6
+    assert kernel_category("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT") == "gemm"
+    assert kernel_category("nvjet_sm90_tst_16x128_64x11_1x2_h_bz_splitK_TNN") == "gemm_thin"
+    assert (
+        kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128") == "attention"
+    )
+    assert kernel_category("void cudnn::fusion::compute_dot_do_o_specialized<true, 128>(void const*)") == "attention"
+    assert kernel_category("_lora_swiglu_bwd_kernel") == "triton"
+    assert kernel_category("Memcpy HtoD (Pinned -> Device)") == "copy"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>") == (
+        "torch_elementwise"
+    )
+    # the GEMMs lead that step, the copies (on their own stream) next; the order is by time
+    assert list(cats)[:2] == ["gemm", "copy"] and cats["gemm"]["top"][0][0].startswith("nvjet_sm90_tst_320x128")
+    assert [c["ms"] for c in cats.values()] == sorted((c["ms"] for c in cats.values()), reverse=True)

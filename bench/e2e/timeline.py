@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from typing import NamedTuple
 
 
@@ -179,6 +180,44 @@ def events_from_dump(path: str) -> list[Span]:
         if span is not None:
             spans.append(span)
     return spans
+
+
+_GEMM_TILE = re.compile(r"(?:nvjet|cutlass|sm90|sm80)\w*?_(\d+)x(\d+)_")
+
+
+def kernel_category(name: str) -> str:
+    """What a profiled kernel is, by its name: ``attention`` (cuDNN / flash SDPA), ``gemm`` (cuBLAS, a tile of at
+    least 64 both ways), ``gemm_thin`` (a smaller tile: the rank-16 adapters' products, split-K pieces),
+    ``triton`` (ours: ``_name_kernel``), ``torch_elementwise`` (``at::native``), ``copy`` (memcpy / memset on the
+    copy engines, which overlap the compute stream) or ``other``."""
+    low = name.lower()
+    if low.startswith(("memcpy", "memset")):
+        return "copy"
+    if any(k in low for k in ("sdpa", "fmha", "flash", "attention")) or "cudnn" in low:
+        return "attention"
+    tile = _GEMM_TILE.search(low)
+    if tile or "gemm" in low or "cublas" in low:
+        return "gemm_thin" if tile and min(int(tile[1]), int(tile[2])) < 64 else "gemm"
+    if name.startswith("_") and name.endswith("_kernel"):
+        return "triton"
+    if "at::native" in name:
+        return "torch_elementwise"
+    return "other"
+
+
+def kernel_categories(rows: list[tuple[str, float, int]]) -> dict[str, dict]:
+    """``rows`` of (kernel name, GPU ms, count) summed by `kernel_category`, largest first: ``{category: {"ms",
+    "count", "top": [(name, ms), ...3]}}``."""
+    out: dict[str, dict] = {}
+    for name, ms, count in rows:
+        c = out.setdefault(kernel_category(name), {"ms": 0.0, "count": 0, "top": []})
+        c["ms"] += ms
+        c["count"] += count
+        c["top"].append((name[:120], round(ms, 3)))
+    for c in out.values():
+        c["ms"] = round(c["ms"], 3)
+        c["top"] = sorted(c["top"], key=lambda t: -t[1])[:3]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
 
 
 def dump_events(prof, path: str) -> int:

@@ -13,7 +13,7 @@ run_ours() {
   local name=$1 t=$2; shift 2
   echo "== $name $(date +%T)"
   timeout "$t" python3 bench/e2e/run_stack.py --stack ours --out "$OUT/$name.json" "$@" 2>&1 \
-    | grep -E "variant|loaded|Error|error|ms |top" | tail -40
+    | grep -E "variant|loaded|Error|error|ms |top|timeline|by kind" | tail -40
 }
 # gpu_tests TIMEOUT LOG FILE...: the GPU tests (gpu and not slow) of those files, one line per test into $OUT/LOG as
 # they finish (a run cut by TIMEOUT keeps what finished: session 20's whole-suite run ran past 270 s and, with only the
