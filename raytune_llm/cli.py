@@ -9,11 +9,9 @@ neither torch nor Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 EXIT_USER_ERROR = 2
 
@@ -61,6 +59,10 @@ def cmd_validate(args) -> int:
     stats = preflight(cfg)  # what `train` checks before Ray starts: paths, output_dir, LoRA targets, tokenizer, data
     if cfg.data.path:
         checked.append(f"data: {stats.get('records', 0)} records, {stats.get('bad_records', 0)} bad")
+    from raytune_llm.train.preflight import layer_count_notes
+
+    for line in layer_count_notes(cfg):
+        print(line)
     print(
         f"{args.config or 'defaults'}: OK ({time.perf_counter() - t0:.2f} s){'; ' if checked else ''}{'; '.join(checked)}"
     )
@@ -123,31 +125,9 @@ def cmd_plan(args) -> int:
     from raytune_llm.sharding import planner
 
     cfg = _load(args)
-    known = {"llama-3.1-8b": planner.LLAMA31_8B, "llama-3.1-70b": planner.LLAMA31_70B}
-    if args.shape:
-        if args.shape not in known:
-            raise FileNotFoundError(f"--shape {args.shape!r}: known shapes are {', '.join(known)}")
-        hf = dict(known[args.shape])
-    elif not cfg.model.path:
-        hf = {
-            "hidden_size": cfg.model.tiny.hidden_size,
-            "intermediate_size": cfg.model.tiny.intermediate_size,
-            "num_hidden_layers": cfg.model.tiny.num_layers,
-            "num_attention_heads": cfg.model.tiny.num_heads,
-            "num_key_value_heads": cfg.model.tiny.num_kv_heads,
-            "vocab_size": cfg.model.tiny.vocab_size,
-        }
-    else:
-        p = Path(os.path.expanduser(cfg.model.path))
-        p = p if p.suffix == ".json" else p / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"model.path: no config.json at {p} (or plan a known shape: --shape {' / '.join(known)})"
-            )
-        try:
-            hf = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise planner.PlanError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    from raytune_llm.train.preflight import capped_notes, model_hf_config
+
+    hf = model_hf_config(cfg, args.shape)
     from raytune_llm.train.sharded import plan_for
 
     gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.train.num_workers
@@ -156,11 +136,8 @@ def cmd_plan(args) -> int:
             raise planner.PlanError(f"{flag} must be a positive integer, got {value}")
     plan = plan_for(cfg, hf, gpus_per_node=gpus, nodes=args.nodes)
     print(plan.table())
-    from raytune_llm.sharding.host_memory import capped_settings
-    from raytune_llm.sharding.shapes import Shape
-
-    for line in capped_settings(Shape.from_hf(hf), plan.inputs):
-        print(f"note: {line}")
+    for line in capped_notes(hf, plan):
+        print(line)
     host = plan.breakdown.get("host: offloaded (not on GPU)", 0)
     if host and plan.strategy == "DDP" and cfg.sharding.strategy in ("auto", "ddp"):  # ZeRO's states: its own
         from raytune_llm.sharding.host_memory import node_memory_needed

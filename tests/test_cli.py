@@ -255,8 +255,28 @@ def test_plan_says_how_much_memory_a_node_needs():
     ], out.stdout
     out = _run("plan", "conf/llama3_8b_qlora_16k.yaml", "--shape", "llama-3.1-8b", "model.checkpoint_layers=20")
     assert "note: model.last_layer_on_device=2: 0 here (the last layer is not checkpointed)\n" in out.stdout
-    out = _run("plan", "conf/quickstart.yaml", timeout=60)  # nothing pinned: no host line
-    assert out.returncode == 0 and "host:" not in out.stdout, out.stdout
+    out = _run("plan", "conf/quickstart.yaml", timeout=60)  # nothing pinned: no host line; defaults: no note
+    assert out.returncode == 0 and "host:" not in out.stdout and "note:" not in out.stdout, out.stdout
+
+
+def test_validate_says_which_layer_counts_the_model_takes_fewer_of():
+    # the embedded model has 2 layers: counts past them are capped (not an error), and validate says so as plan does
+    out = _run(
+        "validate",
+        "conf/quickstart.yaml",
+        "model.gradient_checkpointing=offload",
+        "model.keep_mlp_layers=5",
+        "model.offload_lag=3",
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == [
+        "note: model.keep_mlp_layers=5: 2 here (of the checkpointed layers, fused=true)",
+        "note: model.offload_lag=3: 2 here (of the checkpointed layers)",
+    ], out.stdout
+    assert out.stdout.splitlines()[2].startswith("conf/quickstart.yaml: OK")
+    out = _run("validate", "conf/quickstart.yaml", timeout=60)
+    assert out.returncode == 0 and "note:" not in out.stdout, out.stdout
 
 
 def test_an_unreachable_cluster_address_fails_in_seconds(tmp_path):

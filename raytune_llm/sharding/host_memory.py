@@ -245,6 +245,8 @@ def capped_settings(shape: Shape, a: dict) -> list[str]:
         ),
         "offload_lag": (a.get("offload_lag", 2), min(a.get("offload_lag", 2), n), "of the checkpointed layers"),
     }
+    if not offload or a.get("offload_lag", 2) == 2:  # the default, which only offload reads: nothing was asked
+        took.pop("offload_lag")
     return [f"model.{k}={asked}: {got} here ({why})" for k, (asked, got, why) in took.items() if got < asked]
 
 

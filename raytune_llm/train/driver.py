@@ -39,6 +39,7 @@ from raytune_llm.train.preflight import (
     check_reachable,
     check_rows,
     has_tokenizer,
+    layer_count_notes,
     preflight,
     resolve_data_paths,
 )
@@ -436,6 +437,8 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     """
     t0 = time.time()
     data_checked = preflight(cfg)
+    for line in layer_count_notes(cfg):
+        log(f"[raytune-llm] {line}")
     for stale in check_rerun(cfg):  # built by an earlier run that never trained, from other settings
         log(f"[raytune-llm] {stale.name}/ was built for other settings by a run that never trained: building it again")
         shutil.rmtree(stale)

@@ -110,6 +110,59 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
     )
 
 
+def model_hf_config(cfg: RunConfig, shape: str | None = None) -> dict:
+    """The model's config as a dict of HF keys: a known shape's (``--shape``), the embedded model's, or
+    model.path's config.json."""
+    from raytune_llm.sharding import planner
+
+    known = {"llama-3.1-8b": planner.LLAMA31_8B, "llama-3.1-70b": planner.LLAMA31_70B}
+    if shape:
+        if shape not in known:
+            raise FileNotFoundError(f"--shape {shape!r}: known shapes are {', '.join(known)}")
+        return dict(known[shape])
+    if not cfg.model.path:
+        return {
+            "hidden_size": cfg.model.tiny.hidden_size,
+            "intermediate_size": cfg.model.tiny.intermediate_size,
+            "num_hidden_layers": cfg.model.tiny.num_layers,
+            "num_attention_heads": cfg.model.tiny.num_heads,
+            "num_key_value_heads": cfg.model.tiny.num_kv_heads,
+            "vocab_size": cfg.model.tiny.vocab_size,
+        }
+    p = Path(os.path.expanduser(cfg.model.path))
+    p = p if p.suffix == ".json" else p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"model.path: no config.json at {p} (or plan a known shape: --shape {' / '.join(known)})"
+        )
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise planner.PlanError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
+
+
+def capped_notes(hf: dict, plan) -> list[str]:
+    """`sharding.host_memory.capped_settings`'s lines for this model: layer counts it takes fewer of than asked."""
+    from raytune_llm.sharding.host_memory import capped_settings
+    from raytune_llm.sharding.shapes import Shape
+
+    return [f"note: {line}" for line in capped_settings(Shape.from_hf(hf), plan.inputs)]
+
+
+def layer_count_notes(cfg: RunConfig) -> list[str]:
+    """The layer counts this model takes fewer of than the config asks, as `raytune-llm plan` says them (a count past
+    what the model takes is not an error: each setting takes what it can), for `validate` and `train` to print; none
+    when the planner cannot read the model's config (the model load decides then)."""
+    from raytune_llm.sharding.planner import PlanError
+    from raytune_llm.train.sharded import plan_for
+
+    try:
+        hf = model_hf_config(cfg)
+        return capped_notes(hf, plan_for(cfg, hf, gpus_per_node=max(1, cfg.train.num_workers), nodes=1))
+    except (PlanError, FileNotFoundError, KeyError, ValueError):
+        return []
+
+
 def check_lora_targets(cfg: RunConfig, model_path: Path | None, names: set[str] | None = None) -> None:
     """Fail in a second, before any worker starts, when `lora.target_modules` names no module of the model.
 
