@@ -50,20 +50,27 @@ def out(tmp_path_factory):
 ONE_WORKER = ["train.num_workers=1", "train.max_steps=100"]
 
 
+class _Flag:
+    """The stop flag actor's handle as `stop_on_signals` uses it: ``set.remote()`` answers whether a step has run."""
+
+    def __init__(self, stepped):
+        self.set, self.calls, self.stepped = self, 0, stepped
+
+    def remote(self):
+        self.calls += 1
+        if isinstance(self.stepped, Exception):
+            raise self.stepped
+        return self.stepped
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_ask_for_a_checkpoint_then_a_second_stops_now(sig):
+@pytest.mark.parametrize("stepped", [True, TimeoutError("no answer")])  # no answer: the path that loses nothing
+def test_sigterm_and_ctrl_c_ask_for_a_checkpoint_then_a_second_stops_now(sig, stepped):
     from raytune_llm.train.driver import stop_on_signals
 
-    class Flag:  # the stop flag actor's handle: `set.remote()` is what the handler calls
-        def __init__(self):
-            self.set, self.calls = self, 0
-
-        def remote(self):
-            self.calls += 1
-
-    flag, logged = Flag(), []
+    flag, logged = _Flag(stepped), []
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with pytest.raises(KeyboardInterrupt), stop_on_signals(flag, logged.append) as received:
+    with pytest.raises(KeyboardInterrupt), stop_on_signals(flag, logged.append, get=lambda x: x) as received:
         os.kill(os.getpid(), sig)
         time.sleep(0.1)
         assert received == [sig.name] and flag.calls == 1 and logged[0].startswith(f"[raytune-llm] {sig.name}: ")
@@ -71,6 +78,31 @@ def test_sigterm_and_ctrl_c_ask_for_a_checkpoint_then_a_second_stops_now(sig):
         time.sleep(5)
     assert flag.calls == 1
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers before it are back
+
+
+def test_a_signal_before_the_first_step_stops_at_once():
+    # the workers still loading the model: nothing to save, so the first Ctrl-C does not wait for the load
+    from raytune_llm.train.driver import stop_on_signals
+
+    flag, logged = _Flag(False), []
+    with pytest.raises(KeyboardInterrupt), stop_on_signals(flag, logged.append, get=lambda x: x):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert flag.calls == 1 and logged == ["[raytune-llm] SIGINT before the first step: nothing to save, stopping now"]
+
+
+@pytest.mark.ray
+def test_the_stop_flag_actor_answers_whether_a_step_ran(ray_session):
+    import ray
+
+    from raytune_llm.train.driver import make_stop_flag
+
+    flag = make_stop_flag()
+    assert ray.get(flag.is_set.remote()) is False
+    assert ray.get(flag.set.remote()) is False and ray.get(flag.is_set.remote()) is True
+    flag.step_done.remote()  # what rank 0 sends once its first step is done
+    assert ray.get(flag.set.remote()) is True
+    ray.kill(flag)
 
 
 @pytest.mark.ray

@@ -54,20 +54,38 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop_flag, log=print):
+def stop_on_signals(stop_flag, log=print, get=None):
     """While inside, SIGTERM and Ctrl-C set ``stop_flag`` (the workers save a checkpoint and stop); a second one
-    raises KeyboardInterrupt (stop now). Yields the names of the signals received. Outside the main thread, which
-    alone may handle signals, it does nothing."""
+    raises KeyboardInterrupt (stop now), and so does the first when no step has run since the run started (the
+    workers still loading the model, say: there is nothing new to save, and waiting for the load would be all).
+    Yields the names of the signals received. Outside the main thread, which alone may handle signals, it does
+    nothing.
+
+    Args:
+        stop_flag: `make_stop_flag`'s actor handle (``set.remote()`` answers whether a step has run).
+        log: where the one line each signal gets goes.
+        get: resolves ``set.remote()``'s answer (``ray.get`` with a timeout; a test passes its own).
+    """
     stopping = STOP_SIGNALS if threading_main() else ()
     previous = {sig: signal.getsignal(sig) for sig in stopping}
     received: list[str] = []
+    if get is None:
+        import ray
+
+        get = lambda ref: ray.get(ref, timeout=10)  # noqa: E731
 
     def on_stop(signum, frame):  # checkpoint first, then exit: never lose the last steps
         if received:  # a second Ctrl-C / SIGTERM: stop now, the steps since the last checkpoint lost
             raise KeyboardInterrupt
         received.append(signal.Signals(signum).name)
+        try:
+            stepped = get(stop_flag.set.remote())
+        except Exception:  # no answer in time: take the path that loses nothing
+            stepped = True
+        if not stepped:
+            log(f"[raytune-llm] {received[0]} before the first step: nothing to save, stopping now")
+            raise KeyboardInterrupt
         log(f"[raytune-llm] {received[0]}: asking the workers to save a checkpoint and stop (again: stop now)")
-        stop_flag.set.remote()
 
     for sig in stopping:
         signal.signal(sig, on_stop)
@@ -328,19 +346,25 @@ def failure_cause(exc: BaseException) -> str:
 
 def make_stop_flag():
     """A tiny actor the driver sets on SIGTERM or Ctrl-C (`stop_on_signals`); rank 0 polls it each step, then all
-    workers checkpoint and stop."""
+    workers checkpoint and stop. Rank 0 tells it once when its first step is done."""
     import ray
 
     @ray.remote(num_cpus=0)
     class StopFlag:
         def __init__(self):
             self.value = False
+            self.stepped = False
 
-        def set(self):
+        def set(self) -> bool:
+            """Set it; answer whether a step has run since the run started (else there is nothing to save)."""
             self.value = True
+            return self.stepped
 
         def is_set(self) -> bool:
             return self.value
+
+        def step_done(self) -> None:
+            self.stepped = True
 
     return StopFlag.remote()
 

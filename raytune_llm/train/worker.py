@@ -426,6 +426,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     fault_spec = loop_config.get("fault")
     stop_flag = loop_config.get("stop_flag")
     stopped_early = False
+    told_step_done = False
     while step < cfg.train.max_steps:
         if stop_flag is not None:
             # only a "stop" spec is looked at here: _fault consumes a kill (marker file) when it fires
@@ -518,6 +519,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 entry["gpu_peak_gib"] = round(float(peak), 3)
             t_last, tokens_since = now, 0
         metrics.append(entry)
+        if stop_flag is not None and rank == 0 and not told_step_done:  # a Ctrl-C now saves this step, not nothing
+            stop_flag.step_done.remote()
+            told_step_done = True
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.3f}")
