@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -201,8 +202,9 @@ def summarize(runs: dict, shapes: list[str]) -> dict:
 
         loss_diff = None
         if ours is not None and "std_qlora" in by:
-            pairs = list(zip(ours["losses"], by["std_qlora"]["losses"]))
-            loss_diff = round(max(abs(a - b) for a, b in pairs), 5) if pairs else None
+            diffs = [abs(a - b) for a, b in zip(ours["losses"], by["std_qlora"]["losses"])]
+            # a NaN anywhere makes the agreement infinite (max() passes over a NaN that is not first)
+            loss_diff = (round(max(diffs), 5) if all(math.isfinite(d) for d in diffs) else math.inf) if diffs else None
         summary[shape] = {
             "speedup_vs_unsloth": ratio("unsloth", "tokens_per_s"),
             "memory_vs_unsloth": ratio("unsloth", "peak_gib"),

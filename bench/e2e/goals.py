@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ LOSS_TOL = 1e-2
 _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 # what makes two runs' losses comparable across calls: the model and the data are built from these and a fixed seed
 _INPUT_KEYS = ("seed", "steps", "warmup", "batch", "seq", "packed", "doc_len_range", "lr", "lora")
+_VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def calls(results: Path) -> list[tuple[str, str, dict]]:
@@ -100,8 +102,24 @@ def _ratio(doc: dict, shape: str, key: str) -> float | None:
     return ours[key] / unsloth[key]
 
 
-def _same_inputs(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in _INPUT_KEYS)
+def _same_inputs(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+    """Whether two (run, document) pairs were fed the same model and data: every input key present and equal, the
+    same model folder and size, and the same library versions (the standard stack is theirs)."""
+    (ra, da), (rb, db) = a, b
+    if any(k not in ra or k not in rb or ra[k] != rb[k] for k in _INPUT_KEYS):
+        return False
+    ma, mb = da.get("model") or {}, db.get("model") or {}
+    if not ma.get("path") or (ma.get("path"), ma.get("n_linear")) != (mb.get("path"), mb.get("n_linear")):
+        return False
+    ea, eb = da.get("environment") or {}, db.get("environment") or {}
+    return all(ea.get(k) == eb.get(k) for k in _VERSION_KEYS)
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    """The largest difference of paired losses; infinite when either side has a non-finite loss (max() would pass
+    over a NaN that is not first)."""
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    return max(diffs) if diffs and all(math.isfinite(d) for d in diffs) else math.inf
 
 
 def _losses(found: list[tuple[str, str, dict]], shape: str, judged: tuple[str, str, dict] | None) -> dict | None:
@@ -113,8 +131,8 @@ def _losses(found: list[tuple[str, str, dict]], shape: str, judged: tuple[str, s
         same = [(d, f, x) for d, f, x in found if f == name] + [(d, f, x) for d, f, x in reversed(found) if f != name]
         for d, f, x in same:
             std = _run(x, shape, "std_qlora")
-            if std and ours and std.get("losses") and _same_inputs(ours, std):
-                diff = max(abs(a - b) for a, b in zip(ours["losses"], std["losses"]))
+            if std and ours and std.get("losses") and (f == name or _same_inputs((ours, doc), (std, x))):
+                diff = _max_diff(ours["losses"], std["losses"])
                 return {"file": f, "date": d, "same_call": f == name, "max_diff_vs_std_qlora": round(diff, 5)}
     on_record = [
         (d, f, s["max_loss_diff_vs_std_qlora"])

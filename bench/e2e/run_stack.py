@@ -607,10 +607,13 @@ def profile_step(args, model, optimizer, batch: dict, device: str, torch, top: i
     for name, ms, n in rows[:top]:
         log(f"  {ms:9.2f} ms {100 * ms / total:5.1f}% x{n:<5d} {name[:110]}")
     out = {"gpu_ms_total": round(total, 2), "top": [[n[:200], round(ms, 3), c] for n, ms, c in rows[:top]]}
-    from timeline import kernel_categories
+    try:  # by kind (bench/e2e/timeline.py); the table above stands without it
+        from timeline import kernel_categories
 
-    out["categories"] = cats = kernel_categories(rows)
-    log("run_stack profile by kind: " + ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in cats.items()))
+        out["categories"] = cats = kernel_categories(rows)
+        log("run_stack profile by kind: " + ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in cats.items()))
+    except Exception as exc:
+        out["categories"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     try:  # where the compute stream idles, and why (bench/e2e/timeline.py)
         from timeline import dump_events, events_from_profile, stream_gaps
 

@@ -243,9 +243,13 @@ def capped_settings(shape: Shape, a: dict) -> list[str]:
             device_layers(shape, ckpt, n_dev) if offload else 0,
             needs if not offload else "never layer 0" if n == shape.layers else "the last layer is not checkpointed",
         ),
-        "offload_lag": (a.get("offload_lag", 2), min(a.get("offload_lag", 2), n), "of the checkpointed layers"),
+        "offload_lag": (
+            a.get("offload_lag", 2),
+            min(a.get("offload_lag", 2), n) if offload else 0,
+            "of the checkpointed layers" if offload else needs,
+        ),
     }
-    if not offload or a.get("offload_lag", 2) == 2:  # the default, which only offload reads: nothing was asked
+    if a.get("offload_lag", 2) == 2:  # the default: nothing was asked
         took.pop("offload_lag")
     return [f"model.{k}={asked}: {got} here ({why})" for k, (asked, got, why) in took.items() if got < asked]
 

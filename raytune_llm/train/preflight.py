@@ -152,14 +152,16 @@ def capped_notes(hf: dict, plan) -> list[str]:
 def layer_count_notes(cfg: RunConfig) -> list[str]:
     """The layer counts this model takes fewer of than the config asks, as `raytune-llm plan` says them (a count past
     what the model takes is not an error: each setting takes what it can), for `validate` and `train` to print; none
-    when the planner cannot read the model's config (the model load decides then)."""
-    from raytune_llm.sharding.planner import PlanError
+    when the planner cannot read the model's config (the model load decides then) or with ``checkpoint_layers:
+    auto`` (each worker resolves it against its own GPU's memory)."""
     from raytune_llm.train.sharded import plan_for
 
+    if cfg.model.checkpoint_layers == "auto":  # the workers resolve it against their GPU: the plan here may differ
+        return []
     try:
         hf = model_hf_config(cfg)
         return capped_notes(hf, plan_for(cfg, hf, gpus_per_node=max(1, cfg.train.num_workers), nodes=1))
-    except (PlanError, FileNotFoundError, KeyError, ValueError):
+    except Exception:  # notes only: a config the planner cannot read is the model load's to judge
         return []
 
 

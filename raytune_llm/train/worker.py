@@ -426,8 +426,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     fault_spec = loop_config.get("fault")
     stop_flag = loop_config.get("stop_flag")
     stopped_early = False
-    told_step_done = False
+    first_step, told_step_done = step, False
     while step < cfg.train.max_steps:
+        if stop_flag is not None and rank == 0 and not told_step_done and step > first_step:
+            stop_flag.step_done.remote()  # steps skipped as non-finite (they `continue` before the tell below) count too
+            told_step_done = True
         if stop_flag is not None:
             # only a "stop" spec is looked at here: _fault consumes a kill (marker file) when it fires
             is_stop = bool(fault_spec) and fault_spec.startswith("stop")
@@ -519,7 +522,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 entry["gpu_peak_gib"] = round(float(peak), 3)
             t_last, tokens_since = now, 0
         metrics.append(entry)
-        if stop_flag is not None and rank == 0 and not told_step_done:  # a Ctrl-C now saves this step, not nothing
+        if stop_flag is not None and rank == 0 and not told_step_done:  # a Ctrl-C from now saves, not stops at once
             stop_flag.step_done.remote()
             told_step_done = True
         if progress is not None:
