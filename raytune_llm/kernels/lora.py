@@ -187,6 +187,12 @@ def lean_recompute(qkv: bool = False) -> Iterator[None]:
         _lean.pop()
 
 
+def lean_qkv_active() -> bool:
+    """Whether `lora_qkv` called now returns uninitialised Q, K and V (inside `lean_recompute(qkv=True)`, with grad):
+    what is computed from them then only needs its graph, not its values (`models.patch` runs no RoPE on them)."""
+    return bool(_lean) and _lean[-1] and torch.is_grad_enabled()
+
+
 # Open `keep_mlp_outputs` / `reuse_mlp_outputs` blocks (the innermost is used); module-level as `_once` is.
 _keep: list[list] = []
 _reuse: list[list] = []
@@ -532,7 +538,7 @@ def lora_qkv(
         raise ValueError(f"lora_qkv: x has {x.shape[-1]} features; q/k/v expect {[w.A.shape[1] for w in ws]}")
     if not use_triton(x):
         return reference.lora_qkv(x, q, k, v)
-    skip_output = bool(_lean) and _lean[-1] and torch.is_grad_enabled()
+    skip_output = lean_qkv_active()
     return LoRAProjectionsFunction.apply(
         x, tuple(w.base for w in ws), tuple(float(w.scaling) for w in ws), skip_output, *_adapters(ws)
     )

@@ -61,7 +61,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves_equal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    halves_equal: bool = False,
+    values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding on Q and K (HF ``apply_rotary_pos_emb``, ``unsqueeze_dim=1``).
 
@@ -71,6 +76,7 @@ def rope(
         cos: ``[B, S, D]`` cosines, gathered by position ids.
         sin: ``[B, S, D]`` sines, gathered by position ids.
         halves_equal: the kernel's read-half-the-table hint; the reference always reads the whole table.
+        values: the kernel's no-values hint (`kernels.rope.rope`); the reference always computes them.
 
     Returns:
         ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)`` as new tensors.

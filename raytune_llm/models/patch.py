@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raytune_llm.kernels.lora import keep_mlp_outputs
+from raytune_llm.kernels.lora import keep_mlp_outputs, lean_qkv_active
 from raytune_llm.models import attention_stash
 from raytune_llm.models.attention import AttnMeta, build_attn_meta, causal_attention, one_kernel_path
 from raytune_llm.models.checkpointing import (
@@ -164,7 +164,8 @@ def _patch_attention(
         # embedding of every supported family is HF's cat(freqs, freqs), so the kernel reads half of cos/sin.
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = ops["rope"](q, k, cos, sin, halves_equal=True)
+        # a lean_qkv recompute (stashed attention replayed) reads no q/k values: RoPE's graph alone (`values`)
+        q, k = ops["rope"](q, k, cos, sin, halves_equal=True, values=not lean_qkv_active())
         # Under offloaded checkpointing with stash_attention, kept by the forward and replayed by the recompute
         # (one-kernel paths only: a dense mask would be copied to host once per layer). With a fused O projection
         # and `stash_o_proj`, the kept block ends after it (bias aside), so the recompute skips that GEMM as well.

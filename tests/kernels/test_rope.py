@@ -161,3 +161,55 @@ def test_rope_kernel_compiles_for_sm90_without_spills(tmp_path):
         tmp_path,
     )
     assert len(lines) == 4 and all("LOCAL:0" in line for line in lines), lines
+
+
+@needs_triton
+def test_a_stashed_lean_recompute_runs_no_rope_forward_and_gives_the_same_bits(tmp_path, monkeypatch):
+    # Offloaded checkpointing with the attention stash: the recompute replays attention and (lean_qkv) leaves q, k
+    # uninitialised, so RoPE there gives its graph without running. The gradients are those of a recompute that
+    # rotates them anyway, bit for bit, with one RoPE forward a layer instead of two.
+    import raytune_llm.kernels.rope as rope_mod
+    import raytune_llm.models.patch as patch_mod
+    from raytune_llm.models.load import load_model
+    from raytune_llm.models.patch import patch, unpatch
+    from raytune_llm.models.settings import set_stash_attention
+    from raytune_llm.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "llama", family="llama", vocab_size=256, seed=0)
+    dev = kernel_device()
+    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    forwards = [0]
+    real_launch = rope_mod._launch
+
+    def launch(q, k, q_out, k_out, cos, sin, backward, *rest):
+        forwards[0] += not backward
+        return real_launch(q, k, q_out, k_out, cos, sin, backward, *rest)
+
+    monkeypatch.setattr(rope_mod, "_launch", launch)
+
+    def step(skip):
+        if not skip:  # the recompute rotates its (uninitialised) q and k as the forward did
+            monkeypatch.setattr(patch_mod, "lean_qkv_active", lambda: False)
+        unpatch(model)
+        patch(model, gradient_checkpointing="offload")
+        set_stash_attention(model, True)
+        model.zero_grad(set_to_none=True)
+        forwards[0] = 0
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        monkeypatch.undo()
+        monkeypatch.setattr(rope_mod, "_launch", launch)
+        return loss.detach(), forwards[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss0, n0, g0 = step(False)
+    loss1, n1, g1 = step(True)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert (n0, n1) == (2 * layers, layers)  # forward and recompute, then the forward alone
+    assert torch.equal(loss1, loss0)
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name
