@@ -78,6 +78,7 @@ from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import use_triton
 from raytune_llm.kernels.lora_pair import _joint_grad, _products
 from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
+from raytune_llm.kernels.lora_thin import thin_product
 from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
 __all__ = [
@@ -302,7 +303,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         X = _rows(x)
         ranks = [a.shape[0] for a in adapters[0::2]]
         A_cat, Bs = _cast_adapters(list(adapters[0::2]), list(adapters[1::2]), dt)
-        XA = X @ A_cat.t()  # one read of X for every projection's adapter
+        XA = thin_product(X, A_cat, adapters[0])  # one read of X for every projection's adapter (or the forward's)
         outs = []
         for base, s, B, xa in zip(bases, scalings, Bs, _split(XA, ranks, 1)):
             Y, Y2 = _output(x, B.shape[0])
@@ -380,7 +381,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         Ad = Ad.contiguous()  # the backward kernel reads A_d rows with unit stride
         sg_, su_, sd_ = scalings
         ranks = [adapters[0].shape[0], adapters[2].shape[0]]
-        XA = X @ A_gu.t()  # [N, r_g + r_u], one read of X for both adapters
+        XA = thin_product(X, A_gu, adapters[0])  # [N, r_g + r_u], one read of X for both (or the forward's)
         xa_g, xa_u = torch.split(XA, ranks, dim=1)
         if kept is not None:  # a recompute that `reuse_mlp_outputs` serves: the forward's finished G, U and H A_d^T
             G, U, HA = kept

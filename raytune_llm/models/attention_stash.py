@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 
+from raytune_llm.kernels.lora_thin import keep_thin_products
+
 SideStream = Callable[[torch.device], torch.cuda.Stream]
 
 # Stack of ("record" | "replay", list of stashes, cursor, new-stash factory or None); module-level, not thread-local,
@@ -271,7 +273,8 @@ class _Replay(torch.autograd.Function):
 def _record(stash: AttentionStash, attn: Callable, q, k, v, params: tuple) -> torch.Tensor:
     anchor = torch.empty(0, device=q.device, requires_grad=True)
     copies = stash.copies
-    with torch.enable_grad(), saved_tensors_hooks(copies.pack, copies.unpack):
+    # keep_thin_products(None): the replay runs none of attn's adapter products again, so none is kept for it
+    with torch.enable_grad(), saved_tensors_hooks(copies.pack, copies.unpack), keep_thin_products(None):
         stand_ins = [_PassThrough.apply(t.detach(), anchor) for t in (q, k, v)]
         stand_ins += [_CopiedIn.apply(p.detach(), anchor) for p in params]
         out = attn(*stand_ins)

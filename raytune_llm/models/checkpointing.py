@@ -42,6 +42,7 @@ import torch
 from raytune_llm.kernels._dispatch import side_stream
 from raytune_llm.kernels.lora import dequantize_once as once
 from raytune_llm.kernels.lora import keep_mlp_outputs, lean_recompute, reuse_mlp_outputs
+from raytune_llm.kernels.lora_thin import keep_thin_products, reuse_thin_products
 from raytune_llm.models.attention_stash import AttentionStash, HostCopies, recording, release_copied, replaying
 
 MODES = ("off", "on", "offload")
@@ -211,6 +212,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.stashes = []
         ctx.kept_mlp = [] if opt.keep_mlp and opt.lean else None
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
+        ctx.thin: dict | None = {}  # the adapters' X A^T, for the recompute (kernels.lora_thin)
         if opt.offload and hidden.is_cuda:
             # waits for the copies of the layer `lag` back (mostly done by now at 2 or more)
             release_copied(lag=opt.offload_lag)
@@ -220,7 +222,7 @@ class _CheckpointFunction(torch.autograd.Function):
             else contextlib.nullcontext()
         )
         with torch.no_grad(), record:
-            with keep:
+            with keep, keep_thin_products(ctx.thin):
                 out = fn(hidden)
         ctx.chain, ctx.index, ctx.gate_only = None, None, False
         if opt.offload:
@@ -271,9 +273,9 @@ class _CheckpointFunction(torch.autograd.Function):
                 lean = lean_recompute(qkv=ctx.lean_qkv and bool(ctx.stashes)) if ctx.lean else contextlib.nullcontext()
                 reuse = reuse_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp else contextlib.nullcontext()
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                    with lean, replay, reuse, _recompute():
+                    with lean, replay, reuse, reuse_thin_products(ctx.thin), _recompute():
                         out = ctx.fn(hidden)
-                ctx.kept_mlp = None  # the recompute's graph holds what it took; nothing else may
+                ctx.kept_mlp = ctx.thin = None  # the recompute's graph holds what it took; nothing else may
                 torch.autograd.backward(out, grad_out)
         if ctx.weights is not None and not ctx.weights_stay:
             ctx.weights[0].unbind()

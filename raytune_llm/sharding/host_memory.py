@@ -42,6 +42,18 @@ def _checkpointed(shape: Shape, checkpoint_layers: int | None) -> int:
     return shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
 
 
+def thin_kept_bytes(shape: Shape, tokens: int, a: dict) -> float:
+    """GPU bytes of the adapters' ``X A^T`` the checkpointed layers keep from forward to recompute
+    (`kernels.lora_thin`): bf16 ``[tokens, r]`` for each targeted Q/K/V, gate and up projection, and O unless the
+    attention stash keeps it. Only the fused kernels keep them (not under ZeRO-3, whose layers run stock)."""
+    if a["checkpointing"] == "off" or not a["fused"] or a.get("checkpoint_layers") == 0:
+        return 0.0
+    stashed_o = a["checkpointing"] == "offload" and a.get("stash_attention") and a.get("stash_o_proj", True)
+    names = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} | (set() if stashed_o else {"o_proj"})
+    n = sum(t in names for t in a["lora_targets"])
+    return _checkpointed(shape, a.get("checkpoint_layers")) * 2 * tokens * a["lora_rank"] * n
+
+
 def device_layers(shape: Shape, checkpoint_layers: int | None, last_layer_on_device: bool | int) -> int:
     """How many of the last layers keep their inputs and stashes on the GPU, as `models.patch` picks them: none
     unless the last layer is checkpointed, never layer 0 (true is one)."""

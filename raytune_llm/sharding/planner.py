@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The model's dimensions live in sharding/shapes.py; imported here, the planner's callers find them here too.
-from raytune_llm.sharding.host_memory import planned_pinned_bytes
+from raytune_llm.sharding.host_memory import planned_pinned_bytes, thin_kept_bytes
 from raytune_llm.sharding.shapes import (
     GIB,
     LLAMA31_8B,
@@ -285,9 +285,9 @@ def _breakdown(shape: Shape, strategy: str, world: int, a: dict) -> dict[str, fl
         keep_mlp_layers=a.get("keep_mlp_layers", 0) if a["checkpointing"] != "off" else 0,
         streamed_head="head_on_host" in on_host,
     )
+    stored += 0.0 if zero3 else thin_kept_bytes(shape, tokens, a)  # X A^T kept for the recompute
     largest_linear = max(i * o for i, o in shape.projections().values())
-    # NF4 layers dequantize one weight at a time into a bf16 buffer, freed before the next one.
-    dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0
+    dequant = 2 * largest_linear if a["quant_bits"] < 16 else 0.0  # NF4: one weight at a time, dequantized to bf16
     once = (
         a.get("dequantize_once")
         and a["fused"]

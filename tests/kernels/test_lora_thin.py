@@ -1,0 +1,86 @@
+"""kernels.lora_thin: a checkpointed layer's recompute takes the adapters' X A^T its forward formed, the same bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels._tolerance import kernel_device, needs_triton
+
+
+@needs_triton
+@pytest.mark.parametrize("mode,stash", [("offload", True), ("on", False)])
+def test_the_recompute_reuses_the_forwards_thin_products_with_the_same_bits(tmp_path, monkeypatch, mode, stash):
+    import contextlib
+
+    import raytune_llm.kernels.lora_thin as thin
+    import raytune_llm.models.checkpointing as ckpt
+    from raytune_llm.models.load import load_model
+    from raytune_llm.models.patch import patch, unpatch
+    from raytune_llm.models.settings import set_stash_attention
+    from raytune_llm.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "llama", family="llama", vocab_size=256, seed=0)
+    dev = kernel_device()
+    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    formed = {"forward": 0, "recompute": 0}
+    real = thin.thin_product
+
+    def counting(X, A, key):
+        # a product formed (not handed back) runs `X @ A.t()`: count them by phase
+        store = thin._reuse[-1] if thin._reuse else {}
+        before = sum(len(v) for v in store.values())
+        out = real(X, A, key)
+        if sum(len(v) for v in store.values()) == before:
+            formed["recompute" if thin._reuse else "forward"] += 1
+        return out
+
+    monkeypatch.setattr("raytune_llm.kernels.lora.thin_product", counting)
+
+    def step(keep):
+        if not keep:  # the forward keeps nothing: the recompute forms every product again
+            monkeypatch.setattr(ckpt, "keep_thin_products", lambda store: contextlib.nullcontext())
+        unpatch(model)
+        patch(model, gradient_checkpointing=mode)
+        if stash:
+            set_stash_attention(model, True)
+        model.zero_grad(set_to_none=True)
+        formed.update(forward=0, recompute=0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        monkeypatch.setattr(ckpt, "keep_thin_products", thin.keep_thin_products)
+        assert not thin._keep and not thin._reuse, "a block was left open"
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), dict(formed), grads
+
+    loss0, n0, g0 = step(False)
+    loss1, n1, g1 = step(True)
+    layers = model.get_base_model().config.num_hidden_layers
+    # the forward forms Q/K/V's, O's and gate/up's products in every layer; the recompute forms them all again
+    # without the keep, but for O's in a replayed stash; with it, none
+    assert n0["forward"] == n1["forward"] == 3 * layers
+    assert n0["recompute"] == (2 if stash else 3) * layers and n1["recompute"] == 0
+    assert torch.equal(loss1, loss0)
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name
+
+
+def test_a_kept_product_that_does_not_fit_is_an_error():
+    from raytune_llm.kernels.lora_thin import keep_thin_products, reuse_thin_products, thin_product
+
+    X, A = torch.randn(5, 8), torch.randn(3, 8)
+    store: dict = {}
+    with torch.no_grad(), keep_thin_products(store):
+        kept = thin_product(X, A, A)
+    assert list(store) == [id(A)] and store[id(A)][0] is kept
+    with reuse_thin_products(store):
+        assert thin_product(X, A, A) is kept  # handed back, not formed again
+        assert torch.equal(thin_product(X, A, A), X @ A.t())  # the store is used up: formed
+    store = {id(A): [torch.zeros(4, 3)]}
+    with reuse_thin_products(store), pytest.raises(RuntimeError, match="does not match this call"):
+        thin_product(X, A, A)
