@@ -40,9 +40,10 @@ def keep_thin_products(store: dict | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def reuse_thin_products(store: dict) -> Iterator[None]:
+def reuse_thin_products(store: dict | None) -> Iterator[None]:
     """Inside this block `thin_product` takes its result from ``store`` (what `keep_thin_products` filled in the
-    same layer's forward), in call order per key, when there is one."""
+    same layer's forward), in call order per key, when there is one (None: a store already used up and dropped, as
+    in a second backward through a retained graph: every product is formed again)."""
     _reuse.append(store)
     try:
         yield
@@ -61,10 +62,10 @@ def thin_product(X: torch.Tensor, A: torch.Tensor, key: torch.Tensor) -> torch.T
     Raises:
         RuntimeError: a kept result that does not fit this call (the recompute ran other inputs).
     """
-    if _reuse:
-        kept = _reuse[-1].get(id(key))
-        if kept:
-            XA = kept.pop(0)
+    if _reuse and _reuse[-1] is not None:
+        key_kept = _reuse[-1].get(id(key))
+        if key_kept is not None and key_kept[0] is key and key_kept[1]:  # the very tensor, not one at its old id
+            XA = key_kept[1].pop(0)
             if XA.shape != (X.shape[0], A.shape[0]) or XA.dtype != X.dtype or XA.device != X.device:
                 raise RuntimeError(
                     f"thin_product: kept X A^T {tuple(XA.shape)} {XA.dtype} does not match this call "
@@ -73,5 +74,5 @@ def thin_product(X: torch.Tensor, A: torch.Tensor, key: torch.Tensor) -> torch.T
             return XA
     XA = X @ A.t()
     if _keep and _keep[-1] is not None:
-        _keep[-1].setdefault(id(key), []).append(XA)
+        _keep[-1].setdefault(id(key), (key, []))[1].append(XA)  # the key itself is held: its id stays its own
     return XA

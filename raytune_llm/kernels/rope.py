@@ -317,7 +317,10 @@ class RoPEFunction(torch.autograd.Function):
         values: bool = True,
     ):
         if not values:  # the graph alone: new tensors in q's and k's layouts, no kernel (see `rope`)
-            q_out, k_out = (torch.empty_like(t if _readable(t) else t.contiguous()) for t in (q, k))
+            q_out, k_out = (
+                torch.empty_like(t) if _readable(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                for t in (q, k)
+            )
             ctx.save_for_backward(cos, sin)
             ctx.halves_equal = halves_equal
             return q_out, k_out

@@ -44,13 +44,18 @@ def _checkpointed(shape: Shape, checkpoint_layers: int | None) -> int:
 
 def thin_kept_bytes(shape: Shape, tokens: int, a: dict) -> float:
     """GPU bytes of the adapters' ``X A^T`` the checkpointed layers keep from forward to recompute
-    (`kernels.lora_thin`): bf16 ``[tokens, r]`` for each targeted Q/K/V, gate and up projection, and O unless the
-    attention stash keeps it. Only the fused kernels keep them (not under ZeRO-3, whose layers run stock)."""
+    (`kernels.lora_thin`), at most: bf16 ``[tokens, r]`` for Q, K and V when all three are targeted (the fused
+    projections run them together or not at all), for gate and up when the whole MLP is, and for O unless the
+    attention stash keeps it. Only the fused kernels keep them (not under ZeRO-3, whose layers run stock; nor with
+    LoRA dropout, a base bias or a padded or windowed attention, which this does not see)."""
     if a["checkpointing"] == "off" or not a["fused"] or a.get("checkpoint_layers") == 0:
         return 0.0
     stashed_o = a["checkpointing"] == "offload" and a.get("stash_attention") and a.get("stash_o_proj", True)
-    names = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} | (set() if stashed_o else {"o_proj"})
-    n = sum(t in names for t in a["lora_targets"])
+    targets = set(a["lora_targets"])
+    n = 3 * {"q_proj", "k_proj", "v_proj"}.issubset(targets) + 2 * {"gate_proj", "up_proj", "down_proj"}.issubset(
+        targets
+    )
+    n += "o_proj" in targets and not stashed_o
     return _checkpointed(shape, a.get("checkpoint_layers")) * 2 * tokens * a["lora_rank"] * n
 
 

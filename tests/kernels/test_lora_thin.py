@@ -77,10 +77,23 @@ def test_a_kept_product_that_does_not_fit_is_an_error():
     store: dict = {}
     with torch.no_grad(), keep_thin_products(store):
         kept = thin_product(X, A, A)
-    assert list(store) == [id(A)] and store[id(A)][0] is kept
+    assert list(store) == [id(A)] and store[id(A)][0] is A and store[id(A)][1] == [kept]
     with reuse_thin_products(store):
         assert thin_product(X, A, A) is kept  # handed back, not formed again
         assert torch.equal(thin_product(X, A, A), X @ A.t())  # the store is used up: formed
-    store = {id(A): [torch.zeros(4, 3)]}
+    store = {id(A): (A, [torch.zeros(4, 3)])}
     with reuse_thin_products(store), pytest.raises(RuntimeError, match="does not match this call"):
         thin_product(X, A, A)
+
+
+def test_another_tensor_at_the_keys_id_or_a_dropped_store_forms_the_product():
+    # an entry is the key's only: a tensor at the same id (the key freed, its address reused) takes nothing; a store
+    # dropped after the first backward (None: a second backward through a retained graph) forms every product
+    from raytune_llm.kernels.lora_thin import reuse_thin_products, thin_product
+
+    X, A, other = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3, 8)
+    wrong = torch.zeros(5, 3)
+    with reuse_thin_products({id(A): (other, [wrong])}):
+        assert torch.equal(thin_product(X, A, A), X @ A.t())
+    with reuse_thin_products(None):
+        assert torch.equal(thin_product(X, A, A), X @ A.t())
