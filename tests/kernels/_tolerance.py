@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,19 @@ def compile_for_sm90(specs: Sequence[tuple], tmp_path) -> list[str]:
     )
     assert res.returncode == 0, f"compiling for sm_90 failed:\n{res.stderr[-3000:]}"
     return res.stdout.strip().splitlines()
+
+
+def tiny_bf16_llama(folder) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny Llama with LoRA (r 4) in bf16 on `kernel_device()`, its B adapters non-zero, and a batch of ids: for the
+    tests that run the whole patched model through the fused kernels (the model tests run fp32 on the reference)."""
+    from raytune_llm.models.load import load_model
+    from raytune_llm.models.tiny import build_tiny_model
+
+    path = build_tiny_model(Path(folder) / "llama", family="llama", vocab_size=256, seed=0)
+    dev = kernel_device()
+    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return model, torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)

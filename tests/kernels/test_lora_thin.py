@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels._tolerance import kernel_device, needs_triton
+from tests.kernels._tolerance import needs_triton, tiny_bf16_llama
 
 
 @needs_triton
@@ -15,28 +15,19 @@ def test_the_recompute_reuses_the_forwards_thin_products_with_the_same_bits(tmp_
 
     import raytune_llm.kernels.lora_thin as thin
     import raytune_llm.models.checkpointing as ckpt
-    from raytune_llm.models.load import load_model
     from raytune_llm.models.patch import patch, unpatch
     from raytune_llm.models.settings import set_stash_attention
-    from raytune_llm.models.tiny import build_tiny_model
 
-    path = build_tiny_model(tmp_path / "llama", family="llama", vocab_size=256, seed=0)
-    dev = kernel_device()
-    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    model, ids = tiny_bf16_llama(tmp_path)
     formed = {"forward": 0, "recompute": 0}
     real = thin.thin_product
 
     def counting(X, A, key):
         # a product formed (not handed back) runs `X @ A.t()`: count them by phase
         store = thin._reuse[-1] if thin._reuse else {}
-        before = sum(len(v) for v in store.values())
+        before = sum(len(v[1]) for v in store.values())
         out = real(X, A, key)
-        if sum(len(v) for v in store.values()) == before:
+        if sum(len(v[1]) for v in store.values()) == before:
             formed["recompute" if thin._reuse else "forward"] += 1
         return out
 

@@ -7,7 +7,13 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_residual
-from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
+from tests.kernels._tolerance import (
+    check_against_reference,
+    compile_for_sm90,
+    kernel_device,
+    needs_triton,
+    tiny_bf16_llama,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -173,19 +179,10 @@ def test_residual_norms_bit_for_bit_at_training_widths(rows, h):
 def test_fused_residuals_in_a_bf16_model_give_the_same_bits(tmp_path):
     # The whole patched model in bf16 with the fused kernels (the model tests run fp32 on the reference path):
     # offloaded checkpointing with the attention stash, so the recompute's value-less add runs too.
-    from raytune_llm.models.load import load_model
     from raytune_llm.models.patch import patch, unpatch
     from raytune_llm.models.settings import set_fused_residuals, set_stash_attention
-    from raytune_llm.models.tiny import build_tiny_model
 
-    path = build_tiny_model(tmp_path / "llama", family="llama", vocab_size=256, seed=0)
-    dev = kernel_device()
-    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    model, ids = tiny_bf16_llama(tmp_path)
 
     def step(fused):
         unpatch(model)

@@ -11,7 +11,13 @@ import torch
 
 from raytune_llm.kernels import reference
 from raytune_llm.kernels.rope import rope
-from tests.kernels._tolerance import check_against_reference, compile_for_sm90, kernel_device, needs_triton
+from tests.kernels._tolerance import (
+    check_against_reference,
+    compile_for_sm90,
+    kernel_device,
+    needs_triton,
+    tiny_bf16_llama,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -170,19 +176,10 @@ def test_a_stashed_lean_recompute_runs_no_rope_forward_and_gives_the_same_bits(t
     # rotates them anyway, bit for bit, with one RoPE forward a layer instead of two.
     import raytune_llm.kernels.rope as rope_mod
     import raytune_llm.models.patch as patch_mod
-    from raytune_llm.models.load import load_model
     from raytune_llm.models.patch import patch, unpatch
     from raytune_llm.models.settings import set_stash_attention
-    from raytune_llm.models.tiny import build_tiny_model
 
-    path = build_tiny_model(tmp_path / "llama", family="llama", vocab_size=256, seed=0)
-    dev = kernel_device()
-    model = load_model(path, lora=dict(r=4, alpha=8), dtype=torch.bfloat16, device=dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    model, ids = tiny_bf16_llama(tmp_path)
     forwards = [0]
     real_launch = rope_mod._launch
 
