@@ -212,7 +212,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.stashes = []
         ctx.kept_mlp = [] if opt.keep_mlp and opt.lean else None
         keep = keep_mlp_outputs(ctx.kept_mlp) if ctx.kept_mlp is not None else contextlib.nullcontext()
-        ctx.thin: dict | None = {}  # the adapters' X A^T, for the recompute (kernels.lora_thin)
+        ctx.thin = {}  # the adapters' X A^T, for the recompute (kernels.lora_thin)
         if opt.offload and hidden.is_cuda:
             # waits for the copies of the layer `lag` back (mostly done by now at 2 or more)
             release_copied(lag=opt.offload_lag)

@@ -48,7 +48,7 @@ def thin_kept_bytes(shape: Shape, tokens: int, a: dict) -> float:
     projections run them together or not at all), for gate and up when the whole MLP is, and for O unless the
     attention stash keeps it. Only the fused kernels keep them (not under ZeRO-3, whose layers run stock; nor with
     LoRA dropout, a base bias or a padded or windowed attention, which this does not see)."""
-    if a["checkpointing"] == "off" or not a["fused"] or a.get("checkpoint_layers") == 0:
+    if a["checkpointing"] == "off" or not a["fused"]:
         return 0.0
     stashed_o = a["checkpointing"] == "offload" and a.get("stash_attention") and a.get("stash_o_proj", True)
     targets = set(a["lora_targets"])

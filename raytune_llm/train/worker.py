@@ -427,10 +427,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stop_flag = loop_config.get("stop_flag")
     stopped_early = False
     first_step, told_step_done = step, False
-    while step < cfg.train.max_steps:
+
+    def tell_step_done() -> None:  # once a step is done, the driver's first Ctrl-C saves it instead of stopping
+        nonlocal told_step_done
         if stop_flag is not None and rank == 0 and not told_step_done and step > first_step:
-            stop_flag.step_done.remote()  # steps skipped as non-finite (they `continue` before the tell below) count too
+            stop_flag.step_done.remote()
             told_step_done = True
+
+    while step < cfg.train.max_steps:
+        tell_step_done()  # steps skipped as non-finite `continue` before the tell below
         if stop_flag is not None:
             # only a "stop" spec is looked at here: _fault consumes a kill (marker file) when it fires
             is_stop = bool(fault_spec) and fault_spec.startswith("stop")
@@ -522,9 +527,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 entry["gpu_peak_gib"] = round(float(peak), 3)
             t_last, tokens_since = now, 0
         metrics.append(entry)
-        if stop_flag is not None and rank == 0 and not told_step_done:  # a Ctrl-C from now saves, not stops at once
-            stop_flag.step_done.remote()
-            told_step_done = True
+        tell_step_done()
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.3f}")

@@ -246,3 +246,21 @@ def tiny_bf16_llama(folder) -> tuple[torch.nn.Module, torch.Tensor]:
             if "lora_B" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     return model, torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+
+
+def patched_step(model, ids, mode: str = "offload", stash: bool = True, setup=None):
+    """One training step of `tiny_bf16_llama`'s model patched afresh (``mode`` checkpointing, the attention stash,
+    then ``setup(model)``): the loss and every trained parameter's gradient."""
+    from raytune_llm.models.patch import patch, unpatch
+    from raytune_llm.models.settings import set_stash_attention
+
+    unpatch(model)
+    patch(model, gradient_checkpointing=mode)
+    if stash:
+        set_stash_attention(model, True)
+    if setup is not None:
+        setup(model)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

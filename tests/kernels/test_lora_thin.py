@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels._tolerance import needs_triton, tiny_bf16_llama
+from tests.kernels._tolerance import needs_triton, patched_step, tiny_bf16_llama
 
 
 @needs_triton
@@ -15,8 +15,6 @@ def test_the_recompute_reuses_the_forwards_thin_products_with_the_same_bits(tmp_
 
     import raytune_llm.kernels.lora_thin as thin
     import raytune_llm.models.checkpointing as ckpt
-    from raytune_llm.models.patch import patch, unpatch
-    from raytune_llm.models.settings import set_stash_attention
 
     model, ids = tiny_bf16_llama(tmp_path)
     formed = {"forward": 0, "recompute": 0}
@@ -32,25 +30,14 @@ def test_the_recompute_reuses_the_forwards_thin_products_with_the_same_bits(tmp_
         return out
 
     monkeypatch.setattr("raytune_llm.kernels.lora.thin_product", counting)
-
-    def step(keep):
-        if not keep:  # the forward keeps nothing: the recompute forms every product again
-            monkeypatch.setattr(ckpt, "keep_thin_products", lambda store: contextlib.nullcontext())
-        unpatch(model)
-        patch(model, gradient_checkpointing=mode)
-        if stash:
-            set_stash_attention(model, True)
-        model.zero_grad(set_to_none=True)
-        formed.update(forward=0, recompute=0)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        monkeypatch.setattr(ckpt, "keep_thin_products", thin.keep_thin_products)
-        assert not thin._keep and not thin._reuse, "a block was left open"
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), dict(formed), grads
-
-    loss0, n0, g0 = step(False)
-    loss1, n1, g1 = step(True)
+    with monkeypatch.context() as m:  # the forward keeps nothing: the recompute forms every product again
+        m.setattr(ckpt, "keep_thin_products", lambda store: contextlib.nullcontext())
+        loss0, g0 = patched_step(model, ids, mode, stash)
+    n0 = dict(formed)
+    formed.update(forward=0, recompute=0)
+    loss1, g1 = patched_step(model, ids, mode, stash)
+    n1 = dict(formed)
+    assert not thin._keep and not thin._reuse, "a block was left open"
     layers = model.get_base_model().config.num_hidden_layers
     # the forward forms Q/K/V's, O's and gate/up's products in every layer; the recompute forms them all again
     # without the keep, but for O's in a replayed stash; with it, none

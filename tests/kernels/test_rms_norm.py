@@ -12,6 +12,7 @@ from tests.kernels._tolerance import (
     compile_for_sm90,
     kernel_device,
     needs_triton,
+    patched_step,
     tiny_bf16_llama,
 )
 
@@ -179,20 +180,12 @@ def test_residual_norms_bit_for_bit_at_training_widths(rows, h):
 def test_fused_residuals_in_a_bf16_model_give_the_same_bits(tmp_path):
     # The whole patched model in bf16 with the fused kernels (the model tests run fp32 on the reference path):
     # offloaded checkpointing with the attention stash, so the recompute's value-less add runs too.
-    from raytune_llm.models.patch import patch, unpatch
-    from raytune_llm.models.settings import set_fused_residuals, set_stash_attention
+    from raytune_llm.models.settings import set_fused_residuals
 
     model, ids = tiny_bf16_llama(tmp_path)
 
     def step(fused):
-        unpatch(model)
-        patch(model, gradient_checkpointing="offload")
-        set_stash_attention(model, True)
-        set_fused_residuals(model, fused)
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return patched_step(model, ids, setup=lambda m: set_fused_residuals(m, fused))
 
     import raytune_llm.kernels.rms_norm as rms_mod
     import raytune_llm.models.checkpointing as ckpt

@@ -16,6 +16,7 @@ from tests.kernels._tolerance import (
     compile_for_sm90,
     kernel_device,
     needs_triton,
+    patched_step,
     tiny_bf16_llama,
 )
 
@@ -176,8 +177,6 @@ def test_a_stashed_lean_recompute_runs_no_rope_forward_and_gives_the_same_bits(t
     # rotates them anyway, bit for bit, with one RoPE forward a layer instead of two.
     import raytune_llm.kernels.rope as rope_mod
     import raytune_llm.models.patch as patch_mod
-    from raytune_llm.models.patch import patch, unpatch
-    from raytune_llm.models.settings import set_stash_attention
 
     model, ids = tiny_bf16_llama(tmp_path)
     forwards = [0]
@@ -188,23 +187,12 @@ def test_a_stashed_lean_recompute_runs_no_rope_forward_and_gives_the_same_bits(t
         return real_launch(q, k, q_out, k_out, cos, sin, backward, *rest)
 
     monkeypatch.setattr(rope_mod, "_launch", launch)
-
-    def step(skip):
-        if not skip:  # the recompute rotates its (uninitialised) q and k as the forward did
-            monkeypatch.setattr(patch_mod, "lean_qkv_active", lambda: False)
-        unpatch(model)
-        patch(model, gradient_checkpointing="offload")
-        set_stash_attention(model, True)
-        model.zero_grad(set_to_none=True)
-        forwards[0] = 0
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        monkeypatch.undo()
-        monkeypatch.setattr(rope_mod, "_launch", launch)
-        return loss.detach(), forwards[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    loss0, n0, g0 = step(False)
-    loss1, n1, g1 = step(True)
+    with monkeypatch.context() as m:  # the recompute rotates its (uninitialised) q and k as the forward did
+        m.setattr(patch_mod, "lean_qkv_active", lambda: False)
+        loss0, g0 = patched_step(model, ids)
+    n0, forwards[0] = forwards[0], 0
+    loss1, g1 = patched_step(model, ids)
+    n1 = forwards[0]
     layers = model.get_base_model().config.num_hidden_layers
     assert (n0, n1) == (2 * layers, layers)  # forward and recompute, then the forward alone
     assert torch.equal(loss1, loss0)
