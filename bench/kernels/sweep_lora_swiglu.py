@@ -27,7 +27,7 @@ from _harness import Harness  # noqa: E402
 
 from raytune_llm.kernels import lora_swiglu as mod  # noqa: E402
 
-# BM:BN:warps (session 10: 16:128:2 fastest of 64:64:4, 64:128:8, 32:128:4, 16:256:4, 32:256:8, 32:64:2, 16:512:8)
+# BM:BN:warps[:cols_first] (session 10: 16:128:2 fastest of 64:64:4, 64:128:8, 32:128:4, 16:256:4, 32:256:8, 32:64:2, 16:512:8)
 SETTINGS = "16:128:2,16:64:2,16:128:1,8:128:1,8:256:2,16:256:2,32:128:2,16:128:4,32:128:4,64:64:4"
 
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = {kind: outputs(kind) for kind in kinds}
     rows = []
     for text in args.settings.split(","):
-        setting = tuple(int(x) for x in text.split(":"))
+        parts = [int(x) for x in text.split(":")]  # BM:BN:warps[:1 = column blocks first]
+        setting = (*parts[:3], bool(parts[3:4] and parts[3]))
         for kind, (fn, setup) in kinds.items():
             saved = mod._FWD, mod._BWD
             mod._FWD, mod._BWD = (setting, saved[1]) if kind.startswith("fwd") else (saved[0], setting)

@@ -17,7 +17,7 @@ from raytune_llm.kernels._rounding import rne_bf16
 
 __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 
-# Tiles (BM, BN, warps) of the [N, I] activation kernels, with a [BM, r] x [r, BN] tensor-core dot for the
+# Tiles (BM, BN, warps, columns first) of the [N, I] activation kernels, with a [BM, r] x [r, BN] tensor-core dot for the
 # rank-r epilogue. Swept at [8192, 14336] bf16, rank 16, on the H200 (bench/kernels/sweep_lora_swiglu.py). Session
 # 7 picked forward 64x128x8 and backward 64x64x4; session 10's sweeps (bench/results/lora_swiglu_sweep_h200_20261129_
 # s10.json, _s10d.json) timed narrow tiles fastest: forward 16x128x2 0.378 ms (0.734 of copy bandwidth; 64x128x8
@@ -25,8 +25,9 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 # 0.511 ms (0.653; 64x64x4 0.707). The tile does not change the bits (the rank-r dot is one K step). Rank updates as
 # rank-1 FMAs on the CUDA cores instead of the dot were slower wherever the kernel finishes gate and up
 # (1.36-2.46 ms), so they were dropped.
-_FWD = (16, 128, 2)
-_BWD = (16, 128, 4)
+# The fourth entry: the grid walks column blocks first (the tile order only; the same bits).
+_FWD = (16, 128, 2, False)
+_BWD = (16, 128, 4, False)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
 
@@ -98,6 +99,17 @@ def _finish_projection(
 
 
 @triton.jit
+def _tile_index(BM: tl.constexpr, BN: tl.constexpr, COLS_FIRST: tl.constexpr):
+    # This program's rows and columns of the [N, I] tensors. COLS_FIRST: the grid's first (fastest-launched) axis
+    # walks the column blocks, so programs running together cover whole rows instead of one column block of many.
+    if COLS_FIRST:
+        pid_r, pid_c = tl.program_id(1), tl.program_id(0)
+    else:
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    return pid_r.to(tl.int64) * BM + tl.arange(0, BM), pid_c * BN + tl.arange(0, BN)
+
+
+@triton.jit
 def _lora_swiglu_fwd_kernel(
     G_ptr,
     U_ptr,
@@ -125,12 +137,12 @@ def _lora_swiglu_fwd_kernel(
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
     STORE_GU: tl.constexpr,
+    COLS_FIRST: tl.constexpr,
 ):
     # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit (STORE_GU;
     # otherwise they are left as they were); H = silu(G) * U. One pass instead of two addmm epilogues plus an
     # activation kernel.
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows, cols = _tile_index(BM, BN, COLS_FIRST)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offs = rows[:, None] * n_cols + cols[None, :]
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -188,14 +200,14 @@ def _lora_swiglu_bwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
+    COLS_FIRST: tl.constexpr,
 ):
     # dH = dH_base + LOW @ A_d (LOW = s_d dY B_d, [N, r_d]); then the activation's backward, in place:
     # H over dH, dG over G, dU over U (each element read before it is written, within one program).
     # FINISH_G / FINISH_U: G / U hold the base GEMM output (a lean recompute ran no forward kernel; U alone where the
     # finished gate was kept); the rank update is added here as the forward kernel adds it, rounded to the stored
     # dtype the same way.
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows, cols = _tile_index(BM, BN, COLS_FIRST)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offs = rows[:, None] * n_cols + cols[None, :]
     dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -233,13 +245,15 @@ def _lora_swiglu_bwd_kernel(
 
 def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int]) -> dict:
     interp = interpret_mode()
-    bm, bn, warps = (*_TILE_INTERPRET, 4) if interp else setting
+    bm, bn, warps, cols_first = (*_TILE_INTERPRET, 4, setting[3]) if interp else setting
+    cols_first = cols_first and triton.cdiv(t.shape[0], bm) < 2**16  # a grid's second axis holds < 65,536 blocks
     r_pad = max(16, triton.next_power_of_2(max(ranks)))
     return {
         "R_PAD": r_pad,
         "BM": bm,
         "BN": bn,
         "num_warps": warps,
+        "COLS_FIRST": cols_first,
         "UPCAST": interp,
         # fp32 operands: exact products ("tf32" would round them to 10 mantissa bits); bf16 operands
         # take the tensor-core path whatever this says.
@@ -249,7 +263,8 @@ def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int]) 
 
 
 def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
-    return (triton.cdiv(n_rows, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
+    grid = (triton.cdiv(n_rows, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
+    return grid[::-1] if cfg["COLS_FIRST"] else grid
 
 
 def lora_swiglu_forward(
