@@ -84,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for text in args.settings.split(","):
         parts = [int(x) for x in text.split(":")]  # BM:BN:warps[:1 = column blocks first]
-        setting = (*parts[:3], bool(parts[3:4] and parts[3]))
+        setting = (*parts[:3], 0 if parts[3:4] == [1] else None)
         for kind, (fn, setup) in kinds.items():
-            saved = mod._FWD, mod._BWD
-            mod._FWD, mod._BWD = (setting, saved[1]) if kind.startswith("fwd") else (saved[0], setting)
+            saved = mod._FWD, mod._FWD_H, mod._BWD
+            if kind.startswith("fwd"):
+                mod._FWD = mod._FWD_H = setting
+            else:
+                mod._BWD = setting
             try:
                 got = outputs(kind)
                 exact = all(torch.equal(a, b) for a, b in zip(got, ref[kind]))
@@ -100,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - a sweep: record the failing setting and go on
                 row = dict(setting=text, kernel=kind, error=str(exc).splitlines()[0][:200])
             finally:
-                mod._FWD, mod._BWD = saved
+                mod._FWD, mod._FWD_H, mod._BWD = saved
             print(json.dumps(row), flush=True)
             rows.append(row)
     doc = {"gpu": torch.cuda.get_device_name() if not args.tiny else "cpu", "torch": torch.__version__}
-    doc.update(shape=[n, i, r], copy_gbs=round(h.copy_gbps, 1), default={"fwd": list(mod._FWD), "bwd": list(mod._BWD)})
+    doc.update(
+        shape=[n, i, r],
+        copy_gbs=round(h.copy_gbps, 1),
+        default={"fwd": list(mod._FWD), "fwd_h_only": list(mod._FWD_H), "bwd": list(mod._BWD)},
+    )
     doc["rows"] = rows
     args.out.write_text(json.dumps(doc, indent=1))
     for kind in kinds:

@@ -17,17 +17,19 @@ from raytune_llm.kernels._rounding import rne_bf16
 
 __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 
-# Tiles (BM, BN, warps, columns first) of the [N, I] activation kernels, with a [BM, r] x [r, BN] tensor-core dot for the
-# rank-r epilogue. Swept at [8192, 14336] bf16, rank 16, on the H200 (bench/kernels/sweep_lora_swiglu.py). Session
-# 7 picked forward 64x128x8 and backward 64x64x4; session 10's sweeps (bench/results/lora_swiglu_sweep_h200_20261129_
-# s10.json, _s10d.json) timed narrow tiles fastest: forward 16x128x2 0.378 ms (0.734 of copy bandwidth; 64x128x8
-# 0.414), backward 16x128x4 0.455 ms (0.733; 64x64x4 0.636), a lean recompute's backward (the one training runs)
-# 0.511 ms (0.653; 64x64x4 0.707). The tile does not change the bits (the rank-r dot is one K step). Rank updates as
-# rank-1 FMAs on the CUDA cores instead of the dot were slower wherever the kernel finishes gate and up
-# (1.36-2.46 ms), so they were dropped.
-# The fourth entry: the grid walks column blocks first (the tile order only; the same bits).
-_FWD = (16, 128, 2, False)
-_BWD = (16, 128, 4, False)
+# Tiles (BM, BN, warps, rows from which the grid walks column blocks first) of the [N, I] activation kernels, with a
+# [BM, r] x [r, BN] tensor-core dot for the rank-r epilogue; the last entry None: never. Neither the tile nor the grid
+# order changes the bits (the rank-r dot is one K step). Swept on the H200 with rank 16 (bench/kernels/
+# sweep_lora_swiglu.py). Session 10 at [8192, 14336] (bench/results/lora_swiglu_sweep_h200_20261129_s10*.json):
+# narrow tiles fastest (forward 16x128x2 0.378 ms, 0.734 of copy bandwidth; backward 16x128x4 0.455 ms); rank updates
+# as rank-1 FMAs on the CUDA cores instead of the dot were slower (1.36-2.46 ms), so they were dropped. Session 21
+# (lora_swiglu_sweep_s21d_*): at 65,536 rows the grid walking column blocks first took the lean recompute's backward
+# 4.540 -> 4.360 ms and the forward writing H alone 2.037 -> 1.979 (16x128x2 rows first: 2.193); at 16,384 and 8,192
+# rows it lost on that backward (1.061 -> 1.093, 0.516 -> 0.550 ms), hence from 32,768 rows on. The forward that
+# writes G and U back too stays 16x128x2 rows first (65,536: 3.195 ms, every setting within 0.09 ms but one).
+_FWD = (16, 128, 2, None)
+_FWD_H = (16, 128, 4, 32768)  # the forward of a checkpointed layer: H alone
+_BWD = (16, 128, 4, 32768)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
 
@@ -245,8 +247,9 @@ def _lora_swiglu_bwd_kernel(
 
 def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int]) -> dict:
     interp = interpret_mode()
-    bm, bn, warps, cols_first = (*_TILE_INTERPRET, 4, setting[3]) if interp else setting
-    cols_first = cols_first and triton.cdiv(t.shape[0], bm) < 2**16  # a grid's second axis holds < 65,536 blocks
+    bm, bn, warps, from_rows = (*_TILE_INTERPRET, 4, setting[3]) if interp else setting
+    # a grid's second axis holds < 65,536 blocks
+    cols_first = from_rows is not None and from_rows <= t.shape[0] and triton.cdiv(t.shape[0], bm) < 2**16
     r_pad = max(16, triton.next_power_of_2(max(ranks)))
     return {
         "R_PAD": r_pad,
@@ -292,7 +295,7 @@ def lora_swiglu_forward(
     n_rows, n_cols = G.shape
     H = torch.empty_like(G)
     if G.numel():
-        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD)
+        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD if store_gu else _FWD_H)
         _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
             G, U, H, xa_g, xa_u, Bg, Bu,
             xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),

@@ -623,8 +623,9 @@ def test_swiglu_kernels_walking_column_blocks_first_give_the_same_bits(monkeypat
         return H, G, U, dH, G2, U2, dH2
 
     rows_first = run()
-    monkeypatch.setattr(mod, "_FWD", (*mod._FWD[:3], True))
-    monkeypatch.setattr(mod, "_BWD", (*mod._BWD[:3], True))
+    assert not mod._tile_cfg(G0, [r], mod._BWD)["COLS_FIRST"]  # under 32,768 rows: rows first
+    for name in ("_FWD", "_FWD_H", "_BWD"):
+        monkeypatch.setattr(mod, name, (*getattr(mod, name)[:3], 0))
     assert mod._tile_cfg(G0, [r], mod._BWD)["COLS_FIRST"]
     for a, b in zip(run(), rows_first):
         assert torch.equal(a, b)
