@@ -161,10 +161,10 @@ def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float
     # reshaped, shared), k and v; in the MLP gate, up and silu(gate)*up.
     if fused:
         # The layer's saved tensors (see `_kept_layer_bytes`: no H) plus, at the backward's peak, the incoming
-        # gradient, the outgoing one being summed, and one [., I] gradient (dH, later written over G and U in
-        # place), + `_FUSED_EXTRA_D` hidden-sized buffers (the recomputed input and a split MLP's full-size
-        # output and input gradient). Fitted to the H200's peaks, see `_FUSED_EXTRA_D`.
-        per_token = (6 * d + _FUSED_EXTRA_D * d + 2 * q + 2 * kv) * tokens + 3 * f * mlp_rows
+        # gradient, the outgoing one being summed, one [., I] gradient (dH), `_FUSED_EXTRA_D` hidden-sized buffers
+        # (the recomputed input, a split MLP's output and input gradient) and the fused MLP backward's fp32 partials
+        # of 3 rank-16 products at once (kernels.lora_swiglu_grad: [I / 256, rows, 16] each; lora_pair's one before).
+        per_token = (6 * d + _FUSED_EXTRA_D * d + 2 * q + 2 * kv) * tokens + (3 * f + f / 4) * mlp_rows
         return 2 * per_token
     saved, saved_mlp = 4 * d + 2 * q + 2 * kv, 3 * f
     # Live while back-propagating: the incoming gradient; in the MLP the gate/up gradients.

@@ -1,0 +1,228 @@
+"""The LoRA SwiGLU backward and its adapters' rank-r products in one pass over the ``[N, I]`` tensors.
+
+Unfused, the MLP's backward runs `kernels.lora_swiglu.lora_swiglu_backward` (reads ``dH``, ``G``, ``U``; writes
+``H``, ``dG``, ``dU``) and then three `kernels.lora_pair` calls read those three again: ``H``'s pair
+(``H A_d^T`` where a lean recompute has none from the forward, and ``H^T (s_d dY B_d)`` for ``dA_d``), ``dG``'s
+(``dG B_g``, ``dG^T (X A_g^T)``) and ``dU``'s. At 65,536 tokens of Llama-3.1-8B that is 5.6 GB read and 1.9 GB
+written (``H``) a layer that the gradients do not need.
+
+`lora_swiglu_grad` does it in one kernel. Each program owns ``BK`` columns of ``I`` and a span of rows, as a
+`lora_pair` program does, and walks the span ``BN`` rows at a time: it finishes the tile's ``dH`` (and ``G``, ``U``
+in a lean recompute) with the rank updates and differentiates SwiGLU exactly as the backward kernel does (its own
+helpers, rounded the same way), stores ``dG`` and ``dU`` (the base ``dX`` GEMMs read them), and feeds the rounded
+``H``, ``dG`` and ``dU`` tiles to `lora_pair`'s two dots each. ``H`` is never written.
+
+Bits: ``dG`` and ``dU`` are the backward kernel's. The ``[N, r]`` products are `lora_pair`'s: the same ``BK``-column
+blocks, the same ``[BN, BK] x [BK, r]`` dot (each row's sum does not depend on ``BN``), the same fp32 partials summed
+in the same order; a lean layer's ``H A_d^T`` must be the bits a kept layer's forward took from `lora_pair`. The
+``[I, r]`` products sum ``BN``-row tiles over ``ROWS``-row spans: with `lora_pair`'s ``BN`` and span they are its bits.
+Partial buffers: ``[I / BK, N, r]`` fp32 per ``[N, r]`` product (235 MB at 65,536 x 14,336, rank 16; `lora_pair`
+allocates one at a time, this kernel two or three at once) and ``[N / ROWS, I, r]`` per ``[I, r]`` one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from raytune_llm.kernels import lora_pair as pair_mod
+from raytune_llm.kernels._dispatch import interpret_mode
+from raytune_llm.kernels._rounding import rne_bf16
+from raytune_llm.kernels.lora_pair import _products, _rows_per_program, _scaled, _sum_partials
+from raytune_llm.kernels.lora_swiglu import _finish_projection, _rank_update, lora_swiglu_backward
+
+__all__ = ["lora_swiglu_grad", "swiglu_backward_products"]
+
+# (BN, warps); BK is lora_pair's (the [N, r] products' bits depend on it). 8 warps: the tile holds ~6 [BN, BK] fp32
+# values and three [BK, r] accumulators, twice lora_pair's one tile and one accumulator. Not yet timed on a GPU.
+_TILE = (pair_mod._TILE[0], 8)
+_TILE_INTERPRET = (pair_mod._TILE_INTERPRET[0], 4)
+# False: the unfused kernel and three lora_pair calls (the A/B of bench/kernels/bench_lora_swiglu_grad.py).
+_FUSED = [True]
+
+
+@triton.jit
+def _pair_dots(m, r_blk, L_ptr, stride_l, rank_l, rows, row_ok, k, PP_ptr, QP_ptr, q_acc, pid_c, n_rows,
+               R_PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, WANT_P: tl.constexpr,
+               WANT_Q: tl.constexpr):  # fmt: skip
+    # lora_pair's loop body for one tile m [BN, BK] (rounded to the stored dtype): this column block's share of
+    # P = m R for these rows, and Q += m^T L[rows].
+    if UPCAST:  # the CPU interpreter gets bf16 tl.dot wrong
+        m = m.to(tl.float32)
+    if WANT_P:
+        p = tl.dot(m, r_blk, input_precision=DOT_PREC)
+        tl.store(PP_ptr + (pid_c * n_rows + rows[:, None]) * R_PAD + k[None, :], p, mask=row_ok[:, None])
+    if WANT_Q:
+        lr = tl.load(
+            L_ptr + rows[:, None] * stride_l + k[None, :], mask=row_ok[:, None] & (k[None, :] < rank_l), other=0.0
+        )
+        if UPCAST:
+            lr = lr.to(tl.float32)
+        q_acc += tl.dot(tl.trans(m), lr, input_precision=DOT_PREC)
+    return q_acc
+
+
+@triton.jit
+def _r_block(R_ptr, stride_r0, stride_r1, cols, col_ok, k, rank, UPCAST: tl.constexpr):
+    # R's rows of this column block, [BK, R_PAD], as lora_pair loads them
+    r = tl.load(R_ptr + cols[:, None] * stride_r0 + k[None, :] * stride_r1, mask=col_ok[:, None] & (k[None, :] < rank),
+                other=0.0)  # fmt: skip
+    if UPCAST:
+        r = r.to(tl.float32)
+    return r
+
+
+@triton.jit
+def _lora_swiglu_grad_kernel(
+    DH_ptr, G_ptr, U_ptr, LOW_ptr, AD_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr,
+    PPH_ptr, QPH_ptr, PPG_ptr, QPG_ptr, PPU_ptr, QPU_ptr,
+    stride_low, stride_ad, stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1,
+    n_rows, n_cols, rank_d, rank_g, rank_u, scale_g, scale_u,
+    ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr,
+    FINISH_G: tl.constexpr, FINISH_U: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    RNE_BF16: tl.constexpr, WANT_PH: tl.constexpr, WANT_QH: tl.constexpr, WANT_QG: tl.constexpr,
+    WANT_QU: tl.constexpr,
+):  # fmt: skip
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)
+    k = tl.arange(0, R_PAD)
+    col_ok = cols < n_cols
+    r_h = _r_block(AD_ptr, 1, stride_ad, cols, col_ok, k, rank_d, UPCAST)  # A_d^T's rows
+    r_g = _r_block(BG_ptr, stride_bg0, stride_bg1, cols, col_ok, k, rank_g, UPCAST)
+    r_u = _r_block(BU_ptr, stride_bu0, stride_bu1, cols, col_ok, k, rank_u, UPCAST)
+    q_h = tl.zeros((BK, R_PAD), dtype=tl.float32)
+    q_g = tl.zeros((BK, R_PAD), dtype=tl.float32)
+    q_u = tl.zeros((BK, R_PAD), dtype=tl.float32)
+    row0 = pid_r.to(tl.int64) * ROWS
+    for i in range(0, ROWS, BN):
+        rows = row0 + i + tl.arange(0, BN)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * n_cols + cols[None, :]
+        # the unfused backward kernel's tile (kernels/lora_swiglu.py), step for step
+        dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dh = _rank_update(dh, LOW_ptr, stride_low, AD_ptr, stride_ad, 1, rows, cols, n_rows, n_cols, rank_d, 1.0,
+                          R_PAD, UPCAST, DOT_PREC)  # fmt: skip
+        g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if FINISH_G:
+            g = _finish_projection(g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols,
+                                   rank_g, scale_g, G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16).to(tl.float32)  # fmt: skip
+        if FINISH_U:
+            u = _finish_projection(u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols,
+                                   rank_u, scale_u, U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16).to(tl.float32)  # fmt: skip
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        h = silu * u
+        dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+        du = dh * silu
+        if RNE_BF16:
+            h = rne_bf16(h)
+            dg = rne_bf16(dg)
+            du = rne_bf16(du)
+        h = h.to(G_ptr.dtype.element_ty)
+        dg = dg.to(G_ptr.dtype.element_ty)
+        du = du.to(G_ptr.dtype.element_ty)
+        tl.store(G_ptr + offs, dg, mask=mask)
+        tl.store(U_ptr + offs, du, mask=mask)
+        # lora_pair's dots on the stored values: masked elements are zeros there as here
+        q_h = _pair_dots(h, r_h, LOW_ptr, stride_low, rank_d, rows, row_ok, k, PPH_ptr, QPH_ptr, q_h, pid_c, n_rows,
+                         R_PAD, UPCAST, DOT_PREC, WANT_PH, WANT_QH)  # fmt: skip
+        q_g = _pair_dots(dg, r_g, XAG_ptr, stride_xag, rank_g, rows, row_ok, k, PPG_ptr, QPG_ptr, q_g, pid_c, n_rows,
+                         R_PAD, UPCAST, DOT_PREC, True, WANT_QG)  # fmt: skip
+        q_u = _pair_dots(du, r_u, XAU_ptr, stride_xau, rank_u, rows, row_ok, k, PPU_ptr, QPU_ptr, q_u, pid_c, n_rows,
+                         R_PAD, UPCAST, DOT_PREC, True, WANT_QU)  # fmt: skip
+    q_offs = (pid_r * n_cols + cols[:, None]) * R_PAD + k[None, :]
+    if WANT_QH:
+        tl.store(QPH_ptr + q_offs, q_h, mask=col_ok[:, None])
+    if WANT_QG:
+        tl.store(QPG_ptr + q_offs, q_g, mask=col_ok[:, None])
+    if WANT_QU:
+        tl.store(QPU_ptr + q_offs, q_u, mask=col_ok[:, None])
+
+
+def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, finish_gate, finish_up, want, q_dtypes):
+    """The MLP backward's activation gradients and its six rank-r products, unscaled, in one pass.
+
+    ``dH += low_d @ Ad``; ``G <- dG``, ``U <- dU`` (in place; ``dH`` is left as it was and ``H`` is never written);
+    returns ``(H A_d^T, H^T low_d, dG B_g, dG^T xa_g, dU B_u, dU^T xa_u)``, each None where ``want`` says so.
+
+    Args:
+        dH: ``dY W_d`` ``[N, I]``, contiguous, bf16 or fp16.
+        G, U: ``[N, I]``, contiguous: the finished projections, or the base outputs to finish (``finish_*``).
+        low_d: ``s_d dY B_d`` ``[N, r_d]`` (unit column stride).
+        Ad: ``[r_d, I]``, contiguous.
+        xa_g, xa_u: ``X A_g^T``, ``X A_u^T`` (unit column stride).
+        Bg, Bu: ``[I, r]`` in ``G``'s dtype.
+        scale_g, scale_u: the LoRA scalings of gate and up (for finishing them).
+        finish_gate, finish_up: ``G`` / ``U`` hold base GEMM outputs, finished here as the forward kernel does.
+        want: six booleans, one per product in the order returned; ``dG B_g`` and ``dU B_u`` are always formed.
+        q_dtypes: the dtypes of the three ``[I, r]`` products (H's, dG's, dU's); the ``[N, r]`` ones take ``G``'s.
+    """
+    n, inter = G.shape
+    ranks = (low_d.shape[1], xa_g.shape[1], xa_u.shape[1])
+    interp = interpret_mode()
+    bn, warps = _TILE_INTERPRET if interp else _TILE
+    bk = (pair_mod._TILE_INTERPRET if interp else pair_mod._TILE)[1]
+    r_pad = max(16, triton.next_power_of_2(max(ranks)))
+    n_cb = triton.cdiv(inter, bk)
+    rows = _rows_per_program(n, n_cb, bn)
+    n_rb = triton.cdiv(n, rows)
+    want = [bool(w) for w in want]
+    want[2] = want[4] = True
+    dev = G.device
+    pp = [torch.empty(n_cb, n, r_pad, dtype=torch.float32, device=dev) if want[2 * j] else None for j in range(3)]
+    qp = [
+        torch.empty(n_rb, inter, r_pad, dtype=torch.float32, device=dev) if want[2 * j + 1] else None for j in range(3)
+    ]
+    if n and inter:
+        _lora_swiglu_grad_kernel[(n_rb, n_cb)](
+            dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu,
+            *[t if t is not None else G for pair in zip(pp, qp) for t in pair],
+            low_d.stride(0), Ad.stride(0), xa_g.stride(0), xa_u.stride(0),
+            Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
+            n, inter, *ranks, scale_g, scale_u,
+            ROWS=rows, BN=bn, BK=bk, R_PAD=r_pad, FINISH_G=finish_gate, FINISH_U=finish_up, UPCAST=interp,
+            DOT_PREC="ieee" if interp else "tf32", RNE_BF16=interp and G.dtype == torch.bfloat16,
+            WANT_PH=want[0], WANT_QH=want[1], WANT_QG=want[3], WANT_QU=want[5], num_warps=warps,
+        )  # fmt: skip
+    out = []
+    for j in range(3):
+        out.append(_sum_partials(pp[j], ranks[j], G.dtype) if want[2 * j] else None)
+        out.append(_sum_partials(qp[j], ranks[j], q_dtypes[j]) if want[2 * j + 1] else None)
+    return tuple(out)
+
+
+def swiglu_backward_products(dH, G, U, dYB, Ad, XA, ranks, Bg, Bu, scalings, lean, finish_up, need, dtypes):
+    """The MLP backward from ``dH = dY W_d`` on: ``G <- dG``, ``U <- dU`` and the adapters' rank-r products, scaled.
+
+    Fused (`lora_swiglu_grad`) in bf16/fp16 where the products are paired (`kernels.lora_pair._PAIRED`), else the
+    backward kernel and `_products`: the same values either way (the same bits with `lora_pair`'s tiles).
+
+    Args:
+        lean: a lean recompute (no forward ``H A_d^T``): ``G`` and ``U`` hold the base outputs, finished here with
+            their rank updates as the forward kernel would, and ``H A_d^T`` is formed here.
+        finish_up: ``U`` alone holds the base output (the gate's was kept from the forward).
+        need: whether each adapter (A_g, B_g, A_u, B_u, A_d, B_d) needs its gradient; ``dtypes``: their dtypes.
+
+    Returns:
+        ``(H A_d^T, H^T dYB, s_g dG B_g, s_g dG^T xa_g, s_u dU B_u, s_u dU^T xa_u)``: ``H A_d^T`` only when ``lean``,
+        the ``[I, r]`` ones where ``need`` asks.
+    """
+    sg_, su_ = scalings
+    xa_g, xa_u = torch.split(XA, ranks, dim=1)
+    finish = (xa_g, xa_u, Bg, Bu, sg_, su_) if lean or finish_up else None
+    if _FUSED[0] and pair_mod._PAIRED[0] and G.dtype in (torch.bfloat16, torch.float16):
+        want = (lean, need[4], True, need[1], True, need[3])
+        ha, qh, pg, qg, pu, qu = lora_swiglu_grad(
+            dH, G, U, dYB, Ad, xa_g, xa_u, Bg, Bu, sg_, su_, finish is not None and lean, finish is not None,
+            want, (dtypes[4], dtypes[1], dtypes[3]),
+        )  # fmt: skip
+        return (ha, qh, *[t if t is None else _scaled(t, s) for t, s in ((pg, sg_), (qg, sg_), (pu, su_), (qu, su_))])
+    lora_swiglu_backward(dH, G, U, dYB, Ad, finish, finish_gate=lean)
+    H, dG, dU = dH, G, U  # H written over dH
+    ha, qh = _products(H, Ad.t() if lean else None, dYB if need[4] else None, 1.0, dtypes[4])
+    return (ha, qh, *_products(dG, Bg, xa_g if need[1] else None, sg_, dtypes[1]),
+            *_products(dU, Bu, xa_u if need[3] else None, su_, dtypes[3]))  # fmt: skip
