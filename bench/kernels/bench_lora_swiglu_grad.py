@@ -27,7 +27,7 @@ from _harness import Harness, environment  # noqa: E402
 
 from raytune_llm.kernels import lora_swiglu_grad as mod  # noqa: E402
 
-SETTINGS = "32:8,32:4,16:4,16:8,64:8"
+SETTINGS = "16:8,32:8,16:4,32:16"
 NAMES = ["dG", "dU", "H A_d^T", "H^T dYB", "dG B_g", "dG^T xa_g", "dU B_u", "dU^T xa_u"]
 
 

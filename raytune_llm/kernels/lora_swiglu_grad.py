@@ -13,11 +13,13 @@ helpers, rounded the same way), stores ``dG`` and ``dU`` (the base ``dX`` GEMMs 
 ``H``, ``dG`` and ``dU`` tiles to `lora_pair`'s two dots each. ``H`` is never written.
 
 Bits: ``dG`` and ``dU`` are the backward kernel's. The ``[N, r]`` products are `lora_pair`'s: the same ``BK``-column
-blocks, the same ``[BN, BK] x [BK, r]`` dot (each row's sum does not depend on ``BN``), the same fp32 partials summed
-in the same order; a lean layer's ``H A_d^T`` must be the bits a kept layer's forward took from `lora_pair`. The
-``[I, r]`` products sum ``BN``-row tiles over ``ROWS``-row spans: with `lora_pair`'s ``BN`` and span they are its bits.
-Partial buffers: ``[I / BK, N, r]`` fp32 per ``[N, r]`` product (235 MB at 65,536 x 14,336, rank 16; `lora_pair`
-allocates one at a time, this kernel two or three at once) and ``[N / ROWS, I, r]`` per ``[I, r]`` one.
+blocks, each row's sum over them in one dot (here ``R^T m^T``: the same products over the same ``BK``), the same fp32
+partials summed in the same order; a lean layer's ``H A_d^T`` must be the bits a kept layer's forward took from
+`lora_pair`. The ``[I, r]`` products accumulate row tiles over ``ROWS``-row spans as `lora_pair` does, ``BN`` rows
+at a time (its bits with its ``BN``, and with any where the dots chain their accumulator, as on tensor cores). Tiles
+are held transposed (see the kernel). Partial buffers: ``[I / BK, N, r]`` fp32 per ``[N, r]`` product (235 MB at
+65,536 x 14,336, rank 16; `lora_pair` allocates one at a time, this kernel two or three at once) and
+``[N / ROWS, I, r]`` per ``[I, r]`` one.
 """
 
 from __future__ import annotations
@@ -30,36 +32,42 @@ from raytune_llm.kernels import lora_pair as pair_mod
 from raytune_llm.kernels._dispatch import interpret_mode
 from raytune_llm.kernels._rounding import rne_bf16
 from raytune_llm.kernels.lora_pair import _products, _rows_per_program, _scaled, _sum_partials
-from raytune_llm.kernels.lora_swiglu import _finish_projection, _rank_update, lora_swiglu_backward
+from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward
 
 __all__ = ["lora_swiglu_grad", "swiglu_backward_products"]
 
-# (BN, warps); BK is lora_pair's (the [N, r] products' bits depend on it). 8 warps: the tile holds ~6 [BN, BK] fp32
-# values and three [BK, r] accumulators, twice lora_pair's one tile and one accumulator. Not yet timed on a GPU.
-_TILE = (pair_mod._TILE[0], 8)
+# (BN, warps); BK is lora_pair's (the [N, r] products' bits depend on it). Compiled for sm_90 without a GPU
+# (triton.compile to a cubin, `cuobjdump -res-usage`, session 21): at BK = 256 a lean recompute's kernel spilled 48 B
+# a thread at 16 rows x 8 warps, 424 B at 32 x 8, 712 B at 16 x 4, 2,120 B at 64 x 8 (lora_pair's own: 96 B at
+# 32 x 4). Not yet timed on a GPU.
+_TILE = (16, 8)
 _TILE_INTERPRET = (pair_mod._TILE_INTERPRET[0], 4)
 # False: the unfused kernel and three lora_pair calls (the A/B of bench/kernels/bench_lora_swiglu_grad.py).
 _FUSED = [True]
 
 
 @triton.jit
-def _pair_dots(m, r_blk, L_ptr, stride_l, rank_l, rows, row_ok, k, PP_ptr, QP_ptr, q_acc, pid_c, n_rows,
-               R_PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, WANT_P: tl.constexpr,
-               WANT_Q: tl.constexpr):  # fmt: skip
-    # lora_pair's loop body for one tile m [BN, BK] (rounded to the stored dtype): this column block's share of
-    # P = m R for these rows, and Q += m^T L[rows].
+def _rows_t(L_ptr, stride_l, rows, row_ok, k, rank, UPCAST: tl.constexpr):
+    # L[rows, :rank]^T, [R_PAD, BN]: a rank-r left factor for the transposed tile's rank updates
+    lt = tl.load(L_ptr + rows[None, :] * stride_l + k[:, None], mask=row_ok[None, :] & (k[:, None] < rank), other=0.0)
     if UPCAST:  # the CPU interpreter gets bf16 tl.dot wrong
+        lt = lt.to(tl.float32)
+    return lt
+
+
+@triton.jit
+def _pair_dots_t(m, r_blk_t, lt, rows, row_ok, k, PP_ptr, q_acc, pid_c, n_rows, R_PAD: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, WANT_P: tl.constexpr, WANT_Q: tl.constexpr):  # fmt: skip
+    # lora_pair's two dots for one transposed tile m [BK, BN] (rounded to the stored dtype): this column block's
+    # share of P^T = R^T m for these rows ([R_PAD, BN]; the same products, summed over the same BK, as its m R), and
+    # Q += m L[rows] ([BK, R_PAD]; lt is L[rows]^T).
+    if UPCAST:
         m = m.to(tl.float32)
     if WANT_P:
-        p = tl.dot(m, r_blk, input_precision=DOT_PREC)
-        tl.store(PP_ptr + (pid_c * n_rows + rows[:, None]) * R_PAD + k[None, :], p, mask=row_ok[:, None])
+        p = tl.dot(r_blk_t, m, input_precision=DOT_PREC)
+        tl.store(PP_ptr + (pid_c * n_rows + rows[None, :]) * R_PAD + k[:, None], p, mask=row_ok[None, :])
     if WANT_Q:
-        lr = tl.load(
-            L_ptr + rows[:, None] * stride_l + k[None, :], mask=row_ok[:, None] & (k[None, :] < rank_l), other=0.0
-        )
-        if UPCAST:
-            lr = lr.to(tl.float32)
-        q_acc += tl.dot(tl.trans(m), lr, input_precision=DOT_PREC)
+        q_acc += tl.dot(m, tl.trans(lt), input_precision=DOT_PREC)
     return q_acc
 
 
@@ -84,6 +92,9 @@ def _lora_swiglu_grad_kernel(
     RNE_BF16: tl.constexpr, WANT_PH: tl.constexpr, WANT_QH: tl.constexpr, WANT_QG: tl.constexpr,
     WANT_QU: tl.constexpr,
 ):  # fmt: skip
+    # Tiles are held transposed, [BK columns, BN rows]: every dot then has BK as its long side (the rank updates
+    # and the Q products as [BK, r] x [r, BN] and [BK, BN] x [BN, r]), so the warps split it instead of each holding
+    # a [BN, BK] result (a [16, 256] rank update held whole by each of 8 warps spilled ~3 KB a thread, by ptxas).
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)
@@ -99,20 +110,27 @@ def _lora_swiglu_grad_kernel(
     for i in range(0, ROWS, BN):
         rows = row0 + i + tl.arange(0, BN)
         row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * n_cols + cols[None, :]
-        # the unfused backward kernel's tile (kernels/lora_swiglu.py), step for step
+        mask = col_ok[:, None] & row_ok[None, :]
+        offs = rows[None, :] * n_cols + cols[:, None]
+        # the unfused backward kernel's tile (kernels/lora_swiglu.py), transposed, step for step: each rank update
+        # sums the same r products per element in one tensor-core step
+        low_t = _rows_t(LOW_ptr, stride_low, rows, row_ok, k, rank_d, UPCAST)
+        xag_t = _rows_t(XAG_ptr, stride_xag, rows, row_ok, k, rank_g, UPCAST)
+        xau_t = _rows_t(XAU_ptr, stride_xau, rows, row_ok, k, rank_u, UPCAST)
         dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dh = _rank_update(dh, LOW_ptr, stride_low, AD_ptr, stride_ad, 1, rows, cols, n_rows, n_cols, rank_d, 1.0,
-                          R_PAD, UPCAST, DOT_PREC)  # fmt: skip
+        dh = dh + 1.0 * tl.dot(r_h, low_t, input_precision=DOT_PREC)
         g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if FINISH_G:
-            g = _finish_projection(g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols,
-                                   rank_g, scale_g, G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16).to(tl.float32)  # fmt: skip
+        if FINISH_G:  # the forward kernel's finishing step, rounded as it stores
+            g = g + scale_g * tl.dot(r_g, xag_t, input_precision=DOT_PREC)
+            if RNE_BF16:
+                g = rne_bf16(g)
+            g = g.to(G_ptr.dtype.element_ty).to(tl.float32)
         if FINISH_U:
-            u = _finish_projection(u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols,
-                                   rank_u, scale_u, U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16).to(tl.float32)  # fmt: skip
+            u = u + scale_u * tl.dot(r_u, xau_t, input_precision=DOT_PREC)
+            if RNE_BF16:
+                u = rne_bf16(u)
+            u = u.to(U_ptr.dtype.element_ty).to(tl.float32)
         sg = tl.sigmoid(g)
         silu = g * sg
         h = silu * u
@@ -128,12 +146,12 @@ def _lora_swiglu_grad_kernel(
         tl.store(G_ptr + offs, dg, mask=mask)
         tl.store(U_ptr + offs, du, mask=mask)
         # lora_pair's dots on the stored values: masked elements are zeros there as here
-        q_h = _pair_dots(h, r_h, LOW_ptr, stride_low, rank_d, rows, row_ok, k, PPH_ptr, QPH_ptr, q_h, pid_c, n_rows,
-                         R_PAD, UPCAST, DOT_PREC, WANT_PH, WANT_QH)  # fmt: skip
-        q_g = _pair_dots(dg, r_g, XAG_ptr, stride_xag, rank_g, rows, row_ok, k, PPG_ptr, QPG_ptr, q_g, pid_c, n_rows,
-                         R_PAD, UPCAST, DOT_PREC, True, WANT_QG)  # fmt: skip
-        q_u = _pair_dots(du, r_u, XAU_ptr, stride_xau, rank_u, rows, row_ok, k, PPU_ptr, QPU_ptr, q_u, pid_c, n_rows,
-                         R_PAD, UPCAST, DOT_PREC, True, WANT_QU)  # fmt: skip
+        q_h = _pair_dots_t(h, tl.trans(r_h), low_t, rows, row_ok, k, PPH_ptr, q_h, pid_c, n_rows, R_PAD, UPCAST,
+                           DOT_PREC, WANT_PH, WANT_QH)  # fmt: skip
+        q_g = _pair_dots_t(dg, tl.trans(r_g), xag_t, rows, row_ok, k, PPG_ptr, q_g, pid_c, n_rows, R_PAD, UPCAST,
+                           DOT_PREC, True, WANT_QG)  # fmt: skip
+        q_u = _pair_dots_t(du, tl.trans(r_u), xau_t, rows, row_ok, k, PPU_ptr, q_u, pid_c, n_rows, R_PAD, UPCAST,
+                           DOT_PREC, True, WANT_QU)  # fmt: skip
     q_offs = (pid_r * n_cols + cols[:, None]) * R_PAD + k[None, :]
     if WANT_QH:
         tl.store(QPH_ptr + q_offs, q_h, mask=col_ok[:, None])
