@@ -1,12 +1,14 @@
-"""The fused LoRA SwiGLU backward (`kernels.lora_swiglu_grad`) against what it replaces, on the GPU.
+"""The fused LoRA SwiGLU kernels (`kernels.lora_swiglu_grad`) against what they replace, on the GPU.
 
-At Llama-3.1-8B's MLP ([rows, 14336] bf16, rank 16) it times, per case (a lean recompute: gate and up finished in
-the kernel and ``H A_d^T`` formed; a finished layer: neither), the unfused backward (`lora_swiglu_backward` and
-three `lora_pair` calls, through `swiglu_backward_products` with ``_FUSED`` off) and the fused one under each
-``BN:warps`` setting (``BK`` is lora_pair's), median of the harness's CUDA-event timings (bench/_harness.py, L2
-flushed before each repetition). Every output is compared with the unfused one: bit-exact (``dG``, ``dU`` and the
-``[N, r]`` products must be; the ``[I, r]`` ones are at lora_pair's ``BN``) and the largest difference relative to
-the largest value. Peak memory: the fused kernel holds two or three fp32 partial buffers at once.
+At Llama-3.1-8B's MLP ([rows, 14336] bf16, rank 16) it times, per case, the unfused form (``_FUSED`` off) and the
+fused one under each ``BN:warps`` setting (``BK`` is lora_pair's), median of the harness's CUDA-event timings
+(bench/_harness.py, L2 flushed before each repetition). Backward cases: a lean recompute (gate and up finished in
+the kernel, ``H A_d^T`` formed) and a finished layer; unfused, `lora_swiglu_backward` and three `lora_pair` calls.
+Forward cases: ``H`` alone (a checkpointed layer's forward) and ``G``, ``U``, ``H`` (a kept layer's), with ``H A_d^T``;
+unfused, `lora_swiglu_forward` and a `lora_pair` call. Every output is compared with the unfused one: bit-exact
+(``dG``, ``dU``, ``H`` and the ``[N, r]`` products must be; the ``[I, r]`` ones are at lora_pair's ``BN``) and the
+largest difference relative to the largest value. Peak memory: the fused kernels hold their fp32 partial buffers
+at once.
 
     python bench/kernels/bench_lora_swiglu_grad.py --rows 65536 --out $OUT/lora_swiglu_grad.json
 """
@@ -29,6 +31,7 @@ from raytune_llm.kernels import lora_swiglu_grad as mod  # noqa: E402
 
 SETTINGS = "16:8,32:8,16:4,32:16"
 NAMES = ["dG", "dU", "H A_d^T", "H^T dYB", "dG B_g", "dG^T xa_g", "dU B_u", "dU^T xa_u"]
+FWD_NAMES = ["G", "U", "H", "H A_d^T"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,17 +76,23 @@ def _run_rows(h: Harness, n: int, inter: int, r: int, settings: str) -> list[dic
         for k, t in work.items():
             t.copy_(src[k])
 
-    def call(lean):
+    def call(case):
+        if case.startswith("fwd"):  # H and H A_d^T, and G and U written back (a kept layer's forward) or not
+            H, HA = mod.swiglu_forward_products(
+                work["G"], work["U"], src["XA"][:, :r], src["XA"][:, r:], src["Bg"], src["Bu"], src["Ad"], 1.0, 1.0,
+                case == "fwd_gu",
+            )  # fmt: skip
+            return H, HA, None, None, None, None
         return mod.swiglu_backward_products(
             work["dH"], work["G"], work["U"], src["dYB"], src["Ad"], src["XA"], [r, r], src["Bg"], src["Bu"],
-            (1.0, 1.0), lean, False, [True] * 6, [torch.float32] * 6,
+            (1.0, 1.0), case == "lean", False, [True] * 6, [torch.float32] * 6,
         )  # fmt: skip
 
     out = []
-    for case, lean in (("lean", True), ("finished", False)):
+    for case in ("lean", "finished", "fwd_h", "fwd_gu"):
         mod._FUSED[0] = False
         reset()
-        ref = [t.clone() if t is not None else None for t in (work["G"], work["U"], *call(lean))]
+        ref = [t.clone() if t is not None else None for t in (work["G"], work["U"], *call(case))]
         variants = [("unfused", None)] + [
             (f"fused {s}", tuple(int(x) for x in s.split(":"))) for s in settings.split(",")
         ]
@@ -94,20 +103,21 @@ def _run_rows(h: Harness, n: int, inter: int, r: int, settings: str) -> list[dic
             row = dict(rows=n, case=case, variant=name)
             try:
                 reset()
-                got = [t.clone() if t is not None else None for t in (work["G"], work["U"], *call(lean))]
-                row["exact"] = {k: bool(torch.equal(a, b)) for k, a, b in zip(NAMES, got, ref) if a is not None}
+                got = [t.clone() if t is not None else None for t in (work["G"], work["U"], *call(case))]
+                names = FWD_NAMES if case.startswith("fwd") else NAMES
+                row["exact"] = {k: bool(torch.equal(a, b)) for k, a, b in zip(names, got, ref) if a is not None}
                 row["max_rel_diff"] = max(
                     ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
                     for a, b in zip(got, ref)
                     if a is not None
                 )
-                timing = h.time(lambda _, lean=lean: call(lean), reset)
+                timing = h.time(lambda _, case=case: call(case), reset)
                 row["ms"] = round(timing.ms, 4)
                 if not h.tiny:
                     reset()
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
-                    call(lean)
+                    call(case)
                     row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
             except Exception as exc:  # noqa: BLE001 - a sweep: record the failing setting and go on
                 row["error"] = str(exc).splitlines()[0][:200]

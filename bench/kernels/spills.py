@@ -73,25 +73,36 @@ def grad_kernel_usage(bn: int, warps: int, lean: bool, bk: int = 256) -> dict:
     return resource_usage(k, types, consts, warps)
 
 
+def fwd_kernel_usage(bn: int, warps: int, store_gu: bool, bk: int = 256) -> dict:
+    """The fused SwiGLU forward (H and H A_d^T's partials) at ``BN`` rows x ``bk`` columns, rank 16, bf16."""
+    k = lora_swiglu_grad._lora_swiglu_fwd_ha_kernel
+    types = {n: "*bf16" for n in k.arg_names if n.endswith("_ptr")} | {"PP_ptr": "*fp32"}
+    types.update(scale_g="fp32", scale_u="fp32")
+    consts = dict(ROWS=8192, BN=bn, BK=bk, R_PAD=16, UPCAST=False, DOT_PREC="tf32", RNE_BF16=False, STORE_GU=store_gu)
+    return resource_usage(k, types, consts, warps)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", default="16:8,32:8,16:4,32:4", help="the fused backward's BN:warps settings")
     p.add_argument("--max-stack", type=int, help="exit 1 if the fused backward at its default tile spills more")
     args = p.parse_args(argv)
     if args.max_stack is not None:  # the check tests/kernels/test_lora_swiglu_grad.py runs
-        worst = max(grad_kernel_usage(*lora_swiglu_grad._TILE, lean)["stack_bytes"] for lean in (True, False))
-        print(f"lora_swiglu_grad {lora_swiglu_grad._TILE}: at most {worst} B of stack a thread")
+        tile = lora_swiglu_grad._TILE
+        usage = [grad_kernel_usage(*tile, flag) for flag in (True, False)]
+        usage += [fwd_kernel_usage(*tile, flag) for flag in (True, False)]
+        worst = max(u["stack_bytes"] for u in usage)
+        print(f"lora_swiglu_grad {tile}, backward and forward: at most {worst} B of stack a thread")
         return int(worst > args.max_stack)
     rows = []
     for text in args.settings.split(","):
         bn, warps = (int(x) for x in text.split(":"))
         for lean in (True, False):
-            rows.append(
-                (
-                    f"lora_swiglu_grad {bn}x256 {warps}w {'lean' if lean else 'finished'}",
-                    grad_kernel_usage(bn, warps, lean),
-                )
-            )
+            name = f"lora_swiglu_grad {bn}x256 {warps}w {'lean' if lean else 'finished'}"
+            rows.append((name, grad_kernel_usage(bn, warps, lean)))
+        for store in (True, False):
+            name = f"lora_swiglu fwd+HA {bn}x256 {warps}w {'G,U,H' if store else 'H'}"
+            rows.append((name, fwd_kernel_usage(bn, warps, store)))
     bwd = lora_swiglu._lora_swiglu_bwd_kernel
     types = {n: "*bf16" for n in bwd.arg_names if n.endswith("_ptr")} | {"scale_g": "fp32", "scale_u": "fp32"}
     bm, bn_, warps, _ = lora_swiglu._BWD

@@ -64,7 +64,8 @@ in a forward without grad that keeps nothing: a checkpointed layer's) in one pas
 passes plus an activation kernel; the backward kernel does the same for ``dH``'s rank update and the activation's
 derivative (both in kernels/lora_swiglu.py). In bf16 each adapter's two backward products of one operand (``dY B``
 and ``dY^T (X A^T)``) come from one read of it (kernels/lora_pair.py); ``dG``'s, ``dU``'s and ``H``'s come out of
-the backward kernel itself, which then writes no ``H`` (kernels/lora_swiglu_grad.py). NF4: kernels/nf4.py.
+the activation kernels themselves, and the backward's writes no ``H`` (kernels/lora_swiglu_grad.py). NF4:
+kernels/nf4.py.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import use_triton
 from raytune_llm.kernels.lora_pair import _joint_grad, _products
 from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
-from raytune_llm.kernels.lora_swiglu_grad import swiglu_backward_products
+from raytune_llm.kernels.lora_swiglu_grad import swiglu_backward_products, swiglu_forward_products
 from raytune_llm.kernels.lora_thin import thin_product
 from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
@@ -405,8 +406,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
             # rank updates + activation, one pass
-            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
-            HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
+            # [N, r_d] H A_d^T as a lean recompute's backward forms it, from the same pass in bf16
+            H, HA = swiglu_forward_products(G, U, xa_g, xa_u, Bg, Bu, Ad, sg_, su_, store_gu)
             Y, Y2 = _output(x, Bd.shape[0])
             torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
             Y2.addmm_(HA, Bd.t(), alpha=sd_)

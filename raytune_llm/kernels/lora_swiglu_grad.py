@@ -1,16 +1,18 @@
-"""The LoRA SwiGLU backward and its adapters' rank-r products in one pass over the ``[N, I]`` tensors.
+"""The LoRA SwiGLU MLP's activation kernels with the adapters' rank-r products of ``H``, ``dG`` and ``dU`` in the same
+pass over the ``[N, I]`` tensors.
 
 Unfused, the MLP's backward runs `kernels.lora_swiglu.lora_swiglu_backward` (reads ``dH``, ``G``, ``U``; writes
 ``H``, ``dG``, ``dU``) and then three `kernels.lora_pair` calls read those three again: ``H``'s pair
 (``H A_d^T`` where a lean recompute has none from the forward, and ``H^T (s_d dY B_d)`` for ``dA_d``), ``dG``'s
 (``dG B_g``, ``dG^T (X A_g^T)``) and ``dU``'s. At 65,536 tokens of Llama-3.1-8B that is 5.6 GB read and 1.9 GB
-written (``H``) a layer that the gradients do not need.
+written (``H``) a layer that the gradients do not need; the forward likewise reads ``H`` again for ``H A_d^T``.
 
-`lora_swiglu_grad` does it in one kernel. Each program owns ``BK`` columns of ``I`` and a span of rows, as a
-`lora_pair` program does, and walks the span ``BN`` rows at a time: it finishes the tile's ``dH`` (and ``G``, ``U``
-in a lean recompute) with the rank updates and differentiates SwiGLU exactly as the backward kernel does (its own
-helpers, rounded the same way), stores ``dG`` and ``dU`` (the base ``dX`` GEMMs read them), and feeds the rounded
-``H``, ``dG`` and ``dU`` tiles to `lora_pair`'s two dots each. ``H`` is never written.
+`lora_swiglu_grad` does the backward in one kernel. Each program owns ``BK`` columns of ``I`` and a span of rows, as
+a `lora_pair` program does, and walks the span ``BN`` rows at a time: it finishes the tile's ``dH`` (and ``G``,
+``U`` in a lean recompute) with the rank updates and differentiates SwiGLU exactly as the backward kernel does,
+stores ``dG`` and ``dU`` (the base ``dX`` GEMMs read them), and feeds the rounded ``H``, ``dG`` and ``dU`` tiles to
+`lora_pair`'s two dots each. ``H`` is never written. `lora_swiglu_forward_ha` is the forward kernel walked the same
+way, with ``H A_d^T``'s share from each ``H`` tile it writes.
 
 Bits: ``dG`` and ``dU`` are the backward kernel's. The ``[N, r]`` products are `lora_pair`'s: the same ``BK``-column
 blocks, each row's sum over them in one dot (here ``R^T m^T``: the same products over the same ``BK``), the same fp32
@@ -32,9 +34,9 @@ from raytune_llm.kernels import lora_pair as pair_mod
 from raytune_llm.kernels._dispatch import interpret_mode
 from raytune_llm.kernels._rounding import rne_bf16
 from raytune_llm.kernels.lora_pair import _products, _rows_per_program, _scaled, _sum_partials
-from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward
+from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
 
-__all__ = ["lora_swiglu_grad", "swiglu_backward_products"]
+__all__ = ["lora_swiglu_forward_ha", "lora_swiglu_grad", "swiglu_backward_products", "swiglu_forward_products"]
 
 # (BN, warps); BK is lora_pair's (the [N, r] products' bits depend on it). Compiled for sm_90 without a GPU
 # (triton.compile to a cubin, `cuobjdump -res-usage`, session 21): at BK = 256 a lean recompute's kernel spilled 48 B
@@ -82,6 +84,16 @@ def _r_block(R_ptr, stride_r0, stride_r1, cols, col_ok, k, rank, UPCAST: tl.cons
 
 
 @triton.jit
+def _finish_t(x, r_blk, lt, scale, OUT_ptr, DOT_PREC: tl.constexpr, RNE_BF16: tl.constexpr):
+    # A projection's base output tile (transposed, fp32) plus its rank update, rounded to OUT's dtype as
+    # kernels.lora_swiglu's _finish_projection rounds it
+    x = x + scale * tl.dot(r_blk, lt, input_precision=DOT_PREC)
+    if RNE_BF16:
+        x = rne_bf16(x)
+    return x.to(OUT_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _lora_swiglu_grad_kernel(
     DH_ptr, G_ptr, U_ptr, LOW_ptr, AD_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr,
     PPH_ptr, QPH_ptr, PPG_ptr, QPG_ptr, PPU_ptr, QPU_ptr,
@@ -122,15 +134,9 @@ def _lora_swiglu_grad_kernel(
         g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if FINISH_G:  # the forward kernel's finishing step, rounded as it stores
-            g = g + scale_g * tl.dot(r_g, xag_t, input_precision=DOT_PREC)
-            if RNE_BF16:
-                g = rne_bf16(g)
-            g = g.to(G_ptr.dtype.element_ty).to(tl.float32)
+            g = _finish_t(g, r_g, xag_t, scale_g, G_ptr, DOT_PREC, RNE_BF16).to(tl.float32)
         if FINISH_U:
-            u = u + scale_u * tl.dot(r_u, xau_t, input_precision=DOT_PREC)
-            if RNE_BF16:
-                u = rne_bf16(u)
-            u = u.to(U_ptr.dtype.element_ty).to(tl.float32)
+            u = _finish_t(u, r_u, xau_t, scale_u, U_ptr, DOT_PREC, RNE_BF16).to(tl.float32)
         sg = tl.sigmoid(g)
         silu = g * sg
         h = silu * u
@@ -161,6 +167,95 @@ def _lora_swiglu_grad_kernel(
         tl.store(QPU_ptr + q_offs, q_u, mask=col_ok[:, None])
 
 
+@triton.jit
+def _lora_swiglu_fwd_ha_kernel(
+    G_ptr, U_ptr, H_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr, AD_ptr, PP_ptr,
+    stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1, stride_ad,
+    n_rows, n_cols, rank_g, rank_u, rank_d, scale_g, scale_u,
+    ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, RNE_BF16: tl.constexpr, STORE_GU: tl.constexpr,
+):  # fmt: skip
+    # kernels.lora_swiglu's forward kernel (finish G and U, H = silu(G) U), on transposed tiles walked as
+    # lora_pair walks them, with H A_d^T's partials from the rounded H tile: the down projection's rank-r input
+    # without reading H again.
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)
+    k = tl.arange(0, R_PAD)
+    col_ok = cols < n_cols
+    r_h_t = tl.trans(_r_block(AD_ptr, 1, stride_ad, cols, col_ok, k, rank_d, UPCAST))
+    r_g = _r_block(BG_ptr, stride_bg0, stride_bg1, cols, col_ok, k, rank_g, UPCAST)
+    r_u = _r_block(BU_ptr, stride_bu0, stride_bu1, cols, col_ok, k, rank_u, UPCAST)
+    row0 = pid_r.to(tl.int64) * ROWS
+    for i in range(0, ROWS, BN):
+        rows = row0 + i + tl.arange(0, BN)
+        row_ok = rows < n_rows
+        mask = col_ok[:, None] & row_ok[None, :]
+        offs = rows[None, :] * n_cols + cols[:, None]
+        xag_t = _rows_t(XAG_ptr, stride_xag, rows, row_ok, k, rank_g, UPCAST)
+        xau_t = _rows_t(XAU_ptr, stride_xau, rows, row_ok, k, rank_u, UPCAST)
+        g = _finish_t(tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32), r_g, xag_t, scale_g, G_ptr,
+                      DOT_PREC, RNE_BF16)  # fmt: skip
+        u = _finish_t(tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32), r_u, xau_t, scale_u, U_ptr,
+                      DOT_PREC, RNE_BF16)  # fmt: skip
+        if STORE_GU:
+            tl.store(G_ptr + offs, g, mask=mask)
+            tl.store(U_ptr + offs, u, mask=mask)
+        gf = g.to(tl.float32)
+        h = gf * tl.sigmoid(gf) * u.to(tl.float32)
+        if RNE_BF16:
+            h = rne_bf16(h)
+        h = h.to(H_ptr.dtype.element_ty)
+        tl.store(H_ptr + offs, h, mask=mask)
+        if UPCAST:
+            h = h.to(tl.float32)
+        p = tl.dot(r_h_t, h, input_precision=DOT_PREC)  # lora_pair's P share, transposed
+        tl.store(PP_ptr + (pid_c * n_rows + rows[None, :]) * R_PAD + k[:, None], p, mask=row_ok[None, :])
+
+
+def _launch(n: int, inter: int, ranks) -> tuple:
+    """(BN, BK, ROWS, R_PAD, warps, grid) of a fused kernel over ``[n, inter]``: lora_pair's column blocks."""
+    interp = interpret_mode()
+    bn, warps = _TILE_INTERPRET if interp else _TILE
+    bk = (pair_mod._TILE_INTERPRET if interp else pair_mod._TILE)[1]
+    r_pad = max(16, triton.next_power_of_2(max(ranks)))
+    n_cb = triton.cdiv(inter, bk)
+    rows = _rows_per_program(n, n_cb, bn)
+    return bn, bk, rows, r_pad, warps, (triton.cdiv(n, rows), n_cb)
+
+
+def lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu):
+    """`kernels.lora_swiglu.lora_swiglu_forward` (the same bits) and ``H A_d^T`` (`lora_pair`'s bits), in one pass.
+
+    Returns:
+        ``(H, H A_d^T)``: ``[N, I]`` and ``[N, r_d]`` in ``G``'s dtype.
+    """
+    n, inter = G.shape
+    ranks = (xa_g.shape[1], xa_u.shape[1], Ad.shape[0])
+    bn, bk, rows, r_pad, warps, grid = _launch(n, inter, ranks)
+    H = torch.empty_like(G)
+    pp = torch.empty(grid[1], n, r_pad, dtype=torch.float32, device=G.device)
+    if n and inter:
+        _lora_swiglu_fwd_ha_kernel[grid](
+            G, U, H, xa_g, xa_u, Bg, Bu, Ad, pp,
+            xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1), Ad.stride(0),
+            n, inter, *ranks, scale_g, scale_u,
+            ROWS=rows, BN=bn, BK=bk, R_PAD=r_pad, UPCAST=interpret_mode(),
+            DOT_PREC="ieee" if interpret_mode() else "tf32", RNE_BF16=interpret_mode() and G.dtype == torch.bfloat16,
+            STORE_GU=store_gu, num_warps=warps,
+        )  # fmt: skip
+    return H, _sum_partials(pp, ranks[2], G.dtype)
+
+
+def swiglu_forward_products(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu):
+    """``(H, H A_d^T)`` of the MLP forward: fused (`lora_swiglu_forward_ha`) in bf16/fp16 where the products are
+    paired, else the forward kernel and `_products`; the same bits either way."""
+    if _FUSED[0] and pair_mod._PAIRED[0] and G.dtype in (torch.bfloat16, torch.float16):
+        return lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu)
+    H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g, scale_u, store_gu=store_gu)
+    return H, _products(H, Ad.t(), None, 1.0, G.dtype)[0]
+
+
 def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, finish_gate, finish_up, want, q_dtypes):
     """The MLP backward's activation gradients and its six rank-r products, unscaled, in one pass.
 
@@ -181,13 +276,8 @@ def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, 
     """
     n, inter = G.shape
     ranks = (low_d.shape[1], xa_g.shape[1], xa_u.shape[1])
+    bn, bk, rows, r_pad, warps, (n_rb, n_cb) = _launch(n, inter, ranks)
     interp = interpret_mode()
-    bn, warps = _TILE_INTERPRET if interp else _TILE
-    bk = (pair_mod._TILE_INTERPRET if interp else pair_mod._TILE)[1]
-    r_pad = max(16, triton.next_power_of_2(max(ranks)))
-    n_cb = triton.cdiv(inter, bk)
-    rows = _rows_per_program(n, n_cb, bn)
-    n_rb = triton.cdiv(n, rows)
     want = [bool(w) for w in want]
     want[2] = want[4] = True
     dev = G.device

@@ -73,6 +73,25 @@ def test_fused_gives_the_unfused_bits(monkeypatch, lean, finish_up, n, inter, ra
 
 
 @needs_triton
+@pytest.mark.parametrize("store_gu", [True, False], ids=["store_gu", "h_only"])
+@pytest.mark.parametrize("n,inter,ranks", [(70, 300, (4, 4, 4)), (150, 300, (16, 3, 5))], ids=["tiles", "ranks"])
+def test_fused_forward_gives_the_unfused_bits(monkeypatch, store_gu, n, inter, ranks):
+    # The forward kernel with H A_d^T from the same pass: H, the finished (or untouched) G and U, and H A_d^T bit
+    # for bit what lora_swiglu_forward and a lora_pair call give.
+    _, G0, U0, _, Ad, XA, Bg, Bu = _inputs(n, inter, ranks, seed=4)
+    xa_g, xa_u = XA[:, : ranks[1]], XA[:, ranks[1] :]
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(mod, "_FUSED", [fused])
+        G, U = G0.clone(), U0.clone()
+        H, HA = mod.swiglu_forward_products(G, U, xa_g, xa_u, Bg, Bu, Ad.contiguous(), 2.0, 0.5, store_gu)
+        got[fused] = (H, HA, G, U)
+    for name, a, b in zip(["H", "H A_d^T", "G", "U"], got[True], got[False]):
+        assert torch.equal(a, b), name
+    assert torch.equal(got[True][2], G0) != store_gu
+
+
+@needs_triton
 def test_products_left_out_are_not_formed_and_the_rest_keep_their_bits(monkeypatch):
     # Frozen adapters (no dA_d, dB_g, dB_u wanted): those products come back None, the others with the bits of the
     # call that forms all of them.
@@ -132,3 +151,19 @@ def test_the_default_tile_compiles_for_the_h200_without_spilling_kilobytes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--max-stack", "128"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store_gu", [True, False], ids=["store_gu", "h_only"])
+def test_fused_forward_gives_the_unfused_bits_at_llama_shapes_on_the_gpu(monkeypatch, store_gu):
+    # 4,096 rows of Llama-3.1-8B's MLP at rank 16 on the GPU's tiles: H, G, U and H A_d^T bit for bit (the down
+    # projection and a lean recompute's backward read them).
+    _, G0, U0, _, Ad, XA, Bg, Bu = [t.cuda() for t in _inputs(4096, 14336, (16, 16, 16), seed=5)]
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(mod, "_FUSED", [fused])
+        G, U = G0.clone(), U0.clone()
+        H, HA = mod.swiglu_forward_products(G, U, XA[:, :16], XA[:, 16:], Bg, Bu, Ad.contiguous(), 2.0, 0.5, store_gu)
+        got[fused] = (H, HA, G, U)
+    differ = [n for n, a, b in zip(["H", "H A_d^T", "G", "U"], got[True], got[False]) if not torch.equal(a, b)]
+    assert not differ, f"fused differs from unfused in {differ}"
