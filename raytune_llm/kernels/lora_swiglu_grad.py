@@ -34,7 +34,12 @@ from raytune_llm.kernels import lora_pair as pair_mod
 from raytune_llm.kernels._dispatch import interpret_mode
 from raytune_llm.kernels._rounding import rne_bf16
 from raytune_llm.kernels.lora_pair import _products, _rows_per_program, _scaled, _sum_partials
-from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
+from raytune_llm.kernels.lora_swiglu import (
+    lora_swiglu_backward,
+    lora_swiglu_forward,
+    swiglu_grad_tile,
+    swiglu_store_tile,
+)
 
 __all__ = ["lora_swiglu_forward_ha", "lora_swiglu_grad", "swiglu_backward_products", "swiglu_forward_products"]
 
@@ -84,6 +89,29 @@ def _r_block(R_ptr, stride_r0, stride_r1, cols, col_ok, k, rank, UPCAST: tl.cons
 
 
 @triton.jit
+def _block(AD_ptr, stride_ad, BG_ptr, stride_bg0, stride_bg1, BU_ptr, stride_bu0, stride_bu1, n_cols, rank_d, rank_g,
+           rank_u, BK: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    # This program's row span and column block, and the adapters' rows of the block: A_d^T's, B_g's, B_u's
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)
+    k = tl.arange(0, R_PAD)
+    col_ok = cols < n_cols
+    r_h = _r_block(AD_ptr, 1, stride_ad, cols, col_ok, k, rank_d, UPCAST)
+    r_g = _r_block(BG_ptr, stride_bg0, stride_bg1, cols, col_ok, k, rank_g, UPCAST)
+    r_u = _r_block(BU_ptr, stride_bu0, stride_bu1, cols, col_ok, k, rank_u, UPCAST)
+    return pid_r, pid_c, cols, col_ok, k, r_h, r_g, r_u
+
+
+@triton.jit
+def _row_tile(first_row, BN: tl.constexpr, cols, col_ok, n_rows, n_cols):
+    # A transposed [BK, BN] tile's rows, their mask and its offsets into the row-major [N, I] tensors
+    rows = first_row + tl.arange(0, BN)
+    row_ok = rows < n_rows
+    return rows, row_ok, col_ok[:, None] & row_ok[None, :], rows[None, :] * n_cols + cols[:, None]
+
+
+@triton.jit
 def _finish_t(x, r_blk, lt, scale, OUT_ptr, DOT_PREC: tl.constexpr, RNE_BF16: tl.constexpr):
     # A projection's base output tile (transposed, fp32) plus its rank update, rounded to OUT's dtype as
     # kernels.lora_swiglu's _finish_projection rounds it
@@ -107,23 +135,16 @@ def _lora_swiglu_grad_kernel(
     # Tiles are held transposed, [BK columns, BN rows]: every dot then has BK as its long side (the rank updates
     # and the Q products as [BK, r] x [r, BN] and [BK, BN] x [BN, r]), so the warps split it instead of each holding
     # a [BN, BK] result (a [16, 256] rank update held whole by each of 8 warps spilled ~3 KB a thread, by ptxas).
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)
-    k = tl.arange(0, R_PAD)
-    col_ok = cols < n_cols
-    r_h = _r_block(AD_ptr, 1, stride_ad, cols, col_ok, k, rank_d, UPCAST)  # A_d^T's rows
-    r_g = _r_block(BG_ptr, stride_bg0, stride_bg1, cols, col_ok, k, rank_g, UPCAST)
-    r_u = _r_block(BU_ptr, stride_bu0, stride_bu1, cols, col_ok, k, rank_u, UPCAST)
+    pid_r, pid_c, cols, col_ok, k, r_h, r_g, r_u = _block(
+        AD_ptr, stride_ad, BG_ptr, stride_bg0, stride_bg1, BU_ptr, stride_bu0, stride_bu1, n_cols, rank_d, rank_g,
+        rank_u, BK, R_PAD, UPCAST,
+    )  # fmt: skip
     q_h = tl.zeros((BK, R_PAD), dtype=tl.float32)
     q_g = tl.zeros((BK, R_PAD), dtype=tl.float32)
     q_u = tl.zeros((BK, R_PAD), dtype=tl.float32)
     row0 = pid_r.to(tl.int64) * ROWS
     for i in range(0, ROWS, BN):
-        rows = row0 + i + tl.arange(0, BN)
-        row_ok = rows < n_rows
-        mask = col_ok[:, None] & row_ok[None, :]
-        offs = rows[None, :] * n_cols + cols[:, None]
+        rows, row_ok, mask, offs = _row_tile(row0 + i, BN, cols, col_ok, n_rows, n_cols)
         # the unfused backward kernel's tile (kernels/lora_swiglu.py), transposed, step for step: each rank update
         # sums the same r products per element in one tensor-core step
         low_t = _rows_t(LOW_ptr, stride_low, rows, row_ok, k, rank_d, UPCAST)
@@ -137,15 +158,7 @@ def _lora_swiglu_grad_kernel(
             g = _finish_t(g, r_g, xag_t, scale_g, G_ptr, DOT_PREC, RNE_BF16).to(tl.float32)
         if FINISH_U:
             u = _finish_t(u, r_u, xau_t, scale_u, U_ptr, DOT_PREC, RNE_BF16).to(tl.float32)
-        sg = tl.sigmoid(g)
-        silu = g * sg
-        h = silu * u
-        dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-        du = dh * silu
-        if RNE_BF16:
-            h = rne_bf16(h)
-            dg = rne_bf16(dg)
-            du = rne_bf16(du)
+        h, dg, du = swiglu_grad_tile(dh, g, u, RNE_BF16)
         h = h.to(G_ptr.dtype.element_ty)
         dg = dg.to(G_ptr.dtype.element_ty)
         du = du.to(G_ptr.dtype.element_ty)
@@ -178,34 +191,21 @@ def _lora_swiglu_fwd_ha_kernel(
     # kernels.lora_swiglu's forward kernel (finish G and U, H = silu(G) U), on transposed tiles walked as
     # lora_pair walks them, with H A_d^T's partials from the rounded H tile: the down projection's rank-r input
     # without reading H again.
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c.to(tl.int64) * BK + tl.arange(0, BK)
-    k = tl.arange(0, R_PAD)
-    col_ok = cols < n_cols
-    r_h_t = tl.trans(_r_block(AD_ptr, 1, stride_ad, cols, col_ok, k, rank_d, UPCAST))
-    r_g = _r_block(BG_ptr, stride_bg0, stride_bg1, cols, col_ok, k, rank_g, UPCAST)
-    r_u = _r_block(BU_ptr, stride_bu0, stride_bu1, cols, col_ok, k, rank_u, UPCAST)
+    pid_r, pid_c, cols, col_ok, k, r_h, r_g, r_u = _block(
+        AD_ptr, stride_ad, BG_ptr, stride_bg0, stride_bg1, BU_ptr, stride_bu0, stride_bu1, n_cols, rank_d, rank_g,
+        rank_u, BK, R_PAD, UPCAST,
+    )  # fmt: skip
+    r_h_t = tl.trans(r_h)
     row0 = pid_r.to(tl.int64) * ROWS
     for i in range(0, ROWS, BN):
-        rows = row0 + i + tl.arange(0, BN)
-        row_ok = rows < n_rows
-        mask = col_ok[:, None] & row_ok[None, :]
-        offs = rows[None, :] * n_cols + cols[:, None]
+        rows, row_ok, mask, offs = _row_tile(row0 + i, BN, cols, col_ok, n_rows, n_cols)
         xag_t = _rows_t(XAG_ptr, stride_xag, rows, row_ok, k, rank_g, UPCAST)
         xau_t = _rows_t(XAU_ptr, stride_xau, rows, row_ok, k, rank_u, UPCAST)
         g = _finish_t(tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32), r_g, xag_t, scale_g, G_ptr,
                       DOT_PREC, RNE_BF16)  # fmt: skip
         u = _finish_t(tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32), r_u, xau_t, scale_u, U_ptr,
                       DOT_PREC, RNE_BF16)  # fmt: skip
-        if STORE_GU:
-            tl.store(G_ptr + offs, g, mask=mask)
-            tl.store(U_ptr + offs, u, mask=mask)
-        gf = g.to(tl.float32)
-        h = gf * tl.sigmoid(gf) * u.to(tl.float32)
-        if RNE_BF16:
-            h = rne_bf16(h)
-        h = h.to(H_ptr.dtype.element_ty)
+        h = swiglu_store_tile(G_ptr, U_ptr, H_ptr, offs, mask, g, u, STORE_GU, RNE_BF16)
         tl.store(H_ptr + offs, h, mask=mask)
         if UPCAST:
             h = h.to(tl.float32)
