@@ -32,9 +32,8 @@ __all__ = ["lora_pair"]
 # session's e2e ran, 0.108 and 0.051; (128, 256, 8) 0.103 and 0.051. BK = 256 keeps P's partials at 8 B per element
 # of M's rows.
 _TILE = (32, 256, 4)
-# Under the interpreter: the LoRA SwiGLU kernels' tile (64 rows x 128 columns), so that the fused backward
-# (kernels/lora_swiglu_grad.py), which walks this kernel's tiles, computes its rank updates on tiles of their shape:
-# numpy's products sum in an order that depends on the shape, the GPU's one-step tensor-core dots do not.
+# Under the interpreter, which pays per program: the LoRA SwiGLU kernels' tile, 64 rows x 128 columns, 8 times
+# fewer programs than 32 x 32. kernels/lora_swiglu_grad.py walks the same blocks.
 _TILE_INTERPRET = (64, 128, 4)
 
 

@@ -14,14 +14,16 @@ stores ``dG`` and ``dU`` (the base ``dX`` GEMMs read them), and feeds the rounde
 `lora_pair`'s two dots each. ``H`` is never written. `lora_swiglu_forward_ha` is the forward kernel walked the same
 way, with ``H A_d^T``'s share from each ``H`` tile it writes.
 
-Bits: ``dG`` and ``dU`` are the backward kernel's. The ``[N, r]`` products are `lora_pair`'s: the same ``BK``-column
-blocks, each row's sum over them in one dot (here ``R^T m^T``: the same products over the same ``BK``), the same fp32
-partials summed in the same order; a lean layer's ``H A_d^T`` must be the bits a kept layer's forward took from
-`lora_pair`. The ``[I, r]`` products accumulate row tiles over ``ROWS``-row spans as `lora_pair` does, ``BN`` rows
-at a time (its bits with its ``BN``, and with any where the dots chain their accumulator, as on tensor cores). Tiles
-are held transposed (see the kernel). Partial buffers: ``[I / BK, N, r]`` fp32 per ``[N, r]`` product (235 MB at
-65,536 x 14,336, rank 16; `lora_pair` allocates one at a time, this kernel two or three at once) and
-``[N / ROWS, I, r]`` per ``[I, r]`` one.
+Bits. The fused kernels take the unfused ones' values and roundings step for step (the same rank updates, SwiGLU
+tile math, ``BK``-column blocks and row spans, fp32 partials summed in the same order), but their dots may sum in
+another order: the tiles are held transposed (see the kernel), and on sm_90 the rank updates then run as warpgroup
+MMAs where the unfused kernels' run as ``mma.sync``. So fused and unfused agree up to the order of fp32 sums: a
+value may differ in its last bit. What training needs holds bit for bit: every path of a layer runs the same
+kernels, so a lean recompute's backward (its ``H A_d^T`` formed from the ``H`` it computes) gives what a kept
+layer's gives (the forward's ``H A_d^T``). Tests check fused == unfused exactly with the interpreter's dot made
+order-free, and the lean == kept property with its own dot (and on the GPU). Partial buffers: ``[I / BK, N, r]``
+fp32 per ``[N, r]`` product (235 MB at 65,536 x 14,336, rank 16; `lora_pair` allocates one at a time, this kernel
+two or three at once) and ``[N / ROWS, I, r]`` per ``[I, r]`` one.
 """
 
 from __future__ import annotations
@@ -217,15 +219,15 @@ def _launch(n: int, inter: int, ranks) -> tuple:
     """(BN, BK, ROWS, R_PAD, warps, grid) of a fused kernel over ``[n, inter]``: lora_pair's column blocks."""
     interp = interpret_mode()
     bn, warps = _TILE_INTERPRET if interp else _TILE
-    bk = (pair_mod._TILE_INTERPRET if interp else pair_mod._TILE)[1]
+    pair_bn, bk, _ = pair_mod._TILE_INTERPRET if interp else pair_mod._TILE
     r_pad = max(16, triton.next_power_of_2(max(ranks)))
     n_cb = triton.cdiv(inter, bk)
-    rows = _rows_per_program(n, n_cb, bn)
+    rows = _rows_per_program(n, n_cb, pair_bn)  # lora_pair's spans (a power of two >= its BN, a multiple of ours)
     return bn, bk, rows, r_pad, warps, (triton.cdiv(n, rows), n_cb)
 
 
 def lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu):
-    """`kernels.lora_swiglu.lora_swiglu_forward` (the same bits) and ``H A_d^T`` (`lora_pair`'s bits), in one pass.
+    """`kernels.lora_swiglu.lora_swiglu_forward` and ``H A_d^T`` (as `lora_pair` forms it), in one pass.
 
     Returns:
         ``(H, H A_d^T)``: ``[N, I]`` and ``[N, r_d]`` in ``G``'s dtype.
@@ -247,10 +249,16 @@ def lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store
     return H, _sum_partials(pp, ranks[2], G.dtype)
 
 
+def _fused(G: torch.Tensor, *ranks: int) -> bool:
+    """Whether the MLP's kernels run fused: bf16/fp16 with the products paired (`kernels.lora_pair._PAIRED`) and
+    ranks up to 16 (above, the tile spills: 352 B a thread at 32, 1,760 B at 64, compiled for sm_90; untimed)."""
+    return _FUSED[0] and pair_mod._PAIRED[0] and G.dtype in (torch.bfloat16, torch.float16) and max(ranks) <= 16
+
+
 def swiglu_forward_products(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu):
-    """``(H, H A_d^T)`` of the MLP forward: fused (`lora_swiglu_forward_ha`) in bf16/fp16 where the products are
-    paired, else the forward kernel and `_products`; the same bits either way."""
-    if _FUSED[0] and pair_mod._PAIRED[0] and G.dtype in (torch.bfloat16, torch.float16):
+    """``(H, H A_d^T)`` of the MLP forward: fused (`lora_swiglu_forward_ha`) where `_fused` says, else the forward
+    kernel and `_products`."""
+    if _fused(G, xa_g.shape[1], xa_u.shape[1], Ad.shape[0]):
         return lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu)
     H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, scale_g, scale_u, store_gu=store_gu)
     return H, _products(H, Ad.t(), None, 1.0, G.dtype)[0]
@@ -259,7 +267,7 @@ def swiglu_forward_products(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, stor
 def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, finish_gate, finish_up, want, q_dtypes):
     """The MLP backward's activation gradients and its six rank-r products, unscaled, in one pass.
 
-    ``dH += low_d @ Ad``; ``G <- dG``, ``U <- dU`` (in place; ``dH`` is left as it was and ``H`` is never written);
+    ``dH + low_d @ Ad`` in registers; ``G <- dG``, ``U <- dU`` (in place; ``dH`` is left as it was, ``H`` never written);
     returns ``(H A_d^T, H^T low_d, dG B_g, dG^T xa_g, dU B_u, dU^T xa_u)``, each None where ``want`` says so.
 
     Args:
@@ -306,8 +314,8 @@ def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, 
 def swiglu_backward_products(dH, G, U, dYB, Ad, XA, ranks, Bg, Bu, scalings, lean, finish_up, need, dtypes):
     """The MLP backward from ``dH = dY W_d`` on: ``G <- dG``, ``U <- dU`` and the adapters' rank-r products, scaled.
 
-    Fused (`lora_swiglu_grad`) in bf16/fp16 where the products are paired (`kernels.lora_pair._PAIRED`), else the
-    backward kernel and `_products`: the same values either way (the same bits with `lora_pair`'s tiles).
+    Fused (`lora_swiglu_grad`) where `_fused` says, else the backward kernel and `_products` (see the module
+    docstring for how their bits compare).
 
     Args:
         lean: a lean recompute (no forward ``H A_d^T``): ``G`` and ``U`` hold the base outputs, finished here with
@@ -322,7 +330,7 @@ def swiglu_backward_products(dH, G, U, dYB, Ad, XA, ranks, Bg, Bu, scalings, lea
     sg_, su_ = scalings
     xa_g, xa_u = torch.split(XA, ranks, dim=1)
     finish = (xa_g, xa_u, Bg, Bu, sg_, su_) if lean or finish_up else None
-    if _FUSED[0] and pair_mod._PAIRED[0] and G.dtype in (torch.bfloat16, torch.float16):
+    if _fused(G, *ranks, Ad.shape[0]):
         want = (lean, need[4], True, need[1], True, need[3])
         ha, qh, pg, qg, pu, qu = lora_swiglu_grad(
             dH, G, U, dYB, Ad, xa_g, xa_u, Bg, Bu, sg_, su_, finish is not None and lean, finish is not None,
