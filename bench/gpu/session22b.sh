@@ -6,6 +6,7 @@
 # (the fused kernel's partials, if the peak is in an MLP backward), under Unsloth's 22.64.
 set -o pipefail
 source bench/gpu/_env.sh
+export RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1  # opt-in until this session's calls; the runs record it (fused_mlp_products)
 run_e2e e2e_s22b_64k 440 1x65536 "--stash-attention --dequantize-once --last-layer-on-device 2 --keep-mlp-layers 2 \
 --keep-mlp-layers-on-host 14 --mlp-chunk-tokens 0"
 echo "== done $(date +%T)"

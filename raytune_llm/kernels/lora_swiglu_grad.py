@@ -28,6 +28,8 @@ two or three at once) and ``[N / ROWS, I, r]`` per ``[I, r]`` one.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -51,8 +53,9 @@ __all__ = ["lora_swiglu_forward_ha", "lora_swiglu_grad", "swiglu_backward_produc
 # 32 x 4). Not yet timed on a GPU.
 _TILE = (16, 8)
 _TILE_INTERPRET = (pair_mod._TILE_INTERPRET[0], 4)
-# False: the unfused kernel and three lora_pair calls (the A/B of bench/kernels/bench_lora_swiglu_grad.py).
-_FUSED = [True]
+# Off unless RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1 until a GPU has checked and timed the kernels (bench/gpu/session22a.sh):
+# built and tested on the CPU (the interpreter, and compiled for sm_90), not yet run on one.
+_FUSED = [os.environ.get("RAYTUNE_LLM_FUSED_MLP_PRODUCTS", "0") == "1"]
 
 
 @triton.jit

@@ -196,6 +196,33 @@ def test_fused_matches_fp64():
         torch.testing.assert_close(got.double(), ref, rtol=2**-6, atol=2**-6 * ref.abs().max().item())
 
 
+@needs_triton
+def test_a_whole_model_trains_with_the_same_bits_lean_or_kept_and_close_to_unfused(tmp_path, monkeypatch):
+    # A tiny bf16 Llama's training step with the fused kernels on, offloaded checkpoints and the attention stash: the
+    # lean recompute (every layer) and every layer keeping its MLP outputs give the same loss and gradients bit for
+    # bit; the unfused kernels give them up to the order of fp32 sums.
+    from raytune_llm.models.settings import set_keep_mlp_layers
+    from tests.kernels._tolerance import patched_step, tiny_bf16_llama
+
+    model, ids = tiny_bf16_llama(tmp_path)
+    layers = model.get_base_model().config.num_hidden_layers
+    calls = []
+    real = mod.lora_swiglu_grad
+    monkeypatch.setattr(mod, "lora_swiglu_grad", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(mod, "_FUSED", [True])
+    loss_lean, g_lean = patched_step(model, ids)
+    loss_kept, g_kept = patched_step(model, ids, setup=lambda m: set_keep_mlp_layers(m, layers))
+    assert len(calls) == 2 * layers
+    monkeypatch.setattr(mod, "_FUSED", [False])
+    loss_unfused, g_unfused = patched_step(model, ids)
+    assert len(calls) == 2 * layers and torch.equal(loss_kept, loss_lean)
+    for name in g_lean:
+        assert torch.equal(g_kept[name], g_lean[name]), name
+        ref = g_unfused[name].float()
+        torch.testing.assert_close(g_lean[name].float(), ref, rtol=2**-6, atol=2**-6 * ref.abs().max().item())
+    torch.testing.assert_close(loss_lean, loss_unfused, rtol=1e-3, atol=0)
+
+
 def test_the_default_tile_compiles_for_the_h200_without_spilling_kilobytes():
     # Compiled for sm_90 here (no GPU: Triton's own ptxas and cuobjdump), in a process without the interpreter.
     # Session 21's first tiles held each rank update whole in every warp and spilled ~3 KB a thread; the default
