@@ -92,8 +92,9 @@ SHAPES = [(70, 300, (4, 4, 4), 1), (33, 64, (16, 3, 5), 1), (150, 300, (4, 16, 8
 @needs_triton
 @pytest.mark.parametrize("lean,finish_up", CASES, ids=["lean", "gate_kept", "finished"])
 @pytest.mark.parametrize("n,inter,ranks,span", SHAPES, ids=["tiles", "ranks", "spans"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "dtype,seed", [(torch.bfloat16, 0), (torch.bfloat16, 1), (torch.float16, 0)], ids=["bf16", "bf16s1", "fp16"]
+)
 def test_fused_backward_gives_the_unfused_values(
     order_free_dot, monkeypatch, lean, finish_up, n, inter, ranks, span, dtype, seed
 ):
@@ -110,7 +111,7 @@ def test_fused_backward_gives_the_unfused_values(
 @needs_triton
 @pytest.mark.parametrize("store_gu", [True, False], ids=["store_gu", "h_only"])
 @pytest.mark.parametrize("n,inter,ranks,span", SHAPES, ids=["tiles", "ranks", "spans"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_fused_forward_gives_the_unfused_values(order_free_dot, monkeypatch, store_gu, n, inter, ranks, span, seed):
     # H, the finished (or untouched) G and U, and H A_d^T: what lora_swiglu_forward and a lora_pair call give.
     _spans(monkeypatch, span)
