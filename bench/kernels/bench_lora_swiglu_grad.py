@@ -97,7 +97,7 @@ def _run_rows(h: Harness, n: int, inter: int, r: int, settings: str) -> list[dic
             (f"fused {s}", tuple(int(x) for x in s.split(":"))) for s in settings.split(",")
         ]
         for name, tile in variants:
-            saved = mod._TILE
+            saved, switch = mod._TILE, mod._FUSED[0]
             mod._FUSED[0] = tile is not None
             mod._TILE = tile or saved
             row = dict(rows=n, case=case, variant=name)
@@ -123,7 +123,7 @@ def _run_rows(h: Harness, n: int, inter: int, r: int, settings: str) -> list[dic
                 row["error"] = str(exc).splitlines()[0][:200]
             finally:
                 mod._TILE = saved
-                mod._FUSED[0] = True
+                mod._FUSED[0] = switch
             print(json.dumps(row), flush=True)
             out.append(row)
     return out

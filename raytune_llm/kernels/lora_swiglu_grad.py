@@ -218,15 +218,18 @@ def _lora_swiglu_fwd_ha_kernel(
         tl.store(PP_ptr + (pid_c * n_rows + rows[None, :]) * R_PAD + k[:, None], p, mask=row_ok[None, :])
 
 
-def _launch(n: int, inter: int, ranks) -> tuple:
-    """(BN, BK, ROWS, R_PAD, warps, grid) of a fused kernel over ``[n, inter]``: lora_pair's column blocks."""
+def _launch(G: torch.Tensor, ranks) -> tuple:
+    """``(grid, options)`` of a fused kernel over ``G`` ``[n, inter]``: lora_pair's column blocks and row spans, and
+    the compile-time options both kernels take (the tile, the interpreter's upcasts and rounding)."""
+    n, inter = G.shape
     interp = interpret_mode()
     bn, warps = _TILE_INTERPRET if interp else _TILE
     pair_bn, bk, _ = pair_mod._TILE_INTERPRET if interp else pair_mod._TILE
-    r_pad = max(16, triton.next_power_of_2(max(ranks)))
     n_cb = triton.cdiv(inter, bk)
     rows = _rows_per_program(n, n_cb, pair_bn)  # lora_pair's spans (a power of two >= its BN, a multiple of ours)
-    return bn, bk, rows, r_pad, warps, (triton.cdiv(n, rows), n_cb)
+    options = dict(ROWS=rows, BN=bn, BK=bk, R_PAD=max(16, triton.next_power_of_2(max(ranks))), UPCAST=interp)
+    options.update(DOT_PREC="ieee" if interp else "tf32", RNE_BF16=interp and G.dtype == torch.bfloat16)
+    return (triton.cdiv(n, rows), n_cb), options | {"num_warps": warps}
 
 
 def lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu):
@@ -237,17 +240,15 @@ def lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store
     """
     n, inter = G.shape
     ranks = (xa_g.shape[1], xa_u.shape[1], Ad.shape[0])
-    bn, bk, rows, r_pad, warps, grid = _launch(n, inter, ranks)
+    grid, options = _launch(G, ranks)
     H = torch.empty_like(G)
-    pp = torch.empty(grid[1], n, r_pad, dtype=torch.float32, device=G.device)
+    pp = torch.empty(grid[1], n, options["R_PAD"], dtype=torch.float32, device=G.device)
     if n and inter:
         _lora_swiglu_fwd_ha_kernel[grid](
             G, U, H, xa_g, xa_u, Bg, Bu, Ad, pp,
             xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1), Ad.stride(0),
             n, inter, *ranks, scale_g, scale_u,
-            ROWS=rows, BN=bn, BK=bk, R_PAD=r_pad, UPCAST=interpret_mode(),
-            DOT_PREC="ieee" if interpret_mode() else "tf32", RNE_BF16=interpret_mode() and G.dtype == torch.bfloat16,
-            STORE_GU=store_gu, num_warps=warps,
+            STORE_GU=store_gu, **options,
         )  # fmt: skip
     return H, _sum_partials(pp, ranks[2], G.dtype)
 
@@ -287,8 +288,8 @@ def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, 
     """
     n, inter = G.shape
     ranks = (low_d.shape[1], xa_g.shape[1], xa_u.shape[1])
-    bn, bk, rows, r_pad, warps, (n_rb, n_cb) = _launch(n, inter, ranks)
-    interp = interpret_mode()
+    (n_rb, n_cb), options = _launch(G, ranks)
+    r_pad = options["R_PAD"]
     want = [bool(w) for w in want]
     want[2] = want[4] = True
     dev = G.device
@@ -303,9 +304,8 @@ def lora_swiglu_grad(dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu, scale_g, scale_u, 
             low_d.stride(0), Ad.stride(0), xa_g.stride(0), xa_u.stride(0),
             Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
             n, inter, *ranks, scale_g, scale_u,
-            ROWS=rows, BN=bn, BK=bk, R_PAD=r_pad, FINISH_G=finish_gate, FINISH_U=finish_up, UPCAST=interp,
-            DOT_PREC="ieee" if interp else "tf32", RNE_BF16=interp and G.dtype == torch.bfloat16,
-            WANT_PH=want[0], WANT_QH=want[1], WANT_QG=want[3], WANT_QU=want[5], num_warps=warps,
+            FINISH_G=finish_gate, FINISH_U=finish_up, WANT_PH=want[0], WANT_QH=want[1], WANT_QG=want[3],
+            WANT_QU=want[5], **options,
         )  # fmt: skip
     out = []
     for j in range(3):
