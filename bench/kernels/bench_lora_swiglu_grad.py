@@ -29,7 +29,7 @@ from _harness import Harness, environment  # noqa: E402
 
 from raytune_llm.kernels import lora_swiglu_grad as mod  # noqa: E402
 
-SETTINGS = "16:8,32:8,16:4,32:16"
+SETTINGS = "16:8,32:8,16:4,32:16"  # BN:warps[:num_stages[:log2 split of lora_pair's row span]]
 NAMES = ["dG", "dU", "H A_d^T", "H^T dYB", "dG B_g", "dG^T xa_g", "dU B_u", "dU^T xa_u"]
 FWD_NAMES = ["G", "U", "H", "H A_d^T"]
 

@@ -223,13 +223,14 @@ def _launch(G: torch.Tensor, ranks) -> tuple:
     the compile-time options both kernels take (the tile, the interpreter's upcasts and rounding)."""
     n, inter = G.shape
     interp = interpret_mode()
-    bn, warps = _TILE_INTERPRET if interp else _TILE
+    bn, warps, *more = _TILE_INTERPRET if interp else _TILE  # more: (num_stages, log2 of the span's split)
     pair_bn, bk, _ = pair_mod._TILE_INTERPRET if interp else pair_mod._TILE
     n_cb = triton.cdiv(inter, bk)
     rows = _rows_per_program(n, n_cb, pair_bn)  # lora_pair's spans (a power of two >= its BN, a multiple of ours)
+    rows = max(bn, rows >> (more[1] if len(more) > 1 else 0))
     options = dict(ROWS=rows, BN=bn, BK=bk, R_PAD=max(16, triton.next_power_of_2(max(ranks))), UPCAST=interp)
     options.update(DOT_PREC="ieee" if interp else "tf32", RNE_BF16=interp and G.dtype == torch.bfloat16)
-    return (triton.cdiv(n, rows), n_cb), options | {"num_warps": warps}
+    return (triton.cdiv(n, rows), n_cb), options | {"num_warps": warps} | ({"num_stages": more[0]} if more else {})
 
 
 def lora_swiglu_forward_ha(G, U, xa_g, xa_u, Bg, Bu, Ad, scale_g, scale_u, store_gu):
