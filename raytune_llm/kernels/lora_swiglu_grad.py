@@ -47,14 +47,18 @@ from raytune_llm.kernels.lora_swiglu import (
 
 __all__ = ["lora_swiglu_forward_ha", "lora_swiglu_grad", "swiglu_backward_products", "swiglu_forward_products"]
 
-# (BN, warps); BK is lora_pair's (the [N, r] products' bits depend on it). Compiled for sm_90 without a GPU
-# (triton.compile to a cubin, `cuobjdump -res-usage`, session 21): at BK = 256 a lean recompute's kernel spilled 48 B
-# a thread at 16 rows x 8 warps, 424 B at 32 x 8, 712 B at 16 x 4, 2,120 B at 64 x 8 (lora_pair's own: 96 B at
-# 32 x 4). Not yet timed on a GPU.
+# (BN, warps[, num_stages[, s]]): BK is lora_pair's (the [N, r] products' bits depend on it); s splits lora_pair's
+# row span 2^s ways (more programs; Q's partials grow with them, and their sum order differs from lora_pair's).
+# Compiled for sm_90 (triton.compile, `cuobjdump -res-usage`, session 21): a lean recompute's kernel spilled 48 B a
+# thread at 16 x 8, 424 B at 32 x 8, 712 B at 16 x 4. Timed on the H200 (session 22,
+# bench/results/lora_swiglu_grad_*s22*): at 65,536 x 14,336, rank 16, the lean backward took 11.45 ms here against
+# 6.01 unfused (the kernel and three lora_pair reads), 7.06 at best (16:4, one stage, span split 8 ways); the H-only
+# forward 3.49 against 2.44 (2.49 at best). Each program walks its span 16-32 rows at a time through nine small dots
+# a step, where the unfused kernels stream wide tiles: the bytes saved do not pay for it.
 _TILE = (16, 8)
 _TILE_INTERPRET = (pair_mod._TILE_INTERPRET[0], 4)
-# Off unless RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1 until a GPU has checked and timed the kernels (bench/gpu/session22a.sh):
-# built and tested on the CPU (the interpreter, and compiled for sm_90), not yet run on one.
+# Opt-in (RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1; the planner then counts its partial buffers): the GPU tests give the
+# unfused kernels' bits exactly (session 22: 0 elements differ at 4,096 x 14,336), but it runs slower (above).
 _FUSED = [os.environ.get("RAYTUNE_LLM_FUSED_MLP_PRODUCTS", "0") == "1"]
 
 
