@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 21, not run (~200-300 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh).
+# Prepared in session 21, ran as session 22's call 1 (77 s; results in bench/NOTES.md; carry .whl/slim, WHEELS=.whl/slim
+# exported BEFORE sourcing _env.sh).
 # The fused LoRA SwiGLU kernels (kernels/lora_swiglu_grad.py; CPU-tested under the interpreter, compiled for sm_90
 # without a GPU: 48 B of spills a thread at most at the default 16 rows x 256 columns x 8 warps):
 # 1. their GPU tests (gpu-marked, 4,096 x 14,336, rank 16): fused against unfused within a bf16 unit of the last

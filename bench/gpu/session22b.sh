@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in session 21, not run (~400 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE
+# Prepared in session 21, not run: session 22's call 1 found the fused kernels slower (~400 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE
 # sourcing _env.sh). The 1x65536 e2e, ours (the fused LoRA SwiGLU kernels, once session22a.sh has checked their
 # bits and picked their tile) and Unsloth in one call. Session 21: 1.3029x (11,211.6 ms, 21.92 GiB), 1.3008x across two calls on one machine.
 # Prediction: ours 70-110 ms faster than session 21's call 1 on a like machine, 1.311-1.316x; peak 21.92-22.40 GiB

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 21, not run (~330 s + the model build on a fresh machine; carry .whl/slim and .whl/anchors,
+# Prepared in session 21, ran as session 22's call 4 with FUSED unset (298 s, warm; ~330 s + the model build on a fresh
+# machine; carry .whl/slim and .whl/anchors,
 # WHEELS=.whl/slim exported BEFORE sourcing _env.sh). 4x2048 and 1x16384 against Unsloth with the code of session 21
 # (the lora_swiglu launch settings, the kept X A^T, the RoPE-less stashed recompute) and the fused SwiGLU kernels if
 # session22a/b kept them (FUSED=1 bash bench/gpu/session22c.sh): their latest same-call figures are session 19's

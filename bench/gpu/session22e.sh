@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 22 (~440 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE sourcing _env.sh): the
-# 1x65536 e2e, ours (the default, unfused kernels: session22a/d found the fused SwiGLU kernels 1.2-1.9x slower) and
+# 1x65536 e2e, ours (the default, unfused kernels: session22a/d found the fused SwiGLU kernels 1.0-2.2x slower) and
 # Unsloth in one call, one more same-call ratio for the 0.2% margin. Session 21: 1.3029x (s21c), 1.3008x across two
 # calls (s21e + s21f, with the SwiGLU launch settings this code has). Prediction: 1.296-1.306x, ours 21.92 GiB.
 set -o pipefail

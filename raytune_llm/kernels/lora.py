@@ -64,7 +64,7 @@ in a forward without grad that keeps nothing: a checkpointed layer's) in one pas
 passes plus an activation kernel; the backward kernel does the same for ``dH``'s rank update and the activation's
 derivative (both in kernels/lora_swiglu.py). In bf16 each adapter's two backward products of one operand (``dY B``
 and ``dY^T (X A^T)``) come from one read of it (kernels/lora_pair.py); with ``RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1``
-(opt-in: on the H200 1.2-1.9x slower than the unfused kernels, session 22) ``dG``'s, ``dU``'s and ``H``'s come out of the activation kernels themselves, and the
+(opt-in: on the H200 1.0-2.2x slower than the unfused kernels, session 22) ``dG``'s, ``dU``'s and ``H``'s come out of the activation kernels themselves, and the
 backward's writes no ``H`` (kernels/lora_swiglu_grad.py). NF4: kernels/nf4.py.
 """
 

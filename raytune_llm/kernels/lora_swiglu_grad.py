@@ -15,8 +15,8 @@ stores ``dG`` and ``dU`` (the base ``dX`` GEMMs read them), and feeds the rounde
 way, with ``H A_d^T``'s share from each ``H`` tile it writes.
 
 Bits. The fused kernels take the unfused ones' values and roundings step for step (the same rank updates, SwiGLU
-tile math, ``BK``-column blocks and row spans, fp32 partials summed in the same order), but their dots may sum in
-another order: the tiles are held transposed (see the kernel), and on sm_90 the rank updates then run as warpgroup
+tile math, ``BK``-column blocks and, unless the launch tile splits them, row spans, fp32 partials summed in the same
+order), but their dots may sum in another order: the tiles are held transposed (see the kernel), and on sm_90 the rank updates then run as warpgroup
 MMAs where the unfused kernels' run as ``mma.sync``. So fused and unfused agree up to the order of fp32 sums: a
 value may differ in its last bit. What training needs holds bit for bit: every path of a layer runs the same
 kernels, so a lean recompute's backward (its ``H A_d^T`` formed from the ``H`` it computes) gives what a kept

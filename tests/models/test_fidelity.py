@@ -79,8 +79,9 @@ def test_fidelity_interpreted_triton():
     import subprocess
     import sys
 
-    # One thread: torch's CPU GEMMs split their sums by the thread count, so under a loaded CI machine the reference's
-    # fp32 gradients moved by an ulp or two and one element once passed 1e-5 by 1e-6; pinned, the sums are fixed.
+    # One OpenMP thread: torch runs on one already (conftest's autouse fixture); this pins numpy's OpenBLAS too, whose
+    # products (the interpreter's tl.dot) have other bits at 1 and 2 threads, so the check does not depend on the
+    # machine's core count. (Session 21's one failure, 1.098e-5 against 1e-5, has no known cause.)
     env = {**os.environ, "TRITON_INTERPRET": "1", "RAYTUNE_LLM_FIDELITY_STEPS": "2", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
