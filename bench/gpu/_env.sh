@@ -25,9 +25,12 @@ gpu_tests() {
     --tb=line --durations=15 2>&1 | tee "$OUT/$log" | grep -E "passed|failed|FAILED|Error|assert" | tail -12
 }
 # run_e2e NAME BUDGET SHAPES OURS_FLAGS [STACKS]: the e2e protocol for ours and Unsloth (or STACKS) into
-# $OUT/NAME.json, its table shown.
+# $OUT/NAME.json, its table shown. The model is built first, outside BUDGET (make_model.py returns at once when it is
+# there): on a fresh machine the build took ~80 s of the budget and bench_e2e skipped Unsloth (sessions 21 and 22).
+# The device call's timeout must allow for it.
 run_e2e() {
   echo "== e2e $3 $(date +%T)"
+  python3 bench/e2e/make_model.py 2>&1 | tail -1
   python3 bench/e2e/bench_e2e.py --budget-s "$2" --shapes "$3" --stacks "${5:-ours,unsloth}" --ckpt-ours offload \
     --ours-flags "$4" --out "$OUT/$1.json" 2>&1 | grep -v "Failed to query" | tail -16
 }
