@@ -26,9 +26,6 @@ def pytest_configure(config):
     # has more, so the idle worker that packed the last run's data (tokenizers and transformers imported) died and
     # every run's packing task started a cold one: 8 s per run instead of 1 s, measured over three 2-worker fits.
     os.environ.setdefault("RAY_num_workers_soft_limit", "32")
-    # The suite runs the default kernels and pins the planner's figures for them; the fused MLP products' tests switch
-    # kernels.lora_swiglu_grad._FUSED themselves (and test_planner the variable), so a developer's export stays out.
-    os.environ.pop("RAYTUNE_LLM_FUSED_MLP_PRODUCTS", None)
 
 
 def pytest_collection_modifyitems(config, items):

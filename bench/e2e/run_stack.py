@@ -355,9 +355,6 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
             facts["weights_on_host"] = True
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
-        from raytune_llm.kernels import lora_swiglu_grad
-
-        facts["fused_mlp_products"] = lora_swiglu_grad._FUSED[0]  # RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1
         return model, facts
 
     if args.stack == "unsloth":

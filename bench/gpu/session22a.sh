@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# The fused kernels and bench/kernels/bench_lora_swiglu_grad.py it ran were removed after session 22 (slower than the
+# unfused kernels; bench/NOTES.md): run it at a commit before their removal, e.g. 2490b21.
 # Prepared in session 21, ran as session 22's call 1 (77 s; results in bench/NOTES.md; carry .whl/slim, WHEELS=.whl/slim
 # exported BEFORE sourcing _env.sh).
 # The fused LoRA SwiGLU kernels (kernels/lora_swiglu_grad.py; CPU-tested under the interpreter, compiled for sm_90

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# The fused kernels this script turns on (RAYTUNE_LLM_FUSED_MLP_PRODUCTS) were removed after session 22 (slower than
+# the unfused kernels; bench/NOTES.md); the variable now changes nothing.
 # Prepared in session 21, not run: session 22's call 1 found the fused kernels slower (~400 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE
 # sourcing _env.sh). The 1x65536 e2e, ours (the fused LoRA SwiGLU kernels, once session22a.sh has checked their
 # bits and picked their tile) and Unsloth in one call. Session 21: 1.3029x (11,211.6 ms, 21.92 GiB), 1.3008x across two calls on one machine.

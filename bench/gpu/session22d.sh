@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# The fused kernels and bench/kernels/bench_lora_swiglu_grad.py it ran were removed after session 22 (slower than the
+# unfused kernels; bench/NOTES.md): run it at a commit before their removal, e.g. 2490b21.
 # Session 22, after session22a.sh: the fused SwiGLU kernels gave the unfused bits exactly on the GPU but ran 1.9x
 # slower (65,536 rows, lean backward: 11.45 ms at 16:8 against 6.01 unfused; H-only forward 3.49 against 2.44).
 # Their grid is lora_pair's (8 row spans x 56 column blocks = 448 programs at 65,536 rows), each walking 8,192 rows

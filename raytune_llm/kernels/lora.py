@@ -63,9 +63,7 @@ of ``Y``). In the MLP, where the
 in a forward without grad that keeps nothing: a checkpointed layer's) in one pass instead of two ``addmm_``
 passes plus an activation kernel; the backward kernel does the same for ``dH``'s rank update and the activation's
 derivative (both in kernels/lora_swiglu.py). In bf16 each adapter's two backward products of one operand (``dY B``
-and ``dY^T (X A^T)``) come from one read of it (kernels/lora_pair.py); with ``RAYTUNE_LLM_FUSED_MLP_PRODUCTS=1``
-(opt-in: on the H200 1.0-2.2x slower than the unfused kernels, session 22) ``dG``'s, ``dU``'s and ``H``'s come out of the activation kernels themselves, and the
-backward's writes no ``H`` (kernels/lora_swiglu_grad.py). NF4: kernels/nf4.py.
+and ``dY^T (X A^T)``; ``dG``'s, ``dU``'s, ``H``'s) come from one read of it (kernels/lora_pair.py). NF4: kernels/nf4.py.
 """
 
 from __future__ import annotations
@@ -80,7 +78,6 @@ from raytune_llm.kernels import reference
 from raytune_llm.kernels._dispatch import use_triton
 from raytune_llm.kernels.lora_pair import _joint_grad, _products
 from raytune_llm.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
-from raytune_llm.kernels.lora_swiglu_grad import swiglu_backward_products, swiglu_forward_products
 from raytune_llm.kernels.lora_thin import thin_product
 from raytune_llm.kernels.nf4 import NF4Weight, nf4_dequantize
 
@@ -406,8 +403,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
             # rank updates + activation, one pass
-            # [N, r_d] H A_d^T as a lean recompute's backward forms it, from the same pass in bf16
-            H, HA = swiglu_forward_products(G, U, xa_g, xa_u, Bg, Bu, Ad, sg_, su_, store_gu)
+            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
+            HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
             Y, Y2 = _output(x, Bd.shape[0])
             torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
             Y2.addmm_(HA, Bd.t(), alpha=sd_)
@@ -439,19 +436,24 @@ class LoRAMLPFunction(torch.autograd.Function):
         Wd = _dense(ctx.bases[2], dt, last_use=True)
         dH = dY @ Wd
         del Wd
-        # dH += dYB Ad; G <- dG, U <- dU; dA_d^T = H^T (s_d dY B_d), H A_d^T in a lean recompute (G and U the base
-        # outputs; U alone where the gate was kept); s dG B_g, dB_g = s dG^T (X A_g^T), the same for up: in bf16 one
-        # pass over the [N, I] tensors (kernels/lora_swiglu_grad.py)
-        lean = HA is None
-        HA_, dA_dt, low_g, dB_g, low_u, dB_u = swiglu_backward_products(
-            dH, G, U, dYB, Ad, XA, ctx.ranks, Bg, Bu, (sg_, su_), lean, ctx.finish_up, need, ctx.adapter_dtypes
-        )
-        dG, dU = G, U
-        del dH
+        finish = None
+        if HA is None or ctx.finish_up:  # G and U the base outputs (a lean recompute), or U alone (the gate kept)
+            xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
+            finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
+        # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
+        lora_swiglu_backward(dH, G, U, dYB, Ad, finish, finish_gate=not ctx.finish_up)
+        H, dG, dU = dH, G, U
+        lean = HA is None  # dA_d^T = H^T (s_d dY B_d); in a lean recompute H A_d^T from the same read of H
+        HA_, dA_dt = _products(H, Ad.t() if lean else None, dYB if need[4] else None, 1.0, ctx.adapter_dtypes[4])
         dA_d = dA_dt.t().contiguous() if dA_dt is not None else None
         if lean and need[5]:
             dB_d = _products(dY, None, HA_, sd_, ctx.adapter_dtypes[5])[1]
-        del HA_
+        del H, dH, HA_
+
+        xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
+        # s dG B_g and dB_g = s dG^T (X A_g^T) from one read of dG; the same for up
+        low_g, dB_g = _products(dG, Bg, xa_g if need[1] else None, sg_, ctx.adapter_dtypes[1])
+        low_u, dB_u = _products(dU, Bu, xa_u if need[3] else None, su_, ctx.adapter_dtypes[3])
         low = torch.cat((low_g, low_u), dim=1)  # [N, r_g + r_u]
         dX = None
         if need_x:

@@ -32,8 +32,8 @@ __all__ = ["lora_pair"]
 # session's e2e ran, 0.108 and 0.051; (128, 256, 8) 0.103 and 0.051. BK = 256 keeps P's partials at 8 B per element
 # of M's rows.
 _TILE = (32, 256, 4)
-# Under the interpreter, which pays per program: the LoRA SwiGLU kernels' tile, 64 rows x 128 columns, 8 times
-# fewer programs than 32 x 32. kernels/lora_swiglu_grad.py walks the same blocks.
+# Under the interpreter, which pays per program: 64 rows x 128 columns (the LoRA SwiGLU kernels' interpreter tile),
+# 8 times fewer programs than 32 x 32.
 _TILE_INTERPRET = (64, 128, 4)
 
 
@@ -165,14 +165,9 @@ def lora_pair(
         DOT_PREC="ieee" if (interp or M.dtype == torch.float32) else "tf32", num_warps=warps,
         WANT_P=R is not None, WANT_Q=L is not None,
     )  # fmt: skip
-    P = _sum_partials(pp, r, p_dtype) if pp is not None else None
-    Q = _sum_partials(qp, r2, q_dtype) if qp is not None else None
+    P = pp.sum(0)[:, :r].to(p_dtype).contiguous() if pp is not None else None
+    Q = qp.sum(0)[:, :r2].to(q_dtype).contiguous() if qp is not None else None
     return P, Q
-
-
-def _sum_partials(parts: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
-    """A product from its fp32 partials ``[blocks, rows, R_PAD]``: summed in a fixed order, rounded once."""
-    return parts.sum(0)[:, :r].to(dtype).contiguous()
 
 
 # ---- the LoRA ops' gradient products (kernels/lora.py) -------------------------------------------------------

@@ -112,20 +112,6 @@ def _tile_index(BM: tl.constexpr, BN: tl.constexpr, COLS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def swiglu_store_tile(G_ptr, U_ptr, H_ptr, offs, mask, g, u, STORE_GU: tl.constexpr, RNE_BF16: tl.constexpr):
-    # The finished projections (stored dtype) written back (STORE_GU) and H = silu(G) U from them, in H's dtype;
-    # kernels/lora_swiglu_grad.py's forward runs the same on its tiles.
-    if STORE_GU:
-        tl.store(G_ptr + offs, g, mask=mask)
-        tl.store(U_ptr + offs, u, mask=mask)
-    gf = g.to(tl.float32)
-    h = gf * tl.sigmoid(gf) * u.to(tl.float32)
-    if RNE_BF16:
-        h = rne_bf16(h)
-    return h.to(H_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _lora_swiglu_fwd_kernel(
     G_ptr,
     U_ptr,
@@ -172,23 +158,14 @@ def _lora_swiglu_fwd_kernel(
         u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u, U_ptr,
         R_PAD, UPCAST, DOT_PREC, RNE_BF16,
     )  # fmt: skip
-    tl.store(H_ptr + offs, swiglu_store_tile(G_ptr, U_ptr, H_ptr, offs, mask, g, u, STORE_GU, RNE_BF16), mask=mask)
-
-
-@triton.jit
-def swiglu_grad_tile(dh, g, u, RNE_BF16: tl.constexpr):
-    # H = silu(G) U, dG = dH U sg (1 + G (1 - sg)), dU = dH silu(G), in fp32 from fp32 tiles (rounded to bf16 values
-    # under the interpreter, as the GPU's store would); kernels/lora_swiglu_grad.py runs the same on its tiles.
-    sg = tl.sigmoid(g)
-    silu = g * sg
-    h = silu * u
-    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-    du = dh * silu
+    if STORE_GU:
+        tl.store(G_ptr + offs, g, mask=mask)
+        tl.store(U_ptr + offs, u, mask=mask)
+    gf = g.to(tl.float32)
+    h = gf * tl.sigmoid(gf) * u.to(tl.float32)
     if RNE_BF16:
         h = rne_bf16(h)
-        dg = rne_bf16(dg)
-        du = rne_bf16(du)
-    return h, dg, du
+    tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,7 +228,15 @@ def _lora_swiglu_bwd_kernel(
             u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u,
             U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
         ).to(tl.float32)  # fmt: skip
-    h, dg, du = swiglu_grad_tile(dh, g, u, RNE_BF16)
+    sg = tl.sigmoid(g)
+    silu = g * sg
+    h = silu * u
+    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+    du = dh * silu
+    if RNE_BF16:
+        h = rne_bf16(h)
+        dg = rne_bf16(dg)
+        du = rne_bf16(du)
     tl.store(DH_ptr + offs, h.to(DH_ptr.dtype.element_ty), mask=mask)
     tl.store(G_ptr + offs, dg.to(G_ptr.dtype.element_ty), mask=mask)
     tl.store(U_ptr + offs, du.to(U_ptr.dtype.element_ty), mask=mask)

@@ -4,7 +4,8 @@ Pure arithmetic on an HF config dict (config.json): no torch, no GPU, so `raytun
 The prediction is the peak of `torch.cuda.max_memory_allocated` over training steps (the CUDA context and the
 allocator's cache come on top: `usable_gib` keeps a reserve for them).
 
-peak = weights + LoRA state (params, grads, AdamW) + workspace + activations, the larger of two phases of a step:
+peak = weights + LoRA state (params, grads, AdamW) + workspace + activations, where activations are the
+larger of two phases of a step:
 
 - loss phase: checkpointed layer inputs + the logits path. The standard stack (transformers + PEFT) holds
   bf16 logits, their fp32 upcast, fp32 softmax and the fp32 logits gradient: 14 bytes per token per vocab
@@ -12,8 +13,8 @@ peak = weights + LoRA state (params, grads, AdamW) + workspace + activations, th
 - layer phase: checkpointed inputs + one decoder layer recomputed and back-propagated. Its MLP tensors
   (`[tokens, intermediate]`: gate, up, their product and gradients) cover every token at once, or one chunk
   of tokens when the fused path splits the MLP over the sequence (`mlp_chunk_tokens`, models/tiling.py);
-  with checkpointing off a tiled MLP also keeps none of them between forward and backward ("auto" makes the peak
-  drop where the split starts there); otherwise the peak never falls as the tokens grow.
+  with checkpointing off a tiled MLP also keeps none of them between forward and backward, so there "auto"
+  makes the peak drop where the split starts; otherwise the peak never falls as the tokens grow.
 
 Calibration (ANCHORS.md, Llama-3.1-8B shapes, r=16 on all 7 projections, checkpointing on, H200): the
 standard stack is linear in tokens at 2.08 MB/token with a 6.27 GB intercept (21.7 / 9.8 / 37.5 GiB at 4x2048 /
@@ -28,7 +29,6 @@ optimizer states in host memory; others measured it raising GPU memory with QLoR
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 # The model's dimensions live in sharding/shapes.py; imported here, the planner's callers find them here too.
@@ -161,11 +161,10 @@ def _layer_bytes(shape: Shape, fused: bool, tokens: int, mlp_rows: int) -> float
     # reshaped, shared), k and v; in the MLP gate, up and silu(gate)*up.
     if fused:
         # The layer's saved tensors (see `_kept_layer_bytes`: no H) plus, at the backward's peak, the incoming
-        # gradient, the outgoing one being summed, one [., I] gradient (dH), `_FUSED_EXTRA_D` hidden-sized buffers
-        # (the recomputed input, a split MLP's output and input gradient); with the opt-in fused MLP products
-        # (kernels.lora_swiglu_grad) 2 more fp32 [I / 256, rows, 16] partials than lora_pair's one.
-        partials = f / 4 if os.environ.get("RAYTUNE_LLM_FUSED_MLP_PRODUCTS", "0") == "1" else 0
-        per_token = (6 * d + _FUSED_EXTRA_D * d + 2 * q + 2 * kv) * tokens + (3 * f + partials) * mlp_rows
+        # gradient, the outgoing one being summed, and one [., I] gradient (dH, later written over G and U in
+        # place), + `_FUSED_EXTRA_D` hidden-sized buffers (the recomputed input and a split MLP's full-size
+        # output and input gradient). Fitted to the H200's peaks, see `_FUSED_EXTRA_D`.
+        per_token = (6 * d + _FUSED_EXTRA_D * d + 2 * q + 2 * kv) * tokens + 3 * f * mlp_rows
         return 2 * per_token
     saved, saved_mlp = 4 * d + 2 * q + 2 * kv, 3 * f
     # Live while back-propagating: the incoming gradient; in the MLP the gate/up gradients.
@@ -214,7 +213,8 @@ def _activation_bytes(
     """
     chunk = mlp_chunk_rows(shape.intermediate, tokens, mlp_chunk_tokens) if fused else None
     d, layer = shape.hidden, _layer_bytes(shape, fused, tokens, tokens if chunk is None else min(chunk, tokens))
-    # A layer that keeps its activations holds its saved tensors; the one being back-propagated is the layer phase.
+    # A layer that keeps its activations holds its saved tensors (`_kept_layer_bytes`); the one being
+    # back-propagated is the layer phase itself.
     kept_layer = _kept_layer_bytes(shape, fused, tokens, mlp_tiled=chunk is not None)
     n_ckpt = (
         shape.layers if checkpointing == "off" or checkpoint_layers is None else min(checkpoint_layers, shape.layers)

@@ -181,9 +181,7 @@ def test_planner_does_not_import_torch():
     assert out.strip() == "False"
 
 
-@pytest.mark.parametrize("fused_products", [False, True])
-def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk(monkeypatch, fused_products):
-    monkeypatch.setenv("RAYTUNE_LLM_FUSED_MLP_PRODUCTS", "1" if fused_products else "0")
+def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk():
     kw = dict(gpu_mem_gib=H100, checkpointing="offload")
     f = LLAMA31_8B["intermediate_size"]
     chunk = mlp_chunk_rows(f, 400_000, "auto")
@@ -195,10 +193,9 @@ def test_mlp_split_lowers_the_layer_phase_by_the_mlp_tensors_past_one_chunk(monk
     tiled = plan_from_values(LLAMA31_8B, seq_len=400_000, **kw)
     untiled = plan_from_values(LLAMA31_8B, seq_len=400_000, mlp_chunk_tokens=None, **kw)
     saved = untiled.breakdown["activations (peak phase)"] - tiled.breakdown["activations (peak phase)"]
-    # gate, up and one gradient (H is recomputed, dG/dU overwrite G/U): 3 bf16 [·, I] tensors, and with the opt-in
-    # fused MLP products their fp32 partials of 3 rank-16 products ([I / 256, ·, 16] each: I / 2 bytes a token for
-    # the two more than lora_pair's one), for 400,000 - chunk fewer tokens
-    assert saved == pytest.approx(2 * (3 * f + (f / 4 if fused_products else 0)) * (400_000 - chunk))
+    # gate, up and one gradient (H is recomputed, dG/dU overwrite G/U): 3 bf16 [·, I] tensors, for 400,000 - chunk
+    # fewer tokens
+    assert saved == pytest.approx(2 * 3 * f * (400_000 - chunk))
     assert tiled.fits and not untiled.fits
     assert "mlp_chunk_tokens=auto" in untiled.reason
     assert plan_from_values(LLAMA31_8B, seq_len=400_000, fused=False, **kw).breakdown == (
