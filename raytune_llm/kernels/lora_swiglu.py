@@ -30,6 +30,8 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 _FWD = (16, 128, 2, None)
 _FWD_H = (16, 128, 4, 32768)  # the forward of a checkpointed layer: H alone
 _BWD = (16, 128, 4, 32768)
+# The activation alone (G and U finished by their GEMMs): no dot, so the tile is a plain streaming one.
+_FWD_ACT = (16, 128, 4, 32768)
 # The interpreter pays per program and runs numpy on whole tiles, so it takes larger tiles there.
 _TILE_INTERPRET = (64, 128)
 
@@ -140,24 +142,27 @@ def _lora_swiglu_fwd_kernel(
     RNE_BF16: tl.constexpr,
     STORE_GU: tl.constexpr,
     COLS_FIRST: tl.constexpr,
+    RANK: tl.constexpr,
 ):
     # G, U hold the base GEMM outputs on entry ([N, I], contiguous) and the full projections on exit (STORE_GU;
     # otherwise they are left as they were); H = silu(G) * U. One pass instead of two addmm epilogues plus an
-    # activation kernel.
+    # activation kernel. RANK False: G and U are finished already (their GEMMs ran on the adapters' K-extended
+    # operands); the kernel is the activation alone.
     rows, cols = _tile_index(BM, BN, COLS_FIRST)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offs = rows[:, None] * n_cols + cols[None, :]
-    g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
-    g = _finish_projection(
-        g, XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols, rank_g, scale_g, G_ptr,
-        R_PAD, UPCAST, DOT_PREC, RNE_BF16,
-    )  # fmt: skip
-    u = _finish_projection(
-        u, XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols, rank_u, scale_u, U_ptr,
-        R_PAD, UPCAST, DOT_PREC, RNE_BF16,
-    )  # fmt: skip
+    g = tl.load(G_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(U_ptr + offs, mask=mask, other=0.0)
+    if RANK:
+        # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
+        g = _finish_projection(
+            g.to(tl.float32), XAG_ptr, stride_xag, BG_ptr, stride_bg1, stride_bg0, rows, cols, n_rows, n_cols,
+            rank_g, scale_g, G_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
+        )  # fmt: skip
+        u = _finish_projection(
+            u.to(tl.float32), XAU_ptr, stride_xau, BU_ptr, stride_bu1, stride_bu0, rows, cols, n_rows, n_cols,
+            rank_u, scale_u, U_ptr, R_PAD, UPCAST, DOT_PREC, RNE_BF16,
+        )  # fmt: skip
     if STORE_GU:
         tl.store(G_ptr + offs, g, mask=mask)
         tl.store(U_ptr + offs, u, mask=mask)
@@ -271,13 +276,15 @@ def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
 
 
 def lora_swiglu_forward(
-    G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float, store_gu: bool = True
+    G, U, xa_g, xa_u, Bg, Bu, scale_g: float, scale_u: float, store_gu: bool = True, finished: bool = False
 ) -> torch.Tensor:
     """Finish the gate and up projections and apply SwiGLU, in one pass.
 
     ``G += scale_g * xa_g @ Bg^T``, ``U += scale_u * xa_u @ Bu^T`` (in place), ``H = silu(G) * U``. With
     ``store_gu`` False the finished projections are not written back (``G`` and ``U`` keep the base outputs): for a
-    forward that needs H alone, two [N, I] writes fewer. H has the same bits either way.
+    forward that needs H alone, two [N, I] writes fewer. H has the same bits either way. With ``finished`` ``G``
+    and ``U`` are the finished projections already: ``H = silu(G) * U`` alone (the adapters' arguments unread, G and
+    U unwritten).
 
     Args:
         G: gate base GEMM output ``[N, I]``, contiguous; becomes the gate projection (with ``store_gu``).
@@ -295,11 +302,13 @@ def lora_swiglu_forward(
     n_rows, n_cols = G.shape
     H = torch.empty_like(G)
     if G.numel():
-        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD if store_gu else _FWD_H)
+        store_gu = store_gu and not finished
+        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD_ACT if finished else _FWD if store_gu else _FWD_H)
         _lora_swiglu_fwd_kernel[_grid(n_rows, n_cols, cfg)](
             G, U, H, xa_g, xa_u, Bg, Bu,
             xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
-            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u, STORE_GU=store_gu, **cfg,
+            n_rows, n_cols, xa_g.shape[1], xa_u.shape[1], scale_g, scale_u, STORE_GU=store_gu, RANK=not finished,
+            **cfg,
         )  # fmt: skip
     return H
 
