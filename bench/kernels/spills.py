@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     for kernel, setting, name, flags in (
         (fwd, lora_swiglu._FWD, "fwd G,U,H", dict(STORE_GU=True)),
         (fwd, lora_swiglu._FWD_H, "fwd H", dict(STORE_GU=False)),
-        (bwd, lora_swiglu._BWD, "bwd lean", dict(FINISH_G=True, FINISH_U=True)),
+        (bwd, lora_swiglu._BWD_FINISH, "bwd lean", dict(FINISH_G=True, FINISH_U=True)),
         (bwd, lora_swiglu._BWD, "bwd kept", dict(FINISH_G=False, FINISH_U=False)),
     ):
         types = {n: "*bf16" for n in kernel.arg_names if n.endswith("_ptr")} | {"scale_g": "fp32", "scale_u": "fp32"}
-        bm, bn, warps, from_rows = setting
-        consts = common | flags | dict(BM=bm, BN=bn, COLS_FIRST=from_rows is not None)
-        rows.append((f"lora_swiglu {name} {bm}x{bn} {warps}w", resource_usage(kernel, types, consts, warps)))
+        bm, bn, warps, stages, spans = setting
+        consts = common | flags | dict(BM=bm, BN=bn, STAGES=stages, SPAN=65536 // spans)  # 65,536 rows
+        rows.append((f"lora_swiglu {name} {bm}x{bn} {warps}w {stages}s", resource_usage(kernel, types, consts, warps)))
     pair = lora_pair._lora_pair_kernel
     types = {n: "*bf16" for n in pair.arg_names if n.endswith("_ptr")} | {"PP_ptr": "*fp32", "QP_ptr": "*fp32"}
     bn, bk, warps = lora_pair._TILE

@@ -27,8 +27,10 @@ from _harness import Harness  # noqa: E402
 
 from raytune_llm.kernels import lora_swiglu as mod  # noqa: E402
 
-# BM:BN:warps[:cols_first] (session 10: 16:128:2 fastest of 64:64:4, 64:128:8, 32:128:4, 16:256:4, 32:256:8, 32:64:2, 16:512:8)
-SETTINGS = "16:128:2,16:64:2,16:128:1,8:128:1,8:256:2,16:256:2,32:128:2,16:128:4,32:128:4,64:64:4"
+# BM:BN:warps:stages:spans (session 23, at 65,536 x 14,336: 16:128:4:2:16 and 16:128:4:3:8 fastest of the one-tile
+# programs and nine span settings, bench/results/swiglu_persist_s23b_*.json)
+SETTINGS = ("16:128:4:1:4096,16:128:4:2:16,16:128:4:3:16,16:128:4:3:8,16:128:4:2:8,16:128:4:3:32,16:128:4:4:16,"
+            "8:128:2:2:16,16:64:2:3:16,32:128:4:3:16")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--settings", default=SETTINGS)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1): 64 x 256, two settings")
+    p.add_argument("--apply-best", action="store_true", help="print the best settings as module assignments")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.tiny:
-        args.rows, args.inter, args.settings = 64, 256, "64:64:4,64:128:8"
+        args.rows, args.inter, args.settings = 64, 256, "16:128:4:1:4,16:128:4:2:2"
     h = Harness(tiny=args.tiny, reps=args.reps)  # L2 flushed and the launch queue pre-rolled before each rep
     n, i, r, dt = args.rows, args.inter, args.rank, h.dtype
     g = torch.Generator(device=h.device).manual_seed(0)
@@ -83,14 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ref = {kind: outputs(kind) for kind in kinds}
     rows = []
     for text in args.settings.split(","):
-        parts = [int(x) for x in text.split(":")]  # BM:BN:warps[:1 = column blocks first]
-        setting = (*parts[:3], 0 if parts[3:4] == [1] else None)
+        setting = tuple(int(x) for x in text.split(":"))  # BM:BN:warps:stages:spans
         for kind, (fn, setup) in kinds.items():
-            saved = mod._FWD, mod._FWD_H, mod._BWD
-            if kind.startswith("fwd"):
-                mod._FWD = mod._FWD_H = setting
-            else:
-                mod._BWD = setting
+            saved = mod._FWD, mod._FWD_H, mod._BWD, mod._BWD_FINISH, mod._TILE_INTERPRET, mod._SPANS_INTERPRET
+            mod._FWD = mod._FWD_H = mod._BWD = mod._BWD_FINISH = setting
+            if args.tiny:  # the interpreter takes its own tile: give it this one's
+                mod._TILE_INTERPRET, mod._SPANS_INTERPRET = setting[:2], setting[4]
             try:
                 got = outputs(kind)
                 exact = all(torch.equal(a, b) for a, b in zip(got, ref[kind]))
@@ -103,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - a sweep: record the failing setting and go on
                 row = dict(setting=text, kernel=kind, error=str(exc).splitlines()[0][:200])
             finally:
-                mod._FWD, mod._FWD_H, mod._BWD = saved
+                mod._FWD, mod._FWD_H, mod._BWD, mod._BWD_FINISH, mod._TILE_INTERPRET, mod._SPANS_INTERPRET = saved
             print(json.dumps(row), flush=True)
             rows.append(row)
     doc = {"gpu": torch.cuda.get_device_name() if not args.tiny else "cpu", "torch": torch.__version__}
     doc.update(
         shape=[n, i, r],
         copy_gbs=round(h.copy_gbps, 1),
-        default={"fwd": list(mod._FWD), "fwd_h_only": list(mod._FWD_H), "bwd": list(mod._BWD)},
+        default={"fwd": list(mod._FWD), "fwd_h_only": list(mod._FWD_H), "bwd": list(mod._BWD),
+                 "bwd_finish": list(mod._BWD_FINISH)},
     )
     doc["rows"] = rows
     args.out.write_text(json.dumps(doc, indent=1))

@@ -277,38 +277,6 @@ def _output(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Ten
     return Y, Y.view(-1, out_features)
 
 
-# Gate and up finished by their own GEMMs: ``G = [X | X A_g^T | X A_u^T] [W_g | s_g B_g | 0]^T`` (K = in + r_g + r_u),
-# so the activation kernels run no rank-r dot (False, and in fp32: the base GEMMs, then the kernels add the updates).
-_KCAT = [True]
-
-
-def _gate_up(X: torch.Tensor, XA: torch.Tensor, bases: tuple, Bs: tuple, scalings: tuple, which: tuple[bool, bool]):
-    """The finished gate and up projections (``which``: those wanted; None for the other), each one GEMM over the
-    adapters' K-extended operands: ``[X | XA] [W | s B | 0]^T`` adds the rank update inside the GEMM's fp32 sum,
-    rounded once. K grows by ``r_g + r_u`` (one more 64-deep K step at 4,096); the activation kernels lose their
-    ``[BM, r] x [r, BN]`` dots, which held them at 0.60-0.76 of copy bandwidth (session 21's sweep)."""
-    n, hid = X.shape
-    ranks = [B.shape[1] for B in Bs]
-    XX = torch.empty(n, hid + sum(ranks), dtype=X.dtype, device=X.device)
-    XX[:, :hid].copy_(X)
-    XX[:, hid:].copy_(XA)
-    outs, at = [], hid
-    for base, B, s, want, r in zip(bases, Bs, scalings, which, ranks):
-        if want:
-            W = _dense(base, X.dtype)
-            Wx = torch.empty(W.shape[0], XX.shape[1], dtype=X.dtype, device=X.device)
-            Wx[:, :hid].copy_(W)
-            del W
-            Wx[:, hid:].zero_()
-            torch.mul(B, s, out=Wx[:, at : at + r])
-            outs.append(XX @ Wx.t())
-            del Wx
-        else:
-            outs.append(None)
-        at += r
-    return outs
-
-
 def _split(t: torch.Tensor, ranks: list[int], dim: int) -> tuple[torch.Tensor, ...]:
     return torch.split(t, ranks, dim=dim) if len(ranks) > 1 else (t,)
 
@@ -415,7 +383,6 @@ class LoRAMLPFunction(torch.autograd.Function):
         ranks = [adapters[0].shape[0], adapters[2].shape[0]]
         XA = thin_product(X, A_gu, adapters[0])  # [N, r_g + r_u], one read of X for both (or the forward's)
         xa_g, xa_u = torch.split(XA, ranks, dim=1)
-        kcat = _KCAT[0] and dt in (torch.bfloat16, torch.float16)  # fp32: the reference's sums, as before
         if kept is not None:  # a recompute that `reuse_mlp_outputs` serves: the forward's finished G, U and H A_d^T
             G, U, HA = kept
             if G.shape != (X.shape[0], Bg.shape[0]) or G.dtype != dt:
@@ -423,13 +390,8 @@ class LoRAMLPFunction(torch.autograd.Function):
                     f"lora_mlp: kept outputs {tuple(G.shape)} {G.dtype} do not match this call "
                     f"({X.shape[0]} tokens, {Bg.shape[0]} wide, {dt}): the recompute ran other inputs"
                 )
-            if U is None and kcat:  # the gate's alone (`checkpoint_layer` keep_gate_only): up's GEMM, finished
-                U = _gate_up(X, XA, bases[:2], (Bg, Bu), scalings[:2], (False, True))[1]
-            elif U is None:  # the same, up's base GEMM, finished in backward
+            if U is None:  # the gate's alone (`checkpoint_layer` keep_gate_only): up's base GEMM, finished in backward
                 U = X @ _dense(bases[1], dt).t()
-        elif kcat:
-            G, U = _gate_up(X, XA, bases[:2], (Bg, Bu), scalings[:2], (True, True))
-            HA = None
         else:
             G = X @ _dense(bases[0], dt).t()
             U = X @ _dense(bases[1], dt).t()
@@ -441,7 +403,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             Y = x.new_zeros(()).expand(*x.shape[:-1], Bd.shape[0])
         else:
             # rank updates + activation, one pass
-            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu, finished=kcat)
+            H = lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, sg_, su_, store_gu=store_gu)
             HA = _products(H, Ad.t(), None, 1.0, dt)[0]  # [N, r_d], as a lean recompute's backward forms it
             Y, Y2 = _output(x, Bd.shape[0])
             torch.mm(H, _dense(bases[2], dt).t(), out=Y2)
@@ -450,8 +412,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             if keep_to is not None:
                 keep_to.append((G, U, HA))
         ctx.save_for_backward(X, G, U, XA, HA, A_gu, Bg, Bu, Ad, Bd)
-        ctx.finish_up = kept is not None and kept[1] is None and not kcat
-        ctx.kcat = kcat
+        ctx.finish_up = kept is not None and kept[1] is None
         ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
         ctx.adapter_dtypes = [t.dtype for t in adapters]
         ctx.x_shape = x.shape
@@ -476,7 +437,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dH = dY @ Wd
         del Wd
         finish = None
-        if (HA is None and not ctx.kcat) or ctx.finish_up:  # G, U the base outputs (a lean recompute), or U alone
+        if HA is None or ctx.finish_up:  # G and U the base outputs (a lean recompute), or U alone (the gate kept)
             xa_g, xa_u = torch.split(XA, ctx.ranks, dim=1)
             finish = (xa_g, xa_u, Bg, Bu, sg_, su_)
         # dH += dYB Ad; then dH <- H, G <- dG, U <- dU
