@@ -20,16 +20,16 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 # Launch settings (BM, BN, warps, num_stages, spans) of the [N, I] activation kernels. Each program owns one BN-wide
 # column block and one of `spans` row spans: it loads its adapters' [r, BN] tiles once and walks the span BM rows at a
 # time (a software-pipelined loop, num_stages), adding the rank-r update with a [BM, r] x [r, BN] tensor-core dot per
-# step. Neither the tile nor the span changes the bits (the rank-r dot is one K step; session 23 checked every
-# setting against the one-tile kernels this replaced: not one element differs). Session 23 at 65,536 x 14,336, rank
-# 16 (bench/results/swiglu_persist_s23b_*.json; one-tile programs, which loaded the adapter tiles again for every
-# [16, 128] tile: forward G,U,H 3.060 ms, H alone 1.855, backward 3.533, backward finishing G and U 4.350):
-# 2.601 (16:128:4:2:16), 1.512 (16:128:4:3:8), 3.072 (16:128:4:3:8), 3.082 (16:128:4:2:16); 0.82-0.88 of copy
-# bandwidth against 0.61-0.75. Sessions 10 and 21 swept the one-tile kernels (sweep_lora_swiglu.py).
-_FWD = (16, 128, 4, 2, 16)  # the forward that writes G, U and H
-_FWD_H = (16, 128, 4, 3, 8)  # the forward of a checkpointed layer: H alone
-_BWD = (16, 128, 4, 3, 8)  # the backward on finished G and U
-_BWD_FINISH = (16, 128, 4, 2, 16)  # the backward that finishes G and U itself (a lean recompute)
+# step. Neither the tile nor the span changes the bits (the rank-r dot is one K step; every setting swept gave the
+# bits of one 16-row step a program, which is how the one-tile kernels these replaced ran). Session 23 on the H200,
+# rank 16 (bench/results/lora_swiglu_sweep_s23c_*.json): 16:128:4:3:32 fastest of ten settings for all four kernels
+# at 65,536, 16,384 and 8,192 rows, 0.89-0.94 of copy bandwidth. At 65,536 x 14,336, ms, against the one-tile kernels
+# (swiglu_persist_s23b_*: 0.61-0.75 of copy): forward G,U,H 2.417 (3.060), H alone 1.414 (1.855), backward 2.865
+# (3.533), backward finishing G and U 2.855 (4.350).
+_FWD = (16, 128, 4, 3, 32)  # the forward that writes G, U and H
+_FWD_H = (16, 128, 4, 3, 32)  # the forward of a checkpointed layer: H alone
+_BWD = (16, 128, 4, 3, 32)  # the backward on finished G and U
+_BWD_FINISH = (16, 128, 4, 3, 32)  # the backward that finishes G and U itself (a lean recompute)
 # The interpreter pays per program and per step and runs numpy on whole tiles: larger tiles, one step a program
 # (_SPANS_INTERPRET None; a number: that many row spans, walked a tile at a time, as on the GPU).
 _TILE_INTERPRET = (64, 128)
