@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Needs commit 3a4e21e: the K-extended GEMMs (kernels.lora._KCAT) and bench/kernels/bench_mlp_kcat.py were removed after this call.
 # Session 23 call 1 (~150 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh): the LoRA MLP with
 # gate and up finished inside their GEMMs (K-extended operands, `kernels.lora._KCAT`) against the rank-r epilogue
 # kernels, at 65,536, 16,384 and 8,192 rows, the activation kernel's tile swept; then the GPU tests of the LoRA

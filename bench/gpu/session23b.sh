@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Needs commit 2672fa6: bench/kernels/sweep_swiglu_persist.py was removed once the library kernels became row-span programs.
 # Session 23 call 2 (~120 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh): persistent LoRA
 # SwiGLU kernels (one column block a program, its adapter tiles loaded once, a span of rows walked) against the library's
 # one-tile programs at 65,536 x 14,336, and what a K-extended gate/up GEMM costs (K = 4,096 + 0/16/32/64/128).

@@ -2,7 +2,7 @@
 
 At the 8B MLP of a 4x2048 step ([8192, 14336] bf16, rank 16) it times the forward kernel (reads G, U,
 writes G, U, H), the backward kernel (reads dH, G, U, writes H, dG, dU) and the backward kernel of a lean
-recompute (the same, finishing gate and up with their rank updates first) under each BM:BN:warps setting,
+recompute (the same, finishing gate and up with their rank updates first) under each BM:BN:warps:stages:spans setting,
 median of the harness's CUDA-event timings (bench/_harness.py), and gives each as a fraction of the copy bandwidth measured in the same run
 (bytes moved / time / copy rate). Every setting's outputs are compared with the default's: bit-exact, and the
 largest difference relative to the largest value (the rank-r tensor-core dot may sum in another order under
@@ -27,8 +27,8 @@ from _harness import Harness  # noqa: E402
 
 from raytune_llm.kernels import lora_swiglu as mod  # noqa: E402
 
-# BM:BN:warps:stages:spans (session 23, at 65,536 x 14,336: 16:128:4:2:16 and 16:128:4:3:8 fastest of the one-tile
-# programs and nine span settings, bench/results/swiglu_persist_s23b_*.json)
+# BM:BN:warps:stages:spans (session 23 call 3, bench/results/lora_swiglu_sweep_s23c_*.json: 16:128:4:3:32 fastest for
+# all four kernels at 65,536, 16,384 and 8,192 rows; 16:128:4:1:4096 is one 16-row step a program)
 SETTINGS = ("16:128:4:1:4096,16:128:4:2:16,16:128:4:3:16,16:128:4:3:8,16:128:4:2:8,16:128:4:3:32,16:128:4:4:16,"
             "8:128:2:2:16,16:64:2:3:16,32:128:4:3:16")  # fmt: skip
 
