@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     doc.update(
         shape=[n, i, r],
         copy_gbs=round(h.copy_gbps, 1),
-        default={"fwd": list(mod._FWD), "fwd_h_only": list(mod._FWD_H), "bwd": list(mod._BWD),
-                 "bwd_finish": list(mod._BWD_FINISH)},
+        default={
+            "fwd": list(mod._FWD),
+            "fwd_h_only": list(mod._FWD_H),
+            "bwd": list(mod._BWD),
+            "bwd_finish": list(mod._BWD_FINISH),
+        },
     )
     doc["rows"] = rows
     args.out.write_text(json.dumps(doc, indent=1))
