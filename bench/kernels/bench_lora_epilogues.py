@@ -75,7 +75,11 @@ def main() -> None:
         lambda: (torch.cat(As).to(bf), [t.to(bf) for t in others]),
         lambda: _cast_adapters(As, others, bf),
     )
-    tiles = [(32, 32, 4)] if args.tiny else [(32, 256, 4), (64, 256, 8), (32, 512, 8), (64, 512, 8), (128, 256, 8)]
+    tiles = (
+        [(32, 32, 4, 1)]
+        if args.tiny
+        else [(32, 256, 4, 3), (64, 256, 8, 3), (32, 512, 8, 3), (64, 512, 8, 3), (128, 256, 8, 3)]
+    )  # BN, BK, warps, num_stages (bench/kernels/sweep_lora_pair.py sweeps the stages too)
     for width in (96,) if args.tiny else (inter, hid, 1024):
         M, R, L = rnd(n, width), rnd(width, r), rnd(n, r)
 

@@ -31,10 +31,10 @@ __all__ = ["lora_pair"]
 # products: K = 14336 0.132 -> 0.104 ms, K = 4096 0.053 -> 0.044, K = 1024 0.025 -> 0.025; (64, 256, 8), which the
 # session's e2e ran, 0.108 and 0.051; (128, 256, 8) 0.103 and 0.051. BK = 256 keeps P's partials at 8 B per element
 # of M's rows.
-_TILE = (32, 256, 4)
+_TILE = (32, 256, 4, 3)  # and num_stages (3: Triton's default on CUDA, which the sweeps above ran)
 # Under the interpreter, which pays per program: 64 rows x 128 columns (the LoRA SwiGLU kernels' interpreter tile),
 # 8 times fewer programs than 32 x 32.
-_TILE_INTERPRET = (64, 128, 4)
+_TILE_INTERPRET = (64, 128, 4, 1)
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def lora_pair(
     r2 = L.shape[1] if L is not None else 0
     r_pad = max(16, triton.next_power_of_2(max(r, r2)))
     interp = interpret_mode()
-    bn, bk, warps = _TILE_INTERPRET if interp else _TILE
+    bn, bk, warps, stages = _TILE_INTERPRET if interp else _TILE
     n_cb = triton.cdiv(kk, bk)
     rows = _rows_per_program(n, n_cb, bn)
     n_rb = triton.cdiv(n, rows)
@@ -162,7 +162,7 @@ def lora_pair(
         M.stride(0), M.stride(1),
         *(R.stride() if R is not None else (0, 0)), *(L.stride() if L is not None else (0, 0)),
         ROWS=rows, BN=bn, BK=bk, R_PAD=r_pad, UPCAST=interp,
-        DOT_PREC="ieee" if (interp or M.dtype == torch.float32) else "tf32", num_warps=warps,
+        DOT_PREC="ieee" if (interp or M.dtype == torch.float32) else "tf32", num_warps=warps, num_stages=stages,
         WANT_P=R is not None, WANT_Q=L is not None,
     )  # fmt: skip
     P = pp.sum(0)[:, :r].to(p_dtype).contiguous() if pp is not None else None
