@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 23 call 6 (~330 s; carry .whl/slim and .whl/anchors, WHEELS=.whl/slim exported BEFORE sourcing _env.sh): the
 # 4x2048 and 1x16384 e2e, ours (row-span LoRA SwiGLU kernels) and Unsloth in one call, session22c.sh's settings less
-# standard QLoRA (the kernels are bit-exact: the losses against it cannot move; session 22: within 0.00144). Prediction
+# standard QLoRA, for time (the kernels give the bits of the ones they replace; session 22: within 0.00144). Prediction
 # from call 3's kernel times: 4x2048 ~7 ms a step faster than session 22's 567.3 ms (1.32-1.34x), 1x16384 ~12 ms
 # faster than 1,501.2 (1.32-1.34x); peaks unchanged (7.87, 8.72 GiB).
 set -o pipefail

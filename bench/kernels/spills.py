@@ -7,7 +7,7 @@ time is spent on it (session 21: a fused LoRA SwiGLU backward, since removed, he
 each warp and spilled ~3 KB a thread).
 
     python bench/kernels/spills.py      # the LoRA SwiGLU kernels at their launch settings, and lora_pair
-    python bench/kernels/spills.py --max-stack 0    # exit 1 if a SwiGLU kernel spills (tests/kernels/test_lora.py)
+    python bench/kernels/spills.py --max-stack 128  # exit 1 if a SwiGLU kernel spills more (tests/kernels/test_lora.py)
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--settings", default=SETTINGS)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1): 64 x 256, two settings")
-    p.add_argument("--apply-best", action="store_true", help="print the best settings as module assignments")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.tiny:

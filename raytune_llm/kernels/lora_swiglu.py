@@ -20,8 +20,10 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 # Launch settings (BM, BN, warps, num_stages, spans) of the [N, I] activation kernels. Each program owns one BN-wide
 # column block and one of `spans` row spans: it loads its adapters' [r, BN] tiles once and walks the span BM rows at a
 # time (a software-pipelined loop, num_stages), adding the rank-r update with a [BM, r] x [r, BN] tensor-core dot per
-# step. Neither the tile nor the span changes the bits (the rank-r dot is one K step; every setting swept gave the
-# bits of one 16-row step a program, which is how the one-tile kernels these replaced ran). Session 23 on the H200,
+# step. On the GPU neither the tile nor the span changes the bits (the rank-r dot is one K step; every setting swept
+# gave the bits of one 16-row step a program, as the one-tile kernels these replaced ran; under the interpreter, whose
+# dot is numpy's, the tile may). Past the last row a span's steps are masked, not skipped: a row count just over a
+# power of two times the spans walks up to twice the steps it needs (the bytes stay the same). Session 23 on the H200,
 # rank 16 (bench/results/lora_swiglu_sweep_s23c_*.json): 16:128:4:3:32 fastest of ten settings for all four kernels
 # at 65,536, 16,384 and 8,192 rows, 0.89-0.94 of copy bandwidth. At 65,536 x 14,336, ms, against the one-tile kernels
 # (swiglu_persist_s23b_*: 0.61-0.75 of copy): forward G,U,H 2.417 (3.060), H alone 1.414 (1.855), backward 2.865

@@ -601,10 +601,10 @@ def test_swiglu_backward_finishing_gate_and_up_gives_the_forward_then_backward_b
 
 @needs_triton
 def test_swiglu_kernels_walking_row_spans_give_the_same_bits(monkeypatch):
-    # Each program walks a span of rows a tile at a time (its adapter tiles loaded once): the span and the tile are
-    # launch settings, not a change of the math. The forward, the backward and a lean recompute's backward write the
-    # same bits with one tile a program and with two spans of four 16-row steps, across a tile edge in both axes
-    # and rows past the end inside a span.
+    # Each program walks a span of rows a tile at a time (its adapter tiles loaded once): the span is a launch
+    # setting, not a change of the math. Every kernel variant (the forward writing G, U and H or H alone, the
+    # backward on finished G and U, finishing both, finishing U alone) writes the same bits with one 16-row tile a
+    # program and with two spans of four 16-row steps, across a column-block edge and rows past the end inside a span.
     from raytune_llm.kernels import lora_swiglu as mod
 
     device = kernel_device()
@@ -616,31 +616,36 @@ def test_swiglu_kernels_walking_row_spans_give_the_same_bits(monkeypatch):
 
     G0, U0, dH0 = t(n, inter), t(n, inter), t(n, inter)
     xa_g, xa_u, Bg, Bu, low, Ad = t(n, r), t(n, r), t(inter, r), t(inter, r), t(n, r), t(r, inter)
+    fin = (xa_g, xa_u, Bg, Bu, 2.0, 0.5)
 
     def run():
-        G, U, dH = G0.clone(), U0.clone(), dH0.clone()
-        H = mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5)
-        mod.lora_swiglu_backward(dH, G, U, low, Ad)
-        G2, U2, dH2 = G0.clone(), U0.clone(), dH0.clone()
-        mod.lora_swiglu_backward(dH2, G2, U2, low, Ad, finish=(xa_g, xa_u, Bg, Bu, 2.0, 0.5))
-        return H, G, U, dH, G2, U2, dH2
+        out = []
+        G, U = G0.clone(), U0.clone()
+        out.append(mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5, store_gu=False))
+        out.append(mod.lora_swiglu_forward(G, U, xa_g, xa_u, Bg, Bu, 2.0, 0.5))
+        dH = dH0.clone()
+        mod.lora_swiglu_backward(dH, G, U, low, Ad)  # on the finished G and U
+        out += [dH, G, U]
+        for finish_gate in (True, False):  # a lean recompute's backward; U alone (the finished gate kept)
+            G, U, dH = (G0.clone() if finish_gate else out[2].clone()), U0.clone(), dH0.clone()
+            mod.lora_swiglu_backward(dH, G, U, low, Ad, finish=fin, finish_gate=finish_gate)
+            out += [dH, G, U]
+        return out
 
-    settings = [(16, 128, 4, 2, 2)] * 4  # on a GPU: two spans of 64 rows (four 16-row steps) for every kernel
-    for name, setting in zip(("_FWD", "_FWD_H", "_BWD", "_BWD_FINISH"), settings):
-        monkeypatch.setattr(mod, name, setting)
-    one_step = None
-    if interpret_mode():
-        one_step = run()
-        assert mod._tile_cfg(G0, [r], mod._BWD)["SPAN"] == mod._tile_cfg(G0, [r], mod._BWD)["BM"] == 64  # one tile
-        monkeypatch.setattr(mod, "_TILE_INTERPRET", (16, 128))
-        monkeypatch.setattr(mod, "_SPANS_INTERPRET", 2)
-    cfg = mod._tile_cfg(G0, [r], mod._BWD)
+    def use(setting, spans_interpret):
+        for name in ("_FWD", "_FWD_H", "_BWD", "_BWD_FINISH"):
+            monkeypatch.setattr(mod, name, setting)
+        monkeypatch.setattr(mod, "_TILE_INTERPRET", setting[:2])  # the same tile under the interpreter
+        monkeypatch.setattr(mod, "_SPANS_INTERPRET", spans_interpret)
+        return mod._tile_cfg(G0, [r], mod._BWD)
+
+    cfg = use((16, 128, 4, 1, 5), None)  # one 16-row step a program
+    assert (cfg["SPAN"], cfg["BM"], cfg["grid"]) == (16, 16, (3, 5))
+    one_step = run()
+    cfg = use((16, 128, 4, 2, 2), 2)  # two spans of 64 rows, four steps each
     assert (cfg["SPAN"], cfg["BM"], cfg["grid"]) == (64, 16, (3, 2))
     spans = run()
-    if one_step is None:
-        for name in ("_FWD", "_FWD_H", "_BWD", "_BWD_FINISH"):
-            monkeypatch.setattr(mod, name, (16, 128, 4, 1, 5))  # five spans of one 16-row step
-        one_step = run()
+    assert len(spans) == len(one_step) == 11
     for a, b in zip(spans, one_step):
         assert torch.equal(a, b)
 
