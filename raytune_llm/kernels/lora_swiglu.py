@@ -82,6 +82,13 @@ def _finish_projection(
 
 
 @triton.jit
+def _step(row0, cols, n_rows, n_cols, BM: tl.constexpr):
+    # One step of a span: its BM rows from row0, the mask of the [BM, BN] tile and its offsets in an [N, I] tensor.
+    rows = row0 + tl.arange(0, BM)
+    return rows, (rows[:, None] < n_rows) & (cols[None, :] < n_cols), rows[:, None] * n_cols + cols[None, :]
+
+
+@triton.jit
 def _lora_swiglu_fwd_kernel(
     G_ptr, U_ptr, H_ptr, XAG_ptr, XAU_ptr, BG_ptr, BU_ptr,
     stride_xag, stride_xau, stride_bg0, stride_bg1, stride_bu0, stride_bu1,
@@ -97,9 +104,7 @@ def _lora_swiglu_fwd_kernel(
     bu = _r_tile(BU_ptr, stride_bu1, stride_bu0, cols, n_cols, rank_u, R_PAD, UPCAST)
     r_begin = tl.program_id(1).to(tl.int64) * SPAN
     for r0 in tl.range(0, SPAN, BM, num_stages=STAGES):
-        rows = r_begin + r0 + tl.arange(0, BM)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        offs = rows[:, None] * n_cols + cols[None, :]
+        rows, mask, offs = _step(r_begin + r0, cols, n_rows, n_cols, BM)
         g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # The activation sees G and U as stored (rounded), exactly what backward recomputes from.
@@ -138,9 +143,7 @@ def _lora_swiglu_bwd_kernel(
         bu = _r_tile(BU_ptr, stride_bu1, stride_bu0, cols, n_cols, rank_u, R_PAD, UPCAST)
     r_begin = tl.program_id(1).to(tl.int64) * SPAN
     for r0 in tl.range(0, SPAN, BM, num_stages=STAGES):
-        rows = r_begin + r0 + tl.arange(0, BM)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        offs = rows[:, None] * n_cols + cols[None, :]
+        rows, mask, offs = _step(r_begin + r0, cols, n_rows, n_cols, BM)
         dh = tl.load(DH_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dh = _rank_update(dh, LOW_ptr, stride_low, ad, rows, n_rows, rank_d, 1.0, R_PAD, UPCAST, DOT_PREC)
         g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
