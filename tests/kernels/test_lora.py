@@ -17,7 +17,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from raytune_llm.kernels import reference
-from raytune_llm.kernels._dispatch import interpret_mode
 from raytune_llm.kernels.lora import LoRAWeight, lora_linear, lora_mlp, lora_qkv
 from raytune_llm.kernels.nf4 import NF4Weight
 from tests.kernels._tolerance import check_against_reference, kernel_device, needs_triton
