@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     common = dict(R_PAD=16, UPCAST=False, DOT_PREC="tf32", RNE_BF16=False)
     fwd, bwd = lora_swiglu._lora_swiglu_fwd_kernel, lora_swiglu._lora_swiglu_bwd_kernel
-    for kernel, setting, name, flags in (
-        (fwd, lora_swiglu._FWD, "fwd G,U,H", dict(STORE_GU=True)),
-        (fwd, lora_swiglu._FWD_H, "fwd H", dict(STORE_GU=False)),
-        (bwd, lora_swiglu._BWD_FINISH, "bwd lean", dict(FINISH_G=True, FINISH_U=True)),
-        (bwd, lora_swiglu._BWD, "bwd kept", dict(FINISH_G=False, FINISH_U=False)),
+    bm, bn, warps, stages, spans = lora_swiglu._LAUNCH
+    for kernel, name, flags in (
+        (fwd, "fwd G,U,H", dict(STORE_GU=True)),
+        (fwd, "fwd H", dict(STORE_GU=False)),
+        (bwd, "bwd lean", dict(FINISH_G=True, FINISH_U=True)),
+        (bwd, "bwd kept", dict(FINISH_G=False, FINISH_U=False)),
     ):
         types = {n: "*bf16" for n in kernel.arg_names if n.endswith("_ptr")} | {"scale_g": "fp32", "scale_u": "fp32"}
-        bm, bn, warps, stages, spans = setting
         consts = common | flags | dict(BM=bm, BN=bn, STAGES=stages, SPAN=65536 // spans)  # 65,536 rows
         rows.append((f"lora_swiglu {name} {bm}x{bn} {warps}w {stages}s", resource_usage(kernel, types, consts, warps)))
     pair = lora_pair._lora_pair_kernel

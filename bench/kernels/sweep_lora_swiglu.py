@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.settings.split(","):
         setting = tuple(int(x) for x in text.split(":"))  # BM:BN:warps:stages:spans
         for kind, (fn, setup) in kinds.items():
-            saved = mod._FWD, mod._FWD_H, mod._BWD, mod._BWD_FINISH, mod._TILE_INTERPRET, mod._SPANS_INTERPRET
-            mod._FWD = mod._FWD_H = mod._BWD = mod._BWD_FINISH = setting
+            saved = mod._LAUNCH, mod._TILE_INTERPRET, mod._SPANS_INTERPRET
+            mod._LAUNCH = setting
             if args.tiny:  # the interpreter takes its own tile: give it this one's
                 mod._TILE_INTERPRET, mod._SPANS_INTERPRET = setting[:2], setting[4]
             try:
@@ -103,19 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - a sweep: record the failing setting and go on
                 row = dict(setting=text, kernel=kind, error=str(exc).splitlines()[0][:200])
             finally:
-                mod._FWD, mod._FWD_H, mod._BWD, mod._BWD_FINISH, mod._TILE_INTERPRET, mod._SPANS_INTERPRET = saved
+                mod._LAUNCH, mod._TILE_INTERPRET, mod._SPANS_INTERPRET = saved
             print(json.dumps(row), flush=True)
             rows.append(row)
     doc = {"gpu": torch.cuda.get_device_name() if not args.tiny else "cpu", "torch": torch.__version__}
     doc.update(
         shape=[n, i, r],
         copy_gbs=round(h.copy_gbps, 1),
-        default={
-            "fwd": list(mod._FWD),
-            "fwd_h_only": list(mod._FWD_H),
-            "bwd": list(mod._BWD),
-            "bwd_finish": list(mod._BWD_FINISH),
-        },
+        default=list(mod._LAUNCH),
     )
     doc["rows"] = rows
     args.out.write_text(json.dumps(doc, indent=1))

@@ -22,16 +22,14 @@ __all__ = ["lora_swiglu_backward", "lora_swiglu_forward"]
 # time (a software-pipelined loop, num_stages), adding the rank-r update with a [BM, r] x [r, BN] tensor-core dot per
 # step. On the GPU neither the tile nor the span changes the bits (the rank-r dot is one K step; every setting swept
 # gave the bits of one 16-row step a program, as the one-tile kernels these replaced ran; under the interpreter, whose
-# dot is numpy's, the tile may). Past the last row a span's steps are masked, not skipped: a row count just over a
-# power of two times the spans walks up to twice the steps it needs (the bytes stay the same). Session 23 on the H200,
+# dot is numpy's, the tile may). The span is a power of two, so a row count just over a power of two times `spans`
+# gets about half the spans, twice as long, and its last one mostly past the end: those steps are masked, not skipped
+# (under 2 / spans of the rows more walked, 6% at 32; no more bytes moved). Session 23 on the H200,
 # rank 16 (bench/results/lora_swiglu_sweep_s23c_*.json): 16:128:4:3:32 fastest of ten settings for all four kernels
 # at 65,536, 16,384 and 8,192 rows, 0.89-0.94 of copy bandwidth. At 65,536 x 14,336, ms, against the one-tile kernels
 # (swiglu_persist_s23b_*: 0.61-0.75 of copy): forward G,U,H 2.417 (3.060), H alone 1.414 (1.855), backward 2.865
 # (3.533), backward finishing G and U 2.855 (4.350).
-_FWD = (16, 128, 4, 3, 32)  # the forward that writes G, U and H
-_FWD_H = (16, 128, 4, 3, 32)  # the forward of a checkpointed layer: H alone
-_BWD = (16, 128, 4, 3, 32)  # the backward on finished G and U
-_BWD_FINISH = (16, 128, 4, 3, 32)  # the backward that finishes G and U itself (a lean recompute)
+_LAUNCH = (16, 128, 4, 3, 32)  # every variant: the forward writing G, U and H or H alone, the backward either way
 # The interpreter pays per program and per step and runs numpy on whole tiles: larger tiles, one step a program
 # (_SPANS_INTERPRET None; a number: that many row spans, walked a tile at a time, as on the GPU).
 _TILE_INTERPRET = (64, 128)
@@ -171,18 +169,18 @@ def _lora_swiglu_bwd_kernel(
 # ---- launchers ----------------------------------------------------------------------------------
 
 
-def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int, int, int]) -> dict:
-    """The kernel's compile-time arguments (``SPAN``: rows a program walks) and its ``grid``, for ``t`` [N, I]."""
+def _tile_cfg(t: torch.Tensor, ranks: list[int]) -> tuple[dict, tuple[int, int]]:
+    """The kernel's compile-time arguments (``SPAN``: rows a program walks) and its grid, for ``t`` [N, I]."""
     interp = interpret_mode()
     n_rows, n_cols = t.shape
     if interp:
         bm, bn = _TILE_INTERPRET
         warps, stages, spans = 4, 1, _SPANS_INTERPRET or triton.cdiv(n_rows, bm)
     else:
-        bm, bn, warps, stages, spans = setting
+        bm, bn, warps, stages, spans = _LAUNCH
     # a power of two (a compile-time constant: one kernel for each, not for each row count), at least one tile
     span = max(bm, triton.next_power_of_2(triton.cdiv(n_rows, spans)))
-    return {
+    cfg = {
         "R_PAD": max(16, triton.next_power_of_2(max(ranks))),
         "BM": bm,
         "BN": bn,
@@ -194,8 +192,8 @@ def _tile_cfg(t: torch.Tensor, ranks: list[int], setting: tuple[int, int, int, i
         "DOT_PREC": "ieee" if (interp or t.dtype == torch.float32) else "tf32",
         "RNE_BF16": interp and t.dtype == torch.bfloat16,
         "SPAN": span,
-        "grid": (triton.cdiv(n_cols, bn), triton.cdiv(n_rows, span)),
     }
+    return cfg, (triton.cdiv(n_cols, bn), triton.cdiv(n_rows, span))
 
 
 def lora_swiglu_forward(
@@ -223,8 +221,7 @@ def lora_swiglu_forward(
     n_rows, n_cols = G.shape
     H = torch.empty_like(G)
     if G.numel():
-        cfg = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]], _FWD if store_gu else _FWD_H)
-        grid = cfg.pop("grid")
+        cfg, grid = _tile_cfg(G, [xa_g.shape[1], xa_u.shape[1]])
         _lora_swiglu_fwd_kernel[grid](
             G, U, H, xa_g, xa_u, Bg, Bu,
             xa_g.stride(0), xa_u.stride(0), Bg.stride(0), Bg.stride(1), Bu.stride(0), Bu.stride(1),
@@ -260,8 +257,7 @@ def lora_swiglu_backward(dH, G, U, low_d, Ad, finish: tuple | None = None, finis
     else:
         xa_g, xa_u, Bg, Bu, scale_g, scale_u = finish
         ranks = [low_d.shape[1], xa_g.shape[1], xa_u.shape[1]]
-    cfg = _tile_cfg(G, ranks, _BWD if finish is None else _BWD_FINISH)
-    grid = cfg.pop("grid")
+    cfg, grid = _tile_cfg(G, ranks)
     _lora_swiglu_bwd_kernel[grid](
         dH, G, U, low_d, Ad, xa_g, xa_u, Bg, Bu,
         low_d.stride(0), Ad.stride(0), xa_g.stride(0), xa_u.stride(0),

@@ -632,17 +632,15 @@ def test_swiglu_kernels_walking_row_spans_give_the_same_bits(monkeypatch):
         return out
 
     def use(setting, spans_interpret):
-        for name in ("_FWD", "_FWD_H", "_BWD", "_BWD_FINISH"):
-            monkeypatch.setattr(mod, name, setting)
+        monkeypatch.setattr(mod, "_LAUNCH", setting)
         monkeypatch.setattr(mod, "_TILE_INTERPRET", setting[:2])  # the same tile under the interpreter
         monkeypatch.setattr(mod, "_SPANS_INTERPRET", spans_interpret)
-        return mod._tile_cfg(G0, [r], mod._BWD)
+        cfg, grid = mod._tile_cfg(G0, [r])
+        return cfg["SPAN"], cfg["BM"], grid
 
-    cfg = use((16, 128, 4, 1, 5), None)  # one 16-row step a program
-    assert (cfg["SPAN"], cfg["BM"], cfg["grid"]) == (16, 16, (3, 5))
+    assert use((16, 128, 4, 1, 5), None) == (16, 16, (3, 5))  # one 16-row step a program
     one_step = run()
-    cfg = use((16, 128, 4, 2, 2), 2)  # two spans of 64 rows, four steps each
-    assert (cfg["SPAN"], cfg["BM"], cfg["grid"]) == (64, 16, (3, 2))
+    assert use((16, 128, 4, 2, 2), 2) == (64, 16, (3, 2))  # two spans of 64 rows, four steps each
     spans = run()
     assert len(spans) == len(one_step) == 11
     for a, b in zip(spans, one_step):
@@ -922,7 +920,7 @@ def test_gate_only_layers_take_the_host_kept_layers_leftovers():
 
 def test_the_swiglu_kernels_compile_for_the_h200_without_spilling():
     # Compiled for sm_90 here (no GPU: Triton's own ptxas and cuobjdump), in a process without the interpreter, at
-    # their launch settings (_FWD, _FWD_H, _BWD, _BWD_FINISH): at most 128 B of local-memory stack a thread. Session
+    # their launch setting (_LAUNCH), every variant: at most 128 B of local-memory stack a thread. Session
     # 21 measured a fused variant spilling ~3 KB a thread before any GPU time was spent on it; the row-span kernels
     # spill 72-88 B in the backward and run at 0.93 of copy bandwidth against 0.61-0.75 for the one-tile kernels.
     import os
