@@ -58,41 +58,6 @@ __all__ = [
 
 
 @triton.jit
-def _rms_norm_fwd_row(
-    Y_ptr,
-    X_ptr,
-    H_ptr,
-    RSTD_ptr,
-    x,
-    a,
-    w,
-    cols,
-    mask,
-    row,
-    stride_y,
-    stride_h,
-    n_cols,
-    eps,
-    HAS_ADD: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-):
-    """One row from its loaded ``x`` (and ``a``): ``y`` (and ``h = x + a``, ``HAS_ADD``) and ``rstd`` stored; ``mask``
-    is false past the row's end."""
-    x = x.to(tl.float32)
-    if HAS_ADD:
-        # h = x + a rounded to the input dtype, as torch's add would; the norm reads the rounded h.
-        x = x + a.to(tl.float32)
-        if RNE_BF16:
-            x = rne_bf16(x)
-        x = x.to(X_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(H_ptr + row * stride_h + cols, x.to(H_ptr.dtype.element_ty), mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(RSTD_ptr + row, rstd)
-    y = x * rstd * w
-    tl.store(Y_ptr + row * stride_y + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _rms_norm_fwd_kernel(
     Y_ptr,
     X_ptr,
@@ -104,37 +69,29 @@ def _rms_norm_fwd_kernel(
     stride_x,
     stride_a,
     stride_h,
-    n_rows,
     n_cols,
-    rows_per_program,
     eps,
     BLOCK: tl.constexpr,
     HAS_ADD: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
-    """Each program normalises ``rows_per_program`` consecutive rows, one after another (1: one program a row),
-    loading each row while the one before it reduces and stores. A row's arithmetic, and so its bits, do not depend
-    on how many rows a program walks."""
-    pid = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    row = pid * rows_per_program
-    end = tl.minimum(row + rows_per_program, n_rows)
-    m = col_ok & (row < end)
-    x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0)
-    a = tl.load(A_ptr + row * stride_a + cols, mask=m, other=0.0) if HAS_ADD else x
-    # A while loop (the interpreter cannot run range() over a runtime bound, as in the backward).
-    while row < end:
-        nxt = row + 1
-        m_next = col_ok & (nxt < end)
-        x_next = tl.load(X_ptr + nxt * stride_x + cols, mask=m_next, other=0.0)
-        a_next = tl.load(A_ptr + nxt * stride_a + cols, mask=m_next, other=0.0) if HAS_ADD else x_next
-        _rms_norm_fwd_row(
-            Y_ptr, X_ptr, H_ptr, RSTD_ptr, x, a, w, cols, col_ok, row, stride_y, stride_h, n_cols, eps, HAS_ADD,
-            RNE_BF16,
-        )  # fmt: skip
-        x, a, row = x_next, a_next, nxt
+    mask = cols < n_cols
+    x = tl.load(X_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        # h = x + a rounded to the input dtype, as torch's add would; the norm reads the rounded h.
+        a = tl.load(A_ptr + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x + a
+        if RNE_BF16:
+            x = rne_bf16(x)
+        x = x.to(X_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(H_ptr + row * stride_h + cols, x.to(H_ptr.dtype.element_ty), mask=mask)
+    w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(RSTD_ptr + row, rstd)
+    y = x * rstd * w
+    tl.store(Y_ptr + row * stride_y + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -238,7 +195,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 # Backward launch settings: bands per SM (CUDA), rows per loop iteration, software-pipeline stages (0: a
 # plain loop; CUDA only, the interpreter cannot run tl.range over a runtime bound). Chosen by
-# bench/kernels/sweep_rms_norm.py (then named sweep_rms_norm_bwd.py) on the H200 (bench/results/rms_norm_bwd_sweep_h200_20261128.json):
+# bench/kernels/sweep_rms_norm_bwd.py on the H200 (bench/results/rms_norm_bwd_sweep_h200_20261128.json):
 # 2 bands per SM with a 3-stage pipeline moved 0.697 / 0.766 of copy bandwidth at 8192 x 4096 / 8192, against
 # 0.617 / 0.596 for 4 bands and a plain loop; tiles of 2 or 4 rows were slower (4 rows x 8192 do not fit
 # shared memory with 3 stages).
@@ -255,21 +212,6 @@ def _num_programs(n_rows: int, device: torch.device) -> int:
         return max(1, min(_BWD["per_sm"] * sms, triton.cdiv(n_rows, 8)))
     # Interpreter: programs run one after another, so a few bands are as fast as many.
     return max(1, min(n_rows, 4))
-
-
-# Forward launch settings: programs per SM, each walking a band of consecutive rows (0: one program a row), and warps
-# (0: `row_block_settings`'; another count changes how a row's sum of squares is split, so its bits). Not yet
-# measured on the GPU: bench/kernels/sweep_rms_norm.py.
-_FWD = {"per_sm": 4, "warps": 0}
-
-
-def _fwd_programs(n_rows: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
-    if _FWD["per_sm"] == 0:
-        return max(1, n_rows)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_FWD["per_sm"] * sms, n_rows))
 
 
 def rms_norm_forward(
@@ -301,11 +243,8 @@ def rms_norm_forward(
         A = _as_rows(add)
         H = torch.empty((n_rows, n_cols), dtype=store, device=x.device)
     BLOCK, num_warps = row_block_settings(n_cols)
-    P = _fwd_programs(n_rows, x.device)
-    if _FWD["warps"] and x.device.type == "cuda":
-        num_warps = _FWD["warps"]
     if n_rows > 0:
-        _rms_norm_fwd_kernel[(P,)](
+        _rms_norm_fwd_kernel[(n_rows,)](
             Y,
             X,
             weight,
@@ -316,9 +255,7 @@ def rms_norm_forward(
             X.stride(0),
             0 if A is None else A.stride(0),
             0 if H is None else H.stride(0),
-            n_rows,
             n_cols,
-            triton.cdiv(n_rows, P),
             eps,
             BLOCK=BLOCK,
             HAS_ADD=A is not None,

@@ -1,15 +1,11 @@
-"""RMSNorm launch settings on the GPU: the forward's bands per SM and warps; the backward's bands per SM, rows per
-loop iteration and pipeline stages.
+"""RMSNorm backward launch settings on the GPU: bands per SM, rows per loop iteration, pipeline stages.
 
-Forward: times `rms_norm_forward` (plain, and with the residual add) for each setting of `kernels.rms_norm._FWD`
-(``per_sm`` 0: one program a row; ``warps`` 0: the default), each compared bit for bit with one program a row. Backward: times
-`rms_norm_backward` alone (dx and dw from saved x, rstd and a given dy) for each setting of `kernels.rms_norm._BWD`,
-beside Liger-Kernel's backward (autograd, `retain_graph`). The harness's timing (GPU pre-rolled, L2 flushed, median
-of `--reps`). Bandwidth counts the minimum traffic: the forward reads x (and a) and writes y (and h); the backward
-reads dy and x and writes dx.
+Times `rms_norm_backward` alone (dx and dw from saved x, rstd and a given dy) for each setting of
+`kernels.rms_norm._BWD`, beside Liger-Kernel's backward (autograd, `retain_graph`) at the same shapes,
+with the harness's timing (GPU pre-rolled, L2 flushed, median of `--reps`). Bandwidth counts the
+minimum traffic: read dy and x, write dx.
 
-    python bench/kernels/sweep_rms_norm.py --out $OUT/rms_norm_sweep.json
-    python bench/kernels/sweep_rms_norm.py --shapes 65536x4096 --only fwd --out $OUT/rms_norm_sweep.json
+    python bench/kernels/sweep_rms_norm_bwd.py --out $OUT/rms_norm_bwd_sweep.json
 """
 
 from __future__ import annotations
@@ -32,33 +28,8 @@ from raytune_llm.kernels import rms_norm as mod  # noqa: E402
 EPS = 1e-5
 
 
-def _forward(h: Harness, n: int, hid: int, default: dict) -> list[dict]:
-    """Every forward setting at one [n, hid] shape, plain and with the residual add."""
-    rows: list[dict] = []
-    x = torch.randn(n, hid, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn_like(x)
-    w = 1 + 0.1 * torch.randn(hid, device="cuda", dtype=torch.bfloat16)
-    for add in (None, a):
-        mod._FWD.update(per_sm=0, warps=0)
-        ref = mod.rms_norm_forward(x, w, EPS, add=add)
-        nbytes = (2 if add is None else 4) * n * hid * x.element_size()
-        for per_sm, warps in [(0, 0)] + list(itertools.product((1, 2, 3, 4, 6, 8, 16), (0, 4, 16))):
-            mod._FWD.update(per_sm=per_sm, warps=warps)
-            row = dict(shape=f"{n}x{hid}", kernel="fwd" if add is None else "fwd_add", per_sm=per_sm, warps=warps)
-            try:
-                same = all(torch.equal(g, e) for g, e in zip(mod.rms_norm_forward(x, w, EPS, add=add), ref))
-                t = h.time(lambda _, add=add: mod.rms_norm_forward(x, w, EPS, add=add))
-                row |= dict(ms=round(t.ms, 4), bandwidth_fraction=round(nbytes / (t.ms * 1e-3) / 1e9 / h.copy_gbps, 3),
-                            identical=same)  # fmt: skip
-            except Exception as exc:  # a setting that does not compile is a result too
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-    mod._FWD.update(default)
-    return rows
-
-
 def _shape(h: Harness, n: int, hid: int, default: dict) -> list[dict]:
-    """Every backward setting and the peers at one [n, hid] shape."""
+    """Every setting and the peers at one [n, hid] shape."""
     rows: list[dict] = []
     x = torch.randn(n, hid, device="cuda", dtype=torch.bfloat16)
     w = 1 + 0.1 * torch.randn(hid, device="cuda", dtype=torch.bfloat16)
@@ -103,30 +74,16 @@ def _shape(h: Harness, n: int, hid: int, default: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--shapes", default="8192x4096,8192x8192", help="NxH,...")
-    p.add_argument("--only", choices=["fwd", "bwd"], help="one direction (default both)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     h = Harness(reps=args.reps)
-    default, default_fwd = dict(mod._BWD), dict(mod._FWD)
-    rows, fwd = [], []
-    for n, hid in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
-        if args.only != "bwd":
-            fwd += _forward(h, n, hid, default_fwd)
-        if args.only != "fwd":
-            rows += _shape(h, n, hid, default)
-    doc = {"bench": "rms_norm_sweep", "copy_gbps": round(h.copy_gbps, 1), "default": default,
-           "default_fwd": default_fwd, "environment": environment(), "rows": rows, "forward": fwd}  # fmt: skip
+    default = dict(mod._BWD)
+    rows = []
+    for n, hid in [(8192, 4096), (8192, 8192)]:
+        rows += _shape(h, n, hid, default)
+    doc = {"bench": "rms_norm_bwd_sweep", "copy_gbps": round(h.copy_gbps, 1), "default": default,
+           "environment": environment(), "rows": rows}  # fmt: skip
     args.out.write_text(json.dumps(doc, indent=1))
-    for key in sorted({(r["shape"], r["kernel"]) for r in fwd}):
-        best = sorted((r for r in fwd if (r["shape"], r["kernel"]) == key and "ms" in r), key=lambda r: r["ms"])
-        print(f"== forward {key[0]} {key[1]} (copy {h.copy_gbps:.0f} GB/s)")
-        for r in best[:6] + [r for r in best[6:] if r["per_sm"] == 0]:
-            print(f"  per_sm={r['per_sm']:<2} warps={r['warps']:<2}  {r['ms']:8.4f} ms  bw {r['bandwidth_fraction']:.3f}"
-                  f"  identical={r['identical']}")  # fmt: skip
-        for r in fwd:
-            if (r["shape"], r["kernel"]) == key and "error" in r:
-                print(f"  error per_sm={r['per_sm']} warps={r['warps']}: {r['error'][:120]}")
     for shape in sorted({r["shape"] for r in rows}):
         best = sorted((r for r in rows if r["shape"] == shape and "ms" in r), key=lambda r: r["ms"])
         print(f"== {shape} (copy {h.copy_gbps:.0f} GB/s)")
