@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-max", type=int, default=None, help="longest packed example (default 2000, 32 with --tiny)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10, or 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, or 1 with --tiny)")
+    p.add_argument(
+        "--replay-warmup",
+        action="store_true",
+        help="run every step (warm-up and timed) once untimed first, then put the trainable weights and the "
+        "optimizer state back in place and run them again, timed: no timed step meets a batch shape for the first "
+        "time (packed rows: a compiled stack's recompiles for a new document count)",
+    )
     p.add_argument("--ckpt", default="on", choices=("on", "offload", "off"), help="gradient checkpointing mode")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="set_per_process_memory_fraction to this many GiB")
     p.add_argument(
@@ -208,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.variants and args.profile:
         p.error("--profile profiles one setting; run it without --variants")
+    if args.replay_warmup and (args.variants or args.profile):
+        p.error("--replay-warmup times one setting from a fresh optimizer: not with --variants or --profile")
     if args.offload_lag is not None and args.offload_lag < 1:
         p.error(f"--offload-lag must be >= 1, got {args.offload_lag}")
     if args.memory_snapshot and (args.cuda_graph or args.variants):
@@ -491,6 +500,56 @@ def forward_loss(model, kw: dict, result: dict):
         return model(**kw).loss
 
 
+def _replay_pass(args, model, optimizer, batches, device: str, torch, result: dict, graph: bool, keep) -> dict:
+    """``--replay-warmup``'s first pass: every step once, untimed (a recorded step captured at the usual step), then
+    the trainable weights and AdamW's state put back in place (the same tensors, so a recorded step stays valid; zeroed
+    state is what a fresh AdamW's first step starts from), so the timed pass repeats the same updates on the same
+    batches. Returns the pass's step times and losses and the recorded step (None without one)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = [p.detach().clone() for p in params]
+    if optimizer.state:
+        raise RuntimeError("--replay-warmup: the optimizer has stepped already")
+    cuda = device == "cuda"
+    captured = None
+    if graph:
+        from raytune_llm.models.graphs import CapturedStep
+
+        if args.warmup < 2:
+            raise SystemExit("--cuda-graph needs --warmup >= 2 (an eager step, then the capture)")
+        captured = CapturedStep(model, optimizer, warmup=args.warmup - 1)
+        if keep is not None:
+            keep["captured"] = captured
+    step_ms, losses = [], []
+    for step, batch in enumerate(batches):
+        if step == args.warmup - 1 and captured is not None and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        kw = forward_kwargs(args, batch, "cpu" if captured is not None else device, torch)
+        t0 = time.perf_counter()
+        if captured is not None:
+            loss = captured(**kw).loss
+        else:
+            loss = forward_loss(model, kw, result)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        step_ms.append(round((time.perf_counter() - t0) * 1e3, 3))
+        losses.append(float(loss.detach().float().cpu()))
+        log(f"run_stack {args.stack}: first pass, step {step} {step_ms[-1]:.0f} ms loss {losses[-1]:.4f}")
+    with torch.no_grad():
+        for p, v in zip(params, saved):
+            p.copy_(v)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+    return {"step_ms": step_ms, "losses": losses, "captured": captured}
+
+
 def time_steps(
     args, model, optimizer, batches, device: str, torch, result: dict, graph: bool = False, keep: dict | None = None
 ) -> dict:
@@ -501,8 +560,12 @@ def time_steps(
     the warm-up: it is then the recorded step's own peak. ``keep`` receives that step as ``"captured"``.
     """
     cuda = device == "cuda"
+    replay = None
+    if getattr(args, "replay_warmup", False):
+        replay = _replay_pass(args, model, optimizer, batches, device, torch, result, graph, keep)
+        graph = False  # the recorded step (when there is one) was captured in the first pass; it replays below
     times_ms, event_ms, losses = [], [], []
-    captured = None
+    captured = replay["captured"] if replay else None
     if graph:
         from raytune_llm.models.graphs import CapturedStep
 
@@ -512,6 +575,8 @@ def time_steps(
         if keep is not None:
             keep["captured"] = captured
     reset_at = args.warmup - 1 if graph else args.warmup
+    if replay and replay["captured"] is not None:
+        reset_at = -1  # the peak was reset before the first pass's capture: it counts the recorded step's own
     for step, batch in enumerate(batches):
         if step == reset_at and cuda:
             torch.cuda.synchronize()
@@ -544,6 +609,10 @@ def time_steps(
         )
     timed = times_ms[args.warmup :]
     tokens = args.batch * args.seq
+    if replay:
+        first = replay["losses"]
+        result["replay_pass_ms"], result["replay_pass_losses"] = replay["step_ms"], first
+        result["replay_loss_max_diff"] = round(max(abs(a - b) for a, b in zip(first, losses)), 6)
     return dict(
         status="ok",
         phase="done",
@@ -952,6 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         "ckpt": args.ckpt,
         "steps": args.steps,
         "warmup": args.warmup,
+        "replay_warmup": args.replay_warmup,
         "seed": args.seed,
         "lr": args.lr,
         "doc_len_range": [args.doc_min, args.doc_max] if args.packed else None,
