@@ -500,6 +500,30 @@ def forward_loss(model, kw: dict, result: dict):
         return model(**kw).loss
 
 
+def _recorded_step(args, model, optimizer, keep: dict | None):
+    """A ``models.graphs.CapturedStep`` of the step (eager warm-up steps, the capture at the last warm-up step);
+    ``keep`` receives it as ``"captured"``."""
+    from raytune_llm.models.graphs import CapturedStep
+
+    if args.warmup < 2:
+        raise SystemExit("--cuda-graph needs --warmup >= 2 (an eager step, then the capture)")
+    captured = CapturedStep(model, optimizer, warmup=args.warmup - 1)
+    if keep is not None:
+        keep["captured"] = captured
+    return captured
+
+
+def _train_step(model, optimizer, captured, kw: dict, result: dict):
+    """One step (forward, backward, AdamW, zero_grad), recorded or eager; its loss."""
+    if captured is not None:
+        return captured(**kw).loss
+    loss = forward_loss(model, kw, result)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def _replay_pass(args, model, optimizer, batches, device: str, torch, result: dict, graph: bool, keep) -> dict:
     """``--replay-warmup``'s first pass: every step once, untimed (a recorded step captured at the usual step), then
     the trainable weights and AdamW's state put back in place (the same tensors, so a recorded step stays valid; zeroed
@@ -510,15 +534,7 @@ def _replay_pass(args, model, optimizer, batches, device: str, torch, result: di
     if optimizer.state:
         raise RuntimeError("--replay-warmup: the optimizer has stepped already")
     cuda = device == "cuda"
-    captured = None
-    if graph:
-        from raytune_llm.models.graphs import CapturedStep
-
-        if args.warmup < 2:
-            raise SystemExit("--cuda-graph needs --warmup >= 2 (an eager step, then the capture)")
-        captured = CapturedStep(model, optimizer, warmup=args.warmup - 1)
-        if keep is not None:
-            keep["captured"] = captured
+    captured = _recorded_step(args, model, optimizer, keep) if graph else None
     step_ms, losses = [], []
     for step, batch in enumerate(batches):
         if step == args.warmup - 1 and captured is not None and cuda:
@@ -526,13 +542,7 @@ def _replay_pass(args, model, optimizer, batches, device: str, torch, result: di
             torch.cuda.reset_peak_memory_stats()
         kw = forward_kwargs(args, batch, "cpu" if captured is not None else device, torch)
         t0 = time.perf_counter()
-        if captured is not None:
-            loss = captured(**kw).loss
-        else:
-            loss = forward_loss(model, kw, result)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = _train_step(model, optimizer, captured, kw, result)
         if cuda:
             torch.cuda.synchronize()
         step_ms.append(round((time.perf_counter() - t0) * 1e3, 3))
@@ -565,15 +575,7 @@ def time_steps(
         replay = _replay_pass(args, model, optimizer, batches, device, torch, result, graph, keep)
         graph = False  # the recorded step (when there is one) was captured in the first pass; it replays below
     times_ms, event_ms, losses = [], [], []
-    captured = replay["captured"] if replay else None
-    if graph:
-        from raytune_llm.models.graphs import CapturedStep
-
-        if args.warmup < 2:
-            raise SystemExit("--cuda-graph needs --warmup >= 2 (an eager step, then the capture)")
-        captured = CapturedStep(model, optimizer, warmup=args.warmup - 1)
-        if keep is not None:
-            keep["captured"] = captured
+    captured = replay["captured"] if replay else (_recorded_step(args, model, optimizer, keep) if graph else None)
     reset_at = args.warmup - 1 if graph else args.warmup
     if replay and replay["captured"] is not None:
         reset_at = -1  # the peak was reset before the first pass's capture: it counts the recorded step's own
@@ -588,13 +590,7 @@ def time_steps(
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
         t0 = time.perf_counter()
-        if captured is not None:
-            loss = captured(**kw).loss
-        else:
-            loss = forward_loss(model, kw, result)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = _train_step(model, optimizer, captured, kw, result)
         if cuda:
             ev1.record()
             torch.cuda.synchronize()
