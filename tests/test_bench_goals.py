@@ -36,7 +36,7 @@ def _call(folder: Path, name: str, date: str, figures: dict, config: dict = LLAM
         runs[shape] = {}
         for stack, (tps, peak, *median) in stacks.items():
             runs[shape][stack] = {"status": "ok", "tokens_per_s": tps, "peak_gib": peak, "losses": [12.5, 12.4]}
-            runs[shape][stack]["step_ms_median"] = median[0] if median else 1e6 / tps
+            runs[shape][stack] |= {"tokens_per_step": 1000, "step_ms_median": median[0] if median else 1e6 / tps}
             runs[shape][stack] |= _INPUTS
             if stack == "ours":
                 runs[shape][stack]["mfu"] = 0.65
@@ -116,6 +116,18 @@ def test_the_speedup_must_hold_by_medians_too(tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.startswith("packed_8192"))
     assert " 1.4000 1.0780 " in line and line.endswith("NOT HELD: speedup_by_medians"), line
     assert "since 2026-12-02: 1.4000 (medians 1.0780; e2e_b_packed.json)" in out
+
+
+def test_runs_without_medians_are_judged_by_means_and_mixed_warmups_fail(tmp_path, capsys):
+    _all_held(tmp_path, "2026-12-01T00:00:00+00:00")
+    doc = json.loads((tmp_path / "e2e_all.json").read_text())
+    del doc["runs"]["1x2048"]["unsloth"]["step_ms_median"]  # an older file: no median, the mean decides
+    doc["runs"]["1x16384"]["ours"]["replay_warmup"] = True  # ours replayed its steps, Unsloth did not
+    (tmp_path / "e2e_all.json").write_text(json.dumps(doc))
+    assert main(["--results", str(tmp_path)]) == 1
+    lines = {x.split()[0]: x for x in capsys.readouterr().out.splitlines() if x.split()}
+    assert " 1.4000      - " in lines["1x2048"] and lines["1x2048"].endswith(" held"), lines["1x2048"]
+    assert lines["1x16384"].endswith("NOT HELD: same_warmup"), lines["1x16384"]
 
 
 def test_the_packed_call_of_session_24_reads_as_the_readme_says(tmp_path, capsys):

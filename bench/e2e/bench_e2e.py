@@ -10,10 +10,11 @@ every pair, so a call killed at the device tool's time limit still leaves every 
 ``--resume-from`` that file skips pairs already measured (ok or oom), so several calls complete a grid.
 
 Packed rows (``--replay-warmup``, default ``packed``): each stack runs every step once untimed, gets its trainable
-weights and AdamW state back in place and runs the same steps again, timed, so no timed step meets a batch shape for
-the first time. Without it Unsloth's 2nd timed packed step ran 2.4-2.6 s against ~0.82 s for the others in every
-packed call (the first batch of 11 documents: a new shape, consistent with a recompile), which moved its mean, and so
-the packed ratio, by ~20% (session 24).
+weights and AdamW state back in place and runs the same steps again, timed, so no timed step meets a batch for the
+first time. Without it Unsloth's 2nd timed packed step (the first batch of 11 documents) ran 2.2-2.7 s against a
+median of ~0.82 s in every packed call on record (the cause not verified: a recompile fits), which raised its mean
+step, and so the packed ratio by means, by 16-22% (session 24). A resumed pair is kept only when it ran with this
+call's replay setting.
 
 Before the grid one subprocess measures the device: bf16 matmul TFLOP/s (8192^3, median of 20 after
 5 warm-ups, CUDA events) and copy bandwidth (1 GiB ``copy_``, read + write counted).
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         replay = args.replay_warmup == "all" or (args.replay_warmup == "packed" and packed)
         for stack in args.stacks:
             prev = doc["runs"].get(shape, {}).get(stack)
+            if prev and bool(prev.get("replay_warmup")) != replay:
+                log(f"bench_e2e: {shape} {stack}: the resumed run's replay setting differs from this call's; run again")
+                prev = None
             if prev and prev.get("status") in ("ok", "oom"):
                 log(f"bench_e2e: {shape} {stack}: kept from the resumed file ({prev['status']})")
                 continue

@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--replay-warmup",
         action="store_true",
         help="run every step (warm-up and timed) once untimed first, then put the trainable weights and the "
-        "optimizer state back in place and run them again, timed: no timed step meets a batch shape for the first "
-        "time (packed rows: a compiled stack's recompiles for a new document count)",
+        "optimizer state back in place and run them again, timed: no timed step meets a batch for the first time "
+        "(packed rows: Unsloth's first batch of 11 documents ran ~3x its median step in every packed call)",
     )
     p.add_argument("--ckpt", default="on", choices=("on", "offload", "off"), help="gradient checkpointing mode")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="set_per_process_memory_fraction to this many GiB")
@@ -529,10 +529,11 @@ def _replay_pass(args, model, optimizer, batches, device: str, torch, result: di
     the trainable weights and AdamW's state put back in place (the same tensors, so a recorded step stays valid; zeroed
     state is what a fresh AdamW's first step starts from), so the timed pass repeats the same updates on the same
     batches. Returns the pass's step times and losses and the recorded step (None without one)."""
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam) or optimizer.state:
+        raise RuntimeError(f"--replay-warmup: needs a fresh torch Adam/AdamW, got {type(optimizer).__name__}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved = [p.detach().clone() for p in params]
-    if optimizer.state:
-        raise RuntimeError("--replay-warmup: the optimizer has stepped already")
+    # in host memory: a device copy would be live when a recorded step's peak is reset below, and count in it
+    saved = [p.detach().to("cpu", copy=True) for p in params]
     cuda = device == "cuda"
     captured = _recorded_step(args, model, optimizer, keep) if graph else None
     step_ms, losses = [], []

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Prepared in session 24, not run (~200 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing _env.sh).
+# Ours on packed rows with the 4x2048 settings (weights on the host, more layers kept), one process, 6 timed steps a
+# variant. Prediction (session 17 at 4x2048: +wh keep13 -11 ms against keep6, peak 8.02 GiB): -5 to -15 ms, +wh
+# keep10 under Unsloth's 7.67 GiB.
 set -o pipefail
 source bench/gpu/_env.sh
-# Two profiled eager steps each on packed rows and at 4x2048, the same tokens and the same flags (packed rows' e2e
-# flags less the graph): where packed rows lose time. In the e2e ours runs 633 ms a step on packed rows against 561 at
-# 4x2048, whose flags keep 7 more layers and the weights on the host (~20 ms by session 17); attention through flash
-# varlen is ~2 ms a layer by DESIGN.md's probe. Prediction: packed rows 20-50 ms slower at the same flags, most of it
-# outside attention.
 FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --packed --batch 1 --seq 8192"
-run_ours prof_packed_s25b 150 $FLAGS --warmup 2 --steps 2 --embeddings-on-host --last-layer-on-device --head-on-host \
-  --keep-mlp-layers 6 --profile
-run_ours prof_4x2048_s25b 150 --synthetic 8b --ckpt offload --stash-attention --dequantize-once --batch 4 --seq 2048 \
-  --warmup 2 --steps 2 --embeddings-on-host --last-layer-on-device --head-on-host --keep-mlp-layers 6 --profile
+V="all+once+stash+host+lastdev+headhost"
+run_ours var_packed_s25a 200 $FLAGS --warmup 3 --steps 6 \
+  --variants "$V+keep6+graph,$V+wh+keep10+graph,$V+wh+keep13+graph,$V+keep6+graph"
+show_variants s25a packed
 echo "== done $(date +%T)"
