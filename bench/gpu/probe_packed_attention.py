@@ -5,7 +5,9 @@ unpacked rows get cuDNN. On the H200 a packed step of ours took 633 ms against 5
 attention work (session 24). This probe times forward + backward (bench/_harness.py, median of --reps) over one packed
 row of `[T, H, D]` tokens, 32 query and 8 kv heads of 128, bf16, for:
 
-- ``flash_varlen``: `varlen_attn(..., window_size=(-1, 0))`, kv heads shared where this torch takes `enable_gqa`;
+- ``flash_varlen``: `varlen_attn(..., window_size=(-1, 0))`, kv heads repeated to 32 (what ours ran up to session
+  25) and shared (FlashAttention's varlen kernels take fewer kv heads than query heads and sum dk, dv per group
+  themselves; ours since session 25);
 - ``cudnn_thd``: `aten._cudnn_attention_forward` / `_backward` with cumulative sequence lengths (cuDNN's ragged
   layout; torch's own varlen path keeps it off), kv heads repeated to 32 and, separately, shared;
 - ``per_doc_cudnn``: causal SDPA limited to cuDNN, once per document (`enable_gqa`).
@@ -64,18 +66,13 @@ def per_doc(q, k, v, cu, backend) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def flash_varlen(q, k, v, cu, max_len: int) -> torch.Tensor:
-    import inspect
-
+def flash_varlen(q, k, v, cu, max_len: int, repeat: bool) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    n_rep = q.shape[1] // k.shape[1]
-    extra = {}
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-        extra = {"enable_gqa": n_rep > 1}
-    else:
+    if repeat:
+        n_rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), **extra)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))
 
 
 class _CudnnTHD(torch.autograd.Function):
@@ -160,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         if not args.tiny:
             cases = {
-                "flash_varlen": lambda q, k, v, cu, m=max_len: flash_varlen(q, k, v, cu, m),
+                "flash_varlen_repeated_kv": lambda q, k, v, cu, m=max_len: flash_varlen(q, k, v, cu, m, True),
+                "flash_varlen_shared_kv": lambda q, k, v, cu, m=max_len: flash_varlen(q, k, v, cu, m, False),
                 "cudnn_thd_repeated_kv": lambda q, k, v, cu, m=max_len: cudnn_thd(q, k, v, cu, m, True),
                 "cudnn_thd_shared_kv": lambda q, k, v, cu, m=max_len: cudnn_thd(q, k, v, cu, m, False),
             }
@@ -168,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 row, _ = case(h, f"{label}/{name}", lens, heads, fn, ref)
                 rows.append(row)
                 torch.cuda.empty_cache()
-        for r in rows[-(1 if args.tiny else 4) :]:
+        for r in rows[-(1 if args.tiny else 5) :]:
             print(json.dumps(r), flush=True)
     doc = {"bench": "packed_attention", "heads": list(heads), "docs": docs, "environment": environment(), "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1))
