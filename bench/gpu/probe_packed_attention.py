@@ -67,12 +67,17 @@ def per_doc(q, k, v, cu, backend) -> torch.Tensor:
 
 
 def flash_varlen(q, k, v, cu, max_len: int, repeat: bool) -> torch.Tensor:
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
+    extra = {}
     if repeat:
         n_rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))
+    elif "enable_gqa" in inspect.signature(varlen_attn).parameters:  # torch >= 2.12 checks the head counts
+        extra = {"enable_gqa": True}
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), **extra)
 
 
 class _CudnnTHD(torch.autograd.Function):
