@@ -13,8 +13,8 @@ Paths, first that applies:
    on the GPU machine has varlen_attn.) The kv heads go in unrepeated: FlashAttention's varlen kernels
    read a kv head for each group of query heads and sum dk, dv over the group themselves, so a
    repeated copy would only cost its writes, the kernel's 4x larger kv reads (Llama's 32 q / 8 kv) and,
-   under `models.attention_stash`, 4x the kv bytes copied to host memory and back for every layer
-   (torch's cuDNN varlen backend, where a torch picks it, still gets them repeated).
+   under `models.attention_stash`, 4x the kv bytes copied to host memory and back for every layer.
+   A torch that would send varlen to its cuDNN backend (no causal window, no GQA) gets the per-document loop.
 3. Everything else (the CPU lane, padding masks, sliding windows): SDPA with a dense boolean mask
    `causal & same_document & inside_window & key_is_real`. Each query also sees itself so a fully
    padded row gives finite (ignored) outputs instead of NaN.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -135,26 +136,26 @@ def dense_mask(meta: AttnMeta, window: int | None) -> torch.Tensor:
     return mask
 
 
-def _varlen_fn():
+def _varlen(device: torch.device) -> tuple[Callable, tuple[tuple[str, bool], ...]] | None:
+    """torch's flash `varlen_attn` for this device and the keyword arguments that hand it kv heads shared by groups
+    of query heads (``enable_gqa`` where this torch has it: torch >= 2.12 refuses unequal head counts without it;
+    none before, where the flash kernel takes them as they are), or None: no `torch.nn.attention.varlen`, or a torch
+    that would send varlen to its cuDNN backend (`_should_use_cudnn`; some versions on compute capability 10 and up),
+    which refuses both a causal window and GQA (torch 2.13): packed rows then go per document."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        import torch.nn.attention.varlen as varlen
     except ImportError:
         return None
-    return varlen_attn
-
-
-@functools.lru_cache(maxsize=16)
-def _varlen_shares_kv(varlen_attn, device_index: int) -> dict | None:
-    """How `varlen_attn` takes kv heads shared by groups of query heads: the extra keyword arguments (``enable_gqa``
-    where this torch has it: torch >= 2.12 refuses unequal head counts without it; none before, where the flash kernel
-    takes them as they are), or None where kv must be repeated: torch's cuDNN varlen backend (some versions pick it on
-    compute capability 10 and up), whose GQA is refused (torch 2.13) or unchecked."""
-    import torch.nn.attention.varlen as varlen
-
+    index = device.index if device.index is not None else torch.cuda.current_device()
     cudnn = getattr(varlen, "_should_use_cudnn", None)
-    if cudnn is not None and cudnn(device_index):
+    if cudnn is not None and cudnn(index):
         return None
-    return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    return varlen.varlen_attn, _gqa_keywords(varlen.varlen_attn)
+
+
+@functools.cache
+def _gqa_keywords(varlen_attn: Callable) -> tuple[tuple[str, bool], ...]:
+    return (("enable_gqa", True),) if "enable_gqa" in inspect.signature(varlen_attn).parameters else ()
 
 
 def cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
@@ -230,7 +231,7 @@ def one_kernel_path(q: torch.Tensor, meta: AttnMeta, window: int | None = None) 
         return False
     if not meta.packed:
         return True
-    return q.is_cuda and q.dtype in _FLASH_DTYPES and _varlen_fn() is not None
+    return q.is_cuda and q.dtype in _FLASH_DTYPES and _varlen(q.device) is not None
 
 
 def causal_attention(
@@ -254,16 +255,14 @@ def causal_attention(
     if window is not None and s <= window:
         window = None  # a window longer than the row changes nothing
     if q.is_cuda and meta.packed and meta.key_mask is None and window is None and q.dtype in _FLASH_DTYPES:
-        varlen_attn = _varlen_fn()
-        if varlen_attn is not None:
+        found = _varlen(q.device)
+        if found is not None:
+            varlen_attn, gqa = found
             cu, max_len = cu_seqlens(meta)
-            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-            extra = _varlen_shares_kv(varlen_attn, index) if n_rep > 1 else {}
-            if extra is None:
-                k, v, extra = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), {}
-            # [T, H, D] each (views: q, k and v come in the [B, S, H, D] layout); k and v keep their Hk heads where
-            # the backend does GQA itself (see the module docstring)
+            # [T, H, D] each (views: q, k and v come in the [B, S, H, D] layout); k and v keep their Hk heads, the
+            # kernel does GQA itself (see the module docstring)
             flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
+            extra = dict(gqa) if n_rep > 1 else {}
             out = varlen_attn(*flat, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
             return out.reshape(b, s, hq, d)
     if not meta.packed and meta.key_mask is None and window is None:

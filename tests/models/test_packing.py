@@ -127,20 +127,20 @@ def test_cuda_varlen_path_matches_the_dense_mask_bf16():
 
 
 def test_varlen_gets_the_kv_heads_unrepeated_in_the_form_this_torch_takes():
-    from raytune_llm.models.attention import _varlen_fn, _varlen_shares_kv
+    from raytune_llm.models.attention import _varlen
 
-    varlen_attn = _varlen_fn()
-    if varlen_attn is None:
-        pytest.skip("this torch has no torch.nn.attention.varlen")
-    extra = _varlen_shares_kv(varlen_attn, 0)
-    assert extra is not None  # the flash backend (no torch picks cuDNN for varlen below compute capability 10)
+    found = _varlen(torch.device("cuda", 0))
+    if found is None:
+        pytest.skip("this torch has no flash varlen_attn")
+    varlen_attn, gqa = found
     q, k, v = (torch.randn(8, h, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    # This torch's own argument check passes with our keywords (the kernel itself needs CUDA) ...
+    # This torch's own argument check passes 4 query heads over 2 kv heads with our keywords (the kernel itself
+    # needs CUDA) ...
     with pytest.raises((NotImplementedError, RuntimeError)) as got:
-        varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0), **extra)
+        varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0), **dict(gqa))
     assert "number of heads" not in str(got.value)
-    # ... and refuses 4 query heads over 2 kv heads without them, where it checks at all.
-    if extra:
+    # ... and refuses them without, where it checks at all.
+    if gqa:
         with pytest.raises(ValueError, match="number of heads"):
             varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
