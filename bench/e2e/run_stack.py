@@ -196,6 +196,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(models.settings.set_weights_on_host)",
     )
     p.add_argument(
+        "--packed-kernel",
+        choices=["flash", "cudnn", "cudnn_repeat_kv"],
+        default="flash",
+        help="ours: the kernel of packed rows' attention (models.settings.set_packed_kernel)",
+    )
+    p.add_argument(
         "--memory-snapshot",
         action="store_true",
         help="after the timed steps, one more step with the CUDA allocator's history on: what is live at its peak, "
@@ -362,6 +368,11 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_weights_on_host(model, True)
             facts["weights_on_host"] = True
+        if args.packed_kernel != "flash":
+            from raytune_llm.models.settings import set_packed_kernel
+
+            set_packed_kernel(model, args.packed_kernel)
+            facts["packed_kernel"] = args.packed_kernel
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
@@ -777,6 +788,8 @@ _VARIANT_FLAGS = {
     "lastdev": {"last_on_device": True},
     "headhost": {"head_host": True},
     "wh": {"weights_host": True},
+    "cudnnpacked": {"packed_kernel": "cudnn"},
+    "cudnnpackedrep": {"packed_kernel": "cudnn_repeat_kv"},
 }
 
 
@@ -791,7 +804,9 @@ def parse_variants(text: str) -> list[dict]:
     embeddings_on_host), fused_residuals (``+sep``: off, the
     residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device; ``+lastdevN``: the last N
     layers), head_host
-    (``+headhost``: head_on_host) and weights_host (``+wh``: weights_on_host).
+    (``+headhost``: head_on_host), weights_host (``+wh``: weights_on_host) and packed_kernel (``+cudnnpacked``:
+    cuDNN's ragged layout for packed rows; ``+cudnnpackedrep``: the same with kv heads repeated; else
+    ``--packed-kernel``).
     """
     out = []
     for name in text.split(","):
@@ -814,6 +829,7 @@ def parse_variants(text: str) -> list[dict]:
             "last_on_device": False,
             "head_host": False,
             "weights_host": False,
+            "packed_kernel": None,
         }
         for flag in flags:
             if flag in _VARIANT_FLAGS:
@@ -881,6 +897,7 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_last_layer_on_device(model, v["last_on_device"])
         P.set_head_on_host(model, v["head_host"])
         P.set_weights_on_host(model, v["weights_host"])
+        P.set_packed_kernel(model, v["packed_kernel"] or args.packed_kernel)
         optimizer.zero_grad(set_to_none=True)
         try:
             check_pinned_host_memory(args, model, device)
@@ -889,8 +906,8 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
             out[name] = {"status": "host_memory", "error": str(exc)}
         except torch.OutOfMemoryError as exc:
             out[name] = {"status": "oom", "error": str(exc).splitlines()[0][:300]}
-        except RuntimeError as exc:  # a step that cannot be recorded: say why, time the next variant
-            if not (v["graph"] and str(exc).startswith("CapturedStep")):
+        except RuntimeError as exc:  # a step that cannot be recorded, or a packed kernel refusing: say why, go on
+            if not (v["graph"] and str(exc).startswith("CapturedStep")) and not v["packed_kernel"]:
                 raise
             out[name] = {"status": "error", "error": str(exc)[:600]}
         optimizer.zero_grad(set_to_none=True)

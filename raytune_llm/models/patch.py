@@ -333,15 +333,12 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = hidden.shape[:2]
-        # A forward recorded into a CUDA graph reads nothing on the host: rows without position ids are one document
-        # each, packed rows get the capacity models.graphs set (attention.build_attn_meta, static_docs).
+        # Recorded into a CUDA graph: nothing read on the host; packed rows get models.graphs' capacity (static_docs).
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         static_docs = state["capture_docs"] if capturing else None
         if capturing and position_ids is not None and static_docs is None:
-            raise RuntimeError(
-                "packed rows recorded into a CUDA graph need a document capacity (models.graphs.CapturedStep sets it)"
-            )
-        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device, static_docs=static_docs)
+            raise RuntimeError("packed rows recorded into a CUDA graph need a document capacity (CapturedStep sets it)")
+        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device, static_docs, state["packed_kernel"])
         if position_ids is None:
             position_ids = torch.arange(s, device=hidden.device)[None]
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
@@ -533,6 +530,7 @@ def patch(
         "stash_o_proj": True,
         "qk_norm": family.qk_norm,
         "capture_docs": None,
+        "packed_kernel": "flash",
         "keep_mlp_layers": 0,
         "keep_mlp_layers_on_host": 0,
         "keep_mlp_gate_on_host": 0,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from raytune_llm.models.attention import PACKED_KERNELS
 from raytune_llm.models.checkpointing import check_mode
 from raytune_llm.models.lora import zero3_partitioned
 from raytune_llm.models.tiling import check_chunk_tokens
@@ -53,6 +54,23 @@ def set_capture_docs(model: torch.nn.Module, capacity: int | None) -> None:
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
         raise ValueError(f"capture_docs must be a positive integer or None, got {capacity!r}")
     _set_setting(model, "capture_docs", capacity)
+
+
+def set_packed_kernel(model: torch.nn.Module, kernel: str) -> None:
+    """The kernel packed rows' attention runs on CUDA in bf16/fp16 (`models.attention.causal_attention`).
+
+    Args:
+        model: a model `patch` patched.
+        kernel: "flash" (torch's flash `varlen_attn`, the default), "cudnn" (cuDNN's ragged layout through torch's
+            `_cudnn_attention_forward` / `_backward`, kv heads shared) or "cudnn_repeat_kv" (the same, kv heads
+            repeated to the query heads' count first). Unpacked rows and the CPU are unaffected.
+
+    Raises:
+        ValueError: another kernel, or a model `patch` did not patch.
+    """
+    if kernel not in PACKED_KERNELS:
+        raise ValueError(f"packed_kernel must be one of {', '.join(PACKED_KERNELS)}, got {kernel!r}")
+    _set_setting(model, "packed_kernel", kernel)
 
 
 def _set_setting(model: torch.nn.Module, name: str, value) -> None:
