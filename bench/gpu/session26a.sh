@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# Prepared in sessions 24 and 25, not run (~470 s with a fresh machine's model build; carry .whl/slim and .whl/anchors,
-# WHEELS=.whl/slim exported BEFORE sourcing _env.sh). Packed rows measured again, now that bench_e2e replays every
-# packed step once untimed before timing it (run_stack --replay-warmup): in every packed call on record Unsloth's 2nd
-# timed step (its first batch of 11 documents) took ~3x its median, and the 1.58-1.63x ratios reported since session
-# 12 were by means with it in; by medians those calls read 1.29-1.36x (session 24: 1.584x by means, 1.298x by medians).
-# Ours (session 14's packed flags), Unsloth and standard QLoRA on packed rows with the replay. Since session 25 ours
-# hands flash varlen the 8 kv heads unrepeated (FlashAttention does GQA itself): per layer 96 MiB less written by the
-# repeat and read by the kernel, and 96 MiB less of the attention stash copied to host memory and back (385 -> 289 MiB
-# a layer with the layer input, ~6 GB a step less over PCIe). Prediction: Unsloth 800-860 ms a step, no step over 1.3x
-# its median; ours 585-625 ms (633 at session 24's code; 4x2048 at these flags ran 582 in session 17); 1.32-1.42x by
-# means and medians; the replayed losses within 5e-4 of each stack's first pass (ours' attention backward is not
-# deterministic); the losses within 1e-2 of standard QLoRA's.
-# First the GPU tests of the packed path (shared kv against the dense mask, forward and gradients) and of the replay.
+# Prepared in sessions 24 and 25, not run (~450 s on a fresh machine; carry .whl/slim, WHEELS=.whl/slim exported
+# BEFORE sourcing _env.sh). Packed rows, ours alone; session26b.sh then runs the e2e with the fastest variant's flags.
+# 1. The GPU tests of the packed kernels (flash varlen with kv shared since session 25, cuDNN's ragged layout with kv
+#    shared and repeated; each against the dense mask, forward and gradients, bounds read on the host and found on
+#    the GPU as a capture does) and of the replay warm-up (`run_stack --replay-warmup` with a recorded step).
+# 2. Packed attention alone (bench/gpu/probe_packed_attention.py): flash varlen with kv repeated (ours to session 24)
+#    and shared, cuDNN's ragged layout (`models.attention._CudnnRagged`) with kv repeated and shared, and causal
+#    cuDNN once per document, forward + backward at 6, 11 and 32 documents in 8,192 tokens, and 6 with 10 empty ones
+#    after them (a CUDA graph's bounds). Prediction: flash varlen repeated ~1.9 ms (DESIGN.md: 1.91 at 8 documents),
+#    shared 0.1-0.3 ms less; cuDNN's ragged layout 1.0-1.5 ms or an error; per document 3-4 ms at 6 documents.
+# 3. Ours on packed rows, one process, 6 timed steps a variant: session 14's packed flags (keep6; 633 ms a step in
+#    session 24 with kv repeated), the 4x2048 settings (weights on the host, 10 and 13 layers kept), keep6 again, then
+#    keep6 with cuDNN's ragged layout, kv shared and repeated (last: a kernel error may leave the context unusable).
+#    Prediction: keep6 585-625 ms (kv shared: ~2.9 GB a step less through the stash's copies, in a forward whose copies
+#    filled 86% of it at 4x2048); +wh -5 to -15 ms (session 17 at 4x2048: +wh keep13 -11 ms against keep6); cuDNN's
+#    ragged layout -10 to -25 ms against keep6 if the probe puts it 0.3-0.8 ms a layer under flash, or an error.
 set -o pipefail
 source bench/gpu/_env.sh
-gpu_tests 90 gpu_tests_s26a.log tests/models/test_packing.py tests/test_bench_replay.py
-run_e2e e2e_s26a_packed 330 packed_8192 "--stash-attention --dequantize-once --embeddings-on-host --last-layer-on-device \
---head-on-host --keep-mlp-layers 6 --cuda-graph" ours,unsloth,std_qlora
+gpu_tests 100 gpu_tests_s26a.log tests/models/test_packing.py tests/test_bench_replay.py
+timeout 150 python3 bench/gpu/probe_packed_attention.py --out "$OUT/packed_attention_s26a.json" 2>&1 | tail -26
+FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --packed --batch 1 --seq 8192"
+V="all+once+stash+host+lastdev+headhost"
+run_ours var_packed_s26a 260 $FLAGS --warmup 3 --steps 6 \
+  --variants "$V+keep6+graph,$V+wh+keep10+graph,$V+wh+keep13+graph,$V+keep6+graph,$V+keep6+graph+cudnnpacked,$V+keep6+graph+cudnnpackedrep"
+show_variants s26a packed
 echo "== done $(date +%T)"
