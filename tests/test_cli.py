@@ -44,6 +44,20 @@ def test_lora_targets_the_model_lacks(tmp_path):
     _assert_one_line_error(out, "lora.target_modules ['qkv'] match no module of this model (its projections: down_proj")
 
 
+def test_a_model_folder_transformers_cannot_build_is_one_line(tmp_path):
+    from raytune_llm.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m")
+    config = model / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"model_type": "llama"', '"model_type": "bogus_arch"'))
+    out = _run("validate", "conf/quickstart.yaml", f"model.path={model}", timeout=120)
+    _assert_one_line_error(out, "transformers cannot build it")
+    config.write_text(text[:-20])  # cut short: not JSON any more
+    out = _run("validate", "conf/quickstart.yaml", f"model.path={model}", timeout=120)
+    _assert_one_line_error(out, "transformers cannot build it")
+
+
 def test_missing_data_file(tmp_path):
     out = _run("train", "conf/quickstart.yaml", f"data.path={tmp_path}/missing.jsonl", f"output_dir={tmp_path}")
     _assert_one_line_error(out, "no such file or folder")

@@ -465,3 +465,17 @@ def test_no_unsafe_deserialisation_in_source():
 
 def test_trust_remote_code_off_by_default():
     assert load_config(None).model.trust_remote_code is False
+
+
+def test_a_local_ray_cluster_that_does_not_start_is_one_line():
+    # Ray's own refusal (here of an object store below its minimum, raised before any process starts) reaches the
+    # user as a UserError, which the CLI prints as one line, not as Ray's traceback.
+    code = (
+        "from raytune_llm.train.driver import UserError, start_local_ray\n"
+        "try:\n    start_local_ray(object_store_memory=1)\n"
+        "except UserError as exc:\n    print('USER', exc)\n"
+    )
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert "USER a local Ray cluster did not start: ValueError:" in out.stdout, out.stderr[-2000:]
+    assert "\n" not in out.stdout.strip()

@@ -101,3 +101,41 @@ def test_checkpoints_of_a_shared_storage_path_are_kept_per_run_name(tmp_path):
     b = load_config(None, ["name=b", "cluster.storage_path=/shared/ckpt"])
     assert run_storage(a, tmp_path) == "s3://bucket/x/a" and run_storage(b, tmp_path) == "/shared/ckpt/b"
     assert run_storage(load_config(None, ["name=c"]), tmp_path / "c") == str(tmp_path / "c" / "ray")
+
+
+def test_the_data_fingerprint_follows_content_not_location(tmp_path):
+    from raytune_llm.train import driver
+
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert driver._fingerprint([str(a / "train.jsonl")]) == driver._fingerprint([str(b / "train.jsonl")])
+    (b / "train.jsonl").write_text('{"text": "one"}\n{"text": "tw0"}\n')
+    assert driver._fingerprint([str(a / "train.jsonl")]) != driver._fingerprint([str(b / "train.jsonl")])
+    # a large file by its size, head and tail: an edit near its end changes it
+    big = a / "big.jsonl"
+    big.write_bytes(b'{"text": "x"}\n' * ((driver._WHOLE // 14) + 10))
+    before = driver._fingerprint([str(big)])
+    with open(big, "r+b") as f:
+        f.seek(-3, 2)
+        f.write(b"y")
+    assert driver._fingerprint([str(big)]) != before
+    # a save_to_disk folder by its files' names and bytes, hidden files aside
+    for d in (a, b):
+        (d / "hf").mkdir()
+        (d / "hf" / "state.json").write_text("{}")
+        (d / "hf" / "data-00000-of-00001.arrow").write_bytes(b"arrow bytes")
+    (b / "hf" / ".lock").write_text("")
+    assert driver._fingerprint([str(a / "hf")]) == driver._fingerprint([str(b / "hf")])
+
+
+def test_a_run_folder_moved_elsewhere_resumes(tmp_path):
+    import shutil
+
+    _run_folder(tmp_path / "old")
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    # the saved config names the old output_dir; the copy may go on from where it lies now (an end-to-end copy of a
+    # trained quickstart run resumed at its last checkpoint this way, by hand, in session 25)
+    moved = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path / 'new'}", "name=r"])
+    assert check_rerun(moved) == []

@@ -115,7 +115,9 @@ def _iter_jsonl(path: str, start: int, stop: int | None) -> Iterator[Record]:
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]  # a UTF-8 byte-order mark
                 try:
-                    yield Record(path, lineno, json.loads(raw.decode("utf-8")))
+                    # without the line's end: a record cut short is then reported at its last column, not at
+                    # column 1 of a second line
+                    yield Record(path, lineno, json.loads(raw.decode("utf-8").rstrip("\r\n")))
                 except UnicodeDecodeError as e:
                     yield Record(path, lineno, None, f"not valid UTF-8 (byte {e.start + 1} of the line)")
                 except json.JSONDecodeError as e:

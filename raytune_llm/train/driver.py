@@ -117,13 +117,28 @@ class Prepared:
 # ------------------------------------------------------------------------------------ preparing
 
 
+_WHOLE = 16 << 20  # data files up to this size are hashed whole; larger ones by their size, head and tail
+_EDGE = 1 << 20
+
+
 def _fingerprint(paths: list[str]) -> str:
+    """A digest of the training data's content, not of where it lies: a run folder (whose embedded default data sits
+    in it) or a data file moved or copied elsewhere still resumes, a changed one does not. A HF `save_to_disk`
+    folder counts by its files (not hidden ones), each by name."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}:{st.st_size}".encode())
-        if os.path.isfile(p) and st.st_size < 64 << 20:
-            h.update(Path(p).read_bytes())
+        base = Path(p)
+        files = [base] if base.is_file() else sorted(f for f in base.iterdir() if f.is_file() and f.name[0] != ".")
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name if f != base else ''}:{size}\n".encode())
+            with open(f, "rb") as fh:
+                if size <= _WHOLE:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(_EDGE))
+                    fh.seek(size - _EDGE)
+                    h.update(fh.read(_EDGE))
     return h.hexdigest()[:16]
 
 
@@ -252,6 +267,9 @@ def start_local_ray(**init_kwargs: Any) -> str:
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(**kwargs)
+    except Exception as exc:  # ray's own startup failures (a GCS or raylet not up in time on a loaded machine)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"a local Ray cluster did not start: {type(exc).__name__}: {first}") from exc
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
     return ray.util.get_node_ip_address()

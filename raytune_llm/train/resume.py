@@ -12,6 +12,9 @@ from raytune_llm.train.errors import UserError
 
 # Settings a run of an existing name may change: how long and how often, where it runs, what it exports.
 _RERUN_MAY_CHANGE = (
+    # where the run folder lies: a folder moved or copied elsewhere resumes (its data is then checked by content,
+    # `check_resumable`'s data_fingerprint; the embedded default's data sits in the folder itself)
+    "output_dir",
     "train.max_steps",
     "train.log_every",
     "train.checkpoint_every",

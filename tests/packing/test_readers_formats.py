@@ -29,6 +29,14 @@ def test_jsonl_lines_blank_lines_and_bad_json(tmp_path):
     assert count_records(str(p)) == 5
 
 
+def test_a_record_cut_short_is_reported_at_its_end(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "abc"\r\n{"text": "b"}\n')
+    recs = list(iter_file(str(p)))
+    assert recs[1].error == "invalid JSON (Expecting ',' delimiter at column 15)" and recs[1].where == f"{p}:2"
+    assert [r.value for r in (recs[0], recs[2])] == [{"text": "a"}, {"text": "b"}]
+
+
 def test_jsonl_bytes_the_reader_and_the_counter_agree_on(tmp_path):
     # Undecodable bytes are a bad record (not U+FFFD trained on); a lone "\r" does not split a record and a line of
     # non-breaking spaces is one (as count_records counts them: a resume skips by that count); a BOM is dropped.
