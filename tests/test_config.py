@@ -163,3 +163,18 @@ def test_random_weights_needs_a_model_folder_and_no_exports(tmp_path):
     assert "nothing to export: set export.formats=[] (got ['adapter', 'hf'])" in problem, problem
     cfg = load_config(None, ["model.random_weights=true", "model.path=/m", "export.formats=[]"])
     assert cfg.model.random_weights and from_dict(to_dict(cfg)).model.random_weights
+
+
+@pytest.mark.parametrize(
+    ("override", "ours"),
+    [
+        ("lora.rank=4", "lora.r"),
+        ("lora.lora_alpha=8", "lora.alpha"),
+        ("train.learning_rate=1e-3", "train.lr"),
+        ("data.max_seq_length=64", "data.seq_len"),
+        ("train.gradient_accumulation_steps=2", "train.grad_accum"),
+    ],
+)
+def test_other_tools_names_for_a_setting_point_to_ours(override, ours):
+    with pytest.raises(ConfigError, match=f"unknown key '{override.split('=')[0]}'; did you mean '{ours}'"):
+        load_config(ROOT / "conf" / "quickstart.yaml", [override])

@@ -107,6 +107,27 @@ def _coerce(value, tp, key: str, errors: list[str]):
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
 
+# Names other fine-tuning tools (PEFT, transformers' Trainer, TRL) give these settings, for the "did you mean" of an
+# unknown key whose spelling is not close to ours.
+_KNOWN_AS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "max_seq_length": "seq_len",
+    "max_length": "seq_len",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_grad_norm": "grad_clip",
+    "save_steps": "checkpoint_every",
+    "logging_steps": "log_every",
+    "packing": "pack",
+    "load_in_4bit": "bits",
+}
+
+
 def _build(cls, data: dict, prefix: str, errors: list[str]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -115,6 +136,7 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            close = [_KNOWN_AS[key]] if _KNOWN_AS.get(key) in names else close
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             errors.append(f"unknown key {full!r}{hint} (allowed: {', '.join(names)})")
             continue
