@@ -139,3 +139,23 @@ def test_a_run_folder_moved_elsewhere_resumes(tmp_path):
     # trained quickstart run resumed at its last checkpoint this way, by hand, in session 25)
     moved = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path / 'new'}", "name=r"])
     assert check_rerun(moved) == []
+
+
+def test_a_checkpoint_fingerprinted_by_path_before_session_25_still_resumes_in_place(tmp_path):
+    import hashlib
+    import json
+    import os
+
+    from raytune_llm.train import driver
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "one"}\n')
+    old = hashlib.sha256(f"{os.path.abspath(data)}:{data.stat().st_size}".encode() + data.read_bytes()).hexdigest()[:16]
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"data_fingerprint": old}))
+    prep = driver.Prepared(tmp_path, tmp_path, tmp_path, [str(data)], [], driver._fingerprint([str(data)]))
+    assert prep.data_fingerprint != old and driver._same_data_as_saved(ckpt, prep) == old
+    data.write_text('{"text": "two"}\n')  # other data under the same path: this run's own fingerprint (refused later)
+    prep = driver.Prepared(tmp_path, tmp_path, tmp_path, [str(data)], [], driver._fingerprint([str(data)]))
+    assert driver._same_data_as_saved(ckpt, prep) == prep.data_fingerprint

@@ -142,6 +142,22 @@ def _fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _same_data_as_saved(checkpoint: Path, prep: Prepared) -> str:
+    """The fingerprint a resumed run goes on with: the checkpoint's own where it is what the code before session 25
+    made of these very files (absolute path, size and content up to 64 MiB), so a run checkpointed before the
+    fingerprint followed content alone still resumes in place; else this run's."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_fingerprint")
+    if saved == prep.data_fingerprint or saved is None:
+        return prep.data_fingerprint
+    h = hashlib.sha256()
+    for p in sorted(prep.data_paths):
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}".encode())
+        if os.path.isfile(p) and st.st_size < 64 << 20:
+            h.update(Path(p).read_bytes())
+    return saved if h.hexdigest()[:16] == saved else prep.data_fingerprint
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     """Resolve model, tokenizer and data into the run folder (builds the embedded default when asked).
 
@@ -418,6 +434,7 @@ def fit(
 
         found = latest_complete(Path(storage) / "train")
         if found is not None:
+            prep.data_fingerprint = _same_data_as_saved(found, prep)
             check_resumable(found, cfg, prep.data_fingerprint)
             print(f"[raytune-llm] resuming from {found}", flush=True)
     trainer = TorchTrainer(
