@@ -110,24 +110,24 @@ def test_the_data_fingerprint_follows_content_not_location(tmp_path):
     for d in (a, b):
         d.mkdir(parents=True)
         (d / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
-    assert driver._fingerprint([str(a / "train.jsonl")]) == driver._fingerprint([str(b / "train.jsonl")])
+    assert driver._fingerprints([str(a / "train.jsonl")])[0] == driver._fingerprints([str(b / "train.jsonl")])[0]
     (b / "train.jsonl").write_text('{"text": "one"}\n{"text": "tw0"}\n')
-    assert driver._fingerprint([str(a / "train.jsonl")]) != driver._fingerprint([str(b / "train.jsonl")])
+    assert driver._fingerprints([str(a / "train.jsonl")])[0] != driver._fingerprints([str(b / "train.jsonl")])[0]
     # a large file by its size, head and tail: an edit near its end changes it
     big = a / "big.jsonl"
     big.write_bytes(b'{"text": "x"}\n' * ((driver._WHOLE // 14) + 10))
-    before = driver._fingerprint([str(big)])
+    before = driver._fingerprints([str(big)])
     with open(big, "r+b") as f:
         f.seek(-3, 2)
         f.write(b"y")
-    assert driver._fingerprint([str(big)]) != before
+    assert driver._fingerprints([str(big)]) != before
     # a save_to_disk folder by its files' names and bytes, hidden files aside
     for d in (a, b):
         (d / "hf").mkdir()
         (d / "hf" / "state.json").write_text("{}")
         (d / "hf" / "data-00000-of-00001.arrow").write_bytes(b"arrow bytes")
     (b / "hf" / ".lock").write_text("")
-    assert driver._fingerprint([str(a / "hf")]) == driver._fingerprint([str(b / "hf")])
+    assert driver._fingerprints([str(a / "hf")])[0] == driver._fingerprints([str(b / "hf")])[0]
 
 
 def test_a_run_folder_moved_elsewhere_resumes(tmp_path):
@@ -147,15 +147,19 @@ def test_a_checkpoint_fingerprinted_by_path_before_session_25_still_resumes_in_p
     import os
 
     from raytune_llm.train import driver
+    from raytune_llm.train.resume import check_resumable
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "one"}\n')
     old = hashlib.sha256(f"{os.path.abspath(data)}:{data.stat().st_size}".encode() + data.read_bytes()).hexdigest()[:16]
+    new, legacy = driver._fingerprints([str(data)])
+    assert legacy == old and new != old
+    cfg = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path}", "name=r"])
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text(json.dumps({"data_fingerprint": old}))
-    prep = driver.Prepared(tmp_path, tmp_path, tmp_path, [str(data)], [], driver._fingerprint([str(data)]))
-    assert prep.data_fingerprint != old and driver._same_data_as_saved(ckpt, prep) == old
-    data.write_text('{"text": "two"}\n')  # other data under the same path: this run's own fingerprint (refused later)
-    prep = driver.Prepared(tmp_path, tmp_path, tmp_path, [str(data)], [], driver._fingerprint([str(data)]))
-    assert driver._same_data_as_saved(ckpt, prep) == prep.data_fingerprint
+    state = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len, "data_fingerprint": old}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    check_resumable(ckpt, cfg, new, legacy)
+    data.write_text('{"text": "two"}\n')  # other data under the same path
+    with pytest.raises(UserError, match="data_fingerprint"):
+        check_resumable(ckpt, cfg, *driver._fingerprints([str(data)]))

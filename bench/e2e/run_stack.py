@@ -906,10 +906,11 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
             out[name] = {"status": "host_memory", "error": str(exc)}
         except torch.OutOfMemoryError as exc:
             out[name] = {"status": "oom", "error": str(exc).splitlines()[0][:300]}
-        except RuntimeError as exc:  # a step that cannot be recorded, or a packed kernel refusing: say why, go on
-            if not (v["graph"] and str(exc).startswith("CapturedStep")) and not v["packed_kernel"]:
+        except Exception as exc:  # a step that cannot be recorded, or a packed kernel refusing: say why, go on
+            recorded = isinstance(exc, RuntimeError) and v["graph"] and str(exc).startswith("CapturedStep")
+            if not (recorded or v["packed_kernel"]):
                 raise
-            out[name] = {"status": "error", "error": str(exc)[:600]}
+            out[name] = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device == "cuda":

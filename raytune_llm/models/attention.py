@@ -221,9 +221,9 @@ class _CudnnRagged(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
-        no_bias = q.new_empty(0)
+        # attn_bias None (an undefined tensor): an empty one counts as a bias, which the ragged backward refuses
         dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, seed, offset, no_bias, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
+            grad.contiguous(), q, k, v, out, lse, seed, offset, None, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
             scale=ctx.scale,
         )  # fmt: skip
         return dq, dk, dv, None, None, None
@@ -302,7 +302,8 @@ def causal_attention(
             if meta.packed_kernel == "cudnn_repeat_kv":
                 k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
             cu, max_len = cu_seqlens(meta)
-            flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
+            # the ragged offsets count each token's heads as one contiguous run (a no-op copy for ours)
+            flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d).contiguous() for t in (q, k, v)]
             return _CudnnRagged.apply(*flat, cu, max_len, scaling).reshape(b, s, hq, d)
         found = _varlen(q.device)
         if found is not None:
@@ -321,6 +322,11 @@ def causal_attention(
     k = _repeat_kv(k, n_rep)
     v = _repeat_kv(v, n_rep)
     if q.is_cuda and meta.key_mask is None and window is None:
+        if meta.static_docs is not None:  # the loop reads the document bounds on the host
+            raise RuntimeError(
+                "packed rows recorded into a CUDA graph need flash varlen or packed_kernel cudnn; this torch has "
+                "neither (run them eagerly: train.cuda_graph false)"
+            )
         return per_document_attention(q, k, v, meta, scaling).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(meta, window), scale=scaling)
     return out.transpose(1, 2)

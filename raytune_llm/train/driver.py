@@ -112,50 +112,42 @@ class Prepared:
     data_paths: list[str]
     eval_records: list[dict]
     data_fingerprint: str
+    # what the rule before session 25 (absolute path, size, content under 64 MiB) made of the same files: a checkpoint
+    # bearing it resumes too, and later checkpoints bear data_fingerprint
+    legacy_fingerprint: str = ""
 
 
 # ------------------------------------------------------------------------------------ preparing
 
 
-_WHOLE = 16 << 20  # data files up to this size are hashed whole; larger ones by their size, head and tail
+_WHOLE = 64 << 20  # data files under this size are hashed whole; larger ones by their size, head and tail
 _EDGE = 1 << 20
 
 
-def _fingerprint(paths: list[str]) -> str:
-    """A digest of the training data's content, not of where it lies: a run folder (whose embedded default data sits
-    in it) or a data file moved or copied elsewhere still resumes, a changed one does not. A HF `save_to_disk`
-    folder counts by its files (not hidden ones), each by name."""
-    h = hashlib.sha256()
+def _fingerprints(paths: list[str]) -> tuple[str, str]:
+    """Digests of the training data: by content, not by where it lies (a run folder, whose embedded default data sits
+    in it, or a data file moved or copied elsewhere still resumes; a changed one does not; a HF `save_to_disk` folder
+    counts by its files, not hidden ones, each by name), and by the rule before session 25 (absolute path and size,
+    and a file's content under 64 MiB), which checkpoints made then bear. One read of the files for both."""
+    new, old = hashlib.sha256(), hashlib.sha256()
     for p in sorted(paths):
         base = Path(p)
+        old.update(f"{os.path.abspath(p)}:{os.stat(p).st_size}".encode())
         files = [base] if base.is_file() else sorted(f for f in base.iterdir() if f.is_file() and f.name[0] != ".")
         for f in files:
             size = f.stat().st_size
-            h.update(f"{f.name if f != base else ''}:{size}\n".encode())
+            new.update(f"{f.name if f != base else ''}:{size}\n".encode())
             with open(f, "rb") as fh:
-                if size <= _WHOLE:
-                    h.update(fh.read())
+                if size < _WHOLE:
+                    data = fh.read()
+                    new.update(data)
+                    if f == base:
+                        old.update(data)
                 else:
-                    h.update(fh.read(_EDGE))
+                    new.update(fh.read(_EDGE))
                     fh.seek(size - _EDGE)
-                    h.update(fh.read(_EDGE))
-    return h.hexdigest()[:16]
-
-
-def _same_data_as_saved(checkpoint: Path, prep: Prepared) -> str:
-    """The fingerprint a resumed run goes on with: the checkpoint's own where it is what the code before session 25
-    made of these very files (absolute path, size and content up to 64 MiB), so a run checkpointed before the
-    fingerprint followed content alone still resumes in place; else this run's."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_fingerprint")
-    if saved == prep.data_fingerprint or saved is None:
-        return prep.data_fingerprint
-    h = hashlib.sha256()
-    for p in sorted(prep.data_paths):
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}:{st.st_size}".encode())
-        if os.path.isfile(p) and st.st_size < 64 << 20:
-            h.update(Path(p).read_bytes())
-    return saved if h.hexdigest()[:16] == saved else prep.data_fingerprint
+                    new.update(fh.read(_EDGE))
+    return new.hexdigest()[:16], old.hexdigest()[:16]
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -223,7 +215,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         tok.save_pretrained(model_path)  # exports and generation find the tokenizer beside the weights
     if not cfg.model.path:  # a user's model was checked by `preflight`, before Ray started
         check_lora_targets(cfg, model_path)
-    return Prepared(run_dir, model_path, tok_path, data_paths, eval_records, _fingerprint(data_paths))
+    return Prepared(run_dir, model_path, tok_path, data_paths, eval_records, *_fingerprints(data_paths))
 
 
 def _texts_for_tokenizer(paths: list[str], eval_records: list[dict], limit: int = 20000) -> list[str]:
@@ -434,8 +426,7 @@ def fit(
 
         found = latest_complete(Path(storage) / "train")
         if found is not None:
-            prep.data_fingerprint = _same_data_as_saved(found, prep)
-            check_resumable(found, cfg, prep.data_fingerprint)
+            check_resumable(found, cfg, prep.data_fingerprint, prep.legacy_fingerprint)
             print(f"[raytune-llm] resuming from {found}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -444,6 +435,7 @@ def fit(
             "model_path": str(prep.model_path),
             "tokenizer_path": str(prep.tokenizer_path),
             "data_fingerprint": prep.data_fingerprint,
+            "legacy_fingerprint": prep.legacy_fingerprint,
             "run_dir": str(prep.run_dir),
             "stop_flag": stop_flag,
             # fault injection for the reliability tests, read on the driver so in-process runs can set it

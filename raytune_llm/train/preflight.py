@@ -187,7 +187,7 @@ def check_lora_targets(cfg: RunConfig, model_path: Path | None, names: set[str] 
             names = module_leaf_names(model_path, cfg.model.trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:  # transformers' own words: an unknown model_type, bad JSON
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"model.path {str(model_path)!r}: transformers cannot build it: {first}") from None
+            raise UserError(f"model.path {str(model_path)!r}: transformers cannot build it: {first}") from exc
     try:
         check_targets(spec, names)
     except ValueError as exc:

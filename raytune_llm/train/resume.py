@@ -127,13 +127,18 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
     return []
 
 
-def check_resumable(folder: Path, cfg: RunConfig, data_fingerprint: str) -> None:
+def check_resumable(folder: Path, cfg: RunConfig, data_fingerprint: str, legacy_fingerprint: str = "") -> None:
     """Refuse to resume from a checkpoint made with another seed, sequence length, data or sharding strategy.
+
+    ``legacy_fingerprint``: the same data by the fingerprint rule before session 25, which a checkpoint made then
+    bears (`driver._fingerprints`).
 
     Raises:
         UserError: naming the field that differs.
     """
     state = json.loads((folder / "trainer_state.json").read_text())
+    if legacy_fingerprint and state.get("data_fingerprint") == legacy_fingerprint:
+        data_fingerprint = legacy_fingerprint
     now = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len, "data_fingerprint": data_fingerprint}
     for key, value in now.items():
         if state.get(key) != value:

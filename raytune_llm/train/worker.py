@@ -205,6 +205,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             each time, and inside a sweep one stalled with its resource budget at zero (Ray 2.60).
             Optional "checkpoint_root": the run's checkpoint folder on local or shared storage; the newest
             complete checkpoint there is where the workers start (a resumed run, or a restarted worker group).
+            Optional "legacy_fingerprint": the same data by the fingerprint rule before session 25; a checkpoint
+            bearing it resumes too (`driver._fingerprints`).
     """
     import ray
     import ray.train
@@ -334,8 +336,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"cannot resume: checkpoint {d} holds ZeRO shards but this run is ddp")
             else:
                 state, metrics = load_checkpoint(Path(d), model, optimizer, scheduler)
+        legacy = loop_config.get("legacy_fingerprint")  # a checkpoint made before session 25: the same data
         for key in ("seed", "seq_len", "data_fingerprint"):
             want = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len}.get(key, loop_config["data_fingerprint"])
+            if key == "data_fingerprint" and legacy and state.get(key) == legacy:
+                continue
             if state.get(key) != want:
                 raise RuntimeError(f"cannot resume: checkpoint {key}={state.get(key)!r} but this run has {want!r}")
         step, consumed, skipped = state["step"], state["consumed_batches"], state.get("skipped_steps", 0)

@@ -226,6 +226,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
             "model_path": setup["model_path"],
             "tokenizer_path": setup["tokenizer_path"],
             "data_fingerprint": setup["data_fingerprint"],
+            "legacy_fingerprint": setup["legacy_fingerprint"],
             "run_dir": setup["run_dir"],
             "eval_rows": eval_rows,
             # Ray Train V2 refuses TorchTrainer(resume_from_checkpoint=...): the worker loop takes the folder.
@@ -332,6 +333,7 @@ def run_sweep(cfg: RunConfig, log=print) -> str:
         "eval_paths": eval_paths,
         "eval_rows": eval_rows,
         "data_fingerprint": prep.data_fingerprint,
+        "legacy_fingerprint": prep.legacy_fingerprint,
         "run_dir": str(folder),
         "use_gpu": use_gpu,
         "resources_per_worker": per_worker,
