@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# Prepared in sessions 24 and 25, not run (~430 s with a fresh machine's model build; carry .whl/slim and
-# .whl/anchors, WHEELS=.whl/slim exported BEFORE sourcing _env.sh; session26a.sh's var_packed JSON copied into
-# bench/results/ first). Packed rows measured again with the replay (`bench_e2e --replay-warmup`, default for packed
-# rows): in every packed call on record Unsloth's 2nd timed step (its first batch of 11 documents) took ~3x its median,
-# and the 1.58-1.63x ratios reported since session 12 were by means with it in; by medians those calls read 1.29-1.36x
-# (session 24: 1.584x by means, 1.298x by medians). Ours with the fastest finished variant of session26a.sh
-# (best_variant.py; PACKED_FLAGS overrides; session 14's packed flags when none finished), Unsloth and standard QLoRA.
-# Prediction: Unsloth 800-860 ms a step, no step over 1.3x its median; ours within 2% of its variant's median in 26a
-# (585-625 ms for keep6 with kv shared); 1.32-1.42x by means and by medians; the losses within 1e-2 of standard
-# QLoRA's.
+# Prepared in sessions 24 and 25, not run (~280 s; carry .whl/slim, WHEELS=.whl/slim exported BEFORE sourcing
+# _env.sh). Ours on packed rows, one process, 6 timed steps a variant: session 14's packed flags (keep6; 633 ms a step
+# in session 24 with kv repeated), the 4x2048 settings (weights on the host, 10 and 13 layers kept), keep6 again, then
+# keep6 with cuDNN's ragged layout, kv shared and repeated (last: a kernel error may leave the context unusable).
+# Prediction: keep6 585-625 ms (kv shared: ~2.9 GB a step less through the stash's copies, in a forward whose copies
+# filled 86% of it at 4x2048); +wh -5 to -15 ms (session 17 at 4x2048: +wh keep13 -11 ms against keep6); cuDNN's
+# ragged layout -10 to -25 ms against keep6 if 26a's probe puts it 0.3-0.8 ms a layer under flash, or an error.
 set -o pipefail
 source bench/gpu/_env.sh
-KEEP6="--stash-attention --dequantize-once --embeddings-on-host --last-layer-on-device --head-on-host \
---keep-mlp-layers 6 --cuda-graph"
-F=${PACKED_FLAGS:-$(python3 bench/gpu/best_variant.py bench/results/var_packed_s26a_h200_*.json --default "$KEEP6")}
-echo "== ours' flags: $F"
-run_e2e e2e_s26b_packed 330 packed_8192 "$F" ours,unsloth,std_qlora
+FLAGS="--synthetic 8b --ckpt offload --stash-attention --dequantize-once --packed --batch 1 --seq 8192"
+V="all+once+stash+host+lastdev+headhost"
+run_ours var_packed_s26b 260 $FLAGS --warmup 3 --steps 6 \
+  --variants "$V+keep6+graph,$V+wh+keep10+graph,$V+wh+keep13+graph,$V+keep6+graph,$V+keep6+graph+cudnnpacked,$V+keep6+graph+cudnnpackedrep"
+show_variants s26b packed
 echo "== done $(date +%T)"
