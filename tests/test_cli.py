@@ -83,7 +83,7 @@ def test_bad_record_names_file_and_line(tmp_path):
     assert f"{data}:2" in out.stderr and "Traceback" not in out.stderr
     # train reads every record before Ray starts: nothing is built or written for data it cannot use
     out = _run("train", "conf/quickstart.yaml", f"data.path={data}", f"output_dir={tmp_path / 'runs'}", timeout=60)
-    _assert_one_line_error(out, f"{data}:2: invalid JSON (Expecting value at column 1)")
+    _assert_one_line_error(out, f"{data}:2: invalid JSON (Expecting value at column 31)")
     assert not (tmp_path / "runs").exists() and "Ray instance" not in out.stdout + out.stderr
 
 
