@@ -50,7 +50,11 @@ class AttnMeta:
         cache: per-window dense masks built lazily and reused by every layer of the forward.
         static_docs: set for a forward recorded into a CUDA graph (`models.graphs`): nothing is read on the host;
             rows count as packed and `cu_seqlens` has this many documents (the real ones, then empty ones),
-            with the row length as the longest. The caller guarantees no batch holds more documents.
+            with the row length as the longest (or static_longest). The caller guarantees no batch holds more
+            documents.
+        static_longest: with static_docs, the longest document the recorded batches may hold (`models.graphs`
+            falls back to an eager step for a longer one): what varlen attention is told instead of the row
+            length, so its grid (documents x blocks of the longest x heads) holds fewer blocks that only exit.
     """
 
     doc_ids: torch.Tensor
@@ -59,6 +63,7 @@ class AttnMeta:
     cache: dict = field(default_factory=dict)
     static_docs: int | None = None
     packed_kernel: str = "flash"
+    static_longest: int | None = None
 
 
 # Kernels for packed rows on CUDA (`settings.set_packed_kernel`): flash varlen, or cuDNN's ragged layout with the kv
@@ -183,7 +188,7 @@ def cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
     Returns:
         `(cu_seqlens, max_len)` as varlen attention takes them. With `meta.static_docs` (no host reads):
         `static_docs + 1` entries, the documents past the real ones empty (their bounds equal the token count),
-        and the row length as the longest.
+        and `meta.static_longest` (else the row length) as the longest.
     """
     if "cu" not in meta.cache and meta.static_docs is not None:
         b, s = meta.doc_ids.shape
@@ -191,7 +196,7 @@ def cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
         starts[:, 1:] = meta.doc_ids[:, 1:] != meta.doc_ids[:, :-1]
         first = torch.nonzero_static(starts.reshape(-1), size=meta.static_docs, fill_value=b * s).flatten()
         cu = torch.cat([first, first.new_full((1,), b * s)]).to(torch.int32)
-        meta.cache["cu"] = (cu, s)
+        meta.cache["cu"] = (cu, min(s, meta.static_longest or s))
     if "cu" not in meta.cache:
         b, s = meta.doc_ids.shape
         # Global document index over the flattened batch; row r's docs are offset past row r-1's.

@@ -16,9 +16,11 @@ What a captured step needs, checked where it can be:
   told a document capacity before the capture: flash varlen then gets that many document bounds (the
   real ones, then empty ones, found on the GPU by `nonzero_static`) and the row length as the longest
   (`models.attention.cu_seqlens`). The capacity is twice the most documents a warm-up batch held, rounded
-  up to a power of two (at least 8). `position_ids` must then come on the CPU: each call counts the batch's
-  documents there, and a batch over the capacity runs as an eager step instead (counted in
-  `eager_steps`), never as a wrong replay.
+  up to a power of two (at least 8); the longest document varlen attention is told likewise twice the longest
+  a warm-up batch held, a power of two, at most the row length (its grid is documents x blocks of the longest
+  x heads, and every block past a document's end only exits). `position_ids` must then come on the CPU: each
+  call counts the batch's documents and measures its longest there, and a batch over either bound runs as an
+  eager step instead (counted in `eager_steps`), never as a wrong replay.
 - Gradients live in fixed buffers, allocated before the first step and zeroed in place by the step
   (with an optimizer) or by `zero_grad` (without one). A caller's `zero_grad(set_to_none=True)` would
   detach them from the recording; the next call raises instead of training on stale buffers.
@@ -77,6 +79,15 @@ def _check_no_dropout(model: torch.nn.Module) -> None:
 def documents(position_ids: torch.Tensor) -> int:
     """Documents in packed rows `[rows, S]`: each row's first token opens one, every later position 0 another."""
     return position_ids.shape[0] + int((position_ids[:, 1:] == 0).sum())
+
+
+def longest_document(position_ids: torch.Tensor) -> int:
+    """Tokens in the longest document of packed rows `[rows, S]` (documents as `documents` counts them)."""
+    rows, s = position_ids.shape
+    starts = position_ids == 0
+    starts[:, 0] = True  # a row's first token opens a document, so a row's end closes one
+    bounds = torch.cat([torch.arange(rows * s)[starts.reshape(-1)], torch.tensor([rows * s])])
+    return int(torch.diff(bounds).max())
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -156,7 +167,9 @@ class CapturedStep:
         self.calls = 0
         self.eager_steps = 0
         self.doc_capacity: int | None = None
+        self.doc_longest: int | None = None
         self._docs_seen = 0
+        self._longest_seen = 0
         self._signature: tuple | None = None
         self._stream = torch.cuda.Stream(self.device) if self.graphed else None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -205,7 +218,7 @@ class CapturedStep:
         self.calls += 1
         if not self.graphed:
             return self._body({k: v.to(self.device) for k, v in batch.items()})
-        docs = None
+        docs = longest = None
         if "position_ids" in batch:
             if batch["position_ids"].is_cuda:
                 raise ValueError(
@@ -215,8 +228,9 @@ class CapturedStep:
             pos = batch["position_ids"]
             rows = batch["input_ids"].shape[0] if "input_ids" in batch else pos.shape[0]
             docs = documents(pos) * (rows // pos.shape[0])  # [1, S] position ids serve every row
+            longest = longest_document(pos)
         if self._graph is not None:
-            if docs is not None and docs > self.doc_capacity:
+            if docs is not None and (docs > self.doc_capacity or longest > self.doc_longest):
                 self.eager_steps += 1
                 return self._eager(batch)
             for key, value in batch.items():
@@ -225,8 +239,9 @@ class CapturedStep:
             return self._out
         if self.calls <= self.warmup:
             self._docs_seen = max(self._docs_seen, docs or 0)
+            self._longest_seen = max(self._longest_seen, longest or 0)
             return self._eager(batch)
-        return self._capture(batch, docs)
+        return self._capture(batch, docs, longest)
 
     def _eager(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         """One step run eagerly on the step's side stream (the capture's stream: cuBLAS workspaces, caches)."""
@@ -238,14 +253,17 @@ class CapturedStep:
         current.wait_stream(self._stream)
         return out
 
-    def _capture(self, batch: dict[str, torch.Tensor], docs: int | None) -> StepOutput:
+    def _capture(self, batch: dict[str, torch.Tensor], docs: int | None, longest: int | None) -> StepOutput:
         if docs is not None:
             from raytune_llm.models.settings import set_capture_docs
 
             want = max(8, 2 * max(self._docs_seen, docs))
             tokens = batch["input_ids"].numel() if "input_ids" in batch else batch["position_ids"].numel()
             self.doc_capacity = min(tokens, 1 << (want - 1).bit_length())  # never more documents than tokens
-            set_capture_docs(self.model, self.doc_capacity)
+            # the longest document likewise: twice the longest seen, a power of two, at most the row
+            want = 2 * max(self._longest_seen, longest)
+            self.doc_longest = min(batch["position_ids"].shape[-1], 1 << (want - 1).bit_length())
+            set_capture_docs(self.model, self.doc_capacity, self.doc_longest)
         self._static = {k: v.to(self.device).clone() for k, v in batch.items()}
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # what the eager steps cached goes back; the recording gets its own pool

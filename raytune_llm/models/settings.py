@@ -41,19 +41,21 @@ def set_mlp_chunk_tokens(model: torch.nn.Module, mlp_chunk_tokens: int | str | N
     _set_setting(model, "mlp_chunk_tokens", mlp_chunk_tokens)
 
 
-def set_capture_docs(model: torch.nn.Module, capacity: int | None) -> None:
-    """Documents per batch that a forward recorded into a CUDA graph handles (`models.graphs.CapturedStep` sets it).
-
-    Only read while a CUDA graph is being captured: packed rows then take flash varlen with this many document
-    bounds, found on the GPU (`models.attention.cu_seqlens`), so nothing is read on the host.
+def set_capture_docs(model: torch.nn.Module, capacity: int | None, longest: int | None = None) -> None:
+    """Documents per batch, and the longest document, that a forward recorded into a CUDA graph handles (set by
+    `models.graphs.CapturedStep`). Read only while a graph is captured: packed rows then take varlen attention with
+    this many document bounds, found on the GPU (`models.attention.cu_seqlens`: nothing read on the host), and
+    ``longest`` (None: the row length) as the longest document.
 
     Raises:
-        ValueError: not a positive int (or None), or a model `patch` did not patch (stock forwards read the
+        ValueError: not positive ints (or None), or a model `patch` did not patch (stock forwards read the
             document bounds on the host and cannot record packed rows).
     """
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-        raise ValueError(f"capture_docs must be a positive integer or None, got {capacity!r}")
+    for name, n in (("capture_docs", capacity), ("capture_longest", longest)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {n!r}")
     _set_setting(model, "capture_docs", capacity)
+    _set_setting(model, "capture_longest", longest)
 
 
 def set_packed_kernel(model: torch.nn.Module, kernel: str) -> None:

@@ -204,7 +204,7 @@ def _packed_positions(rows: list[list[int]]) -> torch.Tensor:
 
 def test_static_document_bounds_match_the_exact_ones():
     from raytune_llm.models.attention import build_attn_meta, cu_seqlens
-    from raytune_llm.models.graphs import documents
+    from raytune_llm.models.graphs import documents, longest_document
 
     pos = _packed_positions([[5, 3, 8], [16]])
     pos[1] += 4  # a row that continues an earlier document still opens one
@@ -214,6 +214,11 @@ def test_static_document_bounds_match_the_exact_ones():
     assert exact.tolist() == [0, 5, 8, 16, 32] and longest == 16
     # The real bounds, then empty documents at the end; the row length as the longest.
     assert static.tolist() == [0, 5, 8, 16, 32, 32, 32, 32, 32] and bound == 16
+    # With the longest document bounded (models.graphs.CapturedStep sets it), that bound instead.
+    meta = build_attn_meta(pos, None, 2, 16, "cpu", static_docs=8)
+    meta.static_longest = 8
+    assert cu_seqlens(meta)[1] == 8
+    assert longest_document(pos) == 16 and longest_document(_packed_positions([[5, 3, 8], [2, 6, 8]])) == 8
     with pytest.raises(ValueError, match="attention_mask"):
         build_attn_meta(pos, torch.ones(2, 16), 2, 16, "cpu", static_docs=8)
 
@@ -240,3 +245,27 @@ def test_packed_rows_replay_like_eager_and_overflow_runs_eagerly(tiny_paths):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="on the CPU"):
         step(**{k: v.cuda() for k, v in batches[0].items()})
+
+
+@pytest.mark.gpu
+def test_a_document_longer_than_the_recorded_bound_runs_eagerly(tiny_paths):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    # warm-up documents of at most 6 tokens: the recording tells attention 16 (2 x 6 -> a power of two) at seq 32
+    rows = [[[6, 6, 6, 6, 4, 4], [4] * 8], [[5] * 6 + [2], [6] * 5 + [2]], [[6, 4] * 3 + [2], [4] * 8]]
+    rows += [[[16, 16], [8] * 4], [[24, 8], [32]], [[6, 4] * 3 + [2], [4] * 8]]  # the 2nd over it: eager
+    batches = []
+    for lens in rows:
+        b = _batches(1, "cpu", batch=2, seq=32)[0]
+        b["position_ids"] = _packed_positions(lens)
+        batches.append(b)
+    ref = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, capturable=True)
+    ref_losses = _eager(ref, ref_opt, [{k: v.cuda() for k, v in b.items()} for b in batches])
+    model = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step = CapturedStep(model, opt, warmup=2)
+    losses = [float(step(**b).loss) for b in batches]
+    assert step.captured and step.doc_longest == 16 and step.eager_steps == 1
+    assert model.raytune_patch_report.capture_longest == 16
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-3, atol=2e-3)
