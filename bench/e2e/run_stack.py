@@ -637,6 +637,9 @@ def time_steps(
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         pinned_host_gib=pinned_host_gib(torch) if cuda else None,
         cuda_graph=captured.captured if captured is not None else False,
+        # a recorded step's eager fallbacks (packed rows over its document capacity or longest document) and bounds
+        graph_eager_steps=captured.eager_steps if captured is not None else None,
+        graph_doc_bounds=[captured.doc_capacity, captured.doc_longest] if captured is not None else None,
     )
 
 
