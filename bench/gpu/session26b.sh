@@ -3,8 +3,8 @@
 # _env.sh). Ours on packed rows, one process, 6 timed steps a variant: session 14's packed flags (keep6; 633 ms a step
 # in session 24 with kv repeated), the 4x2048 settings (weights on the host, 10 and 13 layers kept), keep6 again, then
 # keep6 with cuDNN's ragged layout, kv shared and repeated (last: a kernel error may leave the context unusable).
-# Prediction: keep6 585-625 ms (kv shared: ~2.9 GB a step less through the stash's copies, in a forward whose copies
-# filled 86% of it at 4x2048); +wh -5 to -15 ms (session 17 at 4x2048: +wh keep13 -11 ms against keep6); cuDNN's
+# Prediction: keep6 575-625 ms (kv shared: ~2.9 GB a step less through the stash's copies, in a forward whose copies
+# filled 86% of it at 4x2048; the recorded step tells attention 4,096 as the longest document, not 8,192); +wh -5 to -15 ms (session 17 at 4x2048: +wh keep13 -11 ms against keep6); cuDNN's
 # ragged layout -10 to -25 ms against keep6 if 26a's probe puts it 0.3-0.8 ms a layer under flash, or an error.
 set -o pipefail
 source bench/gpu/_env.sh

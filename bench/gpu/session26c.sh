@@ -7,7 +7,7 @@
 # (session 24: 1.584x by means, 1.298x by medians). Ours with the fastest finished variant of session26b.sh
 # (best_variant.py; PACKED_FLAGS overrides; session 14's packed flags when none finished), Unsloth and standard QLoRA.
 # Prediction: Unsloth 800-860 ms a step, no step over 1.3x its median; ours within 2% of its variant's median in 26b
-# (585-625 ms for keep6 with kv shared); 1.32-1.42x by means and by medians; the losses within 1e-2 of standard
+# (575-625 ms for keep6 with kv shared and the longest bounded); 1.32-1.42x by means and by medians; the losses within 1e-2 of standard
 # QLoRA's.
 set -o pipefail
 source bench/gpu/_env.sh
