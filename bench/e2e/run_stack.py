@@ -591,6 +591,7 @@ def time_steps(
     reset_at = args.warmup - 1 if graph else args.warmup
     if replay and replay["captured"] is not None:
         reset_at = -1  # the peak was reset before the first pass's capture: it counts the recorded step's own
+    eager_before = captured.eager_steps if captured is not None else 0  # the replay's first pass made its own
     for step, batch in enumerate(batches):
         if step == reset_at and cuda:
             torch.cuda.synchronize()
@@ -637,8 +638,9 @@ def time_steps(
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         pinned_host_gib=pinned_host_gib(torch) if cuda else None,
         cuda_graph=captured.captured if captured is not None else False,
-        # a recorded step's eager fallbacks (packed rows over its document capacity or longest document) and bounds
-        graph_eager_steps=captured.eager_steps if captured is not None else None,
+        # a recorded step's eager fallbacks in this pass (packed rows over its document capacity or longest document:
+        # slower steps, their memory outside the graph's pool) and those bounds
+        graph_eager_steps=captured.eager_steps - eager_before if captured is not None else None,
         graph_doc_bounds=[captured.doc_capacity, captured.doc_longest] if captured is not None else None,
     )
 

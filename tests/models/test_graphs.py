@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from raytune_llm.models import attention
 from raytune_llm.models.graphs import CapturedStep, make_capturable
 from raytune_llm.models.load import load_model
 from raytune_llm.models.settings import set_gradient_checkpointing
@@ -265,7 +266,19 @@ def test_a_document_longer_than_the_recorded_bound_runs_eagerly(tiny_paths):
     model = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     step = CapturedStep(model, opt, warmup=2)
-    losses = [float(step(**b).loss) for b in batches]
+    told = []  # what attention is told as the longest document while the step is recorded
+    exact = attention.cu_seqlens
+
+    def spy(meta):
+        out = exact(meta)
+        if torch.cuda.is_current_stream_capturing():
+            told.append(out[1])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "cu_seqlens", spy)
+        losses = [float(step(**b).loss) for b in batches]
+    assert told and set(told) == {16}
     assert step.captured and step.doc_longest == 16 and step.eager_steps == 1
     assert model.raytune_patch_report.capture_longest == 16
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-3, atol=2e-3)
