@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in sessions 24 and 25, not run (~380 s on a fresh machine; carry .whl/slim, WHEELS=.whl/slim exported
+# Prepared in sessions 24 and 25, not run (~430 s on a fresh machine; carry .whl/slim, WHEELS=.whl/slim exported
 # BEFORE sourcing _env.sh). Packed rows, ours alone; session26b.sh times ours' packed variants, 26c the e2e.
 # 1. The GPU tests of the packed kernels (flash varlen with kv shared since session 25, cuDNN's ragged layout with kv
 #    shared and repeated; each against the dense mask, forward and gradients, bounds read on the host and found on
@@ -17,6 +17,6 @@
 #    flash 0.1-0.6 ms more forward + backward at 8,192 than without them, half that at 4,096.
 set -o pipefail
 source bench/gpu/_env.sh
-gpu_tests 150 gpu_tests_s26a.log tests/models/test_packing.py tests/models/test_graphs.py tests/test_bench_replay.py
+gpu_tests 200 gpu_tests_s26a.log tests/models/test_packing.py tests/models/test_graphs.py tests/test_bench_replay.py
 timeout 220 python3 bench/gpu/probe_packed_attention.py --out "$OUT/packed_attention_s26a.json" 2>&1 | tail -40
 echo "== done $(date +%T)"
