@@ -8,6 +8,8 @@ on the GPU (tests/models/test_graphs.py, marker gpu), packed rows included.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from raytune_llm.config import ConfigError, load_config
@@ -24,6 +26,11 @@ def test_cuda_graph_run_trains_like_the_ddp_run(ray_session, tmp_path, ddp_two_w
     for step in want:
         assert abs(got[step] - want[step]) < 1e-6, (step, got[step], want[step])
     assert (tmp_path / "graph" / "adapter" / "adapter_config.json").exists()
+    # the log steps say how many steps ran outside the recording (none here: on the CPU nothing is recorded)
+    rows = [json.loads(x) for x in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["graph_eager_steps"] for r in rows if "tokens_per_s" in r] and all(
+        r["graph_eager_steps"] == 0 for r in rows if "tokens_per_s" in r
+    )
 
 
 @pytest.mark.parametrize(

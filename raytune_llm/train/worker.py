@@ -530,6 +530,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if world > 1:
                     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 entry["gpu_peak_gib"] = round(float(peak), 3)
+            if graph_step is not None:  # steps run eagerly so far: packed rows over the recorded step's bounds
+                entry["graph_eager_steps"] = graph_step.eager_steps
             t_last, tokens_since = now, 0
         metrics.append(entry)
         tell_step_done()
