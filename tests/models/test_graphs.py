@@ -224,14 +224,11 @@ def test_static_document_bounds_match_the_exact_ones():
         build_attn_meta(pos, torch.ones(2, 16), 2, 16, "cpu", static_docs=8)
 
 
-@pytest.mark.gpu
-def test_packed_rows_replay_like_eager_and_overflow_runs_eagerly(tiny_paths):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    rows = [[[10, 22], [32]], [[7, 7, 18], [20, 12]], [[32], [16, 16]], [[8, 24], [30, 2]], [[12, 20], [32]]]
-    many = [[2] * 16, [4] * 8]  # 24 documents: over the capacity the warm-up batches set (2 x 5 -> 16)
+def _packed_run(tiny_paths, rows: list[list[list[int]]]):
+    """Batches of 2 x 32 packed rows with these document lengths, the eager loop's losses over them, and a fresh
+    model with its CapturedStep (2 eager warm-up steps) to run them."""
     batches = []
-    for lens in rows + [many]:
+    for lens in rows:
         b = _batches(1, "cpu", batch=2, seq=32)[0]
         b["position_ids"] = _packed_positions(lens)
         batches.append(b)
@@ -240,7 +237,16 @@ def test_packed_rows_replay_like_eager_and_overflow_runs_eagerly(tiny_paths):
     ref_losses = _eager(ref, ref_opt, [{k: v.cuda() for k, v in b.items()} for b in batches])
     model = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    step = CapturedStep(model, opt, warmup=2)
+    return batches, ref_losses, model, CapturedStep(model, opt, warmup=2)
+
+
+@pytest.mark.gpu
+def test_packed_rows_replay_like_eager_and_overflow_runs_eagerly(tiny_paths):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rows = [[[10, 22], [32]], [[7, 7, 18], [20, 12]], [[32], [16, 16]], [[8, 24], [30, 2]], [[12, 20], [32]]]
+    many = [[2] * 16, [4] * 8]  # 24 documents: over the capacity the warm-up batches set (2 x 5 -> 16)
+    batches, ref_losses, model, step = _packed_run(tiny_paths, rows + [many])
     losses = [float(step(**b).loss) for b in batches]
     assert step.captured and step.doc_capacity == 16 and step.eager_steps == 1
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-3, atol=2e-3)
@@ -255,17 +261,7 @@ def test_a_document_longer_than_the_recorded_bound_runs_eagerly(tiny_paths):
     # warm-up documents of at most 6 tokens: the recording tells attention 16 (2 x 6 -> a power of two) at seq 32
     rows = [[[6, 6, 6, 6, 4, 4], [4] * 8], [[5] * 6 + [2], [6] * 5 + [2]], [[6, 4] * 3 + [2], [4] * 8]]
     rows += [[[16, 16], [8] * 4], [[24, 8], [32]], [[6, 4] * 3 + [2], [4] * 8]]  # the 2nd over it: eager
-    batches = []
-    for lens in rows:
-        b = _batches(1, "cpu", batch=2, seq=32)[0]
-        b["position_ids"] = _packed_positions(lens)
-        batches.append(b)
-    ref = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
-    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, capturable=True)
-    ref_losses = _eager(ref, ref_opt, [{k: v.cuda() for k, v in b.items()} for b in batches])
-    model = _model(tiny_paths, "cuda", dtype=torch.bfloat16, mode="on")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    step = CapturedStep(model, opt, warmup=2)
+    batches, ref_losses, model, step = _packed_run(tiny_paths, rows)
     told = []  # what attention is told as the longest document while the step is recorded
     exact = attention.cu_seqlens
 
