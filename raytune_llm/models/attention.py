@@ -71,6 +71,12 @@ class AttnMeta:
 PACKED_KERNELS = ("flash", "cudnn", "cudnn_repeat_kv")
 
 
+def check_packed_kernel(kernel: str) -> None:
+    """Raise ValueError unless `kernel` is one of PACKED_KERNELS."""
+    if kernel not in PACKED_KERNELS:
+        raise ValueError(f"packed_kernel must be one of {', '.join(PACKED_KERNELS)}, got {kernel!r}")
+
+
 def build_attn_meta(
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
@@ -120,8 +126,7 @@ def build_attn_meta(
         key_mask = attention_mask.to(device=device, dtype=torch.bool)
         if bool(key_mask.all()):
             key_mask = None
-    if packed_kernel not in PACKED_KERNELS:
-        raise ValueError(f"packed_kernel must be one of {', '.join(PACKED_KERNELS)}, got {packed_kernel!r}")
+    check_packed_kernel(packed_kernel)
     return AttnMeta(
         doc_ids=doc_ids,
         packed=packed,

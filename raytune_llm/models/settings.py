@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from raytune_llm.models.attention import PACKED_KERNELS
+from raytune_llm.models.attention import check_packed_kernel
 from raytune_llm.models.checkpointing import check_mode
 from raytune_llm.models.lora import zero3_partitioned
 from raytune_llm.models.tiling import check_chunk_tokens
@@ -70,8 +70,7 @@ def set_packed_kernel(model: torch.nn.Module, kernel: str) -> None:
     Raises:
         ValueError: another kernel, or a model `patch` did not patch.
     """
-    if kernel not in PACKED_KERNELS:
-        raise ValueError(f"packed_kernel must be one of {', '.join(PACKED_KERNELS)}, got {kernel!r}")
+    check_packed_kernel(kernel)
     _set_setting(model, "packed_kernel", kernel)
 
 

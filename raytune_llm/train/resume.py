@@ -127,19 +127,23 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
     return []
 
 
+def expected_fingerprint(saved: str | None, data_fingerprint: str, legacy_fingerprint: str = "") -> str:
+    """The data fingerprint a checkpoint bearing ``saved`` must match: ``legacy_fingerprint`` (the same files by the
+    rule before session 25, `driver._fingerprints`) where it is that, else ``data_fingerprint``."""
+    return legacy_fingerprint if legacy_fingerprint and saved == legacy_fingerprint else data_fingerprint
+
+
 def check_resumable(folder: Path, cfg: RunConfig, data_fingerprint: str, legacy_fingerprint: str = "") -> None:
     """Refuse to resume from a checkpoint made with another seed, sequence length, data or sharding strategy.
 
-    ``legacy_fingerprint``: the same data by the fingerprint rule before session 25, which a checkpoint made then
-    bears (`driver._fingerprints`).
+    ``legacy_fingerprint``: see `expected_fingerprint`.
 
     Raises:
         UserError: naming the field that differs.
     """
     state = json.loads((folder / "trainer_state.json").read_text())
-    if legacy_fingerprint and state.get("data_fingerprint") == legacy_fingerprint:
-        data_fingerprint = legacy_fingerprint
-    now = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len, "data_fingerprint": data_fingerprint}
+    fingerprint = expected_fingerprint(state.get("data_fingerprint"), data_fingerprint, legacy_fingerprint)
+    now = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len, "data_fingerprint": fingerprint}
     for key, value in now.items():
         if state.get(key) != value:
             raise UserError(

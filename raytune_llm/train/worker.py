@@ -231,6 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raytune_llm.packing.stream import iter_torch_batches
     from raytune_llm.sharding.host_memory import check_patched_host_memory
     from raytune_llm.train import sharded as sharded_lib
+    from raytune_llm.train.resume import expected_fingerprint
 
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -336,11 +337,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"cannot resume: checkpoint {d} holds ZeRO shards but this run is ddp")
             else:
                 state, metrics = load_checkpoint(Path(d), model, optimizer, scheduler)
-        legacy = loop_config.get("legacy_fingerprint")  # a checkpoint made before session 25: the same data
+        fingerprint = expected_fingerprint(
+            state.get("data_fingerprint"), loop_config["data_fingerprint"], loop_config.get("legacy_fingerprint", "")
+        )
         for key in ("seed", "seq_len", "data_fingerprint"):
-            want = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len}.get(key, loop_config["data_fingerprint"])
-            if key == "data_fingerprint" and legacy and state.get(key) == legacy:
-                continue
+            want = {"seed": cfg.train.seed, "seq_len": cfg.data.seq_len}.get(key, fingerprint)
             if state.get(key) != want:
                 raise RuntimeError(f"cannot resume: checkpoint {key}={state.get(key)!r} but this run has {want!r}")
         step, consumed, skipped = state["step"], state["consumed_batches"], state.get("skipped_steps", 0)
