@@ -26,8 +26,6 @@ from run_stack import parse_args, parse_variants  # noqa: E402
         "all+once+stash+host+headhost+wh+lastdev2+keep6+hostkeep9+lag3",
         "all+once+stash+host+lastdev3+headhost+wh+keep6+hostkeep10",
         "24+once+chunkauto#2",
-        "all+once+stash+host+lastdev+headhost+keep6+graph+cudnnpacked",
-        "all+once+stash+host+lastdev+headhost+keep6+graph+cudnnpackedrep",
     ],
 )
 def test_the_flags_set_what_the_name_does(name, tmp_path):
@@ -42,7 +40,6 @@ def test_the_flags_set_what_the_name_does(name, tmp_path):
     assert (args.keep_mlp_layers or 0) == v["keep"] and (args.keep_mlp_layers_on_host or 0) == v["keep_host"]
     assert (args.keep_mlp_gate_on_host or 0) == v["gate_host"] and args.offload_lag == v["lag"]
     assert args.checkpoint_layers == v["layers"]
-    assert args.packed_kernel == (v["packed_kernel"] or "flash")
     assert args.mlp_chunk_tokens == (None if v["chunk"] is None else str(v["chunk"]))  # no flag: the model's own
 
 

@@ -196,12 +196,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(models.settings.set_weights_on_host)",
     )
     p.add_argument(
-        "--packed-kernel",
-        choices=["flash", "cudnn", "cudnn_repeat_kv"],
-        default="flash",
-        help="ours: the kernel of packed rows' attention (models.settings.set_packed_kernel)",
-    )
-    p.add_argument(
         "--memory-snapshot",
         action="store_true",
         help="after the timed steps, one more step with the CUDA allocator's history on: what is live at its peak, "
@@ -368,11 +362,6 @@ def load_stack(args: argparse.Namespace, torch, device: str) -> tuple[object, di
 
             set_weights_on_host(model, True)
             facts["weights_on_host"] = True
-        if args.packed_kernel != "flash":
-            from raytune_llm.models.settings import set_packed_kernel
-
-            set_packed_kernel(model, args.packed_kernel)
-            facts["packed_kernel"] = args.packed_kernel
         report = getattr(model, "raytune_patch_report", None)
         facts["lean_recompute"] = bool(report is not None and report.lean_recompute and args.ckpt != "off")
         return model, facts
@@ -793,8 +782,6 @@ _VARIANT_FLAGS = {
     "lastdev": {"last_on_device": True},
     "headhost": {"head_host": True},
     "wh": {"weights_host": True},
-    "cudnnpacked": {"packed_kernel": "cudnn"},
-    "cudnnpackedrep": {"packed_kernel": "cudnn_repeat_kv"},
 }
 
 
@@ -809,9 +796,7 @@ def parse_variants(text: str) -> list[dict]:
     embeddings_on_host), fused_residuals (``+sep``: off, the
     residual adds as separate kernels), last_on_device (``+lastdev``: last_layer_on_device; ``+lastdevN``: the last N
     layers), head_host
-    (``+headhost``: head_on_host), weights_host (``+wh``: weights_on_host) and packed_kernel (``+cudnnpacked``:
-    cuDNN's ragged layout for packed rows; ``+cudnnpackedrep``: the same with kv heads repeated; else
-    ``--packed-kernel``).
+    (``+headhost``: head_on_host) and weights_host (``+wh``: weights_on_host).
     """
     out = []
     for name in text.split(","):
@@ -834,7 +819,6 @@ def parse_variants(text: str) -> list[dict]:
             "last_on_device": False,
             "head_host": False,
             "weights_host": False,
-            "packed_kernel": None,
         }
         for flag in flags:
             if flag in _VARIANT_FLAGS:
@@ -902,7 +886,6 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
         P.set_last_layer_on_device(model, v["last_on_device"])
         P.set_head_on_host(model, v["head_host"])
         P.set_weights_on_host(model, v["weights_host"])
-        P.set_packed_kernel(model, v["packed_kernel"] or args.packed_kernel)
         optimizer.zero_grad(set_to_none=True)
         try:
             check_pinned_host_memory(args, model, device)
@@ -911,11 +894,10 @@ def run_variants(args, model, optimizer, batches, device: str, torch, result: di
             out[name] = {"status": "host_memory", "error": str(exc)}
         except torch.OutOfMemoryError as exc:
             out[name] = {"status": "oom", "error": str(exc).splitlines()[0][:300]}
-        except Exception as exc:  # a step that cannot be recorded, or a packed kernel refusing: say why, go on
-            recorded = isinstance(exc, RuntimeError) and v["graph"] and str(exc).startswith("CapturedStep")
-            if not (recorded or v["packed_kernel"]):
+        except RuntimeError as exc:  # a step that cannot be recorded: say why, time the next variant
+            if not (v["graph"] and str(exc).startswith("CapturedStep")):
                 raise
-            out[name] = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+            out[name] = {"status": "error", "error": str(exc)[:600]}
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device == "cuda":

@@ -47,7 +47,6 @@ def variant_flags(name: str) -> str:
     flags += ["--keep-mlp-layers-on-host", str(v["keep_host"])] if v["keep_host"] else []
     flags += ["--keep-mlp-gate-on-host", str(v["gate_host"])] if v["gate_host"] else []
     flags += ["--offload-lag", str(v["lag"])] if v["lag"] else []
-    flags += ["--packed-kernel", v["packed_kernel"]] if v["packed_kernel"] else []
     return " ".join(flags)
 
 

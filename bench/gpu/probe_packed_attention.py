@@ -8,9 +8,10 @@ row of `[T, H, D]` tokens, 32 query and 8 kv heads of 128, bf16, for:
 - ``flash_varlen``: `varlen_attn(..., window_size=(-1, 0))`, kv heads repeated to 32 (what ours ran up to session
   25) and shared (FlashAttention's varlen kernels take fewer kv heads than query heads and sum dk, dv per group
   themselves; ours since session 25);
-- ``cudnn_thd``: `models.attention._CudnnRagged` (ours with `packed_kernel` cudnn): `aten._cudnn_attention_forward`
-  / `_backward` with cumulative sequence lengths (cuDNN's ragged layout; torch's own varlen path keeps it off), kv
-  heads repeated to 32 and, separately, shared;
+- ``cudnn_thd``: `CudnnRagged` below, `aten._cudnn_attention_forward` / `_backward` with cumulative sequence
+  lengths (cuDNN's ragged layout; torch's own varlen path keeps it off), kv heads repeated to 32 and, separately,
+  shared. On the H200 (session 26, torch 2.11) its outputs matched but dq and dk did not (relative differences up to
+  1e37) and it took 130-170 ms forward + backward against 0.7-1.9 for flash varlen, so ours has no such option;
 - ``per_doc_cudnn``: causal SDPA limited to cuDNN, once per document (`enable_gqa`);
 - ``flex_compiled``: `torch.compile(flex_attention)` with a document-causal block mask and `enable_gqa` (DESIGN.md
   measured 1.45 ms at 8 documents); the block mask is built once outside the timing, its build timed on its own
@@ -91,13 +92,37 @@ def flash_varlen(q, k, v, cu, max_len: int, repeat: bool) -> torch.Tensor:
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), **extra)
 
 
+class CudnnRagged(torch.autograd.Function):
+    """Causal attention over each document of `[T, H, D]` tokens in cuDNN's ragged layout: torch's
+    `_cudnn_attention_forward` / `_backward` with cumulative sequence lengths, saving what the backward reads as
+    SDPA's cuDNN node does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len: int, scale: float):
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, max_len, max_len, True, 0.0, True, False,
+            scale=scale,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
+        # attn_bias None (an undefined tensor): an empty one counts as a bias, which the ragged backward refuses
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, seed, offset, None, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
+            scale=ctx.scale,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None
+
+
 def cudnn_thd(q, k, v, cu, max_len: int, repeat: bool) -> torch.Tensor:
     if repeat:
         n_rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    from raytune_llm.models.attention import _CudnnRagged  # what ours runs with packed_kernel cudnn
-
-    return _CudnnRagged.apply(q, k, v, cu, max_len, q.shape[-1] ** -0.5)
+    return CudnnRagged.apply(q, k, v, cu, max_len, q.shape[-1] ** -0.5)
 
 
 _FLEX = {}

@@ -14,9 +14,9 @@ Paths, first that applies:
    read a kv head for each group of query heads and sum dk, dv over the group themselves, so a
    repeated copy would only cost its writes, the kernel's 4x larger kv reads (Llama's 32 q / 8 kv) and,
    under `models.attention_stash`, 4x the kv bytes copied to host memory and back for every layer.
-   A torch that would send varlen to its cuDNN backend (no causal window, no GQA) gets the per-document loop.
-   With `settings.set_packed_kernel(model, "cudnn")` packed rows go through cuDNN's ragged layout
-   instead (`_CudnnRagged`; "cudnn_repeat_kv": kv heads repeated first), to be measured against flash.
+   A torch that would send varlen to its cuDNN backend (no causal window, no GQA) gets the per-document loop:
+   cuDNN's ragged layout, called directly, gave wrong dq and dk and took ~45 ms a layer on the H200 (session
+   26, bench/gpu/probe_packed_attention.py), against 1.7 ms for flash varlen.
 3. Everything else (the CPU lane, padding masks, sliding windows): SDPA with a dense boolean mask
    `causal & same_document & inside_window & key_is_real`. Each query also sees itself so a fully
    padded row gives finite (ignored) outputs instead of NaN.
@@ -62,19 +62,7 @@ class AttnMeta:
     key_mask: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
     static_docs: int | None = None
-    packed_kernel: str = "flash"
     static_longest: int | None = None
-
-
-# Kernels for packed rows on CUDA (`settings.set_packed_kernel`): flash varlen, or cuDNN's ragged layout with the kv
-# heads shared or repeated to the query heads' count.
-PACKED_KERNELS = ("flash", "cudnn", "cudnn_repeat_kv")
-
-
-def check_packed_kernel(kernel: str) -> None:
-    """Raise ValueError unless `kernel` is one of PACKED_KERNELS."""
-    if kernel not in PACKED_KERNELS:
-        raise ValueError(f"packed_kernel must be one of {', '.join(PACKED_KERNELS)}, got {kernel!r}")
 
 
 def build_attn_meta(
@@ -84,7 +72,6 @@ def build_attn_meta(
     seq_len: int,
     device,
     static_docs: int | None = None,
-    packed_kernel: str = "flash",
 ) -> AttnMeta:
     """Derive document ids (and a padding mask) once per forward.
 
@@ -96,7 +83,6 @@ def build_attn_meta(
         device: where the tensors live.
         static_docs: with position_ids, read nothing on the host (a CUDA graph capture): the rows count as
             packed and `cu_seqlens` holds this many documents (see AttnMeta). Not with an attention_mask.
-        packed_kernel: one of PACKED_KERNELS, for packed rows on CUDA (see `causal_attention`).
 
     Returns:
         An AttnMeta.
@@ -126,13 +112,11 @@ def build_attn_meta(
         key_mask = attention_mask.to(device=device, dtype=torch.bool)
         if bool(key_mask.all()):
             key_mask = None
-    check_packed_kernel(packed_kernel)
     return AttnMeta(
         doc_ids=doc_ids,
         packed=packed,
         key_mask=key_mask,
         static_docs=static_docs if position_ids is not None else None,
-        packed_kernel=packed_kernel,
     )
 
 
@@ -214,31 +198,6 @@ def cu_seqlens(meta: AttnMeta) -> tuple[torch.Tensor, int]:
     return meta.cache["cu"]
 
 
-class _CudnnRagged(torch.autograd.Function):
-    """Causal attention over each document of `[T, H, D]` tokens in cuDNN's ragged layout: torch's
-    `_cudnn_attention_forward` / `_backward` with cumulative sequence lengths (torch's `varlen_attn` keeps this
-    backend off). Saves what the backward reads, as SDPA's cuDNN node does."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len: int, scale: float):
-        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
-        ctx.max_len, ctx.scale = max_len, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
-        # attn_bias None (an undefined tensor): an empty one counts as a bias, which the ragged backward refuses
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, seed, offset, None, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
-            scale=ctx.scale,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None
-
-
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
@@ -284,7 +243,7 @@ def one_kernel_path(q: torch.Tensor, meta: AttnMeta, window: int | None = None) 
         return True
     if not (q.is_cuda and q.dtype in _FLASH_DTYPES):
         return False
-    return meta.packed_kernel != "flash" or _varlen(q.device) is not None
+    return _varlen(q.device) is not None
 
 
 def causal_attention(
@@ -308,13 +267,6 @@ def causal_attention(
     if window is not None and s <= window:
         window = None  # a window longer than the row changes nothing
     if q.is_cuda and meta.packed and meta.key_mask is None and window is None and q.dtype in _FLASH_DTYPES:
-        if meta.packed_kernel != "flash":
-            if meta.packed_kernel == "cudnn_repeat_kv":
-                k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-            cu, max_len = cu_seqlens(meta)
-            # the ragged offsets count each token's heads as one contiguous run (a no-op copy for ours)
-            flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d).contiguous() for t in (q, k, v)]
-            return _CudnnRagged.apply(*flat, cu, max_len, scaling).reshape(b, s, hq, d)
         found = _varlen(q.device)
         if found is not None:
             varlen_attn, gqa = found
@@ -334,8 +286,8 @@ def causal_attention(
     if q.is_cuda and meta.key_mask is None and window is None:
         if meta.static_docs is not None:  # the loop reads the document bounds on the host
             raise RuntimeError(
-                "packed rows recorded into a CUDA graph need flash varlen or packed_kernel cudnn; this torch has "
-                "neither (run them eagerly: train.cuda_graph false)"
+                "packed rows recorded into a CUDA graph need flash varlen, which this torch does not have "
+                "(run them eagerly: train.cuda_graph false)"
             )
         return per_document_attention(q, k, v, meta, scaling).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(meta, window), scale=scaling)

@@ -338,7 +338,7 @@ def _patch_inner(state: dict, report: PatchReport, inner) -> None:
         static_docs = state["capture_docs"] if capturing else None
         if capturing and position_ids is not None and static_docs is None:
             raise RuntimeError("packed rows recorded into a CUDA graph need a document capacity (CapturedStep sets it)")
-        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device, static_docs, state["packed_kernel"])
+        meta = build_attn_meta(position_ids, attention_mask, b, s, hidden.device, static_docs)
         meta.static_longest = state["capture_longest"] if static_docs is not None else None
         if position_ids is None:
             position_ids = torch.arange(s, device=hidden.device)[None]
@@ -532,7 +532,6 @@ def patch(
         "qk_norm": family.qk_norm,
         "capture_docs": None,
         "capture_longest": None,
-        "packed_kernel": "flash",
         "keep_mlp_layers": 0,
         "keep_mlp_layers_on_host": 0,
         "keep_mlp_gate_on_host": 0,

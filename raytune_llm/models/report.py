@@ -25,7 +25,6 @@ class PatchReport:
         stash_o_proj: with stash_attention, the kept and replayed block includes the fused O projection.
         capture_docs: documents per batch a forward recorded into a CUDA graph handles (`models.graphs`);
             capture_longest: the longest document it handles (None: the row length).
-        packed_kernel: the kernel packed rows' attention runs on CUDA (`settings.set_packed_kernel`).
         embeddings_on_host: the frozen input embedding sits in pinned host memory (`settings.set_embeddings_on_host`).
         keep_mlp_layers: how many of the last checkpointed layers keep their MLP's gate and up outputs from
             forward to backward, so their recompute runs no MLP GEMM (`settings.set_keep_mlp_layers`).
@@ -56,7 +55,6 @@ class PatchReport:
     stash_o_proj: bool = True
     capture_docs: int | None = None
     capture_longest: int | None = None
-    packed_kernel: str = "flash"
     embeddings_on_host: bool = False
     keep_mlp_layers: int = 0
     keep_mlp_layers_on_host: int = 0

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from raytune_llm.models.attention import check_packed_kernel
 from raytune_llm.models.checkpointing import check_mode
 from raytune_llm.models.lora import zero3_partitioned
 from raytune_llm.models.tiling import check_chunk_tokens
@@ -56,22 +55,6 @@ def set_capture_docs(model: torch.nn.Module, capacity: int | None, longest: int 
             raise ValueError(f"{name} must be a positive integer or None, got {n!r}")
     _set_setting(model, "capture_docs", capacity)
     _set_setting(model, "capture_longest", longest)
-
-
-def set_packed_kernel(model: torch.nn.Module, kernel: str) -> None:
-    """The kernel packed rows' attention runs on CUDA in bf16/fp16 (`models.attention.causal_attention`).
-
-    Args:
-        model: a model `patch` patched.
-        kernel: "flash" (torch's flash `varlen_attn`, the default), "cudnn" (cuDNN's ragged layout through torch's
-            `_cudnn_attention_forward` / `_backward`, kv heads shared) or "cudnn_repeat_kv" (the same, kv heads
-            repeated to the query heads' count first). Unpacked rows and the CPU are unaffected.
-
-    Raises:
-        ValueError: another kernel, or a model `patch` did not patch.
-    """
-    check_packed_kernel(kernel)
-    _set_setting(model, "packed_kernel", kernel)
 
 
 def _set_setting(model: torch.nn.Module, name: str, value) -> None:

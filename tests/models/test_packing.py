@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from raytune_llm.models.attention import (
-    PACKED_KERNELS,
     AttnMeta,
     build_attn_meta,
     causal_attention,
@@ -109,14 +108,13 @@ def test_per_document_fallback_and_cu_seqlens_match_the_dense_mask():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", PACKED_KERNELS)
 @pytest.mark.parametrize("static_docs", [None, 12])
-def test_cuda_packed_kernels_match_the_dense_mask_bf16(kernel, static_docs):
-    """Flash varlen and cuDNN's ragged layout, with the document bounds read on the host or found on the GPU as a
+def test_cuda_packed_rows_match_the_dense_mask_bf16(static_docs):
+    """Flash varlen with the kv heads shared, with the document bounds read on the host or found on the GPU as a
     CUDA graph's capture does (`static_docs`: 12 document slots for the 4 documents, the last 8 empty)."""
     q, k, v, meta = _packed_qkv("cuda", torch.bfloat16, seq=256, heads=(8, 2), d=64)
     pos = torch.stack([torch.cat([torch.arange(n) for n in (118, 67, 71)]), torch.arange(256)]).cuda()
-    meta = build_attn_meta(pos, None, 2, 256, "cuda", static_docs=static_docs, packed_kernel=kernel)
+    meta = build_attn_meta(pos, None, 2, 256, "cuda", static_docs=static_docs)
     for t in (q, k, v):
         t.requires_grad_(True)
     fast = causal_attention(q, k, v, meta, scaling=0.125)
@@ -151,21 +149,3 @@ def test_varlen_gets_the_kv_heads_unrepeated_in_the_form_this_torch_takes():
     if gqa:
         with pytest.raises(ValueError, match="number of heads"):
             varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
-
-
-def test_packed_kernel_setting_is_checked_reported_and_leaves_the_cpu_path_alone(tiny_paths):
-    from raytune_llm.models.settings import set_packed_kernel
-
-    model = load_model(tiny_paths["llama"], lora=dict(r=4, alpha=8), dtype=torch.float32, device="cpu").eval()
-    gen = torch.Generator().manual_seed(0)
-    ids, pos = _packed([torch.randint(3, VOCAB, (n,), generator=gen) for n in LENGTHS])
-    with torch.no_grad():
-        before = model(ids, position_ids=pos).logits
-    set_packed_kernel(model, "cudnn")
-    assert model.raytune_patch_report.packed_kernel == "cudnn"
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, position_ids=pos).logits, before, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="packed_kernel must be one of flash, cudnn, cudnn_repeat_kv, got 'fa3'"):
-        set_packed_kernel(model, "fa3")
-    with pytest.raises(ValueError, match="packed_kernel must be one of"):
-        build_attn_meta(pos, None, 1, pos.shape[1], "cpu", packed_kernel="xformers")
