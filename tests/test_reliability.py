@@ -185,6 +185,27 @@ def test_resume_refuses_other_seed_or_seq_len(ray_session, out):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_finished_run_run_again_trains_nothing_and_exports_what_it_lacks(ray_session, out, capsys):
+    if not (out / "full1").exists():
+        run_training(_cfg(out, "full1", *ONE_WORKER, "train.checkpoint_every=0"))
+    run = out / "full1"
+    metrics = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    began = time.time()
+    summary = run_training(_cfg(out, "full1", *ONE_WORKER, "train.checkpoint_every=0", "export.formats=[adapter]"))
+    took = time.time() - began
+    text = capsys.readouterr().out
+    assert "already trained to step 100" in text and "exporting adapter" in text, text
+    assert "resuming from" not in text and "ray:" not in text  # no Ray, no training
+    assert summary["steps"] == 100 and (run / "metrics.jsonl").read_bytes() == metrics
+    assert (Path(summary["exports"]["adapter"]) / "adapter_config.json").is_file(), summary["exports"]
+    again = run_training(_cfg(out, "full1", *ONE_WORKER, "export.formats=[adapter]"))
+    assert "its exports are in place" in capsys.readouterr().out and again["exports"] == summary["exports"]
+    assert took < 60, took
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_worker_kill_restarts_once_and_matches_then_ends_run_with_cause(ddp_two_workers, out, monkeypatch):
     """Worker 1 is killed before step 7 and Ray Train restarts the group (train.max_failures=1), which resumes from
     the step-4 checkpoint and trains on the uninterrupted curve; killed again before step 9, past the limit, the run

@@ -163,3 +163,78 @@ def test_a_checkpoint_fingerprinted_by_path_before_session_25_still_resumes_in_p
     data.write_text('{"text": "two"}\n')  # other data under the same path
     with pytest.raises(UserError, match="data_fingerprint"):
         check_resumable(ckpt, cfg, *driver._fingerprints([str(data)]))
+
+
+def _finished_folder(tmp_path, step=150, *overrides):
+    """A run folder as a finished quickstart run leaves it: config, embedded data, summary.json, the final adapter and
+    the complete checkpoint it was copied from (the checkpoint's marker as `worker.save_checkpoint` writes it)."""
+    import json
+
+    from raytune_llm.train import driver
+    from raytune_llm.train.worker import COMPLETE_MARKER, STATE_FILE
+
+    cfg = _run_folder(tmp_path, *overrides)
+    run = cfg.run_dir
+    (run / "data").mkdir()
+    (run / "data" / "train.jsonl").write_text('{"text": "one"}\n')
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"final weights")
+    ckpt = run / "ray" / "train" / "checkpoint_000002"
+    (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(b"final weights")
+    fingerprint = driver._fingerprints([str(run / "data" / "train.jsonl")])[0]
+    state = {"step": step, "seed": cfg.train.seed, "seq_len": cfg.data.seq_len, "data_fingerprint": fingerprint}
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
+    (ckpt / COMPLETE_MARKER).write_text(json.dumps(files))
+    summary = {"run_dir": str(run), "steps": step, "exports": {}, "wall_s": 80.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return cfg, ckpt
+
+
+def test_a_finished_run_is_found_only_when_its_folder_holds_the_last_checkpoints_adapter(tmp_path):
+    from raytune_llm.train import driver
+    from raytune_llm.train.resume import finished_run
+
+    cfg, ckpt = _finished_folder(tmp_path)
+    summary, step = finished_run(cfg, driver._fingerprints)
+    assert step == 150 and summary["wall_s"] == 80.0
+    more = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path}", "name=r", "train.max_steps=200"])
+    assert finished_run(more, driver._fingerprints) is None  # more steps asked for: the resuming path
+    # training went on past the folder's adapter (a later checkpoint) and stopped before copying it
+    (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(b"later weight")
+    assert finished_run(cfg, driver._fingerprints) is None
+    (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(b"final weights")
+    (cfg.run_dir / "data" / "train.jsonl").write_text('{"text": "two"}\n')  # the data changed under it
+    with pytest.raises(UserError, match="data_fingerprint"):
+        finished_run(cfg, driver._fingerprints)
+
+
+def test_a_finished_run_run_again_exports_only_what_it_lacks(tmp_path, monkeypatch):
+    import json
+
+    from raytune_llm.train import finish
+
+    cfg, _ = _finished_folder(tmp_path)
+    made = []
+
+    def export(run_dir, fmt, **kw):  # the real exports are the export suite's and test_cli's; here: which ran
+        made.append((fmt, kw["dtype"]))
+        (run_dir / fmt).mkdir(exist_ok=True)
+        return run_dir / fmt
+
+    monkeypatch.setattr("raytune_llm.export.export", export)
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    logged = []
+    got = finish.finished_again(cfg, summary, 150, logged.append, 0.0)
+    assert made == [("adapter", cfg.export.dtype), ("hf", cfg.export.dtype)]
+    assert "already trained to step 150" in logged[0] and "exporting adapter, hf" in logged[0]
+    saved = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert saved["wall_s"] == 80.0 and set(saved["exports"]) == {"adapter", "hf"}  # the training's own time kept
+    assert got["exports"] == saved["exports"]
+    made.clear()
+    again = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path}", "name=r"])
+    finish.finished_again(again, saved, 150, logged.append, 0.0)
+    assert made == [] and "its exports are in place" in logged[-1]
+    other = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path}", "name=r", "export.dtype=fp32"])
+    finish.finished_again(other, saved, 150, logged.append, 0.0)
+    assert made == [("adapter", "fp32"), ("hf", "fp32")]  # another dtype: every format again

@@ -33,7 +33,7 @@ from typing import Any
 from raytune_llm.config import RunConfig, to_dict
 from raytune_llm.config_save import save_config
 from raytune_llm.train.errors import StoppedEarly, UserError
-from raytune_llm.train.finish import evaluate, plot_loss, write_tensorboard
+from raytune_llm.train.finish import evaluate, export_formats, finished_again, plot_loss, write_tensorboard
 from raytune_llm.train.preflight import (
     check_lora_targets,
     check_reachable,
@@ -43,7 +43,7 @@ from raytune_llm.train.preflight import (
     preflight,
     resolve_data_paths,
 )
-from raytune_llm.train.resume import check_rerun, check_resumable, run_storage
+from raytune_llm.train.resume import check_rerun, check_resumable, finished_run, run_storage
 
 __all__ = ["StoppedEarly", "UserError", "check_rerun", "check_resumable", "run_storage"]  # re-exported
 
@@ -493,6 +493,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     for stale in check_rerun(cfg):  # built by an earlier run that never trained, from other settings
         log(f"[raytune-llm] {stale.name}/ was built for other settings by a run that never trained: building it again")
         shutil.rmtree(stale)
+    done = finished_run(cfg, _fingerprints)
+    if done is not None:
+        return finished_again(cfg, *done, log, t0)
     how = connect_ray(cfg)
     use_gpu = check_resources(cfg)  # fail on impossible placements before anything heavy runs
     log(f"[raytune-llm] ray: {how}; {cfg.train.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}")
@@ -557,17 +560,7 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     }
     summary_path = prep.run_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")  # the training is recorded before any export
-    from raytune_llm.export import ExportError, export
-
-    for fmt in cfg.export.formats:
-        try:
-            exports[fmt] = str(
-                export(prep.run_dir, fmt, dtype=cfg.export.dtype, gguf_type=cfg.export.gguf_type, force=True)
-            )
-        except ExportError as exc:
-            exports[fmt] = f"failed: {exc}"
-            summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-            raise UserError(f"training finished ({adapter}); the {fmt} export failed: {exc}") from None
+    export_formats(cfg, prep.run_dir, summary, cfg.export.formats)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary

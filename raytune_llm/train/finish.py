@@ -1,11 +1,18 @@
-"""What the driver writes into a run folder once training ends: the exact-match evaluation, the loss-curve PNG
-and the TensorBoard events (all from the metrics and checkpoints the workers reported)."""
+"""What the driver writes into a run folder once training ends: the exact-match evaluation, the loss-curve PNG,
+the TensorBoard events (all from the metrics and checkpoints the workers reported) and the exports; and what a
+finished run run again does (export what it lacks)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
+
+from raytune_llm.config import RunConfig
+from raytune_llm.config_save import save_config
+from raytune_llm.train.errors import UserError
 
 
 def _generate_fn(model, tok, max_new_tokens: int = 3, batch: int = 100):
@@ -90,3 +97,43 @@ def write_tensorboard(metrics: list[dict], folder: Path) -> None:
             for k in ("loss", "lr", "grad_norm", "tokens_per_s", "gpu_peak_gib"):
                 if k in m:
                     w.add_scalar(f"train/{k}", m[k], m["step"])
+
+
+def export_formats(cfg: RunConfig, run_dir: Path, summary: dict, formats) -> None:
+    """Export the run folder's adapter in each format, recording each in summary["exports"] and summary.json.
+
+    Raises:
+        UserError: an export failed (recorded as "failed: ..." first).
+    """
+    from raytune_llm.export import ExportError, export
+
+    exports = summary.setdefault("exports", {})
+    for fmt in formats:
+        try:
+            exports[fmt] = str(export(run_dir, fmt, dtype=cfg.export.dtype, gguf_type=cfg.export.gguf_type, force=True))
+        except ExportError as exc:
+            exports[fmt] = f"failed: {exc}"
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            raise UserError(f"training finished ({run_dir / 'adapter'}); the {fmt} export failed: {exc}") from None
+
+
+def finished_again(cfg: RunConfig, summary: dict, step: int, log, t0: float) -> dict:
+    """A finished run run again (`resume.finished_run`): train and evaluate nothing, export what is missing (all of
+    export.formats when export.dtype or export.gguf_type changed), record the settings, return the summary."""
+    from omegaconf import OmegaConf
+
+    run_dir = cfg.run_dir.resolve()
+    before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")).get("export") or {}
+    same = all(before.get(k) == getattr(cfg.export, k) for k in ("dtype", "gguf_type"))
+    exports = summary.get("exports") or {}
+    done = {f for f, v in exports.items() if same and not v.startswith("failed") and Path(v).exists()}
+    todo = [f for f in cfg.export.formats if f not in done]
+    log(
+        f"[raytune-llm] run {cfg.name!r} already trained to step {step} in {run_dir}: nothing to train"
+        + (f"; exporting {', '.join(todo)}" if todo else ", its exports are in place")
+        + " (another name= or train.max_steps trains more)"
+    )
+    save_config(cfg, run_dir / "config.yaml")
+    export_formats(cfg, run_dir, summary, todo)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return {**summary, "wall_s": round(time.time() - t0, 1)}

@@ -3,7 +3,9 @@ checkpoint of other data, seed or sharding; and where a run's checkpoints live."
 
 from __future__ import annotations
 
+import filecmp
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from raytune_llm.config import RunConfig, load_config, to_dict
@@ -125,6 +127,54 @@ def check_rerun(cfg: RunConfig) -> list[Path]:
             f"{k}={now.get(k)!r}{more}; use another name= or the original settings"
         )
     return []
+
+
+def finished_run(cfg: RunConfig, fingerprints: Callable[[list[str]], tuple[str, str]]) -> tuple[dict, int] | None:
+    """(summary, step) of this run when its folder already holds it trained to `train.max_steps`, else None.
+
+    Finished means: its latest checkpoint reached max_steps (not stopped early), the run folder's adapter is that
+    checkpoint's, and summary.json exists (the driver writes it once training and evaluation are done). Run again
+    with the same settings (`check_rerun` has passed), such a run trains and evaluates nothing; the caller exports
+    only what it lacks. None as well with checkpoints on remote storage (not listed here) or the embedded default's
+    data missing from the folder: the caller then takes the resuming path.
+
+    Args:
+        cfg: the run's config.
+        fingerprints: data paths -> (content digest, legacy digest), `driver._fingerprints`.
+
+    Raises:
+        UserError: the checkpoint was made from other data, seed or sequence length (`check_resumable`).
+    """
+    run_dir = cfg.run_dir.resolve()
+    storage = run_storage(cfg, run_dir)
+    summary_path, adapter = run_dir / "summary.json", run_dir / "adapter" / "adapter_model.safetensors"
+    if "://" in storage or not (summary_path.is_file() and adapter.is_file()):
+        return None
+    from raytune_llm.train.worker import latest_complete
+
+    found = latest_complete(Path(storage) / "train")
+    if found is None:
+        return None
+    state = json.loads((found / "trainer_state.json").read_text())
+    kept = found / "adapter" / "adapter_model.safetensors"
+    if state.get("stopped_early") or state["step"] < cfg.train.max_steps:
+        return None
+    if not (kept.is_file() and filecmp.cmp(adapter, kept, shallow=False)):
+        return None  # training went on past the adapter the folder holds and stopped before copying it
+    if cfg.data.path:
+        from raytune_llm.train.preflight import resolve_data_paths
+
+        paths = resolve_data_paths(cfg.data.path)
+    else:
+        paths = [str(run_dir / "data" / "train.jsonl")]
+        if not Path(paths[0]).is_file():
+            return None
+    check_resumable(found, cfg, *fingerprints(paths))
+    try:
+        summary = json.loads(summary_path.read_text())
+    except ValueError:
+        return None
+    return summary, state["step"]
 
 
 def expected_fingerprint(saved: str | None, data_fingerprint: str, legacy_fingerprint: str = "") -> str:
