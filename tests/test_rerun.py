@@ -238,3 +238,44 @@ def test_a_finished_run_run_again_exports_only_what_it_lacks(tmp_path, monkeypat
     other = load_config(ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path}", "name=r", "export.dtype=fp32"])
     finish.finished_again(other, saved, 150, logged.append, 0.0)
     assert made == [("adapter", "fp32"), ("hf", "fp32")]  # another dtype: every format again
+
+
+def test_a_finished_run_forgets_exports_of_other_settings_or_of_another_folder(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from raytune_llm.train import finish
+
+    cfg, _ = _finished_folder(tmp_path / "old")
+    made, cut = [], []
+
+    def export(run_dir, fmt, **kw):
+        if cut:
+            cut.clear()
+            raise KeyboardInterrupt  # Ctrl-C in the re-export
+        made.append(fmt)
+        (run_dir / fmt).mkdir(exist_ok=True)
+        return run_dir / fmt
+
+    monkeypatch.setattr("raytune_llm.export.export", export)
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    finish.finished_again(cfg, summary, 150, print, 0.0)
+    assert made == ["adapter", "hf"]
+    fp16 = load_config(
+        ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path / 'old'}", "name=r", "export.dtype=fp16"]
+    )
+    made.clear()
+    cut.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        finish.finished_again(fp16, json.loads((cfg.run_dir / "summary.json").read_text()), 150, print, 0.0)
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["exports"] == {}  # the bf16 ones are not fp16's
+    finish.finished_again(fp16, json.loads((cfg.run_dir / "summary.json").read_text()), 150, print, 0.0)
+    assert made == ["adapter", "hf"]
+    shutil.copytree(tmp_path / "old", tmp_path / "new")  # the copy's summary names the old folder's exports
+    moved = load_config(
+        ROOT / "conf" / "quickstart.yaml", [f"output_dir={tmp_path / 'new'}", "name=r", "export.dtype=fp16"]
+    )
+    made.clear()
+    got = finish.finished_again(moved, json.loads((moved.run_dir / "summary.json").read_text()), 150, print, 0.0)
+    assert made == ["adapter", "hf"] and got["run_dir"] == str(moved.run_dir.resolve())
+    assert all(v.startswith(str(moved.run_dir.resolve())) for v in got["exports"].values())

@@ -527,6 +527,8 @@ def run_training(cfg: RunConfig, log=print) -> dict:
                 "run the same command again to resume"
             )
         adapter = prep.run_dir / "adapter"
+        # the folder's summary describes its adapter; a run trained on past it writes a new one once evaluated
+        (prep.run_dir / "summary.json").unlink(missing_ok=True)
         shutil.rmtree(adapter, ignore_errors=True)
         shutil.copytree(d / "adapter", adapter)
         shutil.copy(d / "metrics.jsonl", prep.run_dir / "metrics.jsonl")

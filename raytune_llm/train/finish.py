@@ -123,17 +123,25 @@ def finished_again(cfg: RunConfig, summary: dict, step: int, log, t0: float) -> 
     from omegaconf import OmegaConf
 
     run_dir = cfg.run_dir.resolve()
-    before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")).get("export") or {}
-    same = all(before.get(k) == getattr(cfg.export, k) for k in ("dtype", "gguf_type"))
-    exports = summary.get("exports") or {}
-    done = {f for f, v in exports.items() if same and not v.startswith("failed") and Path(v).exists()}
+    saved = run_dir / "config.yaml"
+    before = (OmegaConf.to_container(OmegaConf.load(saved)).get("export") if saved.is_file() else None) or {}
+    summary["run_dir"] = str(run_dir)  # a folder moved or copied since
+    if any(before.get(k) != getattr(cfg.export, k) for k in ("dtype", "gguf_type")):
+        summary["exports"] = {}  # made under other settings: forgotten before the new ones are recorded
+    exports = summary.setdefault("exports", {})
+    done = {
+        f
+        for f, v in exports.items()
+        if not v.startswith("failed") and Path(v).exists() and Path(v).resolve().is_relative_to(run_dir)
+    }
     todo = [f for f in cfg.export.formats if f not in done]
     log(
         f"[raytune-llm] run {cfg.name!r} already trained to step {step} in {run_dir}: nothing to train"
         + (f"; exporting {', '.join(todo)}" if todo else ", its exports are in place")
         + " (another name= or train.max_steps trains more)"
     )
-    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    save_config(cfg, saved)
     export_formats(cfg, run_dir, summary, todo)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {**summary, "wall_s": round(time.time() - t0, 1)}
