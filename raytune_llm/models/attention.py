@@ -8,15 +8,16 @@ Paths, first that applies:
 
 1. Unpacked, no padding mask, no active window: SDPA `is_causal=True` (flash backend on CUDA).
 2. CUDA, packed, bf16/fp16, no padding mask: `torch.nn.attention.varlen.varlen_attn` (flash varlen;
-   causal is `window_size=(-1, 0)`; on the H200 it is within ~30% of compiled FlexAttention and needs
-   no compile, see DESIGN.md), else SDPA looped per document. (FlexAttention is not wired in: torch 2.11
-   on the GPU machine has varlen_attn.) The kv heads go in unrepeated: FlashAttention's varlen kernels
-   read a kv head for each group of query heads and sum dk, dv over the group themselves, so a
-   repeated copy would only cost its writes, the kernel's 4x larger kv reads (Llama's 32 q / 8 kv) and,
-   under `models.attention_stash`, 4x the kv bytes copied to host memory and back for every layer.
-   A torch that would send varlen to its cuDNN backend (no causal window, no GQA) gets the per-document loop:
-   cuDNN's ragged layout, called directly, gave wrong dq and dk and took ~45 ms a layer on the H200 (session
-   26, bench/gpu/probe_packed_attention.py), against 1.7 ms for flash varlen.
+   causal is `window_size=(-1, 0)`), else SDPA looped per document. On the H200 (session 26,
+   bench/gpu/probe_packed_attention.py, 8,192 tokens) its forward + backward took 0.68-1.72 ms a layer at 32 to
+   6 documents, against 1.34-2.19 ms for compiled FlexAttention with a document-causal block mask (plus 4-7 ms
+   to build the mask) and 3.8-14.3 ms for the per-document loop, so FlexAttention is not wired in. The kv heads
+   go in unrepeated: FlashAttention's varlen kernels read a kv head for each group of query heads and sum dk, dv
+   over the group themselves, so a repeated copy would only cost its writes, the kernel's 4x larger kv reads
+   (Llama's 32 q / 8 kv) and, under `models.attention_stash`, 4x the kv bytes copied to host memory and back for
+   every layer (1.87 against 1.72 ms at 6 documents). A torch that would send varlen to its cuDNN backend (no
+   causal window, no GQA) gets the per-document loop: cuDNN's ragged layout, called directly, gave wrong dq and
+   dk and took 130-170 ms forward + backward on the H200 (session 26).
 3. Everything else (the CPU lane, padding masks, sliding windows): SDPA with a dense boolean mask
    `causal & same_document & inside_window & key_is_real`. Each query also sees itself so a fully
    padded row gives finite (ignored) outputs instead of NaN.
