@@ -26,6 +26,8 @@ def test_cluster_yaml_passes_ray_validation():
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     validate_config(prepare_config(config))
     assert config["idle_timeout_minutes"] > 0 and config["setup_commands"] and config["file_mounts"]
+    # bash expands ~ only outside quotes: pip was given "~/raytune_llm[...]" as a literal path until session 26
+    assert not any('"~' in c for c in config["setup_commands"]), config["setup_commands"]
     gpu_types = [t for t, spec in config["available_node_types"].items() if t != config["head_node_type"]]
     assert gpu_types
     config["available_node_types"][gpu_types[0]]["not_a_field"] = 1

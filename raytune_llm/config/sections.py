@@ -353,6 +353,13 @@ class ClusterSection:
     """Shared folder or URI (s3://, gs://) for checkpoints, kept under <storage_path>/<name>; empty: the run folder."""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Ray runtime_env for the workers (pip, env_vars, working_dir, ...)."""
+    scale_up_timeout_s: float = 0.0
+    """On an autoscaling cluster (cluster.yaml: GPU nodes start at 0), how long `train` and `sweep` ask for and wait
+    for the GPUs and CPUs a run needs (with train.use_gpu=yes) before refusing it; 0: the cluster must have them."""
+
+    def __post_init__(self):
+        if self.scale_up_timeout_s < 0:
+            _fail(f"scale_up_timeout_s must be >= 0, got {self.scale_up_timeout_s}")
 
 
 @dataclass

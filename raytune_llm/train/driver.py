@@ -305,14 +305,19 @@ def check_resources(cfg: RunConfig) -> bool:
     Raises:
         UserError: more workers than GPUs (or CPUs) in the cluster.
     """
-    import ray
+    from raytune_llm.train.scale import wait_for_resources
 
-    res = ray.cluster_resources()
+    n = cfg.train.num_workers
+    gpus_needed = n if cfg.train.use_gpu == "yes" else 0
+    res = wait_for_resources(cfg, gpus_needed, n * cfg.train.cpus_per_worker)
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 0))
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and gpus > 0)
-    n = cfg.train.num_workers
     if use_gpu and n > gpus:
-        raise UserError(f"train.num_workers={n} needs {n} GPUs but the cluster has {gpus}; lower train.num_workers")
+        waited = f" after {cfg.cluster.scale_up_timeout_s:g} s" if cfg.cluster.scale_up_timeout_s else ""
+        raise UserError(
+            f"train.num_workers={n} needs {n} GPUs but the cluster has {gpus}{waited}; lower train.num_workers"
+            + ("" if waited else " or set cluster.scale_up_timeout_s on an autoscaling cluster")
+        )
     need = n * cfg.train.cpus_per_worker
     if need > cpus + 1e-9:
         raise UserError(

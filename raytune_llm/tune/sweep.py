@@ -67,12 +67,15 @@ def check_trial_resources(cfg: RunConfig, spec: SweepSpec) -> tuple[bool, dict[s
     Raises:
         UserError: a single trial needs more GPUs or CPUs than the cluster has.
     """
-    import ray
+    from raytune_llm.train.scale import wait_for_resources
 
-    res = ray.cluster_resources()
+    n = cfg.train.num_workers
+    one_trial = (
+        (spec.gpus_per_trial if spec.gpus_per_trial is not None else float(n)) if cfg.train.use_gpu == "yes" else 0
+    )
+    res = wait_for_resources(cfg, one_trial, n * cfg.train.cpus_per_worker)
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and gpus > 0)
-    n = cfg.train.num_workers
     per_worker: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = (spec.gpus_per_trial if spec.gpus_per_trial is not None else float(n)) / n
@@ -236,6 +239,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any], datasets: dict 
             num_workers=cfg.train.num_workers,
             use_gpu=setup["use_gpu"],
             resources_per_worker=dict(setup["resources_per_worker"]),
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             # The trial id names the run, so a resumed trial finds and continues its own checkpoints.
