@@ -146,6 +146,25 @@ def test_a_gguf_export_the_model_cannot_have_is_refused_before_training(tmp_path
     assert not (tmp_path / "quickstart").exists()  # nothing started
 
 
+def test_a_gguf_export_of_a_tokenizer_llama_cpp_cannot_read_is_refused_before_training(tmp_path):
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from raytune_llm.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", family="llama")
+    # a SentencePiece-style BPE with byte fallback (Mistral-7B's kind), beside the model as a user's would be
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.train_from_iterator(["one two three four"] * 20, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model)
+    out = _run(
+        "train", "conf/quickstart.yaml", f"model.path={model}", "export.formats=[gguf]", f"output_dir={tmp_path}",
+        timeout=120,
+    )  # fmt: skip
+    _assert_one_line_error(out, "GGUF export supports byte-level BPE tokenizers only (not SentencePiece/byte_fallback)")
+    assert "export.formats has gguf, but" in out.stderr and not (tmp_path / "quickstart").exists()
+
+
 def test_overrides_after_an_option_and_a_checked_sweep_section():
     out = _run("plan", "conf/quickstart.yaml", "--shape", "llama-3.1-8b", "data.seq_len=512", timeout=60)
     assert out.returncode in (0, 1) and "unrecognized" not in out.stderr, out.stderr

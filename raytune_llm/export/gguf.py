@@ -104,14 +104,13 @@ def _pre_tokenizer(tok_json: dict) -> str:
     raise ExportError("GGUF export: unknown pre-tokenizer (not GPT-2, Llama 3 or Qwen2 byte-level BPE)")
 
 
-def add_tokenizer(gguf, writer, tok_dir: Path, vocab_size: int) -> None:
-    """Write the tokenizer metadata of a byte-level BPE tokenizer.
+def check_tokenizer(tok_dir: Path) -> dict:
+    """`tok_dir`'s tokenizer.json, when the GGUF export can write it: byte-level BPE with a pre-tokenizer llama.cpp
+    knows (GPT-2, Llama 3, Qwen2). `train.preflight` calls it before training, `add_tokenizer` at export.
 
     Raises:
-        ExportError: no tokenizer.json, or a tokenizer that is not byte-level BPE.
+        ExportError: no tokenizer.json, a SentencePiece / byte_fallback tokenizer, or an unknown pre-tokenizer.
     """
-    from transformers import AutoTokenizer
-
     path = tok_dir / "tokenizer.json"
     if not path.is_file():
         raise ExportError(f"GGUF export needs {path} (a fast tokenizer); none found")
@@ -119,6 +118,20 @@ def add_tokenizer(gguf, writer, tok_dir: Path, vocab_size: int) -> None:
     model = tok_json.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ExportError("GGUF export supports byte-level BPE tokenizers only (not SentencePiece/byte_fallback)")
+    _pre_tokenizer(tok_json)
+    return tok_json
+
+
+def add_tokenizer(gguf, writer, tok_dir: Path, vocab_size: int) -> None:
+    """Write the tokenizer metadata of a byte-level BPE tokenizer.
+
+    Raises:
+        ExportError: see `check_tokenizer`.
+    """
+    from transformers import AutoTokenizer
+
+    tok_json = check_tokenizer(tok_dir)
+    model = tok_json.get("model", {})
     tok = AutoTokenizer.from_pretrained(tok_dir)
     by_id = {i: t for t, i in tok.get_vocab().items()}
     added = {i: t for i, t in tok.added_tokens_decoder.items()}

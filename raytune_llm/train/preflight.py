@@ -78,7 +78,8 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
     if cfg.model.tokenizer_path and not has_tokenizer(Path(os.path.expanduser(cfg.model.tokenizer_path))):
         raise UserError(f"model.tokenizer_path {cfg.model.tokenizer_path!r} holds no tokenizer")
     if "gguf" in cfg.export.formats:  # found out before training, not after it
-        from raytune_llm.export.gguf import GGUF_MODEL_TYPES
+        from raytune_llm.export.gguf import GGUF_MODEL_TYPES, check_tokenizer
+        from raytune_llm.export.safety import ExportError
 
         model_type = "llama"  # the embedded default
         if cfg.model.path:
@@ -89,6 +90,12 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
             raise UserError(
                 f"export.formats has gguf, which supports model types {', '.join(GGUF_MODEL_TYPES)}, not {model_type!r}"
             )
+        tok_dir = Path(os.path.expanduser(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else model
+        if tok_dir is not None and has_tokenizer(tok_dir):  # else the run trains a byte-level BPE one itself
+            try:
+                check_tokenizer(tok_dir)
+            except ExportError as exc:
+                raise UserError(f"export.formats has gguf, but {tok_dir}: {exc}") from None
     if not cfg.data.path:
         return {}
     from raytune_llm.packing.readers import expand_paths
