@@ -90,12 +90,13 @@ def preflight(cfg: RunConfig) -> dict[str, int]:
             raise UserError(
                 f"export.formats has gguf, which supports model types {', '.join(GGUF_MODEL_TYPES)}, not {model_type!r}"
             )
-        tok_dir = Path(os.path.expanduser(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else model
-        if tok_dir is not None and has_tokenizer(tok_dir):  # else the run trains a byte-level BPE one itself
+        # The export reads the base model's tokenizer (adapters carry none); the embedded default's base gets the
+        # byte-level BPE tokenizer the run trains.
+        if model is not None:
             try:
-                check_tokenizer(tok_dir)
+                check_tokenizer(model)
             except ExportError as exc:
-                raise UserError(f"export.formats has gguf, but {tok_dir}: {exc}") from None
+                raise UserError(f"export.formats has gguf, but {model}: {exc}") from None
     if not cfg.data.path:
         return {}
     from raytune_llm.packing.readers import expand_paths

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from raytune_llm.config import RunConfig
+from raytune_llm.train.errors import UserError
 
 
 def wait_for_resources(
@@ -29,6 +30,9 @@ def wait_for_resources(
 
     Returns:
         `ray.cluster_resources()` as last seen (the caller checks it and refuses the run when it still falls short).
+
+    Raises:
+        UserError: a wait asked for from a ray:// client.
     """
     import ray
 
@@ -37,23 +41,31 @@ def wait_for_resources(
     if timeout <= 0 or _enough(res, gpus, cpus):
         return res
     from ray.autoscaler.sdk import request_resources
+    from ray.util.client import ray as client
 
+    if client.is_connected():  # the request goes through the driver's GCS client, which a ray:// client lacks
+        raise UserError(
+            "cluster.scale_up_timeout_s needs the driver on the cluster (ray job submit), not a ray:// client"
+        )
     n = cfg.train.num_workers
     bundle = {"CPU": cfg.train.cpus_per_worker, **({"GPU": gpus / n} if gpus else {})}
     request_resources(bundles=[dict(bundle) for _ in range(n)])
-    log(
-        f"[raytune-llm] waiting up to {timeout:g} s (cluster.scale_up_timeout_s) for {gpus:g} GPUs and {cpus:g} CPUs; "
-        f"the cluster has {res.get('GPU', 0):g} and {res.get('CPU', 0):g}"
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-        res = ray.cluster_resources()
-        if _enough(res, gpus, cpus):
-            break
-    # Withdrawn either way: the run's placement groups hold the nodes from here (an idle node stays up for the
-    # cluster's idle_timeout_minutes), and a refused run leaves no standing request behind.
-    request_resources(bundles=[])
+    try:
+        log(
+            f"[raytune-llm] waiting up to {timeout:g} s (cluster.scale_up_timeout_s) for {gpus:g} GPUs and {cpus:g} "
+            f"CPUs; the cluster has {res.get('GPU', 0):g} and {res.get('CPU', 0):g}"
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            res = ray.cluster_resources()
+            if _enough(res, gpus, cpus):
+                break
+    finally:
+        # Withdrawn however the wait ends (met, timed out, Ctrl-C): the run's placement groups hold the nodes from
+        # here (an idle node stays up for the cluster's idle_timeout_minutes) and a refused run leaves no standing
+        # request. The request is the cluster's one standing request, so this also clears another job's.
+        request_resources(bundles=[])
     return res
 
 

@@ -70,15 +70,13 @@ def check_trial_resources(cfg: RunConfig, spec: SweepSpec) -> tuple[bool, dict[s
     from raytune_llm.train.scale import wait_for_resources
 
     n = cfg.train.num_workers
-    one_trial = (
-        (spec.gpus_per_trial if spec.gpus_per_trial is not None else float(n)) if cfg.train.use_gpu == "yes" else 0
-    )
-    res = wait_for_resources(cfg, one_trial, n * cfg.train.cpus_per_worker)
+    trial_gpus = spec.gpus_per_trial if spec.gpus_per_trial is not None else float(n)
+    res = wait_for_resources(cfg, trial_gpus if cfg.train.use_gpu == "yes" else 0, n * cfg.train.cpus_per_worker)
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and gpus > 0)
     per_worker: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = (spec.gpus_per_trial if spec.gpus_per_trial is not None else float(n)) / n
+        per_worker["GPU"] = trial_gpus / n
         if n * per_worker["GPU"] > gpus + 1e-9:
             raise UserError(
                 f"one trial needs {n * per_worker['GPU']:g} GPUs ({n} worker(s) x {per_worker['GPU']:g}) but the "
