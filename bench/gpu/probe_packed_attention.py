@@ -99,10 +99,10 @@ class CudnnRagged(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len: int, scale: float):
+        q, k, v = (t.contiguous() for t in (q, k, v))  # the ragged offsets count each token's heads as one run
         out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-            q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, max_len, max_len, True, 0.0, True, False,
-            scale=scale,
-        )  # fmt: skip
+            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
+        )
         ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
         ctx.max_len, ctx.scale = max_len, scale
         return out
